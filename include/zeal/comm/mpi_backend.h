@@ -1,0 +1,13 @@
+// The MPI (Open MPI) backend for host tensors. See the block comment at the top of
+// src/comm/mpi_backend.cpp for its threading model.
+#pragma once
+
+#include "zeal/comm/communicator.h"
+
+namespace zeal::comm {
+
+// The world communicator over MPI_COMM_WORLD (initializing MPI on first use).
+CommunicatorPtr mpi_world(Timeout default_timeout);
+void mpi_shutdown();
+
+}  // namespace zeal::comm

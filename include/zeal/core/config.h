@@ -1,0 +1,119 @@
+// The DeepSpeed-compatible JSON config, parsed once into typed, validated structs.
+// Key names, defaults and meanings follow DeepSpeed's documentation; docs/config.md lists them.
+// Every rejection is a ConfigError naming the key path, what was expected and what was given.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace zeal {
+
+enum class Precision { kFp32, kFp16, kBf16 };
+enum class OptimizerType { kAdam, kAdamW, kSgd };
+enum class SchedulerType { kWarmupLR, kWarmupDecayLR, kWarmupCosineLR, kOneCycle, kLRRangeTest };
+// The dtype gradients travel in; kDefault keeps the gradient dtype.
+enum class CommDtype { kDefault, kFp32, kFp16, kBf16 };
+
+struct OptimizerConfig {
+  bool present = false;
+  OptimizerType type = OptimizerType::kAdam;
+  double lr = 1e-3;
+  std::array<double, 2> betas{0.9, 0.999};
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool adam_w_mode = true;  // DeepSpeed's "Adam" is decoupled (AdamW) unless this is false
+  bool bias_correction = true;
+  double momentum = 0.0;  // SGD
+  double dampening = 0.0;
+  bool nesterov = false;
+};
+
+struct SchedulerConfig {
+  bool present = false;
+  SchedulerType type = SchedulerType::kWarmupLR;
+  // WarmupLR, WarmupDecayLR
+  double warmup_min_lr = 0.0;
+  std::optional<double> warmup_max_lr;  // WarmupLR: the optimizer's lr when absent
+  int64_t warmup_num_steps = 1000;
+  bool warmup_log = true;  // warmup_type "log" (true) or "linear"
+  int64_t total_num_steps = 0;
+  // WarmupCosineLR
+  double warmup_min_ratio = 0.0;
+  double cos_min_ratio = 1e-4;
+  // OneCycle
+  double cycle_min_lr = 0.0;
+  double cycle_max_lr = 0.0;
+  double decay_lr_rate = 0.0;
+  double cycle_first_step_size = 2000;
+  std::optional<double> cycle_second_step_size;
+  int64_t cycle_first_stair_count = 0;
+  std::optional<int64_t> cycle_second_stair_count;
+  double decay_step_size = 0;
+  bool cycle_momentum = true;
+  double cycle_min_mom = 0.8;
+  double cycle_max_mom = 0.9;
+  double decay_mom_rate = 0.0;
+  // LRRangeTest
+  double lr_range_test_min_lr = 1e-3;
+  double lr_range_test_step_size = 2000;
+  double lr_range_test_step_rate = 1.0;
+  bool lr_range_test_staircase = false;
+};
+
+struct Fp16Config {
+  bool enabled = false;
+  double loss_scale = 0.0;  // 0 selects dynamic loss scaling
+  int64_t initial_scale_power = 16;
+  int64_t loss_scale_window = 1000;
+  int64_t hysteresis = 2;
+  bool consecutive_hysteresis = false;
+  double min_loss_scale = 1.0;
+};
+
+struct ZeroConfig {
+  int64_t stage = 0;
+  int64_t reduce_bucket_size = 500000000;  // elements
+};
+
+// The three batch numbers after DeepSpeed's rule: batch = micro * accumulation * data-parallel size.
+struct BatchSizes {
+  int64_t train_batch_size;
+  int64_t micro_batch_size;
+  int64_t gradient_accumulation_steps;
+};
+
+struct Config {
+  std::optional<int64_t> train_batch_size;
+  std::optional<int64_t> train_micro_batch_size_per_gpu;
+  std::optional<int64_t> gradient_accumulation_steps;
+  OptimizerConfig optimizer;
+  SchedulerConfig scheduler;
+  Fp16Config fp16;
+  bool bf16 = false;
+  double gradient_clipping = 0.0;
+  int64_t steps_per_print = 10;
+  bool wall_clock_breakdown = false;
+  ZeroConfig zero_optimization;
+  CommDtype communication_data_type = CommDtype::kDefault;
+  bool prescale_gradients = false;
+  double gradient_predivide_factor = 1.0;
+  double comms_timeout_s = 300.0;  // Zeal's own key: every blocking collective wait is bounded by it
+
+  static Config from_json(const nlohmann::json& json);
+  static Config from_string(const std::string& text);
+  static Config from_file(const std::string& path);
+
+  Precision precision() const;
+  // Fills in the missing batch numbers for a data-parallel size, or raises ConfigError with the
+  // arithmetic when the given ones disagree.
+  BatchSizes resolve_batch(int64_t data_parallel_size) const;
+};
+
+const char* to_string(OptimizerType type);
+const char* to_string(SchedulerType type);
+
+}  // namespace zeal

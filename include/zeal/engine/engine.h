@@ -1,0 +1,100 @@
+// The training engine: owns the flat parameter, gradient and optimizer buffers of one model
+// replica and composes the parts below it. The user's parameters become views into the flat
+// buffers (DESIGN.md "one state owner"); nothing else keeps a copy of training state.
+//
+//   backward(loss): scale loss by loss_scale / gradient_accumulation_steps, run autograd; on the
+//                   accumulation boundary the GradReducer all-reduces buckets as they fill.
+//   step():         on the boundary: unscale, check overflow (fp16), clip, optimizer update on the
+//                   fp32 master copy, copy back to the model's dtype, advance the LR schedule and
+//                   the loss scaler, zero the gradients. Between boundaries it only counts.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "zeal/comm/communicator.h"
+#include "zeal/core/config.h"
+#include "zeal/engine/grad_reducer.h"
+#include "zeal/optim/loss_scaler.h"
+#include "zeal/optim/lr_scheduler.h"
+#include "zeal/optim/optimizer.h"
+
+namespace zeal::engine {
+
+// One optimizer parameter group as the user gives it; unset fields take the config's values.
+struct ParamGroupSpec {
+  std::vector<at::Tensor> params;
+  std::optional<double> lr;
+  std::optional<double> weight_decay;
+  std::optional<std::array<double, 2>> betas;
+  std::optional<double> eps;
+};
+
+class Engine {
+ public:
+  Engine(std::vector<ParamGroupSpec> groups, Config config, comm::CommunicatorPtr world);
+  ~Engine();
+
+  // Returns the loss as given (unscaled), for logging.
+  void backward(const at::Tensor& loss);
+  void step();
+  void zero_grad();
+
+  bool is_gradient_accumulation_boundary() const;
+  int64_t global_steps() const { return global_steps_; }
+  int64_t global_samples() const { return global_samples_; }
+  int64_t micro_steps() const { return micro_steps_; }
+  int64_t skipped_steps() const { return skipped_steps_; }
+  std::vector<double> get_lr() const;
+  double loss_scale() const { return scaler_.scale(); }
+  double last_grad_norm() const { return last_grad_norm_; }
+  const BatchSizes& batch() const { return batch_; }
+  const Config& config() const { return config_; }
+  const comm::CommunicatorPtr& world() const { return world_; }
+  at::ScalarType model_dtype() const { return model_dtype_; }
+  size_t num_buckets() const { return reducer_->num_buckets(); }
+
+  // Time the caller spent in forward, for wall_clock_breakdown.
+  void add_forward_time(double seconds) { forward_seconds_ += seconds; }
+
+ private:
+  void apply_lr(int64_t iteration);
+  void log_step();
+
+  Config config_;
+  comm::CommunicatorPtr world_;
+  BatchSizes batch_;
+  at::ScalarType model_dtype_;
+  std::vector<at::Tensor> params_;
+  std::vector<int64_t> offsets_;
+  at::Tensor flat_params_;  // model dtype; the parameters are views into it
+  at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it
+  at::Tensor master_;       // fp32 master weights (flat_params_ itself under fp32)
+  std::vector<optim::ParamGroup> groups_;
+  std::vector<double> base_lrs_;
+  std::unique_ptr<GradReducer> reducer_;
+  std::unique_ptr<optim::Optimizer> optimizer_;
+  std::unique_ptr<optim::LrSchedule> schedule_;
+  optim::LossScaler scaler_;
+
+  int64_t micro_steps_ = 0;
+  int64_t global_steps_ = 0;
+  int64_t global_samples_ = 0;
+  int64_t skipped_steps_ = 0;
+  int64_t scheduler_iteration_ = -1;
+  double last_grad_norm_ = 0.0;
+
+  // logging
+  double loss_sum_ = 0.0;
+  int64_t loss_count_ = 0;
+  double forward_seconds_ = 0.0, backward_seconds_ = 0.0, step_seconds_ = 0.0;
+  std::chrono::steady_clock::time_point last_log_time_;
+  int64_t last_log_samples_ = 0;
+};
+
+}  // namespace zeal::engine

@@ -1,0 +1,142 @@
+// The _zeal extension: bindings only, no logic of its own. C++ errors become Python exceptions
+// of matching kinds (docs/errors.md).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "zeal/comm/world.h"
+#include "zeal/core/config.h"
+#include "zeal/core/error.h"
+#include "zeal/engine/engine.h"
+#include "zeal/features.h"
+
+namespace py = pybind11;
+using namespace zeal;
+
+namespace {
+
+comm::Timeout to_timeout(double seconds) {
+  return comm::Timeout(static_cast<int64_t>(seconds * 1000.0));
+}
+
+comm::ReduceOp to_reduce_op(const std::string& name) {
+  if (name == "sum") return comm::ReduceOp::kSum;
+  if (name == "avg") return comm::ReduceOp::kAvg;
+  if (name == "max") return comm::ReduceOp::kMax;
+  if (name == "min") return comm::ReduceOp::kMin;
+  throw CommError("unknown reduce op '" + name + "': expected sum, avg, max or min");
+}
+
+std::vector<engine::ParamGroupSpec> to_groups(const py::list& groups) {
+  std::vector<engine::ParamGroupSpec> out;
+  for (const auto& item : groups) {
+    auto group = item.cast<py::dict>();
+    engine::ParamGroupSpec spec;
+    spec.params = group["params"].cast<std::vector<at::Tensor>>();
+    if (group.contains("lr")) spec.lr = group["lr"].cast<double>();
+    if (group.contains("weight_decay")) spec.weight_decay = group["weight_decay"].cast<double>();
+    if (group.contains("betas")) spec.betas = group["betas"].cast<std::array<double, 2>>();
+    if (group.contains("eps")) spec.eps = group["eps"].cast<double>();
+    out.push_back(std::move(spec));
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_zeal, m) {
+  m.doc() = "Zeal's C++ core";
+  m.attr("__version__") = ZEAL_VERSION;
+  m.attr("with_cuda") = static_cast<bool>(ZEAL_WITH_CUDA);
+
+  // Base classes first: pybind11 tries the most recently registered translator first.
+  static py::exception<Error> error(m, "Error", PyExc_RuntimeError);
+  py::register_exception<InternalError>(m, "InternalError", error.ptr());
+  py::register_exception<ConfigError>(m, "ConfigError", py::make_tuple(error, py::handle(PyExc_ValueError)));
+  static py::exception<CommError> comm_error(m, "CommError", error.ptr());
+  py::register_exception<TimeoutError>(m, "TimeoutError",
+                                       py::make_tuple(comm_error, py::handle(PyExc_TimeoutError)));
+  py::register_exception<IoError>(m, "IoError", py::make_tuple(error, py::handle(PyExc_OSError)));
+  py::register_exception<CheckpointError>(m, "CheckpointError", error.ptr());
+
+  m.def("validate_config", [](const std::string& text) { Config::from_string(text); },
+        "Parse and validate a JSON config; raises ConfigError naming the bad key.");
+  m.def("resolve_batch", [](const std::string& text, int64_t dp) {
+    BatchSizes b = Config::from_string(text).resolve_batch(dp);
+    return py::make_tuple(b.train_batch_size, b.micro_batch_size, b.gradient_accumulation_steps);
+  });
+
+  py::class_<comm::RankInfo>(m, "RankInfo")
+      .def_readonly("rank", &comm::RankInfo::rank)
+      .def_readonly("world_size", &comm::RankInfo::world_size)
+      .def_readonly("local_rank", &comm::RankInfo::local_rank)
+      .def_readonly("local_size", &comm::RankInfo::local_size)
+      .def_readonly("under_mpi", &comm::RankInfo::under_mpi);
+  m.def("detect_rank_info", &comm::detect_rank_info);
+
+  py::class_<comm::Work, comm::WorkPtr>(m, "Work")
+      .def("is_completed", &comm::Work::is_completed)
+      .def("wait", [](comm::Work& w) { w.wait(); }, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("description", &comm::Work::description);
+
+  py::class_<comm::Communicator, comm::CommunicatorPtr>(m, "Communicator")
+      .def_property_readonly("rank", &comm::Communicator::rank)
+      .def_property_readonly("size", &comm::Communicator::size)
+      .def_property_readonly("name", &comm::Communicator::name)
+      .def_property_readonly("backend", &comm::Communicator::backend_name)
+      .def("all_reduce",
+           [](comm::Communicator& c, at::Tensor t, const std::string& op, double timeout_s) {
+             return c.all_reduce(t, {to_reduce_op(op), to_timeout(timeout_s)});
+           },
+           py::arg("tensor"), py::arg("op") = "sum", py::arg("timeout_s") = 0.0)
+      .def("reduce_scatter",
+           [](comm::Communicator& c, at::Tensor out, const at::Tensor& in, const std::string& op, double timeout_s) {
+             return c.reduce_scatter(out, in, {to_reduce_op(op), to_timeout(timeout_s)});
+           },
+           py::arg("output"), py::arg("input"), py::arg("op") = "sum", py::arg("timeout_s") = 0.0)
+      .def("all_gather",
+           [](comm::Communicator& c, at::Tensor out, const at::Tensor& in, double timeout_s) {
+             return c.all_gather(out, in, {to_timeout(timeout_s)});
+           },
+           py::arg("output"), py::arg("input"), py::arg("timeout_s") = 0.0)
+      .def("broadcast",
+           [](comm::Communicator& c, at::Tensor t, int root, double timeout_s) {
+             return c.broadcast(t, {root, to_timeout(timeout_s)});
+           },
+           py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 0.0)
+      .def("barrier", [](comm::Communicator& c, double timeout_s) { return c.barrier({to_timeout(timeout_s)}); },
+           py::arg("timeout_s") = 0.0);
+
+  m.def("world", [](double timeout_s) { return comm::world(to_timeout(timeout_s)); }, py::arg("timeout_s") = 300.0,
+        "The process's world communicator (created on first call).");
+  m.def("shutdown", &comm::shutdown, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<engine::Engine>(m, "Engine")
+      .def(py::init([](const py::list& groups, const std::string& config_json) {
+             Config config = Config::from_string(config_json);
+             auto world = comm::world(to_timeout(config.comms_timeout_s));
+             return std::make_unique<engine::Engine>(to_groups(groups), std::move(config), world);
+           }),
+           py::arg("param_groups"), py::arg("config_json"))
+      .def("backward", &engine::Engine::backward, py::call_guard<py::gil_scoped_release>())
+      .def("step", &engine::Engine::step, py::call_guard<py::gil_scoped_release>())
+      .def("zero_grad", &engine::Engine::zero_grad)
+      .def("is_gradient_accumulation_boundary", &engine::Engine::is_gradient_accumulation_boundary)
+      .def("get_lr", &engine::Engine::get_lr)
+      .def("add_forward_time", &engine::Engine::add_forward_time)
+      .def_property_readonly("global_steps", &engine::Engine::global_steps)
+      .def_property_readonly("global_samples", &engine::Engine::global_samples)
+      .def_property_readonly("micro_steps", &engine::Engine::micro_steps)
+      .def_property_readonly("skipped_steps", &engine::Engine::skipped_steps)
+      .def_property_readonly("loss_scale", &engine::Engine::loss_scale)
+      .def_property_readonly("last_grad_norm", &engine::Engine::last_grad_norm)
+      .def_property_readonly("num_buckets", &engine::Engine::num_buckets)
+      .def_property_readonly("model_dtype", [](const engine::Engine& e) { return std::string(c10::toString(e.model_dtype())); })
+      .def_property_readonly("train_batch_size", [](const engine::Engine& e) { return e.batch().train_batch_size; })
+      .def_property_readonly("train_micro_batch_size_per_gpu", [](const engine::Engine& e) { return e.batch().micro_batch_size; })
+      .def_property_readonly("gradient_accumulation_steps", [](const engine::Engine& e) { return e.batch().gradient_accumulation_steps; })
+      .def_property_readonly("steps_per_print", [](const engine::Engine& e) { return e.config().steps_per_print; })
+      .def_property_readonly("wall_clock_breakdown", [](const engine::Engine& e) { return e.config().wall_clock_breakdown; })
+      .def_property_readonly("rank", [](const engine::Engine& e) { return e.world()->rank(); })
+      .def_property_readonly("world_size", [](const engine::Engine& e) { return e.world()->size(); });
+}

@@ -1,0 +1,651 @@
+// MPI backend.
+//
+// Threading model (read this before changing anything here):
+//  1. One progress thread per process makes every MPI call after MPI_Init. Callers on any thread
+//     enqueue an op and get a Work back; the progress thread starts queued ops in FIFO order with
+//     non-blocking MPI calls (MPI_Iallreduce, ...) and polls all started ops with MPI_Testall.
+//     FIFO start order is what keeps collectives on one communicator in the same order on every
+//     rank, as MPI requires.
+//  2. Because every call is non-blocking, a rank that never joins cannot stall the thread: each op
+//     has a deadline, checked on every poll.
+//  3. Arrival announcements. When an op on a group starts, the rank sends the op's sequence number
+//     to every peer on a private duplicate of the group's communicator. When a deadline passes,
+//     the progress thread drains those messages; the peers whose last announced number is below
+//     the op's are the ranks that did not arrive, and the TimeoutError names them.
+//  4. Note [Broken communicators]: an MPI op that timed out cannot be cancelled, so its
+//     communicator is marked broken; ops queued or started on it afterwards fail at once with
+//     CommError, and shutdown skips MPI_Finalize (which could wait on the lost op forever).
+//  5. fp16 and bf16 travel as 16-bit words with user-defined MPI reductions that widen to fp32
+//     (kernels/cpu/half_reduce.h), so sums are rounded once per step, not truncated.
+#include "zeal/comm/mpi_backend.h"
+
+#include <mpi.h>
+
+#include <atomic>
+#include <climits>
+#include <deque>
+#include <functional>
+#include <map>
+#include <thread>
+
+#include <ATen/ops/div.h>
+
+#include "cpu/half_reduce.h"
+#include "zeal/core/error.h"
+#include "zeal/core/logging.h"
+
+namespace zeal::comm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kArrivalTag = 7001;
+
+std::string mpi_error_string(int code) {
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(code, text, &length);
+  return std::string(text, length);
+}
+
+#define MPI_CHECK(call)                                                                      \
+  do {                                                                                       \
+    int mpi_check_code = (call);                                                             \
+    if (mpi_check_code != MPI_SUCCESS)                                                       \
+      throw ::zeal::CommError(std::string(#call) + " failed: " + mpi_error_string(mpi_check_code)); \
+  } while (0)
+
+// State shared by a communicator and its in-flight ops. Fields below `progress-thread only`
+// are touched by the progress thread alone.
+struct GroupState {
+  MPI_Comm comm = MPI_COMM_NULL;
+  MPI_Comm arrival_comm = MPI_COMM_NULL;
+  std::string name;
+  int rank = 0;
+  int size = 1;
+  std::vector<int> world_ranks;  // world rank of each group rank
+  std::atomic<bool> broken{false};
+  std::mutex broken_mutex;
+  std::string broken_reason;
+  // progress-thread only
+  std::vector<uint64_t> last_arrived;  // highest sequence number announced by each group rank
+  uint64_t next_seq = 0;               // assigned under the runtime's queue lock
+};
+
+struct Op {
+  std::string description;  // "all_reduce #12 on group world (8 x float)"
+  std::string op_name;
+  std::shared_ptr<GroupState> group;
+  uint64_t seq = 0;
+  bool announce = true;  // collectives announce arrival; point-to-point ops name their peer instead
+  int peer = -1;
+  std::function<void(std::vector<MPI_Request>&)> start;
+  std::function<void()> on_success;
+  WorkPtr work;
+  Clock::time_point deadline;
+  std::vector<MPI_Request> requests;
+  uint64_t announced_value = 0;
+};
+
+struct PendingSend {
+  MPI_Request request;
+  std::shared_ptr<uint64_t> value;
+};
+
+class MpiRuntime {
+ public:
+  static MpiRuntime& instance() {
+    static MpiRuntime runtime;
+    return runtime;
+  }
+
+  void submit(std::shared_ptr<Op> op) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ZEAL_CHECK_AS(CommError, running_, "collectives were shut down; ", op->op_name, " cannot run");
+    op->seq = ++op->group->next_seq;
+    op->description = op->op_name + " #" + std::to_string(op->seq) + " on group " + op->group->name + op->description;
+    queue_.push_back(std::move(op));
+    cv_.notify_one();
+  }
+
+  // Runs fn on the progress thread and waits for it (for setup calls such as MPI_Comm_dup).
+  void run_sync(std::function<void()> fn) {
+    auto work = std::make_shared<Work>("mpi setup call");
+    auto op = std::make_shared<Op>();
+    op->op_name = "setup";
+    op->work = work;
+    op->start = [fn](std::vector<MPI_Request>&) { fn(); };
+    op->deadline = Clock::time_point::max();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ZEAL_CHECK_AS(CommError, running_, "collectives were shut down");
+      setup_queue_.push_back(op);
+      cv_.notify_one();
+    }
+    work->wait();
+  }
+
+  void shutdown() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!running_) return;
+      running_ = false;
+      cv_.notify_one();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+  bool any_broken() const { return any_broken_.load(); }
+  int world_rank() const { return world_rank_; }
+  int world_size() const { return world_size_; }
+
+  MPI_Op reduce_op(at::ScalarType dtype, ReduceOp op) const {
+    bool half = dtype == at::kHalf, bf16 = dtype == at::kBFloat16;
+    if (half || bf16) {
+      int kind = bf16 ? 1 : 0;
+      switch (op) {
+        case ReduceOp::kSum:
+        case ReduceOp::kAvg: return half_ops_[kind][0];
+        case ReduceOp::kMax: return half_ops_[kind][1];
+        case ReduceOp::kMin: return half_ops_[kind][2];
+      }
+    }
+    switch (op) {
+      case ReduceOp::kSum:
+      case ReduceOp::kAvg: return MPI_SUM;
+      case ReduceOp::kMax: return MPI_MAX;
+      case ReduceOp::kMin: return MPI_MIN;
+    }
+    return MPI_SUM;
+  }
+
+ private:
+  MpiRuntime() {
+    int initialized = 0;
+    MPI_Initialized(&initialized);
+    if (!initialized) {
+      int provided = 0;
+      MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided));
+      ZEAL_CHECK_AS(CommError, provided >= MPI_THREAD_SERIALIZED,
+                    "this MPI library provides thread level ", provided, "; Zeal needs MPI_THREAD_SERIALIZED or higher");
+      owns_mpi_ = true;
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size_);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    create_half_ops();
+    running_ = true;
+    thread_ = std::thread([this] { loop(); });
+  }
+
+  ~MpiRuntime() { shutdown(); }
+
+  template <kernels::HalfKind Kind, kernels::HalfReduce Reduce>
+  static void half_op(void* in, void* inout, int* len, MPI_Datatype*) {
+    kernels::half_reduce(Kind, Reduce, static_cast<const uint16_t*>(in), static_cast<uint16_t*>(inout),
+                         static_cast<size_t>(*len));
+  }
+
+  void create_half_ops() {
+    using K = kernels::HalfKind;
+    using R = kernels::HalfReduce;
+    MPI_Op_create(&half_op<K::kFp16, R::kSum>, 1, &half_ops_[0][0]);
+    MPI_Op_create(&half_op<K::kFp16, R::kMax>, 1, &half_ops_[0][1]);
+    MPI_Op_create(&half_op<K::kFp16, R::kMin>, 1, &half_ops_[0][2]);
+    MPI_Op_create(&half_op<K::kBf16, R::kSum>, 1, &half_ops_[1][0]);
+    MPI_Op_create(&half_op<K::kBf16, R::kMax>, 1, &half_ops_[1][1]);
+    MPI_Op_create(&half_op<K::kBf16, R::kMin>, 1, &half_ops_[1][2]);
+  }
+
+  void start(const std::shared_ptr<Op>& op) {
+    GroupState* g = op->group.get();
+    if (g && g->broken.load()) {
+      std::lock_guard<std::mutex> lock(g->broken_mutex);
+      throw CommError(op->description + " cannot run: " + g->broken_reason);
+    }
+    if (op->announce && g && g->size > 1) {
+      for (int peer = 0; peer < g->size; ++peer) {
+        if (peer == g->rank) continue;
+        PendingSend send{MPI_REQUEST_NULL, std::make_shared<uint64_t>(op->seq)};
+        MPI_CHECK(MPI_Isend(send.value.get(), 1, MPI_UINT64_T, peer, kArrivalTag, g->arrival_comm, &send.request));
+        sends_.push_back(std::move(send));
+      }
+    }
+    op->start(op->requests);
+  }
+
+  // Reads every arrival announcement waiting for this group.
+  void drain_arrivals(GroupState& g) {
+    if (g.size <= 1) return;
+    while (true) {
+      int flag = 0;
+      MPI_Status status;
+      MPI_Iprobe(MPI_ANY_SOURCE, kArrivalTag, g.arrival_comm, &flag, &status);
+      if (!flag) return;
+      uint64_t value = 0;
+      MPI_Recv(&value, 1, MPI_UINT64_T, status.MPI_SOURCE, kArrivalTag, g.arrival_comm, MPI_STATUS_IGNORE);
+      g.last_arrived[status.MPI_SOURCE] = std::max(g.last_arrived[status.MPI_SOURCE], value);
+    }
+  }
+
+  std::string missing_ranks(const Op& op) {
+    GroupState& g = *op.group;
+    std::string group_ranks, world_ranks;
+    if (op.announce) {
+      drain_arrivals(g);
+      for (int peer = 0; peer < g.size; ++peer) {
+        if (peer == g.rank || g.last_arrived[peer] >= op.seq) continue;
+        group_ranks += (group_ranks.empty() ? "" : ", ") + std::to_string(peer);
+        world_ranks += (world_ranks.empty() ? "" : ", ") + std::to_string(g.world_ranks[peer]);
+      }
+      if (group_ranks.empty())
+        return "every rank of the group arrived but the op did not complete (mismatched collectives, or a rank failed inside the op)";
+    } else {
+      group_ranks = std::to_string(op.peer);
+      world_ranks = std::to_string(g.world_ranks[op.peer]);
+    }
+    return "ranks that did not arrive: [" + group_ranks + "] (world ranks [" + world_ranks + "])";
+  }
+
+  void mark_broken(GroupState& g, const std::string& reason) {
+    std::lock_guard<std::mutex> lock(g.broken_mutex);
+    if (!g.broken.exchange(true)) g.broken_reason = reason;
+    any_broken_ = true;
+  }
+
+  // Returns true when the op is done (completed, failed or timed out).
+  bool poll(const std::shared_ptr<Op>& op, Clock::time_point now) {
+    int done = 1;
+    if (!op->requests.empty()) {
+      int rc = MPI_Testall(static_cast<int>(op->requests.size()), op->requests.data(), &done, MPI_STATUSES_IGNORE);
+      if (rc != MPI_SUCCESS) {
+        op->work->finish(std::make_exception_ptr(CommError(op->description + " failed: " + mpi_error_string(rc))));
+        return true;
+      }
+    }
+    if (done) {
+      try {
+        if (op->on_success) op->on_success();
+        op->work->finish();
+      } catch (...) {
+        op->work->finish(std::current_exception());
+      }
+      if (op->announce && op->group) drain_arrivals(*op->group);
+      return true;
+    }
+    if (op->group && op->group->broken.load()) {
+      std::lock_guard<std::mutex> lock(op->group->broken_mutex);
+      op->work->finish(std::make_exception_ptr(CommError(op->description + " abandoned: " + op->group->broken_reason)));
+      return true;
+    }
+    if (now >= op->deadline) {
+      std::string message = op->description + " timed out on rank " + std::to_string(op->group->rank) +
+                            " of group " + op->group->name + " (world rank " + std::to_string(world_rank_) +
+                            "); " + missing_ranks(*op);
+      mark_broken(*op->group, "an earlier op timed out: " + message);
+      log("comm", LogLevel::kError, message);
+      op->work->finish(std::make_exception_ptr(TimeoutError(message)));
+      return true;
+    }
+    return false;
+  }
+
+  void loop() {
+    int idle_rounds = 0;
+    while (true) {
+      std::deque<std::shared_ptr<Op>> fresh, setup;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (inflight_.empty() && sends_.empty())
+          cv_.wait(lock, [&] { return !running_ || !queue_.empty() || !setup_queue_.empty(); });
+        if (!running_ && queue_.empty() && setup_queue_.empty()) break;
+        fresh.swap(queue_);
+        setup.swap(setup_queue_);
+      }
+      for (auto& op : setup) {
+        try {
+          op->start(op->requests);
+          op->work->finish();
+        } catch (...) {
+          op->work->finish(std::current_exception());
+        }
+      }
+      bool progressed = !fresh.empty() || !setup.empty();
+      for (auto& op : fresh) {
+        try {
+          start(op);
+          inflight_.push_back(op);
+        } catch (...) {
+          op->work->finish(std::current_exception());
+        }
+      }
+      auto now = Clock::now();
+      for (size_t i = 0; i < inflight_.size();) {
+        if (poll(inflight_[i], now)) {
+          inflight_.erase(inflight_.begin() + static_cast<long>(i));
+          progressed = true;
+        } else {
+          ++i;
+        }
+      }
+      for (size_t i = 0; i < sends_.size();) {
+        int done = 0;
+        MPI_Test(&sends_[i].request, &done, MPI_STATUS_IGNORE);
+        if (done) {
+          sends_[i] = sends_.back();
+          sends_.pop_back();
+        } else {
+          ++i;
+        }
+      }
+      // Poll hot while ops are moving, then back off so an idle wait does not steal a core.
+      if (progressed) {
+        idle_rounds = 0;
+      } else if (++idle_rounds < 200) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(idle_rounds < 2000 ? 20 : 200));
+      }
+    }
+    // Abandon whatever is left so no waiter blocks forever.
+    for (auto& op : inflight_)
+      op->work->finish(std::make_exception_ptr(CommError(op->description + " abandoned at shutdown")));
+    inflight_.clear();
+    if (owns_mpi_ && !any_broken_) {
+      for (auto& ops : half_ops_)
+        for (auto& op : ops) MPI_Op_free(&op);
+      MPI_Finalize();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Op>> queue_, setup_queue_;
+  bool running_ = false;
+  std::thread thread_;
+  // progress-thread only
+  std::vector<std::shared_ptr<Op>> inflight_;
+  std::vector<PendingSend> sends_;
+  std::atomic<bool> any_broken_{false};
+  bool owns_mpi_ = false;
+  int world_rank_ = 0;
+  int world_size_ = 1;
+  MPI_Op half_ops_[2][3];
+};
+
+MPI_Datatype mpi_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return MPI_FLOAT;
+    case at::kDouble: return MPI_DOUBLE;
+    case at::kHalf:
+    case at::kBFloat16: return MPI_UINT16_T;
+    case at::kInt: return MPI_INT32_T;
+    case at::kLong: return MPI_INT64_T;
+    case at::kByte: return MPI_UINT8_T;
+    default:
+      throw CommError(std::string("backend mpi does not support dtype ") + c10::toString(dtype) +
+                      " (supported: float32, float64, float16, bfloat16, int32, int64, uint8)");
+  }
+}
+
+class MpiCommunicator : public Communicator, public std::enable_shared_from_this<MpiCommunicator> {
+ public:
+  MpiCommunicator(std::shared_ptr<GroupState> group, Timeout default_timeout)
+      : group_(std::move(group)), default_timeout_(default_timeout) {}
+
+  int rank() const override { return group_->rank; }
+  int size() const override { return group_->size; }
+  const std::string& name() const override { return group_->name; }
+  const std::string& backend_name() const override {
+    static const std::string kName = "mpi";
+    return kName;
+  }
+  Timeout default_timeout() const override { return default_timeout_; }
+
+  WorkPtr all_reduce(at::Tensor& tensor, const AllReduceOptions& opts) override {
+    check_tensor(tensor, "all_reduce", "tensor");
+    check_reduce(tensor, opts.op, "all_reduce");
+    MPI_Op mpi_op = MpiRuntime::instance().reduce_op(tensor.scalar_type(), opts.op);
+    auto op = make_op("all_reduce", tensor, opts.timeout);
+    MPI_Comm comm = group_->comm;
+    op->start = [tensor, mpi_op, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()),
+                               mpi_op, comm, &reqs[0]));
+    };
+    if (opts.op == ReduceOp::kAvg) op->on_success = [tensor, n = size()]() mutable { tensor.div_(n); };
+    return submit(op);
+  }
+
+  WorkPtr reduce_scatter(at::Tensor& output, const at::Tensor& input, const ReduceScatterOptions& opts) override {
+    check_tensor(output, "reduce_scatter", "output");
+    check_tensor(input, "reduce_scatter", "input");
+    check_same_dtype(output, input, "reduce_scatter");
+    ZEAL_CHECK_AS(CommError, input.numel() == output.numel() * size(), "reduce_scatter: input has ", input.numel(),
+                  " elements; expected output's ", output.numel(), " x group size ", size(), " = ",
+                  output.numel() * size());
+    check_reduce(input, opts.op, "reduce_scatter");
+    MPI_Op mpi_op = MpiRuntime::instance().reduce_op(input.scalar_type(), opts.op);
+    auto op = make_op("reduce_scatter", input, opts.timeout);
+    MPI_Comm comm = group_->comm;
+    op->start = [output, input, mpi_op, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_CHECK(MPI_Ireduce_scatter_block(input.data_ptr(), output.data_ptr(), count(output),
+                                          mpi_dtype(input.scalar_type()), mpi_op, comm, &reqs[0]));
+    };
+    if (opts.op == ReduceOp::kAvg) op->on_success = [output, n = size()]() mutable { output.div_(n); };
+    return submit(op);
+  }
+
+  WorkPtr all_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& opts) override {
+    check_tensor(output, "all_gather", "output");
+    check_tensor(input, "all_gather", "input");
+    check_same_dtype(output, input, "all_gather");
+    ZEAL_CHECK_AS(CommError, output.numel() == input.numel() * size(), "all_gather: output has ", output.numel(),
+                  " elements; expected input's ", input.numel(), " x group size ", size(), " = ",
+                  input.numel() * size());
+    auto op = make_op("all_gather", input, opts.timeout);
+    MPI_Comm comm = group_->comm;
+    op->start = [output, input, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_Datatype dt = mpi_dtype(input.scalar_type());
+      MPI_CHECK(MPI_Iallgather(input.data_ptr(), count(input), dt, output.data_ptr(), count(input), dt, comm, &reqs[0]));
+    };
+    return submit(op);
+  }
+
+  WorkPtr broadcast(at::Tensor& tensor, const BroadcastOptions& opts) override {
+    check_tensor(tensor, "broadcast", "tensor");
+    check_root(opts.root, "broadcast");
+    auto op = make_op("broadcast", tensor, opts.timeout);
+    MPI_Comm comm = group_->comm;
+    op->start = [tensor, root = opts.root, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_CHECK(MPI_Ibcast(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), root, comm, &reqs[0]));
+    };
+    return submit(op);
+  }
+
+  WorkPtr reduce(at::Tensor& tensor, const ReduceOptions& opts) override {
+    check_tensor(tensor, "reduce", "tensor");
+    check_root(opts.root, "reduce");
+    check_reduce(tensor, opts.op, "reduce");
+    MPI_Op mpi_op = MpiRuntime::instance().reduce_op(tensor.scalar_type(), opts.op);
+    auto op = make_op("reduce", tensor, opts.timeout);
+    MPI_Comm comm = group_->comm;
+    bool is_root = opts.root == rank();
+    // Non-roots reduce from a copy so their own tensor stays as it was.
+    at::Tensor source = is_root ? tensor : tensor.clone();
+    op->start = [tensor, source, is_root, root = opts.root, mpi_op, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_CHECK(MPI_Ireduce(is_root ? MPI_IN_PLACE : source.data_ptr(), is_root ? tensor.data_ptr() : nullptr,
+                            count(tensor), mpi_dtype(tensor.scalar_type()), mpi_op, root, comm, &reqs[0]));
+    };
+    if (opts.op == ReduceOp::kAvg && is_root) op->on_success = [tensor, n = size()]() mutable { tensor.div_(n); };
+    return submit(op);
+  }
+
+  WorkPtr all_to_all(at::Tensor& output, const at::Tensor& input, const AllToAllOptions& opts) override {
+    check_tensor(output, "all_to_all", "output");
+    check_tensor(input, "all_to_all", "input");
+    check_same_dtype(output, input, "all_to_all");
+    ZEAL_CHECK_AS(CommError, input.numel() == output.numel() && input.numel() % size() == 0,
+                  "all_to_all: input and output need the same number of elements, divisible by the group size ",
+                  size(), "; got input ", input.numel(), " and output ", output.numel());
+    auto op = make_op("all_to_all", input, opts.timeout);
+    MPI_Comm comm = group_->comm;
+    int chunk = static_cast<int>(input.numel() / size());
+    op->start = [output, input, chunk, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_Datatype dt = mpi_dtype(input.scalar_type());
+      MPI_CHECK(MPI_Ialltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm, &reqs[0]));
+    };
+    return submit(op);
+  }
+
+  WorkPtr send(const at::Tensor& tensor, int dst, const SendRecvOptions& opts) override {
+    check_tensor(tensor, "send", "tensor");
+    check_peer(dst, "send");
+    auto op = make_op("send", tensor, opts.timeout);
+    op->announce = false;
+    op->peer = dst;
+    MPI_Comm comm = group_->comm;
+    op->start = [tensor, dst, tag = opts.tag, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_CHECK(MPI_Isend(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), dst, tag, comm, &reqs[0]));
+    };
+    return submit(op);
+  }
+
+  WorkPtr recv(at::Tensor& tensor, int src, const SendRecvOptions& opts) override {
+    check_tensor(tensor, "recv", "tensor");
+    check_peer(src, "recv");
+    auto op = make_op("recv", tensor, opts.timeout);
+    op->announce = false;
+    op->peer = src;
+    MPI_Comm comm = group_->comm;
+    op->start = [tensor, src, tag = opts.tag, comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_CHECK(MPI_Irecv(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), src, tag, comm,
+                          &reqs[0]));
+    };
+    return submit(op);
+  }
+
+  WorkPtr barrier(const BarrierOptions& opts) override {
+    auto op = make_op("barrier", at::Tensor(), opts.timeout);
+    MPI_Comm comm = group_->comm;
+    op->start = [comm](std::vector<MPI_Request>& reqs) {
+      reqs.resize(1);
+      MPI_CHECK(MPI_Ibarrier(comm, &reqs[0]));
+    };
+    return submit(op);
+  }
+
+  std::shared_ptr<Communicator> split(const std::vector<int>& ranks, const std::string& name) override {
+    ZEAL_CHECK_AS(CommError, !ranks.empty(), "split: the group of ranks is empty");
+    int my_index = -1;
+    for (size_t i = 0; i < ranks.size(); ++i) {
+      ZEAL_CHECK_AS(CommError, ranks[i] >= 0 && ranks[i] < size(), "split: rank ", ranks[i],
+                    " is outside group ", group_->name, " of size ", size());
+      if (ranks[i] == rank()) my_index = static_cast<int>(i);
+    }
+    ZEAL_CHECK_AS(CommError, my_index >= 0, "split: rank ", rank(), " is not in the group it asked for");
+    // Everyone must be present before the blocking MPI_Comm_split: a barrier with a deadline
+    // turns a missing rank into a TimeoutError here instead of a hang inside MPI.
+    barrier({})->wait();
+    auto child = std::make_shared<GroupState>();
+    child->name = name;
+    auto parent = group_;
+    MpiRuntime::instance().run_sync([&] {
+      MPI_CHECK(MPI_Comm_split(parent->comm, ranks.front(), my_index, &child->comm));
+      MPI_CHECK(MPI_Comm_dup(child->comm, &child->arrival_comm));
+      MPI_Comm_set_errhandler(child->comm, MPI_ERRORS_RETURN);
+      MPI_Comm_rank(child->comm, &child->rank);
+      MPI_Comm_size(child->comm, &child->size);
+    });
+    ZEAL_INTERNAL_ASSERT(child->size == static_cast<int>(ranks.size()), "split gave a group of ", child->size,
+                         " ranks, expected ", ranks.size(), " (did every rank pass a consistent group?)");
+    for (int r : ranks) child->world_ranks.push_back(parent->world_ranks[r]);
+    child->last_arrived.assign(child->size, 0);
+    return std::make_shared<MpiCommunicator>(child, default_timeout_);
+  }
+
+  static int count(const at::Tensor& t) { return static_cast<int>(t.numel()); }
+
+ private:
+  std::shared_ptr<Op> make_op(const std::string& name, const at::Tensor& t, Timeout timeout) {
+    auto op = std::make_shared<Op>();
+    op->op_name = name;
+    op->group = group_;
+    if (t.defined())
+      op->description = " (" + std::to_string(t.numel()) + " x " + std::string(c10::toString(t.scalar_type())) + ")";
+    op->deadline = Clock::now() + (timeout.count() > 0 ? timeout : default_timeout_);
+    return op;
+  }
+
+  WorkPtr submit(const std::shared_ptr<Op>& op) {
+    op->work = std::make_shared<Work>(op->op_name + " on group " + group_->name);
+    if (group_->broken.load()) {
+      std::lock_guard<std::mutex> lock(group_->broken_mutex);
+      throw CommError(op->op_name + " on group " + group_->name + " cannot run: " + group_->broken_reason);
+    }
+    MpiRuntime::instance().submit(op);
+    return op->work;
+  }
+
+  void check_tensor(const at::Tensor& t, const char* op, const char* what) const {
+    ZEAL_CHECK_AS(CommError, t.defined(), op, ": ", what, " is undefined");
+    ZEAL_CHECK_AS(CommError, t.device().is_cpu(), "backend mpi takes host tensors; ", op, " got ", what, " on ",
+                  t.device().str(), " (device tensors go through the nccl backend)");
+    ZEAL_CHECK_AS(CommError, t.is_contiguous(), op, ": ", what, " must be contiguous");
+    ZEAL_CHECK_AS(CommError, t.numel() <= INT_MAX, op, ": ", what, " has ", t.numel(),
+                  " elements; backend mpi handles at most 2^31-1 per call");
+    mpi_dtype(t.scalar_type());
+  }
+
+  void check_reduce(const at::Tensor& t, ReduceOp op, const char* name) const {
+    ZEAL_CHECK_AS(CommError, op != ReduceOp::kAvg || at::isFloatingType(t.scalar_type()), name,
+                  ": reduce op avg needs a floating-point tensor, got ", c10::toString(t.scalar_type()));
+  }
+
+  void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op) const {
+    ZEAL_CHECK_AS(CommError, a.scalar_type() == b.scalar_type(), op, ": output dtype ", c10::toString(a.scalar_type()),
+                  " differs from input dtype ", c10::toString(b.scalar_type()));
+  }
+
+  void check_root(int root, const char* op) const {
+    ZEAL_CHECK_AS(CommError, root >= 0 && root < size(), op, ": root ", root, " is outside group ", group_->name,
+                  " of size ", size());
+  }
+
+  void check_peer(int peer, const char* op) const {
+    ZEAL_CHECK_AS(CommError, peer >= 0 && peer < size() && peer != rank(), op, ": peer ", peer,
+                  " must be another rank of group ", group_->name, " (size ", size(), ", this rank ", rank(), ")");
+  }
+
+  std::shared_ptr<GroupState> group_;
+  Timeout default_timeout_;
+};
+
+}  // namespace
+
+CommunicatorPtr mpi_world(Timeout default_timeout) {
+  MpiRuntime& runtime = MpiRuntime::instance();
+  auto group = std::make_shared<GroupState>();
+  group->name = "world";
+  runtime.run_sync([&] {
+    MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &group->comm));
+    MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &group->arrival_comm));
+    MPI_Comm_set_errhandler(group->comm, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(group->comm, &group->rank);
+    MPI_Comm_size(group->comm, &group->size);
+  });
+  for (int r = 0; r < group->size; ++r) group->world_ranks.push_back(r);
+  group->last_arrived.assign(group->size, 0);
+  set_log_rank(group->rank);
+  return std::make_shared<MpiCommunicator>(group, default_timeout);
+}
+
+void mpi_shutdown() { MpiRuntime::instance().shutdown(); }
+
+}  // namespace zeal::comm

@@ -1,0 +1,80 @@
+#include "zeal/comm/world.h"
+
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "zeal/comm/mpi_backend.h"
+#include "zeal/features.h"
+#include "zeal/core/error.h"
+
+namespace zeal::comm {
+namespace {
+
+int env_int(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  if (!value || !*value) return fallback;
+  try {
+    return std::stoi(value);
+  } catch (const std::exception&) {
+    throw CommError(std::string("environment variable ") + name + "='" + value + "' is not an integer");
+  }
+}
+
+struct WorldHolder {
+  std::mutex mutex;
+  CommunicatorPtr world;
+};
+
+WorldHolder& holder() {
+  static WorldHolder h;
+  return h;
+}
+
+}  // namespace
+
+RankInfo detect_rank_info() {
+  RankInfo info;
+  if (std::getenv("OMPI_COMM_WORLD_SIZE")) {
+    info.under_mpi = true;
+    info.rank = env_int("OMPI_COMM_WORLD_RANK", 0);
+    info.world_size = env_int("OMPI_COMM_WORLD_SIZE", 1);
+    info.local_rank = env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0);
+    info.local_size = env_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1);
+  } else {
+    info.rank = env_int("RANK", 0);
+    info.world_size = env_int("WORLD_SIZE", 1);
+    info.local_rank = env_int("LOCAL_RANK", 0);
+    info.local_size = env_int("LOCAL_WORLD_SIZE", info.world_size);
+  }
+  return info;
+}
+
+CommunicatorPtr world(Timeout default_timeout) {
+  WorldHolder& h = holder();
+  std::lock_guard<std::mutex> lock(h.mutex);
+  if (h.world) return h.world;
+  RankInfo info = detect_rank_info();
+  if (!info.under_mpi && info.world_size > 1)
+    throw CommError("this process has WORLD_SIZE=" + std::to_string(info.world_size) + " and RANK=" +
+                    std::to_string(info.rank) +
+                    " but was not started by mpirun: Zeal forms its world over MPI, so start ranks with "
+                    "`zeal --num_procs N script.py` or `mpirun -np N`; ranks started by torchrun are not supported yet");
+#if ZEAL_WITH_MPI
+  h.world = mpi_world(default_timeout);
+#else
+  throw CommError("this Zeal build has no MPI backend (ZEAL_WITH_MPI=OFF)");
+#endif
+  return h.world;
+}
+
+void shutdown() {
+  WorldHolder& h = holder();
+  std::lock_guard<std::mutex> lock(h.mutex);
+  h.world.reset();
+#if ZEAL_WITH_MPI
+  mpi_shutdown();
+#endif
+}
+
+}  // namespace zeal::comm

@@ -1,0 +1,462 @@
+// Config parsing. A small Reader walks one JSON object at a time, checking each key's type and
+// range and remembering which keys were read, so the leftovers can be reported as unknown (with a
+// did-you-mean) or as "not supported yet" when they belong to a later Zeal feature.
+#include "zeal/core/config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "zeal/core/error.h"
+
+namespace zeal {
+namespace {
+
+using json = nlohmann::json;
+
+std::string show(const json& value) {
+  std::string text = value.dump();
+  if (text.size() > 60) text = text.substr(0, 57) + "...";
+  return text + " (" + value.type_name() + ")";
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      size_t above = row[j];
+      size_t cost = std::tolower(a[i - 1]) == std::tolower(b[j - 1]) ? 0 : 1;
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + cost});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string did_you_mean(const std::string& key, const std::vector<std::string>& candidates) {
+  std::string best;
+  size_t best_distance = std::max<size_t>(2, key.size() / 3) + 1;
+  for (const auto& candidate : candidates) {
+    size_t d = edit_distance(key, candidate);
+    if (d < best_distance) {
+      best_distance = d;
+      best = candidate;
+    }
+  }
+  return best.empty() ? "" : "; did you mean '" + best + "'?";
+}
+
+std::string join_path(const std::string& path, const std::string& key) {
+  return path.empty() ? key : path + "." + key;
+}
+
+// Reads the keys of one JSON object under a dotted path.
+class Reader {
+ public:
+  Reader(const json& object, std::string path) : object_(object), path_(std::move(path)) {
+    if (!object_.is_object())
+      throw ConfigError("config key '" + path_ + "': expected an object, got " + show(object_));
+  }
+
+  bool has(const std::string& key) {
+    known_.push_back(key);
+    return object_.contains(key) && !object_.at(key).is_null();
+  }
+
+  const json& raw(const std::string& key) { return object_.at(key); }
+  std::string path(const std::string& key) const { return join_path(path_, key); }
+
+  void read_bool(const std::string& key, bool& out) {
+    if (!has(key)) return;
+    const json& v = raw(key);
+    if (!v.is_boolean()) fail(key, "a boolean (true or false)", v);
+    out = v.get<bool>();
+  }
+
+  void read_int(const std::string& key, int64_t& out, int64_t min_value) {
+    if (!has(key)) return;
+    out = to_int(key, raw(key), min_value);
+  }
+
+  void read_int(const std::string& key, std::optional<int64_t>& out, int64_t min_value) {
+    if (!has(key)) return;
+    out = to_int(key, raw(key), min_value);
+  }
+
+  // A number in [min_value, inf) or (min_value, inf) when exclusive.
+  void read_number(const std::string& key, double& out, double min_value, bool exclusive = false) {
+    if (!has(key)) return;
+    out = to_number(key, raw(key), min_value, exclusive);
+  }
+
+  void read_number(const std::string& key, std::optional<double>& out, double min_value,
+                   bool exclusive = false) {
+    if (!has(key)) return;
+    out = to_number(key, raw(key), min_value, exclusive);
+  }
+
+  std::string read_choice(const std::string& key, const std::vector<std::string>& choices,
+                          const std::string& fallback, bool case_insensitive = false) {
+    if (!has(key)) return fallback;
+    const json& v = raw(key);
+    if (v.is_string()) {
+      std::string given = v.get<std::string>();
+      for (const auto& choice : choices) {
+        bool same = case_insensitive ? edit_distance(given, choice) == 0 && given.size() == choice.size()
+                                     : given == choice;
+        if (same) return choice;
+      }
+    }
+    std::string list;
+    for (const auto& choice : choices) list += (list.empty() ? "\"" : ", \"") + choice + "\"";
+    std::string hint = v.is_string() ? did_you_mean(v.get<std::string>(), choices) : "";
+    throw ConfigError("config key '" + path(key) + "': expected one of " + list + ", got " + show(v) + hint);
+  }
+
+  // Keys this Zeal version knows DeepSpeed has but does not implement yet.
+  void reject_not_yet(const std::vector<std::string>& keys, const std::string& when) {
+    for (const auto& key : keys) {
+      known_.push_back(key);
+      if (object_.contains(key))
+        throw ConfigError("config key '" + path(key) + "' is not supported yet" + when +
+                          "; remove it to run with this Zeal version");
+    }
+  }
+
+  // Any key never asked for is unknown.
+  void finish() {
+    for (auto it = object_.begin(); it != object_.end(); ++it) {
+      if (std::find(known_.begin(), known_.end(), it.key()) != known_.end()) continue;
+      throw ConfigError("unknown config key '" + path(it.key()) + "'" + did_you_mean(it.key(), known_));
+    }
+  }
+
+  [[noreturn]] void fail(const std::string& key, const std::string& expected, const json& given) {
+    throw ConfigError("config key '" + path(key) + "': expected " + expected + ", got " + show(given));
+  }
+
+ private:
+  int64_t to_int(const std::string& key, const json& v, int64_t min_value) {
+    std::string expected = "an integer >= " + std::to_string(min_value);
+    if (v.is_number_integer()) {
+      int64_t value = v.get<int64_t>();
+      if (value < min_value) fail(key, expected, v);
+      return value;
+    }
+    // DeepSpeed configs often write sizes as 5e8: accept a float that holds an integer.
+    if (v.is_number_float()) {
+      double value = v.get<double>();
+      if (std::isfinite(value) && std::floor(value) == value && value >= static_cast<double>(min_value) &&
+          value < 9.2e18)
+        return static_cast<int64_t>(value);
+    }
+    fail(key, expected, v);
+  }
+
+  double to_number(const std::string& key, const json& v, double min_value, bool exclusive) {
+    std::ostringstream expected;
+    expected << "a number " << (exclusive ? "> " : ">= ") << min_value;
+    if (!v.is_number()) fail(key, expected.str(), v);
+    double value = v.get<double>();
+    if (!std::isfinite(value) || value < min_value || (exclusive && value == min_value))
+      fail(key, expected.str(), v);
+    return value;
+  }
+
+  const json& object_;
+  std::string path_;
+  std::vector<std::string> known_;
+};
+
+void parse_optimizer(const json& node, OptimizerConfig& out) {
+  Reader r(node, "optimizer");
+  out.present = true;
+  if (!r.has("type")) throw ConfigError("config key 'optimizer.type': expected a string naming the optimizer, got nothing");
+  // DeepSpeed matches optimizer names case-insensitively.
+  static const std::vector<std::string> later = {"OneBitAdam", "ZeroOneAdam", "OneBitLamb", "Lamb", "Adagrad",
+                                                 "Lion", "MuAdam", "MuAdamW", "MuSGD", "AdamW8bit"};
+  if (r.raw("type").is_string()) {
+    std::string given = r.raw("type").get<std::string>();
+    for (const auto& name : later)
+      if (given.size() == name.size() && edit_distance(given, name) == 0)
+        throw ConfigError("config key 'optimizer.type': \"" + given +
+                          "\" is not supported yet; this Zeal version has Adam, AdamW and SGD");
+  }
+  std::string type = r.read_choice("type", {"Adam", "AdamW", "SGD"}, "Adam", /*case_insensitive=*/true);
+  out.type = type == "Adam" ? OptimizerType::kAdam : type == "AdamW" ? OptimizerType::kAdamW : OptimizerType::kSgd;
+  if (r.has("params")) {
+    Reader p(r.raw("params"), "optimizer.params");
+    p.read_number("lr", out.lr, 0.0);
+    p.read_number("weight_decay", out.weight_decay, 0.0);
+    if (out.type == OptimizerType::kSgd) {
+      p.read_number("momentum", out.momentum, 0.0);
+      p.read_number("dampening", out.dampening, 0.0);
+      p.read_bool("nesterov", out.nesterov);
+      if (out.nesterov && (out.momentum <= 0.0 || out.dampening != 0.0))
+        throw ConfigError("config key 'optimizer.params.nesterov': nesterov needs momentum > 0 and dampening 0, got momentum " +
+                          std::to_string(out.momentum) + " and dampening " + std::to_string(out.dampening));
+    } else {
+      if (p.has("betas")) {
+        const json& b = p.raw("betas");
+        bool ok = b.is_array() && b.size() == 2 && b[0].is_number() && b[1].is_number();
+        if (ok) {
+          out.betas = {b[0].get<double>(), b[1].get<double>()};
+          ok = out.betas[0] >= 0 && out.betas[0] < 1 && out.betas[1] >= 0 && out.betas[1] < 1;
+        }
+        if (!ok) p.fail("betas", "a list of two numbers in [0, 1)", b);
+      }
+      p.read_number("eps", out.eps, 0.0, /*exclusive=*/true);
+      p.read_bool("bias_correction", out.bias_correction);
+      if (out.type == OptimizerType::kAdam) p.read_bool("adam_w_mode", out.adam_w_mode);
+      bool torch_adam = false;
+      p.read_bool("torch_adam", torch_adam);  // accepted: Zeal has one Adam implementation
+      bool amsgrad = false;
+      p.read_bool("amsgrad", amsgrad);
+      if (amsgrad) throw ConfigError("config key 'optimizer.params.amsgrad': true is not supported yet");
+    }
+    p.finish();
+  }
+  r.finish();
+}
+
+void parse_scheduler(const json& node, SchedulerConfig& out) {
+  Reader r(node, "scheduler");
+  out.present = true;
+  if (!r.has("type")) throw ConfigError("config key 'scheduler.type': expected a string naming the scheduler, got nothing");
+  std::string type = r.read_choice("type", {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest"}, "");
+  out.type = type == "WarmupLR"         ? SchedulerType::kWarmupLR
+             : type == "WarmupDecayLR"  ? SchedulerType::kWarmupDecayLR
+             : type == "WarmupCosineLR" ? SchedulerType::kWarmupCosineLR
+             : type == "OneCycle"       ? SchedulerType::kOneCycle
+                                        : SchedulerType::kLRRangeTest;
+  json empty = json::object();
+  Reader p(r.has("params") ? r.raw("params") : empty, "scheduler.params");
+  int64_t last_batch_iteration = -1;
+  p.read_int("last_batch_iteration", last_batch_iteration, -1);
+  if (last_batch_iteration != -1)
+    throw ConfigError("config key 'scheduler.params.last_batch_iteration': only -1 is supported (resume comes with checkpoints)");
+  switch (out.type) {
+    case SchedulerType::kWarmupLR:
+    case SchedulerType::kWarmupDecayLR:
+    case SchedulerType::kWarmupCosineLR: {
+      p.read_int("warmup_num_steps", out.warmup_num_steps, 1);
+      out.warmup_log = p.read_choice("warmup_type", {"log", "linear"}, "log") == "log";
+      if (out.type == SchedulerType::kWarmupCosineLR) {
+        p.read_number("warmup_min_ratio", out.warmup_min_ratio, 0.0);
+        p.read_number("cos_min_ratio", out.cos_min_ratio, 0.0);
+      } else {
+        p.read_number("warmup_min_lr", out.warmup_min_lr, 0.0);
+        p.read_number("warmup_max_lr", out.warmup_max_lr, 0.0);
+        if (out.type == SchedulerType::kWarmupDecayLR && !out.warmup_max_lr) out.warmup_max_lr = 1e-3;
+      }
+      if (out.type != SchedulerType::kWarmupLR) {
+        if (!p.has("total_num_steps"))
+          throw ConfigError("config key 'scheduler.params.total_num_steps': expected an integer >= 1 for " + type + ", got nothing");
+        p.read_int("total_num_steps", out.total_num_steps, 1);
+      }
+      break;
+    }
+    case SchedulerType::kOneCycle: {
+      for (const char* key : {"cycle_min_lr", "cycle_max_lr"})
+        if (!p.has(key))
+          throw ConfigError(std::string("config key 'scheduler.params.") + key + "': expected a number >= 0 for OneCycle, got nothing");
+      p.read_number("cycle_min_lr", out.cycle_min_lr, 0.0);
+      p.read_number("cycle_max_lr", out.cycle_max_lr, 0.0);
+      p.read_number("decay_lr_rate", out.decay_lr_rate, 0.0);
+      p.read_number("cycle_first_step_size", out.cycle_first_step_size, 0.0, true);
+      p.read_number("cycle_second_step_size", out.cycle_second_step_size, 0.0, true);
+      p.read_int("cycle_first_stair_count", out.cycle_first_stair_count, 0);
+      p.read_int("cycle_second_stair_count", out.cycle_second_stair_count, 0);
+      p.read_number("decay_step_size", out.decay_step_size, 0.0);
+      p.read_bool("cycle_momentum", out.cycle_momentum);
+      p.read_number("cycle_min_mom", out.cycle_min_mom, 0.0);
+      p.read_number("cycle_max_mom", out.cycle_max_mom, 0.0);
+      p.read_number("decay_mom_rate", out.decay_mom_rate, 0.0);
+      break;
+    }
+    case SchedulerType::kLRRangeTest: {
+      p.read_number("lr_range_test_min_lr", out.lr_range_test_min_lr, 0.0);
+      p.read_number("lr_range_test_step_size", out.lr_range_test_step_size, 0.0, true);
+      p.read_number("lr_range_test_step_rate", out.lr_range_test_step_rate, 0.0);
+      p.read_bool("lr_range_test_staircase", out.lr_range_test_staircase);
+      break;
+    }
+  }
+  p.finish();
+  r.finish();
+}
+
+void parse_fp16(const json& node, Fp16Config& out) {
+  Reader r(node, "fp16");
+  r.read_bool("enabled", out.enabled);
+  r.read_number("loss_scale", out.loss_scale, 0.0);
+  r.read_int("initial_scale_power", out.initial_scale_power, 0);
+  r.read_int("loss_scale_window", out.loss_scale_window, 1);
+  r.read_int("hysteresis", out.hysteresis, 1);
+  r.read_bool("consecutive_hysteresis", out.consecutive_hysteresis);
+  r.read_number("min_loss_scale", out.min_loss_scale, 0.0, true);
+  if (out.initial_scale_power > 64)
+    r.fail("initial_scale_power", "an integer in [0, 64]", r.raw("initial_scale_power"));
+  r.reject_not_yet({"auto_cast", "fp16_master_weights_and_grads"}, "");
+  r.finish();
+}
+
+void parse_zero(const json& node, ZeroConfig& out) {
+  Reader r(node, "zero_optimization");
+  r.read_int("stage", out.stage, 0);
+  if (out.stage > 3) r.fail("stage", "an integer in [0, 3]", r.raw("stage"));
+  if (out.stage != 0)
+    throw ConfigError("config key 'zero_optimization.stage': stage " + std::to_string(out.stage) +
+                      " is not supported yet; this Zeal version runs stage 0 (data parallel)");
+  r.read_int("reduce_bucket_size", out.reduce_bucket_size, 1);
+  r.reject_not_yet({"allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter",
+                    "contiguous_gradients", "offload_optimizer", "offload_param", "sub_group_size",
+                    "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
+                    "stage3_param_persistence_threshold", "stage3_gather_16bit_weights_on_model_save",
+                    "stage3_gather_fp16_weights_on_model_save", "round_robin_gradients", "zero_hpz_partition_size",
+                    "zero_quantized_weights", "zero_quantized_gradients", "elastic_checkpoint",
+                    "load_from_fp32_weights", "cpu_offload", "mics_shard_size", "ignore_unused_parameters",
+                    "memory_efficient_linear", "use_multi_rank_bucket_allreduce"},
+                   " (it belongs to ZeRO stages 1-3 and offload)");
+  r.finish();
+}
+
+}  // namespace
+
+Config Config::from_json(const json& root) {
+  Config c;
+  Reader r(root, "");
+  r.read_int("train_batch_size", c.train_batch_size, 1);
+  r.read_int("train_micro_batch_size_per_gpu", c.train_micro_batch_size_per_gpu, 1);
+  r.read_int("gradient_accumulation_steps", c.gradient_accumulation_steps, 1);
+  if (r.has("optimizer")) parse_optimizer(r.raw("optimizer"), c.optimizer);
+  if (r.has("scheduler")) parse_scheduler(r.raw("scheduler"), c.scheduler);
+  if (r.has("fp16")) parse_fp16(r.raw("fp16"), c.fp16);
+  for (const char* key : {"bf16", "bfloat16"}) {
+    if (!r.has(key)) continue;
+    Reader b(r.raw(key), key);
+    b.read_bool("enabled", c.bf16);
+    b.reject_not_yet({"immediate_grad_update", "check_grad_overflow"}, "");
+    b.finish();
+  }
+  r.read_number("gradient_clipping", c.gradient_clipping, 0.0);
+  r.read_int("steps_per_print", c.steps_per_print, 1);
+  r.read_bool("wall_clock_breakdown", c.wall_clock_breakdown);
+  if (r.has("zero_optimization")) parse_zero(r.raw("zero_optimization"), c.zero_optimization);
+  std::string comm = r.read_choice("communication_data_type", {"fp32", "fp16", "bf16", "bfp16"}, "");
+  c.communication_data_type = comm == "fp32"   ? CommDtype::kFp32
+                              : comm == "fp16" ? CommDtype::kFp16
+                              : comm.empty()   ? CommDtype::kDefault
+                                               : CommDtype::kBf16;
+  r.read_bool("prescale_gradients", c.prescale_gradients);
+  r.read_number("gradient_predivide_factor", c.gradient_predivide_factor, 0.0, true);
+  r.read_number("comms_timeout_s", c.comms_timeout_s, 0.0, true);
+  r.reject_not_yet({"pipeline", "tensor_parallel", "activation_checkpointing", "aio", "checkpoint", "amp",
+                    "flops_profiler", "sparse_attention", "compression_training", "data_efficiency",
+                    "curriculum_learning", "elasticity", "autotuning", "comms_logger", "tensorboard", "wandb",
+                    "csv_monitor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+                    "gradient_accumulation_dtype", "sparse_gradients", "memory_breakdown", "dump_state",
+                    "seq_parallel_communication_data_type", "nebula", "moe", "disable_allgather",
+                    "dataloader_drop_last", "data_types", "hybrid_engine", "weight_quantization"},
+                   "");
+  r.finish();
+  if (c.fp16.enabled && c.bf16)
+    throw ConfigError("config keys 'fp16.enabled' and 'bf16.enabled' are both true: choose one precision");
+  return c;
+}
+
+Config Config::from_string(const std::string& text) {
+  json root;
+  try {
+    root = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw ConfigError(std::string("config is not valid JSON: ") + e.what());
+  }
+  return from_json(root);
+}
+
+Config Config::from_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError("config file '" + path + "' cannot be opened");
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  try {
+    return from_string(buffer.str());
+  } catch (const ConfigError& e) {
+    throw ConfigError(path + ": " + e.what());
+  }
+}
+
+Precision Config::precision() const {
+  if (fp16.enabled) return Precision::kFp16;
+  if (bf16) return Precision::kBf16;
+  return Precision::kFp32;
+}
+
+BatchSizes Config::resolve_batch(int64_t dp) const {
+  ZEAL_CHECK_AS(ConfigError, dp >= 1, "data-parallel size must be >= 1, got ", dp);
+  const auto& tb = train_batch_size;
+  const auto& mb = train_micro_batch_size_per_gpu;
+  const auto& gas = gradient_accumulation_steps;
+  auto formula = [&](int64_t t, int64_t m, int64_t g) {
+    return detail::concat("train_batch_size (", t, ") must equal train_micro_batch_size_per_gpu (", m,
+                          ") * gradient_accumulation_steps (", g, ") * data-parallel size (", dp, ") = ", m * g * dp);
+  };
+  if (tb && mb && gas) {
+    if (*tb != *mb * *gas * dp) throw ConfigError("inconsistent batch config: " + formula(*tb, *mb, *gas));
+    return {*tb, *mb, *gas};
+  }
+  if (tb && mb) {
+    if (*tb % (*mb * dp) != 0)
+      throw ConfigError(detail::concat("inconsistent batch config: train_batch_size (", *tb,
+                                       ") is not divisible by train_micro_batch_size_per_gpu (", *mb,
+                                       ") * data-parallel size (", dp, ") = ", *mb * dp));
+    return {*tb, *mb, *tb / (*mb * dp)};
+  }
+  if (tb && gas) {
+    if (*tb % (*gas * dp) != 0)
+      throw ConfigError(detail::concat("inconsistent batch config: train_batch_size (", *tb,
+                                       ") is not divisible by gradient_accumulation_steps (", *gas,
+                                       ") * data-parallel size (", dp, ") = ", *gas * dp));
+    return {*tb, *tb / (*gas * dp), *gas};
+  }
+  if (mb && gas) return {*mb * *gas * dp, *mb, *gas};
+  if (tb) {
+    if (*tb % dp != 0)
+      throw ConfigError(detail::concat("inconsistent batch config: train_batch_size (", *tb,
+                                       ") is not divisible by the data-parallel size (", dp, ")"));
+    return {*tb, *tb / dp, 1};
+  }
+  if (mb) return {*mb * dp, *mb, 1};
+  throw ConfigError("batch config: set train_batch_size or train_micro_batch_size_per_gpu (or both)");
+}
+
+const char* to_string(OptimizerType type) {
+  switch (type) {
+    case OptimizerType::kAdam: return "Adam";
+    case OptimizerType::kAdamW: return "AdamW";
+    case OptimizerType::kSgd: return "SGD";
+  }
+  return "?";
+}
+
+const char* to_string(SchedulerType type) {
+  switch (type) {
+    case SchedulerType::kWarmupLR: return "WarmupLR";
+    case SchedulerType::kWarmupDecayLR: return "WarmupDecayLR";
+    case SchedulerType::kWarmupCosineLR: return "WarmupCosineLR";
+    case SchedulerType::kOneCycle: return "OneCycle";
+    case SchedulerType::kLRRangeTest: return "LRRangeTest";
+  }
+  return "?";
+}
+
+}  // namespace zeal

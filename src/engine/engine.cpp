@@ -1,0 +1,198 @@
+#include "zeal/engine/engine.h"
+
+#include <cmath>
+#include <unordered_set>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "zeal/core/error.h"
+#include "zeal/core/logging.h"
+
+namespace zeal::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+at::ScalarType dtype_for(Precision p) {
+  switch (p) {
+    case Precision::kFp16: return at::kHalf;
+    case Precision::kBf16: return at::kBFloat16;
+    case Precision::kFp32: return at::kFloat;
+  }
+  return at::kFloat;
+}
+
+}  // namespace
+
+Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::CommunicatorPtr world)
+    : config_(std::move(config)), world_(std::move(world)) {
+  ZEAL_CHECK_AS(ConfigError, world_, "the engine needs a communicator");
+  batch_ = config_.resolve_batch(world_->size());
+  ZEAL_CHECK_AS(ConfigError, config_.optimizer.present,
+                "config key 'optimizer': expected an optimizer section (Adam, AdamW or SGD); passing a torch optimizer "
+                "object is not supported yet");
+  model_dtype_ = dtype_for(config_.precision());
+
+  // Lay the parameters out group after group, skipping repeats (tied weights) and frozen ones.
+  std::unordered_set<c10::TensorImpl*> seen;
+  int64_t total = 0;
+  for (size_t g = 0; g < specs.size(); ++g) {
+    optim::ParamGroup group;
+    group.begin = total;
+    for (at::Tensor& p : specs[g].params) {
+      ZEAL_CHECK(p.defined(), "parameter group ", g, " holds an undefined tensor");
+      if (!p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
+      ZEAL_CHECK(p.is_leaf(), "parameter group ", g, " holds a non-leaf tensor; pass the model's parameters");
+      ZEAL_CHECK(p.device().is_cpu(), "parameter on ", p.device().str(),
+                 ": this Zeal build trains host parameters (device training needs the CUDA build)");
+      ZEAL_CHECK(at::isFloatingType(p.scalar_type()), "parameter of dtype ", c10::toString(p.scalar_type()),
+                 " cannot be trained");
+      params_.push_back(p);
+      offsets_.push_back(total);
+      total += p.numel();
+    }
+    group.end = total;
+    const OptimizerConfig& o = config_.optimizer;
+    group.lr = specs[g].lr.value_or(o.lr);
+    group.weight_decay = specs[g].weight_decay.value_or(o.weight_decay);
+    group.betas = specs[g].betas.value_or(o.betas);
+    group.eps = specs[g].eps.value_or(o.eps);
+    group.momentum = o.momentum;
+    groups_.push_back(group);
+    base_lrs_.push_back(group.lr);
+  }
+  ZEAL_CHECK(!params_.empty(), "the model has no trainable parameters");
+
+  // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
+  // tensor objects, so Python and C++ callers see the change).
+  auto options = at::TensorOptions().dtype(model_dtype_);
+  flat_params_ = at::empty({total}, options);
+  flat_grads_ = at::zeros({total}, options);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor& p = params_[i];
+    int64_t n = p.numel();
+    flat_params_.slice(0, offsets_[i], offsets_[i] + n).copy_(p.detach().reshape({n}));
+    p.set_data(flat_params_.slice(0, offsets_[i], offsets_[i] + n).view(p.sizes()));
+    p.mutable_grad() = flat_grads_.slice(0, offsets_[i], offsets_[i] + n).view(p.sizes());
+  }
+  // Every replica starts from rank 0's weights.
+  if (world_->size() > 1) world_->broadcast(flat_params_, {0})->wait();
+  master_ = model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat);
+
+  reducer_ = std::make_unique<GradReducer>(params_, offsets_, flat_grads_, world_, config_);
+  optimizer_ = optim::make_optimizer(config_.optimizer, total);
+  if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
+  scaler_ = optim::LossScaler(config_.fp16);
+  apply_lr(-1);
+
+  log("engine", LogLevel::kInfo, total, " parameters in ", groups_.size(), " groups, ", reducer_->num_buckets(),
+      " buckets; precision ", c10::toString(model_dtype_), "; optimizer ", optimizer_->name(), "; batch ",
+      batch_.train_batch_size, " = micro ", batch_.micro_batch_size, " x accumulation ",
+      batch_.gradient_accumulation_steps, " x data-parallel ", world_->size());
+  last_log_time_ = Clock::now();
+}
+
+Engine::~Engine() = default;
+
+bool Engine::is_gradient_accumulation_boundary() const {
+  return (micro_steps_ + 1) % batch_.gradient_accumulation_steps == 0;
+}
+
+void Engine::backward(const at::Tensor& loss) {
+  ZEAL_CHECK(loss.defined() && loss.numel() == 1, "backward expects a scalar loss, got a tensor of ",
+             loss.defined() ? loss.numel() : 0, " elements");
+  ZEAL_CHECK(loss.requires_grad(), "backward got a loss that does not require grad (was forward run under no_grad?)");
+  auto start = Clock::now();
+  loss_sum_ += loss.detach().to(at::kDouble).item<double>();
+  ++loss_count_;
+  bool boundary = is_gradient_accumulation_boundary();
+  reducer_->prepare(boundary);
+  double factor = scaler_.scale() / static_cast<double>(batch_.gradient_accumulation_steps);
+  at::Tensor grad_output = at::full_like(loss, factor, loss.options().requires_grad(false));
+  torch::autograd::backward({loss}, {grad_output});
+  if (boundary) reducer_->finish();
+  backward_seconds_ += seconds_since(start);
+}
+
+void Engine::step() {
+  if (!is_gradient_accumulation_boundary()) {
+    ++micro_steps_;
+    return;
+  }
+  auto start = Clock::now();
+  at::Tensor grads = model_dtype_ == at::kFloat ? flat_grads_ : flat_grads_.to(at::kFloat);
+  if (scaler_.scale() != 1.0) grads.mul_(1.0 / scaler_.scale());
+
+  bool need_norm = config_.precision() == Precision::kFp16 || config_.gradient_clipping > 0.0;
+  bool overflow = false;
+  if (need_norm) {
+    last_grad_norm_ = grads.norm().item<double>();
+    overflow = config_.precision() == Precision::kFp16 && !std::isfinite(last_grad_norm_);
+  }
+  if (overflow) {
+    ++skipped_steps_;
+    double before = scaler_.scale();
+    scaler_.update(true);
+    log("engine", LogLevel::kInfo, "step ", global_steps_ + 1, ": fp16 gradient overflow, step skipped; loss scale ",
+        before, " -> ", scaler_.scale());
+  } else {
+    if (config_.gradient_clipping > 0.0) {
+      double coef = config_.gradient_clipping / (last_grad_norm_ + 1e-6);
+      if (coef < 1.0) grads.mul_(coef);
+    }
+    optimizer_->step(master_, grads, groups_);
+    if (model_dtype_ != at::kFloat) flat_params_.copy_(master_);
+    scaler_.update(false);
+    apply_lr(++scheduler_iteration_);
+  }
+  flat_grads_.zero_();
+  ++micro_steps_;
+  ++global_steps_;
+  global_samples_ += batch_.train_batch_size;
+  step_seconds_ += seconds_since(start);
+  if (global_steps_ % config_.steps_per_print == 0) log_step();
+}
+
+void Engine::zero_grad() { flat_grads_.zero_(); }
+
+std::vector<double> Engine::get_lr() const {
+  std::vector<double> out;
+  for (const auto& g : groups_) out.push_back(g.lr);
+  return out;
+}
+
+void Engine::apply_lr(int64_t iteration) {
+  if (!schedule_) return;
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    groups_[g].lr = schedule_->lr(iteration, base_lrs_[g]);
+    if (auto beta1 = schedule_->beta1(iteration); beta1 && config_.optimizer.type != OptimizerType::kSgd)
+      groups_[g].betas[0] = *beta1;
+  }
+}
+
+void Engine::log_step() {
+  double elapsed = seconds_since(last_log_time_);
+  double samples_per_s = elapsed > 0 ? static_cast<double>(global_samples_ - last_log_samples_) / elapsed : 0.0;
+  double loss = loss_count_ ? loss_sum_ / static_cast<double>(loss_count_) : 0.0;
+  log("engine", LogLevel::kInfo, "step ", global_steps_, " | loss ", format_number("%.4f", loss), " | lr ",
+      format_number("%.3e", groups_.front().lr), " | loss scale ", format_number("%g", scaler_.scale()), " | ",
+      format_number("%.1f", samples_per_s), " samples/s",
+      skipped_steps_ ? " | skipped " + std::to_string(skipped_steps_) : std::string());
+  if (config_.wall_clock_breakdown) {
+    log("engine", LogLevel::kInfo, "step ", global_steps_, " | time (ms) forward ",
+        format_number("%.1f", forward_seconds_ * 1e3), " | backward ", format_number("%.1f", backward_seconds_ * 1e3),
+        " | step ", format_number("%.1f", step_seconds_ * 1e3));
+  }
+  forward_seconds_ = backward_seconds_ = step_seconds_ = 0.0;
+  loss_sum_ = 0.0;
+  loss_count_ = 0;
+  last_log_time_ = Clock::now();
+  last_log_samples_ = global_samples_;
+}
+
+}  // namespace zeal::engine

@@ -1,0 +1,111 @@
+#include "zeal/optim/optimizer.h"
+
+#include <cmath>
+
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/zeros.h>
+
+#include "zeal/core/error.h"
+
+namespace zeal::optim {
+namespace {
+
+// Adam with either L2 (coupled) or decoupled (AdamW) weight decay; torch.optim.Adam(W)'s order
+// of operations, so results match the single-process torch reference.
+class Adam : public Optimizer {
+ public:
+  Adam(bool decoupled, bool bias_correction, int64_t n, const char* name)
+      : decoupled_(decoupled),
+        bias_correction_(bias_correction),
+        name_(name),
+        exp_avg_(at::zeros({n}, at::kFloat)),
+        exp_avg_sq_(at::zeros({n}, at::kFloat)) {}
+
+  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
+    ++step_;
+    for (const ParamGroup& g : groups) {
+      if (g.end == g.begin) continue;
+      at::Tensor p = params.slice(0, g.begin, g.end);
+      at::Tensor grad = grads.slice(0, g.begin, g.end);
+      at::Tensor m = exp_avg_.slice(0, g.begin, g.end);
+      at::Tensor v = exp_avg_sq_.slice(0, g.begin, g.end);
+      const double b1 = g.betas[0], b2 = g.betas[1];
+      if (g.weight_decay != 0.0) {
+        if (decoupled_)
+          p.mul_(1.0 - g.lr * g.weight_decay);
+        else
+          grad = grad.add(p, g.weight_decay);
+      }
+      m.lerp_(grad, 1.0 - b1);
+      v.mul_(b2).addcmul_(grad, grad, 1.0 - b2);
+      double bc1 = bias_correction_ ? 1.0 - std::pow(b1, static_cast<double>(step_)) : 1.0;
+      double bc2 = bias_correction_ ? 1.0 - std::pow(b2, static_cast<double>(step_)) : 1.0;
+      at::Tensor denom = v.sqrt().div_(std::sqrt(bc2)).add_(g.eps);
+      p.addcdiv_(m, denom, -g.lr / bc1);
+    }
+  }
+
+  const char* name() const override { return name_; }
+  int64_t steps_taken() const override { return step_; }
+
+ private:
+  bool decoupled_;
+  bool bias_correction_;
+  const char* name_;
+  at::Tensor exp_avg_, exp_avg_sq_;
+  int64_t step_ = 0;
+};
+
+// SGD with momentum, dampening, nesterov and L2 weight decay, as torch.optim.SGD.
+class Sgd : public Optimizer {
+ public:
+  Sgd(double dampening, bool nesterov, int64_t n) : dampening_(dampening), nesterov_(nesterov), n_(n) {}
+
+  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
+    bool first = step_ == 0;
+    ++step_;
+    for (const ParamGroup& g : groups) {
+      if (g.end == g.begin) continue;
+      at::Tensor p = params.slice(0, g.begin, g.end);
+      at::Tensor d_p = grads.slice(0, g.begin, g.end);
+      if (g.weight_decay != 0.0) d_p = d_p.add(p, g.weight_decay);
+      if (g.momentum != 0.0) {
+        if (!momentum_buffer_.defined()) momentum_buffer_ = at::zeros({n_}, at::kFloat);
+        at::Tensor buf = momentum_buffer_.slice(0, g.begin, g.end);
+        if (first)
+          buf.copy_(d_p);
+        else
+          buf.mul_(g.momentum).add_(d_p, 1.0 - dampening_);
+        d_p = nesterov_ ? d_p.add(buf, g.momentum) : buf;
+      }
+      p.add_(d_p, -g.lr);
+    }
+  }
+
+  const char* name() const override { return "SGD"; }
+  int64_t steps_taken() const override { return step_; }
+
+ private:
+  double dampening_;
+  bool nesterov_;
+  int64_t n_;
+  at::Tensor momentum_buffer_;
+  int64_t step_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t n) {
+  switch (config.type) {
+    case OptimizerType::kAdam:
+      return std::make_unique<Adam>(config.adam_w_mode, config.bias_correction, n, config.adam_w_mode ? "Adam (decoupled weight decay)" : "Adam");
+    case OptimizerType::kAdamW:
+      return std::make_unique<Adam>(true, config.bias_correction, n, "AdamW");
+    case OptimizerType::kSgd:
+      return std::make_unique<Sgd>(config.dampening, config.nesterov, n);
+  }
+  ZEAL_INTERNAL_ASSERT(false, "unhandled optimizer type");
+  return nullptr;
+}
+
+}  // namespace zeal::optim
