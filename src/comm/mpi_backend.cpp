@@ -19,6 +19,9 @@
 //     (kernels/cpu/half_reduce.h), so sums are rounded once per step, not truncated.
 #include "zeal/comm/mpi_backend.h"
 
+// The C API only: Open MPI's deprecated C++ bindings would need libmpi_cxx.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
 #include <atomic>

@@ -1,0 +1,224 @@
+// Communicator tests on real ranks: run under `mpirun -np N` (N = 1..4, see CMakeLists.txt).
+// Every op x every dtype x sizes 0, 1, odd and larger than a gradient bucket.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include <ATen/ATen.h>
+
+#include "zeal/comm/topology.h"
+#include "zeal/comm/world.h"
+#include "zeal/core/error.h"
+
+using namespace zeal;
+using namespace zeal::comm;
+
+namespace {
+
+CommunicatorPtr g_world;
+
+const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16,
+                                             at::kInt,   at::kLong,   at::kByte};
+// 0, 1, odd, and larger than the 256 Ki-element buckets the engine tests use.
+const std::vector<int64_t> kSizes = {0, 1, 7, (1 << 18) + 3};
+
+// Element i of rank r's input: small integers, exact in every dtype, sums below 256.
+at::Tensor pattern(int64_t n, int rank, at::ScalarType dtype) {
+  return (at::arange(n, at::kLong).remainder(5) + (rank + 1)).to(dtype);
+}
+
+void expect_equal(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  EXPECT_TRUE(at::equal(got.to(at::kDouble), want.to(at::kDouble))) << what;
+}
+
+std::string name(at::ScalarType t, int64_t n) { return std::string(c10::toString(t)) + " x " + std::to_string(n); }
+
+}  // namespace
+
+TEST(Comm, AllReduceEveryOpDtypeSize) {
+  const int n = g_world->size();
+  for (auto dtype : kDtypes)
+    for (int64_t size : kSizes)
+      for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin, ReduceOp::kAvg}) {
+        if (op == ReduceOp::kAvg && !at::isFloatingType(dtype)) continue;
+        at::Tensor t = pattern(size, g_world->rank(), dtype);
+        g_world->all_reduce(t, {op})->wait();
+        at::Tensor base = at::arange(size, at::kLong).remainder(5).to(at::kDouble);
+        at::Tensor want = op == ReduceOp::kSum   ? base * n + n * (n + 1) / 2
+                          : op == ReduceOp::kMax ? base + n
+                          : op == ReduceOp::kMin ? base + 1
+                                                 : base + (n + 1) / 2.0;
+        expect_equal(t, want.to(dtype), std::string("all_reduce ") + to_string(op) + " " + name(dtype, size));
+      }
+}
+
+TEST(Comm, AvgOnIntegersIsRejected) {
+  at::Tensor t = at::ones({3}, at::kInt);
+  EXPECT_THROW(g_world->all_reduce(t, {ReduceOp::kAvg}), CommError);
+}
+
+TEST(Comm, HalfSumIsRoundedPerStepNotTruncated) {
+  // 0.1 is inexact in fp16/bf16; the sum must equal a sequential fp32-widened reduction of the
+  // 16-bit inputs, to within one 16-bit rounding per step.
+  const int n = g_world->size();
+  for (auto dtype : {at::kHalf, at::kBFloat16}) {
+    at::Tensor t = at::full({5}, 0.1, dtype);
+    g_world->all_reduce(t, {ReduceOp::kSum})->wait();
+    double exact = 0.1 * n;
+    double tolerance = (dtype == at::kHalf ? 1e-3 : 8e-3) * n;
+    EXPECT_NEAR(t[0].item<double>(), exact, tolerance) << c10::toString(dtype);
+  }
+}
+
+TEST(Comm, ReduceScatterAndAllGather) {
+  const int n = g_world->size(), r = g_world->rank();
+  for (auto dtype : kDtypes)
+    for (int64_t chunk : kSizes) {
+      at::Tensor input = pattern(chunk * n, r, dtype);
+      at::Tensor output = at::empty({chunk}, dtype);
+      g_world->reduce_scatter(output, input, {ReduceOp::kSum})->wait();
+      at::Tensor base = at::arange(chunk * n, at::kLong).remainder(5).to(at::kDouble).slice(0, r * chunk, (r + 1) * chunk);
+      expect_equal(output, (base * n + n * (n + 1) / 2).to(dtype), "reduce_scatter " + name(dtype, chunk));
+
+      at::Tensor mine = pattern(chunk, r, dtype);
+      at::Tensor gathered = at::empty({chunk * n}, dtype);
+      g_world->all_gather(gathered, mine, {})->wait();
+      for (int k = 0; k < n; ++k)
+        expect_equal(gathered.slice(0, k * chunk, (k + 1) * chunk), pattern(chunk, k, dtype),
+                     "all_gather chunk " + std::to_string(k) + " " + name(dtype, chunk));
+    }
+}
+
+TEST(Comm, BroadcastAndReduce) {
+  const int n = g_world->size(), r = g_world->rank();
+  for (auto dtype : kDtypes)
+    for (int64_t size : kSizes) {
+      int root = n - 1;
+      at::Tensor t = r == root ? pattern(size, 41, dtype) : at::zeros({size}, dtype);
+      g_world->broadcast(t, {root})->wait();
+      expect_equal(t, pattern(size, 41, dtype), "broadcast " + name(dtype, size));
+
+      at::Tensor s = pattern(size, r, dtype);
+      g_world->reduce(s, {0, ReduceOp::kMax})->wait();
+      at::Tensor base = at::arange(size, at::kLong).remainder(5).to(at::kDouble);
+      expect_equal(s, r == 0 ? (base + n).to(dtype) : pattern(size, r, dtype), "reduce " + name(dtype, size));
+    }
+}
+
+TEST(Comm, AllToAll) {
+  const int n = g_world->size(), r = g_world->rank();
+  for (auto dtype : kDtypes)
+    for (int64_t chunk : {int64_t(0), int64_t(1), int64_t(5)}) {
+      // Chunk j of rank r's input holds 10*r + j; after the exchange chunk k of the output holds 10*k + r.
+      at::Tensor input = at::arange(n, at::kLong).mul(1).add(10 * r).repeat_interleave(chunk).to(dtype);
+      at::Tensor output = at::empty_like(input);
+      g_world->all_to_all(output, input, {})->wait();
+      at::Tensor want = (at::arange(n, at::kLong) * 10 + r).repeat_interleave(chunk).to(dtype);
+      expect_equal(output, want, "all_to_all " + name(dtype, chunk));
+    }
+}
+
+TEST(Comm, SendRecvRing) {
+  const int n = g_world->size(), r = g_world->rank();
+  if (n == 1) GTEST_SKIP() << "point-to-point needs 2 or more ranks";
+  for (auto dtype : kDtypes) {
+    at::Tensor out = pattern(9, r, dtype);
+    at::Tensor in = at::zeros({9}, dtype);
+    auto recv = g_world->recv(in, (r + n - 1) % n, {3});
+    auto send = g_world->send(out, (r + 1) % n, {3});
+    send->wait();
+    recv->wait();
+    expect_equal(in, pattern(9, (r + n - 1) % n, dtype), std::string("ring ") + c10::toString(dtype));
+  }
+}
+
+TEST(Comm, AsyncWorkOverlapsAndCompletes) {
+  std::vector<at::Tensor> ts;
+  std::vector<WorkPtr> works;
+  for (int i = 0; i < 8; ++i) {
+    ts.push_back(at::full({1000}, static_cast<float>(i)));
+    works.push_back(g_world->all_reduce(ts.back(), {ReduceOp::kSum}));
+  }
+  for (auto& w : works) w->wait();
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_TRUE(works[i]->is_completed());
+    EXPECT_EQ(works[i]->exception(), nullptr);
+    EXPECT_EQ(ts[i][999].item<float>(), static_cast<float>(i * g_world->size()));
+  }
+  g_world->barrier({})->wait();
+}
+
+TEST(Comm, SubgroupsFromTopology) {
+  const int n = g_world->size();
+  if (n % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
+  Topology topo({{"pair", n / 2}, {"data", 2}});
+  auto data = g_world->split(topo.group_of("data", g_world->rank()), "data");
+  EXPECT_EQ(data->size(), 2);
+  at::Tensor t = at::full({3}, static_cast<float>(g_world->rank()));
+  data->all_reduce(t, {ReduceOp::kSum})->wait();
+  auto group = topo.group_of("data", g_world->rank());
+  EXPECT_EQ(t[0].item<float>(), static_cast<float>(group[0] + group[1]));
+}
+
+TEST(Comm, BadArgumentsRaise) {
+  at::Tensor in = at::ones({5});
+  at::Tensor out = at::ones({3});
+  EXPECT_THROW(g_world->all_gather(out, in, {}), CommError);
+  at::Tensor strided = at::ones({4, 4}).t();
+  EXPECT_THROW(g_world->all_reduce(strided, {}), CommError);
+  at::Tensor complex = at::ones({2}, at::kComplexFloat);
+  EXPECT_THROW(g_world->all_reduce(complex, {}), CommError);
+  EXPECT_THROW(g_world->broadcast(in, {g_world->size()}), CommError);
+}
+
+// Run alone (ctest comm_timeout, 3 ranks): the last rank skips one all_reduce. The others must
+// fail within the timeout with an error naming the op, the group and the missing rank.
+TEST(Timeout, RankThatSkipsIsNamed) {
+  const int n = g_world->size(), r = g_world->rank();
+  ASSERT_GE(n, 2);
+  if (r == n - 1) {
+    std::this_thread::sleep_for(std::chrono::seconds(4));  // skip the collective, outlive the timeout
+    std::printf("TIMEOUT-SKIPPER rank %d done\n", r);
+    return;
+  }
+  at::Tensor t = at::ones({16});
+  auto start = std::chrono::steady_clock::now();
+  try {
+    g_world->all_reduce(t, {ReduceOp::kSum, Timeout(1500)})->wait();
+    ADD_FAILURE() << "all_reduce completed without rank " << n - 1;
+    std::printf("TIMEOUT-BAD rank %d: completed\n", r);
+  } catch (const TimeoutError& e) {
+    double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::string message = e.what();
+    bool ok = message.find("all_reduce") != std::string::npos && message.find("group world") != std::string::npos &&
+              message.find("did not arrive: [" + std::to_string(n - 1) + "]") != std::string::npos && waited < 10.0;
+    EXPECT_TRUE(ok) << message;
+    std::printf("%s rank %d after %.1fs: %s\n", ok ? "TIMEOUT-OK" : "TIMEOUT-BAD", r, waited, message.c_str());
+    // The communicator is broken now: the next op fails at once instead of hanging.
+    EXPECT_THROW(g_world->barrier({}), CommError);
+  }
+  std::fflush(stdout);
+}
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  g_world = world(Timeout(60000));
+  if (g_world->rank() != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  int result = RUN_ALL_TESTS();
+  std::fflush(stdout);
+  // A broken communicator (the timeout test) cannot be finalized: leave without MPI_Finalize.
+  bool timeout_run = ::testing::GTEST_FLAG(filter).rfind("Timeout", 0) == 0;
+  if (timeout_run) std::_Exit(result);
+  // Every rank agrees on the outcome, so a failure on any rank fails the job.
+  at::Tensor failed = at::full({1}, result != 0 ? 1 : 0, at::kInt);
+  g_world->all_reduce(failed, {ReduceOp::kMax})->wait();
+  g_world.reset();
+  shutdown();
+  return failed.item<int>() ? 1 : result;
+}

@@ -1,0 +1,42 @@
+"""Zeal: a distributed training runtime for PyTorch models with a DeepSpeed-compatible config.
+
+    engine, optimizer, loader, scheduler = zeal.initialize(model=model, config="configs/dp.json")
+    for batch in loader:
+        loss = engine(batch)
+        engine.backward(loss)
+        engine.step()
+"""
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+from . import _zeal
+from ._zeal import CheckpointError, CommError, ConfigError, Error, InternalError, IoError, TimeoutError
+from .engine import ZealEngine, initialize
+
+__version__ = _zeal.__version__
+
+__all__ = [
+    "initialize",
+    "ZealEngine",
+    "Error",
+    "ConfigError",
+    "CommError",
+    "TimeoutError",
+    "IoError",
+    "CheckpointError",
+    "InternalError",
+    "world",
+]
+
+
+def world(timeout_s: float = 300.0):
+    """The process's world communicator (MPI), created on first call."""
+    return _zeal.world(timeout_s)
+
+
+def _shutdown_at_exit():
+    _zeal.shutdown()
+
+
+import atexit as _atexit  # noqa: E402
+
+_atexit.register(_shutdown_at_exit)

@@ -1,0 +1,179 @@
+"""The Python face of the C++ engine: DeepSpeed's initialize / engine API over zeal._zeal.Engine.
+
+The C++ engine owns the training state; the model's parameters become views into its flat
+buffers. This module only adapts arguments, times forward, and builds the data loader.
+"""
+import time
+
+import torch
+
+from . import _zeal
+from .config import load_config, to_json
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _precision(config: dict):
+    if config.get("fp16", {}).get("enabled", False):
+        return "fp16"
+    for key in ("bf16", "bfloat16"):
+        if config.get(key, {}).get("enabled", False):
+            return "bf16"
+    return "fp32"
+
+
+def _param_groups(model, model_parameters):
+    params = list(model.parameters() if model_parameters is None else model_parameters)
+    if params and isinstance(params[0], dict):
+        groups = []
+        for g in params:
+            group = {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "eps")}
+            group["params"] = list(g["params"])
+            groups.append(group)
+        return groups
+    return [{"params": params}]
+
+
+class ZealOptimizer:
+    """What initialize returns as the optimizer: a view of the engine's optimizer state."""
+
+    def __init__(self, core):
+        self._core = core
+
+    @property
+    def param_groups(self):
+        return [{"lr": lr} for lr in self._core.get_lr()]
+
+    @property
+    def loss_scale(self):
+        return self._core.loss_scale
+
+    cur_scale = loss_scale
+
+
+class ZealLRScheduler:
+    """What initialize returns as the scheduler; the engine steps it after each applied step."""
+
+    def __init__(self, core):
+        self._core = core
+
+    def get_lr(self):
+        return self._core.get_lr()
+
+    get_last_lr = get_lr
+
+
+class ZealEngine(torch.nn.Module):
+    """Wraps the user's module. `engine(*args)` runs forward; backward() and step() as DeepSpeed."""
+
+    def __init__(self, module: torch.nn.Module, core):
+        super().__init__()
+        self.module = module
+        self._core = core
+
+    def forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.module(*args, **kwargs)
+        self._core.add_forward_time(time.perf_counter() - start)
+        return out
+
+    def backward(self, loss):
+        self._core.backward(loss)
+        return loss
+
+    def step(self):
+        self._core.step()
+
+    def zero_grad(self):
+        self._core.zero_grad()
+
+    def is_gradient_accumulation_boundary(self):
+        return self._core.is_gradient_accumulation_boundary()
+
+    def get_lr(self):
+        return self._core.get_lr()
+
+    def train_batch_size(self):
+        return self._core.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self):
+        return self._core.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self):
+        return self._core.gradient_accumulation_steps
+
+    @property
+    def global_steps(self):
+        return self._core.global_steps
+
+    @property
+    def global_samples(self):
+        return self._core.global_samples
+
+    @property
+    def micro_steps(self):
+        return self._core.micro_steps
+
+    @property
+    def skipped_steps(self):
+        return self._core.skipped_steps
+
+    @property
+    def loss_scale(self):
+        return self._core.loss_scale
+
+    @property
+    def global_rank(self):
+        return self._core.rank
+
+    @property
+    def world_size(self):
+        return self._core.world_size
+
+    @property
+    def dp_world_size(self):
+        return self._core.world_size
+
+
+def initialize(
+    args=None,
+    model=None,
+    optimizer=None,
+    model_parameters=None,
+    training_data=None,
+    lr_scheduler=None,
+    mpu=None,
+    dist_init_required=None,
+    collate_fn=None,
+    config=None,
+    config_params=None,
+):
+    """DeepSpeed's initialize: returns (engine, optimizer, training_dataloader, lr_scheduler)."""
+    if model is None:
+        raise _zeal.ConfigError("initialize needs model=")
+    if optimizer is not None:
+        raise _zeal.ConfigError("passing a torch optimizer object is not supported yet; "
+                                "configure it under config key 'optimizer'")
+    if lr_scheduler is not None:
+        raise _zeal.ConfigError("passing a scheduler object is not supported yet; "
+                                "configure it under config key 'scheduler'")
+    if mpu is not None:
+        raise _zeal.ConfigError("mpu= (model parallelism) is not supported yet")
+    cfg = load_config(config, args, config_params)
+    text = to_json(cfg)
+    _zeal.validate_config(text)  # fail on a bad config before touching the model
+
+    precision = _precision(cfg)
+    if precision in _DTYPES:
+        model.to(_DTYPES[precision])
+    core = _zeal.Engine(_param_groups(model, model_parameters), text)
+    engine = ZealEngine(model, core)
+
+    loader = None
+    if training_data is not None:
+        from .data import distributed_loader
+
+        loader = distributed_loader(training_data, core.train_micro_batch_size_per_gpu, core.rank,
+                                    core.world_size, collate_fn)
+    scheduler = ZealLRScheduler(core) if "scheduler" in cfg else None
+    return engine, ZealOptimizer(core), loader, scheduler
