@@ -1,0 +1,61 @@
+"""The model, data and reference shared by the equivalence tests.
+
+Every test trains the same small model on the same global batches two ways: with Zeal on N ranks
+(rank r taking its slice of each micro batch) and as one plain-torch process on the whole
+global batch. The two must end with the same parameters.
+"""
+import torch
+
+IN, HIDDEN, OUT = 12, 48, 3
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.LayerNorm(HIDDEN),
+        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT))
+
+
+def global_batch(step, size, seed=1):
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    x = torch.randn(size, IN, generator=g)
+    y = torch.randn(size, OUT, generator=g)
+    return x, y
+
+
+def micro_slice(step, micro_index, rank, world, micro):
+    """Rows of the global batch that rank `rank` uses in micro step `micro_index`."""
+    start = (micro_index * world + rank) * micro
+    return slice(start, start + micro)
+
+
+def loss_fn(out, y):
+    return torch.nn.functional.mse_loss(out.float(), y.float())
+
+
+def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, optimizer="adamw"):
+    """Single-process torch: AdamW (or SGD with momentum 0.9) on fp32 master weights, the model in `dtype`."""
+    model = make_model()
+    master = [p.detach().clone().float() for p in model.parameters()]
+    model.to(dtype)
+    for p, m in zip(model.parameters(), master):
+        p.data.copy_(m.to(dtype))
+    master_params = [torch.nn.Parameter(m) for m in master]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(master_params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(master_params, lr=lr, weight_decay=weight_decay)
+    for step in range(steps):
+        x, y = global_batch(step, batch)
+        loss = loss_fn(model(x.to(dtype)), y)
+        model.zero_grad()
+        loss.backward()
+        for p, m in zip(model.parameters(), master_params):
+            m.grad = p.grad.float()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(master_params, clip)
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(model.parameters(), master_params):
+                p.copy_(m.to(dtype))
+    return [m.detach().clone() for m in master_params]

@@ -1,0 +1,68 @@
+"""One rank of a data-parallel run through zeal.initialize; rank 0 saves the final parameters
+(and the master copy under bf16/fp16) to OUT."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+import zeal  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--gas", type=int, default=1)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--weight_decay", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=0.0)
+    ap.add_argument("--bucket", type=int, default=500)
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro,
+        "gradient_accumulation_steps": args.gas,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": args.weight_decay}}
+        if args.optimizer == "adamw" else
+        {"type": "SGD", "params": {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}},
+        "gradient_clipping": args.clip,
+        "zero_optimization": {"stage": 0, "reduce_bucket_size": args.bucket},
+        "steps_per_print": 1000,
+        "comms_timeout_s": 60,
+    }
+    if args.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    model = common.make_model()
+    engine, _, _, _ = zeal.initialize(model=model, config=config)
+    rank, world = engine.global_rank, engine.world_size
+    assert engine.train_batch_size() == args.micro * args.gas * world
+    for step in range(args.steps):
+        x, y = common.global_batch(step, engine.train_batch_size())
+        for k in range(args.gas):
+            rows = common.micro_slice(step, k, rank, world, args.micro)
+            dtype = next(model.parameters()).dtype
+            loss = common.loss_fn(engine(x[rows].to(dtype)), y[rows])
+            engine.backward(loss)
+            assert engine.is_gradient_accumulation_boundary() == (k == args.gas - 1)
+            engine.step()
+    assert engine.global_steps == args.steps, engine.global_steps
+    # Every replica must hold the same weights: compare against rank 0's with a max/min reduce.
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    comm = zeal.world()
+    comm.all_reduce(hi, "max").wait()
+    comm.all_reduce(lo, "min").wait()
+    assert torch.equal(hi, lo), "replicas diverged"
+    if rank == 0:
+        torch.save({"params": [p.detach().float().clone() for p in model.parameters()],
+                    "buckets": engine._core.num_buckets}, args.out)
+
+
+if __name__ == "__main__":
+    main()
