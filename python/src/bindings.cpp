@@ -50,10 +50,10 @@ PYBIND11_MODULE(_zeal, m) {
   m.attr("with_cuda") = static_cast<bool>(ZEAL_WITH_CUDA);
 
   // Base classes first: pybind11 tries the most recently registered translator first.
-  static py::exception<Error> error(m, "Error", PyExc_RuntimeError);
+  auto& error = py::register_exception<Error>(m, "Error", PyExc_RuntimeError);
   py::register_exception<InternalError>(m, "InternalError", error.ptr());
   py::register_exception<ConfigError>(m, "ConfigError", py::make_tuple(error, py::handle(PyExc_ValueError)));
-  static py::exception<CommError> comm_error(m, "CommError", error.ptr());
+  auto& comm_error = py::register_exception<CommError>(m, "CommError", error.ptr());
   py::register_exception<TimeoutError>(m, "TimeoutError",
                                        py::make_tuple(comm_error, py::handle(PyExc_TimeoutError)));
   py::register_exception<IoError>(m, "IoError", py::make_tuple(error, py::handle(PyExc_OSError)));

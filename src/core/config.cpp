@@ -45,7 +45,9 @@ std::string did_you_mean(const std::string& key, const std::vector<std::string>&
   std::string best;
   size_t best_distance = std::max<size_t>(2, key.size() / 3) + 1;
   for (const auto& candidate : candidates) {
-    size_t d = edit_distance(key, candidate);
+    // A key that is the start of a real one ("train_micro_batch_size") most likely meant it.
+    bool prefix = key.size() >= 4 && candidate.size() > key.size() && edit_distance(candidate.substr(0, key.size()), key) == 0;
+    size_t d = prefix ? 0 : edit_distance(key, candidate);
     if (d < best_distance) {
       best_distance = d;
       best = candidate;

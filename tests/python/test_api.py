@@ -1,0 +1,128 @@
+"""The Python API in one process (world size 1): what initialize returns and how the engine acts."""
+import math
+
+import pytest
+import torch
+
+import zeal
+
+BASE = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 0.01}},
+        "steps_per_print": 1000}
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def test_initialize_returns_deepspeed_tuple_and_trains():
+    model = mlp()
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randn(64, 2))
+    engine, optimizer, loader, scheduler = zeal.initialize(model=model, training_data=data, config=dict(BASE))
+    assert isinstance(engine, zeal.ZealEngine) and isinstance(engine, torch.nn.Module)
+    assert engine.module is model
+    assert scheduler is None
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert engine.train_batch_size() == 4 and engine.gradient_accumulation_steps() == 1
+    batches = list(loader)
+    assert len(batches) == 16 and batches[0][0].shape == (4, 6)
+    losses = []
+    for _ in range(5):
+        for x, y in batches:
+            loss = torch.nn.functional.mse_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    assert engine.global_steps == 80 and engine.global_samples == 320
+    assert sum(losses[-16:]) < 0.8 * sum(losses[:16])
+
+
+def test_parameters_are_views_into_one_flat_buffer():
+    model = mlp()
+    zeal.initialize(model=model, config=dict(BASE))
+    params = list(model.parameters())
+    base = params[0].untyped_storage().data_ptr()
+    offset = 0
+    for p in params:
+        assert p.untyped_storage().data_ptr() == base  # one storage: the engine's flat buffer
+        assert p.storage_offset() == offset
+        assert p.grad is not None and p.grad.untyped_storage().data_ptr() == params[0].grad.untyped_storage().data_ptr()
+        offset += p.numel()
+
+
+def test_gradient_accumulation_boundary_and_train_eval():
+    model = mlp()
+    cfg = dict(BASE, gradient_accumulation_steps=3)
+    engine, *_ = zeal.initialize(model=model, config=cfg)
+    boundaries = []
+    for _ in range(6):
+        boundaries.append(engine.is_gradient_accumulation_boundary())
+        engine.backward(engine(torch.randn(4, 6)).sum())
+        engine.step()
+    assert boundaries == [False, False, True, False, False, True]
+    assert engine.global_steps == 2 and engine.micro_steps == 6
+    engine.eval()
+    assert not model.training
+    engine.train()
+    assert model.training
+
+
+def test_param_groups_keep_their_own_settings():
+    model = mlp()
+    frozen, trained = list(model[0].parameters()), list(model[2].parameters())
+    before = [p.detach().clone() for p in frozen]
+    engine, optimizer, *_ = zeal.initialize(
+        model=model, model_parameters=[{"params": frozen, "lr": 0.0}, {"params": trained}], config=dict(BASE))
+    engine.backward(engine(torch.randn(4, 6)).pow(2).sum())
+    engine.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, frozen))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, pytest.approx(0.01)]
+
+
+def test_warmup_lr_follows_deepspeed():
+    cfg = dict(BASE, scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.1,
+                                                               "warmup_num_steps": 5}})
+    engine, _, _, scheduler = zeal.initialize(model=mlp(), config=cfg)
+    assert scheduler.get_lr() == [0.0]  # DeepSpeed sets warmup_min_lr before the first step
+    lrs = []
+    for _ in range(7):
+        engine.backward(engine(torch.randn(4, 6)).sum())
+        engine.step()
+        lrs.append(engine.get_lr()[0])
+    want = [0.1 * math.log(i + 1) / math.log(5) if i < 5 else 0.1 for i in range(7)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+
+
+def test_gradient_clipping_bounds_the_update():
+    # With SGD (lr 1, no momentum) the update equals the clipped gradient: its norm must be 0.5.
+    cfg = dict(BASE, optimizer={"type": "SGD", "params": {"lr": 1.0}}, gradient_clipping=0.5)
+    model = mlp()
+    engine, *_ = zeal.initialize(model=model, config=cfg)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    engine.backward(engine(torch.randn(4, 6)).pow(2).sum() * 100)
+    engine.step()
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert (before - after).norm().item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_config_from_file_and_json_string(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"train_batch_size": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}')
+    engine, *_ = zeal.initialize(model=mlp(), config=str(path))
+    assert engine.train_micro_batch_size_per_gpu() == 8
+    engine, *_ = zeal.initialize(model=mlp(), config=path.read_text())
+    assert engine.train_batch_size() == 8
+
+
+def test_client_optimizer_is_refused_clearly():
+    model = mlp()
+    with pytest.raises(zeal.ConfigError, match="torch optimizer object is not supported yet"):
+        zeal.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=dict(BASE))
+
+
+def test_error_classes_map_to_python_kinds():
+    assert issubclass(zeal.ConfigError, ValueError) and issubclass(zeal.ConfigError, zeal.Error)
+    assert issubclass(zeal.TimeoutError, zeal.CommError) and issubclass(zeal.TimeoutError, TimeoutError)
+    assert issubclass(zeal.IoError, OSError)
+    with pytest.raises(zeal.CommError, match="avg needs a floating-point tensor"):
+        zeal.world().all_reduce(torch.ones(3, dtype=torch.int32), "avg")

@@ -1,0 +1,63 @@
+"""A table of bad configs: each is refused with a ConfigError (a ValueError) whose message names
+the key path, what was expected and what was given."""
+import pytest
+import torch
+
+import zeal
+
+OK = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.001}}}
+
+BAD = [
+    # (config overrides, fragments the message must hold)
+    ({"train_batch_size": "16"}, ["'train_batch_size'", "integer >= 1", '"16"']),
+    ({"train_batch_size": -4}, ["'train_batch_size'", ">= 1", "-4"]),
+    ({"train_batch_size": 6, "gradient_accumulation_steps": 2}, ["train_batch_size (6)", "= 4"]),
+    ({"train_micro_batch_size": 2}, ["unknown config key 'train_micro_batch_size'", "did you mean 'train_micro_batch_size_per_gpu'"]),
+    ({"gradient_acumulation_steps": 2}, ["did you mean 'gradient_accumulation_steps'"]),
+    ({"optimizer": {"type": "Adan"}}, ["'optimizer.type'", "did you mean 'Adam'"]),
+    ({"optimizer": {"type": "Adam", "params": {"lr": "fast"}}}, ["'optimizer.params.lr'", "a number", '"fast"']),
+    ({"optimizer": {"type": "Adam", "params": {"betas": [0.9, 1.5]}}}, ["'optimizer.params.betas'", "[0, 1)"]),
+    ({"optimizer": {"type": "Adam", "params": {"eps": 0}}}, ["'optimizer.params.eps'", "> 0"]),
+    ({"optimizer": {"type": "Lamb"}}, ["'optimizer.type'", "not supported yet"]),
+    ({"scheduler": {"type": "Cosine"}}, ["'scheduler.type'", "WarmupCosineLR"]),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}}, ["'scheduler.params.warmup_num_steps'", ">= 1", "0"]),
+    ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.1}}}, ["'scheduler.params.cycle_max_lr'"]),
+    ({"fp16": {"enabled": True, "loss_scale_window": 0}}, ["'fp16.loss_scale_window'", ">= 1"]),
+    ({"fp16": {"enabled": True, "min_loss_scale": 0}}, ["'fp16.min_loss_scale'", "> 0"]),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, ["fp16.enabled", "bf16.enabled"]),
+    ({"bf16": {"enable": True}}, ["unknown config key 'bf16.enable'", "did you mean 'enabled'"]),
+    ({"zero_optimization": {"stage": 3}}, ["'zero_optimization.stage'", "not supported yet"]),
+    ({"zero_optimization": {"stage": 0, "reduce_bucket_size": 0}}, ["'zero_optimization.reduce_bucket_size'", ">= 1"]),
+    ({"zero_optimization": {"stage": 0, "overlap_comm": True}}, ["'zero_optimization.overlap_comm'", "not supported yet"]),
+    ({"activation_checkpointing": {}}, ["'activation_checkpointing'", "not supported yet"]),
+    ({"communication_data_type": "fp8"}, ["'communication_data_type'", '"fp8"']),
+    ({"gradient_predivide_factor": 0}, ["'gradient_predivide_factor'", "> 0"]),
+    ({"wall_clock_breakdown": 1}, ["'wall_clock_breakdown'", "boolean"]),
+    ({"comms_timeout_s": -1}, ["'comms_timeout_s'", "> 0"]),
+]
+
+
+@pytest.mark.parametrize("overrides,fragments", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_config_is_refused_with_a_clear_message(overrides, fragments):
+    config = {**OK, **overrides}
+    model = torch.nn.Linear(3, 1)
+    before = model.weight.detach().clone()
+    with pytest.raises(zeal.ConfigError) as info:
+        zeal.initialize(model=model, config=config)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert isinstance(info.value, ValueError)
+    # Nothing lost: the model is left as it was.
+    assert torch.equal(model.weight, before) and model.weight.dtype == torch.float32
+
+
+def test_table_is_large_enough():
+    assert len(BAD) >= 15
+
+
+def test_missing_optimizer_and_file():
+    with pytest.raises(zeal.ConfigError, match="'optimizer'"):
+        zeal.initialize(model=torch.nn.Linear(3, 1), config={"train_batch_size": 2})
+    with pytest.raises(zeal.ConfigError, match="does not exist"):
+        zeal.initialize(model=torch.nn.Linear(3, 1), config="/nonexistent/config.json")

@@ -1,0 +1,63 @@
+"""Multi-rank behaviour with real processes: timeouts, data sharding, the launcher."""
+import re
+import time
+
+from conftest import RANKS, run_launcher, run_mpi
+
+
+def test_skipped_collective_names_the_missing_rank():
+    proc = run_mpi(3, "skip_collective.py", check=False, timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    for rank in (0, 2):
+        timeout = [line for line in lines if line.startswith(f"RESULT rank {rank} timeout")]
+        assert timeout, proc.stdout + proc.stderr
+        message = timeout[0]
+        assert "all_reduce" in message and "group world" in message
+        assert "did not arrive: [1]" in message
+        waited = float(re.search(r"after ([\d.]+)s", message).group(1))
+        assert waited < 10, message
+        assert any(line.startswith(f"RESULT rank {rank} next-op-refused") for line in lines)
+    assert not any("completed-unexpectedly" in line for line in lines)
+
+
+def test_loader_shards_the_dataset_across_ranks():
+    proc = run_mpi(2, "loader_shard.py")
+    shards = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"SHARD rank (\d) sizes \[(.*)\] indices (.*)", line)
+        if m:
+            assert m.group(2) == "5"
+            shards[int(m.group(1))] = [int(v) for v in m.group(3).split(",")]
+    assert set(shards) == {0, 1}
+    assert len(shards[0]) == len(shards[1]) == 20
+    assert sorted(shards[0] + shards[1]) == list(range(40))
+
+
+def test_launcher_sets_rank_variables_and_prefixes_output():
+    proc = run_launcher(3, RANKS / "launcher_probe.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    probes = sorted(line for line in proc.stdout.splitlines() if "PROBE" in line)
+    assert len(probes) == 3
+    for rank, line in enumerate(probes):
+        assert line.startswith(f"[rank{rank}]: PROBE RANK={rank} WORLD_SIZE=3 LOCAL_RANK={rank}"), line
+        assert "MASTER_ADDR=127.0.0.1" in line and "MASTER_PORT=29500" in line
+
+
+def test_launcher_stops_all_ranks_and_names_the_failed_one():
+    start = time.monotonic()
+    proc = run_launcher(3, RANKS / "launcher_probe.py", "--fail_rank", 1, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "zeal: rank 1 failed with exit code 3" in proc.stderr
+    assert "[rank1]: failing on purpose" in proc.stderr
+    assert elapsed < 50, f"the other ranks were not stopped ({elapsed:.0f}s)"
+
+
+def test_cpp_api_example_is_covered_by_ctest():
+    # The C++ trainer on 2 ranks runs under ctest (cpp_api_mlp_np2); this only guards its config.
+    import json
+
+    from conftest import ROOT
+
+    cfg = json.loads((ROOT / "configs" / "mlp_cpp.json").read_text())
+    assert cfg["optimizer"]["type"] == "AdamW"
