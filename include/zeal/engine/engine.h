@@ -40,7 +40,8 @@ class Engine {
   Engine(std::vector<ParamGroupSpec> groups, Config config, comm::CommunicatorPtr world);
   ~Engine();
 
-  // Returns the loss as given (unscaled), for logging.
+  // Backward of loss * loss_scale / gradient_accumulation_steps; on the accumulation boundary
+  // it returns with the gradients averaged over the data-parallel ranks.
   void backward(const at::Tensor& loss);
   void step();
   void zero_grad();

@@ -1,0 +1,33 @@
+"""all_reduce bus bandwidth of Zeal's MPI backend against raw MPI_Allreduce at the same sizes and
+rank count, in the same processes (benchmarks/cpp/allreduce_bench.cpp). busbw = algbw * 2(n-1)/n.
+
+    python benchmarks/allreduce.py --ranks 2 --max_bytes 67108864 --out out/bench/allreduce.json
+"""
+import argparse
+
+from harness import BUILD, json_lines, mpirun, print_table, write_json
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--max_bytes", type=int, default=64 << 20)
+    ap.add_argument("--out", default="out/bench/allreduce.json")
+    args = ap.parse_args()
+    exe = BUILD / "benchmarks" / "zeal_allreduce_bench"
+    results = json_lines(mpirun(args.ranks, exe, args.max_bytes))
+    by_size = {}
+    for r in results:
+        by_size.setdefault(r["bytes"], {})[r["impl"]] = r
+    rows = []
+    for size, pair in sorted(by_size.items()):
+        mpi, zeal = pair["mpi"], pair["zeal"]
+        rows.append([size, f"{mpi['time_us']:.1f}", f"{zeal['time_us']:.1f}", f"{mpi['busbw_GBps']:.3f}",
+                     f"{zeal['busbw_GBps']:.3f}", f"{zeal['busbw_GBps'] / mpi['busbw_GBps']:.2f}"])
+    print_table(f"all_reduce float32 sum, {args.ranks} ranks (min of 3 rounds)",
+                ["bytes", "mpi us", "zeal us", "mpi busbw GB/s", "zeal busbw GB/s", "zeal/mpi"], rows)
+    write_json(args.out, {"benchmark": "allreduce", "ranks": args.ranks, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Shared benchmark plumbing: run ranks, print a table, write JSON with the machine's facts."""
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "py"
+
+
+def mpi_env():
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+    return env
+
+
+def mpirun(ranks, *cmd, timeout=600):
+    full = [shutil.which("mpirun"), "--oversubscribe", "--bind-to", "none", "-np", str(ranks), *map(str, cmd)]
+    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, env=mpi_env())
+    if proc.returncode != 0:
+        sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(full)}\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def machine():
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def print_table(title, columns, rows):
+    widths = [max(len(c), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+
+
+def write_json(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {path}")
