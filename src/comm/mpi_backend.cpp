@@ -1,21 +1,25 @@
 // MPI backend.
 //
 // Threading model (read this before changing anything here):
-//  1. One progress thread per process makes every MPI call after MPI_Init. Callers on any thread
-//     enqueue an op and get a Work back; the progress thread starts queued ops in FIFO order with
-//     non-blocking MPI calls (MPI_Iallreduce, ...) and polls all started ops with MPI_Testall.
-//     FIFO start order is what keeps collectives on one communicator in the same order on every
-//     rank, as MPI requires.
-//  2. Because every call is non-blocking, a rank that never joins cannot stall the thread: each op
-//     has a deadline, checked on every poll.
-//  3. Arrival announcements. When an op on a group starts, the rank sends the op's sequence number
-//     to every peer on a private duplicate of the group's communicator. When a deadline passes,
-//     the progress thread drains those messages; the peers whose last announced number is below
-//     the op's are the ranks that did not arrive, and the TimeoutError names them.
-//  4. Note [Broken communicators]: an MPI op that timed out cannot be cancelled, so its
+//  1. One progress thread per process makes the MPI calls of every op. Callers on any thread
+//     enqueue an op and get a Work back; the progress thread runs ops in FIFO order. FIFO order is
+//     what keeps collectives on one communicator in the same order on every rank, as MPI requires.
+//  2. Collectives run as blocking MPI calls (MPI_Allreduce, ...): Open MPI's blocking algorithms are
+//     2-3x faster than its non-blocking ones on large messages (benchmarks/allreduce.py). Point-to-
+//     point ops are started non-blocking and polled between ops, so a recv queued before the
+//     matching send on the same process cannot deadlock.
+//  3. A watchdog thread owns the deadlines. When the op in progress (or one queued behind it, or a
+//     point-to-point op in flight) passes its deadline, the watchdog fails its Work with a
+//     TimeoutError. The progress thread may stay blocked inside MPI; the Work is settled once,
+//     by whichever thread gets there first (Op::settle).
+//  4. Arrival announcements. Before a collective on a group starts, the rank sends the op's sequence
+//     number to every peer on a private duplicate of the group's communicator. On a timeout the
+//     watchdog drains those messages: the peers whose last announced number is below the op's are
+//     the ranks that did not arrive, and the TimeoutError names them.
+//  5. Note [Broken communicators]: an MPI op that timed out cannot be cancelled, so its
 //     communicator is marked broken; ops queued or started on it afterwards fail at once with
 //     CommError, and shutdown skips MPI_Finalize (which could wait on the lost op forever).
-//  5. fp16 and bf16 travel as 16-bit words with user-defined MPI reductions that widen to fp32
+//  6. fp16 and bf16 travel as 16-bit words with user-defined MPI reductions that widen to fp32
 //     (kernels/cpu/half_reduce.h), so sums are rounded once per step, not truncated.
 #include "zeal/comm/mpi_backend.h"
 
@@ -28,10 +32,7 @@
 #include <climits>
 #include <deque>
 #include <functional>
-#include <map>
 #include <thread>
-
-#include <ATen/ops/div.h>
 
 #include "cpu/half_reduce.h"
 #include "zeal/core/error.h"
@@ -57,8 +58,7 @@ std::string mpi_error_string(int code) {
       throw ::zeal::CommError(std::string(#call) + " failed: " + mpi_error_string(mpi_check_code)); \
   } while (0)
 
-// State shared by a communicator and its in-flight ops. Fields below `progress-thread only`
-// are touched by the progress thread alone.
+// State shared by a communicator and its ops.
 struct GroupState {
   MPI_Comm comm = MPI_COMM_NULL;
   MPI_Comm arrival_comm = MPI_COMM_NULL;
@@ -69,24 +69,38 @@ struct GroupState {
   std::atomic<bool> broken{false};
   std::mutex broken_mutex;
   std::string broken_reason;
-  // progress-thread only
+  std::mutex arrival_mutex;            // guards the probe-and-receive of announcements
   std::vector<uint64_t> last_arrived;  // highest sequence number announced by each group rank
   uint64_t next_seq = 0;               // assigned under the runtime's queue lock
+
+  std::string broken_message() {
+    std::lock_guard<std::mutex> lock(broken_mutex);
+    return broken_reason;
+  }
 };
 
 struct Op {
-  std::string description;  // "all_reduce #12 on group world (8 x float)"
+  std::string description;  // "all_reduce #12 on group world (8 x Float)"
   std::string op_name;
   std::shared_ptr<GroupState> group;
   uint64_t seq = 0;
-  bool announce = true;  // collectives announce arrival; point-to-point ops name their peer instead
+  bool point_to_point = false;  // started non-blocking and polled; names its peer on timeout
   int peer = -1;
-  std::function<void(std::vector<MPI_Request>&)> start;
+  std::function<void()> run;                        // collectives and setup calls: blocking
+  std::function<void(MPI_Request*)> start;           // point-to-point: non-blocking
   std::function<void()> on_success;
   WorkPtr work;
   Clock::time_point deadline;
-  std::vector<MPI_Request> requests;
-  uint64_t announced_value = 0;
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::atomic<bool> settled{false};
+
+  // Completes the Work once; later calls (the other thread) do nothing.
+  bool settle(std::exception_ptr error) {
+    bool expected = false;
+    if (!settled.compare_exchange_strong(expected, true)) return false;
+    work->finish(error);
+    return true;
+  }
 };
 
 struct PendingSend {
@@ -107,24 +121,24 @@ class MpiRuntime {
     op->seq = ++op->group->next_seq;
     op->description = op->op_name + " #" + std::to_string(op->seq) + " on group " + op->group->name + op->description;
     queue_.push_back(std::move(op));
-    cv_.notify_one();
+    cv_.notify_all();
   }
 
-  // Runs fn on the progress thread and waits for it (for setup calls such as MPI_Comm_dup).
+  // Runs fn on the progress thread and waits for it (setup calls such as MPI_Comm_dup).
   void run_sync(std::function<void()> fn) {
-    auto work = std::make_shared<Work>("mpi setup call");
     auto op = std::make_shared<Op>();
     op->op_name = "setup";
-    op->work = work;
-    op->start = [fn](std::vector<MPI_Request>&) { fn(); };
+    op->description = "mpi setup call";
+    op->work = std::make_shared<Work>("mpi setup call");
+    op->run = std::move(fn);
     op->deadline = Clock::time_point::max();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       ZEAL_CHECK_AS(CommError, running_, "collectives were shut down");
-      setup_queue_.push_back(op);
-      cv_.notify_one();
+      queue_.push_back(op);
+      cv_.notify_all();
     }
-    work->wait();
+    op->work->wait();
   }
 
   void shutdown() {
@@ -132,33 +146,24 @@ class MpiRuntime {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!running_) return;
       running_ = false;
-      cv_.notify_one();
+      cv_.notify_all();
     }
-    if (thread_.joinable()) thread_.join();
+    if (watchdog_.joinable()) watchdog_.join();
+    // A progress thread stuck in an op that timed out never returns: leave it behind.
+    if (any_broken_) {
+      progress_.detach();
+    } else if (progress_.joinable()) {
+      progress_.join();
+    }
   }
 
-  bool any_broken() const { return any_broken_.load(); }
   int world_rank() const { return world_rank_; }
-  int world_size() const { return world_size_; }
 
   MPI_Op reduce_op(at::ScalarType dtype, ReduceOp op) const {
     bool half = dtype == at::kHalf, bf16 = dtype == at::kBFloat16;
-    if (half || bf16) {
-      int kind = bf16 ? 1 : 0;
-      switch (op) {
-        case ReduceOp::kSum:
-        case ReduceOp::kAvg: return half_ops_[kind][0];
-        case ReduceOp::kMax: return half_ops_[kind][1];
-        case ReduceOp::kMin: return half_ops_[kind][2];
-      }
-    }
-    switch (op) {
-      case ReduceOp::kSum:
-      case ReduceOp::kAvg: return MPI_SUM;
-      case ReduceOp::kMax: return MPI_MAX;
-      case ReduceOp::kMin: return MPI_MIN;
-    }
-    return MPI_SUM;
+    int which = op == ReduceOp::kMax ? 1 : op == ReduceOp::kMin ? 2 : 0;
+    if (half || bf16) return half_ops_[bf16 ? 1 : 0][which];
+    return which == 1 ? MPI_MAX : which == 2 ? MPI_MIN : MPI_SUM;
   }
 
  private:
@@ -168,16 +173,16 @@ class MpiRuntime {
     if (!initialized) {
       int provided = 0;
       MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided));
-      ZEAL_CHECK_AS(CommError, provided >= MPI_THREAD_SERIALIZED,
-                    "this MPI library provides thread level ", provided, "; Zeal needs MPI_THREAD_SERIALIZED or higher");
+      ZEAL_CHECK_AS(CommError, provided == MPI_THREAD_MULTIPLE, "this MPI library provides thread level ", provided,
+                    "; Zeal needs MPI_THREAD_MULTIPLE (its watchdog probes while a collective runs)");
       owns_mpi_ = true;
     }
     MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
-    MPI_Comm_size(MPI_COMM_WORLD, &world_size_);
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     create_half_ops();
     running_ = true;
-    thread_ = std::thread([this] { loop(); });
+    progress_ = std::thread([this] { progress_loop(); });
+    watchdog_ = std::thread([this] { watchdog_loop(); });
   }
 
   ~MpiRuntime() { shutdown(); }
@@ -199,26 +204,20 @@ class MpiRuntime {
     MPI_Op_create(&half_op<K::kBf16, R::kMin>, 1, &half_ops_[1][2]);
   }
 
-  void start(const std::shared_ptr<Op>& op) {
-    GroupState* g = op->group.get();
-    if (g && g->broken.load()) {
-      std::lock_guard<std::mutex> lock(g->broken_mutex);
-      throw CommError(op->description + " cannot run: " + g->broken_reason);
+  void announce(const Op& op) {
+    GroupState& g = *op.group;
+    for (int peer = 0; peer < g.size; ++peer) {
+      if (peer == g.rank) continue;
+      PendingSend send{MPI_REQUEST_NULL, std::make_shared<uint64_t>(op.seq)};
+      MPI_CHECK(MPI_Isend(send.value.get(), 1, MPI_UINT64_T, peer, kArrivalTag, g.arrival_comm, &send.request));
+      sends_.push_back(std::move(send));
     }
-    if (op->announce && g && g->size > 1) {
-      for (int peer = 0; peer < g->size; ++peer) {
-        if (peer == g->rank) continue;
-        PendingSend send{MPI_REQUEST_NULL, std::make_shared<uint64_t>(op->seq)};
-        MPI_CHECK(MPI_Isend(send.value.get(), 1, MPI_UINT64_T, peer, kArrivalTag, g->arrival_comm, &send.request));
-        sends_.push_back(std::move(send));
-      }
-    }
-    op->start(op->requests);
   }
 
-  // Reads every arrival announcement waiting for this group.
+  // Reads every arrival announcement waiting for this group (either thread).
   void drain_arrivals(GroupState& g) {
     if (g.size <= 1) return;
+    std::lock_guard<std::mutex> lock(g.arrival_mutex);
     while (true) {
       int flag = 0;
       MPI_Status status;
@@ -230,11 +229,12 @@ class MpiRuntime {
     }
   }
 
-  std::string missing_ranks(const Op& op) {
+  std::string missing_ranks(Op& op) {
     GroupState& g = *op.group;
     std::string group_ranks, world_ranks;
-    if (op.announce) {
+    if (!op.point_to_point) {
       drain_arrivals(g);
+      std::lock_guard<std::mutex> lock(g.arrival_mutex);
       for (int peer = 0; peer < g.size; ++peer) {
         if (peer == g.rank || g.last_arrived[peer] >= op.seq) continue;
         group_ranks += (group_ranks.empty() ? "" : ", ") + std::to_string(peer);
@@ -255,104 +255,104 @@ class MpiRuntime {
     any_broken_ = true;
   }
 
-  // Returns true when the op is done (completed, failed or timed out).
-  bool poll(const std::shared_ptr<Op>& op, Clock::time_point now) {
-    int done = 1;
-    if (!op->requests.empty()) {
-      int rc = MPI_Testall(static_cast<int>(op->requests.size()), op->requests.data(), &done, MPI_STATUSES_IGNORE);
-      if (rc != MPI_SUCCESS) {
-        op->work->finish(std::make_exception_ptr(CommError(op->description + " failed: " + mpi_error_string(rc))));
-        return true;
-      }
-    }
-    if (done) {
-      try {
-        if (op->on_success) op->on_success();
-        op->work->finish();
-      } catch (...) {
-        op->work->finish(std::current_exception());
-      }
-      if (op->announce && op->group) drain_arrivals(*op->group);
-      return true;
-    }
-    if (op->group && op->group->broken.load()) {
-      std::lock_guard<std::mutex> lock(op->group->broken_mutex);
-      op->work->finish(std::make_exception_ptr(CommError(op->description + " abandoned: " + op->group->broken_reason)));
-      return true;
-    }
-    if (now >= op->deadline) {
-      std::string message = op->description + " timed out on rank " + std::to_string(op->group->rank) +
-                            " of group " + op->group->name + " (world rank " + std::to_string(world_rank_) +
-                            "); " + missing_ranks(*op);
-      mark_broken(*op->group, "an earlier op timed out: " + message);
+  void time_out(Op& op, const std::string& why) {
+    if (op.settled.load()) return;
+    std::string message = op.description + " timed out on rank " + std::to_string(op.group->rank) + " of group " +
+                          op.group->name + " (world rank " + std::to_string(world_rank_) + "); " + why;
+    if (op.settle(std::make_exception_ptr(TimeoutError(message)))) {
+      mark_broken(*op.group, "an earlier op timed out: " + message);
       log("comm", LogLevel::kError, message);
-      op->work->finish(std::make_exception_ptr(TimeoutError(message)));
-      return true;
     }
-    return false;
   }
 
-  void loop() {
-    int idle_rounds = 0;
-    while (true) {
-      std::deque<std::shared_ptr<Op>> fresh, setup;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        if (inflight_.empty() && sends_.empty())
-          cv_.wait(lock, [&] { return !running_ || !queue_.empty() || !setup_queue_.empty(); });
-        if (!running_ && queue_.empty() && setup_queue_.empty()) break;
-        fresh.swap(queue_);
-        setup.swap(setup_queue_);
+  void complete(Op& op) {
+    try {
+      if (op.on_success && !op.settled.load()) op.on_success();
+      op.settle(nullptr);
+    } catch (...) {
+      op.settle(std::current_exception());
+    }
+  }
+
+  void execute(const std::shared_ptr<Op>& op) {
+    GroupState* g = op->group.get();
+    if (g && g->broken.load()) {
+      op->settle(std::make_exception_ptr(CommError(op->description + " cannot run: " + g->broken_message())));
+      return;
+    }
+    try {
+      if (op->point_to_point) {
+        op->start(&op->request);
+        std::lock_guard<std::mutex> lock(mutex_);
+        p2p_.push_back(op);
+        return;
       }
-      for (auto& op : setup) {
-        try {
-          op->start(op->requests);
-          op->work->finish();
-        } catch (...) {
-          op->work->finish(std::current_exception());
-        }
-      }
-      bool progressed = !fresh.empty() || !setup.empty();
-      for (auto& op : fresh) {
-        try {
-          start(op);
-          inflight_.push_back(op);
-        } catch (...) {
-          op->work->finish(std::current_exception());
-        }
-      }
-      auto now = Clock::now();
-      for (size_t i = 0; i < inflight_.size();) {
-        if (poll(inflight_[i], now)) {
-          inflight_.erase(inflight_.begin() + static_cast<long>(i));
-          progressed = true;
+      if (g && g->size > 1) announce(*op);
+      op->run();
+    } catch (...) {
+      op->settle(std::current_exception());
+      return;
+    }
+    complete(*op);
+    if (g) drain_arrivals(*g);
+  }
+
+  void poll_background() {
+    std::vector<std::shared_ptr<Op>> done;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t i = 0; i < p2p_.size();) {
+        int flag = 0;
+        if (!p2p_[i]->settled.load()) MPI_Test(&p2p_[i]->request, &flag, MPI_STATUS_IGNORE);
+        if (flag || p2p_[i]->settled.load()) {
+          if (flag) done.push_back(p2p_[i]);
+          p2p_[i] = p2p_.back();
+          p2p_.pop_back();
         } else {
           ++i;
         }
-      }
-      for (size_t i = 0; i < sends_.size();) {
-        int done = 0;
-        MPI_Test(&sends_[i].request, &done, MPI_STATUS_IGNORE);
-        if (done) {
-          sends_[i] = sends_.back();
-          sends_.pop_back();
-        } else {
-          ++i;
-        }
-      }
-      // Poll hot while ops are moving, then back off so an idle wait does not steal a core.
-      if (progressed) {
-        idle_rounds = 0;
-      } else if (++idle_rounds < 200) {
-        std::this_thread::yield();
-      } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(idle_rounds < 2000 ? 20 : 200));
       }
     }
-    // Abandon whatever is left so no waiter blocks forever.
-    for (auto& op : inflight_)
-      op->work->finish(std::make_exception_ptr(CommError(op->description + " abandoned at shutdown")));
-    inflight_.clear();
+    for (auto& op : done) complete(*op);
+    for (size_t i = 0; i < sends_.size();) {
+      int flag = 0;
+      MPI_Test(&sends_[i].request, &flag, MPI_STATUS_IGNORE);
+      if (flag) {
+        sends_[i] = sends_.back();
+        sends_.pop_back();
+      } else {
+        ++i;
+      }
+    }
+  }
+
+  void progress_loop() {
+    while (true) {
+      std::shared_ptr<Op> op;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (queue_.empty() && p2p_.empty() && sends_.empty())
+          cv_.wait(lock, [&] { return !running_ || !queue_.empty(); });
+        if (!running_ && queue_.empty()) break;
+        if (!queue_.empty()) {
+          op = queue_.front();
+          queue_.pop_front();
+          current_ = op;
+        }
+      }
+      if (op) {
+        execute(op);
+        std::lock_guard<std::mutex> lock(mutex_);
+        current_.reset();
+      }
+      poll_background();
+      if (!op) std::this_thread::yield();  // only point-to-point ops or announcements in flight
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& op : p2p_) op->settle(std::make_exception_ptr(CommError(op->description + " abandoned at shutdown")));
+      p2p_.clear();
+    }
     if (owns_mpi_ && !any_broken_) {
       for (auto& ops : half_ops_)
         for (auto& op : ops) MPI_Op_free(&op);
@@ -360,18 +360,43 @@ class MpiRuntime {
     }
   }
 
+  void watchdog_loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (running_) {
+      cv_.wait_for(lock, std::chrono::milliseconds(10));
+      auto now = Clock::now();
+      std::vector<std::shared_ptr<Op>> expired;
+      if (current_ && now >= current_->deadline) expired.push_back(current_);
+      for (auto& op : p2p_)
+        if (now >= op->deadline) expired.push_back(op);
+      std::vector<std::shared_ptr<Op>> queued_expired;
+      for (auto& op : queue_)
+        if (now >= op->deadline) queued_expired.push_back(op);
+      std::shared_ptr<Op> blocker = current_;
+      if (expired.empty() && queued_expired.empty()) continue;
+      lock.unlock();  // MPI calls and logging below must not hold the queue lock
+      for (auto& op : expired)
+        if (!op->settled.load()) time_out(*op, missing_ranks(*op));
+      for (auto& op : queued_expired) {
+        std::string why = blocker ? "it was queued behind " + blocker->description + ", which has not completed"
+                                  : "it was still queued";
+        time_out(*op, why);
+      }
+      lock.lock();
+    }
+  }
+
   std::mutex mutex_;
   std::condition_variable cv_;
-  std::deque<std::shared_ptr<Op>> queue_, setup_queue_;
+  std::deque<std::shared_ptr<Op>> queue_;
+  std::shared_ptr<Op> current_;
+  std::vector<std::shared_ptr<Op>> p2p_;
   bool running_ = false;
-  std::thread thread_;
-  // progress-thread only
-  std::vector<std::shared_ptr<Op>> inflight_;
-  std::vector<PendingSend> sends_;
+  std::thread progress_, watchdog_;
+  std::vector<PendingSend> sends_;  // progress thread only
   std::atomic<bool> any_broken_{false};
   bool owns_mpi_ = false;
   int world_rank_ = 0;
-  int world_size_ = 1;
   MPI_Op half_ops_[2][3];
 };
 
@@ -410,10 +435,9 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     MPI_Op mpi_op = MpiRuntime::instance().reduce_op(tensor.scalar_type(), opts.op);
     auto op = make_op("all_reduce", tensor, opts.timeout);
     MPI_Comm comm = group_->comm;
-    op->start = [tensor, mpi_op, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()),
-                               mpi_op, comm, &reqs[0]));
+    op->run = [tensor, mpi_op, comm] {
+      MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), mpi_op,
+                              comm));
     };
     if (opts.op == ReduceOp::kAvg) op->on_success = [tensor, n = size()]() mutable { tensor.div_(n); };
     return submit(op);
@@ -430,10 +454,9 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     MPI_Op mpi_op = MpiRuntime::instance().reduce_op(input.scalar_type(), opts.op);
     auto op = make_op("reduce_scatter", input, opts.timeout);
     MPI_Comm comm = group_->comm;
-    op->start = [output, input, mpi_op, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      MPI_CHECK(MPI_Ireduce_scatter_block(input.data_ptr(), output.data_ptr(), count(output),
-                                          mpi_dtype(input.scalar_type()), mpi_op, comm, &reqs[0]));
+    op->run = [output, input, mpi_op, comm] {
+      MPI_CHECK(MPI_Reduce_scatter_block(input.data_ptr(), output.data_ptr(), count(output),
+                                         mpi_dtype(input.scalar_type()), mpi_op, comm));
     };
     if (opts.op == ReduceOp::kAvg) op->on_success = [output, n = size()]() mutable { output.div_(n); };
     return submit(op);
@@ -448,10 +471,9 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
                   input.numel() * size());
     auto op = make_op("all_gather", input, opts.timeout);
     MPI_Comm comm = group_->comm;
-    op->start = [output, input, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
+    op->run = [output, input, comm] {
       MPI_Datatype dt = mpi_dtype(input.scalar_type());
-      MPI_CHECK(MPI_Iallgather(input.data_ptr(), count(input), dt, output.data_ptr(), count(input), dt, comm, &reqs[0]));
+      MPI_CHECK(MPI_Allgather(input.data_ptr(), count(input), dt, output.data_ptr(), count(input), dt, comm));
     };
     return submit(op);
   }
@@ -461,9 +483,8 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     check_root(opts.root, "broadcast");
     auto op = make_op("broadcast", tensor, opts.timeout);
     MPI_Comm comm = group_->comm;
-    op->start = [tensor, root = opts.root, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      MPI_CHECK(MPI_Ibcast(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), root, comm, &reqs[0]));
+    op->run = [tensor, root = opts.root, comm] {
+      MPI_CHECK(MPI_Bcast(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), root, comm));
     };
     return submit(op);
   }
@@ -478,10 +499,9 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     bool is_root = opts.root == rank();
     // Non-roots reduce from a copy so their own tensor stays as it was.
     at::Tensor source = is_root ? tensor : tensor.clone();
-    op->start = [tensor, source, is_root, root = opts.root, mpi_op, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      MPI_CHECK(MPI_Ireduce(is_root ? MPI_IN_PLACE : source.data_ptr(), is_root ? tensor.data_ptr() : nullptr,
-                            count(tensor), mpi_dtype(tensor.scalar_type()), mpi_op, root, comm, &reqs[0]));
+    op->run = [tensor, source, is_root, root = opts.root, mpi_op, comm] {
+      MPI_CHECK(MPI_Reduce(is_root ? MPI_IN_PLACE : source.data_ptr(), is_root ? tensor.data_ptr() : nullptr,
+                           count(tensor), mpi_dtype(tensor.scalar_type()), mpi_op, root, comm));
     };
     if (opts.op == ReduceOp::kAvg && is_root) op->on_success = [tensor, n = size()]() mutable { tensor.div_(n); };
     return submit(op);
@@ -497,10 +517,9 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     auto op = make_op("all_to_all", input, opts.timeout);
     MPI_Comm comm = group_->comm;
     int chunk = static_cast<int>(input.numel() / size());
-    op->start = [output, input, chunk, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
+    op->run = [output, input, chunk, comm] {
       MPI_Datatype dt = mpi_dtype(input.scalar_type());
-      MPI_CHECK(MPI_Ialltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm, &reqs[0]));
+      MPI_CHECK(MPI_Alltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm));
     };
     return submit(op);
   }
@@ -509,12 +528,11 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     check_tensor(tensor, "send", "tensor");
     check_peer(dst, "send");
     auto op = make_op("send", tensor, opts.timeout);
-    op->announce = false;
+    op->point_to_point = true;
     op->peer = dst;
     MPI_Comm comm = group_->comm;
-    op->start = [tensor, dst, tag = opts.tag, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      MPI_CHECK(MPI_Isend(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), dst, tag, comm, &reqs[0]));
+    op->start = [tensor, dst, tag = opts.tag, comm](MPI_Request* request) {
+      MPI_CHECK(MPI_Isend(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), dst, tag, comm, request));
     };
     return submit(op);
   }
@@ -523,13 +541,11 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     check_tensor(tensor, "recv", "tensor");
     check_peer(src, "recv");
     auto op = make_op("recv", tensor, opts.timeout);
-    op->announce = false;
+    op->point_to_point = true;
     op->peer = src;
     MPI_Comm comm = group_->comm;
-    op->start = [tensor, src, tag = opts.tag, comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      MPI_CHECK(MPI_Irecv(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), src, tag, comm,
-                          &reqs[0]));
+    op->start = [tensor, src, tag = opts.tag, comm](MPI_Request* request) {
+      MPI_CHECK(MPI_Irecv(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), src, tag, comm, request));
     };
     return submit(op);
   }
@@ -537,10 +553,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   WorkPtr barrier(const BarrierOptions& opts) override {
     auto op = make_op("barrier", at::Tensor(), opts.timeout);
     MPI_Comm comm = group_->comm;
-    op->start = [comm](std::vector<MPI_Request>& reqs) {
-      reqs.resize(1);
-      MPI_CHECK(MPI_Ibarrier(comm, &reqs[0]));
-    };
+    op->run = [comm] { MPI_CHECK(MPI_Barrier(comm)); };
     return submit(op);
   }
 
@@ -588,10 +601,8 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
 
   WorkPtr submit(const std::shared_ptr<Op>& op) {
     op->work = std::make_shared<Work>(op->op_name + " on group " + group_->name);
-    if (group_->broken.load()) {
-      std::lock_guard<std::mutex> lock(group_->broken_mutex);
-      throw CommError(op->op_name + " on group " + group_->name + " cannot run: " + group_->broken_reason);
-    }
+    if (group_->broken.load())
+      throw CommError(op->op_name + " on group " + group_->name + " cannot run: " + group_->broken_message());
     MpiRuntime::instance().submit(op);
     return op->work;
   }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <chrono>
+#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <memory>
@@ -76,7 +77,7 @@ class Work {
  private:
   mutable std::mutex mutex_;
   std::condition_variable done_cv_;
-  bool completed_ = false;
+  std::atomic<bool> completed_{false};
   std::exception_ptr error_;
   std::string description_;
 };
