@@ -26,7 +26,9 @@ def build_command(num_procs, script, script_args):
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise SystemExit("zeal: mpirun was not found; run scripts/install-deps (Open MPI) first")
-    cmd = [mpirun, "-np", str(num_procs), "--oversubscribe", "--bind-to", "none"]
+    # One node: the ranks and mpirun talk over loopback only.
+    cmd = [mpirun, "-np", str(num_procs), "--oversubscribe", "--bind-to", "none",
+           "--mca", "oob_tcp_if_include", "lo", "--mca", "btl_tcp_if_include", "lo"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     for var in ("MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "PYTHONUNBUFFERED"):

@@ -35,6 +35,7 @@
 #include <thread>
 
 #include "cpu/half_reduce.h"
+#include "rendezvous.h"
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 
@@ -158,6 +159,7 @@ class MpiRuntime {
   }
 
   int world_rank() const { return world_rank_; }
+  void set_world_rank(int rank) { world_rank_ = rank; }
 
   MPI_Op reduce_op(at::ScalarType dtype, ReduceOp op) const {
     bool half = dtype == at::kHalf, bf16 = dtype == at::kBFloat16;
@@ -353,12 +355,44 @@ class MpiRuntime {
       for (auto& op : p2p_) op->settle(std::make_exception_ptr(CommError(op->description + " abandoned at shutdown")));
       p2p_.clear();
     }
-    if (owns_mpi_ && !any_broken_) {
+    if (owns_mpi_ && !any_broken_ && disconnect_dynamic_groups()) {
       for (auto& ops : half_ops_)
         for (auto& op : ops) MPI_Op_free(&op);
       MPI_Finalize();
     }
   }
+
+  // Processes joined by the rendezvous are separate MPI jobs, and with Open MPI 4 both
+  // MPI_Comm_disconnect and MPI_Finalize can block forever in the PMIx fence between such jobs.
+  // So: a barrier with a deadline makes sure no rank leaves while others still talk to it, then
+  // the process leaves without finalizing (no mpirun is watching to object). Returns whether
+  // MPI_Finalize may run.
+  bool disconnect_dynamic_groups() {
+    if (!dynamic_) return true;
+    std::shared_ptr<GroupState> world = dynamic_groups_.empty() ? nullptr : dynamic_groups_.front().lock();
+    if (world) {
+      MPI_Request request;
+      MPI_Ibarrier(world->comm, &request);
+      int done = 0;
+      for (auto deadline = Clock::now() + std::chrono::seconds(30); !done && Clock::now() < deadline;) {
+        MPI_Test(&request, &done, MPI_STATUS_IGNORE);
+        if (!done) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+      if (!done) log("comm", LogLevel::kWarn, "shutdown: not every rank reached shutdown within 30 s");
+    }
+    return false;
+  }
+
+ public:
+  // Registers communicators that span processes joined by the rendezvous (see above).
+  void register_dynamic(const std::shared_ptr<GroupState>& group) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    dynamic_ = true;
+    dynamic_groups_.push_back(group);
+  }
+  bool dynamic() const { return dynamic_; }
+
+ private:
 
   void watchdog_loop() {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -396,6 +430,8 @@ class MpiRuntime {
   std::vector<PendingSend> sends_;  // progress thread only
   std::atomic<bool> any_broken_{false};
   bool owns_mpi_ = false;
+  std::atomic<bool> dynamic_{false};
+  std::vector<std::weak_ptr<GroupState>> dynamic_groups_;
   int world_rank_ = 0;
   MPI_Op half_ops_[2][3];
 };
@@ -583,6 +619,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
                          " ranks, expected ", ranks.size(), " (did every rank pass a consistent group?)");
     for (int r : ranks) child->world_ranks.push_back(parent->world_ranks[r]);
     child->last_arrived.assign(child->size, 0);
+    if (MpiRuntime::instance().dynamic()) MpiRuntime::instance().register_dynamic(child);
     return std::make_shared<MpiCommunicator>(child, default_timeout_);
   }
 
@@ -641,25 +678,49 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   Timeout default_timeout_;
 };
 
-}  // namespace
+std::unique_ptr<Rendezvous>& rendezvous_holder() {
+  static std::unique_ptr<Rendezvous> rendezvous;
+  return rendezvous;
+}
 
-CommunicatorPtr mpi_world(Timeout default_timeout) {
+CommunicatorPtr make_world(MPI_Comm base, Timeout default_timeout, bool dynamic) {
   MpiRuntime& runtime = MpiRuntime::instance();
   auto group = std::make_shared<GroupState>();
   group->name = "world";
   runtime.run_sync([&] {
-    MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &group->comm));
-    MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &group->arrival_comm));
+    MPI_CHECK(MPI_Comm_dup(base, &group->comm));
+    MPI_CHECK(MPI_Comm_dup(base, &group->arrival_comm));
     MPI_Comm_set_errhandler(group->comm, MPI_ERRORS_RETURN);
     MPI_Comm_rank(group->comm, &group->rank);
     MPI_Comm_size(group->comm, &group->size);
   });
+  runtime.set_world_rank(group->rank);
   for (int r = 0; r < group->size; ++r) group->world_ranks.push_back(r);
   group->last_arrived.assign(group->size, 0);
+  if (dynamic) {
+    runtime.register_dynamic(group);
+  }
   set_log_rank(group->rank);
   return std::make_shared<MpiCommunicator>(group, default_timeout);
 }
 
-void mpi_shutdown() { MpiRuntime::instance().shutdown(); }
+}  // namespace
+
+CommunicatorPtr mpi_world(Timeout default_timeout) { return make_world(MPI_COMM_WORLD, default_timeout, false); }
+
+CommunicatorPtr mpi_world_rendezvous(const RankInfo& info, Timeout default_timeout) {
+  auto& rendezvous = rendezvous_holder();
+  rendezvous = std::make_unique<Rendezvous>(info, default_timeout);  // before MPI_Init
+  MPI_Comm base = MPI_COMM_NULL;
+  MpiRuntime::instance().run_sync([&] {
+    base = MPI_Comm_f2c(static_cast<MPI_Fint>(reinterpret_cast<intptr_t>(rendezvous->form_world())));
+  });
+  return make_world(base, default_timeout, true);
+}
+
+void mpi_shutdown() {
+  MpiRuntime::instance().shutdown();
+  rendezvous_holder().reset();  // after MPI_Finalize: stops rank 0's ompi-server
+}
 
 }  // namespace zeal::comm

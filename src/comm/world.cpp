@@ -55,13 +55,9 @@ CommunicatorPtr world(Timeout default_timeout) {
   std::lock_guard<std::mutex> lock(h.mutex);
   if (h.world) return h.world;
   RankInfo info = detect_rank_info();
-  if (!info.under_mpi && info.world_size > 1)
-    throw CommError("this process has WORLD_SIZE=" + std::to_string(info.world_size) + " and RANK=" +
-                    std::to_string(info.rank) +
-                    " but was not started by mpirun: Zeal forms its world over MPI, so start ranks with "
-                    "`zeal --num_procs N script.py` or `mpirun -np N`; ranks started by torchrun are not supported yet");
 #if ZEAL_WITH_MPI
-  h.world = mpi_world(default_timeout);
+  h.world = (!info.under_mpi && info.world_size > 1) ? mpi_world_rendezvous(info, default_timeout)
+                                                     : mpi_world(default_timeout);
 #else
   throw CommError("this Zeal build has no MPI backend (ZEAL_WITH_MPI=OFF)");
 #endif

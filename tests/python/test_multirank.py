@@ -61,3 +61,59 @@ def test_cpp_api_example_is_covered_by_ctest():
 
     cfg = json.loads((ROOT / "configs" / "mlp_cpp.json").read_text())
     assert cfg["optimizer"]["type"] == "AdamW"
+
+
+def _torchrun(num_ranks, script, *args, port, timeout=180):
+    import shutil  # noqa: F401
+    import subprocess
+    import sys
+
+    from conftest import mpi_env
+
+    env = mpi_env()
+    for key in [k for k in env if k.startswith("OMPI_COMM_WORLD")]:
+        del env[key]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_ranks), "--master_port", str(port),
+           str(RANKS / script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_started_ranks_form_a_world():
+    proc = _torchrun(3, "torchrun_probe.py", port=29581)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = sorted(line for line in proc.stdout.replace("TORCHRUN", "\nTORCHRUN").splitlines() if line.startswith("TORCHRUN"))
+    assert lines == [f"TORCHRUN rank {r}/3 sum 6" for r in range(3)]
+
+
+def test_torchrun_training_matches_torch(tmp_path):
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(RANKS))
+    import common
+
+    out = tmp_path / "params.pt"
+    proc = _torchrun(2, "dp_train.py", "--steps", 10, "--micro", 4, "--gas", 2, "--out", out, port=29582)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = common.reference_run(10, 16, lr=1e-2, weight_decay=0.01, clip=0.0)
+    got = torch.load(out)["params"]
+    diff = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+    assert diff <= 1e-5, diff
+
+
+def test_rendezvous_names_ranks_that_never_started():
+    # Only rank 0 of a world of 3 starts: the rendezvous must time out naming ranks 1 and 2.
+    import subprocess
+    import sys
+
+    from conftest import mpi_env
+
+    env = mpi_env()
+    env.update(RANK="0", WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29583")
+    code = "import zeal\ntry:\n    zeal.world(timeout_s=3)\nexcept zeal.TimeoutError as e:\n    print('RDV', e)\n"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert "RDV rendezvous: ranks that did not arrive" in proc.stdout, proc.stdout + proc.stderr
+    assert "[1, 2] of a world of 3" in proc.stdout
+    assert time.monotonic() - start < 30

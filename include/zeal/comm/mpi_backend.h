@@ -3,11 +3,14 @@
 #pragma once
 
 #include "zeal/comm/communicator.h"
+#include "zeal/comm/world.h"
 
 namespace zeal::comm {
 
 // The world communicator over MPI_COMM_WORLD (initializing MPI on first use).
 CommunicatorPtr mpi_world(Timeout default_timeout);
+// The world of ranks not started by mpirun (torchrun): see Note [Rendezvous] in rendezvous.cpp.
+CommunicatorPtr mpi_world_rendezvous(const RankInfo& info, Timeout default_timeout);
 void mpi_shutdown();
 
 }  // namespace zeal::comm

@@ -1,8 +1,9 @@
 // How a process finds its place in the job and gets its world communicator.
 //
 // Ranks started by `zeal --num_procs N` or by `mpirun` form one MPI world (the zeal launcher
-// starts local ranks through mpirun; see docs/architecture.md). A process with none of the
-// launch variables is a world of size 1.
+// starts local ranks through mpirun). Ranks started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR,
+// MASTER_PORT) are joined into one by a rendezvous (src/comm/rendezvous.cpp). A process with
+// none of the launch variables is a world of size 1. See docs/architecture.md.
 #pragma once
 
 #include <memory>
@@ -24,7 +25,8 @@ RankInfo detect_rank_info();
 
 // The process-wide world communicator, created on first call (later calls return the same one;
 // a different default_timeout on a later call changes nothing). Throws CommError when the
-// launch variables describe a world this build cannot join.
+// launch variables describe a world this build cannot join, TimeoutError when ranks of it
+// never arrive.
 CommunicatorPtr world(Timeout default_timeout);
 
 // Ends the process's collectives: stops the progress thread and finalizes MPI unless a
