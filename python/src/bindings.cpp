@@ -9,6 +9,9 @@
 #include "zeal/core/error.h"
 #include "zeal/engine/engine.h"
 #include "zeal/features.h"
+#if ZEAL_WITH_CUDA
+#include "zeal/comm/nccl_backend.h"
+#endif
 
 namespace py = pybind11;
 using namespace zeal;
@@ -110,6 +113,15 @@ PYBIND11_MODULE(_zeal, m) {
   m.def("world", [](double timeout_s) { return comm::world(to_timeout(timeout_s)); }, py::arg("timeout_s") = 300.0,
         "The process's world communicator (created on first call).");
   m.def("shutdown", &comm::shutdown, py::call_guard<py::gil_scoped_release>());
+#if ZEAL_WITH_CUDA
+  m.def("nccl_world",
+        [](int device, double timeout_s) {
+          auto host = comm::world(to_timeout(timeout_s));
+          return comm::nccl_world(host, device, to_timeout(timeout_s));
+        },
+        py::arg("device"), py::arg("timeout_s") = 300.0,
+        "A communicator over the world's ranks for tensors on CUDA device `device` (NCCL).");
+#endif
 
   py::class_<engine::Engine>(m, "Engine")
       .def(py::init([](const py::list& groups, const std::string& config_json) {

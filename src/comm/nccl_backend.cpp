@@ -1,0 +1,309 @@
+// NCCL backend.
+//
+// Stream model: each communicator owns one CUDA stream. An op first makes that stream wait for
+// the work already queued on the legacy default stream (where the caller's kernels ran), then
+// enqueues the NCCL call, then records a completion event. Ops therefore run in submission order,
+// after the data they read is ready, and overlap with later work on the default stream.
+//
+// Threading model: a watchdog thread per communicator polls the completion events. A completed op
+// finishes its Work; an op past its deadline aborts the NCCL communicator (ncclCommAbort, the only
+// way to free a rank stuck in a collective), fails with a TimeoutError and marks the communicator
+// broken (Note [Broken communicators] in mpi_backend.cpp). NCCL does not report which ranks never
+// joined; the message says so, and the same run on the mpi backend names them.
+#include "zeal/comm/nccl_backend.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <deque>
+#include <thread>
+
+#include <ATen/ops/empty.h>
+
+#include "zeal/core/error.h"
+#include "zeal/core/logging.h"
+
+namespace zeal::comm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+#define CUDA_CHECK(call)                                                                       \
+  do {                                                                                         \
+    cudaError_t cuda_check_err = (call);                                                       \
+    if (cuda_check_err != cudaSuccess)                                                         \
+      throw ::zeal::CommError(std::string(#call) + " failed: " + cudaGetErrorString(cuda_check_err)); \
+  } while (0)
+
+#define NCCL_CHECK(call)                                                                       \
+  do {                                                                                         \
+    ncclResult_t nccl_check_res = (call);                                                      \
+    if (nccl_check_res != ncclSuccess)                                                         \
+      throw ::zeal::CommError(std::string(#call) + " failed: " + ncclGetErrorString(nccl_check_res)); \
+  } while (0)
+
+ncclDataType_t nccl_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return ncclFloat32;
+    case at::kDouble: return ncclFloat64;
+    case at::kHalf: return ncclFloat16;
+    case at::kBFloat16: return ncclBfloat16;
+    case at::kInt: return ncclInt32;
+    case at::kLong: return ncclInt64;
+    case at::kByte: return ncclUint8;
+    default:
+      throw CommError(std::string("backend nccl does not support dtype ") + c10::toString(dtype));
+  }
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return ncclSum;
+    case ReduceOp::kAvg: return ncclAvg;
+    case ReduceOp::kMax: return ncclMax;
+    case ReduceOp::kMin: return ncclMin;
+  }
+  return ncclSum;
+}
+
+struct Pending {
+  WorkPtr work;
+  cudaEvent_t done;
+  Clock::time_point deadline;
+  std::string description;
+  std::vector<at::Tensor> keep_alive;
+};
+
+class NcclCommunicator : public Communicator {
+ public:
+  NcclCommunicator(ncclComm_t comm, int device, std::string name, Timeout default_timeout)
+      : comm_(comm), device_(device), name_(std::move(name)), default_timeout_(default_timeout) {
+    CUDA_CHECK(cudaSetDevice(device_));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
+    NCCL_CHECK(ncclCommCount(comm_, &size_));
+    watchdog_ = std::thread([this] { watch(); });
+  }
+
+  ~NcclCommunicator() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    watchdog_.join();
+    if (!broken_) ncclCommDestroy(comm_);
+    cudaStreamDestroy(stream_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+  const std::string& backend_name() const override {
+    static const std::string kName = "nccl";
+    return kName;
+  }
+  Timeout default_timeout() const override { return default_timeout_; }
+
+  WorkPtr all_reduce(at::Tensor& t, const AllReduceOptions& o) override {
+    check(t, "all_reduce");
+    return enqueue("all_reduce", {t}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_dtype(t.scalar_type()), nccl_op(o.op), comm_, s));
+    });
+  }
+
+  WorkPtr reduce_scatter(at::Tensor& out, const at::Tensor& in, const ReduceScatterOptions& o) override {
+    check(out, "reduce_scatter");
+    check(in, "reduce_scatter");
+    ZEAL_CHECK_AS(CommError, in.numel() == out.numel() * size_ && in.scalar_type() == out.scalar_type(),
+                  "reduce_scatter: input must hold group size x output elements of the output's dtype");
+    return enqueue("reduce_scatter", {out, in}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), nccl_dtype(in.scalar_type()),
+                                   nccl_op(o.op), comm_, s));
+    });
+  }
+
+  WorkPtr all_gather(at::Tensor& out, const at::Tensor& in, const AllGatherOptions& o) override {
+    check(out, "all_gather");
+    check(in, "all_gather");
+    ZEAL_CHECK_AS(CommError, out.numel() == in.numel() * size_ && in.scalar_type() == out.scalar_type(),
+                  "all_gather: output must hold group size x input elements of the input's dtype");
+    return enqueue("all_gather", {out, in}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), nccl_dtype(in.scalar_type()), comm_, s));
+    });
+  }
+
+  WorkPtr broadcast(at::Tensor& t, const BroadcastOptions& o) override {
+    check(t, "broadcast");
+    ZEAL_CHECK_AS(CommError, o.root >= 0 && o.root < size_, "broadcast: root ", o.root, " is outside the group");
+    return enqueue("broadcast", {t}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_dtype(t.scalar_type()), o.root, comm_, s));
+    });
+  }
+
+  WorkPtr reduce(at::Tensor& t, const ReduceOptions& o) override {
+    check(t, "reduce");
+    ZEAL_CHECK_AS(CommError, o.root >= 0 && o.root < size_, "reduce: root ", o.root, " is outside the group");
+    // Non-roots keep their tensor: NCCL writes the result only on the root.
+    return enqueue("reduce", {t}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_dtype(t.scalar_type()), nccl_op(o.op), o.root,
+                            comm_, s));
+    });
+  }
+
+  WorkPtr all_to_all(at::Tensor& out, const at::Tensor& in, const AllToAllOptions& o) override {
+    check(out, "all_to_all");
+    check(in, "all_to_all");
+    ZEAL_CHECK_AS(CommError, in.numel() == out.numel() && in.numel() % size_ == 0,
+                  "all_to_all: input and output need the same number of elements, divisible by the group size");
+    return enqueue("all_to_all", {out, in}, o.timeout, [&](cudaStream_t s) {
+      size_t chunk = in.numel() / size_, bytes = chunk * in.element_size();
+      auto* src = static_cast<char*>(in.data_ptr());
+      auto* dst = static_cast<char*>(out.data_ptr());
+      NCCL_CHECK(ncclGroupStart());
+      for (int peer = 0; peer < size_; ++peer) {
+        NCCL_CHECK(ncclSend(src + peer * bytes, chunk, nccl_dtype(in.scalar_type()), peer, comm_, s));
+        NCCL_CHECK(ncclRecv(dst + peer * bytes, chunk, nccl_dtype(in.scalar_type()), peer, comm_, s));
+      }
+      NCCL_CHECK(ncclGroupEnd());
+    });
+  }
+
+  WorkPtr send(const at::Tensor& t, int dst, const SendRecvOptions& o) override {
+    check(t, "send");
+    return enqueue("send", {t}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclSend(t.data_ptr(), t.numel(), nccl_dtype(t.scalar_type()), dst, comm_, s));
+    });
+  }
+
+  WorkPtr recv(at::Tensor& t, int src, const SendRecvOptions& o) override {
+    check(t, "recv");
+    return enqueue("recv", {t}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclRecv(t.data_ptr(), t.numel(), nccl_dtype(t.scalar_type()), src, comm_, s));
+    });
+  }
+
+  WorkPtr barrier(const BarrierOptions& o) override {
+    at::Tensor flag = at::empty({1}, at::TensorOptions().dtype(at::kInt).device(at::Device(at::kCUDA, device_)));
+    return enqueue("barrier", {flag}, o.timeout, [&](cudaStream_t s) {
+      NCCL_CHECK(ncclAllReduce(flag.data_ptr(), flag.data_ptr(), 1, ncclInt32, ncclSum, comm_, s));
+    });
+  }
+
+  std::shared_ptr<Communicator> split(const std::vector<int>& ranks, const std::string& name) override {
+    int index = -1;
+    for (size_t i = 0; i < ranks.size(); ++i)
+      if (ranks[i] == rank_) index = static_cast<int>(i);
+    ZEAL_CHECK_AS(CommError, index >= 0, "split: rank ", rank_, " is not in the group it asked for");
+    ncclComm_t child;
+    NCCL_CHECK(ncclCommSplit(comm_, ranks.front(), index, &child, nullptr));
+    return std::make_shared<NcclCommunicator>(child, device_, name, default_timeout_);
+  }
+
+ private:
+  void check(const at::Tensor& t, const char* op) const {
+    ZEAL_CHECK_AS(CommError, t.defined() && t.is_cuda() && t.get_device() == device_, "backend nccl takes tensors on cuda:",
+                  device_, "; ", op, " got one on ", t.defined() ? t.device().str() : std::string("nothing"));
+    ZEAL_CHECK_AS(CommError, t.is_contiguous(), op, ": tensor must be contiguous");
+    nccl_dtype(t.scalar_type());
+  }
+
+  template <typename Fn>
+  WorkPtr enqueue(const char* op, std::vector<at::Tensor> tensors, Timeout timeout, Fn&& launch) {
+    ZEAL_CHECK_AS(CommError, !broken_, op, " on group ", name_, " cannot run: ", broken_reason_);
+    std::string description = std::string(op) + " #" + std::to_string(++seq_) + " on group " + name_ + " (nccl)";
+    CUDA_CHECK(cudaSetDevice(device_));
+    cudaEvent_t ready, done;
+    CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventRecord(ready, cudaStreamLegacy));
+    CUDA_CHECK(cudaStreamWaitEvent(stream_, ready, 0));
+    cudaEventDestroy(ready);
+    launch(stream_);
+    CUDA_CHECK(cudaEventRecord(done, stream_));
+    auto work = std::make_shared<Work>(description);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      pending_.push_back({work, done, Clock::now() + (timeout.count() > 0 ? timeout : default_timeout_), description,
+                          std::move(tensors)});
+    }
+    cv_.notify_all();
+    return work;
+  }
+
+  void watch() {
+    cudaSetDevice(device_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stopping_ || !pending_.empty()) {
+      if (pending_.empty()) {
+        cv_.wait(lock, [&] { return stopping_ || !pending_.empty(); });
+        continue;
+      }
+      Pending& front = pending_.front();
+      cudaError_t state = cudaEventQuery(front.done);
+      if (state == cudaSuccess || (state != cudaErrorNotReady)) {
+        Pending p = std::move(front);
+        pending_.pop_front();
+        lock.unlock();
+        cudaEventDestroy(p.done);
+        p.work->finish(state == cudaSuccess ? nullptr
+                                            : std::make_exception_ptr(CommError(p.description + " failed: " +
+                                                                                cudaGetErrorString(state))));
+        lock.lock();
+        continue;
+      }
+      if (Clock::now() >= front.deadline || stopping_) {
+        std::string message = front.description + " timed out on rank " + std::to_string(rank_) + " of group " + name_ +
+                              "; the nccl backend cannot tell which ranks did not arrive (the mpi backend names them)";
+        broken_ = true;
+        broken_reason_ = "an earlier op timed out: " + message;
+        ncclCommAbort(comm_);
+        for (auto& p : pending_) p.work->finish(std::make_exception_ptr(TimeoutError(message)));
+        pending_.clear();
+        log("comm", LogLevel::kError, message);
+        continue;
+      }
+      cv_.wait_for(lock, std::chrono::microseconds(200));
+    }
+  }
+
+  ncclComm_t comm_;
+  int device_;
+  std::string name_;
+  Timeout default_timeout_;
+  cudaStream_t stream_ = nullptr;
+  int rank_ = 0, size_ = 1;
+  uint64_t seq_ = 0;
+  std::atomic<bool> broken_{false};
+  std::string broken_reason_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<Pending> pending_;
+  bool stopping_ = false;
+  std::thread watchdog_;
+};
+
+}  // namespace
+
+CommunicatorPtr nccl_world(const CommunicatorPtr& host_world, int device, Timeout default_timeout) {
+  ZEAL_CHECK_AS(CommError, host_world, "nccl_world needs a host communicator to share the NCCL id");
+  int count = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&count));
+  ZEAL_CHECK_AS(CommError, device >= 0 && device < count, "nccl_world: device ", device, " does not exist (",
+                count, " CUDA devices)");
+  ncclUniqueId id;
+  at::Tensor id_bytes = at::empty({static_cast<int64_t>(sizeof(id))}, at::kByte);
+  if (host_world->rank() == 0) {
+    NCCL_CHECK(ncclGetUniqueId(&id));
+    std::memcpy(id_bytes.data_ptr(), &id, sizeof(id));
+  }
+  host_world->broadcast(id_bytes, {0})->wait();
+  std::memcpy(&id, id_bytes.data_ptr(), sizeof(id));
+  CUDA_CHECK(cudaSetDevice(device));
+  ncclComm_t comm;
+  NCCL_CHECK(ncclCommInitRank(&comm, host_world->size(), id, host_world->rank()));
+  return std::make_shared<NcclCommunicator>(comm, device, "world", default_timeout);
+}
+
+}  // namespace zeal::comm
