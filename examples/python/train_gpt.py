@@ -45,7 +45,8 @@ def plot(rows, path):
 @torch.no_grad()
 def sample(model, dataset, prompt="The ", length=200):
     model.eval()
-    idx = torch.tensor([[dataset.stoi.get(c, 0) for c in prompt]])
+    device = next(model.parameters()).device
+    idx = torch.tensor([[dataset.stoi.get(c, 0) for c in prompt]], device=device)
     for _ in range(length):
         logits = model(idx[:, -dataset.block:])[:, -1, :].float()
         nxt = torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1)
@@ -67,13 +68,18 @@ def main():
     steps = args.steps or config.get("scheduler", {}).get("params", {}).get("total_num_steps", 200)
     block = 128
     dataset = CharDataset(corpus_text(), block)
-    model = GPT(len(dataset.chars), block=block)
+    # One GPU per rank when GPUs are present (LOCAL_RANK picks it); the CPU otherwise.
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    model = GPT(len(dataset.chars), block=block).to(device)
     engine, _, loader, _ = zeal.initialize(model=model, training_data=dataset, config=config)
     rank = engine.global_rank
     tokens_per_step = engine.train_batch_size() * block
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"demo: {n_params / 1e6:.2f}M parameters, {len(dataset.data) / 1e3:.0f}K characters, vocab {len(dataset.chars)}, "
+        print(f"demo: {n_params / 1e6:.2f}M parameters on {device}, {len(dataset.data) / 1e3:.0f}K characters, vocab {len(dataset.chars)}, "
               f"{engine.world_size} ranks, global batch {engine.train_batch_size()} x {block} tokens, {steps} steps",
               flush=True)
     rows, step, epoch = [], 0, 0
@@ -81,7 +87,7 @@ def main():
     while step < steps:
         loader.sampler.set_epoch(epoch)
         for x, y in loader:
-            loss = engine(x, y)
+            loss = engine(x.to(device), y.to(device))
             engine.backward(loss)
             engine.step()
             if engine.micro_steps % engine.gradient_accumulation_steps() != 0:

@@ -126,8 +126,21 @@ PYBIND11_MODULE(_zeal, m) {
   py::class_<engine::Engine>(m, "Engine")
       .def(py::init([](const py::list& groups, const std::string& config_json) {
              Config config = Config::from_string(config_json);
-             auto world = comm::world(to_timeout(config.comms_timeout_s));
-             return std::make_unique<engine::Engine>(to_groups(groups), std::move(config), world);
+             auto specs = to_groups(groups);
+             comm::Timeout timeout = to_timeout(config.comms_timeout_s);
+             comm::CommunicatorPtr world = comm::world(timeout);
+             // Device parameters train over NCCL, host parameters over MPI.
+             for (auto& spec : specs) {
+               if (spec.params.empty() || !spec.params.front().is_cuda()) continue;
+#if ZEAL_WITH_CUDA
+               world = comm::nccl_world(world, spec.params.front().get_device(), timeout);
+#else
+               throw Error("parameters on " + spec.params.front().device().str() +
+                           " need the nccl backend, and this Zeal was built without CUDA");
+#endif
+               break;
+             }
+             return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world);
            }),
            py::arg("param_groups"), py::arg("config_json"))
       .def("backward", &engine::Engine::backward, py::call_guard<py::gil_scoped_release>())

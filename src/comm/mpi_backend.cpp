@@ -261,10 +261,10 @@ class MpiRuntime {
     if (op.settled.load()) return;
     std::string message = op.description + " timed out on rank " + std::to_string(op.group->rank) + " of group " +
                           op.group->name + " (world rank " + std::to_string(world_rank_) + "); " + why;
-    if (op.settle(std::make_exception_ptr(TimeoutError(message)))) {
-      mark_broken(*op.group, "an earlier op timed out: " + message);
-      log("comm", LogLevel::kError, message);
-    }
+    // Broken first, then settle: a caller woken by the error must find the communicator broken.
+    // (If the op completes in this instant, the communicator stays marked broken: conservative.)
+    mark_broken(*op.group, "an earlier op timed out: " + message);
+    if (op.settle(std::make_exception_ptr(TimeoutError(message)))) log("comm", LogLevel::kError, message);
   }
 
   void complete(Op& op) {

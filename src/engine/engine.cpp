@@ -48,8 +48,9 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
       ZEAL_CHECK(p.defined(), "parameter group ", g, " holds an undefined tensor");
       if (!p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
       ZEAL_CHECK(p.is_leaf(), "parameter group ", g, " holds a non-leaf tensor; pass the model's parameters");
-      ZEAL_CHECK(p.device().is_cpu(), "parameter on ", p.device().str(),
-                 ": this Zeal build trains host parameters (device training needs the CUDA build)");
+      if (params_.empty()) device_ = p.device();
+      ZEAL_CHECK(p.device() == device_, "parameters on ", device_.str(), " and ", p.device().str(),
+                 ": one engine trains the parameters of one device");
       ZEAL_CHECK(at::isFloatingType(p.scalar_type()), "parameter of dtype ", c10::toString(p.scalar_type()),
                  " cannot be trained");
       params_.push_back(p);
@@ -70,7 +71,11 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
 
   // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
   // tensor objects, so Python and C++ callers see the change).
-  auto options = at::TensorOptions().dtype(model_dtype_);
+  const bool device_ok = device_.is_cpu() ? world_->backend_name() == "mpi" : world_->backend_name() == "nccl";
+  ZEAL_CHECK(device_ok || world_->size() == 1, "parameters on ", device_.str(), " need the ",
+             device_.is_cpu() ? "mpi" : "nccl", " backend, but the engine got a ", world_->backend_name(),
+             " communicator");
+  auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
   flat_params_ = at::empty({total}, options);
   flat_grads_ = at::zeros({total}, options);
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -85,7 +90,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   master_ = model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat);
 
   reducer_ = std::make_unique<GradReducer>(params_, offsets_, flat_grads_, world_, config_);
-  optimizer_ = optim::make_optimizer(config_.optimizer, total);
+  optimizer_ = optim::make_optimizer(config_.optimizer, total, device_);
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
   scaler_ = optim::LossScaler(config_.fp16);
   apply_lr(-1);

@@ -14,12 +14,12 @@ namespace {
 // of operations, so results match the single-process torch reference.
 class Adam : public Optimizer {
  public:
-  Adam(bool decoupled, bool bias_correction, int64_t n, const char* name)
+  Adam(bool decoupled, bool bias_correction, int64_t n, at::Device device, const char* name)
       : decoupled_(decoupled),
         bias_correction_(bias_correction),
         name_(name),
-        exp_avg_(at::zeros({n}, at::kFloat)),
-        exp_avg_sq_(at::zeros({n}, at::kFloat)) {}
+        exp_avg_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))),
+        exp_avg_sq_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))) {}
 
   void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
     ++step_;
@@ -59,7 +59,8 @@ class Adam : public Optimizer {
 // SGD with momentum, dampening, nesterov and L2 weight decay, as torch.optim.SGD.
 class Sgd : public Optimizer {
  public:
-  Sgd(double dampening, bool nesterov, int64_t n) : dampening_(dampening), nesterov_(nesterov), n_(n) {}
+  Sgd(double dampening, bool nesterov, int64_t n, at::Device device)
+      : dampening_(dampening), nesterov_(nesterov), n_(n), device_(device) {}
 
   void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
     bool first = step_ == 0;
@@ -70,7 +71,8 @@ class Sgd : public Optimizer {
       at::Tensor d_p = grads.slice(0, g.begin, g.end);
       if (g.weight_decay != 0.0) d_p = d_p.add(p, g.weight_decay);
       if (g.momentum != 0.0) {
-        if (!momentum_buffer_.defined()) momentum_buffer_ = at::zeros({n_}, at::kFloat);
+        if (!momentum_buffer_.defined())
+          momentum_buffer_ = at::zeros({n_}, at::TensorOptions().dtype(at::kFloat).device(device_));
         at::Tensor buf = momentum_buffer_.slice(0, g.begin, g.end);
         if (first)
           buf.copy_(d_p);
@@ -89,20 +91,22 @@ class Sgd : public Optimizer {
   double dampening_;
   bool nesterov_;
   int64_t n_;
+  at::Device device_;
   at::Tensor momentum_buffer_;
   int64_t step_ = 0;
 };
 
 }  // namespace
 
-std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t n) {
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t n, at::Device device) {
   switch (config.type) {
     case OptimizerType::kAdam:
-      return std::make_unique<Adam>(config.adam_w_mode, config.bias_correction, n, config.adam_w_mode ? "Adam (decoupled weight decay)" : "Adam");
+      return std::make_unique<Adam>(config.adam_w_mode, config.bias_correction, n, device,
+                                    config.adam_w_mode ? "Adam (decoupled weight decay)" : "Adam");
     case OptimizerType::kAdamW:
-      return std::make_unique<Adam>(true, config.bias_correction, n, "AdamW");
+      return std::make_unique<Adam>(true, config.bias_correction, n, device, "AdamW");
     case OptimizerType::kSgd:
-      return std::make_unique<Sgd>(config.dampening, config.nesterov, n);
+      return std::make_unique<Sgd>(config.dampening, config.nesterov, n, device);
   }
   ZEAL_INTERNAL_ASSERT(false, "unhandled optimizer type");
   return nullptr;

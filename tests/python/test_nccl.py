@@ -32,3 +32,26 @@ def test_nccl_single_rank_collectives(dtype, n):
     comm.barrier().wait()
     with pytest.raises(zeal.CommError, match="backend nccl takes tensors on cuda"):
         comm.all_reduce(torch.ones(3))
+
+
+@needs_gpu
+def test_engine_trains_device_parameters_like_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).cuda()
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).cuda()
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    engine, *_ = zeal.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}})
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(4, 8, device="cuda", generator=g)
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        opt.zero_grad()
+        reference(x).pow(2).mean().backward()
+        opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert p.is_cuda
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -71,6 +71,7 @@ class Engine {
   comm::CommunicatorPtr world_;
   BatchSizes batch_;
   at::ScalarType model_dtype_;
+  at::Device device_{at::kCPU};
   std::vector<at::Tensor> params_;
   std::vector<int64_t> offsets_;
   at::Tensor flat_params_;  // model dtype; the parameters are views into it

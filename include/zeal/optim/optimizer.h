@@ -34,8 +34,8 @@ class Optimizer {
   virtual int64_t steps_taken() const = 0;
 };
 
-// Builds the optimizer a config asks for; `groups` get the config's hyperparameters where the
-// caller did not set their own.
-std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t num_elements);
+// Builds the optimizer a config asks for, its state on `device`.
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t num_elements,
+                                          at::Device device = at::kCPU);
 
 }  // namespace zeal::optim
