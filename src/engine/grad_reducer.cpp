@@ -91,12 +91,13 @@ void GradReducer::launch_ready_buckets() {
 
 void GradReducer::launch(GradBucket& bucket) {
   at::Tensor grads = flat_grads_.slice(0, bucket.begin, bucket.end);
-  if (pre_factor_ != 1.0) grads.mul_(pre_factor_);
   at::Tensor payload = grads;
   if (comm_dtype_ != grads.scalar_type()) {
+    // The local contribution travels in comm_dtype: round it here, so every rank sums the same values.
     bucket.comm_buffer = grads.to(comm_dtype_);
     payload = bucket.comm_buffer;
   }
+  if (pre_factor_ != 1.0) payload.mul_(pre_factor_);
   bucket.work = comm_->all_reduce(payload, {comm::ReduceOp::kSum});
   bucket.launched = true;
 }

@@ -57,6 +57,30 @@ def test_sgd_fp32_matches_torch(tmp_path, world):
     assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
 
 
+def test_prescaled_gradients_match_torch(tmp_path):
+    # Divide by 2 before the sum and by world/2 after: the same mean, rounded differently.
+    out = tmp_path / "params.pt"
+    run_mpi(2, "dp_train.py", "--steps", 10, "--micro", 2, "--gas", 2, "--optimizer", "sgd", "--lr", 0.05,
+            "--predivide", 2.0, "--out", out)
+    want = common.reference_run(10, 8, lr=0.05, weight_decay=0.01, clip=0.0, optimizer="sgd")
+    diff = max_rel_diff(torch.load(out)["params"], want)
+    assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
+
+
+def test_bf16_communication_of_fp32_gradients(tmp_path):
+    # communication_data_type bf16: gradients are rounded to bf16 for the all-reduce only. Each
+    # step's gradient then carries up to two bf16 roundings (2 x 2^-9 relative); SGD passes them on
+    # linearly and momentum 0.9 sums about 1/(1-0.9) = 10 steps of them, so the parameters may drift
+    # by a few percent of their largest entry: the bound is 3e-2 (1.3e-2 measured). The run must
+    # also differ from the exact one, which proves the cast happened.
+    out = tmp_path / "params.pt"
+    run_mpi(2, "dp_train.py", "--steps", 10, "--micro", 2, "--gas", 1, "--optimizer", "sgd", "--lr", 0.05,
+            "--comm_dtype", "bf16", "--out", out)
+    want = common.reference_run(10, 4, lr=0.05, weight_decay=0.01, clip=0.0, optimizer="sgd")
+    diff = max_rel_diff(torch.load(out)["params"], want)
+    assert 1e-6 < diff <= 3e-2, f"max relative parameter difference {diff:.3e}"
+
+
 def test_bf16_matches_torch_within_stated_tolerance(tmp_path):
     out = tmp_path / "params.pt"
     run_mpi(2, "dp_train.py", "--steps", 20, "--micro", 4, "--gas", 2, "--precision", "bf16", "--out", out)

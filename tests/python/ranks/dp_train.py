@@ -22,6 +22,8 @@ def main():
     ap.add_argument("--clip", type=float, default=0.0)
     ap.add_argument("--bucket", type=int, default=500)
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--predivide", type=float, default=0.0, help="prescale_gradients with this factor")
+    ap.add_argument("--comm_dtype", default="")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -36,6 +38,11 @@ def main():
         "steps_per_print": 1000,
         "comms_timeout_s": 60,
     }
+    if args.predivide:
+        config["prescale_gradients"] = True
+        config["gradient_predivide_factor"] = args.predivide
+    if args.comm_dtype:
+        config["communication_data_type"] = args.comm_dtype
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
     model = common.make_model()
