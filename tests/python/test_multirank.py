@@ -118,3 +118,20 @@ def test_rendezvous_names_ranks_that_never_started():
     assert "RDV rendezvous: ranks that did not arrive" in proc.stdout, proc.stdout + proc.stderr
     assert "[1, 2] of a world of 3" in proc.stdout
     assert time.monotonic() - start < 30
+
+
+def test_readme_python_example_trains_on_two_ranks():
+    from conftest import ROOT
+
+    cmd_dir = ROOT
+    import shutil
+    import subprocess
+
+    from conftest import mpi_env
+
+    proc = subprocess.run([shutil.which("zeal"), "--num_procs", "2", "examples/python/train_mlp.py"], cwd=cmd_dir,
+                          capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses = [float(m) for m in re.findall(r"\[rank0\]: epoch \d: loss ([\d.]+)", proc.stdout)]
+    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0], proc.stdout
+    assert "steps 80" in proc.stdout  # 1024 samples / 64 per step x 5 epochs
