@@ -480,12 +480,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   }
 
   WorkPtr reduce_scatter(at::Tensor& output, const at::Tensor& input, const ReduceScatterOptions& opts) override {
-    check_tensor(output, "reduce_scatter", "output");
-    check_tensor(input, "reduce_scatter", "input");
-    check_same_dtype(output, input, "reduce_scatter");
-    ZEAL_CHECK_AS(CommError, input.numel() == output.numel() * size(), "reduce_scatter: input has ", input.numel(),
-                  " elements; expected output's ", output.numel(), " x group size ", size(), " = ",
-                  output.numel() * size());
+    check_chunks(input, "input", output, "output", "reduce_scatter");
     check_reduce(input, opts.op, "reduce_scatter");
     MPI_Op mpi_op = MpiRuntime::instance().reduce_op(input.scalar_type(), opts.op);
     auto op = make_op("reduce_scatter", input, opts.timeout);
@@ -499,12 +494,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   }
 
   WorkPtr all_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& opts) override {
-    check_tensor(output, "all_gather", "output");
-    check_tensor(input, "all_gather", "input");
-    check_same_dtype(output, input, "all_gather");
-    ZEAL_CHECK_AS(CommError, output.numel() == input.numel() * size(), "all_gather: output has ", output.numel(),
-                  " elements; expected input's ", input.numel(), " x group size ", size(), " = ",
-                  input.numel() * size());
+    check_chunks(output, "output", input, "input", "all_gather");
     auto op = make_op("all_gather", input, opts.timeout);
     MPI_Comm comm = group_->comm;
     op->run = [output, input, comm] {
@@ -657,6 +647,17 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   void check_reduce(const at::Tensor& t, ReduceOp op, const char* name) const {
     ZEAL_CHECK_AS(CommError, op != ReduceOp::kAvg || at::isFloatingType(t.scalar_type()), name,
                   ": reduce op avg needs a floating-point tensor, got ", c10::toString(t.scalar_type()));
+  }
+
+  // `whole` holds one chunk the size of `chunk` per rank of the group.
+  void check_chunks(const at::Tensor& whole, const char* whole_name, const at::Tensor& chunk, const char* chunk_name,
+                    const char* op) const {
+    check_tensor(whole, op, whole_name);
+    check_tensor(chunk, op, chunk_name);
+    check_same_dtype(whole, chunk, op);
+    ZEAL_CHECK_AS(CommError, whole.numel() == chunk.numel() * size(), op, ": ", whole_name, " has ", whole.numel(),
+                  " elements; expected ", chunk_name, "'s ", chunk.numel(), " x group size ", size(), " = ",
+                  chunk.numel() * size());
   }
 
   void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op) const {

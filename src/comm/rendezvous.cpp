@@ -51,6 +51,15 @@ std::string text(const std::vector<uint8_t>& b) { return {b.begin(), b.end()}; }
     if (rc_ != MPI_SUCCESS) throw CommError(std::string("rendezvous: ") + #call + " failed"); \
   } while (0)
 
+// Replaces `group` by its union with the other side of `inter`; the newcomer's side goes last.
+void merge_into(MPI_Comm& group, MPI_Comm inter, bool newcomer) {
+  MPI_Comm merged;
+  RDV_MPI_CHECK(MPI_Intercomm_merge(inter, newcomer ? 1 : 0, &merged));
+  MPI_Comm_free(&inter);
+  MPI_Comm_free(&group);
+  group = merged;
+}
+
 }  // namespace
 
 Rendezvous::Rendezvous(const RankInfo& info, Timeout timeout) : info_(info), timeout_(timeout) {
@@ -154,22 +163,16 @@ void* Rendezvous::form_world() {
   } else {
     std::string published = text(store_->get(key("port")));
     published.copy(port, sizeof(port) - 1);
-    std::string turn = text(store_->get(key("turn/" + std::to_string(info_.rank))));
-    MPI_Comm inter, merged;
+    store_->get(key("turn/" + std::to_string(info_.rank)));  // wait for this rank's turn
+    MPI_Comm inter;
     RDV_MPI_CHECK(MPI_Comm_connect(port, MPI_INFO_NULL, 0, group, &inter));
-    RDV_MPI_CHECK(MPI_Intercomm_merge(inter, 1, &merged));
-    MPI_Comm_free(&inter);
-    MPI_Comm_free(&group);
-    group = merged;
+    merge_into(group, inter, /*newcomer=*/true);
   }
   for (int k = info_.rank + 1; k < info_.world_size; ++k) {
     if (info_.rank == 0) store_->set(key("turn/" + std::to_string(k)), bytes("go"));
-    MPI_Comm inter, merged;
+    MPI_Comm inter;
     RDV_MPI_CHECK(MPI_Comm_accept(port, MPI_INFO_NULL, 0, group, &inter));
-    RDV_MPI_CHECK(MPI_Intercomm_merge(inter, 0, &merged));
-    MPI_Comm_free(&inter);
-    MPI_Comm_free(&group);
-    group = merged;
+    merge_into(group, inter, /*newcomer=*/false);
   }
   if (info_.rank == 0) MPI_Close_port(port);
   int rank = -1, size = 0;

@@ -69,12 +69,13 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   }
   ZEAL_CHECK(!params_.empty(), "the model has no trainable parameters");
 
-  // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
-  // tensor objects, so Python and C++ callers see the change).
   const bool device_ok = device_.is_cpu() ? world_->backend_name() == "mpi" : world_->backend_name() == "nccl";
   ZEAL_CHECK(device_ok || world_->size() == 1, "parameters on ", device_.str(), " need the ",
              device_.is_cpu() ? "mpi" : "nccl", " backend, but the engine got a ", world_->backend_name(),
              " communicator");
+
+  // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
+  // tensor objects, so Python and C++ callers see the change).
   auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
   flat_params_ = at::empty({total}, options);
   flat_grads_ = at::zeros({total}, options);
