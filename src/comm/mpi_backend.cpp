@@ -173,6 +173,10 @@ class MpiRuntime {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (!initialized) {
+      // The progress thread shares cores with the compute threads it overlaps (gradient buckets
+      // are reduced during backward): a rank waiting inside a collective must yield the core
+      // rather than spin on it. A user's own setting wins.
+      setenv("OMPI_MCA_mpi_yield_when_idle", "1", /*overwrite=*/0);
       int provided = 0;
       MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided));
       ZEAL_CHECK_AS(CommError, provided == MPI_THREAD_MULTIPLE, "this MPI library provides thread level ", provided,
