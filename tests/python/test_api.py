@@ -126,3 +126,16 @@ def test_error_classes_map_to_python_kinds():
     assert issubclass(zeal.IoError, OSError)
     with pytest.raises(zeal.CommError, match="avg needs a floating-point tensor"):
         zeal.world().all_reduce(torch.ones(3, dtype=torch.int32), "avg")
+
+
+def test_steps_per_print_logs_loss_lr_scale_and_throughput(capfd):
+    cfg = dict(BASE, steps_per_print=2, wall_clock_breakdown=True)
+    engine, *_ = zeal.initialize(model=mlp(), config=cfg)
+    for _ in range(4):
+        engine.backward(engine(torch.randn(4, 6)).pow(2).mean())
+        engine.step()
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "[engine]" in line and "| loss " in line]
+    assert [line.split("step ")[1].split(" ")[0] for line in lines] == ["2", "4"], err
+    assert all("| lr 1.000e-02 | loss scale 1 |" in line and "samples/s" in line for line in lines)
+    assert sum("time (ms) forward" in line and "backward" in line for line in err.splitlines()) == 2

@@ -135,3 +135,14 @@ def test_readme_python_example_trains_on_two_ranks():
     losses = [float(m) for m in re.findall(r"\[rank0\]: epoch \d: loss ([\d.]+)", proc.stdout)]
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0], proc.stdout
     assert "steps 80" in proc.stdout  # 1024 samples / 64 per step x 5 epochs
+
+
+def test_engine_backward_names_a_rank_that_skipped_it():
+    start = time.monotonic()
+    proc = run_mpi(2, "engine_skip.py", check=False, timeout=120)
+    text = proc.stdout.replace("RESULT", "\nRESULT")
+    rank0 = [line for line in text.splitlines() if line.startswith("RESULT rank 0 step 2:")]
+    assert rank0, proc.stdout + proc.stderr
+    assert "all_reduce" in rank0[0] and "did not arrive: [1]" in rank0[0]
+    assert "finished-unexpectedly" not in text
+    assert time.monotonic() - start < 60
