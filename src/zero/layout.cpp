@@ -1,0 +1,68 @@
+#include "zeal/zero/layout.h"
+
+#include <algorithm>
+
+#include "zeal/core/error.h"
+
+namespace zeal::zero {
+
+FlatLayout make_flat_layout(const std::vector<int64_t>& numels, int64_t bucket_size, int world) {
+  ZEAL_CHECK(world >= 1, "data-parallel size must be >= 1, got ", world);
+  ZEAL_CHECK(bucket_size >= 1, "reduce_bucket_size must be >= 1, got ", bucket_size);
+  FlatLayout layout;
+  layout.world = world;
+  layout.numels = numels;
+  layout.offsets.assign(numels.size(), 0);
+  auto close = [&](Bucket& b) {
+    b.data_end = layout.total;
+    int64_t size = b.data_end - b.begin;
+    layout.total = b.begin + (size + world - 1) / world * world;
+    b.end = layout.total;
+  };
+  for (size_t k = numels.size(); k-- > 0;) {
+    if (layout.buckets.empty() || layout.buckets.back().end != 0) {
+      Bucket b;
+      b.begin = layout.total;
+      layout.buckets.push_back(b);
+    }
+    Bucket& b = layout.buckets.back();
+    layout.offsets[k] = layout.total;
+    layout.total += numels[k];
+    b.params.push_back(k);
+    if (layout.total - b.begin >= bucket_size) close(b);
+  }
+  if (!layout.buckets.empty() && layout.buckets.back().end == 0) close(layout.buckets.back());
+  return layout;
+}
+
+std::vector<OwnedRange> FlatLayout::owned(int rank, bool partitioned) const {
+  ZEAL_CHECK(rank >= 0 && rank < world, "rank ", rank, " is outside a data-parallel group of ", world);
+  if (!partitioned) return {OwnedRange{0, total, 0}};
+  std::vector<OwnedRange> out;
+  int64_t local = 0;
+  for (const Bucket& b : buckets) {
+    int64_t c = b.chunk(world);
+    if (c == 0) continue;
+    out.push_back({b.begin + rank * c, b.begin + (rank + 1) * c, local});
+    local += c;
+  }
+  return out;
+}
+
+int64_t FlatLayout::shard_size(bool partitioned) const {
+  if (!partitioned) return total;
+  int64_t n = 0;
+  for (const Bucket& b : buckets) n += b.chunk(world);
+  return n;
+}
+
+std::vector<LocalRange> to_local(const std::vector<OwnedRange>& owned, int64_t flat_begin, int64_t flat_end) {
+  std::vector<LocalRange> out;
+  for (const OwnedRange& o : owned) {
+    int64_t lo = std::max(o.flat_begin, flat_begin), hi = std::min(o.flat_end, flat_end);
+    if (lo < hi) out.push_back({o.local_begin + (lo - o.flat_begin), o.local_begin + (hi - o.flat_begin)});
+  }
+  return out;
+}
+
+}  // namespace zeal::zero

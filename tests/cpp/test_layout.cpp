@@ -1,0 +1,72 @@
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <set>
+
+#include "zeal/core/error.h"
+#include "zeal/zero/layout.h"
+
+using namespace zeal::zero;
+
+TEST(Layout, ReverseOrderBucketsPaddedToWorld) {
+  // Parameters of 5, 3, 7 and 2 elements, buckets of >= 6 elements, 4 ranks.
+  FlatLayout l = make_flat_layout({5, 3, 7, 2}, 6, 4);
+  // Last parameter first: p3 [0,2), p2 [2,9) closes bucket 0 (9 elements, padded to 12);
+  // p1 [12,15), p0 [15,20) closes bucket 1 (8 elements, already a multiple of 4).
+  EXPECT_EQ(l.offsets, (std::vector<int64_t>{15, 12, 2, 0}));
+  ASSERT_EQ(l.buckets.size(), 2u);
+  EXPECT_EQ(l.buckets[0].begin, 0);
+  EXPECT_EQ(l.buckets[0].data_end, 9);
+  EXPECT_EQ(l.buckets[0].end, 12);
+  EXPECT_EQ(l.buckets[0].params, (std::vector<size_t>{3, 2}));
+  EXPECT_EQ(l.buckets[1].begin, 12);
+  EXPECT_EQ(l.buckets[1].end, 20);
+  EXPECT_EQ(l.total, 20);
+}
+
+TEST(Layout, OwnedChunksPartitionEveryBucket) {
+  for (int world : {1, 2, 3, 4}) {
+    FlatLayout l = make_flat_layout({10, 1, 33, 7, 4, 100, 2}, 16, world);
+    std::multiset<int64_t> covered;
+    int64_t shard = l.shard_size(true);
+    for (int r = 0; r < world; ++r) {
+      int64_t local = 0;
+      for (const OwnedRange& o : l.owned(r, true)) {
+        EXPECT_EQ(o.local_begin, local);
+        local += o.flat_end - o.flat_begin;
+        for (int64_t i = o.flat_begin; i < o.flat_end; ++i) covered.insert(i);
+      }
+      EXPECT_EQ(local, shard) << "every rank owns the same number of elements";
+    }
+    EXPECT_EQ(static_cast<int64_t>(covered.size()), l.total);
+    EXPECT_EQ(static_cast<int64_t>(std::set<int64_t>(covered.begin(), covered.end()).size()), l.total);
+    EXPECT_EQ(shard * world, l.total);
+    for (const Bucket& b : l.buckets) EXPECT_EQ((b.end - b.begin) % world, 0);
+  }
+}
+
+TEST(Layout, ParametersNeverStraddleBuckets) {
+  FlatLayout l = make_flat_layout({50, 50, 50}, 60, 3);
+  for (const Bucket& b : l.buckets)
+    for (size_t p : b.params) {
+      EXPECT_GE(l.offsets[p], b.begin);
+      EXPECT_LE(l.offsets[p] + l.numels[p], b.data_end);
+    }
+}
+
+TEST(Layout, ToLocalIntersects) {
+  std::vector<OwnedRange> owned = {{0, 4, 0}, {12, 14, 4}};
+  auto local = to_local(owned, 2, 13);
+  ASSERT_EQ(local.size(), 2u);
+  EXPECT_EQ(local[0].local_begin, 2);
+  EXPECT_EQ(local[0].local_end, 4);
+  EXPECT_EQ(local[1].local_begin, 4);
+  EXPECT_EQ(local[1].local_end, 5);
+  EXPECT_TRUE(to_local(owned, 5, 11).empty());
+}
+
+TEST(Layout, RejectsBadInput) {
+  EXPECT_THROW(make_flat_layout({1}, 0, 2), zeal::Error);
+  EXPECT_THROW(make_flat_layout({1}, 4, 0), zeal::Error);
+  EXPECT_THROW(make_flat_layout({1}, 4, 2).owned(2, true), zeal::Error);
+}
