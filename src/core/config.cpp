@@ -315,19 +315,23 @@ void parse_zero(const json& node, ZeroConfig& out) {
   Reader r(node, "zero_optimization");
   r.read_int("stage", out.stage, 0);
   if (out.stage > 3) r.fail("stage", "an integer in [0, 3]", r.raw("stage"));
-  if (out.stage != 0)
-    throw ConfigError("config key 'zero_optimization.stage': stage " + std::to_string(out.stage) +
-                      " is not supported yet; this Zeal version runs stage 0 (data parallel)");
+  if (out.stage == 3)
+    throw ConfigError("config key 'zero_optimization.stage': stage 3 is not supported yet; this Zeal version "
+                      "runs stages 0, 1 and 2");
   r.read_int("reduce_bucket_size", out.reduce_bucket_size, 1);
-  r.reject_not_yet({"allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter",
-                    "contiguous_gradients", "offload_optimizer", "offload_param", "sub_group_size",
+  r.read_bool("reduce_scatter", out.reduce_scatter);
+  r.read_bool("overlap_comm", out.overlap_comm);
+  r.read_bool("contiguous_gradients", out.contiguous_gradients);
+  r.read_bool("allgather_partitions", out.allgather_partitions);
+  r.read_int("allgather_bucket_size", out.allgather_bucket_size, 1);
+  r.reject_not_yet({"offload_optimizer", "offload_param", "sub_group_size",
                     "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
                     "stage3_param_persistence_threshold", "stage3_gather_16bit_weights_on_model_save",
                     "stage3_gather_fp16_weights_on_model_save", "round_robin_gradients", "zero_hpz_partition_size",
                     "zero_quantized_weights", "zero_quantized_gradients", "elastic_checkpoint",
                     "load_from_fp32_weights", "cpu_offload", "mics_shard_size", "ignore_unused_parameters",
                     "memory_efficient_linear", "use_multi_rank_bucket_allreduce"},
-                   " (it belongs to ZeRO stages 1-3 and offload)");
+                   " (ZeRO stage 3 and offload come later)");
   r.finish();
 }
 

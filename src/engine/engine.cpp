@@ -1,5 +1,6 @@
 #include "zeal/engine/engine.h"
 
+#include <algorithm>
 #include <cmath>
 #include <unordered_set>
 
@@ -38,12 +39,10 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
                 "object is not supported yet");
   model_dtype_ = dtype_for(config_.precision());
 
-  // Lay the parameters out group after group, skipping repeats (tied weights) and frozen ones.
+  // Collect the trainable parameters group by group, skipping repeats (tied weights) and frozen ones.
   std::unordered_set<c10::TensorImpl*> seen;
-  int64_t total = 0;
+  std::vector<size_t> group_of_param;
   for (size_t g = 0; g < specs.size(); ++g) {
-    optim::ParamGroup group;
-    group.begin = total;
     for (at::Tensor& p : specs[g].params) {
       ZEAL_CHECK(p.defined(), "parameter group ", g, " holds an undefined tensor");
       if (!p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
@@ -54,11 +53,10 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
       ZEAL_CHECK(at::isFloatingType(p.scalar_type()), "parameter of dtype ", c10::toString(p.scalar_type()),
                  " cannot be trained");
       params_.push_back(p);
-      offsets_.push_back(total);
-      total += p.numel();
+      group_of_param.push_back(g);
     }
-    group.end = total;
     const OptimizerConfig& o = config_.optimizer;
+    optim::ParamGroup group;
     group.lr = specs[g].lr.value_or(o.lr);
     group.weight_decay = specs[g].weight_decay.value_or(o.weight_decay);
     group.betas = specs[g].betas.value_or(o.betas);
@@ -68,36 +66,68 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     base_lrs_.push_back(group.lr);
   }
   ZEAL_CHECK(!params_.empty(), "the model has no trainable parameters");
-
   const bool device_ok = device_.is_cpu() ? world_->backend_name() == "mpi" : world_->backend_name() == "nccl";
   ZEAL_CHECK(device_ok || world_->size() == 1, "parameters on ", device_.str(), " need the ",
              device_.is_cpu() ? "mpi" : "nccl", " backend, but the engine got a ", world_->backend_name(),
              " communicator");
 
+  // The flat layout (zero/layout.h): reduction order, buckets padded to the data-parallel size.
+  std::vector<int64_t> numels;
+  for (const at::Tensor& p : params_) numels.push_back(p.numel());
+  stage_ = config_.zero_optimization.stage;
+  partitioned_ = stage_ >= 1;
+  layout_ = zero::make_flat_layout(numels, config_.zero_optimization.reduce_bucket_size, world_->size());
+  owned_ = layout_.owned(world_->rank(), partitioned_);
+  const int64_t total = layout_.total;
+
   // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
-  // tensor objects, so Python and C++ callers see the change).
+  // tensor objects, so Python and C++ callers see the change). Padding stays zero.
   auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
-  flat_params_ = at::empty({total}, options);
+  flat_params_ = at::zeros({total}, options);
   flat_grads_ = at::zeros({total}, options);
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor& p = params_[i];
-    int64_t n = p.numel();
-    flat_params_.slice(0, offsets_[i], offsets_[i] + n).copy_(p.detach().reshape({n}));
-    p.set_data(flat_params_.slice(0, offsets_[i], offsets_[i] + n).view(p.sizes()));
-    p.mutable_grad() = flat_grads_.slice(0, offsets_[i], offsets_[i] + n).view(p.sizes());
+    int64_t n = p.numel(), offset = layout_.offsets[i];
+    flat_params_.slice(0, offset, offset + n).copy_(p.detach().reshape({n}));
+    p.set_data(flat_params_.slice(0, offset, offset + n).view(p.sizes()));
+    p.mutable_grad() = flat_grads_.slice(0, offset, offset + n).view(p.sizes());
   }
   // Every replica starts from rank 0's weights.
   if (world_->size() > 1) world_->broadcast(flat_params_, {0})->wait();
-  master_ = model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat);
 
-  reducer_ = std::make_unique<GradReducer>(params_, offsets_, flat_grads_, world_, config_);
-  optimizer_ = optim::make_optimizer(config_.optimizer, total, device_);
+  // fp32 master weights and optimizer state cover this rank's owned elements only (all of them
+  // below stage 1). Each group's parameters occupy one flat range; its pieces in the owned
+  // ranges become the optimizer's segments.
+  master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
+                         : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    int64_t lo = total, hi = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (group_of_param[i] != g) continue;
+      lo = std::min(lo, layout_.offsets[i]);
+      hi = std::max(hi, layout_.offsets[i] + layout_.numels[i]);
+    }
+    for (const zero::LocalRange& r : zero::to_local(owned_, lo, hi)) {
+      optim::ParamGroup segment = groups_[g];
+      segment.begin = r.local_begin;
+      segment.end = r.local_end;
+      segments_.push_back(segment);
+      segment_group_.push_back(g);
+    }
+  }
+  const int64_t shard = layout_.shard_size(partitioned_);
+  if (stage_ >= 2 && config_.zero_optimization.reduce_scatter) grad_shard_ = at::zeros({shard}, options);
+
+  reducer_ = std::make_unique<GradReducer>(params_, layout_, flat_grads_, grad_shard_, world_, config_);
+  optimizer_ = optim::make_optimizer(config_.optimizer, shard, device_);
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
   scaler_ = optim::LossScaler(config_.fp16);
   apply_lr(-1);
 
-  log("engine", LogLevel::kInfo, total, " parameters in ", groups_.size(), " groups, ", reducer_->num_buckets(),
-      " buckets; precision ", c10::toString(model_dtype_), "; optimizer ", optimizer_->name(), "; batch ",
+  int64_t n_params = 0;
+  for (int64_t n : numels) n_params += n;
+  log("engine", LogLevel::kInfo, n_params, " parameters in ", groups_.size(), " groups, ", reducer_->num_buckets(),
+      " buckets; ZeRO stage ", stage_, "; precision ", c10::toString(model_dtype_), "; optimizer ", optimizer_->name(), "; batch ",
       batch_.train_batch_size, " = micro ", batch_.micro_batch_size, " x accumulation ",
       batch_.gradient_accumulation_steps, " x data-parallel ", world_->size());
   last_log_time_ = Clock::now();
@@ -131,13 +161,16 @@ void Engine::step() {
     return;
   }
   auto start = Clock::now();
-  at::Tensor grads = model_dtype_ == at::kFloat ? flat_grads_ : flat_grads_.to(at::kFloat);
+  // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
+  // (stage 2 reduce-scattered them into grad_shard_).
+  at::Tensor grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
+  if (grads.scalar_type() != at::kFloat) grads = grads.to(at::kFloat);
   if (scaler_.scale() != 1.0) grads.mul_(1.0 / scaler_.scale());
 
   bool need_norm = config_.precision() == Precision::kFp16 || config_.gradient_clipping > 0.0;
   bool overflow = false;
   if (need_norm) {
-    last_grad_norm_ = grads.norm().item<double>();
+    last_grad_norm_ = global_norm(grads);
     overflow = config_.precision() == Precision::kFp16 && !std::isfinite(last_grad_norm_);
   }
   if (overflow) {
@@ -151,11 +184,16 @@ void Engine::step() {
       double coef = config_.gradient_clipping / (last_grad_norm_ + 1e-6);
       if (coef < 1.0) grads.mul_(coef);
     }
-    optimizer_->step(master_, grads, groups_);
-    if (model_dtype_ != at::kFloat) flat_params_.copy_(master_);
+    for (size_t k = 0; k < segments_.size(); ++k) {  // the schedule may have moved lr and beta1
+      segments_[k].lr = groups_[segment_group_[k]].lr;
+      segments_[k].betas = groups_[segment_group_[k]].betas;
+    }
+    optimizer_->step(master_, grads, segments_);
+    publish_parameters();
     scaler_.update(false);
     apply_lr(++scheduler_iteration_);
   }
+  if (grad_shard_.defined()) grad_shard_.zero_();
   flat_grads_.zero_();
   ++micro_steps_;
   ++global_steps_;
@@ -164,7 +202,48 @@ void Engine::step() {
   if (global_steps_ % config_.steps_per_print == 0) log_step();
 }
 
-void Engine::zero_grad() { flat_grads_.zero_(); }
+void Engine::zero_grad() {
+  flat_grads_.zero_();
+  if (grad_shard_.defined()) grad_shard_.zero_();
+}
+
+at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
+  std::vector<at::Tensor> pieces;
+  for (const zero::OwnedRange& o : owned_) pieces.push_back(flat.slice(0, o.flat_begin, o.flat_end));
+  return at::cat(pieces);
+}
+
+double Engine::global_norm(const at::Tensor& grads) const {
+  if (!partitioned_ || world_->size() == 1) return grads.norm().item<double>();
+  // Each rank holds a disjoint part of the gradient: sum the squares across ranks.
+  at::Tensor sum_sq = grads.pow(2).sum().to(at::kDouble).reshape({1});
+  if (!sum_sq.device().is_cpu() && world_->backend_name() == "mpi") sum_sq = sum_sq.cpu();
+  world_->all_reduce(sum_sq, {comm::ReduceOp::kSum})->wait();
+  return std::sqrt(sum_sq.item<double>());
+}
+
+void Engine::publish_parameters() {
+  if (!partitioned_) {
+    if (model_dtype_ != at::kFloat) flat_params_.copy_(master_);
+    return;
+  }
+  // Write this rank's updated chunks, then all-gather each bucket so every rank has all weights.
+  for (const zero::OwnedRange& o : owned_)
+    flat_params_.slice(0, o.flat_begin, o.flat_end)
+        .copy_(master_.slice(0, o.local_begin, o.local_begin + (o.flat_end - o.flat_begin)));
+  if (world_->size() == 1) return;
+  std::vector<comm::WorkPtr> works;
+  std::vector<at::Tensor> inputs;
+  for (size_t b = 0; b < layout_.buckets.size(); ++b) {
+    const zero::Bucket& bucket = layout_.buckets[b];
+    if (bucket.end == bucket.begin) continue;
+    const zero::OwnedRange& mine = owned_[b];
+    inputs.push_back(flat_params_.slice(0, mine.flat_begin, mine.flat_end).clone());
+    at::Tensor output = flat_params_.slice(0, bucket.begin, bucket.end);
+    works.push_back(world_->all_gather(output, inputs.back(), {}));
+  }
+  for (auto& w : works) w->wait();
+}
 
 std::vector<double> Engine::get_lr() const {
   std::vector<double> out;

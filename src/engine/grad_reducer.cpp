@@ -4,28 +4,27 @@
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <ATen/ops/empty.h>
+
 #include "zeal/core/error.h"
 
 namespace zeal::engine {
 
-GradReducer::GradReducer(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets,
-                         at::Tensor flat_grads, comm::CommunicatorPtr comm, const Config& config)
-    : flat_grads_(std::move(flat_grads)), comm_(std::move(comm)) {
-  const int64_t bucket_size = config.zero_optimization.reduce_bucket_size;
+GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::FlatLayout& layout, at::Tensor flat_grads,
+                         at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config)
+    : flat_grads_(std::move(flat_grads)), grad_shard_(std::move(grad_shard)), comm_(std::move(comm)) {
   bucket_of_param_.assign(params.size(), 0);
   param_ready_.assign(params.size(), 0);
-  // Walk parameters last to first; a bucket closes once it holds bucket_size elements. Because
-  // parameters are laid out in order, each bucket is one contiguous range of the flat buffer.
-  for (size_t k = params.size(); k-- > 0;) {
-    int64_t begin = offsets[k], end = offsets[k] + params[k].numel();
-    if (buckets_.empty() || buckets_.back().end - buckets_.back().begin >= bucket_size) {
-      buckets_.push_back(GradBucket{begin, end});
-    }
-    GradBucket& b = buckets_.back();
-    ZEAL_INTERNAL_ASSERT(end == b.begin || b.num_params == 0, "parameters are not laid out contiguously");
-    b.begin = begin;
-    ++b.num_params;
-    bucket_of_param_[k] = buckets_.size() - 1;
+  int64_t shard_offset = 0;
+  for (const zero::Bucket& b : layout.buckets) {
+    GradBucket bucket;
+    bucket.begin = b.begin;
+    bucket.end = b.end;
+    bucket.shard_begin = shard_offset;
+    bucket.num_params = static_cast<int>(b.params.size());
+    shard_offset += b.chunk(layout.world);
+    for (size_t p : b.params) bucket_of_param_[p] = buckets_.size();
+    buckets_.push_back(bucket);
   }
   switch (config.communication_data_type) {
     case CommDtype::kDefault: comm_dtype_ = flat_grads_.scalar_type(); break;
@@ -98,22 +97,42 @@ void GradReducer::launch(GradBucket& bucket) {
     payload = bucket.comm_buffer;
   }
   if (pre_factor_ != 1.0) payload.mul_(pre_factor_);
-  bucket.work = comm_->all_reduce(payload, {comm::ReduceOp::kSum});
+  if (grad_shard_.defined()) {
+    int64_t chunk = (bucket.end - bucket.begin) / comm_->size();
+    at::Tensor out = grad_shard_.slice(0, bucket.shard_begin, bucket.shard_begin + chunk);
+    if (comm_dtype_ != out.scalar_type()) {
+      bucket.comm_output = at::empty({chunk}, out.options().dtype(comm_dtype_));
+      out = bucket.comm_output;
+    }
+    bucket.work = comm_->reduce_scatter(out, payload, {comm::ReduceOp::kSum});
+  } else {
+    bucket.work = comm_->all_reduce(payload, {comm::ReduceOp::kSum});
+  }
   bucket.launched = true;
 }
 
 void GradReducer::finish() {
-  if (!reducing_) return;
+  if (!reducing_) {
+    // One rank (stage 2): its shard is the whole, unreduced gradient buffer.
+    if (grad_shard_.defined() && comm_->size() == 1) grad_shard_.copy_(flat_grads_);
+    return;
+  }
   // Parameters that took no part in this backward never fired their hook: release them now.
   for (auto& b : buckets_) b.pending = 0;
   launch_ready_buckets();
   for (auto& b : buckets_) {
     b.work->wait();
-    at::Tensor grads = flat_grads_.slice(0, b.begin, b.end);
-    if (b.comm_buffer.defined()) {
-      grads.copy_(b.comm_buffer);
-      b.comm_buffer.reset();
+    at::Tensor grads;
+    if (grad_shard_.defined()) {
+      int64_t chunk = (b.end - b.begin) / comm_->size();
+      grads = grad_shard_.slice(0, b.shard_begin, b.shard_begin + chunk);
+      if (b.comm_output.defined()) grads.copy_(b.comm_output);
+    } else {
+      grads = flat_grads_.slice(0, b.begin, b.end);
+      if (b.comm_buffer.defined()) grads.copy_(b.comm_buffer);
     }
+    b.comm_buffer.reset();
+    b.comm_output.reset();
     if (post_factor_ != 1.0) grads.mul_(post_factor_);
   }
   reducing_ = false;

@@ -43,7 +43,7 @@ def test_parameters_are_views_into_one_flat_buffer():
     params = list(model.parameters())
     base = params[0].untyped_storage().data_ptr()
     offset = 0
-    for p in params:
+    for p in reversed(params):  # laid out last to first, the order backward produces gradients
         assert p.untyped_storage().data_ptr() == base  # one storage: the engine's flat buffer
         assert p.storage_offset() == offset
         assert p.grad is not None and p.grad.untyped_storage().data_ptr() == params[0].grad.untyped_storage().data_ptr()

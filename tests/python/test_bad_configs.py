@@ -28,7 +28,7 @@ BAD = [
     ({"bf16": {"enable": True}}, ["unknown config key 'bf16.enable'", "did you mean 'enabled'"]),
     ({"zero_optimization": {"stage": 3}}, ["'zero_optimization.stage'", "not supported yet"]),
     ({"zero_optimization": {"stage": 0, "reduce_bucket_size": 0}}, ["'zero_optimization.reduce_bucket_size'", ">= 1"]),
-    ({"zero_optimization": {"stage": 0, "overlap_comm": True}}, ["'zero_optimization.overlap_comm'", "not supported yet"]),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, ["'zero_optimization.offload_param'", "not supported yet"]),
     ({"activation_checkpointing": {}}, ["'activation_checkpointing'", "not supported yet"]),
     ({"communication_data_type": "fp8"}, ["'communication_data_type'", '"fp8"']),
     ({"gradient_predivide_factor": 0}, ["'gradient_predivide_factor'", "> 0"]),

@@ -29,16 +29,23 @@ def max_rel_diff(got, want):
     return max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("gas", [1, 4])
-def test_fp32_matches_torch(tmp_path, world, gas):
+def test_fp32_matches_torch(tmp_path, world, gas, stage):
     micro, steps = 4, 20
     out = tmp_path / "params.pt"
-    # A small bucket size forces several buckets, so overlap and ordering are exercised.
+    # A small bucket size forces several buckets, so overlap and ordering are exercised; clipping
+    # needs the global norm, which stages 1 and 2 assemble across partitions.
     run_mpi(world, "dp_train.py", "--steps", steps, "--micro", micro, "--gas", gas, "--clip", 1.0,
-            "--bucket", 100, "--out", out)
+            "--bucket", 100, "--stage", stage, "--out", out)
     result = torch.load(out)
     assert result["buckets"] > 3
+    # Stage 1 and 2 keep fp32 master weights (and so optimizer state) for 1/N of the elements only;
+    # stage 2 also keeps its reduced gradients as a 1/N shard.
+    shard = result["flat_numel"] // world
+    assert result["master_numel"] == (result["flat_numel"] if stage == 0 else shard)
+    assert result["grad_shard_numel"] == (shard if stage == 2 else 0)
     want = common.reference_run(steps, micro * gas * world, lr=1e-2, weight_decay=0.01, clip=1.0)
     diff = max_rel_diff(result["params"], want)
     assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
@@ -47,11 +54,12 @@ def test_fp32_matches_torch(tmp_path, world, gas):
     assert max_rel_diff(result["params"], [p.detach() for p in start]) > 1e-2
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("world", [2, 4])
-def test_sgd_fp32_matches_torch(tmp_path, world):
+def test_sgd_fp32_matches_torch(tmp_path, world, stage):
     out = tmp_path / "params.pt"
     run_mpi(world, "dp_train.py", "--steps", 20, "--micro", 2, "--gas", 2, "--optimizer", "sgd", "--lr", 0.05,
-            "--out", out)
+            "--stage", stage, "--out", out)
     want = common.reference_run(20, 2 * 2 * world, lr=0.05, weight_decay=0.01, clip=0.0, optimizer="sgd")
     diff = max_rel_diff(torch.load(out)["params"], want)
     assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
@@ -81,9 +89,11 @@ def test_bf16_communication_of_fp32_gradients(tmp_path):
     assert 1e-6 < diff <= 3e-2, f"max relative parameter difference {diff:.3e}"
 
 
-def test_bf16_matches_torch_within_stated_tolerance(tmp_path):
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_bf16_matches_torch_within_stated_tolerance(tmp_path, stage):
     out = tmp_path / "params.pt"
-    run_mpi(2, "dp_train.py", "--steps", 20, "--micro", 4, "--gas", 2, "--precision", "bf16", "--out", out)
+    run_mpi(2, "dp_train.py", "--steps", 20, "--micro", 4, "--gas", 2, "--precision", "bf16", "--stage", stage,
+            "--out", out)
     got = torch.load(out)["params"]
     bf16_ref = common.reference_run(20, 16, lr=1e-2, weight_decay=0.01, clip=0.0, dtype=torch.bfloat16)
     fp32_ref = common.reference_run(20, 16, lr=1e-2, weight_decay=0.01, clip=0.0)

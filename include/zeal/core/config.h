@@ -77,6 +77,11 @@ struct Fp16Config {
 struct ZeroConfig {
   int64_t stage = 0;
   int64_t reduce_bucket_size = 500000000;  // elements
+  bool reduce_scatter = true;              // stage 2: reduce-scatter (true) or all-reduce the buckets
+  bool overlap_comm = true;                // accepted; Zeal always overlaps reduction with backward
+  bool contiguous_gradients = true;        // accepted; Zeal's gradients are always one flat buffer
+  bool allgather_partitions = true;        // accepted; parameters are all-gathered per bucket
+  int64_t allgather_bucket_size = 500000000;
 };
 
 // The three batch numbers after DeepSpeed's rule: batch = micro * accumulation * data-parallel size.

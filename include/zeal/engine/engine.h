@@ -23,6 +23,7 @@
 #include "zeal/optim/loss_scaler.h"
 #include "zeal/optim/lr_scheduler.h"
 #include "zeal/optim/optimizer.h"
+#include "zeal/zero/layout.h"
 
 namespace zeal::engine {
 
@@ -59,6 +60,10 @@ class Engine {
   const comm::CommunicatorPtr& world() const { return world_; }
   at::ScalarType model_dtype() const { return model_dtype_; }
   size_t num_buckets() const { return reducer_->num_buckets(); }
+  int64_t stage() const { return stage_; }
+  int64_t flat_numel() const { return layout_.total; }    // padded flat buffer, every rank
+  int64_t master_numel() const { return master_.numel(); } // fp32 master weights on this rank
+  int64_t grad_shard_numel() const { return grad_shard_.defined() ? grad_shard_.numel() : 0; }
 
   // Time the caller spent in forward, for wall_clock_breakdown.
   void add_forward_time(double seconds) { forward_seconds_ += seconds; }
@@ -66,6 +71,9 @@ class Engine {
  private:
   void apply_lr(int64_t iteration);
   void log_step();
+  at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
+  double global_norm(const at::Tensor& grads) const;     // L2 norm of the gradient over all ranks
+  void publish_parameters();                             // master -> model dtype -> every rank
 
   Config config_;
   comm::CommunicatorPtr world_;
@@ -73,11 +81,17 @@ class Engine {
   at::ScalarType model_dtype_;
   at::Device device_{at::kCPU};
   std::vector<at::Tensor> params_;
-  std::vector<int64_t> offsets_;
   at::Tensor flat_params_;  // model dtype; the parameters are views into it
   at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it
-  at::Tensor master_;       // fp32 master weights (flat_params_ itself under fp32)
-  std::vector<optim::ParamGroup> groups_;
+  at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
+  at::Tensor grad_shard_;   // stage 2: this rank's reduce-scattered gradients
+  int64_t stage_ = 0;
+  bool partitioned_ = false;  // ZeRO stage >= 1: master weights and optimizer state cover owned chunks
+  zero::FlatLayout layout_;
+  std::vector<zero::OwnedRange> owned_;
+  std::vector<optim::ParamGroup> groups_;     // the user's groups (lr, betas, ...)
+  std::vector<optim::ParamGroup> segments_;   // their pieces in local (owned) coordinates
+  std::vector<size_t> segment_group_;
   std::vector<double> base_lrs_;
   std::unique_ptr<GradReducer> reducer_;
   std::unique_ptr<optim::Optimizer> optimizer_;

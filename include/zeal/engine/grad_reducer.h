@@ -1,11 +1,12 @@
 // Data-parallel gradient reduction in buckets, overlapped with backward.
 //
-// The flat gradient buffer is cut into buckets of about reduce_bucket_size elements, walking the
-// parameters in reverse order (the order backward produces them). A post-accumulate hook on each
-// parameter's gradient accumulator counts the bucket down; a bucket whose gradients are all
-// ready is all-reduced asynchronously while backward goes on. Buckets launch strictly in index
-// order, so every rank issues the same collectives in the same order even if hooks fire in a
-// different order. Parameters that got no gradient are flushed after backward returns.
+// The buckets are those of the flat layout (zero/layout.h): parameters last to first, each bucket
+// a contiguous, padded range of the flat gradient buffer. A post-accumulate hook on each
+// parameter's gradient accumulator counts its bucket down; a bucket whose gradients are all ready
+// is reduced asynchronously while backward goes on: all_reduce in place (ZeRO stages 0 and 1), or
+// reduce_scatter into this rank's chunk of the gradient shard (stage 2). Buckets launch strictly
+// in index order, so every rank issues the same collectives in the same order even if hooks fire
+// in a different order. Parameters that got no gradient are flushed after backward returns.
 // Threading: hooks run on the autograd thread; the collectives run on the communicator's thread.
 #pragma once
 
@@ -17,6 +18,7 @@
 
 #include "zeal/comm/communicator.h"
 #include "zeal/core/config.h"
+#include "zeal/zero/layout.h"
 
 namespace torch::autograd {
 struct Node;
@@ -25,20 +27,24 @@ struct Node;
 namespace zeal::engine {
 
 struct GradBucket {
-  int64_t begin = 0;  // element range of the flat gradient buffer
+  int64_t begin = 0;  // padded element range of the flat gradient buffer
   int64_t end = 0;
-  int pending = 0;    // parameters not yet ready in this backward
+  int64_t shard_begin = 0;  // where this rank's chunk goes in the gradient shard (reduce_scatter)
+  int pending = 0;          // parameters not yet ready in this backward
   int num_params = 0;
   bool launched = false;
   comm::WorkPtr work;
-  at::Tensor comm_buffer;  // set when communication_data_type differs from the gradient dtype
+  at::Tensor comm_buffer;  // the bucket in communication_data_type, when that differs
+  at::Tensor comm_output;  // reduce_scatter's output in communication_data_type, when that differs
 };
 
 class GradReducer {
  public:
-  // params[i] owns elements [offsets[i], offsets[i] + numel) of flat_grads.
-  GradReducer(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets, at::Tensor flat_grads,
-              comm::CommunicatorPtr comm, const Config& config);
+  // flat_grads holds every parameter's gradient at layout.offsets. grad_shard, when defined, is
+  // this rank's gradient shard (layout.shard_size(true) elements): gradients are reduce-scattered
+  // into it instead of all-reduced in place.
+  GradReducer(const std::vector<at::Tensor>& params, const zero::FlatLayout& layout, at::Tensor flat_grads,
+              at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config);
   ~GradReducer();
   GradReducer(const GradReducer&) = delete;
   GradReducer& operator=(const GradReducer&) = delete;
@@ -47,7 +53,7 @@ class GradReducer {
   // boundary) or only accumulated locally.
   void prepare(bool reduce);
   // After a backward with reduce=true: launches the buckets still waiting, waits for all, and
-  // leaves flat_grads averaged over the data-parallel ranks.
+  // leaves the gradients averaged over the data-parallel ranks (in flat_grads, or in grad_shard).
   void finish();
 
   size_t num_buckets() const { return buckets_.size(); }
@@ -58,6 +64,7 @@ class GradReducer {
   void launch(GradBucket& bucket);
 
   at::Tensor flat_grads_;
+  at::Tensor grad_shard_;
   comm::CommunicatorPtr comm_;
   std::vector<GradBucket> buckets_;
   std::vector<size_t> bucket_of_param_;

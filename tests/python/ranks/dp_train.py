@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     ap.add_argument("--predivide", type=float, default=0.0, help="prescale_gradients with this factor")
     ap.add_argument("--comm_dtype", default="")
+    ap.add_argument("--stage", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -34,7 +35,7 @@ def main():
         if args.optimizer == "adamw" else
         {"type": "SGD", "params": {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}},
         "gradient_clipping": args.clip,
-        "zero_optimization": {"stage": 0, "reduce_bucket_size": args.bucket},
+        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": args.bucket},
         "steps_per_print": 1000,
         "comms_timeout_s": 60,
     }
@@ -67,8 +68,10 @@ def main():
     comm.all_reduce(lo, "min").wait()
     assert torch.equal(hi, lo), "replicas diverged"
     if rank == 0:
+        core = engine._core
         torch.save({"params": [p.detach().float().clone() for p in model.parameters()],
-                    "buckets": engine._core.num_buckets}, args.out)
+                    "buckets": core.num_buckets, "flat_numel": core.flat_numel, "master_numel": core.master_numel,
+                    "grad_shard_numel": core.grad_shard_numel, "world": world}, args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ OVERFLOW_STEPS = {3, 4, 5, 9}
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--stage", type=int, default=0)
     args = ap.parse_args()
     config = {
         "train_micro_batch_size_per_gpu": 4,
@@ -26,6 +27,7 @@ def main():
                  "min_loss_scale": 1},
         "steps_per_print": 1000,
         "comms_timeout_s": 60,
+        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": 200},
     }
     model = common.make_model()
     engine, optimizer, _, _ = zeal.initialize(model=model, config=config)
