@@ -100,3 +100,26 @@ def test_bf16_matches_torch_within_stated_tolerance(tmp_path, stage):
     bf16_floor = max_rel_diff(bf16_ref, fp32_ref)
     diff = max_rel_diff(got, bf16_ref)
     assert diff <= bf16_floor, f"zeal bf16 vs torch bf16 {diff:.3e} > torch bf16 vs fp32 {bf16_floor:.3e}"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_frozen_tied_unused_and_divergent_branches(tmp_path, stage):
+    # Rank 0 runs branch `a`, rank 1 branch `b` in the same step; one layer is frozen, one never
+    # used, and the output layer shares the embedding's weight. Nothing may hang, and the result
+    # must equal torch's (SGD with momentum: sensitive to every gradient's scale).
+    import special_params
+
+    out = tmp_path / "params.pt"
+    run_mpi(2, "special_params.py", "--stage", stage, "--out", out, timeout=120)
+    got = torch.load(out)
+    want = special_params.reference(10, 2, 3)
+    assert len(got) == len(want)
+    diff = max_rel_diff(got, want)
+    assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
+    start = list(special_params.make_model().parameters())
+    names = [n for n, _ in special_params.make_model().named_parameters()]
+    for name, g, s in zip(names, got, start):
+        if name.startswith(("frozen", "unused")):
+            assert torch.equal(g, s.detach()), name
+        else:
+            assert not torch.equal(g, s.detach()), name
