@@ -234,10 +234,10 @@ void Engine::publish_parameters() {
   if (world_->size() == 1) return;
   std::vector<comm::WorkPtr> works;
   std::vector<at::Tensor> inputs;
-  for (size_t b = 0; b < layout_.buckets.size(); ++b) {
-    const zero::Bucket& bucket = layout_.buckets[b];
+  size_t next_owned = 0;  // owned_ holds one range per non-empty bucket, in bucket order
+  for (const zero::Bucket& bucket : layout_.buckets) {
     if (bucket.end == bucket.begin) continue;
-    const zero::OwnedRange& mine = owned_[b];
+    const zero::OwnedRange& mine = owned_[next_owned++];
     inputs.push_back(flat_params_.slice(0, mine.flat_begin, mine.flat_end).clone());
     at::Tensor output = flat_params_.slice(0, bucket.begin, bucket.end);
     works.push_back(world_->all_gather(output, inputs.back(), {}));
