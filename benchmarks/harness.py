@@ -8,16 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+from zeal.launcher import local_mpi_env
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "py"
 
 
 def mpi_env():
-    env = dict(os.environ)
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_oob_tcp_if_include="lo",
-               OMPI_MCA_btl_tcp_if_include="lo")
-    return env
+    return local_mpi_env()
 
 
 def mpirun(ranks, *cmd, timeout=600):

@@ -22,6 +22,16 @@ _MARKER = re.compile(re.escape(FAILURE_MARKER) + r" rank (\d+) exit code (-?\d+)
 _MPI_RANK = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]|process rank (\d+) with PID")
 
 
+def local_mpi_env(base=None):
+    """An environment for running ranks under mpirun on this node: as root if need be,
+    oversubscribing the cores, Open MPI talking over loopback only."""
+    env = dict(os.environ if base is None else base)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_oob_tcp_if_include="lo",
+               OMPI_MCA_btl_tcp_if_include="lo")
+    return env
+
+
 def build_command(num_procs, script, script_args):
     mpirun = shutil.which("mpirun")
     if mpirun is None:

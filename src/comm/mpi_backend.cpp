@@ -158,7 +158,6 @@ class MpiRuntime {
     }
   }
 
-  int world_rank() const { return world_rank_; }
   void set_world_rank(int rank) { world_rank_ = rank; }
 
   MPI_Op reduce_op(at::ScalarType dtype, ReduceOp op) const {

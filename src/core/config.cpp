@@ -41,12 +41,17 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
+bool iequals(const std::string& a, const std::string& b) {
+  return a.size() == b.size() &&
+         std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) { return std::tolower(x) == std::tolower(y); });
+}
+
 std::string did_you_mean(const std::string& key, const std::vector<std::string>& candidates) {
   std::string best;
   size_t best_distance = std::max<size_t>(2, key.size() / 3) + 1;
   for (const auto& candidate : candidates) {
     // A key that is the start of a real one ("train_micro_batch_size") most likely meant it.
-    bool prefix = key.size() >= 4 && candidate.size() > key.size() && edit_distance(candidate.substr(0, key.size()), key) == 0;
+    bool prefix = key.size() >= 4 && candidate.size() > key.size() && iequals(candidate.substr(0, key.size()), key);
     size_t d = prefix ? 0 : edit_distance(key, candidate);
     if (d < best_distance) {
       best_distance = d;
@@ -112,8 +117,7 @@ class Reader {
     if (v.is_string()) {
       std::string given = v.get<std::string>();
       for (const auto& choice : choices) {
-        bool same = case_insensitive ? edit_distance(given, choice) == 0 && given.size() == choice.size()
-                                     : given == choice;
+        bool same = case_insensitive ? iequals(given, choice) : given == choice;
         if (same) return choice;
       }
     }
@@ -188,7 +192,7 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
   if (r.raw("type").is_string()) {
     std::string given = r.raw("type").get<std::string>();
     for (const auto& name : later)
-      if (given.size() == name.size() && edit_distance(given, name) == 0)
+      if (iequals(given, name))
         throw ConfigError("config key 'optimizer.type': \"" + given +
                           "\" is not supported yet; this Zeal version has Adam, AdamW and SGD");
   }

@@ -71,7 +71,6 @@ void GradReducer::prepare(bool reduce) {
   std::fill(param_ready_.begin(), param_ready_.end(), 0);
   for (auto& b : buckets_) {
     b.pending = b.num_params;
-    b.launched = false;
     b.work.reset();
   }
 }
@@ -108,7 +107,6 @@ void GradReducer::launch(GradBucket& bucket) {
   } else {
     bucket.work = comm_->all_reduce(payload, {comm::ReduceOp::kSum});
   }
-  bucket.launched = true;
 }
 
 void GradReducer::finish() {

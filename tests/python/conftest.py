@@ -1,5 +1,4 @@
 """Helpers for multi-rank tests: ranks are real processes started by mpirun or the zeal launcher."""
-import os
 import shutil
 import subprocess
 import sys
@@ -7,17 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from zeal.launcher import local_mpi_env
+
 HERE = Path(__file__).resolve().parent
 RANKS = HERE / "ranks"
 ROOT = HERE.parent.parent
 
 
 def mpi_env():
-    env = dict(os.environ)
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_oob_tcp_if_include="lo",
-               OMPI_MCA_btl_tcp_if_include="lo")
-    return env
+    return local_mpi_env()
 
 
 def run_mpi(num_ranks, script, *args, timeout=300, check=True):

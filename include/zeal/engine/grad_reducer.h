@@ -32,7 +32,6 @@ struct GradBucket {
   int64_t shard_begin = 0;  // where this rank's chunk goes in the gradient shard (reduce_scatter)
   int pending = 0;          // parameters not yet ready in this backward
   int num_params = 0;
-  bool launched = false;
   comm::WorkPtr work;
   at::Tensor comm_buffer;  // the bucket in communication_data_type, when that differs
   at::Tensor comm_output;  // reduce_scatter's output in communication_data_type, when that differs
