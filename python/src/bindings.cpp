@@ -40,9 +40,21 @@ std::vector<engine::ParamGroupSpec> to_groups(const py::list& groups) {
     if (group.contains("weight_decay")) spec.weight_decay = group["weight_decay"].cast<double>();
     if (group.contains("betas")) spec.betas = group["betas"].cast<std::array<double, 2>>();
     if (group.contains("eps")) spec.eps = group["eps"].cast<double>();
+    if (group.contains("names")) spec.names = group["names"].cast<std::vector<std::string>>();
+    if (group.contains("full_shapes")) spec.full_shapes = group["full_shapes"].cast<std::vector<std::vector<int64_t>>>();
+    if (group.contains("chunks")) {
+      for (const auto& c : group["chunks"].cast<py::list>())
+        spec.chunks.push_back(c.is_none() ? at::Tensor() : c.cast<at::Tensor>());
+    }
     out.push_back(std::move(spec));
   }
   return out;
+}
+
+zero::ParamPartition* stage3(engine::Engine& e) {
+  zero::ParamPartition* p = e.partition();
+  if (!p) throw Error("this operation needs ZeRO stage 3; the engine runs stage " + std::to_string(e.stage()));
+  return p;
 }
 
 }  // namespace
@@ -166,6 +178,67 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("gradient_accumulation_steps", [](const engine::Engine& e) { return e.batch().gradient_accumulation_steps; })
       .def_property_readonly("steps_per_print", [](const engine::Engine& e) { return e.config().steps_per_print; })
       .def_property_readonly("wall_clock_breakdown", [](const engine::Engine& e) { return e.config().wall_clock_breakdown; })
+      .def_property_readonly("state_bytes", [](const engine::Engine& e) {
+        py::dict d;
+        for (const auto& [role, n] : e.state_bytes()) d[py::str(role)] = n;
+        return d;
+      })
+      .def_property_readonly("parameters", &engine::Engine::parameters)
+      .def_property_readonly("parameter_names", &engine::Engine::parameter_names)
+      .def_property_readonly("parameter_shapes", &engine::Engine::parameter_shapes)
+      .def_property_readonly("zero3_settings", [](const engine::Engine& e) {
+        const ZeroConfig& z = e.config().zero_optimization;
+        py::dict d;
+        d["prefetch_bucket_size"] = z.prefetch_bucket_size;
+        d["max_live_parameters"] = z.max_live_parameters;
+        d["max_reuse_distance"] = z.max_reuse_distance;
+        d["param_persistence_threshold"] = z.param_persistence_threshold;
+        return d;
+      })
+      // Stage 3: gather / release parameters by engine index (python/zeal/zero.py drives these).
+      .def("fetch_params",
+           [](engine::Engine& e, const std::vector<size_t>& indices) {
+             stage3(e)->fetch_checked(indices);
+           },
+           py::call_guard<py::gil_scoped_release>())
+      .def("prefetch_params",
+           [](engine::Engine& e, const std::vector<size_t>& indices) {
+             auto* p = stage3(e);
+             for (size_t i : indices) p->fetch(i);
+           },
+           py::call_guard<py::gil_scoped_release>())
+      .def("release_params",
+           [](engine::Engine& e, const std::vector<size_t>& indices) {
+             auto* p = stage3(e);
+             for (size_t i : indices) p->release(i);
+           },
+           py::call_guard<py::gil_scoped_release>())
+      .def("end_forward", [](engine::Engine& e) { stage3(e)->end_forward(); },
+           py::call_guard<py::gil_scoped_release>())
+      .def("take_fallback_flag", [](engine::Engine& e) { return stage3(e)->take_fallback_flag(); })
+      .def_property_readonly("in_fallback", [](engine::Engine& e) { return stage3(e)->in_fallback(); })
+      .def("is_live", [](engine::Engine& e, size_t i) { return stage3(e)->live(i); })
+      .def("is_persistent", [](engine::Engine& e, size_t i) { return stage3(e)->persistent(i); })
+      .def("param_numel", [](engine::Engine& e, size_t i) { return stage3(e)->numel(i); })
+      .def_property_readonly("live_elements", [](engine::Engine& e) { return stage3(e)->live_elements(); })
+      .def("saved_param_index",
+           [](engine::Engine& e, const at::Tensor& t) -> int64_t {
+             auto* p = e.partition();
+             if (!p || !t.has_storage()) return -1;
+             int64_t i = p->index_of_storage(t.storage().data());
+             if (i >= 0 && p->full(i).scalar_type() != t.scalar_type()) return -1;
+             return i;
+           })
+      .def("full_param",
+           [](engine::Engine& e, size_t i) {
+             auto* p = stage3(e);
+             {
+               py::gil_scoped_release nogil;
+               p->fetch_checked({i});
+             }
+             return p->full(i);
+           })
+      .def("absorb_parameter", &engine::Engine::absorb_parameter)
       .def_property_readonly("rank", [](const engine::Engine& e) { return e.world()->rank(); })
       .def_property_readonly("world_size", [](const engine::Engine& e) { return e.world()->size(); });
 }

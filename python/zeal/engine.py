@@ -22,7 +22,7 @@ def _precision(config: dict):
     return "fp32"
 
 
-def _param_groups(model, model_parameters):
+def _param_groups(model, model_parameters, dtype):
     params = list(model.parameters() if model_parameters is None else model_parameters)
     if params and isinstance(params[0], dict):
         groups = []
@@ -30,8 +30,15 @@ def _param_groups(model, model_parameters):
             group = {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "eps")}
             group["params"] = list(g["params"])
             groups.append(group)
-        return groups
-    return [{"params": params}]
+    else:
+        groups = [{"params": params}]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        g["names"] = [names.get(id(p), "") for p in g["params"]]
+        if any(hasattr(p, "_zeal_chunk") for p in g["params"]):  # partitioned by zeal.zero.Init
+            g["full_shapes"] = [list(getattr(p, "_zeal_full_shape", p.shape)) for p in g["params"]]
+            g["chunks"] = [p._zeal_chunk.to(dtype) if hasattr(p, "_zeal_chunk") else None for p in g["params"]]
+    return groups
 
 
 class ZealOptimizer:
@@ -70,10 +77,25 @@ class ZealEngine(torch.nn.Module):
         super().__init__()
         self.module = module
         self._core = core
+        self._stage3 = None
+        if core.zero_stage == 3:
+            from .zero import Stage3Hooks
+
+            for i, (p, shape) in enumerate(zip(core.parameters, core.parameter_shapes)):
+                p._zeal_engine, p._zeal_index = core, i
+                p.ds_shape, p.ds_numel = tuple(shape), core.param_numel(i)
+                for attr in ("_zeal_chunk", "_zeal_full_shape"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+            self._stage3 = Stage3Hooks(module, core)
 
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
-        out = self.module(*args, **kwargs)
+        if self._stage3 is None:
+            out = self.module(*args, **kwargs)
+        else:
+            with self._stage3.saved_tensors():
+                out = self.module(*args, **kwargs)
         self._core.add_forward_time(time.perf_counter() - start)
         return out
 
@@ -164,9 +186,10 @@ def initialize(
     _zeal.validate_config(text)  # fail on a bad config before touching the model
 
     precision = _precision(cfg)
+    dtype = _DTYPES.get(precision, torch.float32)
     if precision in _DTYPES:
-        model.to(_DTYPES[precision])
-    core = _zeal.Engine(_param_groups(model, model_parameters), text)
+        model.to(dtype)
+    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), text)
     engine = ZealEngine(model, core)
 
     loader = None

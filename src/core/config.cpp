@@ -319,23 +319,37 @@ void parse_zero(const json& node, ZeroConfig& out) {
   Reader r(node, "zero_optimization");
   r.read_int("stage", out.stage, 0);
   if (out.stage > 3) r.fail("stage", "an integer in [0, 3]", r.raw("stage"));
-  if (out.stage == 3)
-    throw ConfigError("config key 'zero_optimization.stage': stage 3 is not supported yet; this Zeal version "
-                      "runs stages 0, 1 and 2");
   r.read_int("reduce_bucket_size", out.reduce_bucket_size, 1);
   r.read_bool("reduce_scatter", out.reduce_scatter);
   r.read_bool("overlap_comm", out.overlap_comm);
   r.read_bool("contiguous_gradients", out.contiguous_gradients);
   r.read_bool("allgather_partitions", out.allgather_partitions);
   r.read_int("allgather_bucket_size", out.allgather_bucket_size, 1);
-  r.reject_not_yet({"offload_optimizer", "offload_param", "sub_group_size",
-                    "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
-                    "stage3_param_persistence_threshold", "stage3_gather_16bit_weights_on_model_save",
-                    "stage3_gather_fp16_weights_on_model_save", "round_robin_gradients", "zero_hpz_partition_size",
-                    "zero_quantized_weights", "zero_quantized_gradients", "elastic_checkpoint",
-                    "load_from_fp32_weights", "cpu_offload", "mics_shard_size", "ignore_unused_parameters",
+  // Stage 3 keys, under DeepSpeed's names and their stage3_-prefixed aliases.
+  auto read_alias = [&](const std::string& name, int64_t& out, int64_t min_value) {
+    r.read_int(name, out, min_value);
+    r.read_int("stage3_" + name, out, min_value);
+  };
+  read_alias("prefetch_bucket_size", out.prefetch_bucket_size, 0);
+  read_alias("param_persistence_threshold", out.param_persistence_threshold, 0);
+  read_alias("max_live_parameters", out.max_live_parameters, 0);
+  read_alias("max_reuse_distance", out.max_reuse_distance, 0);
+  r.read_int("model_persistence_threshold", out.model_persistence_threshold, 0);
+  r.read_bool("gather_16bit_weights_on_model_save", out.gather_16bit_weights_on_model_save);
+  r.read_bool("stage3_gather_16bit_weights_on_model_save", out.gather_16bit_weights_on_model_save);
+  r.read_bool("stage3_gather_fp16_weights_on_model_save", out.gather_16bit_weights_on_model_save);
+  r.read_bool("ignore_unused_parameters", out.ignore_unused_parameters);
+  r.read_int("sub_group_size", out.sub_group_size, 1);
+  r.read_bool("round_robin_gradients", out.round_robin_gradients);
+  r.read_bool("elastic_checkpoint", out.elastic_checkpoint);
+  r.read_bool("load_from_fp32_weights", out.load_from_fp32_weights);
+  if (!out.load_from_fp32_weights)
+    r.fail("load_from_fp32_weights", "true (Zeal always restores from the fp32 master weights)",
+           r.raw("load_from_fp32_weights"));
+  r.reject_not_yet({"offload_optimizer", "offload_param", "cpu_offload", "zero_hpz_partition_size",
+                    "zero_quantized_weights", "zero_quantized_gradients", "mics_shard_size",
                     "memory_efficient_linear", "use_multi_rank_bucket_allreduce"},
-                   " (ZeRO stage 3 and offload come later)");
+                   " (offload and quantized/hierarchical ZeRO come later)");
   r.finish();
 }
 

@@ -42,17 +42,28 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   // Collect the trainable parameters group by group, skipping repeats (tied weights) and frozen ones.
   std::unordered_set<c10::TensorImpl*> seen;
   std::vector<size_t> group_of_param;
+  std::vector<at::Tensor> given_chunks;  // zero::Init's chunks, parallel to params_
   for (size_t g = 0; g < specs.size(); ++g) {
-    for (at::Tensor& p : specs[g].params) {
+    const ParamGroupSpec& spec = specs[g];
+    for (size_t k = 0; k < spec.params.size(); ++k) {
+      const at::Tensor& p = spec.params[k];
       ZEAL_CHECK(p.defined(), "parameter group ", g, " holds an undefined tensor");
       if (!p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
-      ZEAL_CHECK(p.is_leaf(), "parameter group ", g, " holds a non-leaf tensor; pass the model's parameters");
+      std::string name = k < spec.names.size() ? spec.names[k] : "group" + std::to_string(g) + "." + std::to_string(k);
+      ZEAL_CHECK(p.is_leaf(), "parameter '", name, "' is not a leaf tensor; pass the model's parameters");
       if (params_.empty()) device_ = p.device();
       ZEAL_CHECK(p.device() == device_, "parameters on ", device_.str(), " and ", p.device().str(),
                  ": one engine trains the parameters of one device");
-      ZEAL_CHECK(at::isFloatingType(p.scalar_type()), "parameter of dtype ", c10::toString(p.scalar_type()),
-                 " cannot be trained");
+      ZEAL_CHECK(at::isFloatingType(p.scalar_type()), "parameter '", name, "' of dtype ",
+                 c10::toString(p.scalar_type()), " cannot be trained");
+      bool pre_partitioned = k < spec.chunks.size() && spec.chunks[k].defined();
+      ZEAL_CHECK(!pre_partitioned || config_.zero_optimization.stage == 3, "parameter '", name,
+                 "' was partitioned by zeal.zero.Init, which needs zero_optimization.stage 3 (config has stage ",
+                 config_.zero_optimization.stage, ")");
       params_.push_back(p);
+      names_.push_back(std::move(name));
+      shapes_.push_back(pre_partitioned ? spec.full_shapes[k] : p.sizes().vec());
+      given_chunks.push_back(pre_partitioned ? spec.chunks[k] : at::Tensor());
       group_of_param.push_back(g);
     }
     const OptimizerConfig& o = config_.optimizer;
@@ -72,34 +83,42 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
              " communicator");
 
   // The flat layout (zero/layout.h): reduction order, buckets padded to the data-parallel size.
+  // Stage 3 gives every parameter a bucket of its own: the unit it is gathered and released in.
   std::vector<int64_t> numels;
-  for (const at::Tensor& p : params_) numels.push_back(p.numel());
+  for (const auto& shape : shapes_) numels.push_back(c10::multiply_integers(shape));
   stage_ = config_.zero_optimization.stage;
   partitioned_ = stage_ >= 1;
-  layout_ = zero::make_flat_layout(numels, config_.zero_optimization.reduce_bucket_size, world_->size());
+  const bool reduce_scatter = stage_ == 3 || (stage_ == 2 && config_.zero_optimization.reduce_scatter);
+  layout_ = zero::make_flat_layout(numels, stage_ == 3 ? 1 : config_.zero_optimization.reduce_bucket_size,
+                                   world_->size());
   owned_ = layout_.owned(world_->rank(), partitioned_);
   const int64_t total = layout_.total;
-
-  // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
-  // tensor objects, so Python and C++ callers see the change). Padding stays zero.
+  const int64_t shard = layout_.shard_size(partitioned_);
   auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
-  flat_params_ = at::zeros({total}, options);
-  flat_grads_ = at::zeros({total}, options);
-  for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor& p = params_[i];
-    int64_t n = p.numel(), offset = layout_.offsets[i];
-    flat_params_.slice(0, offset, offset + n).copy_(p.detach().reshape({n}));
-    p.set_data(flat_params_.slice(0, offset, offset + n).view(p.sizes()));
-    p.mutable_grad() = flat_grads_.slice(0, offset, offset + n).view(p.sizes());
-  }
-  // Every replica starts from rank 0's weights.
-  if (world_->size() > 1) world_->broadcast(flat_params_, {0})->wait();
 
-  // fp32 master weights and optimizer state cover this rank's owned elements only (all of them
-  // below stage 1). Each group's parameters occupy one flat range; its pieces in the owned
-  // ranges become the optimizer's segments.
-  master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
-                         : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
+  if (stage_ == 3) {
+    init_stage3(given_chunks, options);
+  } else {
+    // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
+    // tensor objects, so Python and C++ callers see the change). Padding stays zero.
+    flat_params_ = at::zeros({total}, options);
+    if (!reduce_scatter) flat_grads_ = at::zeros({total}, options);
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor& p = params_[i];
+      int64_t n = p.numel(), offset = layout_.offsets[i];
+      flat_params_.slice(0, offset, offset + n).copy_(p.detach().reshape({n}));
+      p.set_data(flat_params_.slice(0, offset, offset + n).view(p.sizes()));
+      if (flat_grads_.defined()) p.mutable_grad() = flat_grads_.slice(0, offset, offset + n).view(p.sizes());
+    }
+    // Every replica starts from rank 0's weights.
+    if (world_->size() > 1) world_->broadcast(flat_params_, {0})->wait();
+    // fp32 master weights and optimizer state cover this rank's owned elements only (all of them
+    // below stage 1).
+    master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
+                           : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
+  }
+  // Each group's parameters occupy one flat range; its pieces in the owned ranges become the
+  // optimizer's segments.
   for (size_t g = 0; g < groups_.size(); ++g) {
     int64_t lo = total, hi = 0;
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -115,10 +134,20 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
       segment_group_.push_back(g);
     }
   }
-  const int64_t shard = layout_.shard_size(partitioned_);
-  if (stage_ >= 2 && config_.zero_optimization.reduce_scatter) grad_shard_ = at::zeros({shard}, options);
+  if (reduce_scatter) grad_shard_ = at::zeros({shard}, options);
 
-  reducer_ = std::make_unique<GradReducer>(params_, layout_, flat_grads_, grad_shard_, world_, config_);
+  GradHooks hooks;
+  if (stage_ == 3) {
+    hooks.before_accumulate = [this](size_t i) { partition_->shape_only(i); };
+    hooks.after_accumulate = [this](size_t i) { partition_->release(i); };
+  }
+  // The reducer creates the gradient accumulators, which record each parameter's shape: so it
+  // comes before stage 3 releases the parameters.
+  reducer_ = std::make_unique<GradReducer>(params_, layout_, flat_grads_, grad_shard_, world_, config_, hooks);
+  if (stage_ == 3)
+    partition_ = std::make_unique<zero::ParamPartition>(params_, shapes_, layout_, stage3_shard_, world_,
+                                                        config_.zero_optimization.param_persistence_threshold);
+  stage3_shard_.reset();
   optimizer_ = optim::make_optimizer(config_.optimizer, shard, device_);
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
   scaler_ = optim::LossScaler(config_.fp16);
@@ -134,6 +163,55 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
 }
 
 Engine::~Engine() = default;
+
+void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options) {
+  // This rank's chunk of every parameter, from zero::Init or cut from rank 0's full value.
+  at::Tensor shard = at::zeros({layout_.shard_size(true)}, options);
+  const int rank = world_->rank();
+  int64_t local = 0;
+  for (const zero::Bucket& b : layout_.buckets) {
+    const int64_t c = b.chunk(world_->size());
+    for (size_t i : b.params) {
+      if (layout_.numels[i] == 0) continue;
+      at::Tensor mine = shard.slice(0, local, local + c);
+      if (given_chunks[i].defined()) {
+        ZEAL_CHECK(given_chunks[i].numel() == c, "parameter '", names_[i], "' arrived with a chunk of ",
+                   given_chunks[i].numel(), " elements; a data-parallel size of ", world_->size(), " needs ", c,
+                   " (was zeal.zero.Init run with another world?)");
+        mine.copy_(given_chunks[i].reshape({-1}));
+        continue;
+      }
+      at::Tensor full = at::zeros({c * world_->size()}, options);
+      full.slice(0, 0, layout_.numels[i]).copy_(params_[i].detach().reshape({-1}));
+      if (world_->size() > 1) world_->broadcast(full, {0})->wait();
+      mine.copy_(full.slice(0, rank * c, (rank + 1) * c));
+    }
+    local += c;
+  }
+  master_ = shard.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  stage3_shard_ = shard;
+  // Parameters given whole still have their shape here, which the gradient accumulators record.
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].numel() != layout_.numels[i]) params_[i].set_data(at::empty(shapes_[i], options));
+}
+
+void Engine::absorb_parameter(size_t i) {
+  ZEAL_CHECK(partition_, "absorb_parameter is for ZeRO stage 3");
+  ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
+  partition_->absorb(i, &master_);
+}
+
+std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
+  auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
+  int64_t params = bytes(flat_params_), grads = bytes(flat_grads_) + bytes(grad_shard_);
+  if (partition_) {
+    params = bytes(const_cast<zero::ParamPartition&>(*partition_).shard());
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (partition_->live(i)) params += bytes(partition_->full(i));
+  }
+  int64_t master = (master_.defined() && !master_.is_same(flat_params_)) ? bytes(master_) : 0;
+  return {{"params", params}, {"grads", grads}, {"master", master}, {"optimizer", optimizer_->state_bytes()}};
+}
 
 bool Engine::is_gradient_accumulation_boundary() const {
   return (micro_steps_ + 1) % batch_.gradient_accumulation_steps == 0;
@@ -151,7 +229,8 @@ void Engine::backward(const at::Tensor& loss) {
   double factor = scaler_.scale() / static_cast<double>(batch_.gradient_accumulation_steps);
   at::Tensor grad_output = at::full_like(loss, factor, loss.options().requires_grad(false));
   torch::autograd::backward({loss}, {grad_output});
-  if (boundary) reducer_->finish();
+  if (partition_) partition_->end_backward();
+  if (boundary || reducer_->partitioned()) reducer_->finish();
   backward_seconds_ += seconds_since(start);
 }
 
@@ -194,7 +273,7 @@ void Engine::step() {
     apply_lr(++scheduler_iteration_);
   }
   if (grad_shard_.defined()) grad_shard_.zero_();
-  flat_grads_.zero_();
+  if (flat_grads_.defined()) flat_grads_.zero_();
   ++micro_steps_;
   ++global_steps_;
   global_samples_ += batch_.train_batch_size;
@@ -203,7 +282,7 @@ void Engine::step() {
 }
 
 void Engine::zero_grad() {
-  flat_grads_.zero_();
+  if (flat_grads_.defined()) flat_grads_.zero_();
   if (grad_shard_.defined()) grad_shard_.zero_();
 }
 
@@ -223,6 +302,10 @@ double Engine::global_norm(const at::Tensor& grads) const {
 }
 
 void Engine::publish_parameters() {
+  if (partition_) {
+    partition_->publish(master_);
+    return;
+  }
   if (!partitioned_) {
     if (model_dtype_ != at::kFloat) flat_params_.copy_(master_);
     return;

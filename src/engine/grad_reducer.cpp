@@ -1,18 +1,46 @@
 #include "zeal/engine/grad_reducer.h"
 
+#include <algorithm>
+
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include "zeal/core/error.h"
 
 namespace zeal::engine {
+namespace {
+
+// Runs a callback before autograd accumulates into a parameter (stage 3 gives a released
+// parameter its shape there).
+struct BeforeAccumulate : torch::autograd::FunctionPreHook {
+  explicit BeforeAccumulate(std::function<void()> fn) : fn_(std::move(fn)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    fn_();
+    return grads;
+  }
+  std::function<void()> fn_;
+};
+
+// Partitioned mode keeps at most this many buckets in flight before waiting for the oldest: it
+// bounds the staging memory to a few buckets while still overlapping with backward.
+constexpr int kMaxBucketsInFlight = 2;
+
+}  // namespace
 
 GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::FlatLayout& layout, at::Tensor flat_grads,
-                         at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config)
-    : flat_grads_(std::move(flat_grads)), grad_shard_(std::move(grad_shard)), comm_(std::move(comm)) {
+                         at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config, GradHooks hooks)
+    : flat_grads_(std::move(flat_grads)),
+      grad_shard_(std::move(grad_shard)),
+      comm_(std::move(comm)),
+      params_(params),
+      offsets_(layout.offsets),
+      hooks_(std::move(hooks)) {
+  partitioned_ = !flat_grads_.defined();
+  ZEAL_INTERNAL_ASSERT(!partitioned_ || grad_shard_.defined(), "partitioned gradients need a shard");
   bucket_of_param_.assign(params.size(), 0);
   param_ready_.assign(params.size(), 0);
   int64_t shard_offset = 0;
@@ -26,8 +54,9 @@ GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::Flat
     for (size_t p : b.params) bucket_of_param_[p] = buckets_.size();
     buckets_.push_back(bucket);
   }
+  at::ScalarType grad_dtype = partitioned_ ? grad_shard_.scalar_type() : flat_grads_.scalar_type();
   switch (config.communication_data_type) {
-    case CommDtype::kDefault: comm_dtype_ = flat_grads_.scalar_type(); break;
+    case CommDtype::kDefault: comm_dtype_ = grad_dtype; break;
     case CommDtype::kFp32: comm_dtype_ = at::kFloat; break;
     case CommDtype::kFp16: comm_dtype_ = at::kHalf; break;
     case CommDtype::kBf16: comm_dtype_ = at::kBFloat16; break;
@@ -39,7 +68,7 @@ GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::Flat
   } else {
     post_factor_ = 1.0 / world;
   }
-  if (comm_->size() == 1) return;  // nothing to reduce, no hooks needed
+  if (comm_->size() == 1 && !partitioned_) return;  // nothing to reduce, no hooks needed
   for (size_t i = 0; i < params.size(); ++i) {
     auto accumulator = torch::autograd::impl::grad_accumulator(params[i]);
     ZEAL_INTERNAL_ASSERT(accumulator, "parameter ", i, " has no gradient accumulator");
@@ -48,12 +77,20 @@ GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::Flat
           on_grad_ready(i);
           return outputs;
         })));
+    if (hooks_.before_accumulate)
+      accumulator->add_pre_hook(std::make_unique<BeforeAccumulate>([this, i] { hooks_.before_accumulate(i); }));
     accumulators_.push_back(std::move(accumulator));
   }
 }
 
 GradReducer::~GradReducer() {
-  for (size_t i = 0; i < accumulators_.size(); ++i) accumulators_[i]->del_post_hook(hook_keys_[i]);
+  for (size_t i = 0; i < accumulators_.size(); ++i) {
+    accumulators_[i]->del_post_hook(hook_keys_[i]);
+    auto& pre = accumulators_[i]->pre_hooks();
+    pre.erase(std::remove_if(pre.begin(), pre.end(),
+                             [](const auto& h) { return dynamic_cast<BeforeAccumulate*>(h.get()) != nullptr; }),
+              pre.end());
+  }
   for (auto& b : buckets_) {
     if (b.work && !b.work->is_completed()) {
       try {
@@ -65,29 +102,73 @@ GradReducer::~GradReducer() {
 }
 
 void GradReducer::prepare(bool reduce) {
-  reducing_ = reduce && comm_->size() > 1;
+  reducing_ = partitioned_ || (reduce && comm_->size() > 1);
   if (!reducing_) return;
   next_to_launch_ = 0;
   std::fill(param_ready_.begin(), param_ready_.end(), 0);
   for (auto& b : buckets_) {
     b.pending = b.num_params;
     b.work.reset();
+    b.retired = false;
   }
 }
 
 void GradReducer::on_grad_ready(size_t param_index) {
   if (!reducing_ || param_ready_[param_index]) return;
   param_ready_[param_index] = 1;
+  if (partitioned_) stage_gradient(param_index);
   --buckets_[bucket_of_param_[param_index]].pending;
   launch_ready_buckets();
 }
 
+void GradReducer::stage_gradient(size_t i) {
+  // The fresh gradient moves into its bucket's staging buffer and the parameter lets go of it.
+  GradBucket& b = buckets_[bucket_of_param_[i]];
+  if (!b.comm_buffer.defined()) b.comm_buffer = at::zeros({b.end - b.begin}, grad_shard_.options().dtype(comm_dtype_));
+  at::Tensor& grad = params_[i].mutable_grad();
+  if (grad.defined()) {
+    int64_t begin = offsets_[i] - b.begin;
+    b.comm_buffer.slice(0, begin, begin + grad.numel()).copy_(grad.reshape({-1}));
+    grad.reset();
+  }
+  if (hooks_.after_accumulate) hooks_.after_accumulate(i);
+}
+
 void GradReducer::launch_ready_buckets() {
-  while (next_to_launch_ < buckets_.size() && buckets_[next_to_launch_].pending == 0)
+  while (next_to_launch_ < buckets_.size() && buckets_[next_to_launch_].pending == 0) {
     launch(buckets_[next_to_launch_++]);
+    if (!partitioned_) continue;
+    // Retire finished buckets and cap the number in flight, oldest first.
+    int in_flight = 0;
+    for (size_t k = next_to_launch_; k-- > 0;) {
+      GradBucket& b = buckets_[k];
+      if (b.retired) break;
+      ++in_flight;
+    }
+    for (size_t k = 0; k < next_to_launch_ && in_flight > 0; ++k) {
+      GradBucket& b = buckets_[k];
+      if (b.retired) continue;
+      if (in_flight > kMaxBucketsInFlight || !b.work || b.work->is_completed()) {
+        retire(b);
+        --in_flight;
+      } else {
+        break;  // keep retirement in order
+      }
+    }
+  }
 }
 
 void GradReducer::launch(GradBucket& bucket) {
+  if (partitioned_) {
+    if (!bucket.comm_buffer.defined())  // no parameter of this bucket got a gradient
+      bucket.comm_buffer = at::zeros({bucket.end - bucket.begin}, grad_shard_.options().dtype(comm_dtype_));
+    if (pre_factor_ != 1.0) bucket.comm_buffer.mul_(pre_factor_);
+    if (comm_->size() == 1) return;  // the staging buffer is the whole (only) chunk
+    int64_t chunk = (bucket.end - bucket.begin) / comm_->size();
+    bucket.comm_output = at::empty({chunk}, bucket.comm_buffer.options());
+    bucket.work = comm_->reduce_scatter(bucket.comm_output, bucket.comm_buffer, {comm::ReduceOp::kSum});
+    return;
+  }
   at::Tensor grads = flat_grads_.slice(0, bucket.begin, bucket.end);
   at::Tensor payload = grads;
   if (comm_dtype_ != grads.scalar_type()) {
@@ -109,16 +190,33 @@ void GradReducer::launch(GradBucket& bucket) {
   }
 }
 
+void GradReducer::retire(GradBucket& b) {
+  if (b.retired) return;
+  if (b.work) b.work->wait();
+  at::Tensor reduced = comm_->size() == 1 ? b.comm_buffer : b.comm_output;
+  int64_t chunk = (b.end - b.begin) / comm_->size();
+  at::Tensor out = grad_shard_.slice(0, b.shard_begin, b.shard_begin + chunk);
+  out.add_(reduced, post_factor_);  // accumulation over micro-batches happens here
+  b.comm_buffer.reset();
+  b.comm_output.reset();
+  b.work.reset();
+  b.retired = true;
+}
+
 void GradReducer::finish() {
   if (!reducing_) {
-    // One rank (stage 2): its shard is the whole, unreduced gradient buffer.
-    if (grad_shard_.defined() && comm_->size() == 1) grad_shard_.copy_(flat_grads_);
+    // One rank (stage 2 via all-reduce): its shard is the whole, unreduced gradient buffer.
+    if (grad_shard_.defined() && flat_grads_.defined() && comm_->size() == 1) grad_shard_.copy_(flat_grads_);
     return;
   }
   // Parameters that took no part in this backward never fired their hook: release them now.
   for (auto& b : buckets_) b.pending = 0;
   launch_ready_buckets();
   for (auto& b : buckets_) {
+    if (partitioned_) {
+      retire(b);
+      continue;
+    }
     b.work->wait();
     at::Tensor grads;
     if (grad_shard_.defined()) {

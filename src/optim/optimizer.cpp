@@ -47,6 +47,13 @@ class Adam : public Optimizer {
 
   const char* name() const override { return name_; }
   int64_t steps_taken() const override { return step_; }
+  void set_steps_taken(int64_t steps) override { step_ = steps; }
+  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq"}; }
+  at::Tensor& state(const std::string& name) override {
+    if (name == "exp_avg") return exp_avg_;
+    if (name == "exp_avg_sq") return exp_avg_sq_;
+    throw CheckpointError(std::string(name_) + " has no state named '" + name + "'");
+  }
 
  private:
   bool decoupled_;
@@ -86,6 +93,16 @@ class Sgd : public Optimizer {
 
   const char* name() const override { return "SGD"; }
   int64_t steps_taken() const override { return step_; }
+  void set_steps_taken(int64_t steps) override { step_ = steps; }
+  std::vector<std::string> state_names() const override {
+    return momentum_buffer_.defined() ? std::vector<std::string>{"momentum_buffer"} : std::vector<std::string>{};
+  }
+  at::Tensor& state(const std::string& name) override {
+    if (name != "momentum_buffer") throw CheckpointError("SGD has no state named '" + name + "'");
+    if (!momentum_buffer_.defined())
+      momentum_buffer_ = at::zeros({n_}, at::TensorOptions().dtype(at::kFloat).device(device_));
+    return momentum_buffer_;
+  }
 
  private:
   double dampening_;
@@ -97,6 +114,12 @@ class Sgd : public Optimizer {
 };
 
 }  // namespace
+
+int64_t Optimizer::state_bytes() const {
+  int64_t total = 0;
+  for (const std::string& name : state_names()) total += const_cast<Optimizer*>(this)->state(name).nbytes();
+  return total;
+}
 
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t n, at::Device device) {
   switch (config.type) {

@@ -82,6 +82,18 @@ struct ZeroConfig {
   bool contiguous_gradients = true;        // accepted; Zeal's gradients are always one flat buffer
   bool allgather_partitions = true;        // accepted; parameters are all-gathered per bucket
   int64_t allgather_bucket_size = 500000000;
+  // Stage 3 (DeepSpeed's defaults; the stage3_-prefixed names are aliases).
+  int64_t prefetch_bucket_size = 50000000;       // elements gathered ahead of use in forward
+  int64_t param_persistence_threshold = 100000;  // parameters this small stay gathered
+  int64_t max_live_parameters = 1000000000;      // cap on gathered elements (prefetch and reuse)
+  int64_t max_reuse_distance = 1000000000;       // keep a parameter gathered if reused this soon (elements)
+  int64_t model_persistence_threshold = INT64_MAX;  // accepted; no cap on persistent elements
+  bool gather_16bit_weights_on_model_save = false;  // save_16bit_model gathers the full weights
+  bool ignore_unused_parameters = true;          // accepted; unused parameters never hang Zeal
+  int64_t sub_group_size = 1000000000;           // accepted; the optimizer steps the whole shard
+  bool round_robin_gradients = false;            // accepted; no effect without offload
+  bool elastic_checkpoint = false;               // accepted; every Zeal checkpoint reshards
+  bool load_from_fp32_weights = true;
 };
 
 // The three batch numbers after DeepSpeed's rule: batch = micro * accumulation * data-parallel size.

@@ -2,8 +2,11 @@
 // replica and composes the parts below it. The user's parameters become views into the flat
 // buffers (DESIGN.md "one state owner"); nothing else keeps a copy of training state.
 //
-//   backward(loss): scale loss by loss_scale / gradient_accumulation_steps, run autograd; on the
-//                   accumulation boundary the GradReducer all-reduces buckets as they fill.
+//   backward(loss): scale loss by loss_scale / gradient_accumulation_steps, run autograd; the
+//                   GradReducer reduces buckets as they fill (stages 0, 1: all-reduce on the
+//                   accumulation boundary; stages 2, 3: reduce-scatter into the shard every backward).
+// Stage 3 also partitions the parameters (zero/param_partition.h): the Python front end gathers
+// them around each module's forward, and backward gathers them again where autograd needs them.
 //   step():         on the boundary: unscale, check overflow (fp16), clip, optimizer update on the
 //                   fp32 master copy, copy back to the model's dtype, advance the LR schedule and
 //                   the loss scaler, zero the gradients. Between boundaries it only counts.
@@ -13,6 +16,7 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -24,12 +28,18 @@
 #include "zeal/optim/lr_scheduler.h"
 #include "zeal/optim/optimizer.h"
 #include "zeal/zero/layout.h"
+#include "zeal/zero/param_partition.h"
 
 namespace zeal::engine {
 
 // One optimizer parameter group as the user gives it; unset fields take the config's values.
 struct ParamGroupSpec {
   std::vector<at::Tensor> params;
+  // Optional, parallel to params: a parameter already partitioned by zero::Init arrives with an
+  // empty .data, its full shape, and this rank's chunk of it (stage 3 only).
+  std::vector<std::vector<int64_t>> full_shapes;
+  std::vector<at::Tensor> chunks;
+  std::vector<std::string> names;  // optional, parallel to params: for checkpoints and messages
   std::optional<double> lr;
   std::optional<double> weight_decay;
   std::optional<std::array<double, 2>> betas;
@@ -64,11 +74,22 @@ class Engine {
   int64_t flat_numel() const { return layout_.total; }    // padded flat buffer, every rank
   int64_t master_numel() const { return master_.numel(); } // fp32 master weights on this rank
   int64_t grad_shard_numel() const { return grad_shard_.defined() ? grad_shard_.numel() : 0; }
+  // Bytes of training state this rank holds now, by role: params, grads, master, optimizer.
+  std::vector<std::pair<std::string, int64_t>> state_bytes() const;
+
+  // The trainable parameters the engine manages, in its index order, with their names and full shapes.
+  const std::vector<at::Tensor>& parameters() const { return params_; }
+  const std::vector<std::string>& parameter_names() const { return names_; }
+  const std::vector<std::vector<int64_t>>& parameter_shapes() const { return shapes_; }
+  zero::ParamPartition* partition() { return partition_.get(); }  // stage 3 only, else null
+  // Stage 3: a live parameter's value was changed alike on every rank; take it into shard and master.
+  void absorb_parameter(size_t i);
 
   // Time the caller spent in forward, for wall_clock_breakdown.
   void add_forward_time(double seconds) { forward_seconds_ += seconds; }
 
  private:
+  void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options);
   void apply_lr(int64_t iteration);
   void log_step();
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
@@ -81,10 +102,14 @@ class Engine {
   at::ScalarType model_dtype_;
   at::Device device_{at::kCPU};
   std::vector<at::Tensor> params_;
-  at::Tensor flat_params_;  // model dtype; the parameters are views into it
-  at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it
+  std::vector<std::string> names_;
+  std::vector<std::vector<int64_t>> shapes_;
+  at::Tensor flat_params_;  // model dtype; the parameters are views into it (stages 0-2)
+  at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it (stages 0, 1)
   at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
-  at::Tensor grad_shard_;   // stage 2: this rank's reduce-scattered gradients
+  at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
+  std::unique_ptr<zero::ParamPartition> partition_;  // stage 3
+  at::Tensor stage3_shard_;                          // handed to partition_ once the reducer exists
   int64_t stage_ = 0;
   bool partitioned_ = false;  // ZeRO stage >= 1: master weights and optimizer state cover owned chunks
   zero::FlatLayout layout_;

@@ -7,9 +7,18 @@
 // reduce_scatter into this rank's chunk of the gradient shard (stage 2). Buckets launch strictly
 // in index order, so every rank issues the same collectives in the same order even if hooks fire
 // in a different order. Parameters that got no gradient are flushed after backward returns.
+//
+// Two modes:
+//   in place     (stage 0, 1, or stage 2 without reduce_scatter): autograd accumulates into views of
+//                one full flat gradient buffer; buckets are reduced on the accumulation boundary only.
+//   partitioned  (stage 2, 3): every backward, each parameter's fresh .grad is copied into its
+//                bucket's staging buffer and dropped at once; a full bucket is reduce-scattered and
+//                its chunk added into this rank's gradient shard, so no full-size gradient buffer
+//                exists (at most a few buckets in flight). Accumulation happens in the shard.
 // Threading: hooks run on the autograd thread; the collectives run on the communicator's thread.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -33,27 +42,35 @@ struct GradBucket {
   int pending = 0;          // parameters not yet ready in this backward
   int num_params = 0;
   comm::WorkPtr work;
-  at::Tensor comm_buffer;  // the bucket in communication_data_type, when that differs
+  at::Tensor comm_buffer;  // the bucket in communication_data_type, when that differs; partitioned: staging
   at::Tensor comm_output;  // reduce_scatter's output in communication_data_type, when that differs
+  bool retired = true;     // partitioned: its chunk has been added to the shard
+};
+
+// Calls into the owner of the parameters (stage 3 gathers and releases around accumulation).
+struct GradHooks {
+  std::function<void(size_t)> before_accumulate;  // autograd is about to accumulate parameter i
+  std::function<void(size_t)> after_accumulate;   // parameter i's gradient has been consumed
 };
 
 class GradReducer {
  public:
-  // flat_grads holds every parameter's gradient at layout.offsets. grad_shard, when defined, is
-  // this rank's gradient shard (layout.shard_size(true) elements): gradients are reduce-scattered
-  // into it instead of all-reduced in place.
+  // In place: flat_grads holds every parameter's gradient at layout.offsets; grad_shard, when
+  // defined, receives the reduce-scatter on the boundary. Partitioned (flat_grads undefined):
+  // grad_shard (layout.shard_size(true) elements) accumulates this rank's reduced chunks.
   GradReducer(const std::vector<at::Tensor>& params, const zero::FlatLayout& layout, at::Tensor flat_grads,
-              at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config);
+              at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config, GradHooks hooks = {});
   ~GradReducer();
   GradReducer(const GradReducer&) = delete;
   GradReducer& operator=(const GradReducer&) = delete;
 
   // Before a backward: whether this backward's gradients are to be reduced (the accumulation
-  // boundary) or only accumulated locally.
+  // boundary) or only accumulated locally. Partitioned mode reduces every backward.
   void prepare(bool reduce);
   // After a backward with reduce=true: launches the buckets still waiting, waits for all, and
   // leaves the gradients averaged over the data-parallel ranks (in flat_grads, or in grad_shard).
   void finish();
+  bool partitioned() const { return partitioned_; }
 
   size_t num_buckets() const { return buckets_.size(); }
 
@@ -61,11 +78,17 @@ class GradReducer {
   void on_grad_ready(size_t param_index);
   void launch_ready_buckets();
   void launch(GradBucket& bucket);
+  void retire(GradBucket& bucket);  // partitioned: wait, add the chunk to the shard, free staging
+  void stage_gradient(size_t param_index);
 
   at::Tensor flat_grads_;
   at::Tensor grad_shard_;
   comm::CommunicatorPtr comm_;
   std::vector<GradBucket> buckets_;
+  std::vector<at::Tensor> params_;
+  std::vector<int64_t> offsets_;
+  GradHooks hooks_;
+  bool partitioned_ = false;
   std::vector<size_t> bucket_of_param_;
   std::vector<char> param_ready_;
   std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators_;

@@ -32,6 +32,13 @@ class Optimizer {
   virtual void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) = 0;
   virtual const char* name() const = 0;
   virtual int64_t steps_taken() const = 0;
+  virtual void set_steps_taken(int64_t steps) = 0;  // restoring a checkpoint
+
+  // Named per-element state, each flat fp32 over the same elements as the parameters (checkpoints):
+  // the names that currently hold state, and access by name (allocated, zero, on first access).
+  virtual std::vector<std::string> state_names() const = 0;
+  virtual at::Tensor& state(const std::string& name) = 0;
+  int64_t state_bytes() const;
 };
 
 // Builds the optimizer a config asks for, its state on `device`.

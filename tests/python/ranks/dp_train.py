@@ -25,6 +25,9 @@ def main():
     ap.add_argument("--predivide", type=float, default=0.0, help="prescale_gradients with this factor")
     ap.add_argument("--comm_dtype", default="")
     ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--persist", type=int, default=0, help="stage3_param_persistence_threshold")
+    ap.add_argument("--prefetch", type=int, default=1000, help="stage3_prefetch_bucket_size")
+    ap.add_argument("--zero_init", action="store_true", help="build the model under zeal.zero.Init")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -35,7 +38,9 @@ def main():
         if args.optimizer == "adamw" else
         {"type": "SGD", "params": {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}},
         "gradient_clipping": args.clip,
-        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": args.bucket},
+        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": args.bucket,
+                              "stage3_param_persistence_threshold": args.persist,
+                              "stage3_prefetch_bucket_size": args.prefetch},
         "steps_per_print": 1000,
         "comms_timeout_s": 60,
     }
@@ -46,7 +51,12 @@ def main():
         config["communication_data_type"] = args.comm_dtype
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
-    model = common.make_model()
+    if args.zero_init:
+        with zeal.zero.Init(config_dict_or_path=config):
+            model = common.make_model()
+        assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left a parameter whole"
+    else:
+        model = common.make_model()
     engine, _, _, _ = zeal.initialize(model=model, config=config)
     rank, world = engine.global_rank, engine.world_size
     assert engine.train_batch_size() == args.micro * args.gas * world
@@ -60,6 +70,11 @@ def main():
             assert engine.is_gradient_accumulation_boundary() == (k == args.gas - 1)
             engine.step()
     assert engine.global_steps == args.steps, engine.global_steps
+    if args.stage == 3:
+        partitioned = [p for p in model.parameters() if p.numel() == 0]
+        assert len(partitioned) == sum(p.ds_numel > args.persist for p in model.parameters()), "release missed"
+        gathered = zeal.zero.GatheredParameters(list(model.parameters()))
+        gathered.__enter__()
     # Every replica must hold the same weights: compare against rank 0's with a max/min reduce.
     flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
     hi, lo = flat.clone(), flat.clone()

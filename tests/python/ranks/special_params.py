@@ -55,6 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--persist", type=int, default=100000, help="stage3_param_persistence_threshold")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     micro = 3
@@ -62,7 +63,8 @@ def main():
     engine, *_ = zeal.initialize(model=model, config={
         "train_micro_batch_size_per_gpu": micro, "steps_per_print": 1000, "comms_timeout_s": 30,
         "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
-        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": 40}})
+        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": 40,
+                              "stage3_param_persistence_threshold": args.persist}})
     rank, world = engine.global_rank, engine.world_size
     for step in range(args.steps):
         x, y = batch(step, world * micro)
@@ -70,8 +72,9 @@ def main():
         loss = torch.nn.functional.cross_entropy(engine(x[rows], rank % 2), y[rows])
         engine.backward(loss)
         engine.step()
-    if rank == 0:
-        torch.save([p.detach().clone() for p in model.parameters()], args.out)
+    with zeal.zero.GatheredParameters(list(model.parameters())):
+        if rank == 0:
+            torch.save([p.detach().clone() for p in model.parameters()], args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+// ZeRO stage 3: parameters partitioned across the data-parallel ranks, gathered whole around use.
+//
+// Each trainable parameter is one bucket of the flat layout (make_flat_layout with a bucket size
+// of 1), padded to a multiple of N; rank r keeps chunk r of every parameter in one contiguous
+// shard. A parameter is in one of three states:
+//   released  - its .data is an empty tensor; only the shard holds its values;
+//   gathering - an all_gather into a fresh full buffer is in flight (prefetch);
+//   live      - .data is a view of the full buffer.
+// Parameters at or below the persistence threshold are gathered once and stay live; after each
+// optimizer step they are gathered again from the updated shards.
+//
+// Note [Stage 3 agreement]: ranks that take different branches of a model would ask for different
+// parameters, and an all_gather pairing rank 0's chunk of `a.weight` with rank 1's chunk of
+// `b.weight` would silently assemble garbage (or hang when the counts differ). So each checked
+// fetch first all-gathers one token naming what this rank wants; the end of forward and of
+// backward send an "end" token. If all ranks agree, the fetch proceeds. If not, every rank (they
+// all see the same tokens) gathers every parameter in index order and keeps them live until the
+// end of backward: the rest of the pass needs no collective, so divergent ranks finish it safely.
+// Prefetches are issued only after a pass in which all ranks agreed at every point, from the same
+// trace, so they stay in step too.
+//
+// Threading: every method runs on the caller's thread (the Python thread in forward, the autograd
+// thread in backward); collectives go to the communicator's FIFO thread, so all ranks must call
+// fetch/publish in the same order (Note [Stage 3 collective order] in docs/architecture.md).
+#pragma once
+
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "zeal/comm/communicator.h"
+#include "zeal/zero/layout.h"
+
+namespace zeal::zero {
+
+class ParamPartition {
+ public:
+  // params[i] has full shape shapes[i]; shard holds this rank's chunks (layout.owned order) and
+  // already has its values. Non-persistent parameters are released here, persistent ones gathered.
+  ParamPartition(std::vector<at::Tensor> params, std::vector<std::vector<int64_t>> shapes, const FlatLayout& layout,
+                 at::Tensor shard, comm::CommunicatorPtr comm, int64_t persistence_threshold);
+  ~ParamPartition();
+
+  // Agreement-checked gather of the parameters one module (or one backward step) needs.
+  void fetch_checked(const std::vector<size_t>& indices);
+  // End of a forward: check agreement, then release the non-persistent parameters (unless in
+  // fallback). End of a backward: check, release everything, leave fallback.
+  void end_forward();
+  void end_backward();
+  bool in_fallback() const { return fallback_; }
+  // Whether a fallback happened since the last call (prefetch trusts only agreed traces).
+  bool take_fallback_flag() {
+    bool f = fallback_this_step_;
+    fallback_this_step_ = false;
+    return f;
+  }
+
+  void fetch(size_t i);  // start the gather of a released parameter (no-op otherwise)
+  void wait(size_t i);   // fetch if needed and make it live
+  void release(size_t i);  // back to released, unless persistent
+  void release_all();      // every non-persistent parameter
+  // Give a released parameter its full shape over uninitialised storage, with no communication:
+  // autograd's gradient accumulation reads only the parameter's metadata.
+  void shape_only(size_t i);
+
+  bool live(size_t i) const { return state_[i] == State::kLive; }
+  bool persistent(size_t i) const { return persistent_[i]; }
+  const at::Tensor& full(size_t i) const { return full_[i]; }  // padded full buffer while live
+  int64_t index_of_storage(const void* data) const;           // live parameter owning it, or -1
+
+  // After the optimizer step: the shard takes the new values of the owned chunks (cast from the
+  // fp32 master); persistent parameters are gathered again.
+  void publish(const at::Tensor& master);
+  // A live parameter's full value was changed on every rank alike: copy this rank's chunk of it
+  // into the shard (and into master, fp32, when given).
+  void absorb(size_t i, at::Tensor* master);
+
+  at::Tensor& shard() { return shard_; }
+  int64_t chunk_begin(size_t i) const { return chunk_begin_[i]; }  // in the shard
+  int64_t chunk_size(size_t i) const { return chunk_size_[i]; }
+  int64_t live_elements() const { return live_elements_; }
+  int64_t numel(size_t i) const { return numel_[i]; }
+
+ private:
+  enum class State { kReleased, kGathering, kLive, kShapeOnly };
+  void make_live(size_t i);
+  bool agree(int64_t token);  // all ranks sent the same token
+  void gather_everything();
+
+  std::vector<at::Tensor> params_;
+  std::vector<std::vector<int64_t>> shapes_;
+  std::vector<int64_t> numel_, chunk_begin_, chunk_size_;
+  std::vector<char> persistent_;
+  std::vector<State> state_;
+  std::vector<at::Tensor> full_;
+  std::vector<comm::WorkPtr> work_;
+  std::unordered_map<const void*, size_t> live_storage_;
+  at::Tensor shard_;
+  at::Tensor empty_;
+  comm::CommunicatorPtr comm_;
+  int64_t live_elements_ = 0;
+  bool fallback_ = false;            // every parameter gathered until the end of backward
+  bool fallback_this_step_ = false;  // a fallback happened since the last end_backward
+};
+
+}  // namespace zeal::zero

@@ -1,0 +1,289 @@
+"""ZeRO stage 3 on the Python side: the module hooks that gather parameters around their use,
+zero.Init (partition while the model is built) and GatheredParameters.
+
+The C++ engine owns the partition (zeal/zero/param_partition.h) and the agreement protocol that
+keeps ranks in step (Note [Stage 3 agreement]); this module only decides *when* to ask:
+
+  forward   a module's pre-hook gathers its own parameters (plus any registered as external to
+            it) and prefetches the next ones along the previous forward's trace; its post-hook
+            releases them unless the trace says they are reused soon (max_reuse_distance).
+  backward  autograd's saved tensors that are views of a gathered parameter are stored as
+            (parameter, view geometry) instead of the tensor; unpacking gathers the parameter
+            again. The engine releases each parameter once its gradient has been consumed.
+"""
+import contextlib
+
+import torch
+
+from . import _zeal
+
+_END = None
+
+
+def _chunk(numel, world):
+    return (numel + world - 1) // world
+
+
+class Stage3Hooks:
+    """Installed by zeal.initialize on every submodule when zero_optimization.stage is 3."""
+
+    def __init__(self, module, core):
+        self.core = core
+        self.index = {id(p): i for i, p in enumerate(core.parameters)}
+        settings = core.zero3_settings
+        self.prefetch_bucket_size = settings["prefetch_bucket_size"]
+        self.max_live = settings["max_live_parameters"]
+        self.max_reuse = settings["max_reuse_distance"]
+        self.numel = [core.param_numel(i) for i in range(len(self.index))]
+        self.trace, self.recording, self.trusted = [], [], False
+        self.next_use = []  # per trace position: {param: elements fetched before its next use}
+        self.position = 0
+        self.depth = 0
+        self.handles = []
+        self.module_params = {}
+        for m in module.modules():
+            own = [self.index[id(p)] for p in m.parameters(recurse=False) if id(p) in self.index]
+            own += [self.index[id(p)] for p in getattr(m, "_zeal_external_params", []) if id(p) in self.index]
+            self.module_params[m] = tuple(sorted(set(own)))
+            self.handles.append(m.register_forward_pre_hook(self._pre))
+            self.handles.append(m.register_forward_hook(self._post))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    # --- forward -------------------------------------------------------------------------------
+    def _pre(self, module, args):
+        if self.depth == 0:
+            # A new forward: prefetch only along a trace every rank recorded alike.
+            self.trusted = bool(self.trace) and not self.core.take_fallback_flag()
+            self.recording, self.position = [], 0
+        self.depth += 1
+        wanted = self.module_params.get(module, ())
+        if not wanted:
+            return
+        self.core.fetch_params(list(wanted))
+        if self.trusted:
+            if self.position < len(self.trace) and self.trace[self.position] == wanted:
+                self._prefetch(self.position + 1)
+            else:
+                self.trusted = False  # this forward left the trace; stop predicting
+        self.recording.append(wanted)
+        self.position += 1
+
+    def _prefetch(self, start):
+        budget, chosen = self.prefetch_bucket_size, []
+        live = self.core.live_elements
+        for entry in self.trace[start:]:
+            for i in entry:
+                if self.core.is_persistent(i) or self.core.is_live(i) or i in chosen:
+                    continue
+                if self.numel[i] > budget or live + self.numel[i] > self.max_live:
+                    budget = -1
+                    break
+                chosen.append(i)
+                budget -= self.numel[i]
+                live += self.numel[i]
+            if budget < 0:
+                break
+        if chosen:
+            self.core.prefetch_params(chosen)
+
+    def _post(self, module, args, output):
+        self.depth -= 1
+        wanted = self.module_params.get(module, ())
+        if wanted:
+            pos = self.position - 1
+            keep = self.next_use[pos] if self.trusted and pos < len(self.next_use) else {}
+            release = [i for i in wanted
+                       if not (i in keep and keep[i] <= self.max_reuse
+                               and self.core.live_elements <= self.max_live)]
+            if release:
+                self.core.release_params(release)
+        if self.depth == 0:
+            self.core.end_forward()
+            self._finish_trace()
+
+    def _finish_trace(self):
+        self.trace = self.recording
+        # Reuse distance: elements fetched between a module and the next use of each of its parameters.
+        self.next_use = [dict() for _ in self.trace]
+        last_seen, fetched = {}, 0
+        cumulative = []
+        for pos, entry in enumerate(self.trace):
+            cumulative.append(fetched)
+            for i in entry:
+                if i in last_seen:
+                    prev = last_seen[i]
+                    self.next_use[prev][i] = fetched - cumulative[prev] - sum(self.numel[j] for j in self.trace[prev])
+                last_seen[i] = pos
+            fetched += sum(self.numel[i] for i in entry)
+
+    # --- backward ------------------------------------------------------------------------------
+    def pack(self, tensor):
+        i = self.core.saved_param_index(tensor)
+        if i < 0:
+            return tensor
+        return (i, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        i, size, stride, offset = packed
+        return self.core.full_param(i).as_strided(size, stride, offset)
+
+    def saved_tensors(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def register_external_parameter(module, parameter):
+    """Gather `parameter` around `module`'s forward too (a parameter of another module that this
+    module's forward uses directly, as DeepSpeed's register_external_parameter)."""
+    if not hasattr(module, "_zeal_external_params"):
+        module._zeal_external_params = []
+    module._zeal_external_params.append(parameter)
+
+
+# --- zero.Init ---------------------------------------------------------------------------------
+
+def _partition_parameter(param, comm):
+    """Replace a whole parameter by this rank's chunk of rank 0's value (kept on the parameter)."""
+    world, rank = comm.size, comm.rank
+    numel = param.numel()
+    c = _chunk(numel, world)
+    full = torch.zeros(c * world, dtype=param.dtype, device=param.device)
+    full[:numel].copy_(param.detach().reshape(-1))
+    if world > 1:
+        comm.broadcast(full, 0).wait()
+    param._zeal_full_shape = tuple(param.shape)
+    param._zeal_chunk = full[rank * c:(rank + 1) * c].clone()
+    param.ds_shape = param._zeal_full_shape  # DeepSpeed's attribute names
+    param.ds_numel = numel
+    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
+class Init:
+    """Partition parameters as modules are constructed, so a model larger than one rank's memory
+    can be built. Each module's parameters are whole only inside its own __init__; when it
+    returns they are cut to this rank's chunk (of rank 0's values). Use as a context manager:
+
+        with zeal.zero.Init(config_dict_or_path=config):
+            model = MyModel()
+    """
+
+    def __init__(self, module=None, data_parallel_group=None, config_dict_or_path=None, config=None,
+                 enabled=True, dtype=None, remote_device=None, pin_memory=False, mpu=None):
+        if remote_device not in (None, "none"):
+            raise _zeal.ConfigError("zeal.zero.Init: remote_device (offload) is not supported yet")
+        if data_parallel_group is not None or mpu is not None:
+            raise _zeal.ConfigError("zeal.zero.Init: data_parallel_group / mpu are not supported yet; "
+                                    "Zeal partitions over the world")
+        self.enabled = enabled
+        self.dtype = dtype
+        self._patched = []
+        if module is not None and enabled:
+            self._partition_module(module)
+
+    def _partition_module(self, module):
+        from . import world
+        comm = world()
+        for p in module.parameters(recurse=False):
+            if not hasattr(p, "_zeal_chunk") and p.numel() > 0:
+                if self.dtype is not None and p.is_floating_point():
+                    p.data = p.data.to(self.dtype)
+                _partition_parameter(p, comm)
+        for child in module.children():
+            self._partition_module(child)
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        init = self
+
+        def wrap(cls):
+            original = cls.__dict__.get("__init__")
+            if original is None:
+                return
+
+            def __init__(module, *args, **kwargs):
+                original(module, *args, **kwargs)
+                # Only the outermost object's class partitions (a subclass calling super().__init__
+                # must still be able to touch its parameters afterwards).
+                if type(module).__init__ is __init__ or type(module) is cls:
+                    init._partition_module(module)
+
+            cls.__init__ = __init__
+            self._patched.append((cls, original))
+
+        def subclasses(cls):
+            for sub in cls.__subclasses__():
+                yield sub
+                yield from subclasses(sub)
+
+        for cls in set(subclasses(torch.nn.Module)):
+            wrap(cls)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in reversed(self._patched):
+            cls.__init__ = original
+        self._patched.clear()
+        return False
+
+
+class GatheredParameters:
+    """Gather partitioned parameters whole for the duration of the block. With modifier_rank set,
+    that rank's values are broadcast on exit and re-partitioned (e.g. custom initialisation)."""
+
+    def __init__(self, params, modifier_rank=None, fwd_module=None, enabled=True):
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        self.params = [p for p in params if hasattr(p, "_zeal_chunk") or hasattr(p, "_zeal_engine")]
+        self.modifier_rank = modifier_rank
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        from . import world
+        comm = world()
+        for p in self.params:
+            if hasattr(p, "_zeal_engine"):
+                p._zeal_engine.fetch_params([p._zeal_index])
+            else:
+                chunk = p._zeal_chunk
+                full = torch.empty(chunk.numel() * comm.size, dtype=chunk.dtype, device=chunk.device)
+                if comm.size > 1:
+                    comm.all_gather(full, chunk).wait()
+                else:
+                    full.copy_(chunk)
+                numel = 1
+                for d in p._zeal_full_shape:
+                    numel *= d
+                p.data = full[:numel].view(p._zeal_full_shape)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        from . import world
+        comm = world()
+        for p in self.params:
+            if hasattr(p, "_zeal_engine"):
+                core, i = p._zeal_engine, p._zeal_index
+                if self.modifier_rank is not None:
+                    full = core.full_param(i)
+                    if comm.size > 1:
+                        comm.broadcast(full, self.modifier_rank).wait()
+                    core.absorb_parameter(i)
+                core.release_params([i])
+            else:
+                if self.modifier_rank is not None:
+                    c = p._zeal_chunk.numel()
+                    full = torch.zeros(c * comm.size, dtype=p.dtype, device=p.device)
+                    full[:p.numel()].copy_(p.detach().reshape(-1))
+                    if comm.size > 1:
+                        comm.broadcast(full, self.modifier_rank).wait()
+                    p._zeal_chunk = full[comm.rank * c:(comm.rank + 1) * c].clone()
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        return False

@@ -1,0 +1,206 @@
+#include "zeal/zero/param_partition.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+
+#include "zeal/core/error.h"
+#include "zeal/core/logging.h"
+
+namespace zeal::zero {
+
+ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::vector<int64_t>> shapes,
+                               const FlatLayout& layout, at::Tensor shard, comm::CommunicatorPtr comm,
+                               int64_t persistence_threshold)
+    : params_(std::move(params)), shapes_(std::move(shapes)), shard_(std::move(shard)), comm_(std::move(comm)) {
+  const size_t n = params_.size();
+  ZEAL_INTERNAL_ASSERT(shapes_.size() == n && layout.numels.size() == n, "one shape per parameter");
+  numel_ = layout.numels;
+  chunk_begin_.assign(n, 0);
+  chunk_size_.assign(n, 0);
+  persistent_.assign(n, 0);
+  state_.assign(n, State::kReleased);
+  full_.resize(n);
+  work_.resize(n);
+  empty_ = at::empty({0}, shard_.options());
+  int64_t local = 0;
+  for (const Bucket& b : layout.buckets) {
+    int64_t c = b.chunk(layout.world);
+    for (size_t p : b.params) {
+      ZEAL_INTERNAL_ASSERT(numel_[p] == 0 || b.params.size() == 1 || numel_[p] == b.data_end - b.begin,
+                           "stage 3 needs one parameter per bucket");
+      if (numel_[p] == 0) continue;
+      chunk_begin_[p] = local;
+      chunk_size_[p] = c;
+    }
+    local += c;
+  }
+  ZEAL_INTERNAL_ASSERT(local == shard_.numel(), "shard of ", shard_.numel(), " elements for a layout of ", local);
+  for (size_t i = 0; i < n; ++i) {
+    persistent_[i] = numel_[i] <= persistence_threshold;
+    if (persistent_[i]) {
+      fetch(i);
+    } else {
+      params_[i].set_data(empty_);
+    }
+  }
+  for (size_t i = 0; i < n; ++i)
+    if (persistent_[i]) make_live(i);
+}
+
+ParamPartition::~ParamPartition() {
+  for (auto& w : work_) {
+    if (w && !w->is_completed()) {
+      try {
+        w->wait();
+      } catch (...) {
+      }
+    }
+  }
+}
+
+namespace {
+constexpr int64_t kEndToken = -1;
+int64_t token_of(const std::vector<size_t>& indices) {  // FNV-1a over the indices
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i : indices) {
+    h ^= static_cast<uint64_t>(i) + 1;
+    h *= 1099511628211ull;
+  }
+  return static_cast<int64_t>(h & 0x7fffffffffffffffull);
+}
+}  // namespace
+
+bool ParamPartition::agree(int64_t token) {
+  if (comm_->size() == 1) return true;
+  auto options = at::TensorOptions().dtype(at::kLong).device(shard_.device());
+  at::Tensor mine = at::full({1}, token, options);
+  at::Tensor all = at::empty({comm_->size()}, options);
+  comm_->all_gather(all, mine, {})->wait();
+  return all.eq(token).all().item<bool>();
+}
+
+void ParamPartition::gather_everything() {
+  static bool warned = false;
+  log("zero", warned ? LogLevel::kDebug : LogLevel::kWarn,
+      "ZeRO-3: ranks asked for different parameters (different branches of the model?); gathering every "
+      "parameter until the end of this backward");
+  warned = true;
+  for (size_t i = 0; i < params_.size(); ++i) fetch(i);
+  for (size_t i = 0; i < params_.size(); ++i) make_live(i);
+  fallback_ = fallback_this_step_ = true;
+}
+
+void ParamPartition::fetch_checked(const std::vector<size_t>& indices) {
+  if (fallback_) return;
+  std::vector<size_t> needed;
+  for (size_t i : indices)
+    if (!persistent_[i] && state_[i] != State::kLive) needed.push_back(i);
+  // Persistent and already-live parameters need no collective: their state is the same on every
+  // rank whenever the ranks have agreed so far.
+  if (!needed.empty() && !agree(token_of(needed))) {
+    gather_everything();
+    return;
+  }
+  for (size_t i : needed) fetch(i);
+  for (size_t i : indices) make_live(i);
+}
+
+void ParamPartition::end_forward() {
+  if (!fallback_ && !agree(kEndToken)) gather_everything();
+  if (fallback_) return;
+  release_all();
+}
+
+void ParamPartition::end_backward() {
+  if (!fallback_ && !agree(kEndToken)) gather_everything();
+  fallback_ = false;
+  release_all();
+}
+
+void ParamPartition::fetch(size_t i) {
+  if (state_[i] == State::kLive || state_[i] == State::kGathering) return;
+  const int64_t c = chunk_size_[i];
+  at::Tensor full = at::empty({c * comm_->size()}, shard_.options());
+  at::Tensor mine = shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
+  if (comm_->size() == 1) {
+    full.copy_(mine);
+    work_[i].reset();
+  } else {
+    work_[i] = comm_->all_gather(full, mine, {});
+  }
+  full_[i] = full;
+  state_[i] = State::kGathering;
+}
+
+void ParamPartition::wait(size_t i) {
+  if (state_[i] == State::kLive) return;
+  fetch(i);
+  make_live(i);
+}
+
+void ParamPartition::make_live(size_t i) {
+  if (state_[i] == State::kLive) return;
+  if (work_[i]) work_[i]->wait();
+  work_[i].reset();
+  params_[i].set_data(full_[i].slice(0, 0, numel_[i]).view(shapes_[i]));
+  live_storage_[full_[i].storage().data()] = i;
+  live_elements_ += full_[i].numel();
+  state_[i] = State::kLive;
+}
+
+void ParamPartition::release(size_t i) {
+  if (persistent_[i] || fallback_ || state_[i] == State::kReleased) return;
+  if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();  // never free a buffer MPI is writing
+  work_[i].reset();
+  if (state_[i] == State::kLive) {
+    live_storage_.erase(full_[i].storage().data());
+    live_elements_ -= full_[i].numel();
+  }
+  params_[i].set_data(empty_);
+  full_[i].reset();
+  state_[i] = State::kReleased;
+}
+
+void ParamPartition::release_all() {
+  for (size_t i = 0; i < params_.size(); ++i) release(i);
+}
+
+void ParamPartition::shape_only(size_t i) {
+  if (state_[i] != State::kReleased) return;
+  params_[i].set_data(at::empty(shapes_[i], shard_.options()));
+  state_[i] = State::kShapeOnly;
+}
+
+int64_t ParamPartition::index_of_storage(const void* data) const {
+  auto it = live_storage_.find(data);
+  return it == live_storage_.end() ? -1 : static_cast<int64_t>(it->second);
+}
+
+void ParamPartition::publish(const at::Tensor& master) {
+  shard_.copy_(master);
+  // Persistent parameters (and any the caller holds gathered) take the new values.
+  std::vector<size_t> refresh;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (state_[i] == State::kLive || state_[i] == State::kGathering) {
+      if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();
+      if (state_[i] == State::kLive) {
+        live_storage_.erase(full_[i].storage().data());
+        live_elements_ -= full_[i].numel();
+      }
+      state_[i] = State::kReleased;
+      refresh.push_back(i);
+    }
+  }
+  for (size_t i : refresh) fetch(i);
+  for (size_t i : refresh) make_live(i);
+}
+
+void ParamPartition::absorb(size_t i, at::Tensor* master) {
+  ZEAL_CHECK(state_[i] == State::kLive, "parameter ", i, " is not gathered");
+  const int64_t c = chunk_size_[i], begin = comm_->rank() * c;
+  at::Tensor mine = full_[i].slice(0, begin, begin + c);
+  shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c).copy_(mine);
+  if (master) master->slice(0, chunk_begin_[i], chunk_begin_[i] + c).copy_(mine);
+}
+
+}  // namespace zeal::zero
