@@ -4,6 +4,10 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <pybind11/functional.h>
+#include <ATen/ops/empty.h>
+
+#include "zeal/checkpoint/checkpoint.h"
 #include "zeal/comm/world.h"
 #include "zeal/core/config.h"
 #include "zeal/core/error.h"
@@ -135,6 +139,37 @@ PYBIND11_MODULE(_zeal, m) {
         "A communicator over the world's ranks for tensors on CUDA device `device` (NCCL).");
 #endif
 
+  m.def("checkpoint_to_fp32", &checkpoint::to_fp32, py::arg("checkpoint_dir"), py::arg("out_path"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Consolidate a checkpoint into one fp32 safetensors file, one parameter in memory at a time.");
+  m.def("resolve_checkpoint", &checkpoint::resolve_tag, py::arg("save_dir"), py::arg("tag") = "");
+  m.def("read_safetensors",
+        [](const std::string& path) {
+          checkpoint::SafetensorsReader reader(path);
+          py::dict out;
+          for (const auto& [name, entry] : reader.entries()) {
+            if (reader.metadata().count("crc32:" + name)) reader.verify(name);
+            out[py::str(name)] = reader.read_all(name);
+          }
+          return out;
+        },
+        py::arg("path"), "Read every tensor of a safetensors file (checksums verified when present).");
+  m.def("checkpoint_parameter_names", [](const std::string& dir) {
+    std::vector<std::string> names;
+    for (const auto& p : checkpoint::read_manifest(dir + "/" + checkpoint::kManifestName).params) names.push_back(p.name);
+    return names;
+  });
+  m.def("checkpoint_read_parameter",
+        [](const std::string& dir, const std::string& name) {
+          checkpoint::CheckpointReader reader(dir);
+          int64_t p = reader.find_param(name);
+          if (p < 0) throw CheckpointError("checkpoint " + dir + " has no parameter '" + name + "'");
+          const auto& info = reader.manifest().params[p];
+          at::Tensor out = at::empty({info.numel}, at::TensorOptions().dtype(at::kFloat));
+          reader.read("master", p, 0, info.numel, out);
+          return out.view(info.shape);
+        });
+
   py::class_<engine::Engine>(m, "Engine")
       .def(py::init([](const py::list& groups, const std::string& config_json) {
              Config config = Config::from_string(config_json);
@@ -239,6 +274,18 @@ PYBIND11_MODULE(_zeal, m) {
              return p->full(i);
            })
       .def("absorb_parameter", &engine::Engine::absorb_parameter)
+      .def("save_checkpoint",
+           [](engine::Engine& e, const std::string& dir, const std::string& tag, const std::string& client_json,
+              const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
+             py::gil_scoped_release nogil;
+             return e.save_checkpoint(dir, tag, client_json, extra, save_latest);
+           },
+           py::arg("save_dir"), py::arg("tag"), py::arg("client_state_json"), py::arg("extra"),
+           py::arg("save_latest") = true)
+      .def("load_checkpoint", &engine::Engine::load_checkpoint, py::arg("load_dir"), py::arg("tag"),
+           py::arg("load_optimizer_states"), py::arg("load_lr_scheduler_states"), py::arg("load_module_only"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_checkpoint_fault_hook", &engine::Engine::set_checkpoint_fault_hook)
       .def_property_readonly("rank", [](const engine::Engine& e) { return e.world()->rank(); })
       .def_property_readonly("world_size", [](const engine::Engine& e) { return e.world()->size(); });
 }

@@ -11,7 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links it)
 from . import _zeal
 from ._zeal import CheckpointError, CommError, ConfigError, Error, InternalError, IoError, TimeoutError
 from .engine import ZealEngine, initialize
-from . import zero  # noqa: E402  (zeal.zero.Init, GatheredParameters)
+from . import checkpoint, zero  # noqa: E402  (zeal.checkpoint, zeal.zero.Init, GatheredParameters)
 
 __version__ = _zeal.__version__
 

@@ -3,6 +3,7 @@
 The C++ engine owns the training state; the model's parameters become views into its flat
 buffers. This module only adapts arguments, times forward, and builds the data loader.
 """
+import json
 import time
 
 import torch
@@ -108,6 +109,53 @@ class ZealEngine(torch.nn.Module):
 
     def zero_grad(self):
         self._core.zero_grad()
+
+    # --- checkpoints (DeepSpeed's signatures) ---------------------------------------------------
+    def _extra_state(self):
+        """Module state the engine does not train: buffers and frozen parameters, by state_dict name."""
+        managed = {id(p) for p in self._core.parameters}
+        extra = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) not in managed and isinstance(t, torch.Tensor):
+                extra[name] = t.detach()
+        return extra
+
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
+        """Every rank writes its shard; returns True as DeepSpeed does. client_state must be JSON-serialisable
+        (checkpoints never pickle)."""
+        if tag is None:
+            tag = f"global_step{self.global_steps}"
+        try:
+            client_json = json.dumps(client_state or {})
+        except TypeError as e:
+            raise _zeal.CheckpointError(f"client_state must be JSON-serialisable (Zeal checkpoints never pickle): {e}")
+        extra = [] if self._core.rank != 0 else sorted(self._extra_state().items())
+        self._core.save_checkpoint(str(save_dir), str(tag), client_json, extra, save_latest)
+        return True
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """Returns (checkpoint path, client_state) like DeepSpeed; (None, None) if load_dir holds no checkpoint."""
+        if custom_load_fn is not None:
+            raise _zeal.ConfigError("load_checkpoint: custom_load_fn is not supported")
+        import os
+
+        if tag is None and not os.path.exists(os.path.join(str(load_dir), "latest")):
+            return None, None
+        path, client_json = self._core.load_checkpoint(str(load_dir), "" if tag is None else str(tag),
+                                                      load_optimizer_states, load_lr_scheduler_states,
+                                                      load_module_only)
+        extra = _zeal.read_safetensors(os.path.join(path, "module_extra.safetensors"))
+        if extra:
+            own = self._extra_state()
+            missing = sorted(set(own) - set(extra))
+            if missing and load_module_strict:
+                raise _zeal.CheckpointError(f"checkpoint {path} lacks module state {missing}")
+            with torch.no_grad():
+                for name, value in extra.items():
+                    if name in own:
+                        own[name].copy_(value)
+        return path, json.loads(client_json)
 
     def is_gradient_accumulation_boundary(self):
         return self._core.is_gradient_accumulation_boundary()

@@ -65,4 +65,18 @@ std::vector<LocalRange> to_local(const std::vector<OwnedRange>& owned, int64_t f
   return out;
 }
 
+std::vector<Fragment> fragments(const FlatLayout& layout, const std::vector<OwnedRange>& owned) {
+  std::vector<Fragment> out;
+  for (const OwnedRange& o : owned) {
+    for (size_t p = 0; p < layout.numels.size(); ++p) {
+      int64_t lo = std::max(o.flat_begin, layout.offsets[p]);
+      int64_t hi = std::min(o.flat_end, layout.offsets[p] + layout.numels[p]);
+      if (lo >= hi) continue;
+      out.push_back({static_cast<int64_t>(p), lo - layout.offsets[p], hi - layout.offsets[p],
+                     o.local_begin + (lo - o.flat_begin)});
+    }
+  }
+  return out;
+}
+
 }  // namespace zeal::zero

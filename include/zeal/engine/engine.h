@@ -14,6 +14,7 @@
 
 #include <array>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -85,10 +86,25 @@ class Engine {
   // Stage 3: a live parameter's value was changed alike on every rank; take it into shard and master.
   void absorb_parameter(size_t i);
 
+  // Checkpoints (checkpoint/checkpoint.h, Note [Atomic checkpoints]). Collective: every rank calls.
+  // save returns the checkpoint directory; `extra` is module state the engine does not own
+  // (buffers, frozen parameters), written by rank 0. load returns (directory, client_state JSON).
+  std::string save_checkpoint(const std::string& save_dir, const std::string& tag, const std::string& client_state_json,
+                              const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest = true);
+  std::pair<std::string, std::string> load_checkpoint(const std::string& load_dir, const std::string& tag,
+                                                      bool load_optimizer_states, bool load_lr_scheduler_states,
+                                                      bool load_module_only);
+  // Tests inject crashes here: called with "shard_half" mid-write of a shard, "before_publish" on
+  // rank 0 just before the directory rename.
+  void set_checkpoint_fault_hook(std::function<void(const std::string&)> hook) { fault_hook_ = std::move(hook); }
+
   // Time the caller spent in forward, for wall_clock_breakdown.
   void add_forward_time(double seconds) { forward_seconds_ += seconds; }
 
  private:
+  std::pair<std::string, std::string> load_checkpoint_local(const std::string& load_dir, const std::string& tag,
+                                                            bool load_optimizer_states, bool load_lr_scheduler_states,
+                                                            bool load_module_only);
   void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options);
   void apply_lr(int64_t iteration);
   void log_step();
@@ -122,6 +138,7 @@ class Engine {
   std::unique_ptr<optim::Optimizer> optimizer_;
   std::unique_ptr<optim::LrSchedule> schedule_;
   optim::LossScaler scaler_;
+  std::function<void(const std::string&)> fault_hook_;
 
   int64_t micro_steps_ = 0;
   int64_t global_steps_ = 0;

@@ -20,6 +20,21 @@ class LossScaler {
   // Records one optimizer-step attempt; `overflow` means its gradients had an inf or NaN.
   void update(bool overflow);
 
+  // What a checkpoint keeps of it.
+  struct State {
+    double scale = 1.0;
+    int64_t current_hysteresis = 1;
+    int64_t iteration = 0;
+    int64_t last_overflow_iteration = -1;
+  };
+  State state() const { return {scale_, current_hysteresis_, iteration_, last_overflow_iteration_}; }
+  void restore(const State& s) {
+    scale_ = s.scale;
+    current_hysteresis_ = s.current_hysteresis;
+    iteration_ = s.iteration;
+    last_overflow_iteration_ = s.last_overflow_iteration;
+  }
+
  private:
   bool dynamic_ = false;
   double scale_ = 1.0;

@@ -53,4 +53,16 @@ struct LocalRange {
 };
 std::vector<LocalRange> to_local(const std::vector<OwnedRange>& owned, int64_t flat_begin, int64_t flat_end);
 
+// The fragment table: which elements of which parameter a rank holds, and where in its shard.
+// Elements [begin, end) of parameter `param` (flattened) sit at [local, local + end - begin) of
+// the rank's shard buffers (master weights, optimizer state, gradient shard). This is what
+// checkpoints record, so a checkpoint can be read back under any other layout.
+struct Fragment {
+  int64_t param = 0;
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t local = 0;
+};
+std::vector<Fragment> fragments(const FlatLayout& layout, const std::vector<OwnedRange>& owned);
+
 }  // namespace zeal::zero

@@ -1,0 +1,201 @@
+// Engine::save_checkpoint / load_checkpoint: the engine's state in and out of the checkpoint
+// format of checkpoint/checkpoint.h. Loading works at any world size and stage: each rank asks
+// the reader for exactly the parameter elements its own fragment table says it owns.
+#include <filesystem>
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include "zeal/checkpoint/checkpoint.h"
+#include "zeal/core/error.h"
+#include "zeal/core/logging.h"
+#include "zeal/engine/engine.h"
+
+namespace zeal::engine {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+// Every rank learns whether any rank failed, so none waits on a barrier a failed rank never reaches.
+void agree_or_throw(const comm::CommunicatorPtr& world, const std::string& local_error, const std::string& what) {
+  at::Tensor flag = at::full({1}, local_error.empty() ? 0.0 : 1.0, at::TensorOptions().dtype(at::kFloat));
+  if (world->size() > 1) world->all_reduce(flag, {comm::ReduceOp::kMax})->wait();
+  if (!local_error.empty()) throw CheckpointError(what + " failed on rank " + std::to_string(world->rank()) + ": " + local_error);
+  if (flag.item<float>() > 0) throw CheckpointError(what + " failed on another rank (see its error)");
+}
+
+}  // namespace
+
+std::string Engine::save_checkpoint(const std::string& save_dir, const std::string& tag,
+                                    const std::string& client_state_json,
+                                    const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
+  ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
+                "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
+  json client = json::parse(client_state_json, nullptr, false);
+  ZEAL_CHECK_AS(CheckpointError, !client.is_discarded(), "client_state is not valid JSON");
+  const std::string final_dir = (fs::path(save_dir) / tag).string();
+  const std::string tmp_dir = (fs::path(save_dir) / (".tmp-" + tag)).string();
+  const int rank = world_->rank();
+
+  std::string error;
+  if (rank == 0) {
+    try {
+      checkpoint::make_dirs(save_dir);
+      checkpoint::remove_tree(tmp_dir);  // a previous save that died
+      checkpoint::make_dirs(tmp_dir);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  agree_or_throw(world_, error, "checkpoint save (creating " + tmp_dir + ")");
+
+  // Each rank writes its own shard; below stage 1 every rank holds everything, so rank 0 alone does.
+  const bool writes = partitioned_ || rank == 0;
+  if (writes) {
+    try {
+      std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", master_}};
+      for (const std::string& name : optimizer_->state_names()) tensors.push_back({name, optimizer_->state(name)});
+      auto progress = [this](const std::string& point) {
+        if (fault_hook_ && point == "half") fault_hook_("shard_half");
+      };
+      checkpoint::write_safetensors((fs::path(tmp_dir) / checkpoint::shard_file_name(rank)).string(), tensors,
+                                    {{"rank", std::to_string(rank)}, {"format", checkpoint::kFormat}}, progress);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  agree_or_throw(world_, error, "checkpoint save (writing shards)");
+
+  if (rank == 0) {
+    try {
+      checkpoint::Manifest m;
+      m.stage = stage_;
+      m.world_size = world_->size();
+      m.model_dtype = c10::toString(model_dtype_);
+      m.optimizer = optimizer_->name();
+      m.state_names = optimizer_->state_names();
+      for (size_t i = 0; i < params_.size(); ++i) m.params.push_back({names_[i], shapes_[i], layout_.numels[i]});
+      for (int r = 0; r < world_->size(); ++r)
+        m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(layout_, layout_.owned(r, partitioned_))
+                                                     : std::vector<zero::Fragment>{});
+      optim::LossScaler::State s = scaler_.state();
+      json engine = {{"global_steps", global_steps_},
+                     {"global_samples", global_samples_},
+                     {"micro_steps", micro_steps_},
+                     {"skipped_steps", skipped_steps_},
+                     {"scheduler_iteration", scheduler_iteration_},
+                     {"optimizer_steps", optimizer_->steps_taken()},
+                     {"lr", get_lr()},
+                     {"loss_scaler",
+                      {{"scale", s.scale},
+                       {"current_hysteresis", s.current_hysteresis},
+                       {"iteration", s.iteration},
+                       {"last_overflow_iteration", s.last_overflow_iteration}}}};
+      m.engine_state = engine.dump();
+      m.client_state = client.dump();
+      checkpoint::write_safetensors((fs::path(tmp_dir) / checkpoint::kExtraName).string(), extra, {{"rank", "0"}});
+      checkpoint::write_manifest((fs::path(tmp_dir) / checkpoint::kManifestName).string(), m);
+      checkpoint::fsync_dir(tmp_dir);
+      if (fault_hook_) fault_hook_("before_publish");
+      // Publish: the complete directory takes the tag's name, then `latest` moves to it.
+      const std::string old_dir = (fs::path(save_dir) / (".old-" + tag)).string();
+      checkpoint::remove_tree(old_dir);
+      if (fs::exists(final_dir)) checkpoint::rename_path(final_dir, old_dir);
+      checkpoint::rename_path(tmp_dir, final_dir);
+      checkpoint::fsync_dir(save_dir);
+      if (save_latest) checkpoint::write_text_atomically((fs::path(save_dir) / "latest").string(), tag + "\n");
+      checkpoint::remove_tree(old_dir);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  agree_or_throw(world_, error, "checkpoint save (publishing " + final_dir + ")");
+  log("engine", LogLevel::kInfo, "saved checkpoint ", final_dir, " (step ", global_steps_, ")");
+  return final_dir;
+}
+
+std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& load_dir, const std::string& tag,
+                                                            bool load_optimizer_states, bool load_lr_scheduler_states,
+                                                            bool load_module_only) {
+  // Any rank's failure fails every rank at once (no rank is left waiting in a collective).
+  std::string error;
+  std::pair<std::string, std::string> result;
+  try {
+    result = load_checkpoint_local(load_dir, tag, load_optimizer_states, load_lr_scheduler_states, load_module_only);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  agree_or_throw(world_, error, "checkpoint load");
+  publish_parameters();
+  zero_grad();
+  log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
+  return result;
+}
+
+std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::string& load_dir, const std::string& tag,
+                                                                  bool load_optimizer_states,
+                                                                  bool load_lr_scheduler_states,
+                                                                  bool load_module_only) {
+  const std::string dir = checkpoint::resolve_tag(load_dir, tag);
+  checkpoint::CheckpointReader reader(dir);
+  const checkpoint::Manifest& m = reader.manifest();
+
+  // Match parameters by name, then check shapes: a mismatch is an error, never a silent skip.
+  std::vector<int64_t> saved_index(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    int64_t s = reader.find_param(names_[i]);
+    ZEAL_CHECK_AS(CheckpointError, s >= 0, "checkpoint ", dir, " has no parameter '", names_[i],
+                  "' (it holds ", m.params.size(), " parameters; is it from another model?)");
+    ZEAL_CHECK_AS(CheckpointError, m.params[s].numel == layout_.numels[i] && m.params[s].shape == shapes_[i],
+                  "parameter '", names_[i], "' has shape ", c10::IntArrayRef(m.params[s].shape), " in checkpoint ", dir,
+                  " but ", c10::IntArrayRef(shapes_[i]), " in the model");
+    saved_index[i] = s;
+  }
+  const bool optimizer_too = load_optimizer_states && !load_module_only;
+  if (optimizer_too)
+    ZEAL_CHECK_AS(CheckpointError, m.optimizer == optimizer_->name(), "checkpoint ", dir, " holds ", m.optimizer,
+                  " state but the config's optimizer is ", optimizer_->name(),
+                  "; pass load_optimizer_states=False to load the weights only");
+
+  // This rank's elements under the current layout, whatever layout wrote them.
+  const std::vector<zero::Fragment> mine = zero::fragments(layout_, owned_);
+  auto fill = [&](const std::string& what, at::Tensor& target) {
+    for (const zero::Fragment& f : mine) {
+      at::Tensor piece = target.slice(0, f.local, f.local + (f.end - f.begin));
+      if (piece.is_contiguous() && piece.device().is_cpu()) {
+        reader.read(what, saved_index[f.param], f.begin, f.end, piece);
+      } else {
+        at::Tensor host = at::empty({f.end - f.begin}, at::TensorOptions().dtype(at::kFloat));
+        reader.read(what, saved_index[f.param], f.begin, f.end, host);
+        piece.copy_(host);
+      }
+    }
+  };
+  fill("master", master_);
+  json engine = json::parse(m.engine_state);
+  if (optimizer_too) {
+    // The model-dtype weights follow from the master weights (publish_parameters, by the caller).
+    for (const std::string& name : m.state_names) fill(name, optimizer_->state(name));
+    optimizer_->set_steps_taken(engine.at("optimizer_steps").get<int64_t>());
+    const json& s = engine.at("loss_scaler");
+    scaler_.restore({s.at("scale").get<double>(), s.at("current_hysteresis").get<int64_t>(),
+                     s.at("iteration").get<int64_t>(), s.at("last_overflow_iteration").get<int64_t>()});
+  }
+  if (!load_module_only) {
+    global_steps_ = engine.at("global_steps").get<int64_t>();
+    global_samples_ = engine.at("global_samples").get<int64_t>();
+    micro_steps_ = engine.at("micro_steps").get<int64_t>();
+    skipped_steps_ = engine.at("skipped_steps").get<int64_t>();
+    last_log_samples_ = global_samples_;
+  }
+  if (load_lr_scheduler_states && !load_module_only) {
+    scheduler_iteration_ = engine.at("scheduler_iteration").get<int64_t>();
+    apply_lr(scheduler_iteration_);
+  }
+  log("engine", LogLevel::kDebug, "read checkpoint ", dir, " (saved at stage ", m.stage, " on ", m.world_size,
+      " ranks)");
+  return {dir, m.client_state};
+}
+
+}  // namespace zeal::engine
