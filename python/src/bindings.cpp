@@ -187,6 +187,8 @@ PYBIND11_MODULE(_zeal, m) {
 #endif
                break;
              }
+             // Construction runs collectives; other threads may need the GIL meanwhile.
+             py::gil_scoped_release nogil;
              return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world);
            }),
            py::arg("param_groups"), py::arg("config_json"))
@@ -286,6 +288,14 @@ PYBIND11_MODULE(_zeal, m) {
            py::arg("load_optimizer_states"), py::arg("load_lr_scheduler_states"), py::arg("load_module_only"),
            py::call_guard<py::gil_scoped_release>())
       .def("set_checkpoint_fault_hook", &engine::Engine::set_checkpoint_fault_hook)
+      .def_property_readonly("fragments", [](const engine::Engine& e) {
+        py::list out;
+        for (const auto& f : e.fragments()) out.append(py::make_tuple(f.param, f.begin, f.end, f.local));
+        return out;
+      })
+      .def_property_readonly("grad_shard", &engine::Engine::grad_shard)
+      .def_property_readonly("master", &engine::Engine::master)
+      .def_property_readonly("param_shard", [](engine::Engine& e) { return stage3(e)->shard(); })
       .def_property_readonly("rank", [](const engine::Engine& e) { return e.world()->rank(); })
       .def_property_readonly("world_size", [](const engine::Engine& e) { return e.world()->size(); });
 }

@@ -12,6 +12,8 @@ from . import _zeal
 from ._zeal import CheckpointError, CommError, ConfigError, Error, InternalError, IoError, TimeoutError
 from .engine import ZealEngine, initialize
 from . import checkpoint, zero  # noqa: E402  (zeal.checkpoint, zeal.zero.Init, GatheredParameters)
+from . import memory  # noqa: E402
+from .memory import estimate_memory  # noqa: E402
 
 __version__ = _zeal.__version__
 

@@ -271,17 +271,30 @@ class MpiRuntime {
   }
 
   void complete(Op& op) {
+    std::exception_ptr error;
     try {
       if (op.on_success && !op.settled.load()) op.on_success();
-      op.settle(nullptr);
     } catch (...) {
-      op.settle(std::current_exception());
+      error = std::current_exception();
     }
+    release_tensors(op);
+    op.settle(error);
+  }
+
+  // Note [Release before finish]: an op's closures hold references to its tensors. They are
+  // dropped here, on this thread, before the Work completes: if the waiter's tensor were a Python
+  // object and this thread dropped the last reference afterwards, it would need the GIL, which a
+  // thread waiting on a later op may hold - a deadlock (seen in the engine's constructor).
+  static void release_tensors(Op& op) {
+    op.run = nullptr;
+    op.start = nullptr;
+    op.on_success = nullptr;
   }
 
   void execute(const std::shared_ptr<Op>& op) {
     GroupState* g = op->group.get();
     if (g && g->broken.load()) {
+      release_tensors(*op);
       op->settle(std::make_exception_ptr(CommError(op->description + " cannot run: " + g->broken_message())));
       return;
     }
@@ -295,6 +308,7 @@ class MpiRuntime {
       if (g && g->size > 1) announce(*op);
       op->run();
     } catch (...) {
+      release_tensors(*op);
       op->settle(std::current_exception());
       return;
     }

@@ -102,7 +102,10 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfig{R"({"optimizer": {"type": "OneBitAdam"}})", {"'optimizer.type'", "not supported yet"}},
         BadConfig{R"({"fp16": {"enabled": "yes"}})", {"'fp16.enabled'", "boolean", "\"yes\""}},
         BadConfig{R"({"fp16": {"enabled": true}, "bf16": {"enabled": true}})", {"fp16.enabled", "bf16.enabled", "both"}},
-        BadConfig{R"({"zero_optimization": {"stage": 3}})", {"'zero_optimization.stage'", "not supported yet"}},
+        BadConfig{R"({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})",
+                  {"'zero_optimization.offload_param'", "not supported yet"}},
+        BadConfig{R"({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": -1}})",
+                  {"'zero_optimization.stage3_prefetch_bucket_size'", ">= 0", "-1"}},
         BadConfig{R"({"zero_optimization": {"stage": 2, "overlap_comm": "yes"}})", {"'zero_optimization.overlap_comm'", "boolean"}},
         BadConfig{R"({"zero_optimization": {"stage": 7}})", {"'zero_optimization.stage'", "[0, 3]"}},
         BadConfig{R"({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})", {"'zero_optimization.offload_optimizer'", "not supported yet"}},
@@ -117,4 +120,21 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(Config, MissingFile) {
   EXPECT_THROW(Config::from_file("/nonexistent/zeal.json"), ConfigError);
+}
+
+// DeepSpeed spells the stage 3 keys with and without the stage3_ prefix; both land in one field.
+TEST(Config, Stage3KeysAndAliases) {
+  auto c = zeal::Config::from_string(R"({"train_batch_size": 8, "zero_optimization": {"stage": 3,
+      "stage3_prefetch_bucket_size": 123, "param_persistence_threshold": 7, "stage3_max_live_parameters": 1e6,
+      "max_reuse_distance": 0, "stage3_gather_16bit_weights_on_model_save": true}})");
+  const auto& z = c.zero_optimization;
+  EXPECT_EQ(z.stage, 3);
+  EXPECT_EQ(z.prefetch_bucket_size, 123);
+  EXPECT_EQ(z.param_persistence_threshold, 7);
+  EXPECT_EQ(z.max_live_parameters, 1000000);
+  EXPECT_EQ(z.max_reuse_distance, 0);
+  EXPECT_TRUE(z.gather_16bit_weights_on_model_save);
+  auto d = zeal::Config::from_string(R"({"train_batch_size": 8, "zero_optimization": {"stage": 3}})");
+  EXPECT_EQ(d.zero_optimization.prefetch_bucket_size, 50000000);
+  EXPECT_EQ(d.zero_optimization.param_persistence_threshold, 100000);
 }

@@ -70,3 +70,28 @@ TEST(Layout, RejectsBadInput) {
   EXPECT_THROW(make_flat_layout({1}, 4, 0), zeal::Error);
   EXPECT_THROW(make_flat_layout({1}, 4, 2).owned(2, true), zeal::Error);
 }
+
+// Every element of every parameter belongs to exactly one rank's fragment, at the local offset
+// where that rank's shard holds it; padding belongs to nobody.
+TEST(Layout, FragmentsTileEveryParameterOnce) {
+  for (int world : {1, 2, 3, 4}) {
+    for (int64_t bucket : {1, 7, 1000}) {
+      FlatLayout l = make_flat_layout({5, 0, 13, 2, 9}, bucket, world);
+      std::vector<std::vector<int>> owner(l.numels.size());
+      for (size_t p = 0; p < l.numels.size(); ++p) owner[p].assign(l.numels[p], 0);
+      for (int r = 0; r < world; ++r) {
+        auto owned = l.owned(r, true);
+        for (const Fragment& f : fragments(l, owned)) {
+          ASSERT_LT(f.begin, f.end);
+          for (int64_t e = f.begin; e < f.end; ++e) ++owner[f.param][e];
+          // The local offset maps back to the flat element of the same parameter element.
+          auto local = to_local(owned, l.offsets[f.param] + f.begin, l.offsets[f.param] + f.end);
+          ASSERT_FALSE(local.empty());
+          EXPECT_EQ(local.front().local_begin, f.local);
+        }
+      }
+      for (const auto& counts : owner)
+        for (int c : counts) EXPECT_EQ(c, 1) << "world " << world << " bucket " << bucket;
+    }
+  }
+}

@@ -27,7 +27,7 @@ def expected_trajectory(overflow_steps, steps, scale, window, hysteresis):
 import pytest
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_fp16_loss_scale_trajectory_with_injected_overflows(tmp_path, stage):
     # At stage 2 rank 0 sees the inf only through the global norm of the partitioned gradients.
     out = tmp_path / "trajectory.json"

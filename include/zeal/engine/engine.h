@@ -83,6 +83,10 @@ class Engine {
   const std::vector<std::string>& parameter_names() const { return names_; }
   const std::vector<std::vector<int64_t>>& parameter_shapes() const { return shapes_; }
   zero::ParamPartition* partition() { return partition_.get(); }  // stage 3 only, else null
+  // This rank's fragment table (zero/layout.h) and the shard buffers it indexes.
+  std::vector<zero::Fragment> fragments() const { return zero::fragments(layout_, owned_); }
+  const at::Tensor& grad_shard() const { return grad_shard_; }
+  const at::Tensor& master() const { return master_; }
   // Stage 3: a live parameter's value was changed alike on every rank; take it into shard and master.
   void absorb_parameter(size_t i);
 

@@ -33,8 +33,10 @@ def loss_fn(out, y):
     return torch.nn.functional.mse_loss(out.float(), y.float())
 
 
-def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, optimizer="adamw"):
-    """Single-process torch: AdamW (or SGD with momentum 0.9) on fp32 master weights, the model in `dtype`."""
+def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, optimizer="adamw", gas=1):
+    """Single-process torch: AdamW (or SGD with momentum 0.9) on fp32 master weights, the model in `dtype`.
+    With gas > 1 each step accumulates .grad (in `dtype`, as plain torch does) over gas equal
+    blocks of the global batch, the blocks Zeal's micro steps cover."""
     model = make_model()
     master = [p.detach().clone().float() for p in model.parameters()]
     model.to(dtype)
@@ -47,9 +49,11 @@ def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, opt
         opt = torch.optim.AdamW(master_params, lr=lr, weight_decay=weight_decay)
     for step in range(steps):
         x, y = global_batch(step, batch)
-        loss = loss_fn(model(x.to(dtype)), y)
         model.zero_grad()
-        loss.backward()
+        block = batch // gas
+        for k in range(gas):
+            rows = slice(k * block, (k + 1) * block)
+            (loss_fn(model(x[rows].to(dtype)), y[rows]) / gas).backward()
         for p, m in zip(model.parameters(), master_params):
             m.grad = p.grad.float()
         if clip > 0:
