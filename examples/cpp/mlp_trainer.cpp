@@ -3,7 +3,10 @@
 // batch. At the end every rank checks that its weights equal rank 0's (the replicas must stay
 // identical) and that the loss fell; the process exits non-zero otherwise.
 //
-//   mpirun -np 2 build/py/examples/cpp/zeal_mlp_trainer configs/mlp_cpp.json
+// With a third argument, it also saves a checkpoint there, scrambles the weights, loads the
+// checkpoint back and checks the weights and the step count came back exactly.
+//
+//   mpirun -np 2 build/py/examples/cpp/zeal_mlp_trainer configs/mlp_cpp.json [steps] [checkpoint_dir]
 #include <cstdio>
 
 #include <torch/nn/modules/container/sequential.h>
@@ -53,8 +56,22 @@ int main(int argc, char** argv) {
     }
     std::printf("rank %d: loss %.5f -> %.5f after %lld steps, replicas identical: %s\n", rank, first_loss, last_loss,
                 static_cast<long long>(engine.global_steps()), same ? "yes" : "no");
+    bool restored = true;
+    if (argc > 3) {
+      std::vector<torch::Tensor> saved;
+      for (auto& p : model->parameters()) saved.push_back(p.detach().clone());
+      engine.save_checkpoint(argv[3], "final", R"({"steps": )" + std::to_string(steps) + "}");
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& p : model->parameters()) p.mul_(0.0);
+      }
+      auto [path, client] = engine.load_checkpoint(argv[3]);
+      for (size_t i = 0; i < saved.size(); ++i) restored = restored && torch::equal(model->parameters()[i], saved[i]);
+      restored = restored && engine.global_steps() == steps && client.find(std::to_string(steps)) != std::string::npos;
+      std::printf("rank %d: checkpoint %s round trip: %s\n", rank, path.c_str(), restored ? "exact" : "WRONG");
+    }
     zeal::comm::shutdown();
-    return (same && last_loss < 0.5 * first_loss) ? 0 : 1;
+    return (same && restored && last_loss < 0.5 * first_loss) ? 0 : 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

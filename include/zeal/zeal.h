@@ -18,6 +18,7 @@
 
 #include "zeal/comm/world.h"
 #include "zeal/core/config.h"
+#include "zeal/core/error.h"
 #include "zeal/engine/engine.h"
 
 namespace zeal {
@@ -40,6 +41,13 @@ class TrainingEngine {
   void backward(const at::Tensor& loss) { core_->backward(loss); }
   void step() { core_->step(); }
   void zero_grad() { core_->zero_grad(); }
+  // Checkpoints in the format of checkpoint/checkpoint.h (module buffers are not saved from C++ yet).
+  std::string save_checkpoint(const std::string& dir, const std::string& tag, const std::string& client_state_json = "{}") {
+    return core_->save_checkpoint(dir, tag, client_state_json, {});
+  }
+  std::pair<std::string, std::string> load_checkpoint(const std::string& dir, const std::string& tag = "") {
+    return core_->load_checkpoint(dir, tag, true, true, false);
+  }
   void train(bool on = true) { module_->train(on); }
   void eval() { module_->eval(); }
 
@@ -61,6 +69,9 @@ class TrainingEngine {
 // Builds the engine over the world communicator (MPI when started by mpirun or the zeal launcher).
 template <typename ModuleType>
 TrainingEngine<ModuleType> initialize(std::shared_ptr<ModuleType> module, Config config) {
+  ZEAL_CHECK_AS(ConfigError, config.zero_optimization.stage < 3,
+                "config key 'zero_optimization.stage': stage 3 is not supported by the C++ API yet (it gathers "
+                "parameters in module hooks, which libtorch modules lack); use stages 0-2 from C++ or stage 3 from Python");
   auto world = comm::world(comm::Timeout(static_cast<int64_t>(config.comms_timeout_s * 1000.0)));
   switch (config.precision()) {
     case Precision::kFp16: module->to(at::kHalf); break;
@@ -68,7 +79,10 @@ TrainingEngine<ModuleType> initialize(std::shared_ptr<ModuleType> module, Config
     case Precision::kFp32: break;
   }
   engine::ParamGroupSpec group;
-  group.params = module->parameters();
+  for (const auto& item : module->named_parameters()) {  // names: checkpoints match parameters by them
+    group.params.push_back(item.value());
+    group.names.push_back(item.key());
+  }
   std::vector<engine::ParamGroupSpec> groups{std::move(group)};
   auto core = std::make_unique<engine::Engine>(std::move(groups), std::move(config), std::move(world));
   return TrainingEngine<ModuleType>(std::move(module), std::move(core));
