@@ -101,7 +101,12 @@ class ZealEngine(torch.nn.Module):
         return out
 
     def backward(self, loss):
-        self._core.backward(loss)
+        if self._stage3 is not None:
+            self._stage3.begin_backward()
+            self._core.backward(loss)
+            self._stage3.end_backward()
+        else:
+            self._core.backward(loss)
         return loss
 
     def step(self):

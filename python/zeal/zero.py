@@ -39,6 +39,8 @@ class Stage3Hooks:
         self.next_use = []  # per trace position: {param: elements fetched before its next use}
         self.position = 0
         self.depth = 0
+        # backward: the order unpacking asked for parameters, recorded the same way
+        self.bw_trace, self.bw_recording, self.bw_position, self.bw_trusted = [], [], 0, False
         self.handles = []
         self.module_params = {}
         for m in module.modules():
@@ -71,10 +73,10 @@ class Stage3Hooks:
         self.recording.append(wanted)
         self.position += 1
 
-    def _prefetch(self, start):
+    def _prefetch(self, start, trace=None):
         budget, chosen = self.prefetch_bucket_size, []
         live = self.core.live_elements
-        for entry in self.trace[start:]:
+        for entry in (self.trace if trace is None else trace)[start:]:
             for i in entry:
                 if self.core.is_persistent(i) or self.core.is_live(i) or i in chosen:
                     continue
@@ -130,7 +132,27 @@ class Stage3Hooks:
         if isinstance(packed, torch.Tensor):
             return packed
         i, size, stride, offset = packed
-        return self.core.full_param(i).as_strided(size, stride, offset)
+        was_live = self.core.is_live(i)
+        full = self.core.full_param(i)  # the agreement check comes first, as in forward
+        if not was_live and not self.core.in_fallback:
+            # Prefetch along the previous backward's order while this one follows it: every rank
+            # recorded the same trace and has agreed on every gather so far.
+            if self.bw_trusted:
+                pos = self.bw_position
+                if pos < len(self.bw_trace) and self.bw_trace[pos] == (i,):
+                    self._prefetch(pos + 1, self.bw_trace)
+                else:
+                    self.bw_trusted = False
+            self.bw_recording.append((i,))
+            self.bw_position += 1
+        return full.as_strided(size, stride, offset)
+
+    def begin_backward(self):
+        self.bw_trusted = bool(self.bw_trace) and self.trusted
+        self.bw_recording, self.bw_position = [], 0
+
+    def end_backward(self):
+        self.bw_trace = self.bw_recording
 
     def saved_tensors(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
