@@ -46,6 +46,7 @@ def plot(rows, path):
 def sample(model, dataset, prompt="The ", length=200):
     model.eval()
     device = next(model.parameters()).device
+    torch.manual_seed(1)  # the same text on every rank
     idx = torch.tensor([[dataset.stoi.get(c, 0) for c in prompt]], device=device)
     for _ in range(length):
         logits = model(idx[:, -dataset.block:])[:, -1, :].float()
@@ -60,6 +61,9 @@ def main():
     ap.add_argument("--config", default="configs/gpt_dp.json")
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's schedule)")
+    ap.add_argument("--save_dir", default=None,
+                    help="checkpoint here every --save_every steps and at the end; resume from it if it has one")
+    ap.add_argument("--save_every", type=int, default=100)
     args = ap.parse_args()
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
@@ -77,12 +81,19 @@ def main():
     engine, _, loader, _ = zeal.initialize(model=model, training_data=dataset, config=config)
     rank = engine.global_rank
     tokens_per_step = engine.train_batch_size() * block
+    epoch = 0
+    if args.save_dir:
+        path, client = engine.load_checkpoint(args.save_dir)
+        if path is not None:
+            epoch = client.get("epoch", 0)
+            if rank == 0:
+                print(f"demo: resumed from {path} at step {engine.global_steps}", flush=True)
     if rank == 0:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
         print(f"demo: {n_params / 1e6:.2f}M parameters on {device}, {len(dataset.data) / 1e3:.0f}K characters, vocab {len(dataset.chars)}, "
-              f"{engine.world_size} ranks, global batch {engine.train_batch_size()} x {block} tokens, {steps} steps",
-              flush=True)
-    rows, step, epoch = [], 0, 0
+              f"{engine.world_size} ranks, global batch {engine.train_batch_size()} x {block} tokens, {steps} steps, "
+              f"ZeRO stage {config.get('zero_optimization', {}).get('stage', 0)}", flush=True)
+    rows, step = [], engine.global_steps
     start = last = time.perf_counter()
     while step < steps:
         loader.sampler.set_epoch(epoch)
@@ -101,10 +112,18 @@ def main():
                 bar = "#" * int(30 * step / steps)
                 print(f"step {step:4d}/{steps} [{bar:<30}] loss {loss.item():.4f} | lr {engine.get_lr()[0]:.2e} | "
                       f"{rate:,.0f} tokens/s", flush=True)
+            if args.save_dir and (step % args.save_every == 0 or step >= steps):
+                engine.save_checkpoint(args.save_dir, client_state={"epoch": epoch})
             if step >= steps:
                 break
         epoch += 1
     elapsed = time.perf_counter() - start
+    if not rows:
+        if rank == 0:
+            print(f"demo: nothing to do, the checkpoint is already at step {engine.global_steps}", flush=True)
+        return
+    # Every rank samples: at ZeRO stage 3 a forward gathers parameters with collectives.
+    text = sample(engine, dataset)
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -115,10 +134,9 @@ def main():
         plot(rows, out / "loss.png")
         first = sum(r["loss"] for r in rows[:10]) / min(10, len(rows))
         final = sum(r["loss"] for r in rows[-10:]) / min(10, len(rows))
-        text = sample(model, dataset)
         (out / "sample.txt").write_text(text)
         print(f"demo: loss {first:.3f} -> {final:.3f} (mean of first and last 10 steps) in {elapsed:.0f}s, "
-              f"{steps * tokens_per_step / elapsed:,.0f} tokens/s overall", flush=True)
+              f"{len(rows) * tokens_per_step / elapsed:,.0f} tokens/s overall", flush=True)
         print(f"demo: wrote {out / 'loss.csv'}, {out / 'loss.png'}, {out / 'sample.txt'}", flush=True)
         print("demo: sample: " + text.replace("\n", " ")[:160], flush=True)
 

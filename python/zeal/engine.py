@@ -116,13 +116,16 @@ class ZealEngine(torch.nn.Module):
         self._core.zero_grad()
 
     # --- checkpoints (DeepSpeed's signatures) ---------------------------------------------------
-    def _extra_state(self):
+    def _extra_state(self, exclude_frozen_parameters=False):
         """Module state the engine does not train: buffers and frozen parameters, by state_dict name."""
         managed = {id(p) for p in self._core.parameters}
         extra = {}
         for name, t in self.module.state_dict(keep_vars=True).items():
-            if id(t) not in managed and isinstance(t, torch.Tensor):
-                extra[name] = t.detach()
+            if id(t) in managed or not isinstance(t, torch.Tensor):
+                continue
+            if exclude_frozen_parameters and isinstance(t, torch.nn.Parameter):
+                continue
+            extra[name] = t.detach()
         return extra
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
@@ -134,7 +137,7 @@ class ZealEngine(torch.nn.Module):
             client_json = json.dumps(client_state or {})
         except TypeError as e:
             raise _zeal.CheckpointError(f"client_state must be JSON-serialisable (Zeal checkpoints never pickle): {e}")
-        extra = [] if self._core.rank != 0 else sorted(self._extra_state().items())
+        extra = [] if self._core.rank != 0 else sorted(self._extra_state(exclude_frozen_parameters).items())
         self._core.save_checkpoint(str(save_dir), str(tag), client_json, extra, save_latest)
         return True
 
@@ -153,7 +156,7 @@ class ZealEngine(torch.nn.Module):
         extra = _zeal.read_safetensors(os.path.join(path, "module_extra.safetensors"))
         if extra:
             own = self._extra_state()
-            missing = sorted(set(own) - set(extra))
+            missing = sorted(n for n in set(own) - set(extra) if not isinstance(own[n], torch.nn.Parameter))
             if missing and load_module_strict:
                 raise _zeal.CheckpointError(f"checkpoint {path} lacks module state {missing}")
             with torch.no_grad():
