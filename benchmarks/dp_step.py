@@ -11,7 +11,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,13 +38,9 @@ def rank_main(impl, steps, micro, clip):
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
                   "zero_optimization": {"stage": 0, "reduce_bucket_size": 500000}}
         engine, *_ = zeal.initialize(model=model, config=config)
+        from harness import zeal_step_and_sync
 
-        def step(x, y):
-            engine.backward(engine(x, y))
-            engine.step()
-
-        def sync():
-            zeal.world().barrier().wait()
+        step, sync = zeal_step_and_sync(engine)
     else:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -67,15 +62,9 @@ def rank_main(impl, steps, micro, clip):
 
         def sync():
             dist.barrier()
-    for i in range(3):
-        step(*batches[i % 4])
-    sync()
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        step(*batches[i % 4])
-        times.append(time.perf_counter() - start)
-    sync()
+    from harness import time_steps
+
+    times = time_steps(step, batches, steps, sync)
     if rank == 0:
         print(json.dumps({"impl": impl, "ranks": world, "micro": micro, "times_s": times}), flush=True)
     if impl == "ddp":

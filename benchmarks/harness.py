@@ -50,3 +50,31 @@ def write_json(path, payload):
     payload = {"machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {path}")
+
+
+def time_steps(step, batches, steps, sync, warmup=3):
+    """Seconds per call of step(*batch), after `warmup` untimed calls, cycling through batches;
+    sync() (a barrier) brackets the timed calls so every rank starts and ends together."""
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    sync()
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        step(*batches[i % len(batches)])
+        times.append(time.perf_counter() - start)
+    sync()
+    return times
+
+
+def zeal_step_and_sync(engine):
+    """The step and barrier the timing loop needs, for a Zeal engine whose module returns the loss."""
+    import zeal
+
+    def step(x, y):
+        engine.backward(engine(x, y))
+        engine.step()
+
+    def sync():
+        zeal.world().barrier().wait()
+    return step, sync

@@ -7,7 +7,6 @@ formula, on 2 and 4 ranks. bf16 + AdamW, the paper's setting.
 """
 import argparse
 import json
-import os
 import resource
 import sys
 from pathlib import Path

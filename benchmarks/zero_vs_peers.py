@@ -12,13 +12,13 @@ RSS just before the model is built, max over ranks).
     python benchmarks/zero_vs_peers.py --ranks 2 --steps 20 --out out/bench/zero_vs_peers.json
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +41,19 @@ def torch_dist_init(rank, world):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["BENCH_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def torch_step(forward, model, opt, clip):
+    """One plain-torch training step: forward returns the loss; clip by global norm; optimizer step."""
+    import torch
+
+    def step(x, y):
+        loss = forward(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return step
 
 
 def rank_main(impl, stage, steps, micro, clip):
@@ -67,13 +80,9 @@ def rank_main(impl, stage, steps, micro, clip):
                   "zero_optimization": {"stage": stage, "reduce_bucket_size": 500_000,
                                         "stage3_prefetch_bucket_size": 500_000}}
         engine, *_ = zeal.initialize(model=model, config=config)
+        from harness import zeal_step_and_sync
 
-        def step(x, y):
-            engine.backward(engine(x, y))
-            engine.step()
-
-        def sync():
-            zeal.world().barrier().wait()
+        step, sync = zeal_step_and_sync(engine)
     else:
         torch_dist_init(rank, world)
         import torch.distributed as dist
@@ -101,13 +110,7 @@ def rank_main(impl, stage, steps, micro, clip):
             ddp = DDP(model)
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=lr,
                                           weight_decay=wd)
-
-            def step(x, y):
-                loss = ddp(x, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                opt.step()
+            step = torch_step(ddp, model, opt, clip)
         elif impl == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -117,33 +120,19 @@ def rank_main(impl, stage, steps, micro, clip):
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
             opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-
-            def step(x, y):
-                loss = model(x, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                opt.step()
+            step = torch_step(model, model, opt, clip)
         else:
             raise SystemExit(f"unknown impl {impl}")
 
         def sync():
             dist.barrier()
-    for i in range(3):
-        step(*batches[i % 4])
-    sync()
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        step(*batches[i % 4])
-        times.append(time.perf_counter() - start)
-    sync()
+    from harness import time_steps
+
+    times = time_steps(step, batches, steps, sync)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"impl": impl, "stage": stage, "rank": rank, "times_s": times, "peak_growth": peak - base}),
           flush=True)
     if impl != "zeal":
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 
@@ -169,11 +158,8 @@ def main():
 
     from harness import mpirun, print_table, write_json
 
-    try:
-        import deepspeed  # noqa: F401
-
-        plan = PLAN
-    except ImportError:
+    plan = PLAN
+    if importlib.util.find_spec("deepspeed") is None:
         print("DeepSpeed is not installed (scripts/install-bench-deps): its rows are skipped")
         plan = [p for p in PLAN if p[0] != "deepspeed"]
     if args.only:

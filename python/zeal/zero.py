@@ -11,13 +11,11 @@ keeps ranks in step (Note [Stage 3 agreement]); this module only decides *when* 
             (parameter, view geometry) instead of the tensor; unpacking gathers the parameter
             again. The engine releases each parameter once its gradient has been consumed.
 """
-import contextlib
 
 import torch
 
 from . import _zeal
 
-_END = None
 
 
 def _chunk(numel, world):

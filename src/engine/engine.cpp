@@ -205,7 +205,7 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
   auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
   int64_t params = bytes(flat_params_), grads = bytes(flat_grads_) + bytes(grad_shard_);
   if (partition_) {
-    params = bytes(const_cast<zero::ParamPartition&>(*partition_).shard());
+    params = bytes(partition_->shard());
     for (size_t i = 0; i < params_.size(); ++i)
       if (partition_->live(i)) params += bytes(partition_->full(i));
   }

@@ -1,6 +1,5 @@
 """Checkpoints: exact resume, resharding across world sizes and stages, crash safety, corruption
 rejection, and zeal-to-fp32. Every run is real ranks under mpirun (ranks/ckpt_train.py)."""
-import os
 import subprocess
 import sys
 

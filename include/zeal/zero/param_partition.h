@@ -78,6 +78,7 @@ class ParamPartition {
   void absorb(size_t i, at::Tensor* master);
 
   at::Tensor& shard() { return shard_; }
+  const at::Tensor& shard() const { return shard_; }
   int64_t chunk_begin(size_t i) const { return chunk_begin_[i]; }  // in the shard
   int64_t chunk_size(size_t i) const { return chunk_size_[i]; }
   int64_t live_elements() const { return live_elements_; }

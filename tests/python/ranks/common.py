@@ -63,3 +63,12 @@ def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, opt
             for p, m in zip(model.parameters(), master_params):
                 p.copy_(m.to(dtype))
     return [m.detach().clone() for m in master_params]
+
+
+def save_gathered(model, rank, path):
+    """Rank 0 saves every parameter whole (gathered first when ZeRO-3 has them partitioned)."""
+    import zeal
+
+    with zeal.zero.GatheredParameters(list(model.parameters())):
+        if rank == 0:
+            torch.save([p.detach().clone() for p in model.parameters()], path)

@@ -46,9 +46,7 @@ def main():
         rows = common.micro_slice(step, 0, rank, world, 2)
         engine.backward(common.loss_fn(engine(x[rows]), y[rows]))
         engine.step()
-    with zeal.zero.GatheredParameters(list(model.parameters())):
-        if rank == 0:
-            torch.save([p.detach().clone() for p in model.parameters()], args.out)
+    common.save_gathered(model, rank, args.out)
 
 
 if __name__ == "__main__":

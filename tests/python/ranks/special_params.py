@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 import zeal  # noqa: E402
 
 
@@ -72,9 +73,7 @@ def main():
         loss = torch.nn.functional.cross_entropy(engine(x[rows], rank % 2), y[rows])
         engine.backward(loss)
         engine.step()
-    with zeal.zero.GatheredParameters(list(model.parameters())):
-        if rank == 0:
-            torch.save([p.detach().clone() for p in model.parameters()], args.out)
+    common.save_gathered(model, rank, args.out)
 
 
 if __name__ == "__main__":
