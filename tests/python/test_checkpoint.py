@@ -127,6 +127,8 @@ def test_zeal_to_fp32_equals_live_weights(tmp_path):
     assert set(consolidated) == set(live["params"])
     for name, want in live["params"].items():
         assert consolidated[name].dtype == torch.float32 and torch.equal(consolidated[name], want), name
-    assert zeal.checkpoint.to_fp32_state_dict(str(ckpt)).keys() == consolidated.keys()
+    in_memory = zeal.checkpoint.to_fp32_state_dict(str(ckpt))
+    assert in_memory.keys() == consolidated.keys()
+    assert all(torch.equal(in_memory[n], consolidated[n]) for n in consolidated)
     bad = subprocess.run(["zeal-to-fp32", str(tmp_path / "nothing"), str(out)], capture_output=True, text=True)
     assert bad.returncode == 1 and "no 'latest' file" in bad.stderr
