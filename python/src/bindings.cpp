@@ -12,6 +12,7 @@
 #include "zeal/core/config.h"
 #include "zeal/core/error.h"
 #include "zeal/engine/engine.h"
+#include "zeal/optim/cpu_adam.h"
 #include "zeal/features.h"
 #if ZEAL_WITH_CUDA
 #include "zeal/comm/nccl_backend.h"
@@ -139,6 +140,20 @@ PYBIND11_MODULE(_zeal, m) {
         "A communicator over the world's ranks for tensors on CUDA device `device` (NCCL).");
 #endif
 
+  m.def("cpu_adam_step",
+        [](const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+           double lr, double beta1, double beta2, double eps, double weight_decay, bool adamw, bool bias_correction,
+           int64_t step, std::optional<at::Tensor> half_copy, const std::string& isa) {
+          optim::AdamHyper h{lr, beta1, beta2, eps, weight_decay, adamw, bias_correction, step,
+                             isa.empty() ? nullptr : isa.c_str()};
+          py::gil_scoped_release nogil;
+          optim::cpu_adam_step(params, grads, exp_avg, exp_avg_sq, h, half_copy ? &*half_copy : nullptr);
+        },
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("adamw"),
+        py::arg("bias_correction"), py::arg("step"), py::arg("half_copy") = py::none(), py::arg("isa") = "",
+        "One Adam/AdamW step on contiguous fp32 CPU tensors (vectorised, multithreaded).");
+  m.def("cpu_adam_isa", &optim::cpu_adam_isa, "The instruction set the CPU Adam kernel uses on this CPU.");
   m.def("checkpoint_to_fp32", &checkpoint::to_fp32, py::arg("checkpoint_dir"), py::arg("out_path"),
         py::call_guard<py::gil_scoped_release>(),
         "Consolidate a checkpoint into one fp32 safetensors file, one parameter in memory at a time.");

@@ -6,6 +6,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "zeal/core/error.h"
+#include "zeal/optim/cpu_adam.h"
 
 namespace zeal::optim {
 namespace {
@@ -30,6 +31,11 @@ class Adam : public Optimizer {
       at::Tensor m = exp_avg_.slice(0, g.begin, g.end);
       at::Tensor v = exp_avg_sq_.slice(0, g.begin, g.end);
       const double b1 = g.betas[0], b2 = g.betas[1];
+      if (p.device().is_cpu()) {  // the vectorised, multithreaded kernel (kernels/cpu/adam.h)
+        cpu_adam_step(p, grad.contiguous(), m, v,
+                      {g.lr, b1, b2, g.eps, g.weight_decay, decoupled_, bias_correction_, step_});
+        continue;
+      }
       if (g.weight_decay != 0.0) {
         if (decoupled_)
           p.mul_(1.0 - g.lr * g.weight_decay);
