@@ -12,7 +12,7 @@
 #include "zeal/core/config.h"
 #include "zeal/core/error.h"
 #include "zeal/engine/engine.h"
-#include "zeal/optim/cpu_adam.h"
+#include "zeal/optim/cpu_optim.h"
 #include "zeal/features.h"
 #if ZEAL_WITH_CUDA
 #include "zeal/comm/nccl_backend.h"
@@ -153,7 +153,24 @@ PYBIND11_MODULE(_zeal, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("adamw"),
         py::arg("bias_correction"), py::arg("step"), py::arg("half_copy") = py::none(), py::arg("isa") = "",
         "One Adam/AdamW step on contiguous fp32 CPU tensors (vectorised, multithreaded).");
-  m.def("cpu_adam_isa", &optim::cpu_adam_isa, "The instruction set the CPU Adam kernel uses on this CPU.");
+  m.def("cpu_adam_isa", &optim::cpu_adam_isa, "The instruction set the CPU optimizer kernels use on this CPU.");
+  m.def("cpu_adagrad_step", &optim::cpu_adagrad_step, py::arg("params"), py::arg("grads"), py::arg("state_sum"),
+        py::arg("lr"), py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"), py::arg("step"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_sgd_step", &optim::cpu_sgd_step, py::arg("params"), py::arg("grads"), py::arg("momentum_buffer"),
+        py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+        py::arg("first_step"), py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_lamb_step",
+        [](const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+           double lr, double beta1, double beta2, double eps, double weight_decay, bool bias_correction, int64_t step,
+           double min_coeff, double max_coeff) {
+          optim::AdamHyper h{lr, beta1, beta2, eps, weight_decay, true, bias_correction, step};
+          py::gil_scoped_release nogil;
+          return optim::cpu_lamb_step(params, grads, exp_avg, exp_avg_sq, h, min_coeff, max_coeff);
+        },
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("bias_correction"),
+        py::arg("step"), py::arg("min_coeff"), py::arg("max_coeff"), "One LAMB step on one tensor; returns its trust ratio.");
   m.def("checkpoint_to_fp32", &checkpoint::to_fp32, py::arg("checkpoint_dir"), py::arg("out_path"),
         py::call_guard<py::gil_scoped_release>(),
         "Consolidate a checkpoint into one fp32 safetensors file, one parameter in memory at a time.");

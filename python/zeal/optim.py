@@ -1,12 +1,39 @@
-"""Zeal's optimizers as ordinary torch.optim.Optimizers.
+"""Zeal's CPU optimizers as ordinary torch.optim.Optimizers, on the vectorised, multithreaded
+kernels of kernels/cpu/optim_kernels.h (AVX-512, AVX2 or scalar, chosen at run time), for fp32 CPU
+parameters:
 
-CPUAdam runs the vectorised, multithreaded kernel of kernels/cpu/adam.h (AVX-512, AVX2 or scalar,
-chosen at run time) on fp32 CPU parameters: the same update as torch.optim.Adam (adamw_mode=False)
-or AdamW (adamw_mode=True, the default, as DeepSpeed's DeepSpeedCPUAdam).
+    CPUAdam     torch.optim.Adam (adamw_mode=False) or AdamW (adamw_mode=True, the default, as
+                DeepSpeed's DeepSpeedCPUAdam)
+    CPUAdagrad  torch.optim.Adagrad
+    CPULamb     LAMB: Adam moments, update u = m_hat / (sqrt(v_hat) + eps) + wd * p, per-tensor
+                trust ratio ||p|| / ||u|| clamped to [min_coeff, max_coeff] (DeepSpeed's FusedLamb)
 """
 import torch
 
 from . import _zeal
+
+
+def _check_params(name, param_groups):
+    for group in param_groups:
+        for p in group["params"]:
+            if p.device.type != "cpu":
+                raise _zeal.Error(f"{name} got a parameter on {p.device}; it updates CPU tensors "
+                                  "(device parameters need a device optimizer)")
+            if p.dtype != torch.float32:
+                raise _zeal.Error(f"{name} got a parameter of dtype {p.dtype}; it keeps float32 parameters "
+                                  "and states (keep an fp32 master copy)")
+
+
+def _grads(name, group):
+    # (parameter, contiguous gradient) for the parameters of a group that have a gradient.
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise _zeal.Error(f"{name} does not support sparse gradients")
+        if not p.is_contiguous():
+            raise _zeal.Error(f"{name} needs contiguous parameters (it updates them in place)")
+        yield p, p.grad.contiguous()
 
 
 class CPUAdam(torch.optim.Optimizer):
@@ -20,14 +47,7 @@ class CPUAdam(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, adamw_mode=adamw_mode)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.device.type != "cpu":
-                    raise _zeal.Error(f"CPUAdam got a parameter on {p.device}; it updates CPU tensors "
-                                      "(device parameters need a device optimizer)")
-                if p.dtype != torch.float32:
-                    raise _zeal.Error(f"CPUAdam got a parameter of dtype {p.dtype}; it keeps float32 parameters "
-                                      "and states (keep an fp32 master copy)")
+        _check_params("CPUAdam", self.param_groups)
 
     @staticmethod
     def isa():
@@ -42,21 +62,80 @@ class CPUAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise _zeal.Error("CPUAdam does not support sparse gradients")
+            for p, grad in _grads("CPUAdam", group):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["step"] += 1
-                if not p.is_contiguous():
-                    raise _zeal.Error("CPUAdam needs contiguous parameters (it updates them in place)")
-                _zeal.cpu_adam_step(p.data, p.grad.contiguous(),
+                _zeal.cpu_adam_step(p.data, grad,
                                     state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
                                     group["weight_decay"], group["adamw_mode"], group["bias_correction"],
                                     int(state["step"].item()))
+        return loss
+
+
+class CPUAdagrad(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10):
+        if lr < 0 or lr_decay < 0 or weight_decay < 0 or eps < 0 or initial_accumulator_value < 0:
+            raise _zeal.ConfigError(f"CPUAdagrad: invalid hyper-parameters lr={lr}, lr_decay={lr_decay}, "
+                                    f"weight_decay={weight_decay}, eps={eps}")
+        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                        initial_accumulator_value=initial_accumulator_value)
+        super().__init__(params, defaults)
+        _check_params("CPUAdagrad", self.param_groups)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["step"] = torch.tensor(0.0)
+                self.state[p]["sum"] = torch.full_like(p, initial_accumulator_value,
+                                                       memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p, grad in _grads("CPUAdagrad", group):
+                state = self.state[p]
+                state["step"] += 1
+                _zeal.cpu_adagrad_step(p.data, grad, state["sum"], group["lr"], group["lr_decay"],
+                                       group["weight_decay"], group["eps"], int(state["step"].item()))
+        return loss
+
+
+class CPULamb(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 max_coeff=10.0, min_coeff=0.01):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise _zeal.ConfigError(f"CPULamb: invalid hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
+                                    f"weight_decay={weight_decay}")
+        if not 0 <= min_coeff <= max_coeff:
+            raise _zeal.ConfigError(f"CPULamb: need 0 <= min_coeff <= max_coeff, got {min_coeff}, {max_coeff}")
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, max_coeff=max_coeff, min_coeff=min_coeff)
+        super().__init__(params, defaults)
+        _check_params("CPULamb", self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p, grad in _grads("CPULamb", group):
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                state["trust_ratio"] = _zeal.cpu_lamb_step(
+                    p.data, grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
+                    group["weight_decay"], group["bias_correction"], int(state["step"].item()), group["min_coeff"],
+                    group["max_coeff"])
         return loss

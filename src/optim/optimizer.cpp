@@ -6,7 +6,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "zeal/core/error.h"
-#include "zeal/optim/cpu_adam.h"
+#include "zeal/optim/cpu_optim.h"
 
 namespace zeal::optim {
 namespace {
@@ -31,7 +31,7 @@ class Adam : public Optimizer {
       at::Tensor m = exp_avg_.slice(0, g.begin, g.end);
       at::Tensor v = exp_avg_sq_.slice(0, g.begin, g.end);
       const double b1 = g.betas[0], b2 = g.betas[1];
-      if (p.device().is_cpu()) {  // the vectorised, multithreaded kernel (kernels/cpu/adam.h)
+      if (p.device().is_cpu()) {  // the vectorised, multithreaded kernel (kernels/cpu/optim_kernels.h)
         cpu_adam_step(p, grad.contiguous(), m, v,
                       {g.lr, b1, b2, g.eps, g.weight_decay, decoupled_, bias_correction_, step_});
         continue;

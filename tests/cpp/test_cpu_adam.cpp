@@ -9,9 +9,9 @@
 
 #include <ATen/ATen.h>
 
-#include "cpu/adam.h"
+#include "cpu/optim_kernels.h"
 #include "zeal/core/error.h"
-#include "zeal/optim/cpu_adam.h"
+#include "zeal/optim/cpu_optim.h"
 
 using zeal::kernels::AdamArgs;
 using zeal::kernels::HalfKind;

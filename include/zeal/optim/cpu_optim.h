@@ -1,0 +1,42 @@
+// The torch-aware adapters of kernels/cpu/optim_kernels.h: check the tensors (exact messages),
+// split the elements across torch's intra-op thread count, and call the vectorised kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace zeal::optim {
+
+struct AdamHyper {
+  double lr = 1e-3;
+  double beta1 = 0.9, beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool decoupled = true;        // AdamW
+  bool bias_correction = true;
+  int64_t step = 1;             // 1-based, after incrementing
+  const char* isa = nullptr;    // force "avx512", "avx2" or "scalar" (benchmarks, tests); null: the best
+};
+
+// One step on contiguous fp32 CPU tensors of equal size. half_copy, when defined, is a contiguous
+// fp16 or bf16 CPU tensor of the same size that receives the updated parameters.
+void cpu_adam_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+                   const at::Tensor& exp_avg_sq,
+                   const AdamHyper& hyper, const at::Tensor* half_copy = nullptr);
+
+const char* cpu_adam_isa();  // "avx512", "avx2" or "scalar": what the CPU optimizers run on this CPU
+
+// torch.optim.Adagrad's step (`step` 1-based, after incrementing).
+void cpu_adagrad_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& state_sum, double lr,
+                      double lr_decay, double weight_decay, double eps, int64_t step);
+
+// torch.optim.SGD's step; momentum_buffer may be undefined when momentum is 0.
+void cpu_sgd_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& momentum_buffer, double lr,
+                  double momentum, double dampening, double weight_decay, bool nesterov, bool first_step);
+
+// LAMB on one tensor: Adam moments with bias correction, update u = m_hat / (sqrt(v_hat) + eps)
+// + wd * p, trust ratio ||p|| / ||u|| clamped to [min_coeff, max_coeff] (1 when either norm is
+// 0), p -= lr * ratio * u. Returns the trust ratio used.
+double cpu_lamb_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const AdamHyper& hyper, double min_coeff, double max_coeff);
+
+}  // namespace zeal::optim

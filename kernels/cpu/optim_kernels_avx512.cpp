@@ -1,0 +1,10 @@
+// The optimizer loops compiled for the avx512 instruction set (flags set in CMakeLists.txt).
+#include "cpu/optim_kernels_impl.h"
+
+namespace zeal::kernels::detail {
+void adam_step_avx512(const AdamArgs& args) { adam_dispatch(args); }
+void adagrad_step_avx512(const AdagradArgs& args) { adagrad_loop(args); }
+void sgd_step_avx512(const SgdArgs& args) { sgd_dispatch(args); }
+NormSums lamb_phase1_avx512(const LambArgs& args) { return lamb_phase1_loop(args); }
+void lamb_phase2_avx512(const LambArgs& args, double ratio) { lamb_phase2_loop(args, ratio); }
+}  // namespace zeal::kernels::detail

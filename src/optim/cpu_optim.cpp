@@ -1,0 +1,212 @@
+#include "zeal/optim/cpu_optim.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "cpu/optim_kernels.h"
+#include "zeal/core/error.h"
+
+namespace zeal::optim {
+namespace {
+
+void check_fp32_cpu(const char* who, const at::Tensor& t, const char* what, int64_t n) {
+  ZEAL_CHECK(t.defined(), who, ": ", what, " is undefined");
+  ZEAL_CHECK(t.device().is_cpu(), who, ": ", what, " is on ", t.device().str(),
+             "; this optimizer updates CPU tensors (device tensors need a device optimizer)");
+  ZEAL_CHECK(t.scalar_type() == at::kFloat, who, ": ", what, " has dtype ", c10::toString(t.scalar_type()),
+             "; it needs float32 (keep fp32 master weights and states)");
+  ZEAL_CHECK(t.is_contiguous(), who, ": ", what, " is not contiguous");
+  ZEAL_CHECK(t.numel() == n, who, ": ", what, " has ", t.numel(), " elements, the parameters ", n);
+}
+
+void check_fp32_cpu(const at::Tensor& t, const char* what, int64_t n) { check_fp32_cpu("CPU Adam", t, what, n); }
+
+// Pieces big enough to amortise a thread's start, small enough to balance across cores.
+constexpr int64_t kGrain = 1 << 16;
+
+// Note [Own threads]: at::parallel_for is inline OpenMP in the headers and runs serially in a
+// library built without -fopenmp, and linking a second OpenMP runtime beside torch's is worse.
+// So: as many threads as torch's intra-op setting allows, each on one contiguous, 64-element-
+// aligned piece [begin, end); the calling thread takes the first. Returns after all finish.
+template <typename Fn>
+void parallel_pieces(int64_t n, const Fn& run) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + kGrain - 1) / kGrain);
+  if (threads <= 1) {
+    run(0, n, 0);
+    return;
+  }
+  const int64_t piece = ((n + threads - 1) / threads + 63) / 64 * 64;
+  std::vector<std::thread> workers;
+  for (int64_t t = 1; t < threads; ++t) {
+    int64_t begin = std::min(n, t * piece), end = std::min(n, (t + 1) * piece);
+    if (begin < end) workers.emplace_back(run, begin, end, t);
+  }
+  run(0, std::min(n, piece), 0);
+  for (auto& w : workers) w.join();
+}
+
+}  // namespace
+
+const char* cpu_adam_isa() { return kernels::isa_name(kernels::best_isa()); }
+
+void cpu_adam_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+                   const at::Tensor& exp_avg_sq,
+                   const AdamHyper& h, const at::Tensor* half_copy) {
+  const int64_t n = params.numel();
+  check_fp32_cpu(params, "the parameter", n);
+  check_fp32_cpu(grads, "the gradient", n);
+  check_fp32_cpu(exp_avg, "exp_avg", n);
+  check_fp32_cpu(exp_avg_sq, "exp_avg_sq", n);
+  kernels::AdamArgs base;
+  if (half_copy && half_copy->defined()) {
+    const at::ScalarType t = half_copy->scalar_type();
+    ZEAL_CHECK(t == at::kHalf || t == at::kBFloat16, "CPU Adam: the 16-bit copy has dtype ", c10::toString(t),
+               "; expected float16 or bfloat16");
+    ZEAL_CHECK(half_copy->device().is_cpu() && half_copy->is_contiguous() && half_copy->numel() == n,
+               "CPU Adam: the 16-bit copy must be a contiguous CPU tensor of ", n, " elements");
+    base.param_copy = static_cast<uint16_t*>(half_copy->data_ptr());
+    base.copy_kind = t == at::kHalf ? kernels::HalfKind::kFp16 : kernels::HalfKind::kBf16;
+  }
+  base.lr = h.lr;
+  base.beta1 = h.beta1;
+  base.beta2 = h.beta2;
+  base.eps = h.eps;
+  base.weight_decay = h.weight_decay;
+  base.decoupled = h.decoupled;
+  if (h.bias_correction) {
+    base.bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
+    base.bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
+  }
+  float* p = params.data_ptr<float>();
+  const float* g = grads.data_ptr<float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  kernels::Isa isa = kernels::best_isa();
+  if (h.isa) {
+    bool found = false;
+    for (kernels::Isa candidate : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
+      if (std::string(kernels::isa_name(candidate)) != h.isa) continue;
+      ZEAL_CHECK(kernels::isa_supported(candidate), "CPU Adam: this CPU does not support ", h.isa);
+      isa = candidate;
+      found = true;
+    }
+    ZEAL_CHECK(found, "CPU Adam: unknown instruction set '", h.isa, "' (expected avx512, avx2 or scalar)");
+  }
+  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t) {
+    kernels::AdamArgs a = base;
+    a.params = p + begin;
+    a.grads = g + begin;
+    a.exp_avg = m + begin;
+    a.exp_avg_sq = v + begin;
+    if (base.param_copy) a.param_copy = base.param_copy + begin;
+    a.n = end - begin;
+    kernels::adam_step(a, isa);
+  });
+}
+
+void cpu_adagrad_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& state_sum, double lr,
+                      double lr_decay, double weight_decay, double eps, int64_t step) {
+  const int64_t n = params.numel();
+  check_fp32_cpu("CPU Adagrad", params, "the parameter", n);
+  check_fp32_cpu("CPU Adagrad", grads, "the gradient", n);
+  check_fp32_cpu("CPU Adagrad", state_sum, "the state sum", n);
+  kernels::AdagradArgs base;
+  base.clr = lr / (1.0 + static_cast<double>(step - 1) * lr_decay);
+  base.eps = eps;
+  base.weight_decay = weight_decay;
+  float* p = params.data_ptr<float>();
+  const float* g = grads.data_ptr<float>();
+  float* s = state_sum.data_ptr<float>();
+  const kernels::Isa isa = kernels::best_isa();
+  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t) {
+    kernels::AdagradArgs a = base;
+    a.params = p + begin;
+    a.grads = g + begin;
+    a.state_sum = s + begin;
+    a.n = end - begin;
+    kernels::adagrad_step(a, isa);
+  });
+}
+
+void cpu_sgd_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& momentum_buffer, double lr,
+                  double momentum, double dampening, double weight_decay, bool nesterov, bool first_step) {
+  const int64_t n = params.numel();
+  check_fp32_cpu("CPU SGD", params, "the parameter", n);
+  check_fp32_cpu("CPU SGD", grads, "the gradient", n);
+  if (momentum != 0.0) check_fp32_cpu("CPU SGD", momentum_buffer, "the momentum buffer", n);
+  kernels::SgdArgs base;
+  base.lr = lr;
+  base.momentum = momentum;
+  base.dampening = dampening;
+  base.weight_decay = weight_decay;
+  base.nesterov = nesterov;
+  base.first_step = first_step;
+  float* p = params.data_ptr<float>();
+  const float* g = grads.data_ptr<float>();
+  float* buf = momentum != 0.0 ? momentum_buffer.data_ptr<float>() : nullptr;
+  const kernels::Isa isa = kernels::best_isa();
+  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t) {
+    kernels::SgdArgs a = base;
+    a.params = p + begin;
+    a.grads = g + begin;
+    a.momentum_buffer = buf ? buf + begin : nullptr;
+    a.n = end - begin;
+    kernels::sgd_step(a, isa);
+  });
+}
+
+double cpu_lamb_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const AdamHyper& h, double min_coeff, double max_coeff) {
+  const int64_t n = params.numel();
+  check_fp32_cpu("CPU LAMB", params, "the parameter", n);
+  check_fp32_cpu("CPU LAMB", grads, "the gradient", n);
+  check_fp32_cpu("CPU LAMB", exp_avg, "exp_avg", n);
+  check_fp32_cpu("CPU LAMB", exp_avg_sq, "exp_avg_sq", n);
+  ZEAL_CHECK(min_coeff >= 0 && max_coeff >= min_coeff, "CPU LAMB: need 0 <= min_coeff <= max_coeff, got ",
+             min_coeff, " and ", max_coeff);
+  kernels::LambArgs base;
+  base.lr = h.lr;
+  base.beta1 = h.beta1;
+  base.beta2 = h.beta2;
+  base.eps = h.eps;
+  base.weight_decay = h.weight_decay;
+  if (h.bias_correction) {
+    base.bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
+    base.bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
+  }
+  float* p = params.data_ptr<float>();
+  const float* g = grads.data_ptr<float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  const kernels::Isa isa = kernels::best_isa();
+  auto piece = [&](int64_t begin, int64_t end) {
+    kernels::LambArgs a = base;
+    a.params = p + begin;
+    a.grads = g + begin;
+    a.exp_avg = m + begin;
+    a.exp_avg_sq = v + begin;
+    a.n = end - begin;
+    return a;
+  };
+  // Phase 1 per piece; the pieces' sums are combined in a fixed order, so the ratio does not
+  // depend on thread timing.
+  std::vector<kernels::NormSums> sums(static_cast<size_t>(std::max(1, at::get_num_threads())));
+  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t t) { sums[t] = kernels::lamb_phase1(piece(begin, end), isa); });
+  double param_sq = 0.0, update_sq = 0.0;
+  for (const auto& s : sums) {
+    param_sq += s.param_sq;
+    update_sq += s.update_sq;
+  }
+  const double p_norm = std::sqrt(param_sq), u_norm = std::sqrt(update_sq);
+  double ratio = (p_norm > 0.0 && u_norm > 0.0) ? p_norm / u_norm : 1.0;
+  ratio = std::min(max_coeff, std::max(min_coeff, ratio));
+  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t) { kernels::lamb_phase2(piece(begin, end), ratio, isa); });
+  return ratio;
+}
+
+}  // namespace zeal::optim
