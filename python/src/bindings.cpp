@@ -16,6 +16,7 @@
 #include "zeal/features.h"
 #if ZEAL_WITH_CUDA
 #include "zeal/comm/nccl_backend.h"
+#include "zeal/optim/fused_adam.h"
 #endif
 
 namespace py = pybind11;
@@ -131,6 +132,17 @@ PYBIND11_MODULE(_zeal, m) {
         "The process's world communicator (created on first call).");
   m.def("shutdown", &comm::shutdown, py::call_guard<py::gil_scoped_release>());
 #if ZEAL_WITH_CUDA
+  m.def("fused_adam_step",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avg, const std::vector<at::Tensor>& exp_avg_sq, double lr, double beta1,
+           double beta2, double eps, double weight_decay, bool adamw, bool bias_correction, int64_t step) {
+          optim::AdamHyper h{lr, beta1, beta2, eps, weight_decay, adamw, bias_correction, step};
+          py::gil_scoped_release nogil;
+          optim::fused_adam_step(params, grads, exp_avg, exp_avg_sq, h);
+        },
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("adamw"),
+        py::arg("bias_correction"), py::arg("step"), "Multi-tensor fused Adam/AdamW on CUDA tensors.");
   m.def("nccl_world",
         [](int device, double timeout_s) {
           auto host = comm::world(to_timeout(timeout_s));

@@ -139,3 +139,48 @@ class CPULamb(torch.optim.Optimizer):
                     group["weight_decay"], group["bias_correction"], int(state["step"].item()), group["min_coeff"],
                     group["max_coeff"])
         return loss
+
+
+class FusedAdam(torch.optim.Optimizer):
+    """Multi-tensor fused Adam / AdamW for CUDA parameters (fp32, bf16 or fp16, fp32 moments): one
+    kernel launch per group and dtype, of up to 36 tensors / 320 chunks of 65536 elements each."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, adam_w_mode=True,
+                 weight_decay=0.0, amsgrad=False):
+        if not hasattr(_zeal, "fused_adam_step"):
+            raise _zeal.Error("FusedAdam needs Zeal built with CUDA (nvcc was not found at build time)")
+        if amsgrad:
+            raise _zeal.ConfigError("FusedAdam: amsgrad is not supported")
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
+                        adam_w_mode=adam_w_mode, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.device.type != "cuda":
+                    raise _zeal.Error(f"FusedAdam got a parameter on {p.device}; it updates CUDA tensors "
+                                      "(CPU parameters: CPUAdam)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            by_dtype = {}
+            for p, grad in _grads("FusedAdam", group):
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                           memory_format=torch.contiguous_format)
+                state["step"] += 1
+                by_dtype.setdefault((p.dtype, state["step"]), []).append((p, grad, state))
+            for (_, step), items in by_dtype.items():
+                _zeal.fused_adam_step([p.data for p, _, _ in items], [g for _, g, _ in items],
+                                      [s["exp_avg"] for _, _, s in items], [s["exp_avg_sq"] for _, _, s in items],
+                                      group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                                      group["adam_w_mode"], group["bias_correction"], step)
+        return loss
