@@ -36,7 +36,35 @@ def _grads(name, group):
         yield p, p.grad.contiguous()
 
 
-class CPUAdam(torch.optim.Optimizer):
+def _moments(state, p):
+    """Adam-style state, created zero on first use; advances the step count."""
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    state["step"] += 1
+    return state
+
+
+class _PerTensorOptimizer(torch.optim.Optimizer):
+    """A torch optimizer whose step calls one kernel per parameter (subclasses define _update)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group):
+        for p, grad in _grads(type(self).__name__, group):
+            self._update(p, grad, group)
+
+
+class CPUAdam(_PerTensorOptimizer):
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, adamw_mode=True):
         if amsgrad:
@@ -54,29 +82,15 @@ class CPUAdam(torch.optim.Optimizer):
         """The instruction set the kernel uses on this CPU: 'avx512', 'avx2' or 'scalar'."""
         return _zeal.cpu_adam_isa()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p, grad in _grads("CPUAdam", group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["step"] += 1
-                _zeal.cpu_adam_step(p.data, grad,
-                                    state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
-                                    group["weight_decay"], group["adamw_mode"], group["bias_correction"],
-                                    int(state["step"].item()))
-        return loss
+    def _update(self, p, grad, group):
+        state = _moments(self.state[p], p)
+        beta1, beta2 = group["betas"]
+        _zeal.cpu_adam_step(p.data, grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2,
+                            group["eps"], group["weight_decay"], group["adamw_mode"], group["bias_correction"],
+                            int(state["step"].item()))
 
 
-class CPUAdagrad(torch.optim.Optimizer):
+class CPUAdagrad(_PerTensorOptimizer):
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10):
         if lr < 0 or lr_decay < 0 or weight_decay < 0 or eps < 0 or initial_accumulator_value < 0:
             raise _zeal.ConfigError(f"CPUAdagrad: invalid hyper-parameters lr={lr}, lr_decay={lr_decay}, "
@@ -91,22 +105,14 @@ class CPUAdagrad(torch.optim.Optimizer):
                 self.state[p]["sum"] = torch.full_like(p, initial_accumulator_value,
                                                        memory_format=torch.contiguous_format)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p, grad in _grads("CPUAdagrad", group):
-                state = self.state[p]
-                state["step"] += 1
-                _zeal.cpu_adagrad_step(p.data, grad, state["sum"], group["lr"], group["lr_decay"],
-                                       group["weight_decay"], group["eps"], int(state["step"].item()))
-        return loss
+    def _update(self, p, grad, group):
+        state = self.state[p]
+        state["step"] += 1
+        _zeal.cpu_adagrad_step(p.data, grad, state["sum"], group["lr"], group["lr_decay"], group["weight_decay"],
+                               group["eps"], int(state["step"].item()))
 
 
-class CPULamb(torch.optim.Optimizer):
+class CPULamb(_PerTensorOptimizer):
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  max_coeff=10.0, min_coeff=0.01):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -119,29 +125,16 @@ class CPULamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         _check_params("CPULamb", self.param_groups)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p, grad in _grads("CPULamb", group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["step"] += 1
-                state["trust_ratio"] = _zeal.cpu_lamb_step(
-                    p.data, grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
-                    group["weight_decay"], group["bias_correction"], int(state["step"].item()), group["min_coeff"],
-                    group["max_coeff"])
-        return loss
+    def _update(self, p, grad, group):
+        state = _moments(self.state[p], p)
+        beta1, beta2 = group["betas"]
+        state["trust_ratio"] = _zeal.cpu_lamb_step(
+            p.data, grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
+            group["weight_decay"], group["bias_correction"], int(state["step"].item()), group["min_coeff"],
+            group["max_coeff"])
 
 
-class FusedAdam(torch.optim.Optimizer):
+class FusedAdam(_PerTensorOptimizer):
     """Multi-tensor fused Adam / AdamW for CUDA parameters (fp32, bf16 or fp16, fp32 moments): one
     kernel launch per group and dtype, of up to 36 tensors / 320 chunks of 65536 elements each."""
 
@@ -160,27 +153,20 @@ class FusedAdam(torch.optim.Optimizer):
                     raise _zeal.Error(f"FusedAdam got a parameter on {p.device}; it updates CUDA tensors "
                                       "(CPU parameters: CPUAdam)")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            by_dtype = {}
-            for p, grad in _grads("FusedAdam", group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                           memory_format=torch.contiguous_format)
-                state["step"] += 1
-                by_dtype.setdefault((p.dtype, state["step"]), []).append((p, grad, state))
-            for (_, step), items in by_dtype.items():
-                _zeal.fused_adam_step([p.data for p, _, _ in items], [g for _, g, _ in items],
-                                      [s["exp_avg"] for _, _, s in items], [s["exp_avg_sq"] for _, _, s in items],
-                                      group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                                      group["adam_w_mode"], group["bias_correction"], step)
-        return loss
+    def _step_group(self, group):
+        # One fused launch per (dtype, step count) instead of one kernel per tensor.
+        beta1, beta2 = group["betas"]
+        by_dtype = {}
+        for p, grad in _grads("FusedAdam", group):
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["step"] += 1
+            by_dtype.setdefault((p.dtype, state["step"]), []).append((p, grad, state))
+        for (_, step), items in by_dtype.items():
+            _zeal.fused_adam_step([p.data for p, _, _ in items], [g for _, g, _ in items],
+                                  [s["exp_avg"] for _, _, s in items], [s["exp_avg_sq"] for _, _, s in items],
+                                  group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                                  group["adam_w_mode"], group["bias_correction"], step)

@@ -26,6 +26,20 @@ void check_fp32_cpu(const char* who, const at::Tensor& t, const char* what, int6
 
 void check_fp32_cpu(const at::Tensor& t, const char* what, int64_t n) { check_fp32_cpu("CPU Adam", t, what, n); }
 
+// The hyper-parameters Adam and LAMB share, bias corrections formed in double.
+template <typename Args>
+void set_adam_hyper(Args& a, const AdamHyper& h) {
+  a.lr = h.lr;
+  a.beta1 = h.beta1;
+  a.beta2 = h.beta2;
+  a.eps = h.eps;
+  a.weight_decay = h.weight_decay;
+  if (h.bias_correction) {
+    a.bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
+    a.bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
+  }
+}
+
 // Pieces big enough to amortise a thread's start, small enough to balance across cores.
 constexpr int64_t kGrain = 1 << 16;
 
@@ -72,16 +86,8 @@ void cpu_adam_step(const at::Tensor& params, const at::Tensor& grads, const at::
     base.param_copy = static_cast<uint16_t*>(half_copy->data_ptr());
     base.copy_kind = t == at::kHalf ? kernels::HalfKind::kFp16 : kernels::HalfKind::kBf16;
   }
-  base.lr = h.lr;
-  base.beta1 = h.beta1;
-  base.beta2 = h.beta2;
-  base.eps = h.eps;
-  base.weight_decay = h.weight_decay;
+  set_adam_hyper(base, h);
   base.decoupled = h.decoupled;
-  if (h.bias_correction) {
-    base.bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
-    base.bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
-  }
   float* p = params.data_ptr<float>();
   const float* g = grads.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
@@ -170,15 +176,7 @@ double cpu_lamb_step(const at::Tensor& params, const at::Tensor& grads, const at
   ZEAL_CHECK(min_coeff >= 0 && max_coeff >= min_coeff, "CPU LAMB: need 0 <= min_coeff <= max_coeff, got ",
              min_coeff, " and ", max_coeff);
   kernels::LambArgs base;
-  base.lr = h.lr;
-  base.beta1 = h.beta1;
-  base.beta2 = h.beta2;
-  base.eps = h.eps;
-  base.weight_decay = h.weight_decay;
-  if (h.bias_correction) {
-    base.bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
-    base.bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
-  }
+  set_adam_hyper(base, h);
   float* p = params.data_ptr<float>();
   const float* g = grads.data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
