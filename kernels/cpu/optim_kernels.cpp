@@ -7,7 +7,8 @@ namespace detail {
   void adagrad_step_##isa(const AdagradArgs& args);          \
   void sgd_step_##isa(const SgdArgs& args);                  \
   NormSums lamb_phase1_##isa(const LambArgs& args);          \
-  void lamb_phase2_##isa(const LambArgs& args, double ratio);
+  void lamb_phase2_##isa(const LambArgs& args, double ratio); \
+  double unscale_sum_squares_##isa(const UnscaleArgs& args);
 ZEAL_DECLARE_ISA(scalar)
 ZEAL_DECLARE_ISA(avx2)
 ZEAL_DECLARE_ISA(avx512)
@@ -75,6 +76,11 @@ NormSums lamb_phase1(const LambArgs& args, Isa isa) {
 void lamb_phase2(const LambArgs& args, double trust_ratio, Isa isa) {
   if (args.n <= 0) return;
   ZEAL_ISA_SWITCH(isa, lamb_phase2, args, trust_ratio);
+}
+
+double unscale_sum_squares(const UnscaleArgs& args, Isa isa) {
+  if (args.n <= 0) return 0.0;
+  ZEAL_ISA_SWITCH(isa, unscale_sum_squares, args);
 }
 
 }  // namespace zeal::kernels

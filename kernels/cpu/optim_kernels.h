@@ -102,4 +102,14 @@ struct NormSums {
 NormSums lamb_phase1(const LambArgs& args, Isa isa);
 void lamb_phase2(const LambArgs& args, double trust_ratio, Isa isa);
 
+// The mixed-precision path before the optimizer: grads *= inv_scale (not written when inv_scale is
+// 1) and the sum of squares of the result, in one pass. Summed in float per block of 4096 elements
+// and in double across blocks; inf or NaN when any gradient is.
+struct UnscaleArgs {
+  float* grads = nullptr;
+  int64_t n = 0;
+  float inv_scale = 1.0f;
+};
+double unscale_sum_squares(const UnscaleArgs& args, Isa isa);
+
 }  // namespace zeal::kernels

@@ -144,6 +144,32 @@ inline void lamb_phase2_loop(const LambArgs& a, double trust_ratio) {
   for (int64_t i = 0; i < a.n; ++i) p[i] += step * c.update(m[i], v[i], p[i]);
 }
 
+template <bool kScale>
+double unscale_sum_squares_loop(const UnscaleArgs& a) {
+  float* __restrict g = a.grads;
+  const float s = a.inv_scale;
+  double total = 0.0;
+  for (int64_t start = 0; start < a.n; start += 4096) {
+    const int64_t end = std::min<int64_t>(a.n, start + 4096);
+    float block = 0.0f;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = start; i < end; ++i) {
+      float x = g[i];
+      if constexpr (kScale) {
+        x *= s;
+        g[i] = x;
+      }
+      block += x * x;
+    }
+    total += block;
+  }
+  return total;
+}
+
+inline double unscale_sum_squares_dispatch(const UnscaleArgs& a) {
+  return a.inv_scale == 1.0f ? unscale_sum_squares_loop<false>(a) : unscale_sum_squares_loop<true>(a);
+}
+
 inline void sgd_dispatch(const SgdArgs& a) {
   if (!a.momentum_buffer || a.momentum == 0.0) return sgd_loop<false, false, false>(a);
   if (a.nesterov) return a.first_step ? sgd_loop<true, true, true>(a) : sgd_loop<true, true, false>(a);

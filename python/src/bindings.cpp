@@ -17,6 +17,7 @@
 #if ZEAL_WITH_CUDA
 #include "zeal/comm/nccl_backend.h"
 #include "zeal/optim/fused_adam.h"
+#include "zeal/optim/fused_lamb.h"
 #endif
 
 namespace py = pybind11;
@@ -143,6 +144,19 @@ PYBIND11_MODULE(_zeal, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("adamw"),
         py::arg("bias_correction"), py::arg("step"), "Multi-tensor fused Adam/AdamW on CUDA tensors.");
+  m.def("fused_lamb_step",
+        [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+           const std::vector<at::Tensor>& exp_avg, const std::vector<at::Tensor>& exp_avg_sq, double lr, double beta1,
+           double beta2, double eps, double weight_decay, bool bias_correction, int64_t step, double min_coeff,
+           double max_coeff) {
+          optim::AdamHyper h{lr, beta1, beta2, eps, weight_decay, true, bias_correction, step};
+          py::gil_scoped_release nogil;
+          optim::fused_lamb_step(params, grads, exp_avg, exp_avg_sq, h, min_coeff, max_coeff);
+        },
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("bias_correction"),
+        py::arg("step"), py::arg("min_coeff"), py::arg("max_coeff"),
+        "Multi-tensor fused LAMB on CUDA tensors (a trust ratio per tensor).");
   m.def("nccl_world",
         [](int device, double timeout_s) {
           auto host = comm::world(to_timeout(timeout_s));
@@ -165,6 +179,9 @@ PYBIND11_MODULE(_zeal, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("adamw"),
         py::arg("bias_correction"), py::arg("step"), py::arg("half_copy") = py::none(), py::arg("isa") = "",
         "One Adam/AdamW step on contiguous fp32 CPU tensors (vectorised, multithreaded).");
+  m.def("unscale_and_sum_squares", &optim::unscale_and_sum_squares, py::arg("grads"), py::arg("inv_scale"),
+        py::call_guard<py::gil_scoped_release>(),
+        "grads *= inv_scale in place; returns the sum of squares of the result (one pass; CPU or CUDA).");
   m.def("cpu_adam_isa", &optim::cpu_adam_isa, "The instruction set the CPU optimizer kernels use on this CPU.");
   m.def("cpu_adagrad_step", &optim::cpu_adagrad_step, py::arg("params"), py::arg("grads"), py::arg("state_sum"),
         py::arg("lr"), py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"), py::arg("step"),
@@ -302,6 +319,7 @@ PYBIND11_MODULE(_zeal, m) {
       .def("is_persistent", [](engine::Engine& e, size_t i) { return stage3(e)->persistent(i); })
       .def("param_numel", [](engine::Engine& e, size_t i) { return stage3(e)->numel(i); })
       .def_property_readonly("live_elements", [](engine::Engine& e) { return stage3(e)->live_elements(); })
+      .def_property_readonly("peak_live_elements", [](engine::Engine& e) { return stage3(e)->peak_live_elements(); })
       .def("saved_param_index",
            [](engine::Engine& e, const at::Tensor& t) -> int64_t {
              auto* p = e.partition();

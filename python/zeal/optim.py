@@ -7,6 +7,9 @@ parameters:
     CPUAdagrad  torch.optim.Adagrad
     CPULamb     LAMB: Adam moments, update u = m_hat / (sqrt(v_hat) + eps) + wd * p, per-tensor
                 trust ratio ||p|| / ||u|| clamped to [min_coeff, max_coeff] (DeepSpeed's FusedLamb)
+
+and their multi-tensor CUDA counterparts FusedAdam and FusedLamb (kernels/cuda/), for CUDA
+parameters in fp32, bf16 or fp16 with fp32 moments, in a Zeal built with CUDA.
 """
 import torch
 
@@ -134,30 +137,26 @@ class CPULamb(_PerTensorOptimizer):
             group["max_coeff"])
 
 
-class FusedAdam(_PerTensorOptimizer):
-    """Multi-tensor fused Adam / AdamW for CUDA parameters (fp32, bf16 or fp16, fp32 moments): one
-    kernel launch per group and dtype, of up to 36 tensors / 320 chunks of 65536 elements each."""
+class _FusedOptimizer(_PerTensorOptimizer):
+    """Multi-tensor CUDA optimizers: one fused launch per (dtype, step count) of a group, with fp32
+    moments, instead of one kernel per tensor."""
 
-    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, adam_w_mode=True,
-                 weight_decay=0.0, amsgrad=False):
+    _cpu_name = ""
+
+    def __init__(self, params, defaults):
+        name = type(self).__name__
         if not hasattr(_zeal, "fused_adam_step"):
-            raise _zeal.Error("FusedAdam needs Zeal built with CUDA (nvcc was not found at build time)")
-        if amsgrad:
-            raise _zeal.ConfigError("FusedAdam: amsgrad is not supported")
-        defaults = dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
-                        adam_w_mode=adam_w_mode, weight_decay=weight_decay)
+            raise _zeal.Error(f"{name} needs Zeal built with CUDA (nvcc was not found at build time)")
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.device.type != "cuda":
-                    raise _zeal.Error(f"FusedAdam got a parameter on {p.device}; it updates CUDA tensors "
-                                      "(CPU parameters: CPUAdam)")
+                    raise _zeal.Error(f"{name} got a parameter on {p.device}; it updates CUDA tensors "
+                                      f"(CPU parameters: {self._cpu_name})")
 
     def _step_group(self, group):
-        # One fused launch per (dtype, step count) instead of one kernel per tensor.
-        beta1, beta2 = group["betas"]
         by_dtype = {}
-        for p, grad in _grads("FusedAdam", group):
+        for p, grad in _grads(type(self).__name__, group):
             state = self.state[p]
             if not state:
                 state["step"] = 0
@@ -166,7 +165,47 @@ class FusedAdam(_PerTensorOptimizer):
             state["step"] += 1
             by_dtype.setdefault((p.dtype, state["step"]), []).append((p, grad, state))
         for (_, step), items in by_dtype.items():
-            _zeal.fused_adam_step([p.data for p, _, _ in items], [g for _, g, _ in items],
-                                  [s["exp_avg"] for _, _, s in items], [s["exp_avg_sq"] for _, _, s in items],
-                                  group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                                  group["adam_w_mode"], group["bias_correction"], step)
+            self._launch(group, step, [p.data for p, _, _ in items], [g for _, g, _ in items],
+                         [s["exp_avg"] for _, _, s in items], [s["exp_avg_sq"] for _, _, s in items])
+
+
+class FusedAdam(_FusedOptimizer):
+    """Multi-tensor fused Adam / AdamW for CUDA parameters: up to 36 tensors / 320 chunks of 65536
+    elements a launch."""
+
+    _cpu_name = "CPUAdam"
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, adam_w_mode=True,
+                 weight_decay=0.0, amsgrad=False):
+        if amsgrad:
+            raise _zeal.ConfigError("FusedAdam: amsgrad is not supported")
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
+                                      adam_w_mode=adam_w_mode, weight_decay=weight_decay))
+
+    def _launch(self, group, step, params, grads, exp_avg, exp_avg_sq):
+        beta1, beta2 = group["betas"]
+        _zeal.fused_adam_step(params, grads, exp_avg, exp_avg_sq, group["lr"], beta1, beta2, group["eps"],
+                              group["weight_decay"], group["adam_w_mode"], group["bias_correction"], step)
+
+
+class FusedLamb(_FusedOptimizer):
+    """Multi-tensor fused LAMB for CUDA parameters (DeepSpeed's FusedLamb arguments): two launches per
+    batch of tensors, the per-tensor norms summed on the device between them."""
+
+    _cpu_name = "CPULamb"
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 max_grad_norm=0.0, max_coeff=10.0, min_coeff=0.01, amsgrad=False):
+        if amsgrad or max_grad_norm:
+            raise _zeal.ConfigError("FusedLamb: amsgrad and max_grad_norm are not supported "
+                                    "(clip with the config's gradient_clipping)")
+        if not 0 <= min_coeff <= max_coeff:
+            raise _zeal.ConfigError(f"FusedLamb: need 0 <= min_coeff <= max_coeff, got {min_coeff}, {max_coeff}")
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, max_coeff=max_coeff, min_coeff=min_coeff))
+
+    def _launch(self, group, step, params, grads, exp_avg, exp_avg_sq):
+        beta1, beta2 = group["betas"]
+        _zeal.fused_lamb_step(params, grads, exp_avg, exp_avg_sq, group["lr"], beta1, beta2, group["eps"],
+                              group["weight_decay"], group["bias_correction"], step, group["min_coeff"],
+                              group["max_coeff"])

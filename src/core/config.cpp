@@ -187,17 +187,25 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
   out.present = true;
   if (!r.has("type")) throw ConfigError("config key 'optimizer.type': expected a string naming the optimizer, got nothing");
   // DeepSpeed matches optimizer names case-insensitively.
-  static const std::vector<std::string> later = {"OneBitAdam", "ZeroOneAdam", "OneBitLamb", "Lamb", "Adagrad",
-                                                 "Lion", "MuAdam", "MuAdamW", "MuSGD", "AdamW8bit"};
+  static const std::vector<std::string> later = {"OneBitAdam", "ZeroOneAdam", "OneBitLamb", "Lion", "MuAdam",
+                                                 "MuAdamW", "MuSGD", "AdamW8bit"};
   if (r.raw("type").is_string()) {
     std::string given = r.raw("type").get<std::string>();
     for (const auto& name : later)
       if (iequals(given, name))
         throw ConfigError("config key 'optimizer.type': \"" + given +
-                          "\" is not supported yet; this Zeal version has Adam, AdamW and SGD");
+                          "\" is not supported yet; this Zeal version has Adam, AdamW, SGD, Lamb and Adagrad");
   }
-  std::string type = r.read_choice("type", {"Adam", "AdamW", "SGD"}, "Adam", /*case_insensitive=*/true);
-  out.type = type == "Adam" ? OptimizerType::kAdam : type == "AdamW" ? OptimizerType::kAdamW : OptimizerType::kSgd;
+  std::string type = r.read_choice("type", {"Adam", "AdamW", "SGD", "Lamb", "Adagrad"}, "Adam", /*case_insensitive=*/true);
+  out.type = type == "Adam"    ? OptimizerType::kAdam
+             : type == "AdamW" ? OptimizerType::kAdamW
+             : type == "SGD"   ? OptimizerType::kSgd
+             : type == "Lamb"  ? OptimizerType::kLamb
+                               : OptimizerType::kAdagrad;
+  if (out.type == OptimizerType::kAdagrad) {  // torch.optim.Adagrad's defaults, as DeepSpeed passes params on
+    out.lr = 1e-2;
+    out.eps = 1e-10;
+  }
   if (r.has("params")) {
     Reader p(r.raw("params"), "optimizer.params");
     p.read_number("lr", out.lr, 0.0);
@@ -209,6 +217,10 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
       if (out.nesterov && (out.momentum <= 0.0 || out.dampening != 0.0))
         throw ConfigError("config key 'optimizer.params.nesterov': nesterov needs momentum > 0 and dampening 0, got momentum " +
                           std::to_string(out.momentum) + " and dampening " + std::to_string(out.dampening));
+    } else if (out.type == OptimizerType::kAdagrad) {
+      p.read_number("eps", out.eps, 0.0);
+      p.read_number("lr_decay", out.lr_decay, 0.0);
+      p.read_number("initial_accumulator_value", out.initial_accumulator_value, 0.0);
     } else {
       if (p.has("betas")) {
         const json& b = p.raw("betas");
@@ -222,8 +234,21 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
       p.read_number("eps", out.eps, 0.0, /*exclusive=*/true);
       p.read_bool("bias_correction", out.bias_correction);
       if (out.type == OptimizerType::kAdam) p.read_bool("adam_w_mode", out.adam_w_mode);
-      bool torch_adam = false;
-      p.read_bool("torch_adam", torch_adam);  // accepted: Zeal has one Adam implementation
+      if (out.type == OptimizerType::kLamb) {
+        p.read_number("min_coeff", out.min_coeff, 0.0);
+        p.read_number("max_coeff", out.max_coeff, 0.0);
+        if (out.max_coeff < out.min_coeff)
+          throw ConfigError("config key 'optimizer.params.max_coeff': expected a number >= min_coeff (" +
+                            std::to_string(out.min_coeff) + "), got " + std::to_string(out.max_coeff));
+        double max_grad_norm = 0.0;  // FusedLamb's own clipping; DeepSpeed users clip with gradient_clipping
+        p.read_number("max_grad_norm", max_grad_norm, 0.0);
+        if (max_grad_norm > 0.0)
+          throw ConfigError("config key 'optimizer.params.max_grad_norm': values > 0 are not supported; use the "
+                            "top-level 'gradient_clipping' key");
+      } else {
+        bool torch_adam = false;
+        p.read_bool("torch_adam", torch_adam);  // accepted: Zeal has one Adam implementation
+      }
       bool amsgrad = false;
       p.read_bool("amsgrad", amsgrad);
       if (amsgrad) throw ConfigError("config key 'optimizer.params.amsgrad': true is not supported yet");
@@ -468,6 +493,8 @@ const char* to_string(OptimizerType type) {
     case OptimizerType::kAdam: return "Adam";
     case OptimizerType::kAdamW: return "AdamW";
     case OptimizerType::kSgd: return "SGD";
+    case OptimizerType::kLamb: return "Lamb";
+    case OptimizerType::kAdagrad: return "Adagrad";
   }
   return "?";
 }

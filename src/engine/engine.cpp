@@ -9,6 +9,7 @@
 
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
+#include "zeal/optim/cpu_optim.h"
 
 namespace zeal::engine {
 namespace {
@@ -117,9 +118,26 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
                            : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
   }
-  // Each group's parameters occupy one flat range; its pieces in the owned ranges become the
-  // optimizer's segments.
-  for (size_t g = 0; g < groups_.size(); ++g) {
+  optimizer_ = optim::make_optimizer(config_.optimizer, shard, device_, static_cast<int64_t>(params_.size()));
+  if (optimizer_->per_tensor()) {
+    // One segment per owned piece of each parameter; a parameter's pieces may sit on several ranks,
+    // so the optimizer's per-tensor sums are added across them.
+    for (size_t i = 0; i < params_.size(); ++i) {
+      for (const zero::LocalRange& r :
+           zero::to_local(owned_, layout_.offsets[i], layout_.offsets[i] + layout_.numels[i])) {
+        optim::ParamGroup segment = groups_[group_of_param[i]];
+        segment.begin = r.local_begin;
+        segment.end = r.local_end;
+        segment.tensor = static_cast<int64_t>(i);
+        segments_.push_back(segment);
+        segment_group_.push_back(group_of_param[i]);
+      }
+    }
+    if (partitioned_ && world_->size() > 1) optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
+  }
+  // Otherwise each group's parameters occupy one flat range; its pieces in the owned ranges become
+  // the optimizer's segments.
+  for (size_t g = 0; g < groups_.size() && !optimizer_->per_tensor(); ++g) {
     int64_t lo = total, hi = 0;
     for (size_t i = 0; i < params_.size(); ++i) {
       if (group_of_param[i] != g) continue;
@@ -148,7 +166,6 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     partition_ = std::make_unique<zero::ParamPartition>(params_, shapes_, layout_, stage3_shard_, world_,
                                                         config_.zero_optimization.param_persistence_threshold);
   stage3_shard_.reset();
-  optimizer_ = optim::make_optimizer(config_.optimizer, shard, device_);
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
   scaler_ = optim::LossScaler(config_.fp16);
   apply_lr(-1);
@@ -244,13 +261,16 @@ void Engine::step() {
   // (stage 2 reduce-scattered them into grad_shard_).
   at::Tensor grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
   if (grads.scalar_type() != at::kFloat) grads = grads.to(at::kFloat);
-  if (scaler_.scale() != 1.0) grads.mul_(1.0 / scaler_.scale());
 
+  // The precision path in one pass (optim/cpu_optim.h): unscale, and the norm that clipping needs
+  // and whose non-finiteness is fp16's overflow.
   bool need_norm = config_.precision() == Precision::kFp16 || config_.gradient_clipping > 0.0;
   bool overflow = false;
   if (need_norm) {
-    last_grad_norm_ = global_norm(grads);
+    last_grad_norm_ = global_norm(grads, 1.0 / scaler_.scale());
     overflow = config_.precision() == Precision::kFp16 && !std::isfinite(last_grad_norm_);
+  } else if (scaler_.scale() != 1.0) {
+    grads.mul_(1.0 / scaler_.scale());
   }
   if (overflow) {
     ++skipped_steps_;
@@ -292,13 +312,21 @@ at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
   return at::cat(pieces);
 }
 
-double Engine::global_norm(const at::Tensor& grads) const {
-  if (!partitioned_ || world_->size() == 1) return grads.norm().item<double>();
+double Engine::global_norm(const at::Tensor& grads, double inv_scale) {
+  const double local = optim::unscale_and_sum_squares(grads, inv_scale);
+  if (!partitioned_ || world_->size() == 1) return std::sqrt(local);
   // Each rank holds a disjoint part of the gradient: sum the squares across ranks.
-  at::Tensor sum_sq = grads.pow(2).sum().to(at::kDouble).reshape({1});
-  if (!sum_sq.device().is_cpu() && world_->backend_name() == "mpi") sum_sq = sum_sq.cpu();
-  world_->all_reduce(sum_sq, {comm::ReduceOp::kSum})->wait();
+  at::Tensor sum_sq = at::full({1}, local, at::TensorOptions().dtype(at::kDouble).device(grads.device()));
+  all_reduce_sum(sum_sq);
   return std::sqrt(sum_sq.item<double>());
+}
+
+void Engine::all_reduce_sum(at::Tensor& values) {
+  // The MPI backend reduces host tensors: device values take a round trip through the host.
+  const bool via_host = !values.device().is_cpu() && world_->backend_name() == "mpi";
+  at::Tensor buffer = via_host ? values.cpu() : values;
+  world_->all_reduce(buffer, {comm::ReduceOp::kSum})->wait();
+  if (via_host) values.copy_(buffer);
 }
 
 void Engine::publish_parameters() {

@@ -10,6 +10,7 @@
 
 #include "cpu/optim_kernels.h"
 #include "zeal/core/error.h"
+#include "optim/parallel_pieces.h"
 
 namespace zeal::optim {
 namespace {
@@ -38,30 +39,6 @@ void set_adam_hyper(Args& a, const AdamHyper& h) {
     a.bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
     a.bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
   }
-}
-
-// Pieces big enough to amortise a thread's start, small enough to balance across cores.
-constexpr int64_t kGrain = 1 << 16;
-
-// Note [Own threads]: at::parallel_for is inline OpenMP in the headers and runs serially in a
-// library built without -fopenmp, and linking a second OpenMP runtime beside torch's is worse.
-// So: as many threads as torch's intra-op setting allows, each on one contiguous, 64-element-
-// aligned piece [begin, end); the calling thread takes the first. Returns after all finish.
-template <typename Fn>
-void parallel_pieces(int64_t n, const Fn& run) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + kGrain - 1) / kGrain);
-  if (threads <= 1) {
-    run(0, n, 0);
-    return;
-  }
-  const int64_t piece = ((n + threads - 1) / threads + 63) / 64 * 64;
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) {
-    int64_t begin = std::min(n, t * piece), end = std::min(n, (t + 1) * piece);
-    if (begin < end) workers.emplace_back(run, begin, end, t);
-  }
-  run(0, std::min(n, piece), 0);
-  for (auto& w : workers) w.join();
 }
 
 }  // namespace
@@ -166,44 +143,75 @@ void cpu_sgd_step(const at::Tensor& params, const at::Tensor& grads, const at::T
   });
 }
 
-double cpu_lamb_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
-                     const at::Tensor& exp_avg_sq, const AdamHyper& h, double min_coeff, double max_coeff) {
+namespace {
+
+kernels::LambArgs lamb_args(const at::Tensor& params, const at::Tensor* grads, const at::Tensor& exp_avg,
+                            const at::Tensor& exp_avg_sq, const AdamHyper& h) {
   const int64_t n = params.numel();
   check_fp32_cpu("CPU LAMB", params, "the parameter", n);
-  check_fp32_cpu("CPU LAMB", grads, "the gradient", n);
+  if (grads) check_fp32_cpu("CPU LAMB", *grads, "the gradient", n);
   check_fp32_cpu("CPU LAMB", exp_avg, "exp_avg", n);
   check_fp32_cpu("CPU LAMB", exp_avg_sq, "exp_avg_sq", n);
+  kernels::LambArgs a;
+  set_adam_hyper(a, h);
+  a.params = params.data_ptr<float>();
+  a.grads = grads ? grads->data_ptr<float>() : nullptr;
+  a.exp_avg = exp_avg.data_ptr<float>();
+  a.exp_avg_sq = exp_avg_sq.data_ptr<float>();
+  a.n = n;
+  return a;
+}
+
+kernels::LambArgs piece_of(const kernels::LambArgs& whole, int64_t begin, int64_t end) {
+  kernels::LambArgs a = whole;
+  a.params += begin;
+  if (a.grads) a.grads += begin;
+  a.exp_avg += begin;
+  a.exp_avg_sq += begin;
+  a.n = end - begin;
+  return a;
+}
+
+}  // namespace
+
+LambSums cpu_lamb_phase1(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+                         const at::Tensor& exp_avg_sq, const AdamHyper& h) {
+  const kernels::LambArgs whole = lamb_args(params, &grads, exp_avg, exp_avg_sq, h);
+  const kernels::Isa isa = kernels::best_isa();
+  // The pieces' sums are combined in a fixed order, so the ratio does not depend on thread timing.
+  std::vector<kernels::NormSums> sums(static_cast<size_t>(std::max(1, at::get_num_threads())));
+  parallel_pieces(whole.n, [&](int64_t begin, int64_t end, int64_t t) {
+    sums[t] = kernels::lamb_phase1(piece_of(whole, begin, end), isa);
+  });
+  LambSums out;
+  for (const auto& s : sums) {
+    out.param_sq += s.param_sq;
+    out.update_sq += s.update_sq;
+  }
+  return out;
+}
+
+void cpu_lamb_phase2(const at::Tensor& params, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                     const AdamHyper& h, double trust_ratio) {
+  const kernels::LambArgs whole = lamb_args(params, nullptr, exp_avg, exp_avg_sq, h);
+  const kernels::Isa isa = kernels::best_isa();
+  parallel_pieces(whole.n, [&](int64_t begin, int64_t end, int64_t) {
+    kernels::lamb_phase2(piece_of(whole, begin, end), trust_ratio, isa);
+  });
+}
+
+double lamb_trust_ratio(const LambSums& sums, double min_coeff, double max_coeff) {
+  const double p_norm = std::sqrt(sums.param_sq), u_norm = std::sqrt(sums.update_sq);
+  const double ratio = (p_norm > 0.0 && u_norm > 0.0) ? p_norm / u_norm : 1.0;
+  return std::min(max_coeff, std::max(min_coeff, ratio));
+}
+
+double cpu_lamb_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const AdamHyper& h, double min_coeff, double max_coeff) {
   ZEAL_CHECK(min_coeff >= 0 && max_coeff >= min_coeff, "CPU LAMB: need 0 <= min_coeff <= max_coeff, got ",
              min_coeff, " and ", max_coeff);
-  kernels::LambArgs base;
-  set_adam_hyper(base, h);
-  float* p = params.data_ptr<float>();
-  const float* g = grads.data_ptr<float>();
-  float* m = exp_avg.data_ptr<float>();
-  float* v = exp_avg_sq.data_ptr<float>();
-  const kernels::Isa isa = kernels::best_isa();
-  auto piece = [&](int64_t begin, int64_t end) {
-    kernels::LambArgs a = base;
-    a.params = p + begin;
-    a.grads = g + begin;
-    a.exp_avg = m + begin;
-    a.exp_avg_sq = v + begin;
-    a.n = end - begin;
-    return a;
-  };
-  // Phase 1 per piece; the pieces' sums are combined in a fixed order, so the ratio does not
-  // depend on thread timing.
-  std::vector<kernels::NormSums> sums(static_cast<size_t>(std::max(1, at::get_num_threads())));
-  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t t) { sums[t] = kernels::lamb_phase1(piece(begin, end), isa); });
-  double param_sq = 0.0, update_sq = 0.0;
-  for (const auto& s : sums) {
-    param_sq += s.param_sq;
-    update_sq += s.update_sq;
-  }
-  const double p_norm = std::sqrt(param_sq), u_norm = std::sqrt(update_sq);
-  double ratio = (p_norm > 0.0 && u_norm > 0.0) ? p_norm / u_norm : 1.0;
-  ratio = std::min(max_coeff, std::max(min_coeff, ratio));
-  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t) { kernels::lamb_phase2(piece(begin, end), ratio, isa); });
+  const double ratio = lamb_trust_ratio(cpu_lamb_phase1(params, grads, exp_avg, exp_avg_sq, h), min_coeff, max_coeff);
+  cpu_lamb_phase2(params, exp_avg, exp_avg_sq, h, ratio);
   return ratio;
 }
 

@@ -2,11 +2,17 @@
 
 #include <cmath>
 
+#include <ATen/ops/full.h>
 #include <ATen/ops/sqrt.h>
 #include <ATen/ops/zeros.h>
 
 #include "zeal/core/error.h"
+#include "zeal/features.h"
 #include "zeal/optim/cpu_optim.h"
+#if ZEAL_WITH_CUDA
+#include "zeal/optim/fused_adam.h"
+#include "zeal/optim/fused_lamb.h"
+#endif
 
 namespace zeal::optim {
 namespace {
@@ -31,11 +37,17 @@ class Adam : public Optimizer {
       at::Tensor m = exp_avg_.slice(0, g.begin, g.end);
       at::Tensor v = exp_avg_sq_.slice(0, g.begin, g.end);
       const double b1 = g.betas[0], b2 = g.betas[1];
+      const AdamHyper hyper{g.lr, b1, b2, g.eps, g.weight_decay, decoupled_, bias_correction_, step_};
       if (p.device().is_cpu()) {  // the vectorised, multithreaded kernel (kernels/cpu/optim_kernels.h)
-        cpu_adam_step(p, grad.contiguous(), m, v,
-                      {g.lr, b1, b2, g.eps, g.weight_decay, decoupled_, bias_correction_, step_});
+        cpu_adam_step(p, grad.contiguous(), m, v, hyper);
         continue;
       }
+#if ZEAL_WITH_CUDA
+      if (p.is_cuda()) {  // the multi-tensor fused kernel (kernels/cuda/fused_adam.h)
+        fused_adam_step({p}, {grad.contiguous()}, {m}, {v}, hyper);
+        continue;
+      }
+#endif
       if (g.weight_decay != 0.0) {
         if (decoupled_)
           p.mul_(1.0 - g.lr * g.weight_decay);
@@ -119,6 +131,127 @@ class Sgd : public Optimizer {
   int64_t step_ = 0;
 };
 
+// LAMB with a trust ratio per parameter (DeepSpeed's FusedLamb): segments are parameter pieces.
+// Phase 1 of every piece adds its sums of p^2 and u^2 into the parameter's pair of a float64
+// vector; the vector is summed across ranks (a parameter's pieces may be owned by several); phase
+// 2 applies each parameter's ratio.
+class Lamb : public Optimizer {
+ public:
+  Lamb(bool bias_correction, double min_coeff, double max_coeff, int64_t n, int64_t num_tensors, at::Device device)
+      : bias_correction_(bias_correction),
+        min_coeff_(min_coeff),
+        max_coeff_(max_coeff),
+        num_tensors_(num_tensors),
+        exp_avg_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))),
+        exp_avg_sq_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))) {}
+
+  bool per_tensor() const override { return true; }
+
+  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) override {
+    ++step_;
+    const bool on_cpu = params.device().is_cpu();
+    ZEAL_CHECK(on_cpu || ZEAL_WITH_CUDA, "Lamb: parameters on ", params.device().str(),
+               " need Zeal built with CUDA");
+    at::Tensor sums = at::zeros({2 * num_tensors_}, params.options().dtype(at::kDouble));
+    std::vector<Piece> pieces;
+    for (const ParamGroup& g : segments) {
+      if (g.end == g.begin) continue;
+      ZEAL_INTERNAL_ASSERT(g.tensor >= 0 && g.tensor < num_tensors_, "Lamb segment without its tensor");
+      pieces.push_back({params.slice(0, g.begin, g.end), grads.slice(0, g.begin, g.end).contiguous(),
+                        exp_avg_.slice(0, g.begin, g.end), exp_avg_sq_.slice(0, g.begin, g.end),
+                        AdamHyper{g.lr, g.betas[0], g.betas[1], g.eps, g.weight_decay, true, bias_correction_, step_},
+                        g.tensor});
+    }
+    if (on_cpu) {
+      double* s = sums.data_ptr<double>();
+      for (const Piece& k : pieces) {
+        const LambSums piece_sums = cpu_lamb_phase1(k.p, k.g, k.m, k.v, k.hyper);
+        s[2 * k.tensor] += piece_sums.param_sq;
+        s[2 * k.tensor + 1] += piece_sums.update_sq;
+      }
+    } else {
+#if ZEAL_WITH_CUDA
+      for (const Piece& k : pieces) fused_lamb_phase1({k.p}, {k.g}, {k.m}, {k.v}, {static_cast<int>(k.tensor)}, k.hyper, sums);
+#endif
+    }
+    if (reduce_sums_) reduce_sums_(sums);
+    if (on_cpu) {
+      const double* s = sums.data_ptr<double>();
+      for (const Piece& k : pieces) {
+        const double ratio = lamb_trust_ratio({s[2 * k.tensor], s[2 * k.tensor + 1]}, min_coeff_, max_coeff_);
+        cpu_lamb_phase2(k.p, k.m, k.v, k.hyper, ratio);
+      }
+    } else {
+#if ZEAL_WITH_CUDA
+      for (const Piece& k : pieces)
+        fused_lamb_phase2({k.p}, {k.m}, {k.v}, {static_cast<int>(k.tensor)}, k.hyper, min_coeff_, max_coeff_, sums);
+#endif
+    }
+  }
+
+  const char* name() const override { return "Lamb"; }
+  int64_t steps_taken() const override { return step_; }
+  void set_steps_taken(int64_t steps) override { step_ = steps; }
+  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq"}; }
+  at::Tensor& state(const std::string& name) override {
+    if (name == "exp_avg") return exp_avg_;
+    if (name == "exp_avg_sq") return exp_avg_sq_;
+    throw CheckpointError("Lamb has no state named '" + name + "'");
+  }
+
+ private:
+  struct Piece {
+    at::Tensor p, g, m, v;
+    AdamHyper hyper;
+    int64_t tensor;
+  };
+  bool bias_correction_;
+  double min_coeff_, max_coeff_;
+  int64_t num_tensors_;
+  at::Tensor exp_avg_, exp_avg_sq_;
+  int64_t step_ = 0;
+};
+
+// Adagrad as torch.optim.Adagrad (lr_decay, L2 weight decay, initial accumulator value).
+class Adagrad : public Optimizer {
+ public:
+  Adagrad(double lr_decay, double initial_accumulator_value, int64_t n, at::Device device)
+      : lr_decay_(lr_decay),
+        sum_(at::full({n}, initial_accumulator_value, at::TensorOptions().dtype(at::kFloat).device(device))) {}
+
+  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
+    ++step_;
+    for (const ParamGroup& g : groups) {
+      if (g.end == g.begin) continue;
+      at::Tensor p = params.slice(0, g.begin, g.end);
+      at::Tensor grad = grads.slice(0, g.begin, g.end);
+      at::Tensor sum = sum_.slice(0, g.begin, g.end);
+      if (p.device().is_cpu()) {
+        cpu_adagrad_step(p, grad.contiguous(), sum, g.lr, lr_decay_, g.weight_decay, g.eps, step_);
+        continue;
+      }
+      if (g.weight_decay != 0.0) grad = grad.add(p, g.weight_decay);
+      const double clr = g.lr / (1.0 + static_cast<double>(step_ - 1) * lr_decay_);
+      sum.addcmul_(grad, grad, 1.0);
+      p.addcdiv_(grad, sum.sqrt().add_(g.eps), -clr);
+    }
+  }
+
+  const char* name() const override { return "Adagrad"; }
+  int64_t steps_taken() const override { return step_; }
+  void set_steps_taken(int64_t steps) override { step_ = steps; }
+  std::vector<std::string> state_names() const override { return {"sum"}; }
+  at::Tensor& state(const std::string& name) override {
+    if (name == "sum") return sum_;
+    throw CheckpointError("Adagrad has no state named '" + name + "'");
+  }
+
+ private:
+  double lr_decay_;
+  at::Tensor sum_;
+  int64_t step_ = 0;
+};
+
 }  // namespace
 
 int64_t Optimizer::state_bytes() const {
@@ -127,7 +260,8 @@ int64_t Optimizer::state_bytes() const {
   return total;
 }
 
-std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t n, at::Device device) {
+std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t n, at::Device device,
+                                          int64_t num_tensors) {
   switch (config.type) {
     case OptimizerType::kAdam:
       return std::make_unique<Adam>(config.adam_w_mode, config.bias_correction, n, device,
@@ -136,6 +270,10 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t
       return std::make_unique<Adam>(true, config.bias_correction, n, device, "AdamW");
     case OptimizerType::kSgd:
       return std::make_unique<Sgd>(config.dampening, config.nesterov, n, device);
+    case OptimizerType::kLamb:
+      return std::make_unique<Lamb>(config.bias_correction, config.min_coeff, config.max_coeff, n, num_tensors, device);
+    case OptimizerType::kAdagrad:
+      return std::make_unique<Adagrad>(config.lr_decay, config.initial_accumulator_value, n, device);
   }
   ZEAL_INTERNAL_ASSERT(false, "unhandled optimizer type");
   return nullptr;

@@ -1,5 +1,7 @@
 #include "zeal/zero/param_partition.h"
 
+#include <algorithm>
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 
@@ -130,6 +132,8 @@ void ParamPartition::fetch(size_t i) {
   }
   full_[i] = full;
   state_[i] = State::kGathering;
+  live_elements_ += full.numel();
+  peak_live_elements_ = std::max(peak_live_elements_, live_elements_);
 }
 
 void ParamPartition::wait(size_t i) {
@@ -144,7 +148,6 @@ void ParamPartition::make_live(size_t i) {
   work_[i].reset();
   params_[i].set_data(full_[i].slice(0, 0, numel_[i]).view(shapes_[i]));
   live_storage_[full_[i].storage().data()] = i;
-  live_elements_ += full_[i].numel();
   state_[i] = State::kLive;
 }
 
@@ -152,10 +155,8 @@ void ParamPartition::release(size_t i) {
   if (persistent_[i] || fallback_ || state_[i] == State::kReleased) return;
   if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();  // never free a buffer MPI is writing
   work_[i].reset();
-  if (state_[i] == State::kLive) {
-    live_storage_.erase(full_[i].storage().data());
-    live_elements_ -= full_[i].numel();
-  }
+  if (state_[i] == State::kLive) live_storage_.erase(full_[i].storage().data());
+  if (state_[i] != State::kShapeOnly) live_elements_ -= full_[i].numel();
   params_[i].set_data(empty_);
   full_[i].reset();
   state_[i] = State::kReleased;
@@ -183,10 +184,8 @@ void ParamPartition::publish(const at::Tensor& master) {
   for (size_t i = 0; i < params_.size(); ++i) {
     if (state_[i] == State::kLive || state_[i] == State::kGathering) {
       if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();
-      if (state_[i] == State::kLive) {
-        live_storage_.erase(full_[i].storage().data());
-        live_elements_ -= full_[i].numel();
-      }
+      if (state_[i] == State::kLive) live_storage_.erase(full_[i].storage().data());
+      live_elements_ -= full_[i].numel();
       state_[i] = State::kReleased;
       refresh.push_back(i);
     }

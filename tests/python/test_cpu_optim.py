@@ -166,3 +166,26 @@ def test_lamb_each_step_matches_float64_reference_within_1e6():
                 worst = max(worst, ((p.double() - rp).abs().max() / rp.abs().max()).item())
     assert worst <= 1e-6, f"worst per-step relative error {worst:.3e}"
     assert len(ratios) > 10 and 1.0 in ratios  # ratios vary by tensor, and the zero tensor used 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 17, 4097, 1_000_003])
+@pytest.mark.parametrize("inv_scale", [1.0, 1 / 1024])
+def test_unscale_and_sum_squares_matches_torch(n, inv_scale):
+    # The engine's precision path in one pass: the gradients are unscaled in place and the sum of
+    # squares (float blocks, double across blocks) is within 1e-6 of a float64 reference.
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1000
+    want_grads = g * inv_scale
+    want = want_grads.double().pow(2).sum().item()
+    got = zeal._zeal.unscale_and_sum_squares(g, inv_scale)
+    assert torch.equal(g, want_grads)
+    assert abs(got - want) <= 1e-6 * max(want, 1e-30)
+
+
+def test_unscale_and_sum_squares_reports_non_finite_gradients():
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        g = torch.ones(100_000)
+        g[77_777] = bad
+        total = zeal._zeal.unscale_and_sum_squares(g, 0.5)
+        assert not torch.isfinite(torch.tensor(total)), bad
+    with pytest.raises(zeal.Error, match="float32"):
+        zeal._zeal.unscale_and_sum_squares(torch.ones(4, dtype=torch.float64), 1.0)

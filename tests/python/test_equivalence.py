@@ -68,6 +68,24 @@ def test_sgd_fp32_matches_torch(tmp_path, world, stage):
     assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
 
 
+@pytest.mark.parametrize("optimizer", ["lamb", "adagrad"])
+@pytest.mark.parametrize("stage,world", [(0, 2), (1, 2), (2, 4), (3, 2), (3, 4)])
+def test_lamb_and_adagrad_match_torch(tmp_path, optimizer, stage, world):
+    # The engine's Lamb and Adagrad (config optimizer.type) on the CPU kernels. LAMB's trust ratio
+    # is per whole parameter: with 100-element buckets (stages 1-2) and stage 3's per-parameter
+    # chunks, most parameters are split across ranks, so each rank's partial norms must be summed
+    # across ranks or the ratios, and the run, go wrong.
+    out = tmp_path / "params.pt"
+    run_mpi(world, "dp_train.py", "--steps", 12, "--micro", 2, "--gas", 2, "--optimizer", optimizer, "--lr", 2e-2,
+            "--clip", 1.0, "--bucket", 100, "--stage", stage, "--out", out)
+    want = common.reference_run(12, 2 * 2 * world, lr=2e-2, weight_decay=0.01, clip=1.0, optimizer=optimizer)
+    got = torch.load(out)["params"]
+    diff = max_rel_diff(got, want)
+    assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
+    start = list(common.make_model().parameters())
+    assert max_rel_diff(got, [p.detach() for p in start]) > 1e-2
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_stage3_zero_init_matches_torch(tmp_path, world):
     # The model is built under zeal.zero.Init (each rank only ever holds its chunk of every
@@ -118,6 +136,26 @@ def test_bf16_matches_torch_within_stated_tolerance(tmp_path, stage, world, gas)
     torch_drift = max_rel_diff(bf16_ref, fp32_ref)
     zeal_drift = max_rel_diff(got, fp32_ref)
     assert zeal_drift <= 1.5 * torch_drift, f"zeal bf16 drift {zeal_drift:.3e} > 1.5 x torch bf16 drift {torch_drift:.3e}"
+
+
+def test_stage3_max_live_parameters_caps_gathered_elements(tmp_path):
+    # Largest single module of the model: Linear(48, 48), 2304 + 48 elements. With
+    # stage3_max_live_parameters 0 nothing is prefetched or kept for reuse, so no more than what one
+    # module's forward or backward needs is ever gathered (in-flight prefetches count), and the run
+    # still matches torch. With the default cap, prefetching (a window of 100k elements) gathers
+    # more at once: the cap is what made the difference.
+    peaks = {}
+    for cap in (0, 10**9):
+        out = tmp_path / f"cap{cap}.pt"
+        run_mpi(2, "dp_train.py", "--steps", 6, "--micro", 2, "--gas", 2, "--stage", 3, "--prefetch", 100000,
+                "--max_live", cap, "--out", out)
+        result = torch.load(out)
+        want = common.reference_run(6, 2 * 2 * 2, lr=1e-2, weight_decay=0.01, clip=0.0)
+        diff = max_rel_diff(result["params"], want)
+        assert diff <= 1e-5, f"max_live {cap}: max relative parameter difference {diff:.3e}"
+        peaks[cap] = result["peak_live"]
+    assert peaks[0] <= 48 * 48 + 48, peaks
+    assert peaks[10**9] > peaks[0], peaks
 
 
 @pytest.mark.parametrize("stage,persist", [(0, 0), (1, 0), (2, 0), (3, 100000), (3, 0)])

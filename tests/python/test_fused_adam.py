@@ -61,3 +61,53 @@ def test_rejects_cpu_parameters():
     with pytest.raises(zeal.Error, match="it updates CUDA tensors"):
         zeal._zeal.fused_adam_step([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)],
                                    1e-3, 0.9, 0.999, 1e-8, 0.0, True, True, 1)
+
+
+# --- FusedLamb -------------------------------------------------------------------------------------
+
+@needs_gpu
+def test_fused_lamb_each_step_matches_float64_reference_within_1e6():
+    # The same float64 LAMB as the CPU test; many tensors of mixed sizes (chunk edges, more tensors
+    # than one launch) so per-tensor norms summed over several blocks and launches are exercised.
+    from test_cpu_optim import lamb_reference_step
+
+    g = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g).cuda()) for n in SIZES]
+    opt = zeal.optim.FusedLamb(params, lr=1e-2, eps=1e-6, weight_decay=0.01)
+    ref = [(p.detach().double().clone(), torch.zeros(p.shape, dtype=torch.float64, device="cuda"),
+            torch.zeros(p.shape, dtype=torch.float64, device="cuda")) for p in params]
+    worst = 0.0
+    for step in range(1, 101):
+        for p, (rp, rm, rv) in zip(params, ref):
+            p.grad = torch.randn(p.shape, device="cuda")
+            with torch.no_grad():
+                p.copy_(rp)
+                if step > 1:
+                    opt.state[p]["exp_avg"].copy_(rm)
+                    opt.state[p]["exp_avg_sq"].copy_(rv)
+            lamb_reference_step(rp, p.grad.double(), rm, rv, step, 1e-2, 0.9, 0.999, 1e-6, 0.01)
+        opt.step()
+        for p, (rp, _, _) in zip(params, ref):
+            if rp.numel():
+                worst = max(worst, ((p.double() - rp).abs().max() / rp.abs().max()).item())
+    assert worst <= 1e-6, f"worst per-step relative error {worst:.3e}"
+
+
+@needs_gpu
+def test_unscale_and_sum_squares_on_the_gpu_matches_torch():
+    g = torch.randn(3_000_001, device="cuda")
+    want = (g.double() / 1024).pow(2).sum().item()
+    got = zeal._zeal.unscale_and_sum_squares(g, 1 / 1024)
+    assert abs(got - want) <= 1e-6 * want
+    g[17] = float("nan")
+    assert zeal._zeal.unscale_and_sum_squares(g, 1.0) != zeal._zeal.unscale_and_sum_squares(g, 1.0)  # NaN
+
+
+def test_fused_lamb_rejects_cpu_parameters():
+    if not hasattr(zeal._zeal, "fused_lamb_step"):
+        pytest.skip("this Zeal was built without CUDA")
+    with pytest.raises(zeal.Error, match=r"it updates CUDA tensors \(CPU parameters: CPULamb\)"):
+        zeal.optim.FusedLamb([torch.nn.Parameter(torch.zeros(4))])
+    with pytest.raises(zeal.Error, match=r"CPU parameters: CPULamb"):
+        zeal._zeal.fused_lamb_step([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)],
+                                   1e-3, 0.9, 0.999, 1e-8, 0.0, True, 1, 0.01, 10.0)

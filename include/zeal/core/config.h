@@ -13,7 +13,7 @@
 namespace zeal {
 
 enum class Precision { kFp32, kFp16, kBf16 };
-enum class OptimizerType { kAdam, kAdamW, kSgd };
+enum class OptimizerType { kAdam, kAdamW, kSgd, kLamb, kAdagrad };
 enum class SchedulerType { kWarmupLR, kWarmupDecayLR, kWarmupCosineLR, kOneCycle, kLRRangeTest };
 // The dtype gradients travel in; kDefault keeps the gradient dtype.
 enum class CommDtype { kDefault, kFp32, kFp16, kBf16 };
@@ -30,6 +30,10 @@ struct OptimizerConfig {
   double momentum = 0.0;  // SGD
   double dampening = 0.0;
   bool nesterov = false;
+  double max_coeff = 10.0;  // Lamb: trust ratio clamp (DeepSpeed's FusedLamb defaults)
+  double min_coeff = 0.01;
+  double lr_decay = 0.0;    // Adagrad (torch.optim.Adagrad)
+  double initial_accumulator_value = 0.0;
 };
 
 struct SchedulerConfig {

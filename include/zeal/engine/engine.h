@@ -113,7 +113,9 @@ class Engine {
   void apply_lr(int64_t iteration);
   void log_step();
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
-  double global_norm(const at::Tensor& grads) const;     // L2 norm of the gradient over all ranks
+  // Unscales grads in place (by inv_scale) and returns the L2 norm of the result over all ranks.
+  double global_norm(const at::Tensor& grads, double inv_scale);
+  void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
   void publish_parameters();                             // master -> model dtype -> every rank
 
   Config config_;

@@ -39,4 +39,24 @@ void cpu_sgd_step(const at::Tensor& params, const at::Tensor& grads, const at::T
 double cpu_lamb_step(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, const AdamHyper& hyper, double min_coeff, double max_coeff);
 
+// LAMB in its two phases, for a tensor whose pieces live on several ranks (ZeRO partitions): phase
+// 1 updates the moments of one piece and returns its sums of p^2 and u^2; the caller adds the sums
+// of every piece of the tensor and applies the ratio with phase 2.
+struct LambSums {
+  double param_sq = 0.0;
+  double update_sq = 0.0;
+};
+LambSums cpu_lamb_phase1(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+                         const at::Tensor& exp_avg_sq, const AdamHyper& hyper);
+void cpu_lamb_phase2(const at::Tensor& params, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                     const AdamHyper& hyper, double trust_ratio);
+// ||p|| / ||u|| from the summed squares, clamped to [min_coeff, max_coeff]; 1 when either norm is 0.
+double lamb_trust_ratio(const LambSums& sums, double min_coeff, double max_coeff);
+
+// Mixed-precision unscaling fused with the gradient norm: grads *= inv_scale (skipped when it is
+// 1) and the sum of squares of the result, in one pass over a contiguous fp32 tensor (CPU, or CUDA
+// in a CUDA build). The sum is inf or NaN when any gradient is (fp16 overflow). Threads' partial
+// sums are added in a fixed order, so the result does not depend on timing.
+double unscale_and_sum_squares(const at::Tensor& grads, double inv_scale);
+
 }  // namespace zeal::optim

@@ -1,10 +1,13 @@
-// Optimizers over flat fp32 buffers. Parameters of one group occupy one contiguous range of the
-// flat buffer, so an update is a handful of vectorized ATen ops per group (reference
-// implementations; the SIMD and fused CUDA kernels come later behind the same interface).
+// Optimizers over flat fp32 buffers, stepped one segment (a contiguous range of the flat buffer) at
+// a time: one segment per parameter group's owned range, or one per parameter's owned piece for an
+// optimizer that works per tensor (LAMB's trust ratio). CPU buffers run the vectorised kernels of
+// kernels/cpu (through optim/cpu_optim.h), CUDA buffers the fused kernels of kernels/cuda in a CUDA
+// build (Adam, LAMB) or ATen ops (SGD, Adagrad).
 #pragma once
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -23,6 +26,7 @@ struct ParamGroup {
   std::array<double, 2> betas{0.9, 0.999};
   double eps = 1e-8;
   double momentum = 0.0;
+  int64_t tensor = -1;  // per-tensor optimizers: the parameter this segment is (a piece of)
 };
 
 class Optimizer {
@@ -39,10 +43,22 @@ class Optimizer {
   virtual std::vector<std::string> state_names() const = 0;
   virtual at::Tensor& state(const std::string& name) = 0;
   int64_t state_bytes() const;
+
+  // Per-tensor optimizers want one segment per parameter piece (ParamGroup::tensor set) and, when
+  // a tensor's pieces live on several ranks, a way to sum per-tensor statistics across them: the
+  // reducer sums a float64 tensor over the data-parallel ranks in place. Every rank calls it
+  // once per step, in step().
+  virtual bool per_tensor() const { return false; }
+  using SumReducer = std::function<void(at::Tensor&)>;
+  void set_sum_reducer(SumReducer reducer) { reduce_sums_ = std::move(reducer); }
+
+ protected:
+  SumReducer reduce_sums_;
 };
 
 // Builds the optimizer a config asks for, its state on `device`.
+// num_tensors: how many parameters the segments may name (per-tensor optimizers).
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t num_elements,
-                                          at::Device device = at::kCPU);
+                                          at::Device device = at::kCPU, int64_t num_tensors = 0);
 
 }  // namespace zeal::optim

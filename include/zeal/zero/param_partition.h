@@ -81,7 +81,10 @@ class ParamPartition {
   const at::Tensor& shard() const { return shard_; }
   int64_t chunk_begin(size_t i) const { return chunk_begin_[i]; }  // in the shard
   int64_t chunk_size(size_t i) const { return chunk_size_[i]; }
+  // Elements of the full buffers held now (live, or gathering for a prefetch), and the most held
+  // at once since construction: what stage3_max_live_parameters bounds.
   int64_t live_elements() const { return live_elements_; }
+  int64_t peak_live_elements() const { return peak_live_elements_; }
   int64_t numel(size_t i) const { return numel_[i]; }
 
  private:
@@ -102,6 +105,7 @@ class ParamPartition {
   at::Tensor empty_;
   comm::CommunicatorPtr comm_;
   int64_t live_elements_ = 0;
+  int64_t peak_live_elements_ = 0;
   bool fallback_ = false;            // every parameter gathered until the end of backward
   bool fallback_this_step_ = false;  // a fallback happened since the last end_backward
 };

@@ -45,6 +45,11 @@ def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, opt
     master_params = [torch.nn.Parameter(m) for m in master]
     if optimizer == "sgd":
         opt = torch.optim.SGD(master_params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    elif optimizer == "adagrad":
+        opt = torch.optim.Adagrad(master_params, lr=lr, weight_decay=weight_decay, lr_decay=0.01,
+                                  initial_accumulator_value=0.1)
+    elif optimizer == "lamb":
+        opt = Lamb(master_params, lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.AdamW(master_params, lr=lr, weight_decay=weight_decay)
     for step in range(steps):
@@ -63,6 +68,31 @@ def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, opt
             for p, m in zip(model.parameters(), master_params):
                 p.copy_(m.to(dtype))
     return [m.detach().clone() for m in master_params]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB written out plainly (DeepSpeed's FusedLamb: bias-corrected Adam update plus decoupled
+    weight decay, scaled per tensor by ||p|| / ||u|| clamped to [0.01, 10], 1 when a norm is 0)."""
+
+    def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                m, v, t = state["m"], state["v"], state["step"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + group["eps"]) + group["weight_decay"] * p
+                pn, un = p.norm().item(), u.norm().item()
+                ratio = min(10.0, max(0.01, pn / un)) if pn > 0 and un > 0 else 1.0
+                p.add_(u, alpha=-group["lr"] * ratio)
 
 
 def save_gathered(model, rank, path):

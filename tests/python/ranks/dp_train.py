@@ -21,12 +21,13 @@ def main():
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=0.0)
     ap.add_argument("--bucket", type=int, default=500)
-    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lamb", "adagrad"])
     ap.add_argument("--predivide", type=float, default=0.0, help="prescale_gradients with this factor")
     ap.add_argument("--comm_dtype", default="")
     ap.add_argument("--stage", type=int, default=0)
     ap.add_argument("--persist", type=int, default=0, help="stage3_param_persistence_threshold")
     ap.add_argument("--prefetch", type=int, default=1000, help="stage3_prefetch_bucket_size")
+    ap.add_argument("--max_live", type=int, default=10**9, help="stage3_max_live_parameters")
     ap.add_argument("--zero_init", action="store_true", help="build the model under zeal.zero.Init")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -34,13 +35,18 @@ def main():
     config = {
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": args.gas,
-        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": args.weight_decay}}
-        if args.optimizer == "adamw" else
-        {"type": "SGD", "params": {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}},
+        "optimizer": {
+            "adamw": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": args.weight_decay}},
+            "sgd": {"type": "SGD", "params": {"lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay}},
+            "lamb": {"type": "Lamb", "params": {"lr": args.lr, "weight_decay": args.weight_decay}},
+            "adagrad": {"type": "Adagrad", "params": {"lr": args.lr, "weight_decay": args.weight_decay,
+                                                      "lr_decay": 0.01, "initial_accumulator_value": 0.1}},
+        }[args.optimizer],
         "gradient_clipping": args.clip,
         "zero_optimization": {"stage": args.stage, "reduce_bucket_size": args.bucket,
                               "stage3_param_persistence_threshold": args.persist,
-                              "stage3_prefetch_bucket_size": args.prefetch},
+                              "stage3_prefetch_bucket_size": args.prefetch,
+                              "stage3_max_live_parameters": args.max_live},
         "steps_per_print": 1000,
         "comms_timeout_s": 60,
     }
@@ -70,6 +76,7 @@ def main():
             assert engine.is_gradient_accumulation_boundary() == (k == args.gas - 1)
             engine.step()
     assert engine.global_steps == args.steps, engine.global_steps
+    peak_live = engine._core.peak_live_elements if args.stage == 3 else 0  # before gathering all below
     if args.stage == 3:
         partitioned = [p for p in model.parameters() if p.numel() == 0]
         assert len(partitioned) == sum(p.ds_numel > args.persist for p in model.parameters()), "release missed"
@@ -86,7 +93,8 @@ def main():
         core = engine._core
         torch.save({"params": [p.detach().float().clone() for p in model.parameters()],
                     "buckets": core.num_buckets, "flat_numel": core.flat_numel, "master_numel": core.master_numel,
-                    "grad_shard_numel": core.grad_shard_numel, "world": world}, args.out)
+                    "grad_shard_numel": core.grad_shard_numel, "world": world,
+                    "peak_live": peak_live}, args.out)
 
 
 if __name__ == "__main__":
