@@ -1,12 +1,22 @@
 """Optimizer step throughput on the CPU against the memory-bandwidth roofline and the peers, in one run.
 
 fp32 Adam(W) moves 28 bytes per parameter (reads parameter, gradient and two moments; writes the
-parameter and the moments). For each size: Zeal's CPUAdam kernel, torch.optim.AdamW (foreach and
-fused=True), DeepSpeed's DeepSpeedCPUAdam (when DeepSpeed is installed and its op builds), and a
-STREAM-style triad (a = b + s * c, 12 bytes per element) measuring the bandwidth this machine
-reaches from torch's threads. Reports parameters/s, GB/s and the fraction of the triad bandwidth.
+parameter and the moments). For each size: Zeal's CPUAdam kernel (each instruction set),
+torch.optim.AdamW (foreach and fused=True), DeepSpeed's DeepSpeedCPUAdam (when DeepSpeed is
+installed and its op builds), and the roofline: two bandwidth kernels on the same threads, STREAM's
+triad a = b + s * c and the in-place a += s * b (12 bytes per element each; the in-place one has
+the optimizers' read-modify-write pattern, so no write-allocate traffic goes uncounted). The
+roofline is the faster of the two.
 
-    python benchmarks/optim.py --sizes 10e6 100e6 --out out/bench/optim.json
+Fairness on a noisy host: every implementation updates the same four buffers (parameter,
+gradient, moments; torch's and DeepSpeed's optimizer state is pointed at them), so page placement
+is the same for all, and the implementations take turns step by step, in an order that rotates, so a slow
+spell of the shared memory system hits all of them alike. Each reports its median step.
+
+    python benchmarks/optim.py --sizes 10e6 100e6 1e9 --out out/bench/optim.json
+
+At 1e9 parameters the buffers take 16 GB; torch's foreach AdamW allocates temporaries of the
+full size on top and is left out from 5e8 parameters on (--foreach_limit).
 """
 import argparse
 import statistics
@@ -20,54 +30,55 @@ HERE = Path(__file__).resolve().parent
 BYTES_PER_PARAM = 28
 
 
-def timed(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class Buffers:
+    def __init__(self, n):
+        self.p, self.g = torch.randn(n), torch.randn(n) * 1e-2
+        self.m, self.v = torch.zeros(n), torch.zeros(n)
 
 
-def triad(n, repeats):
-    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
-    return timed(lambda: torch.add(b, c, alpha=1.5, out=a), repeats)
-
-
-def zeal_adam(n, repeats, isa=""):
+def zeal_adam(b, isa=""):
     import zeal
 
-    p, g, m, v = torch.randn(n), torch.randn(n), torch.zeros(n), torch.zeros(n)
     state = {"step": 0}
 
     def step():
         state["step"] += 1
-        zeal._zeal.cpu_adam_step(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, True, state["step"], isa=isa)
-    return timed(step, repeats)
+        zeal._zeal.cpu_adam_step(b.p, b.g, b.m, b.v, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, True, state["step"], isa=isa)
+    return step
 
 
-def torch_adam(n, repeats, **kind):
-    p = torch.nn.Parameter(torch.randn(n))
-    p.grad = torch.randn(n)
+def torch_adam(b, **kind):
+    p = torch.nn.Parameter(b.p)  # shares b.p's storage
+    p.grad = b.g
     opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.01, **kind)
-    return timed(opt.step, repeats)
+    step_dtype = torch.float32
+    opt.state[p] = {"step": torch.zeros((), dtype=step_dtype) if kind.get("fused") else torch.tensor(0.0),
+                    "exp_avg": b.m, "exp_avg_sq": b.v}
+    return opt.step
 
 
-def deepspeed_adam(n, repeats):
+def deepspeed_adam(b):
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    p = torch.nn.Parameter(torch.randn(n))
-    p.grad = torch.randn(n)
+    p = torch.nn.Parameter(b.p)
+    p.grad = b.g
     opt = DeepSpeedCPUAdam([p], lr=1e-3, weight_decay=0.01, adamw_mode=True)
-    return timed(opt.step, repeats)
+    opt.state[p] = {"step": 0, "exp_avg": b.m, "exp_avg_sq": b.v}
+    return opt.step
+
+
+def roofline(b):
+    import zeal
+
+    return {"roofline: triad a = b + s*c": lambda: zeal._zeal.cpu_triad(b.m, b.p, b.g, 1e-6),
+            "roofline: in place a += s*b": lambda: zeal._zeal.cpu_triad(b.m, b.g, None, 1e-6)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6])
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=40, help="timed steps of each implementation")
+    ap.add_argument("--foreach_limit", type=float, default=5e8, help="skip torch foreach AdamW from this size")
     ap.add_argument("--out", default="out/bench/optim.json")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -75,37 +86,61 @@ def main():
 
     import zeal
 
-    impls = {
+    makers = {
         f"zeal CPUAdam ({zeal.optim.CPUAdam.isa()})": zeal_adam,
-        "zeal CPUAdam (avx2)": lambda n, r: zeal_adam(n, r, "avx2"),
-        "zeal CPUAdam (scalar)": lambda n, r: zeal_adam(n, r, "scalar"),
-        "torch AdamW foreach": lambda n, r: torch_adam(n, r, foreach=True),
-        "torch AdamW fused": lambda n, r: torch_adam(n, r, fused=True),
+        "zeal CPUAdam (avx2)": lambda b: zeal_adam(b, "avx2"),
+        "zeal CPUAdam (scalar)": lambda b: zeal_adam(b, "scalar"),
+        "torch AdamW foreach": lambda b: torch_adam(b, foreach=True),
+        "torch AdamW fused": lambda b: torch_adam(b, fused=True),
         "DeepSpeedCPUAdam": deepspeed_adam,
     }
     rows, results = [], []
     for size in args.sizes:
         n = int(size)
-        bw = 12 * n / triad(n, args.repeats)
-        results.append({"impl": "triad", "params": n, "gbps": bw / 1e9})
-        rows.append([f"{n / 1e6:.0f}M", "triad (a = b + s*c)", "", f"{bw / 1e9:.1f}", "1.00", ""])
-        times = {}
-        for name, fn in impls.items():
+        print(f"optim: {n:.0e} parameters ...", flush=True)
+        b = Buffers(n)
+        steps = roofline(b)
+        for name, make in makers.items():
+            if name == "torch AdamW foreach" and n >= args.foreach_limit:
+                print(f"optim: {name} left out at {n:.0e} parameters (temporaries of the full size)")
+                continue
             try:
-                times[name] = fn(n, args.repeats)
+                steps[name] = make(b)
+                steps[name]()  # warm-up (DeepSpeed builds its op here)
+                steps[name]()
             except Exception as e:  # a peer that cannot run here is reported, not fatal
+                steps.pop(name, None)
                 print(f"optim: {name} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        samples = {name: [] for name in steps}
+        names = list(steps)
+        for r in range(args.repeats):
+            # The order rotates: each step partly pays for writing back what the previous one left
+            # dirty in the cache, so every implementation follows every other equally often.
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                steps[name]()
+                samples[name].append(time.perf_counter() - start)
+        times = {name: statistics.median(s) for name, s in samples.items()}
+        bw = max(12 * n / t for name, t in times.items() if name.startswith("roofline"))
         fastest_torch = min(t for k, t in times.items() if k.startswith("torch"))
+        deepspeed = times.get("DeepSpeedCPUAdam")
         for name, t in times.items():
+            if name.startswith("roofline"):
+                gbps = 12 * n / t / 1e9
+                results.append({"impl": name, "params": n, "seconds": t, "gbps": gbps})
+                rows.append([f"{n / 1e6:.0f}M", name, "", f"{gbps:.1f}", f"{gbps * 1e9 / bw:.2f}", "", ""])
+                continue
             gbps = BYTES_PER_PARAM * n / t / 1e9
             results.append({"impl": name, "params": n, "seconds": t, "params_per_s": n / t, "gbps": gbps,
-                            "fraction_of_triad": gbps * 1e9 / bw})
+                            "fraction_of_roofline": gbps * 1e9 / bw, "vs_fastest_torch": fastest_torch / t,
+                            "vs_deepspeed": deepspeed / t if deepspeed else None})
             rows.append([f"{n / 1e6:.0f}M", name, f"{n / t / 1e6:.0f}", f"{gbps:.1f}", f"{gbps * 1e9 / bw:.2f}",
-                         f"{fastest_torch / t:.2f}"])
+                         f"{fastest_torch / t:.2f}", f"{deepspeed / t:.2f}" if deepspeed else ""])
+        del steps, b
     print_table(f"fp32 AdamW step on the CPU ({torch.get_num_threads()} threads; Zeal kernel: {zeal.optim.CPUAdam.isa()})",
-                ["params", "impl", "Mparams/s", "GB/s", "of triad", "vs fastest torch"], rows)
+                ["params", "impl", "Mparams/s", "GB/s", "of roofline", "vs fastest torch", "vs DeepSpeed"], rows)
     write_json(args.out, {"benchmark": "optim", "threads": torch.get_num_threads(), "isa": zeal.optim.CPUAdam.isa(),
-                          "results": results})
+                          "repeats": args.repeats, "results": results})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ namespace detail {
   void sgd_step_##isa(const SgdArgs& args);                  \
   NormSums lamb_phase1_##isa(const LambArgs& args);          \
   void lamb_phase2_##isa(const LambArgs& args, double ratio); \
-  double unscale_sum_squares_##isa(const UnscaleArgs& args);
+  double unscale_sum_squares_##isa(const UnscaleArgs& args); \
+  void triad_##isa(const TriadArgs& args);
 ZEAL_DECLARE_ISA(scalar)
 ZEAL_DECLARE_ISA(avx2)
 ZEAL_DECLARE_ISA(avx512)
@@ -81,6 +82,11 @@ void lamb_phase2(const LambArgs& args, double trust_ratio, Isa isa) {
 double unscale_sum_squares(const UnscaleArgs& args, Isa isa) {
   if (args.n <= 0) return 0.0;
   ZEAL_ISA_SWITCH(isa, unscale_sum_squares, args);
+}
+
+void triad(const TriadArgs& args, Isa isa) {
+  if (args.n <= 0) return;
+  ZEAL_ISA_SWITCH(isa, triad, args);
 }
 
 }  // namespace zeal::kernels

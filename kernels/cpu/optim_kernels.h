@@ -6,10 +6,13 @@
 // model-dtype weights of mixed precision and of the offload path).
 // A leaf: pointers and sizes only, no torch headers.
 //
-// Order of operations, as torch.optim.Adam / AdamW's single-tensor path (lerp, addcmul, addcdiv):
+// Order of operations: torch.optim.Adam / AdamW's single-tensor path (lerp, addcmul, addcdiv) with
+// three changes that keep the loop memory-bound (the results differ from torch's by about one
+// rounding, < 1e-6 relative): m as beta1 * m + (1 - beta1) * g instead of torch's two-branch lerp,
+// the denominator multiplied by 1 / sqrt(bias_correction2), and one division instead of two:
 //   g = grad (+ wd * p when coupled);  p *= 1 - lr * wd when decoupled
-//   m = lerp(m, g, 1 - beta1);  v = v * beta2 + (1 - beta2) * g * g
-//   p += -(lr / bias_correction1) * (m / (sqrt(v) / sqrt(bias_correction2) + eps))
+//   m = beta1 * m + (1 - beta1) * g;  v = v * beta2 + (1 - beta2) * g * g
+//   p += (-(lr / bias_correction1) * m) / (sqrt(v) * (1 / sqrt(bias_correction2)) + eps)
 #pragma once
 
 #include <cstdint>
@@ -111,5 +114,18 @@ struct UnscaleArgs {
   float inv_scale = 1.0f;
 };
 double unscale_sum_squares(const UnscaleArgs& args, Isa isa);
+
+// The memory-bandwidth roofline the optimizer benchmarks compare against (benchmarks/optim.py):
+// STREAM's triad a = b + s * c (in_place false), or a += s * b (in_place true: read-modify-write,
+// the optimizers' access pattern, with no write-allocate traffic for a line not read).
+struct TriadArgs {
+  float* a = nullptr;
+  const float* b = nullptr;
+  const float* c = nullptr;
+  int64_t n = 0;
+  float scalar = 3.0f;
+  bool in_place = false;
+};
+void triad(const TriadArgs& args, Isa isa);
 
 }  // namespace zeal::kernels

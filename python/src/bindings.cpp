@@ -182,6 +182,13 @@ PYBIND11_MODULE(_zeal, m) {
   m.def("unscale_and_sum_squares", &optim::unscale_and_sum_squares, py::arg("grads"), py::arg("inv_scale"),
         py::call_guard<py::gil_scoped_release>(),
         "grads *= inv_scale in place; returns the sum of squares of the result (one pass; CPU or CUDA).");
+  m.def("cpu_triad",
+        [](const at::Tensor& a, const at::Tensor& b, std::optional<at::Tensor> c, double scalar) {
+          py::gil_scoped_release nogil;
+          optim::cpu_triad(a, b, c ? *c : at::Tensor(), scalar);
+        },
+        py::arg("a"), py::arg("b"), py::arg("c") = py::none(), py::arg("scalar") = 3.0,
+        "The bandwidth roofline: a = b + scalar * c (STREAM triad), or a += scalar * b without c.");
   m.def("cpu_adam_isa", &optim::cpu_adam_isa, "The instruction set the CPU optimizer kernels use on this CPU.");
   m.def("cpu_adagrad_step", &optim::cpu_adagrad_step, py::arg("params"), py::arg("grads"), py::arg("state_sum"),
         py::arg("lr"), py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"), py::arg("step"),

@@ -181,7 +181,9 @@ LambSums cpu_lamb_phase1(const at::Tensor& params, const at::Tensor& grads, cons
   // The pieces' sums are combined in a fixed order, so the ratio does not depend on thread timing.
   std::vector<kernels::NormSums> sums(static_cast<size_t>(std::max(1, at::get_num_threads())));
   parallel_pieces(whole.n, [&](int64_t begin, int64_t end, int64_t t) {
-    sums[t] = kernels::lamb_phase1(piece_of(whole, begin, end), isa);
+    const kernels::NormSums tile = kernels::lamb_phase1(piece_of(whole, begin, end), isa);
+    sums[t].param_sq += tile.param_sq;
+    sums[t].update_sq += tile.update_sq;
   });
   LambSums out;
   for (const auto& s : sums) {
@@ -213,6 +215,27 @@ double cpu_lamb_step(const at::Tensor& params, const at::Tensor& grads, const at
   const double ratio = lamb_trust_ratio(cpu_lamb_phase1(params, grads, exp_avg, exp_avg_sq, h), min_coeff, max_coeff);
   cpu_lamb_phase2(params, exp_avg, exp_avg_sq, h, ratio);
   return ratio;
+}
+
+void cpu_triad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double scalar) {
+  const int64_t n = a.numel();
+  check_fp32_cpu("triad", a, "a", n);
+  check_fp32_cpu("triad", b, "b", n);
+  if (c.defined()) check_fp32_cpu("triad", c, "c", n);
+  float* pa = a.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  const float* pc = c.defined() ? c.data_ptr<float>() : nullptr;
+  const kernels::Isa isa = kernels::best_isa();
+  parallel_pieces(n, [&](int64_t begin, int64_t end, int64_t) {
+    kernels::TriadArgs t;
+    t.a = pa + begin;
+    t.b = pb + begin;
+    t.c = pc ? pc + begin : nullptr;
+    t.n = end - begin;
+    t.scalar = static_cast<float>(scalar);
+    t.in_place = pc == nullptr;
+    kernels::triad(t, isa);
+  });
 }
 
 }  // namespace zeal::optim

@@ -17,16 +17,29 @@
 namespace zeal::optim {
 namespace {
 
+// The two moments Adam and LAMB keep, flat fp32 over the owned elements.
+class WithMoments : public Optimizer {
+ public:
+  WithMoments(int64_t n, at::Device device)
+      : exp_avg_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))),
+        exp_avg_sq_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))) {}
+  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq"}; }
+  at::Tensor& state(const std::string& name) override {
+    if (name == "exp_avg") return exp_avg_;
+    if (name == "exp_avg_sq") return exp_avg_sq_;
+    throw CheckpointError(std::string(this->name()) + " has no state named '" + name + "'");
+  }
+
+ protected:
+  at::Tensor exp_avg_, exp_avg_sq_;
+};
+
 // Adam with either L2 (coupled) or decoupled (AdamW) weight decay; torch.optim.Adam(W)'s order
 // of operations, so results match the single-process torch reference.
-class Adam : public Optimizer {
+class Adam : public WithMoments {
  public:
   Adam(bool decoupled, bool bias_correction, int64_t n, at::Device device, const char* name)
-      : decoupled_(decoupled),
-        bias_correction_(bias_correction),
-        name_(name),
-        exp_avg_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))),
-        exp_avg_sq_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))) {}
+      : WithMoments(n, device), decoupled_(decoupled), bias_correction_(bias_correction), name_(name) {}
 
   void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
     ++step_;
@@ -64,21 +77,11 @@ class Adam : public Optimizer {
   }
 
   const char* name() const override { return name_; }
-  int64_t steps_taken() const override { return step_; }
-  void set_steps_taken(int64_t steps) override { step_ = steps; }
-  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq"}; }
-  at::Tensor& state(const std::string& name) override {
-    if (name == "exp_avg") return exp_avg_;
-    if (name == "exp_avg_sq") return exp_avg_sq_;
-    throw CheckpointError(std::string(name_) + " has no state named '" + name + "'");
-  }
 
  private:
   bool decoupled_;
   bool bias_correction_;
   const char* name_;
-  at::Tensor exp_avg_, exp_avg_sq_;
-  int64_t step_ = 0;
 };
 
 // SGD with momentum, dampening, nesterov and L2 weight decay, as torch.optim.SGD.
@@ -94,11 +97,15 @@ class Sgd : public Optimizer {
       if (g.end == g.begin) continue;
       at::Tensor p = params.slice(0, g.begin, g.end);
       at::Tensor d_p = grads.slice(0, g.begin, g.end);
+      if (g.momentum != 0.0 && !momentum_buffer_.defined())
+        momentum_buffer_ = at::zeros({n_}, at::TensorOptions().dtype(at::kFloat).device(device_));
+      at::Tensor buf = g.momentum != 0.0 ? momentum_buffer_.slice(0, g.begin, g.end) : at::Tensor();
+      if (p.device().is_cpu()) {  // the vectorised kernel (kernels/cpu/optim_kernels.h)
+        cpu_sgd_step(p, d_p.contiguous(), buf, g.lr, g.momentum, dampening_, g.weight_decay, nesterov_, first);
+        continue;
+      }
       if (g.weight_decay != 0.0) d_p = d_p.add(p, g.weight_decay);
       if (g.momentum != 0.0) {
-        if (!momentum_buffer_.defined())
-          momentum_buffer_ = at::zeros({n_}, at::TensorOptions().dtype(at::kFloat).device(device_));
-        at::Tensor buf = momentum_buffer_.slice(0, g.begin, g.end);
         if (first)
           buf.copy_(d_p);
         else
@@ -110,8 +117,6 @@ class Sgd : public Optimizer {
   }
 
   const char* name() const override { return "SGD"; }
-  int64_t steps_taken() const override { return step_; }
-  void set_steps_taken(int64_t steps) override { step_ = steps; }
   std::vector<std::string> state_names() const override {
     return momentum_buffer_.defined() ? std::vector<std::string>{"momentum_buffer"} : std::vector<std::string>{};
   }
@@ -128,22 +133,20 @@ class Sgd : public Optimizer {
   int64_t n_;
   at::Device device_;
   at::Tensor momentum_buffer_;
-  int64_t step_ = 0;
 };
 
 // LAMB with a trust ratio per parameter (DeepSpeed's FusedLamb): segments are parameter pieces.
 // Phase 1 of every piece adds its sums of p^2 and u^2 into the parameter's pair of a float64
 // vector; the vector is summed across ranks (a parameter's pieces may be owned by several); phase
 // 2 applies each parameter's ratio.
-class Lamb : public Optimizer {
+class Lamb : public WithMoments {
  public:
   Lamb(bool bias_correction, double min_coeff, double max_coeff, int64_t n, int64_t num_tensors, at::Device device)
-      : bias_correction_(bias_correction),
+      : WithMoments(n, device),
+        bias_correction_(bias_correction),
         min_coeff_(min_coeff),
         max_coeff_(max_coeff),
-        num_tensors_(num_tensors),
-        exp_avg_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))),
-        exp_avg_sq_(at::zeros({n}, at::TensorOptions().dtype(at::kFloat).device(device))) {}
+        num_tensors_(num_tensors) {}
 
   bool per_tensor() const override { return true; }
 
@@ -190,14 +193,6 @@ class Lamb : public Optimizer {
   }
 
   const char* name() const override { return "Lamb"; }
-  int64_t steps_taken() const override { return step_; }
-  void set_steps_taken(int64_t steps) override { step_ = steps; }
-  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq"}; }
-  at::Tensor& state(const std::string& name) override {
-    if (name == "exp_avg") return exp_avg_;
-    if (name == "exp_avg_sq") return exp_avg_sq_;
-    throw CheckpointError("Lamb has no state named '" + name + "'");
-  }
 
  private:
   struct Piece {
@@ -208,8 +203,6 @@ class Lamb : public Optimizer {
   bool bias_correction_;
   double min_coeff_, max_coeff_;
   int64_t num_tensors_;
-  at::Tensor exp_avg_, exp_avg_sq_;
-  int64_t step_ = 0;
 };
 
 // Adagrad as torch.optim.Adagrad (lr_decay, L2 weight decay, initial accumulator value).
@@ -238,8 +231,6 @@ class Adagrad : public Optimizer {
   }
 
   const char* name() const override { return "Adagrad"; }
-  int64_t steps_taken() const override { return step_; }
-  void set_steps_taken(int64_t steps) override { step_ = steps; }
   std::vector<std::string> state_names() const override { return {"sum"}; }
   at::Tensor& state(const std::string& name) override {
     if (name == "sum") return sum_;
@@ -249,7 +240,6 @@ class Adagrad : public Optimizer {
  private:
   double lr_decay_;
   at::Tensor sum_;
-  int64_t step_ = 0;
 };
 
 }  // namespace

@@ -28,7 +28,7 @@ double cpu_unscale_and_sum_squares(const at::Tensor& grads, double inv_scale) {
     a.grads = g + begin;
     a.n = end - begin;
     a.inv_scale = static_cast<float>(inv_scale);
-    sums[t] = kernels::unscale_sum_squares(a, isa);
+    sums[t] += kernels::unscale_sum_squares(a, isa);
   });
   double total = 0.0;
   for (double s : sums) total += s;  // a fixed order

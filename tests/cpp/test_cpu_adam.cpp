@@ -4,7 +4,9 @@
 // (which must equal torch's rounding of the updated fp32 parameters exactly).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -129,4 +131,48 @@ TEST(CpuAdam, RejectsWrongDevicesDtypesAndSizes) {
   EXPECT_NE(message(p.to(at::kDouble), g).find("dtype Double"), std::string::npos);
   EXPECT_NE(message(p, at::zeros({9})).find("9 elements"), std::string::npos);
   EXPECT_NE(message(p, at::zeros({16}).slice(0, 0, 16, 2)).find("not contiguous"), std::string::npos);
+}
+
+// The precision path's one pass and the roofline kernel, every instruction set, against float64.
+TEST(CpuKernels, UnscaleSumSquaresAndTriadEveryIsa) {
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (!zeal::kernels::isa_supported(isa)) continue;
+    for (int64_t n : {0, 1, 15, 17, 4097, 100003}) {
+      for (float inv_scale : {1.0f, 1.0f / 1024}) {
+        at::manual_seed(n);
+        at::Tensor g = at::randn({n}) * 100;
+        at::Tensor want = g * inv_scale;
+        const double want_sum = want.to(at::kDouble).pow(2).sum().item<double>();
+        zeal::kernels::UnscaleArgs a;
+        a.grads = g.data_ptr<float>();
+        a.n = n;
+        a.inv_scale = inv_scale;
+        const double got = zeal::kernels::unscale_sum_squares(a, isa);
+        EXPECT_TRUE(at::equal(g, want)) << zeal::kernels::isa_name(isa) << " n=" << n;
+        EXPECT_LE(std::abs(got - want_sum), 1e-6 * std::max(want_sum, 1e-30)) << zeal::kernels::isa_name(isa) << " n=" << n;
+      }
+      at::Tensor a = at::zeros({n}), b = at::randn({n}), c = at::randn({n});
+      zeal::kernels::TriadArgs t;
+      t.a = a.data_ptr<float>();
+      t.b = b.data_ptr<float>();
+      t.c = c.data_ptr<float>();
+      t.n = n;
+      t.scalar = 3.0f;
+      zeal::kernels::triad(t, isa);
+      // The vector builds fuse the multiply-add (one rounding, torch's reference rounds twice), so
+      // sums near zero need an absolute tolerance.
+      EXPECT_TRUE(at::allclose(a, b + 3.0 * c, 1e-5, 1e-5)) << zeal::kernels::isa_name(isa) << " n=" << n;
+      t.in_place = true;
+      t.c = nullptr;
+      zeal::kernels::triad(t, isa);  // a += 3 b
+      EXPECT_TRUE(at::allclose(a, 4.0 * b + 3.0 * c, 1e-5, 1e-5)) << zeal::kernels::isa_name(isa) << " n=" << n;
+    }
+  }
+  // A non-finite gradient makes the sum non-finite: the fp16 overflow check.
+  at::Tensor g = at::ones({1000});
+  g[500] = std::numeric_limits<float>::infinity();
+  zeal::kernels::UnscaleArgs a;
+  a.grads = g.data_ptr<float>();
+  a.n = 1000;
+  EXPECT_FALSE(std::isfinite(zeal::kernels::unscale_sum_squares(a, zeal::kernels::best_isa())));
 }

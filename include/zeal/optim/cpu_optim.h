@@ -59,4 +59,8 @@ double lamb_trust_ratio(const LambSums& sums, double min_coeff, double max_coeff
 // sums are added in a fixed order, so the result does not depend on timing.
 double unscale_and_sum_squares(const at::Tensor& grads, double inv_scale);
 
+// The roofline for the CPU optimizers (benchmarks/optim.py), on the same threads and instruction
+// set: a = b + scalar * c, or with c undefined a += scalar * b; contiguous fp32 CPU tensors.
+void cpu_triad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double scalar);
+
 }  // namespace zeal::optim

@@ -35,8 +35,8 @@ class Optimizer {
   // One update of `params` (flat fp32) from `grads` (flat fp32, already unscaled and clipped).
   virtual void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) = 0;
   virtual const char* name() const = 0;
-  virtual int64_t steps_taken() const = 0;
-  virtual void set_steps_taken(int64_t steps) = 0;  // restoring a checkpoint
+  int64_t steps_taken() const { return step_; }
+  void set_steps_taken(int64_t steps) { step_ = steps; }  // restoring a checkpoint
 
   // Named per-element state, each flat fp32 over the same elements as the parameters (checkpoints):
   // the names that currently hold state, and access by name (allocated, zero, on first access).
@@ -54,6 +54,7 @@ class Optimizer {
 
  protected:
   SumReducer reduce_sums_;
+  int64_t step_ = 0;  // optimizer steps taken
 };
 
 // Builds the optimizer a config asks for, its state on `device`.
