@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--save_dir", default=None,
                     help="checkpoint here every --save_every steps and at the end; resume from it if it has one")
     ap.add_argument("--save_every", type=int, default=100)
+    ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal / deepspeed launchers")
     args = ap.parse_args()
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))

@@ -6,6 +6,7 @@ is prefixed too), runs the user's script as __main__, and on failure writes one 
 the launcher turns into "rank N failed with exit code C".
 """
 import os
+import re
 import runpy
 import sys
 import threading
@@ -15,21 +16,38 @@ FAILURE_MARKER = "ZEAL-RANK-FAILED"
 
 
 def _export_rank_variables():
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE (and torchrun's LOCAL_WORLD_SIZE) from whichever
+    starter ran this process: mpirun (OMPI_COMM_WORLD_*), srun (SLURM_*), or the zeal node agent
+    and torchrun (already set)."""
     env = os.environ
-    env["RANK"] = env.get("OMPI_COMM_WORLD_RANK", env.get("RANK", "0"))
-    env["WORLD_SIZE"] = env.get("OMPI_COMM_WORLD_SIZE", env.get("WORLD_SIZE", "1"))
-    env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("LOCAL_RANK", "0"))
-    env["LOCAL_WORLD_SIZE"] = env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", "1"))
+
+    def first(*names, default):
+        return next((env[n] for n in names if n in env), default)
+
+    env["RANK"] = first("OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "RANK", default="0")
+    env["WORLD_SIZE"] = first("OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS", "WORLD_SIZE", default="1")
+    env["LOCAL_RANK"] = first("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK", default="0")
+    local_size = first("OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", default=None)
+    if local_size is None and "SLURM_TASKS_PER_NODE" in env:  # "2(x3)" or "2,1": this node's count first
+        local_size = re.match(r"\d+", env["SLURM_TASKS_PER_NODE"]).group(0)
+    env["LOCAL_SIZE"] = env["LOCAL_WORLD_SIZE"] = local_size or "1"
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
+    # The devices of this node that the launcher gave this rank (--include host:slots), by local rank.
+    slots = env.get("ZEAL_NODE_SLOTS")
+    if slots and "CUDA_VISIBLE_DEVICES" not in env:
+        picked = slots.split(",")
+        if int(env["LOCAL_RANK"]) < len(picked):
+            env["CUDA_VISIBLE_DEVICES"] = picked[int(env["LOCAL_RANK"])]
 
 
 class _PrefixedFd:
-    """Points fd at a pipe whose lines a thread copies, prefixed, to the original target."""
+    """Points fd at a pipe whose lines a thread copies, prefixed, to fd's original target (or to
+    the file descriptor `target`)."""
 
-    def __init__(self, fd, prefix):
+    def __init__(self, fd, prefix, target=None):
         self.fd = fd
-        self.real = os.dup(fd)
+        self.real = os.dup(fd) if target is None else os.dup(target)
         read_end, write_end = os.pipe()
         os.dup2(write_end, fd)
         os.close(write_end)
@@ -45,11 +63,8 @@ class _PrefixedFd:
         os.close(self.fd)  # the pump sees end of file once every writer is gone
         self.thread.join(timeout=5)
 
-    def write_direct(self, text):
-        os.write(self.real, text.encode())
 
-
-def _finish(code, streams):
+def _finish(code, streams, marker_fd):
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -58,7 +73,7 @@ def _finish(code, streams):
     for s in streams:
         s.close()
     if code != 0:
-        streams[1].write_direct(f"{FAILURE_MARKER} rank {os.environ['RANK']} exit code {code}\n")
+        os.write(marker_fd, f"{FAILURE_MARKER} rank {os.environ['RANK']} exit code {code}\n".encode())
     os._exit(code)
 
 
@@ -67,12 +82,26 @@ def main():
         print("usage: python -m zeal._rank script.py [args]", file=sys.stderr)
         sys.exit(2)
     _export_rank_variables()
-    prefix = f"[rank{os.environ['RANK']}]: "
+    rank = os.environ["RANK"]
     sys.stdout.flush()
     sys.stderr.flush()
-    streams = [_PrefixedFd(1, prefix), _PrefixedFd(2, prefix)]
+    marker_fd = os.dup(2)  # the launcher reads failure markers here, also when output goes to --log_dir
+    log_dir = os.environ.get("ZEAL_LOG_DIR")
+    if log_dir:  # --log_dir: this rank's output goes to its own file, unprefixed
+        os.makedirs(log_dir, exist_ok=True)
+        log = os.open(os.path.join(log_dir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        streams = [_PrefixedFd(1, "", target=log), _PrefixedFd(2, "", target=log)]
+    else:
+        prefix = f"[rank{rank}]: "
+        streams = [_PrefixedFd(1, prefix), _PrefixedFd(2, prefix)]
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
+    if os.environ.get("ZEAL_PASS_LOCAL_RANK") == "1":  # as the deepspeed launcher does (--no_local_rank: off)
+        sys.argv.append(f"--local_rank={os.environ['LOCAL_RANK']}")
+    if not os.path.isfile(script):
+        print(f"zeal: the training script {script!r} does not exist (working directory {os.getcwd()})",
+              file=sys.stderr)
+        _finish(2, streams, marker_fd)
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     code = 0
     try:
@@ -90,7 +119,7 @@ def main():
         zeal = sys.modules.get("zeal")
         if zeal is not None:
             zeal._zeal.shutdown()
-    _finish(code, streams)
+    _finish(code, streams, marker_fd)
 
 
 if __name__ == "__main__":

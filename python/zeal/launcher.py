@@ -1,25 +1,45 @@
-"""`zeal --num_procs N script.py [args]`: start N ranks on this node.
+"""`zeal [options] script.py [args]`: start a training script on the ranks of one or many hosts.
 
-The ranks are started through `mpirun` so that they form one MPI world (the host collectives
-need it; see docs/architecture.md). Each rank runs `python -m zeal._rank script.py args`, which
-sets the torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT), prefixes each line of its output with "[rankN]: " and reports a failure with its
-rank and exit code. When a rank fails, mpirun stops the others and the launcher exits with that
-rank's code, naming it.
+Options follow the `deepspeed` launcher's, so existing job scripts keep working (docs/launcher.md).
+Where the ranks run comes from the hostfile and --include / --exclude / --num_nodes / --num_procs
+(zeal/hosts.py); how they are started, from --launcher:
+
+  local    one host: `mpirun` over loopback; the ranks form one MPI world
+  openmpi  many hosts: one `mpirun -H host:slots,...`; one MPI world
+  ssh      many hosts: one `ssh HOST` a node, each running the node agent (zeal/_node.py), which
+           starts that node's ranks; they meet through the MASTER_ADDR rendezvous
+  pdsh     as ssh, through one `pdsh -w HOST,...`
+  slurm    one `srun`; the ranks read their numbers from SLURM_* and meet through the rendezvous
+
+Every rank runs `python -m zeal._rank`, which sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE,
+MASTER_ADDR, MASTER_PORT, prefixes its output with "[rankK]: " (or writes it to --log_dir), passes
+--local_rank=K to the script unless --no_local_rank, and reports a failure as one marker line.
+
+Failure (Note [No half-dead jobs]): the launcher watches every process it started. When one ends
+non-zero, or a rank reports a failure, or the launcher gets SIGINT / SIGTERM, it stops all of them
+(the ssh node agents stop their ranks when their connection closes) and exits non-zero, naming
+the rank, its host and the exit code.
 """
 import argparse
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 
+from . import hosts as hostlib
 from ._rank import FAILURE_MARKER
 
 _MARKER = re.compile(re.escape(FAILURE_MARKER) + r" rank (\d+) exit code (-?\d+)")
 _MPI_RANK = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]|process rank (\d+) with PID")
+FORWARD_PREFIXES = ("NCCL", "PYTHON", "UCX", "OMPI", "ZEAL")
+DEFAULT_HOSTFILE = "/job/hostfile"  # DeepSpeed's default location
+LAUNCHERS = ("local", "openmpi", "ssh", "pdsh", "slurm")
+STOP_GRACE_S = 5.0  # each stage of stopping: ask, SIGTERM, SIGKILL
 
 
 def local_mpi_env(base=None):
@@ -32,81 +52,297 @@ def local_mpi_env(base=None):
     return env
 
 
-def build_command(num_procs, script, script_args):
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        raise SystemExit("zeal: mpirun was not found; run scripts/install-deps (Open MPI) first")
-    # One node: the ranks and mpirun talk over loopback only.
-    cmd = [mpirun, "-np", str(num_procs), "--oversubscribe", "--bind-to", "none",
-           "--mca", "oob_tcp_if_include", "lo", "--mca", "btl_tcp_if_include", "lo"]
+# --- the environment the ranks get ---------------------------------------------------------------
+
+def read_env_file(paths):
+    """`.zeal_env` lines: `NAME=VALUE` sets a variable for every rank, a bare `NAME` forwards this
+    process's value. The first file found wins (working directory, then home)."""
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        out = {}
+        with open(path) as f:
+            for number, raw in enumerate(f, start=1):
+                line = raw.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                name, eq, value = line.partition("=")
+                name = name.strip()
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise SystemExit(f"zeal: {path}:{number}: expected NAME or NAME=VALUE, got {raw.strip()!r}")
+                if eq:
+                    out[name] = value.strip()
+                elif name in os.environ:
+                    out[name] = os.environ[name]
+        return out
+    return {}
+
+
+def rank_environment(args, plan):
+    """The variables every rank gets, on every host (besides its own numbers)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    env.update(read_env_file([os.path.join(os.getcwd(), ".zeal_env"), os.path.expanduser("~/.zeal_env")]))
+    env["MASTER_ADDR"] = args.master_addr
+    env["MASTER_PORT"] = str(args.master_port)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["ZEAL_PASS_LOCAL_RANK"] = "0" if args.no_local_rank else "1"
+    if args.log_dir:
+        env["ZEAL_LOG_DIR"] = os.path.abspath(args.log_dir)
+    else:
+        env.pop("ZEAL_LOG_DIR", None)
+    return env
+
+
+# --- commands, one builder per launcher ----------------------------------------------------------
+
+def _mpirun(args, plan, env, local):
+    mpirun = shutil.which("mpirun") or "mpirun"
+    cmd = [mpirun, "-np", str(plan.world_size), "--bind-to", "none"]
+    if local:
+        # One node: the ranks and mpirun talk over loopback only.
+        cmd += ["--oversubscribe", "--mca", "oob_tcp_if_include", "lo", "--mca", "btl_tcp_if_include", "lo"]
+    else:
+        cmd += ["-H", ",".join(f"{n.host}:{n.size}" for n in plan.nodes)]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    for var in ("MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "PYTHONUNBUFFERED"):
-        if var in os.environ:
-            cmd += ["-x", var]
-    return cmd + [sys.executable, "-u", "-m", "zeal._rank", script] + list(script_args)
+    cmd += shlex.split(args.launcher_args)
+    for name in sorted(env):
+        if not name.startswith("OMPI_"):  # mpirun passes its own OMPI_* settings on
+            cmd += ["-x", name]
+    return cmd + [sys.executable, "-u", "-m", "zeal._rank", args.script, *args.script_args]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="zeal", description="Start a Zeal training script on N ranks of this node.")
-    parser.add_argument("--num_procs", "--num_gpus", type=int, default=1, help="ranks to start on this node")
-    parser.add_argument("--master_addr", default="127.0.0.1")
-    parser.add_argument("--master_port", type=int, default=29500)
-    parser.add_argument("script", help="the Python training script")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.num_procs < 1:
-        parser.error(f"--num_procs must be >= 1, got {args.num_procs}")
+def _agent_command(args, plan, env, node_rank):
+    """The shell command a remote host runs: the node agent, from this working directory."""
+    sizes = ",".join(str(n.size) for n in plan.nodes)
+    slots = ",".join(str(s) for s in plan.nodes[node_rank].slots) if isinstance(node_rank, int) else ""
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+    agent = [sys.executable, "-u", "-m", "zeal._node", "--node_rank", str(node_rank), "--node_sizes", sizes]
+    if slots:
+        agent += ["--node_slots", slots]
+    if args.launcher == "ssh":
+        agent.append("--watch_stdin")
+    agent += [args.script, *args.script_args]
+    return f"cd {shlex.quote(os.getcwd())} && env {exports} {shlex.join(agent)}"
 
-    os.environ["MASTER_ADDR"] = args.master_addr
-    os.environ["MASTER_PORT"] = str(args.master_port)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = build_command(args.num_procs, args.script, args.script_args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                            start_new_session=True)
 
-    def forward_signal(signum, _frame):
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+def build_commands(args, plan, env):
+    """[(label, argv)]: the processes the launcher starts; the label names the host(s)."""
+    if args.launcher in ("local", "openmpi"):
+        return [(",".join(n.host for n in plan.nodes), _mpirun(args, plan, env, args.launcher == "local"))]
+    if args.launcher == "ssh":
+        return [(n.host, ["ssh", "-o", "BatchMode=yes", *shlex.split(args.launcher_args), n.host,
+                          _agent_command(args, plan, env, i)])
+                for i, n in enumerate(plan.nodes)]
+    if args.launcher == "pdsh":
+        # pdsh replaces %n with the host's index in the -w list: the node rank.
+        return [(",".join(n.host for n in plan.nodes),
+                 ["pdsh", "-S", "-f", "1024", *shlex.split(args.launcher_args), "-w", ",".join(n.host for n in plan.nodes),
+                  _agent_command(args, plan, env, "%n")])]
+    # slurm: srun starts the ranks; they take their numbers from SLURM_* (zeal/_rank.py).
+    sizes = {n.size for n in plan.nodes}
+    cmd = ["srun", "--nodes", str(len(plan.nodes)), "--ntasks", str(plan.world_size)]
+    if len(sizes) == 1:
+        cmd += ["--ntasks-per-node", str(sizes.pop())]
+    cmd += ["--nodelist", ",".join(n.host for n in plan.nodes), "--kill-on-bad-exit=1",
+            "--export", ",".join(["ALL", *sorted(env)]), *shlex.split(args.launcher_args),
+            sys.executable, "-u", "-m", "zeal._rank", args.script, *args.script_args]
+    return [(",".join(n.host for n in plan.nodes), cmd)]
 
-    signal.signal(signal.SIGINT, forward_signal)
-    signal.signal(signal.SIGTERM, forward_signal)
 
-    failed, mpi_named, lock = [], [], threading.Lock()
+# --- running and watching ------------------------------------------------------------------------
 
-    def pump(src, dst):
+class Job:
+    """The processes of one launch, watched until all succeed or the first failure stops them all."""
+
+    def __init__(self, commands, env, plan, stdin_pipe):
+        self.plan = plan
+        self.lock = threading.Lock()
+        self.markers = []     # (rank, code) from rank failure lines
+        self.mpi_named = []   # ranks mpirun named in its own failure report
+        self.procs, self.labels, self.pumps = [], [], []
+        for label, cmd in commands:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                                    env=env, text=True, bufsize=1, start_new_session=True)
+            self.procs.append(proc)
+            self.labels.append(label)
+            for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                t.start()
+                self.pumps.append(t)
+
+    def _pump(self, src, dst):
         for line in src:
             marker = _MARKER.search(line)
             if marker:
-                with lock:
-                    failed.append((int(marker.group(1)), int(marker.group(2))))
+                with self.lock:
+                    self.markers.append((int(marker.group(1)), int(marker.group(2))))
                 continue
             if not line.startswith("[rank"):
                 named = _MPI_RANK.search(line)
                 if named:
-                    with lock:
-                        mpi_named.append(int(named.group(1) or named.group(2)))
+                    with self.lock:
+                        self.mpi_named.append(int(named.group(1) or named.group(2)))
             dst.write(line)
             dst.flush()
 
-    threads = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout)),
-               threading.Thread(target=pump, args=(proc.stderr, sys.stderr))]
-    for t in threads:
-        t.start()
-    code = proc.wait()
-    for t in threads:
-        t.join()
-    if failed:
-        rank, rank_code = failed[0]
-        print(f"zeal: rank {rank} failed with exit code {rank_code}; the other ranks were stopped", file=sys.stderr)
-        return rank_code or 1
-    if code != 0:
-        who = f"rank {mpi_named[0]}" if mpi_named else "a rank"
-        print(f"zeal: {who} failed (mpirun exit code {code}); the other ranks were stopped", file=sys.stderr)
-        return code
-    return 0
+    def host_of(self, rank):
+        for n in self.plan.nodes:
+            if n.rank_base <= rank < n.rank_base + n.size:
+                return n.host
+        return "?"
+
+    def stop(self):
+        """Stop every process and wait until each is gone. An ssh node agent is asked first, by
+        closing its stdin: it stops its ranks and exits, and only then does ssh end, so nothing
+        is left running on the remote host when this returns. What does not end within the grace
+        period gets SIGTERM (its process group), then SIGKILL."""
+        live = [p for p in self.procs if p.poll() is None]
+        asked = [p for p in live if p.stdin]
+        for p in asked:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        self._wait(asked, STOP_GRACE_S)
+        for p in live:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        self._wait(live, STOP_GRACE_S)
+        for p in live:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+
+    @staticmethod
+    def _wait(procs, seconds):
+        deadline = time.monotonic() + seconds
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def run(self, interrupted):
+        """0 when every process succeeded; else stops the rest and returns the failure's code."""
+        failure = None
+        while failure is None:
+            if interrupted.is_set():
+                self.stop()
+                print("zeal: interrupted; every rank was stopped", file=sys.stderr, flush=True)
+                return 130
+            with self.lock:
+                marker = self.markers[0] if self.markers else None
+            if marker:
+                failure = marker
+                break
+            codes = [p.poll() for p in self.procs]
+            bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                failure = bad[0]
+                time.sleep(0.3)  # let a marker printed just before the exit arrive
+                with self.lock:
+                    if self.markers:
+                        failure = self.markers[0]
+                    else:
+                        failure = ("process", bad[0])
+                break
+            if all(c == 0 for c in codes):
+                for t in self.pumps:
+                    t.join(timeout=5)
+                return 0
+            time.sleep(0.05)
+        self.stop()
+        for t in self.pumps:
+            t.join(timeout=5)
+        if failure[0] == "process":
+            index, code = failure[1]
+            with self.lock:
+                named = self.mpi_named[0] if self.mpi_named else None
+            if named is not None:
+                who = f"rank {named} on {self.host_of(named)}"
+            else:
+                who = f"the launch on {self.labels[index]}"
+            print(f"zeal: {who} failed (exit code {code}); every rank was stopped", file=sys.stderr, flush=True)
+            return code if code > 0 else 1
+        rank, code = failure
+        print(f"zeal: rank {rank} on {self.host_of(rank)} failed with exit code {code}; every rank was stopped",
+              file=sys.stderr, flush=True)
+        return code or 1
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="zeal", description="Start a Zeal training script on the ranks of one or more "
+                                "hosts (options as the deepspeed launcher's; see docs/launcher.md).")
+    p.add_argument("-H", "--hostfile", default=None, help=f"lines 'HOST slots=N' (default {DEFAULT_HOSTFILE} "
+                   "if it exists, else this host alone)")
+    p.add_argument("-i", "--include", default="", help="only these hosts / slots: 'host1:0,1@host2'")
+    p.add_argument("-e", "--exclude", default="", help="not these hosts / slots: 'host1:0@host2'")
+    p.add_argument("--num_nodes", type=int, default=-1, help="use the first N hosts")
+    p.add_argument("--num_procs", "--num_gpus", type=int, default=-1, help="ranks per host")
+    p.add_argument("--master_addr", default="", help="rendezvous address (default: the first host)")
+    p.add_argument("--master_port", type=int, default=29500)
+    p.add_argument("--launcher", default="", choices=("",) + LAUNCHERS,
+                   help="local (one host), openmpi, ssh, pdsh, slurm (default: local for this host alone, else ssh)")
+    p.add_argument("--launcher_args", default="", help="extra arguments for mpirun / ssh / pdsh / srun")
+    p.add_argument("--no_local_rank", action="store_true", help="do not pass --local_rank=K to the script")
+    p.add_argument("--log_dir", default="", help="write each rank's output to LOG_DIR/rankK.log")
+    p.add_argument("--dry_run", action="store_true", help="print the commands, start nothing")
+    p.add_argument("script", help="the Python training script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER)
+    return p, p.parse_args(argv)
+
+
+def make_plan(parser, args):
+    hostfile = args.hostfile or (DEFAULT_HOSTFILE if os.path.isfile(DEFAULT_HOSTFILE) else None)
+    try:
+        if hostfile is None:
+            if args.include or args.exclude or args.num_nodes > 1:
+                parser.error("--include, --exclude and --num_nodes need a hostfile (--hostfile)")
+            return hostlib.local_plan(args.num_procs if args.num_procs > 0 else 1)
+        return hostlib.make_plan(hostlib.read_hostfile(hostfile), args.include, args.exclude, args.num_nodes,
+                                 args.num_procs)
+    except hostlib.HostfileError as e:
+        raise SystemExit(f"zeal: {e}") from None
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    if args.num_procs == 0 or args.num_procs < -1:
+        parser.error(f"--num_procs must be >= 1, got {args.num_procs}")
+    plan = make_plan(parser, args)
+    local = hostlib.is_local_only(plan)
+    if not args.launcher:
+        args.launcher = "local" if local else "ssh"
+    if args.launcher == "local" and not local:
+        parser.error(f"--launcher local runs on this host only; the plan names {', '.join(n.host for n in plan.nodes)}")
+    if not args.master_addr:
+        args.master_addr = "127.0.0.1" if local else plan.nodes[0].host
+    env = rank_environment(args, plan)
+    commands = build_commands(args, plan, env)
+    if args.dry_run:
+        for _, cmd in commands:
+            print(shlex.join(cmd))
+        return 0
+    if not os.path.isfile(args.script):
+        print(f"zeal: the training script {args.script!r} does not exist", file=sys.stderr)
+        return 2
+    for _, cmd in commands:
+        if shutil.which(cmd[0]) is None:
+            print(f"zeal: --launcher {args.launcher} needs '{cmd[0]}', which is not on the PATH", file=sys.stderr)
+            return 2
+    run_env = dict(os.environ, **env)
+    if args.launcher == "local":
+        run_env = local_mpi_env(run_env)
+    interrupted = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.set())
+    job = Job(commands, run_env, plan, stdin_pipe=args.launcher == "ssh")
+    return job.run(interrupted)
 
 
 if __name__ == "__main__":

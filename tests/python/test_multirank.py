@@ -49,7 +49,7 @@ def test_launcher_stops_all_ranks_and_names_the_failed_one():
     proc = run_launcher(3, RANKS / "launcher_probe.py", "--fail_rank", 1, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "zeal: rank 1 failed with exit code 3" in proc.stderr
+    assert "zeal: rank 1 on localhost failed with exit code 3" in proc.stderr
     assert "[rank1]: failing on purpose" in proc.stderr
     assert elapsed < 50, f"the other ranks were not stopped ({elapsed:.0f}s)"
 

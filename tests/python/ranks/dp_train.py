@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--max_live", type=int, default=10**9, help="stage3_max_live_parameters")
     ap.add_argument("--zero_init", action="store_true", help="build the model under zeal.zero.Init")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal launcher")
     args = ap.parse_args()
 
     config = {
