@@ -8,12 +8,15 @@ MASTER_ADDR rendezvous, docs/architecture.md) and watches them:
      groups, SIGKILL 3 s later), one line names the rank, the host and the exit code or signal,
      and the agent exits non-zero;
   b. SIGINT / SIGTERM / SIGHUP to the agent: every rank is stopped the same way;
-  c. with --watch_stdin (ssh): end of file on stdin means the launcher or its connection is gone,
-     which ssh without a terminal does not signal: every rank is stopped the same way.
+  c. the launcher or its connection is gone, which ssh and pdsh without a terminal do not signal:
+     the agent watches its stdout for a hang-up (the connection's pipe closed: ssh and pdsh) and,
+     with --watch_stdin (ssh, whose launcher keeps it open), its stdin for end of file; either
+     stops every rank the same way.
 So no rank outlives its agent, and the agent never outlives its launcher.
 """
 import argparse
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -66,11 +69,20 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     if args.watch_stdin:
-        def watch():
+        def watch_stdin():
             while sys.stdin.buffer.read(1 << 16):
                 pass
             stopping.set()
-        threading.Thread(target=watch, daemon=True).start()
+        threading.Thread(target=watch_stdin, daemon=True).start()
+
+    def watch_stdout():
+        hangup = select.poll()
+        hangup.register(sys.stdout.fileno(), select.POLLHUP | select.POLLERR)
+        while not stopping.is_set():
+            if hangup.poll(200):
+                stopping.set()
+    if not os.isatty(sys.stdout.fileno()):
+        threading.Thread(target=watch_stdout, daemon=True).start()
 
     children = []
     for local in range(local_size):

@@ -152,6 +152,34 @@ def build_commands(args, plan, env):
 
 # --- running and watching ------------------------------------------------------------------------
 
+def process_tree(root):
+    """root and every process below it, from /proc: the ssh processes pdsh starts leave its
+    process group and session (setsid), but stay its children while it lives."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def signal_all(pids, signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 class Job:
     """The processes of one launch, watched until all succeed or the first failure stops them all."""
 
@@ -206,19 +234,12 @@ class Job:
             except OSError:
                 pass
         self._wait(asked, STOP_GRACE_S)
-        for p in live:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        trees = {p.pid: process_tree(p.pid) for p in live if p.poll() is None}
+        for pids in trees.values():
+            signal_all(pids, signal.SIGTERM)
         self._wait(live, STOP_GRACE_S)
         for p in live:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            signal_all(trees.get(p.pid, [p.pid]), signal.SIGKILL)  # also what it left behind (pdsh's ssh)
             p.wait()
 
     @staticmethod
@@ -338,6 +359,8 @@ def main(argv=None):
     run_env = dict(os.environ, **env)
     if args.launcher == "local":
         run_env = local_mpi_env(run_env)
+    if args.launcher == "pdsh":
+        run_env.setdefault("PDSH_RCMD_TYPE", "ssh")  # pdsh's own default is rsh
     interrupted = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: interrupted.set())
