@@ -70,6 +70,19 @@ PYBIND11_MODULE(_zeal, m) {
   m.doc() = "Zeal's C++ core";
   m.attr("__version__") = ZEAL_VERSION;
   m.attr("with_cuda") = static_cast<bool>(ZEAL_WITH_CUDA);
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = ZEAL_VERSION;
+    d["compiler"] = ZEAL_CXX_COMPILER;
+    d["with_mpi"] = static_cast<bool>(ZEAL_WITH_MPI);
+    d["with_cuda"] = static_cast<bool>(ZEAL_WITH_CUDA);
+    d["cuda_version"] = ZEAL_CUDA_VERSION;
+    d["cuda_architectures"] = ZEAL_CUDA_ARCHITECTURES;
+    d["mpi_library"] = comm::mpi_library_version();
+    d["nccl_version"] = comm::nccl_version();
+    d["cpu_isa"] = optim::cpu_adam_isa();
+    return d;
+  }, "What this build of Zeal was compiled with and loaded (zeal-report).");
 
   // Base classes first: pybind11 tries the most recently registered translator first.
   auto& error = py::register_exception<Error>(m, "Error", PyExc_RuntimeError);

@@ -86,6 +86,13 @@ def rank_environment(args, plan):
     env["MASTER_PORT"] = str(args.master_port)
     env["PYTHONUNBUFFERED"] = "1"
     env["ZEAL_PASS_LOCAL_RANK"] = "0" if args.no_local_rank else "1"
+    # Slots picked by --include become CUDA_VISIBLE_DEVICES (zeal/_rank.py). The ssh and pdsh agents
+    # get each node's own list; the one-command backends can carry one list shared by all nodes.
+    slot_lists = {tuple(n.slots) for n in plan.nodes}
+    if args.launcher in ("local", "openmpi", "slurm") and len(slot_lists) == 1:
+        slots = next(iter(slot_lists))
+        if list(slots) != list(range(len(slots))):
+            env["ZEAL_NODE_SLOTS"] = ",".join(map(str, slots))
     if args.log_dir:
         env["ZEAL_LOG_DIR"] = os.path.abspath(args.log_dir)
     else:

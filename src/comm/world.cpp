@@ -6,6 +6,14 @@
 
 #include "zeal/comm/mpi_backend.h"
 #include "zeal/features.h"
+#if ZEAL_WITH_MPI
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
+#if ZEAL_WITH_CUDA
+#include <nccl.h>
+#endif
 #include "zeal/core/error.h"
 
 namespace zeal::comm {
@@ -70,6 +78,34 @@ void shutdown() {
   h.world.reset();
 #if ZEAL_WITH_MPI
   mpi_shutdown();
+#endif
+}
+
+}  // namespace zeal::comm
+
+namespace zeal::comm {
+
+std::string mpi_library_version() {
+#if ZEAL_WITH_MPI
+  char text[MPI_MAX_LIBRARY_VERSION_STRING];
+  int length = 0;
+  MPI_Get_library_version(text, &length);
+  std::string version(text, static_cast<size_t>(length));
+  while (!version.empty() && (version.back() == '\n' || version.back() == '\0')) version.pop_back();
+  return version;
+#else
+  return "not built";
+#endif
+}
+
+std::string nccl_version() {
+#if ZEAL_WITH_CUDA
+  int code = 0;
+  if (ncclGetVersion(&code) != ncclSuccess) return "unknown (ncclGetVersion failed)";
+  // NCCL >= 2.9 encodes major * 10000 + minor * 100 + patch.
+  return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." + std::to_string(code % 100);
+#else
+  return "not built";
 #endif
 }
 

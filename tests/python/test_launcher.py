@@ -151,6 +151,19 @@ def test_rank_variables_local_rank_argument_forwarding_and_log_dir(tmp_path):
         assert f"PROBE RANK={rank}" in text and "local_rank_arg=-1" in text
 
 
+def test_included_slots_become_each_ranks_device(tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("localhost slots=4\n")
+    env = local_mpi_env()
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc, _ = zeal_cmd("--hostfile", hf, "--include", "localhost:1,3", PROBE, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(line for line in proc.stdout.splitlines() if "PROBE" in line)
+    assert len(lines) == 2
+    assert "RANK=0 " in lines[0] and "CUDA_VISIBLE_DEVICES=1 " in lines[0]
+    assert "RANK=1 " in lines[1] and "CUDA_VISIBLE_DEVICES=3 " in lines[1]
+
+
 @pytest.mark.parametrize("how,code,message", [
     (("--fail_rank", 1), 3, "zeal: rank 1 on localhost failed with exit code 3"),
     (("--kill_rank", 2), 137, "zeal: rank 2 on localhost failed (exit code 137)"),

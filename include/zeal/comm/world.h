@@ -7,6 +7,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "zeal/comm/communicator.h"
 
@@ -32,5 +33,10 @@ CommunicatorPtr world(Timeout default_timeout);
 // Ends the process's collectives: stops the progress thread and finalizes MPI unless a
 // communicator broke (then finalize could block on the op that never completed).
 void shutdown();
+
+// The MPI library's own version line (MPI_Get_library_version; callable before MPI_Init), or
+// "not built" without MPI. The NCCL version the process loaded ("2.30.7"), or "not built".
+std::string mpi_library_version();
+std::string nccl_version();
 
 }  // namespace zeal::comm

@@ -11,7 +11,7 @@ ap.add_argument("--local_rank", type=int, default=-1)
 ap.add_argument("--tag", default="", help="a unique word the tests look for in the process table")
 args = ap.parse_args()
 env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                                      "ZEAL_PROBE_FORWARDED")}
+                                      "ZEAL_PROBE_FORWARDED", "CUDA_VISIBLE_DEVICES")}
 print("PROBE " + " ".join(f"{k}={v}" for k, v in env.items()) + f" local_rank_arg={args.local_rank} pid={os.getpid()}",
       flush=True)
 if int(env["RANK"]) == args.kill_rank:
