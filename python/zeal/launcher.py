@@ -232,7 +232,7 @@ class Job:
         """Stop every process and wait until each is gone. An ssh node agent is asked first, by
         closing its stdin: it stops its ranks and exits, and only then does ssh end, so nothing
         is left running on the remote host when this returns. What does not end within the grace
-        period gets SIGTERM (its process group), then SIGKILL."""
+        period gets SIGTERM, then SIGKILL, to its whole process tree."""
         live = [p for p in self.procs if p.poll() is None]
         asked = [p for p in live if p.stdin]
         for p in asked:
@@ -245,8 +245,9 @@ class Job:
         for pids in trees.values():
             signal_all(pids, signal.SIGTERM)
         self._wait(live, STOP_GRACE_S)
+        for pids in trees.values():
+            signal_all(pids, signal.SIGKILL)  # also what the root left behind (pdsh's ssh)
         for p in live:
-            signal_all(trees.get(p.pid, [p.pid]), signal.SIGKILL)  # also what it left behind (pdsh's ssh)
             p.wait()
 
     @staticmethod
@@ -257,27 +258,21 @@ class Job:
 
     def run(self, interrupted):
         """0 when every process succeeded; else stops the rest and returns the failure's code."""
-        failure = None
-        while failure is None:
+        while True:
             if interrupted.is_set():
                 self.stop()
                 print("zeal: interrupted; every rank was stopped", file=sys.stderr, flush=True)
                 return 130
             with self.lock:
-                marker = self.markers[0] if self.markers else None
-            if marker:
-                failure = marker
+                failure = self.markers[0] if self.markers else None
+            if failure:
                 break
             codes = [p.poll() for p in self.procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if bad:
-                failure = bad[0]
                 time.sleep(0.3)  # let a marker printed just before the exit arrive
                 with self.lock:
-                    if self.markers:
-                        failure = self.markers[0]
-                    else:
-                        failure = ("process", bad[0])
+                    failure = self.markers[0] if self.markers else ("process", bad[0])
                 break
             if all(c == 0 for c in codes):
                 for t in self.pumps:
