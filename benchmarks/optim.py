@@ -17,6 +17,10 @@ spell of the shared memory system hits all of them alike. Each reports its media
 
 At 1e9 parameters the buffers take 16 GB; torch's foreach AdamW allocates temporaries of the
 full size on top and is left out from 5e8 parameters on (--foreach_limit).
+
+--device cuda compares Zeal's multi-tensor FusedAdam with torch's fused and foreach AdamW on the
+GPU, against the device-to-device copy bandwidth (8 bytes per element) as the roofline. This mode
+has not yet run on a GPU in this project (no machine so far had one).
 """
 import argparse
 import statistics
@@ -31,9 +35,9 @@ BYTES_PER_PARAM = 28
 
 
 class Buffers:
-    def __init__(self, n):
-        self.p, self.g = torch.randn(n), torch.randn(n) * 1e-2
-        self.m, self.v = torch.zeros(n), torch.zeros(n)
+    def __init__(self, n, device="cpu"):
+        self.p, self.g = torch.randn(n, device=device), torch.randn(n, device=device) * 1e-2
+        self.m, self.v = torch.zeros(n, device=device), torch.zeros(n, device=device)
 
 
 def zeal_adam(b, isa=""):
@@ -68,10 +72,25 @@ def deepspeed_adam(b):
 
 
 def roofline(b):
+    """name -> (step, bytes moved per element)."""
     import zeal
 
-    return {"roofline: triad a = b + s*c": lambda: zeal._zeal.cpu_triad(b.m, b.p, b.g, 1e-6),
-            "roofline: in place a += s*b": lambda: zeal._zeal.cpu_triad(b.m, b.g, None, 1e-6)}
+    if b.p.is_cuda:  # the device-to-device copy: read 4 bytes, write 4 bytes
+        return {"roofline: device copy": (lambda: b.m.copy_(b.p), 8)}
+    return {"roofline: triad a = b + s*c": (lambda: zeal._zeal.cpu_triad(b.m, b.p, b.g, 1e-6), 12),
+            "roofline: in place a += s*b": (lambda: zeal._zeal.cpu_triad(b.m, b.g, None, 1e-6), 12)}
+
+
+def zeal_fused_adam(b):
+    import zeal
+
+    state = {"step": 0}
+
+    def step():
+        state["step"] += 1
+        zeal._zeal.fused_adam_step([b.p], [b.g], [b.m], [b.v], 1e-3, 0.9, 0.999, 1e-8, 0.01, True, True,
+                                   state["step"])
+    return step
 
 
 def main():
@@ -79,6 +98,9 @@ def main():
     ap.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6])
     ap.add_argument("--repeats", type=int, default=40, help="timed steps of each implementation")
     ap.add_argument("--foreach_limit", type=float, default=5e8, help="skip torch foreach AdamW from this size")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: Zeal's FusedAdam against torch's fused and foreach AdamW and the device copy "
+                         "bandwidth (not yet run on a GPU in this project)")
     ap.add_argument("--out", default="out/bench/optim.json")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -86,7 +108,12 @@ def main():
 
     import zeal
 
+    gpu = args.device == "cuda"
     makers = {
+        "zeal FusedAdam": zeal_fused_adam,
+        "torch AdamW foreach": lambda b: torch_adam(b, foreach=True),
+        "torch AdamW fused": lambda b: torch_adam(b, fused=True),
+    } if gpu else {
         f"zeal CPUAdam ({zeal.optim.CPUAdam.isa()})": zeal_adam,
         "zeal CPUAdam (avx2)": lambda b: zeal_adam(b, "avx2"),
         "zeal CPUAdam (scalar)": lambda b: zeal_adam(b, "scalar"),
@@ -98,8 +125,9 @@ def main():
     for size in args.sizes:
         n = int(size)
         print(f"optim: {n:.0e} parameters ...", flush=True)
-        b = Buffers(n)
-        steps = roofline(b)
+        b = Buffers(n, args.device)
+        roof = roofline(b)
+        steps = {name: fn for name, (fn, _) in roof.items()}
         for name, make in makers.items():
             if name == "torch AdamW foreach" and n >= args.foreach_limit:
                 print(f"optim: {name} left out at {n:.0e} parameters (temporaries of the full size)")
@@ -117,16 +145,20 @@ def main():
             # The order rotates: each step partly pays for writing back what the previous one left
             # dirty in the cache, so every implementation follows every other equally often.
             for name in names[r % len(names):] + names[:r % len(names)]:
+                if gpu:
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
                 steps[name]()
+                if gpu:
+                    torch.cuda.synchronize()
                 samples[name].append(time.perf_counter() - start)
         times = {name: statistics.median(s) for name, s in samples.items()}
-        bw = max(12 * n / t for name, t in times.items() if name.startswith("roofline"))
+        bw = max(roof[name][1] * n / t for name, t in times.items() if name in roof)
         fastest_torch = min(t for k, t in times.items() if k.startswith("torch"))
         deepspeed = times.get("DeepSpeedCPUAdam")
         for name, t in times.items():
-            if name.startswith("roofline"):
-                gbps = 12 * n / t / 1e9
+            if name in roof:
+                gbps = roof[name][1] * n / t / 1e9
                 results.append({"impl": name, "params": n, "seconds": t, "gbps": gbps})
                 rows.append([f"{n / 1e6:.0f}M", name, "", f"{gbps:.1f}", f"{gbps * 1e9 / bw:.2f}", "", ""])
                 continue
@@ -137,9 +169,12 @@ def main():
             rows.append([f"{n / 1e6:.0f}M", name, f"{n / t / 1e6:.0f}", f"{gbps:.1f}", f"{gbps * 1e9 / bw:.2f}",
                          f"{fastest_torch / t:.2f}", f"{deepspeed / t:.2f}" if deepspeed else ""])
         del steps, b
-    print_table(f"fp32 AdamW step on the CPU ({torch.get_num_threads()} threads; Zeal kernel: {zeal.optim.CPUAdam.isa()})",
+    where = (torch.cuda.get_device_name(0) if gpu else
+             f"the CPU ({torch.get_num_threads()} threads; Zeal kernel: {zeal.optim.CPUAdam.isa()})")
+    print_table(f"fp32 AdamW step on {where}",
                 ["params", "impl", "Mparams/s", "GB/s", "of roofline", "vs fastest torch", "vs DeepSpeed"], rows)
-    write_json(args.out, {"benchmark": "optim", "threads": torch.get_num_threads(), "isa": zeal.optim.CPUAdam.isa(),
+    write_json(args.out, {"benchmark": "optim", "device": where, "threads": torch.get_num_threads(),
+                          "isa": zeal.optim.CPUAdam.isa(),
                           "repeats": args.repeats, "results": results})
 
 
