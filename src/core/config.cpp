@@ -371,7 +371,31 @@ void parse_zero(const json& node, ZeroConfig& out) {
   if (!out.load_from_fp32_weights)
     r.fail("load_from_fp32_weights", "true (Zeal always restores from the fp32 master weights)",
            r.raw("load_from_fp32_weights"));
-  r.reject_not_yet({"offload_optimizer", "offload_param", "cpu_offload", "zero_hpz_partition_size",
+  if (r.has("offload_optimizer")) {
+    Reader o(r.raw("offload_optimizer"), r.path("offload_optimizer"));
+    const std::string device = o.read_choice("device", {"none", "cpu", "nvme"}, "none", /*case_insensitive=*/true);
+    if (device == "nvme")
+      throw ConfigError("config key '" + o.path("device") + "': \"nvme\" is not supported yet (CPU offload is)");
+    out.offload_optimizer.enabled = device == "cpu";
+    o.read_bool("pin_memory", out.offload_optimizer.pin_memory);
+    double ratio = 1.0;
+    o.read_number("ratio", ratio, 0.0);
+    if (ratio != 1.0)
+      throw ConfigError("config key '" + o.path("ratio") + "': values other than 1.0 (offload the whole optimizer) "
+                        "are not supported yet, got " + std::to_string(ratio));
+    int64_t ignored = 0;
+    o.read_int("buffer_count", ignored, 1);  // NVMe settings, accepted for CPU offload as DeepSpeed does
+    bool ignored_flag = false;
+    o.read_bool("fast_init", ignored_flag);
+    o.read_bool("pipeline_read", ignored_flag);
+    o.read_bool("pipeline_write", ignored_flag);
+    if (o.has("nvme_path") && !o.raw("nvme_path").is_string()) o.fail("nvme_path", "a string", o.raw("nvme_path"));
+    o.finish();
+    if (out.offload_optimizer.enabled && out.stage == 0)
+      throw ConfigError("config key '" + o.path("device") + "': offloading the optimizer needs ZeRO stage 1, 2 "
+                        "or 3 (zero_optimization.stage is 0)");
+  }
+  r.reject_not_yet({"offload_param", "cpu_offload", "zero_hpz_partition_size",
                     "zero_quantized_weights", "zero_quantized_gradients", "mics_shard_size",
                     "memory_efficient_linear", "use_multi_rank_bucket_allreduce"},
                    " (offload and quantized/hierarchical ZeRO come later)");

@@ -118,7 +118,19 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
                            : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
   }
-  optimizer_ = optim::make_optimizer(config_.optimizer, shard, device_, static_cast<int64_t>(params_.size()));
+  // ZeRO-Offload (zero_optimization.offload_optimizer): the fp32 master weights, the optimizer state
+  // and a gradient staging buffer live in host memory and the step runs on the CPU kernels.
+  const bool offload = config_.zero_optimization.offload_optimizer.enabled;
+  if (offload) {
+    auto host = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
+        config_.zero_optimization.offload_optimizer.pin_memory && !device_.is_cpu());
+    at::Tensor on_host = at::empty({master_.numel()}, host);
+    on_host.copy_(master_);
+    master_ = on_host;
+    host_grads_ = at::zeros({master_.numel()}, host);
+  }
+  optimizer_ = optim::make_optimizer(config_.optimizer, shard, offload ? at::Device(at::kCPU) : device_,
+                                     static_cast<int64_t>(params_.size()));
   if (optimizer_->per_tensor()) {
     // One segment per owned piece of each parameter; a parameter's pieces may sit on several ranks,
     // so the optimizer's per-tensor sums are added across them.
@@ -220,7 +232,7 @@ void Engine::absorb_parameter(size_t i) {
 
 std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
   auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
-  int64_t params = bytes(flat_params_), grads = bytes(flat_grads_) + bytes(grad_shard_);
+  int64_t params = bytes(flat_params_), grads = bytes(flat_grads_) + bytes(grad_shard_) + bytes(host_grads_);
   if (partition_) {
     params = bytes(partition_->shard());
     for (size_t i = 0; i < params_.size(); ++i)
@@ -260,7 +272,12 @@ void Engine::step() {
   // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
   // (stage 2 reduce-scattered them into grad_shard_).
   at::Tensor grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
-  if (grads.scalar_type() != at::kFloat) grads = grads.to(at::kFloat);
+  if (host_grads_.defined()) {  // offload: to host fp32, where the master weights and the optimizer are
+    host_grads_.copy_(grads);
+    grads = host_grads_;
+  } else if (grads.scalar_type() != at::kFloat) {
+    grads = grads.to(at::kFloat);
+  }
 
   // The precision path in one pass (optim/cpu_optim.h): unscale, and the norm that clipping needs
   // and whose non-finiteness is fp16's overflow.
@@ -322,11 +339,13 @@ double Engine::global_norm(const at::Tensor& grads, double inv_scale) {
 }
 
 void Engine::all_reduce_sum(at::Tensor& values) {
-  // The MPI backend reduces host tensors: device values take a round trip through the host.
-  const bool via_host = !values.device().is_cpu() && world_->backend_name() == "mpi";
-  at::Tensor buffer = via_host ? values.cpu() : values;
+  // The MPI backend reduces host tensors and NCCL device tensors: values elsewhere (device values
+  // over MPI, offloaded host values over NCCL) take a round trip.
+  const bool mpi = world_->backend_name() == "mpi";
+  const bool moved = mpi ? !values.device().is_cpu() : values.device() != device_;
+  at::Tensor buffer = !moved ? values : values.to(mpi ? at::Device(at::kCPU) : device_);
   world_->all_reduce(buffer, {comm::ReduceOp::kSum})->wait();
-  if (via_host) values.copy_(buffer);
+  if (moved) values.copy_(buffer);
 }
 
 void Engine::publish_parameters() {

@@ -76,6 +76,18 @@ def reference(steps):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("saved_offload,loaded_offload", [(1, 0), (0, 1)])
+def test_checkpoints_move_between_offload_and_no_offload(tmp_path, saved_offload, loaded_offload):
+    # A checkpoint saved with the optimizer offloaded to host memory resumes without offload, and
+    # the reverse, bitwise like an uninterrupted run.
+    ckpt = tmp_path / "ckpt"
+    _, whole = train(2, tmp_path, "whole", stage=2, until=10)
+    train(2, tmp_path, "first", stage=2, until=6, save_at=[6], save_dir=ckpt, offload=saved_offload)
+    _, resumed = train(2, tmp_path, "resumed", stage=2, until=10, load=ckpt, offload=loaded_offload)
+    for name, want in whole["params"].items():
+        assert torch.equal(resumed["params"][name], want), name
+
+
 @pytest.mark.parametrize("kill", ["1:shard_half", "0:before_publish"])
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, kill):
     ckpt = tmp_path / "ckpt"

@@ -138,6 +138,27 @@ def test_bf16_matches_torch_within_stated_tolerance(tmp_path, stage, world, gas)
     assert zeal_drift <= 1.5 * torch_drift, f"zeal bf16 drift {zeal_drift:.3e} > 1.5 x torch bf16 drift {torch_drift:.3e}"
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_offload_of_the_optimizer_equals_the_run_without(tmp_path, stage, precision):
+    # offload_optimizer {device: cpu}: master weights, optimizer state and a gradient staging buffer
+    # in host memory. On this CPU-only machine the same arithmetic runs on the same values, so the
+    # run must equal the one without offload bitwise (and so torch's, as the tests above show); a
+    # lost or misplaced copy between the shard and the host buffers would not.
+    got, want = tmp_path / "offload.pt", tmp_path / "plain.pt"
+    args = ["--steps", 12, "--micro", 2, "--gas", 2, "--clip", 1.0, "--bucket", 100, "--stage", stage,
+            "--precision", precision]
+    run_mpi(2, "dp_train.py", *args, "--offload", "--out", got)
+    run_mpi(2, "dp_train.py", *args, "--out", want)
+    got, want = torch.load(got), torch.load(want)
+    assert got["master_device"] == "cpu"
+    for a, b in zip(got["params"], want["params"]):
+        assert torch.equal(a, b)
+    if precision == "fp32":
+        ref = common.reference_run(12, 2 * 2 * 2, lr=1e-2, weight_decay=0.01, clip=1.0)
+        assert max_rel_diff(got["params"], ref) <= 1e-5
+
+
 def test_stage3_max_live_parameters_caps_gathered_elements(tmp_path):
     # Largest single module of the model: Linear(48, 48), 2304 + 48 elements. With
     # stage3_max_live_parameters 0 nothing is prefetched or kept for reuse, so no more than what one

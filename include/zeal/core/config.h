@@ -78,8 +78,15 @@ struct Fp16Config {
   double min_loss_scale = 1.0;
 };
 
+// zero_optimization.offload_optimizer: where the fp32 master weights and optimizer state live.
+struct OffloadOptimizerConfig {
+  bool enabled = false;     // device "cpu" (device "none" or no section: off)
+  bool pin_memory = false;  // page-locked host buffers, when a CUDA device is present
+};
+
 struct ZeroConfig {
   int64_t stage = 0;
+  OffloadOptimizerConfig offload_optimizer;
   int64_t reduce_bucket_size = 500000000;  // elements
   bool reduce_scatter = true;              // stage 2: reduce-scatter (true) or all-reduce the buckets
   bool overlap_comm = true;                // accepted; Zeal always overlaps reduction with backward

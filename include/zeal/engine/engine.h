@@ -129,6 +129,7 @@ class Engine {
   at::Tensor flat_params_;  // model dtype; the parameters are views into it (stages 0-2)
   at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it (stages 0, 1)
   at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
+  at::Tensor host_grads_;   // offload_optimizer: this rank's gradients staged in host memory for the step
   at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
   std::unique_ptr<zero::ParamPartition> partition_;  // stage 3
   at::Tensor stage3_shard_;                          // handed to partition_ once the reducer exists

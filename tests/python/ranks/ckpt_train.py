@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--load", default="")
     ap.add_argument("--kill", default="")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--offload", type=int, default=0, help="1: zero_optimization.offload_optimizer cpu")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -40,6 +41,8 @@ def main():
     }
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if args.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     model = common.make_model()
     engine, _, _, _ = zeal.initialize(model=model, config=config)
     rank = engine.global_rank

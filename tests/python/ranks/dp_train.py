@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--persist", type=int, default=0, help="stage3_param_persistence_threshold")
     ap.add_argument("--prefetch", type=int, default=1000, help="stage3_prefetch_bucket_size")
     ap.add_argument("--max_live", type=int, default=10**9, help="stage3_max_live_parameters")
+    ap.add_argument("--offload", action="store_true", help="zero_optimization.offload_optimizer: cpu")
     ap.add_argument("--zero_init", action="store_true", help="build the model under zeal.zero.Init")
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal launcher")
@@ -51,6 +52,8 @@ def main():
         "steps_per_print": 1000,
         "comms_timeout_s": 60,
     }
+    if args.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if args.predivide:
         config["prescale_gradients"] = True
         config["gradient_predivide_factor"] = args.predivide
@@ -95,7 +98,7 @@ def main():
         torch.save({"params": [p.detach().float().clone() for p in model.parameters()],
                     "buckets": core.num_buckets, "flat_numel": core.flat_numel, "master_numel": core.master_numel,
                     "grad_shard_numel": core.grad_shard_numel, "world": world,
-                    "peak_live": peak_live}, args.out)
+                    "peak_live": peak_live, "master_device": core.master_device}, args.out)
 
 
 if __name__ == "__main__":
