@@ -8,8 +8,13 @@ RSS just before the model is built, max over ranks).
     torch FSDP2 fully_shard (~ stage 3)                   gloo
     DeepSpeed stage 1, 2, 3 (DS_ACCELERATOR=cpu)          gloo, torch AdamW
 
+With --offload, ZeRO-Offload instead (offload_optimizer {device: cpu}) at stages 1-3: Zeal
+without offload, Zeal with it, and DeepSpeed with it (its DeepSpeedCPUAdam, which it builds on
+first use).
+
     scripts/install-bench-deps     # DeepSpeed, pinned (optional; its rows are skipped without it)
     python benchmarks/zero_vs_peers.py --ranks 2 --steps 20 --out out/bench/zero_vs_peers.json
+    python benchmarks/zero_vs_peers.py --ranks 2 --steps 20 --offload --out out/bench/offload.json
 """
 import argparse
 import importlib.util
@@ -59,6 +64,9 @@ def torch_step(forward, model, opt, clip):
 def rank_main(impl, stage, steps, micro, clip):
     import torch
 
+    impl, _, variant = impl.partition("+")
+    offload = variant == "offload"
+
     from gpt import GPT
 
     rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
@@ -79,6 +87,8 @@ def rank_main(impl, stage, steps, micro, clip):
                   "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": wd}},
                   "zero_optimization": {"stage": stage, "reduce_bucket_size": 500_000,
                                         "stage3_prefetch_bucket_size": 500_000}}
+        if offload:
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         engine, *_ = zeal.initialize(model=model, config=config)
         from harness import zeal_step_and_sync
 
@@ -97,8 +107,15 @@ def rank_main(impl, stage, steps, micro, clip):
                       "steps_per_print": 10**9, "zero_allow_untested_optimizer": True,
                       "zero_optimization": {"stage": stage, "reduce_bucket_size": 500_000,
                                             "stage3_prefetch_bucket_size": 500_000}}
-            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+            if offload:  # DeepSpeed then builds its own DeepSpeedCPUAdam from the config
+                config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+                config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": wd}}
+                engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
+                                                  dist_init_required=False)
+            else:
+                opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+                engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config,
+                                                  dist_init_required=False)
 
             def step(x, y):
                 engine.backward(engine(x, y))
@@ -130,7 +147,8 @@ def rank_main(impl, stage, steps, micro, clip):
 
     times = time_steps(step, batches, steps, sync)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"impl": impl, "stage": stage, "rank": rank, "times_s": times, "peak_growth": peak - base}),
+    print(json.dumps({"impl": impl + ("+offload" if offload else ""), "stage": stage, "rank": rank, "times_s": times,
+                      "peak_growth": peak - base}),
           flush=True)
     if impl != "zeal":
         dist.destroy_process_group()
@@ -139,6 +157,7 @@ def rank_main(impl, stage, steps, micro, clip):
 PLAN = [("zeal", 1), ("zero_redundancy", 1), ("deepspeed", 1),
         ("zeal", 2), ("deepspeed", 2),
         ("zeal", 3), ("fsdp2", 3), ("deepspeed", 3)]
+OFFLOAD_PLAN = [(impl, stage) for stage in (1, 2, 3) for impl in ("zeal+offload", "zeal", "deepspeed+offload")]
 
 
 def main():
@@ -149,6 +168,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="out/bench/zero_vs_peers.json")
     ap.add_argument("--only", nargs="*", default=None, help="implementations to run, e.g. zeal deepspeed")
+    ap.add_argument("--offload", action="store_true", help="ZeRO-Offload (optimizer on the CPU) instead")
     ap.add_argument("--rank_impl", help=argparse.SUPPRESS)
     ap.add_argument("--rank_stage", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -158,10 +178,10 @@ def main():
 
     from harness import mpirun, print_table, write_json
 
-    plan = PLAN
+    plan = OFFLOAD_PLAN if args.offload else PLAN
     if importlib.util.find_spec("deepspeed") is None:
         print("DeepSpeed is not installed (scripts/install-bench-deps): its rows are skipped")
-        plan = [p for p in PLAN if p[0] != "deepspeed"]
+        plan = [p for p in plan if not p[0].startswith("deepspeed")]
     if args.only:
         plan = [p for p in plan if p[0] in args.only]
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -182,7 +202,7 @@ def main():
             peaks[(impl, stage)].append(max(x["peak_growth"] for x in records))
     summary, rows = {}, []
     for stage in sorted({s for _, s in plan}):
-        base = ("zeal", stage) if ("zeal", stage) in times else next(p for p in plan if p[1] == stage)
+        base = next(p for p in plan if p[1] == stage)  # Zeal's row comes first in each stage
         zeal_ms = statistics.median(times[base]) * 1e3
         zeal_mb = max(peaks[base]) / 2**20
         for impl, s in plan:
@@ -192,8 +212,8 @@ def main():
             mb = max(peaks[(impl, s)]) / 2**20
             summary[f"{impl}/stage{s}"] = {"median_step_ms": ms, "peak_rss_growth_mib": mb}
             rows.append([s, impl, f"{ms:.1f}", f"{zeal_ms / ms:.2f}", f"{mb:.0f}", f"{zeal_mb / mb:.2f}"])
-    print_table(f"ZeRO vs peers: demo GPT (3.2M params), {args.ranks} ranks, micro batch {args.micro} x {BLOCK} tokens, "
-                "fp32 AdamW, CPU",
+    print_table(f"ZeRO{'-Offload' if args.offload else ''} vs peers: demo GPT (3.2M params), {args.ranks} ranks, "
+                f"micro batch {args.micro} x {BLOCK} tokens, fp32 AdamW, CPU",
                 ["stage", "impl", "median step ms", "zeal/this time", "peak RSS growth MiB", "zeal/this mem"], rows)
     write_json(args.out, {"benchmark": "zero_vs_peers", "ranks": args.ranks, "micro": args.micro,
                           "summary": summary, "times_s": {f"{k[0]}/stage{k[1]}": v for k, v in times.items()},
