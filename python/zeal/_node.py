@@ -90,7 +90,6 @@ def main(argv=None):
                    LOCAL_SIZE=str(local_size), LOCAL_WORLD_SIZE=str(local_size), ZEAL_NODE_SLOTS=args.node_slots)
         children.append(subprocess.Popen([sys.executable, "-u", "-m", "zeal._rank", args.script, *args.script_args],
                                          env=env, stdin=subprocess.DEVNULL, start_new_session=True))
-    code = 0
     while True:
         if stopping.is_set():
             stop(children)
@@ -109,8 +108,7 @@ def main(argv=None):
             print(f"zeal: rank {rank} on {host} {what}; stopping the other ranks of this node", file=sys.stderr,
                   flush=True)
             stop(children)
-            code = rc if rc > 0 else 128 - rc
-            return code
+            return rc if rc > 0 else 128 - rc
         if len(done) == len(children):
             return 0
         time.sleep(0.05)
