@@ -121,9 +121,9 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   // ZeRO-Offload (zero_optimization.offload_optimizer): the fp32 master weights, the optimizer state
   // and a gradient staging buffer live in host memory and the step runs on the CPU kernels.
   const bool offload = config_.zero_optimization.offload_optimizer.enabled;
+  const auto host = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
+      offload && config_.zero_optimization.offload_optimizer.pin_memory && !device_.is_cpu());
   if (offload) {
-    auto host = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
-        config_.zero_optimization.offload_optimizer.pin_memory && !device_.is_cpu());
     at::Tensor on_host = at::empty({master_.numel()}, host);
     on_host.copy_(master_);
     master_ = on_host;
@@ -131,6 +131,13 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   }
   optimizer_ = optim::make_optimizer(config_.optimizer, shard, offload ? at::Device(at::kCPU) : device_,
                                      static_cast<int64_t>(params_.size()));
+  if (offload && model_dtype_ != at::kFloat) {
+    // The step writes the fp16 / bf16 weights beside the fp32 ones where it can: half the bytes
+    // to send back to the device, and no cast pass.
+    host_model_copy_ = at::empty({master_.numel()}, host.dtype(model_dtype_));
+    host_model_copy_.copy_(master_);  // elements no segment covers (padding) keep their values
+    optimizer_->set_model_copy(host_model_copy_);
+  }
   if (optimizer_->per_tensor()) {
     // One segment per owned piece of each parameter; a parameter's pieces may sit on several ranks,
     // so the optimizer's per-tensor sums are added across them.
@@ -232,9 +239,10 @@ void Engine::absorb_parameter(size_t i) {
 
 std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
   auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
-  int64_t params = bytes(flat_params_), grads = bytes(flat_grads_) + bytes(grad_shard_) + bytes(host_grads_);
+  int64_t params = bytes(flat_params_) + bytes(host_model_copy_);
+  int64_t grads = bytes(flat_grads_) + bytes(grad_shard_) + bytes(host_grads_);
   if (partition_) {
-    params = bytes(partition_->shard());
+    params = bytes(partition_->shard()) + bytes(host_model_copy_);
     for (size_t i = 0; i < params_.size(); ++i)
       if (partition_->live(i)) params += bytes(partition_->full(i));
   }
@@ -305,7 +313,7 @@ void Engine::step() {
       segments_[k].betas = groups_[segment_group_[k]].betas;
     }
     optimizer_->step(master_, grads, segments_);
-    publish_parameters();
+    publish_parameters(optimizer_->writes_model_copy() ? host_model_copy_ : master_);
     scaler_.update(false);
     apply_lr(++scheduler_iteration_);
   }
@@ -348,19 +356,19 @@ void Engine::all_reduce_sum(at::Tensor& values) {
   if (moved) values.copy_(buffer);
 }
 
-void Engine::publish_parameters() {
+void Engine::publish_parameters(const at::Tensor& source) {
   if (partition_) {
-    partition_->publish(master_);
+    partition_->publish(source);
     return;
   }
   if (!partitioned_) {
-    if (model_dtype_ != at::kFloat) flat_params_.copy_(master_);
+    if (model_dtype_ != at::kFloat) flat_params_.copy_(source);
     return;
   }
   // Write this rank's updated chunks, then all-gather each bucket so every rank has all weights.
   for (const zero::OwnedRange& o : owned_)
     flat_params_.slice(0, o.flat_begin, o.flat_end)
-        .copy_(master_.slice(0, o.local_begin, o.local_begin + (o.flat_end - o.flat_begin)));
+        .copy_(source.slice(0, o.local_begin, o.local_begin + (o.flat_end - o.flat_begin)));
   if (world_->size() == 1) return;
   std::vector<comm::WorkPtr> works;
   std::vector<at::Tensor> inputs;

@@ -127,7 +127,7 @@ std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& l
     error = e.what();
   }
   agree_or_throw(world_, error, "checkpoint load");
-  publish_parameters();
+  publish_parameters(master_);
   zero_grad();
   log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
   return result;

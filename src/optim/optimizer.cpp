@@ -52,7 +52,8 @@ class Adam : public WithMoments {
       const double b1 = g.betas[0], b2 = g.betas[1];
       const AdamHyper hyper{g.lr, b1, b2, g.eps, g.weight_decay, decoupled_, bias_correction_, step_};
       if (p.device().is_cpu()) {  // the vectorised, multithreaded kernel (kernels/cpu/optim_kernels.h)
-        cpu_adam_step(p, grad.contiguous(), m, v, hyper);
+        at::Tensor copy = model_copy_.defined() ? model_copy_.slice(0, g.begin, g.end) : at::Tensor();
+        cpu_adam_step(p, grad.contiguous(), m, v, hyper, copy.defined() ? &copy : nullptr);
         continue;
       }
 #if ZEAL_WITH_CUDA
@@ -77,6 +78,7 @@ class Adam : public WithMoments {
   }
 
   const char* name() const override { return name_; }
+  bool writes_model_copy() const override { return model_copy_.defined() && exp_avg_.device().is_cpu(); }
 
  private:
   bool decoupled_;

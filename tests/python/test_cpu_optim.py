@@ -189,3 +189,30 @@ def test_unscale_and_sum_squares_reports_non_finite_gradients():
         assert not torch.isfinite(torch.tensor(total)), bad
     with pytest.raises(zeal.Error, match="float32"):
         zeal._zeal.unscale_and_sum_squares(torch.ones(4, dtype=torch.float64), 1.0)
+
+
+def test_every_instruction_set_and_the_16bit_copy_variant_agree_bitwise():
+    # The kernels round every operation as written (no contraction into fused multiply-adds), so
+    # the result does not depend on the CPU's instruction set, and Adam writing its bf16 / fp16 copy
+    # in the same pass updates exactly as without it (ZeRO-Offload publishes that copy).
+    g = torch.Generator().manual_seed(9)
+    start = [torch.randn(100_003, generator=g) for _ in range(2)] + [torch.randn(100_003, generator=g) * 0.1,
+                                                                   torch.rand(100_003, generator=g) * 0.1]
+    results = {}
+    for isa in ("scalar", "avx2", "avx512"):
+        for dtype in (None, torch.bfloat16, torch.float16):
+            p, grad, m, v = (t.clone() for t in start)
+            copy = None if dtype is None else torch.empty(p.shape, dtype=dtype)
+            try:
+                zeal._zeal.cpu_adam_step(p, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, True, 3,
+                                         half_copy=copy, isa=isa)
+            except zeal.Error as e:
+                assert "does not support" in str(e)
+                continue
+            results[(isa, dtype)] = (p, m, v)
+            if copy is not None:
+                assert torch.equal(copy, p.to(dtype))
+    reference = results[("scalar", None)]
+    assert len(results) >= 3
+    for key, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, reference)), key

@@ -116,7 +116,9 @@ class Engine {
   // Unscales grads in place (by inv_scale) and returns the L2 norm of the result over all ranks.
   double global_norm(const at::Tensor& grads, double inv_scale);
   void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
-  void publish_parameters();                             // master -> model dtype -> every rank
+  // The updated weights (the fp32 master, or the model-dtype copy the optimizer wrote beside it)
+  // -> the model's parameters on every rank.
+  void publish_parameters(const at::Tensor& source);
 
   Config config_;
   comm::CommunicatorPtr world_;
@@ -130,6 +132,7 @@ class Engine {
   at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it (stages 0, 1)
   at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
   at::Tensor host_grads_;   // offload_optimizer: this rank's gradients staged in host memory for the step
+  at::Tensor host_model_copy_;  // offload_optimizer with fp16/bf16: the step's model-dtype output
   at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
   std::unique_ptr<zero::ParamPartition> partition_;  // stage 3
   at::Tensor stage3_shard_;                          // handed to partition_ once the reducer exists

@@ -49,11 +49,19 @@ class Optimizer {
   // reducer sums a float64 tensor over the data-parallel ranks in place. Every rank calls it
   // once per step, in step().
   virtual bool per_tensor() const { return false; }
+
+  // The model-dtype (fp16 / bf16) copy of the updated parameters, written in the same pass as the
+  // update where the kernel can (Adam on the CPU: ZeRO-Offload's host master weights), so the
+  // caller skips a cast pass. `copy` spans the same elements as the parameters; after step(),
+  // writes_model_copy() says whether it holds the new values.
+  void set_model_copy(at::Tensor copy) { model_copy_ = std::move(copy); }
+  virtual bool writes_model_copy() const { return false; }
   using SumReducer = std::function<void(at::Tensor&)>;
   void set_sum_reducer(SumReducer reducer) { reduce_sums_ = std::move(reducer); }
 
  protected:
   SumReducer reduce_sums_;
+  at::Tensor model_copy_;
   int64_t step_ = 0;  // optimizer steps taken
 };
 
