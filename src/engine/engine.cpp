@@ -152,23 +152,25 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
         segment_group_.push_back(group_of_param[i]);
       }
     }
-    if (partitioned_ && world_->size() > 1) optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
-  }
-  // Otherwise each group's parameters occupy one flat range; its pieces in the owned ranges become
-  // the optimizer's segments.
-  for (size_t g = 0; g < groups_.size() && !optimizer_->per_tensor(); ++g) {
-    int64_t lo = total, hi = 0;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (group_of_param[i] != g) continue;
-      lo = std::min(lo, layout_.offsets[i]);
-      hi = std::max(hi, layout_.offsets[i] + layout_.numels[i]);
-    }
-    for (const zero::LocalRange& r : zero::to_local(owned_, lo, hi)) {
-      optim::ParamGroup segment = groups_[g];
-      segment.begin = r.local_begin;
-      segment.end = r.local_end;
-      segments_.push_back(segment);
-      segment_group_.push_back(g);
+    if (partitioned_ && world_->size() > 1)
+      optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
+  } else {
+    // Each group's parameters occupy one flat range; its pieces in the owned ranges become the
+    // optimizer's segments.
+    for (size_t g = 0; g < groups_.size(); ++g) {
+      int64_t lo = total, hi = 0;
+      for (size_t i = 0; i < params_.size(); ++i) {
+        if (group_of_param[i] != g) continue;
+        lo = std::min(lo, layout_.offsets[i]);
+        hi = std::max(hi, layout_.offsets[i] + layout_.numels[i]);
+      }
+      for (const zero::LocalRange& r : zero::to_local(owned_, lo, hi)) {
+        optim::ParamGroup segment = groups_[g];
+        segment.begin = r.local_begin;
+        segment.end = r.local_end;
+        segments_.push_back(segment);
+        segment_group_.push_back(g);
+      }
     }
   }
   if (reduce_scatter) grad_shard_ = at::zeros({shard}, options);

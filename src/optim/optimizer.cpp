@@ -176,7 +176,10 @@ class Lamb : public WithMoments {
       }
     } else {
 #if ZEAL_WITH_CUDA
-      for (const Piece& k : pieces) fused_lamb_phase1({k.p}, {k.g}, {k.m}, {k.v}, {static_cast<int>(k.tensor)}, k.hyper, sums);
+      // One multi-tensor launch per phase and parameter group, not one per piece.
+      for_each_group(pieces, [&](const Lists& l, const AdamHyper& h) {
+        fused_lamb_phase1(l.p, l.g, l.m, l.v, l.slots, h, sums);
+      });
 #endif
     }
     if (reduce_sums_) reduce_sums_(sums);
@@ -188,8 +191,9 @@ class Lamb : public WithMoments {
       }
     } else {
 #if ZEAL_WITH_CUDA
-      for (const Piece& k : pieces)
-        fused_lamb_phase2({k.p}, {k.m}, {k.v}, {static_cast<int>(k.tensor)}, k.hyper, min_coeff_, max_coeff_, sums);
+      for_each_group(pieces, [&](const Lists& l, const AdamHyper& h) {
+        fused_lamb_phase2(l.p, l.m, l.v, l.slots, h, min_coeff_, max_coeff_, sums);
+      });
 #endif
     }
   }
@@ -202,6 +206,34 @@ class Lamb : public WithMoments {
     AdamHyper hyper;
     int64_t tensor;
   };
+  struct Lists {
+    std::vector<at::Tensor> p, g, m, v;
+    std::vector<int> slots;
+  };
+  // The pieces as tensor lists, one list per distinct set of hyper-parameters (one per parameter
+  // group), in the order the sets first appear.
+  template <typename Fn>
+  static void for_each_group(const std::vector<Piece>& pieces, const Fn& fn) {
+    auto same = [](const AdamHyper& a, const AdamHyper& b) {
+      return a.lr == b.lr && a.beta1 == b.beta1 && a.beta2 == b.beta2 && a.eps == b.eps &&
+             a.weight_decay == b.weight_decay;
+    };
+    std::vector<bool> done(pieces.size(), false);
+    for (size_t first = 0; first < pieces.size(); ++first) {
+      if (done[first]) continue;
+      Lists l;
+      for (size_t k = first; k < pieces.size(); ++k) {
+        if (done[k] || !same(pieces[k].hyper, pieces[first].hyper)) continue;
+        done[k] = true;
+        l.p.push_back(pieces[k].p);
+        l.g.push_back(pieces[k].g);
+        l.m.push_back(pieces[k].m);
+        l.v.push_back(pieces[k].v);
+        l.slots.push_back(static_cast<int>(pieces[k].tensor));
+      }
+      fn(l, pieces[first].hyper);
+    }
+  }
   bool bias_correction_;
   double min_coeff_, max_coeff_;
   int64_t num_tensors_;
