@@ -289,7 +289,7 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("zero_stage", &engine::Engine::stage)
       .def_property_readonly("flat_numel", &engine::Engine::flat_numel)
       .def_property_readonly("master_numel", &engine::Engine::master_numel)
-      .def_property_readonly("master_device", [](engine::Engine& e) { return e.master().device().str(); })
+      .def_property_readonly("master_device", &engine::Engine::master_location)
       .def_property_readonly("grad_shard_numel", &engine::Engine::grad_shard_numel)
       .def_property_readonly("model_dtype", [](const engine::Engine& e) { return std::string(c10::toString(e.model_dtype())); })
       .def_property_readonly("train_batch_size", [](const engine::Engine& e) { return e.batch().train_batch_size; })

@@ -373,25 +373,31 @@ void parse_zero(const json& node, ZeroConfig& out) {
            r.raw("load_from_fp32_weights"));
   if (r.has("offload_optimizer")) {
     Reader o(r.raw("offload_optimizer"), r.path("offload_optimizer"));
+    OffloadOptimizerConfig& off = out.offload_optimizer;
     const std::string device = o.read_choice("device", {"none", "cpu", "nvme"}, "none", /*case_insensitive=*/true);
-    if (device == "nvme")
-      throw ConfigError("config key '" + o.path("device") + "': \"nvme\" is not supported yet (CPU offload is)");
-    out.offload_optimizer.enabled = device == "cpu";
-    o.read_bool("pin_memory", out.offload_optimizer.pin_memory);
+    off.device = device == "cpu" ? OffloadDevice::kCpu : device == "nvme" ? OffloadDevice::kNvme : OffloadDevice::kNone;
+    off.enabled = off.device != OffloadDevice::kNone;
+    o.read_bool("pin_memory", off.pin_memory);
     double ratio = 1.0;
     o.read_number("ratio", ratio, 0.0);
     if (ratio != 1.0)
       throw ConfigError("config key '" + o.path("ratio") + "': values other than 1.0 (offload the whole optimizer) "
                         "are not supported yet, got " + std::to_string(ratio));
-    int64_t ignored = 0;
-    o.read_int("buffer_count", ignored, 1);  // NVMe settings, accepted for CPU offload as DeepSpeed does
-    bool ignored_flag = false;
-    o.read_bool("fast_init", ignored_flag);
-    o.read_bool("pipeline_read", ignored_flag);
-    o.read_bool("pipeline_write", ignored_flag);
-    if (o.has("nvme_path") && !o.raw("nvme_path").is_string()) o.fail("nvme_path", "a string", o.raw("nvme_path"));
+    o.read_int("buffer_count", off.buffer_count, 1);
+    bool fast_init = false;  // accepted: Zeal's swap files are always written once at start
+    o.read_bool("fast_init", fast_init);
+    o.read_bool("pipeline_read", off.pipeline_read);
+    o.read_bool("pipeline_write", off.pipeline_write);
+    if (o.has("nvme_path")) {
+      if (!o.raw("nvme_path").is_string() || o.raw("nvme_path").get<std::string>().empty())
+        o.fail("nvme_path", "a directory path (string)", o.raw("nvme_path"));
+      off.nvme_path = o.raw("nvme_path").get<std::string>();
+    }
+    if (off.device == OffloadDevice::kNvme && off.nvme_path.empty())
+      throw ConfigError("config key '" + o.path("nvme_path") + "': device \"nvme\" needs nvme_path, the directory "
+                        "for the swap files; got nothing");
     o.finish();
-    if (out.offload_optimizer.enabled && out.stage == 0)
+    if (off.enabled && out.stage == 0)
       throw ConfigError("config key '" + o.path("device") + "': offloading the optimizer needs ZeRO stage 1, 2 "
                         "or 3 (zero_optimization.stage is 0)");
   }
@@ -399,6 +405,26 @@ void parse_zero(const json& node, ZeroConfig& out) {
                     "zero_quantized_weights", "zero_quantized_gradients", "mics_shard_size",
                     "memory_efficient_linear", "use_multi_rank_bucket_allreduce"},
                    " (offload and quantized/hierarchical ZeRO come later)");
+  r.finish();
+}
+
+void parse_aio(const json& node, AioConfig& out) {
+  Reader r(node, "aio");
+  r.read_int("block_size", out.block_size, 1);
+  if (out.block_size % 4096 != 0)
+    r.fail("block_size", "a positive multiple of 4096 (O_DIRECT transfers are page-aligned)", r.raw("block_size"));
+  r.read_int("queue_depth", out.queue_depth, 1);
+  if (out.queue_depth > 4096) r.fail("queue_depth", "an integer in [1, 4096]", r.raw("queue_depth"));
+  r.read_int("thread_count", out.thread_count, 1);
+  r.read_int("intra_op_parallelism", out.thread_count, 1);
+  if (out.thread_count > 64)
+    r.fail(r.has("intra_op_parallelism") ? "intra_op_parallelism" : "thread_count", "an integer in [1, 64]",
+           r.raw(r.has("intra_op_parallelism") ? "intra_op_parallelism" : "thread_count"));
+  r.read_bool("single_submit", out.single_submit);
+  r.read_bool("overlap_events", out.overlap_events);
+  bool use_gds = false;
+  r.read_bool("use_gds", use_gds);
+  if (use_gds) r.fail("use_gds", "false (GPUDirect Storage is not supported)", r.raw("use_gds"));
   r.finish();
 }
 
@@ -432,7 +458,8 @@ Config Config::from_json(const json& root) {
   r.read_bool("prescale_gradients", c.prescale_gradients);
   r.read_number("gradient_predivide_factor", c.gradient_predivide_factor, 0.0, true);
   r.read_number("comms_timeout_s", c.comms_timeout_s, 0.0, true);
-  r.reject_not_yet({"pipeline", "tensor_parallel", "activation_checkpointing", "aio", "checkpoint", "amp",
+  if (r.has("aio")) parse_aio(r.raw("aio"), c.aio);
+  r.reject_not_yet({"pipeline", "tensor_parallel", "activation_checkpointing", "checkpoint", "amp",
                     "flops_profiler", "sparse_attention", "compression_training", "data_efficiency",
                     "curriculum_learning", "elasticity", "autotuning", "comms_logger", "tensorboard", "wandb",
                     "csv_monitor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",

@@ -10,6 +10,7 @@
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 #include "zeal/optim/cpu_optim.h"
+#include "zeal/offload/optimizer_swapper.h"
 
 namespace zeal::engine {
 namespace {
@@ -97,8 +98,10 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   const int64_t shard = layout_.shard_size(partitioned_);
   auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
 
+  const OffloadOptimizerConfig& offload_config = config_.zero_optimization.offload_optimizer;
+  const bool nvme = offload_config.device == OffloadDevice::kNvme;
   if (stage_ == 3) {
-    init_stage3(given_chunks, options);
+    init_stage3(given_chunks, options, /*with_master=*/!nvme);
   } else {
     // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
     // tensor objects, so Python and C++ callers see the change). Padding stays zero.
@@ -114,24 +117,31 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     // Every replica starts from rank 0's weights.
     if (world_->size() > 1) world_->broadcast(flat_params_, {0})->wait();
     // fp32 master weights and optimizer state cover this rank's owned elements only (all of them
-    // below stage 1).
-    master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
-                           : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
+    // below stage 1). NVMe offload keeps them in swap files instead (set up below).
+    if (!nvme)
+      master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
+                             : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
   }
   // ZeRO-Offload (zero_optimization.offload_optimizer): the fp32 master weights, the optimizer state
-  // and a gradient staging buffer live in host memory and the step runs on the CPU kernels.
-  const bool offload = config_.zero_optimization.offload_optimizer.enabled;
+  // and a gradient staging buffer live in host memory and the step runs on the CPU kernels; with
+  // device "nvme" the master weights and the state live in swap files (offload/optimizer_swapper.h)
+  // and the step visits them a sub-group at a time.
+  const bool offload = offload_config.enabled;
   const auto host = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
-      offload && config_.zero_optimization.offload_optimizer.pin_memory && !device_.is_cpu());
-  if (offload) {
+      offload && offload_config.pin_memory && !device_.is_cpu());
+  if (offload && master_.defined()) {
     at::Tensor on_host = at::empty({master_.numel()}, host);
     on_host.copy_(master_);
     master_ = on_host;
-    host_grads_ = at::zeros({master_.numel()}, host);
   }
-  optimizer_ = optim::make_optimizer(config_.optimizer, shard, offload ? at::Device(at::kCPU) : device_,
+  // fp32 gradients on the host; a CPU model in fp32 already has them there.
+  if (offload && !(device_.is_cpu() && model_dtype_ == at::kFloat)) host_grads_ = at::zeros({shard}, host);
+  const int64_t sub_group = nvme ? std::max<int64_t>(1, std::min(config_.zero_optimization.sub_group_size, shard)) : shard;
+  optimizer_ = optim::make_optimizer(config_.optimizer, sub_group, offload ? at::Device(at::kCPU) : device_,
                                      static_cast<int64_t>(params_.size()));
-  if (offload && model_dtype_ != at::kFloat) {
+  if (nvme) {
+    init_swap(shard);
+  } else if (offload && model_dtype_ != at::kFloat) {
     // The step writes the fp16 / bf16 weights beside the fp32 ones where it can: half the bytes
     // to send back to the device, and no cast pass.
     host_model_copy_ = at::empty({master_.numel()}, host.dtype(model_dtype_));
@@ -202,7 +212,8 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
 
 Engine::~Engine() = default;
 
-void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options) {
+void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options,
+                         bool with_master) {
   // This rank's chunk of every parameter, from zero::Init or cut from rank 0's full value.
   at::Tensor shard = at::zeros({layout_.shard_size(true)}, options);
   const int rank = world_->rank();
@@ -226,7 +237,7 @@ void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::
     }
     local += c;
   }
-  master_ = shard.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  if (with_master) master_ = shard.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   stage3_shard_ = shard;
   // Parameters given whole still have their shape here, which the gradient accumulators record.
   for (size_t i = 0; i < params_.size(); ++i)
@@ -236,7 +247,20 @@ void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::
 void Engine::absorb_parameter(size_t i) {
   ZEAL_CHECK(partition_, "absorb_parameter is for ZeRO stage 3");
   ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
-  partition_->absorb(i, &master_);
+  if (!swapper_) {
+    partition_->absorb(i, &master_);
+    return;
+  }
+  // The swapped master takes the chunk too: every sub-group it overlaps is read, patched, written.
+  partition_->absorb(i, nullptr);
+  const int64_t lo = partition_->chunk_begin(i), hi = lo + partition_->chunk_size(i);
+  const at::Tensor& shard = partition_->shard();
+  swapper_->for_each(
+      [&](int64_t k, std::vector<at::Tensor>& views) {
+        const int64_t b = std::max(lo, swapper_->begin(k)), e = std::min(hi, swapper_->end(k));
+        if (b < e) views[0].slice(0, b - swapper_->begin(k), e - swapper_->begin(k)).copy_(shard.slice(0, b, e));
+      },
+      /*read=*/true, /*write_back=*/true);
 }
 
 std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
@@ -249,7 +273,9 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
       if (partition_->live(i)) params += bytes(partition_->full(i));
   }
   int64_t master = (master_.defined() && !master_.is_same(flat_params_)) ? bytes(master_) : 0;
-  return {{"params", params}, {"grads", grads}, {"master", master}, {"optimizer", optimizer_->state_bytes()}};
+  // NVMe offload: the host holds a few sub-groups of master weights and state, the rest is on disk.
+  int64_t optimizer = swapper_ ? swapper_->host_buffer_bytes() : optimizer_->state_bytes();
+  return {{"params", params}, {"grads", grads}, {"master", master}, {"optimizer", optimizer}};
 }
 
 bool Engine::is_gradient_accumulation_boundary() const {
@@ -314,8 +340,12 @@ void Engine::step() {
       segments_[k].lr = groups_[segment_group_[k]].lr;
       segments_[k].betas = groups_[segment_group_[k]].betas;
     }
-    optimizer_->step(master_, grads, segments_);
-    publish_parameters(optimizer_->writes_model_copy() ? host_model_copy_ : master_);
+    if (swapper_) {
+      step_swapped(grads);
+    } else {
+      optimizer_->step(master_, grads, segments_);
+      publish_parameters(optimizer_->writes_model_copy() ? host_model_copy_ : master_);
+    }
     scaler_.update(false);
     apply_lr(++scheduler_iteration_);
   }
@@ -359,19 +389,50 @@ void Engine::all_reduce_sum(at::Tensor& values) {
 }
 
 void Engine::publish_parameters(const at::Tensor& source) {
-  if (partition_) {
-    partition_->publish(source);
-    return;
-  }
   if (!partitioned_) {
     if (model_dtype_ != at::kFloat) flat_params_.copy_(source);
     return;
   }
-  // Write this rank's updated chunks, then all-gather each bucket so every rank has all weights.
-  for (const zero::OwnedRange& o : owned_)
-    flat_params_.slice(0, o.flat_begin, o.flat_end)
-        .copy_(source.slice(0, o.local_begin, o.local_begin + (o.flat_end - o.flat_begin)));
+  write_model_values(0, source);
+  gather_published();
+}
+
+void Engine::write_model_values(int64_t local_begin, const at::Tensor& values) {
+  const int64_t local_end = local_begin + values.numel();
+  if (partition_) {
+    partition_->shard().slice(0, local_begin, local_end).copy_(values);
+    return;
+  }
+  for (const zero::OwnedRange& o : owned_) {
+    const int64_t o_end = o.local_begin + (o.flat_end - o.flat_begin);
+    const int64_t lo = std::max(local_begin, o.local_begin), hi = std::min(local_end, o_end);
+    if (lo >= hi) continue;
+    flat_params_.slice(0, o.flat_begin + (lo - o.local_begin), o.flat_begin + (hi - o.local_begin))
+        .copy_(values.slice(0, lo - local_begin, hi - local_begin));
+  }
+}
+
+at::Tensor Engine::read_model_values(int64_t local_begin, int64_t local_end) const {
+  if (stage3_shard_.defined()) return stage3_shard_.slice(0, local_begin, local_end).to(at::kFloat);
+  if (partition_) return partition_->shard().slice(0, local_begin, local_end).to(at::kFloat);
+  at::Tensor out = at::empty({local_end - local_begin}, at::TensorOptions().dtype(at::kFloat));
+  for (const zero::OwnedRange& o : owned_) {
+    const int64_t o_end = o.local_begin + (o.flat_end - o.flat_begin);
+    const int64_t lo = std::max(local_begin, o.local_begin), hi = std::min(local_end, o_end);
+    if (lo >= hi) continue;
+    out.slice(0, lo - local_begin, hi - local_begin)
+        .copy_(flat_params_.slice(0, o.flat_begin + (lo - o.local_begin), o.flat_begin + (hi - o.local_begin)));
+  }
+  return out;
+}
+
+void Engine::gather_published() {
+  if (partition_) {
+    partition_->refresh();
+    return;
+  }
   if (world_->size() == 1) return;
+  // Every rank wrote its updated chunks: all-gather each bucket so every rank has all weights.
   std::vector<comm::WorkPtr> works;
   std::vector<at::Tensor> inputs;
   size_t next_owned = 0;  // owned_ holds one range per non-empty bucket, in bucket order
@@ -383,6 +444,88 @@ void Engine::publish_parameters(const at::Tensor& source) {
     works.push_back(world_->all_gather(output, inputs.back(), {}));
   }
   for (auto& w : works) w->wait();
+}
+
+void Engine::init_swap(int64_t shard) {
+  ZEAL_CHECK_AS(ConfigError, !optimizer_->per_tensor(), "config key 'zero_optimization.offload_optimizer.device': ",
+                optimizer_->name(), " needs whole tensors for its per-tensor statistics, which NVMe offload swaps in "
+                "sub-groups; use device \"cpu\" or another optimizer");
+  if (config_.optimizer.type == OptimizerType::kSgd && config_.optimizer.momentum != 0.0)
+    optimizer_->state("momentum_buffer");  // allocated on first use otherwise, and so not yet named
+  std::vector<std::string> names{"master"};
+  for (const std::string& name : optimizer_->state_names()) names.push_back(name);
+  const OffloadOptimizerConfig& o = config_.zero_optimization.offload_optimizer;
+  offload::NvmeSwapConfig swap;
+  swap.nvme_path = o.nvme_path;
+  swap.sub_group_size = config_.zero_optimization.sub_group_size;
+  swap.buffer_count = o.buffer_count;
+  swap.pipeline_read = o.pipeline_read;
+  swap.pipeline_write = o.pipeline_write;
+  swap.aio = config_.aio;
+  swapper_ = std::make_unique<offload::OptimizerSwapper>(swap, shard, names);
+  // Every sub-group starts as the model's values (cast to fp32) and the optimizer's initial state,
+  // which the optimizer built for one sub-group and is the same for every element.
+  swapper_->for_each(
+      [&](int64_t k, std::vector<at::Tensor>& views) {
+        views[0].copy_(read_model_values(swapper_->begin(k), swapper_->end(k)));
+        for (size_t j = 1; j < views.size(); ++j)
+          views[j].copy_(optimizer_->state(names[j]).slice(0, 0, views[j].numel()));
+      },
+      /*read=*/false, /*write_back=*/true);
+}
+
+void Engine::step_swapped(const at::Tensor& grads) {
+  optimizer_->begin_step();
+  const std::vector<std::string>& names = swapper_->names();
+  std::vector<optim::ParamGroup> local;
+  swapper_->for_each(
+      [&](int64_t k, std::vector<at::Tensor>& views) {
+        const int64_t b = swapper_->begin(k), e = swapper_->end(k);
+        for (size_t j = 1; j < views.size(); ++j) optimizer_->state(names[j]) = views[j];
+        local.clear();  // the segments' pieces inside this sub-group, in its coordinates
+        for (const optim::ParamGroup& segment : segments_) {
+          const int64_t lo = std::max(segment.begin, b), hi = std::min(segment.end, e);
+          if (lo >= hi) continue;
+          optim::ParamGroup piece = segment;
+          piece.begin = lo - b;
+          piece.end = hi - b;
+          local.push_back(piece);
+        }
+        at::Tensor grads_k = grads.slice(0, b, e);
+        optimizer_->update(views[0], grads_k, local);
+        write_model_values(b, views[0]);
+      },
+      /*read=*/true, /*write_back=*/true);
+  gather_published();
+}
+
+void Engine::materialize_swapped() {
+  const std::vector<std::string>& names = swapper_->names();
+  std::vector<at::Tensor> full;
+  for (size_t j = 0; j < names.size(); ++j)
+    full.push_back(at::empty({swapper_->end(swapper_->num_sub_groups() - 1)}, at::TensorOptions().dtype(at::kFloat)));
+  swapper_->for_each(
+      [&](int64_t k, std::vector<at::Tensor>& views) {
+        for (size_t j = 0; j < names.size(); ++j) full[j].slice(0, swapper_->begin(k), swapper_->end(k)).copy_(views[j]);
+      },
+      /*read=*/true, /*write_back=*/false);
+  master_ = full[0];
+  for (size_t j = 1; j < names.size(); ++j) optimizer_->state(names[j]) = full[j];
+}
+
+void Engine::release_swapped(bool write_back) {
+  const std::vector<std::string>& names = swapper_->names();
+  if (write_back) {
+    swapper_->for_each(
+        [&](int64_t k, std::vector<at::Tensor>& views) {
+          const int64_t b = swapper_->begin(k), e = swapper_->end(k);
+          views[0].copy_(master_.slice(0, b, e));
+          for (size_t j = 1; j < names.size(); ++j) views[j].copy_(optimizer_->state(names[j]).slice(0, b, e));
+        },
+        /*read=*/false, /*write_back=*/true);
+  }
+  master_ = at::Tensor();
+  for (size_t j = 1; j < names.size(); ++j) optimizer_->state(names[j]) = at::empty({0}, at::kFloat);
 }
 
 std::vector<double> Engine::get_lr() const {

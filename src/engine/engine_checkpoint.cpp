@@ -54,6 +54,13 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   const bool writes = partitioned_ || rank == 0;
   if (writes) {
     try {
+      struct Release {  // NVMe offload: the swapped state in host memory only while it is written
+        Engine* engine;
+        ~Release() {
+          if (engine) engine->release_swapped(false);
+        }
+      } release{swapper_ ? this : nullptr};
+      if (swapper_) materialize_swapped();
       std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", master_}};
       for (const std::string& name : optimizer_->state_names()) tensors.push_back({name, optimizer_->state(name)});
       auto progress = [this](const std::string& point) {
@@ -122,12 +129,15 @@ std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& l
   std::string error;
   std::pair<std::string, std::string> result;
   try {
+    if (swapper_) materialize_swapped();  // NVMe offload: loaded into host memory, then swapped out
     result = load_checkpoint_local(load_dir, tag, load_optimizer_states, load_lr_scheduler_states, load_module_only);
   } catch (const std::exception& e) {
     error = e.what();
   }
+  if (!error.empty() && swapper_ && master_.defined()) release_swapped(false);  // the swap files are untouched
   agree_or_throw(world_, error, "checkpoint load");
   publish_parameters(master_);
+  if (swapper_) release_swapped(true);
   zero_grad();
   log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
   return result;

@@ -41,8 +41,7 @@ class Adam : public WithMoments {
   Adam(bool decoupled, bool bias_correction, int64_t n, at::Device device, const char* name)
       : WithMoments(n, device), decoupled_(decoupled), bias_correction_(bias_correction), name_(name) {}
 
-  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
-    ++step_;
+  void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
     for (const ParamGroup& g : groups) {
       if (g.end == g.begin) continue;
       at::Tensor p = params.slice(0, g.begin, g.end);
@@ -92,9 +91,8 @@ class Sgd : public Optimizer {
   Sgd(double dampening, bool nesterov, int64_t n, at::Device device)
       : dampening_(dampening), nesterov_(nesterov), n_(n), device_(device) {}
 
-  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
-    bool first = step_ == 0;
-    ++step_;
+  void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
+    bool first = step_ == 1;
     for (const ParamGroup& g : groups) {
       if (g.end == g.begin) continue;
       at::Tensor p = params.slice(0, g.begin, g.end);
@@ -152,8 +150,7 @@ class Lamb : public WithMoments {
 
   bool per_tensor() const override { return true; }
 
-  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) override {
-    ++step_;
+  void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) override {
     const bool on_cpu = params.device().is_cpu();
     ZEAL_CHECK(on_cpu || ZEAL_WITH_CUDA, "Lamb: parameters on ", params.device().str(),
                " need Zeal built with CUDA");
@@ -246,8 +243,7 @@ class Adagrad : public Optimizer {
       : lr_decay_(lr_decay),
         sum_(at::full({n}, initial_accumulator_value, at::TensorOptions().dtype(at::kFloat).device(device))) {}
 
-  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
-    ++step_;
+  void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
     for (const ParamGroup& g : groups) {
       if (g.end == g.begin) continue;
       at::Tensor p = params.slice(0, g.begin, g.end);

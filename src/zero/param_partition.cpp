@@ -179,6 +179,10 @@ int64_t ParamPartition::index_of_storage(const void* data) const {
 
 void ParamPartition::publish(const at::Tensor& master) {
   shard_.copy_(master);
+  refresh();
+}
+
+void ParamPartition::refresh() {
   // Persistent parameters (and any the caller holds gathered) take the new values.
   std::vector<size_t> refresh;
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -194,7 +198,7 @@ void ParamPartition::publish(const at::Tensor& master) {
   for (size_t i : refresh) make_live(i);
 }
 
-void ParamPartition::absorb(size_t i, at::Tensor* master) {
+void ParamPartition::absorb(size_t i, at::Tensor* master) {  // master may be null
   ZEAL_CHECK(state_[i] == State::kLive, "parameter ", i, " is not gathered");
   const int64_t c = chunk_size_[i], begin = comm_->rank() * c;
   at::Tensor mine = full_[i].slice(0, begin, begin + c);

@@ -78,10 +78,26 @@ struct Fp16Config {
   double min_loss_scale = 1.0;
 };
 
+// The `aio` section: how NVMe offload moves bytes (DeepSpeed's keys and defaults).
+struct AioConfig {
+  int64_t block_size = 1048576;  // bytes per submitted operation; a multiple of 4096 (O_DIRECT)
+  int64_t queue_depth = 8;       // operations in flight per I/O thread
+  int64_t thread_count = 1;      // I/O threads, each with its own ring (alias intra_op_parallelism)
+  bool single_submit = false;    // submit each operation alone (true) or a batch at a time
+  bool overlap_events = true;    // refill the queue as each completes (true) or per drained batch
+};
+
+enum class OffloadDevice { kNone, kCpu, kNvme };
+
 // zero_optimization.offload_optimizer: where the fp32 master weights and optimizer state live.
 struct OffloadOptimizerConfig {
-  bool enabled = false;     // device "cpu" (device "none" or no section: off)
+  bool enabled = false;     // device "cpu" or "nvme" (device "none" or no section: off)
+  OffloadDevice device = OffloadDevice::kNone;
   bool pin_memory = false;  // page-locked host buffers, when a CUDA device is present
+  std::string nvme_path;    // device "nvme": the directory the swap files go under
+  int64_t buffer_count = 4; // device "nvme": buffers of one sub-group (at least its tensors)
+  bool pipeline_read = false;   // device "nvme": read sub-group k+1 while stepping k
+  bool pipeline_write = false;  // device "nvme": write sub-group k while stepping k+1
 };
 
 struct ZeroConfig {
@@ -101,7 +117,7 @@ struct ZeroConfig {
   int64_t model_persistence_threshold = INT64_MAX;  // accepted; no cap on persistent elements
   bool gather_16bit_weights_on_model_save = false;  // save_16bit_model gathers the full weights
   bool ignore_unused_parameters = true;          // accepted; unused parameters never hang Zeal
-  int64_t sub_group_size = 1000000000;           // accepted; the optimizer steps the whole shard
+  int64_t sub_group_size = 1000000000;           // elements per NVMe swap file (offload_optimizer nvme)
   bool round_robin_gradients = false;            // accepted; no effect without offload
   bool elastic_checkpoint = false;               // accepted; every Zeal checkpoint reshards
   bool load_from_fp32_weights = true;
@@ -126,6 +142,7 @@ struct Config {
   int64_t steps_per_print = 10;
   bool wall_clock_breakdown = false;
   ZeroConfig zero_optimization;
+  AioConfig aio;
   CommDtype communication_data_type = CommDtype::kDefault;
   bool prescale_gradients = false;
   double gradient_predivide_factor = 1.0;

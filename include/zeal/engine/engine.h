@@ -25,6 +25,7 @@
 #include "zeal/comm/communicator.h"
 #include "zeal/core/config.h"
 #include "zeal/engine/grad_reducer.h"
+#include "zeal/offload/optimizer_swapper.h"
 #include "zeal/optim/loss_scaler.h"
 #include "zeal/optim/lr_scheduler.h"
 #include "zeal/optim/optimizer.h"
@@ -73,7 +74,10 @@ class Engine {
   size_t num_buckets() const { return reducer_->num_buckets(); }
   int64_t stage() const { return stage_; }
   int64_t flat_numel() const { return layout_.total; }    // padded flat buffer, every rank
-  int64_t master_numel() const { return master_.numel(); } // fp32 master weights on this rank
+  int64_t master_numel() const { return layout_.shard_size(partitioned_); }  // fp32 master weights on this rank
+  // Where the master weights live: a device name, or "nvme" when they are swapped to files.
+  std::string master_location() const { return swapper_ ? "nvme" : master_.device().str(); }
+  offload::OptimizerSwapper* swapper() { return swapper_.get(); }  // NVMe offload only, else null
   int64_t grad_shard_numel() const { return grad_shard_.defined() ? grad_shard_.numel() : 0; }
   // Bytes of training state this rank holds now, by role: params, grads, master, optimizer.
   std::vector<std::pair<std::string, int64_t>> state_bytes() const;
@@ -109,7 +113,7 @@ class Engine {
   std::pair<std::string, std::string> load_checkpoint_local(const std::string& load_dir, const std::string& tag,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only);
-  void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options);
+  void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options, bool with_master);
   void apply_lr(int64_t iteration);
   void log_step();
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
@@ -119,6 +123,19 @@ class Engine {
   // The updated weights (the fp32 master, or the model-dtype copy the optimizer wrote beside it)
   // -> the model's parameters on every rank.
   void publish_parameters(const at::Tensor& source);
+  // The two halves of publishing: this rank's updated values (fp32, owned coordinates from
+  // local_begin) into the model-dtype parameters it owns; then the collective that spreads them.
+  void write_model_values(int64_t local_begin, const at::Tensor& values);
+  void gather_published();
+  at::Tensor read_model_values(int64_t local_begin, int64_t local_end) const;  // owned, as fp32
+
+  // NVMe offload (offload/optimizer_swapper.h): the swap files start as the model's weights and
+  // the optimizer's initial state; the step visits them a sub-group at a time. A checkpoint
+  // materialises master_ and the state in host memory for the length of the save or load.
+  void init_swap(int64_t shard);
+  void step_swapped(const at::Tensor& grads);
+  void materialize_swapped();
+  void release_swapped(bool write_back);
 
   Config config_;
   comm::CommunicatorPtr world_;
@@ -134,6 +151,7 @@ class Engine {
   at::Tensor host_grads_;   // offload_optimizer: this rank's gradients staged in host memory for the step
   at::Tensor host_model_copy_;  // offload_optimizer with fp16/bf16: the step's model-dtype output
   at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
+  std::unique_ptr<offload::OptimizerSwapper> swapper_;  // offload_optimizer nvme
   std::unique_ptr<zero::ParamPartition> partition_;  // stage 3
   at::Tensor stage3_shard_;                          // handed to partition_ once the reducer exists
   int64_t stage_ = 0;

@@ -33,7 +33,15 @@ class Optimizer {
  public:
   virtual ~Optimizer() = default;
   // One update of `params` (flat fp32) from `grads` (flat fp32, already unscaled and clipped).
-  virtual void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) = 0;
+  void step(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) {
+    begin_step();
+    update(params, grads, groups);
+  }
+  // The same in pieces, for a caller that holds the elements a sub-group at a time (NVMe offload):
+  // begin_step() once, then update() on each piece, with state(name) rebound to that piece's
+  // state and the groups in the piece's coordinates.
+  void begin_step() { ++step_; }
+  virtual void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) = 0;
   virtual const char* name() const = 0;
   int64_t steps_taken() const { return step_; }
   void set_steps_taken(int64_t steps) { step_ = steps; }  // restoring a checkpoint

@@ -73,6 +73,8 @@ class ParamPartition {
   // After the optimizer step: the shard takes the new values of the owned chunks (cast from the
   // fp32 master); persistent parameters are gathered again.
   void publish(const at::Tensor& master);
+  // The same when the caller already wrote the new values into shard(): the regathering half.
+  void refresh();
   // A live parameter's full value was changed on every rank alike: copy this rank's chunk of it
   // into the shard (and into master, fp32, when given).
   void absorb(size_t i, at::Tensor* master);

@@ -28,7 +28,12 @@ def main():
     ap.add_argument("--persist", type=int, default=0, help="stage3_param_persistence_threshold")
     ap.add_argument("--prefetch", type=int, default=1000, help="stage3_prefetch_bucket_size")
     ap.add_argument("--max_live", type=int, default=10**9, help="stage3_max_live_parameters")
-    ap.add_argument("--offload", action="store_true", help="zero_optimization.offload_optimizer: cpu")
+    ap.add_argument("--offload", nargs="?", const="cpu", default=None, choices=["cpu", "nvme"],
+                    help="zero_optimization.offload_optimizer device")
+    ap.add_argument("--nvme_path", default=None, help="offload_optimizer.nvme_path")
+    ap.add_argument("--sub_group", type=int, default=None, help="zero_optimization.sub_group_size")
+    ap.add_argument("--pipeline", action="store_true", help="offload_optimizer pipeline_read and pipeline_write")
+    ap.add_argument("--aio_threads", type=int, default=None, help="aio.thread_count")
     ap.add_argument("--zero_init", action="store_true", help="build the model under zeal.zero.Init")
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal launcher")
@@ -52,8 +57,16 @@ def main():
         "steps_per_print": 1000,
         "comms_timeout_s": 60,
     }
-    if args.offload:
+    if args.offload == "cpu":
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    elif args.offload == "nvme":
+        config["zero_optimization"]["offload_optimizer"] = {
+            "device": "nvme", "nvme_path": args.nvme_path, "pipeline_read": args.pipeline,
+            "pipeline_write": args.pipeline}
+    if args.sub_group:
+        config["zero_optimization"]["sub_group_size"] = args.sub_group
+    if args.aio_threads:
+        config["aio"] = {"thread_count": args.aio_threads, "queue_depth": 4, "block_size": 8192}
     if args.predivide:
         config["prescale_gradients"] = True
         config["gradient_predivide_factor"] = args.predivide
