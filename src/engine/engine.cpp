@@ -40,6 +40,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
                 "config key 'optimizer': expected an optimizer section (Adam, AdamW or SGD); passing a torch optimizer "
                 "object is not supported yet");
   model_dtype_ = dtype_for(config_.precision());
+  check_offload_config();
 
   // Collect the trainable parameters group by group, skipping repeats (tied weights) and frozen ones.
   std::unordered_set<c10::TensorImpl*> seen;
@@ -446,10 +447,25 @@ void Engine::gather_published() {
   for (auto& w : works) w->wait();
 }
 
+void Engine::check_offload_config() const {
+  // Before the engine touches the model: a refused config leaves the parameters as they were.
+  const OffloadOptimizerConfig& o = config_.zero_optimization.offload_optimizer;
+  if (o.device != OffloadDevice::kNvme) return;
+  const OptimizerConfig& opt = config_.optimizer;
+  ZEAL_CHECK_AS(ConfigError, opt.type != OptimizerType::kLamb,
+                "config key 'zero_optimization.offload_optimizer.device': Lamb needs whole tensors for its per-tensor "
+                "trust ratio, which NVMe offload swaps in sub-groups; use device \"cpu\" or another optimizer");
+  // The master weights, then the optimizer's state tensors.
+  const int64_t tensors = 1 + (opt.type == OptimizerType::kSgd       ? (opt.momentum != 0.0 ? 1 : 0)
+                               : opt.type == OptimizerType::kAdagrad ? 1
+                                                                     : 2);
+  ZEAL_CHECK_AS(ConfigError, o.buffer_count >= tensors,
+                "config key 'zero_optimization.offload_optimizer.buffer_count': expected at least ", tensors,
+                " (one buffer per swapped tensor of a sub-group: the master weights and the ", to_string(opt.type),
+                " state), got ", o.buffer_count);
+}
+
 void Engine::init_swap(int64_t shard) {
-  ZEAL_CHECK_AS(ConfigError, !optimizer_->per_tensor(), "config key 'zero_optimization.offload_optimizer.device': ",
-                optimizer_->name(), " needs whole tensors for its per-tensor statistics, which NVMe offload swaps in "
-                "sub-groups; use device \"cpu\" or another optimizer");
   if (config_.optimizer.type == OptimizerType::kSgd && config_.optimizer.momentum != 0.0)
     optimizer_->state("momentum_buffer");  // allocated on first use otherwise, and so not yet named
   std::vector<std::string> names{"master"};

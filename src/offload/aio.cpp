@@ -8,6 +8,7 @@
 #include <xxhash.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -65,6 +66,18 @@ std::string short_message(const Part& p, int64_t offset, int64_t want, int64_t g
 }  // namespace
 
 uint64_t checksum(const void* data, int64_t bytes) { return XXH3_64bits(data, static_cast<size_t>(bytes)); }
+
+std::string format_bytes(int64_t bytes) {
+  const double b = static_cast<double>(bytes);
+  char text[32];
+  if (b < 1024.0 * 1024.0)
+    std::snprintf(text, sizeof(text), "%.1f KiB", b / 1024.0);
+  else if (b < 1024.0 * 1024.0 * 1024.0)
+    std::snprintf(text, sizeof(text), "%.1f MiB", b / (1024.0 * 1024.0));
+  else
+    std::snprintf(text, sizeof(text), "%.2f GiB", b / (1024.0 * 1024.0 * 1024.0));
+  return text;
+}
 
 struct AioEngine::Impl {
   struct Worker {

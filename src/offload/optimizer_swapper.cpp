@@ -22,13 +22,6 @@ int64_t available_memory_bytes() {
   return INT64_MAX;  // unknown: no check
 }
 
-std::string gib(int64_t bytes) {
-  std::ostringstream out;
-  out.precision(3);
-  out << static_cast<double>(bytes) / (1 << 30) << " GiB";
-  return out.str();
-}
-
 }  // namespace
 
 // One sub-group's tensors in host memory, kIoAlignment-aligned for O_DIRECT.
@@ -58,9 +51,9 @@ OptimizerSwapper::OptimizerSwapper(const NvmeSwapConfig& config, int64_t num_ele
   // Host memory is accounted before anything is allocated: too much is a message, not the OOM killer.
   const int64_t need = sets * set_bytes, have = available_memory_bytes();
   if (need > have)
-    throw ConfigError("config key 'zero_optimization.sub_group_size': the NVMe swap buffers need " + gib(need) + " (" +
+    throw ConfigError("config key 'zero_optimization.sub_group_size': the NVMe swap buffers need " + format_bytes(need) + " (" +
                       std::to_string(sets) + " buffer sets x " + std::to_string(names_.size()) + " tensors x " +
-                      std::to_string(group) + " elements x 4 bytes) but the machine has " + gib(have) +
+                      std::to_string(group) + " elements x 4 bytes) but the machine has " + format_bytes(have) +
                       " available; lower sub_group_size (or turn off pipeline_read / pipeline_write)");
 
   store_ = std::make_unique<SwapStore>(config.nvme_path, "optimizer state", config.aio);
@@ -74,7 +67,7 @@ OptimizerSwapper::OptimizerSwapper(const NvmeSwapConfig& config, int64_t num_ele
                          static_cast<int64_t>(names_.size()));
   for (int64_t s = 0; s < sets; ++s) sets_.push_back(std::make_unique<BufferSet>(set_bytes));
   log("offload", LogLevel::kInfo, "optimizer state swapped to ", store_->dir(), ": ", num_sub_groups(),
-      " sub-groups of up to ", group, " elements, ", gib(total), " on disk, ", gib(need), " of host buffers");
+      " sub-groups of up to ", group, " elements, ", format_bytes(total), " on disk, ", format_bytes(need), " of host buffers");
 }
 
 OptimizerSwapper::~OptimizerSwapper() = default;

@@ -21,12 +21,6 @@ namespace zeal::offload {
 namespace fs = std::filesystem;
 namespace {
 
-std::string gib(int64_t bytes) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "%.2f GiB", static_cast<double>(bytes) / (1 << 30));
-  return text;
-}
-
 std::string host_name() {
   char name[256] = {0};
   if (::gethostname(name, sizeof(name) - 1) != 0) return "host";
@@ -112,8 +106,8 @@ void SwapStore::check_free_space(int64_t bytes) const {
   if (::statvfs(dir_.c_str(), &vfs) != 0) throw IoError("statvfs " + dir_ + ": " + std::strerror(errno));
   const int64_t free_bytes = static_cast<int64_t>(vfs.f_bavail) * static_cast<int64_t>(vfs.f_frsize);
   if (free_bytes < bytes)
-    throw IoError("the " + purpose_ + " swap files need " + gib(bytes) + " under " + dir_ + " but its file system has " +
-                  gib(free_bytes) + " free");
+    throw IoError("the " + purpose_ + " swap files need " + format_bytes(bytes) + " under " + dir_ + " but its file system has " +
+                  format_bytes(free_bytes) + " free");
 }
 
 int64_t SwapStore::add_file(const std::string& name, int64_t bytes) {
@@ -127,7 +121,7 @@ int64_t SwapStore::add_file(const std::string& name, int64_t bytes) {
   if (rc != 0) {
     ::close(f.fd);
     ::unlink(f.path.c_str());
-    throw IoError("cannot reserve " + gib(bytes) + " for swap file " + f.path + ": " + std::strerror(rc));
+    throw IoError("cannot reserve " + format_bytes(bytes) + " for swap file " + f.path + ": " + std::strerror(rc));
   }
   files_.push_back(std::move(f));
   return static_cast<int64_t>(files_.size()) - 1;

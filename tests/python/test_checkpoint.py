@@ -76,14 +76,18 @@ def reference(steps):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("saved_offload,loaded_offload", [(1, 0), (0, 1)])
+@pytest.mark.parametrize("saved_offload,loaded_offload", [("cpu", "none"), ("none", "cpu"), ("nvme", "none"),
+                                                          ("none", "nvme"), ("nvme", "cpu")])
 def test_checkpoints_move_between_offload_and_no_offload(tmp_path, saved_offload, loaded_offload):
-    # A checkpoint saved with the optimizer offloaded to host memory resumes without offload, and
-    # the reverse, bitwise like an uninterrupted run.
+    # A checkpoint saved with the optimizer offloaded to host memory or to NVMe swap files resumes
+    # without offload, and the reverse, bitwise like an uninterrupted run.
     ckpt = tmp_path / "ckpt"
+    swap = tmp_path / "swap"
+    swap.mkdir()
     _, whole = train(2, tmp_path, "whole", stage=2, until=10)
-    train(2, tmp_path, "first", stage=2, until=6, save_at=[6], save_dir=ckpt, offload=saved_offload)
-    _, resumed = train(2, tmp_path, "resumed", stage=2, until=10, load=ckpt, offload=loaded_offload)
+    train(2, tmp_path, "first", stage=2, until=6, save_at=[6], save_dir=ckpt, offload=saved_offload, nvme_path=swap)
+    _, resumed = train(2, tmp_path, "resumed", stage=2, until=10, load=ckpt, offload=loaded_offload, nvme_path=swap)
+    assert list(swap.iterdir()) == [], "swap files left behind"
     for name, want in whole["params"].items():
         assert torch.equal(resumed["params"][name], want), name
 

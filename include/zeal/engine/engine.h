@@ -132,6 +132,7 @@ class Engine {
   // NVMe offload (offload/optimizer_swapper.h): the swap files start as the model's weights and
   // the optimizer's initial state; the step visits them a sub-group at a time. A checkpoint
   // materialises master_ and the state in host memory for the length of the save or load.
+  void check_offload_config() const;
   void init_swap(int64_t shard);
   void step_swapped(const at::Tensor& grads);
   void materialize_swapped();

@@ -67,4 +67,7 @@ class AioEngine {
 // The checksum of a part as the workers compute it: for callers that hash what they will write.
 uint64_t checksum(const void* data, int64_t bytes);
 
+// "24.0 KiB", "1.50 GiB": sizes in messages.
+std::string format_bytes(int64_t bytes);
+
 }  // namespace zeal::offload

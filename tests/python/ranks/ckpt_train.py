@@ -26,7 +26,9 @@ def main():
     ap.add_argument("--load", default="")
     ap.add_argument("--kill", default="")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--offload", type=int, default=0, help="1: zero_optimization.offload_optimizer cpu")
+    ap.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
+                    help="zero_optimization.offload_optimizer device")
+    ap.add_argument("--nvme_path", default="", help="offload_optimizer.nvme_path for --offload nvme")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -41,8 +43,9 @@ def main():
     }
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
-    if args.offload:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if args.offload != "none":
+        config["zero_optimization"]["offload_optimizer"] = {"device": args.offload, "nvme_path": args.nvme_path}
+        config["zero_optimization"]["sub_group_size"] = 700  # several swap files per rank
     model = common.make_model()
     engine, _, _, _ = zeal.initialize(model=model, config=config)
     rank = engine.global_rank
