@@ -45,7 +45,7 @@ struct Request final : IoRequest {
 
 struct Part {
   std::shared_ptr<Request> request;
-  size_t index = 0;
+  size_t first_block = 0;  // of the request: where this part's checksums go
   char* buffer = nullptr;
   int64_t bytes = 0;
   int64_t offset = 0;
@@ -131,12 +131,9 @@ struct AioEngine::Impl {
         w.queue.pop_front();
       }
       Request& r = *part.request;
-      uint64_t sum = r.is_write ? checksum(part.buffer, part.bytes) : 0;
       std::string error = w.has_ring ? transfer_uring(w.ring, part) : transfer_sync(part);
-      if (!r.is_write && error.empty()) sum = checksum(part.buffer, part.bytes);
       {
         std::lock_guard<std::mutex> lock(r.mu);
-        r.sums[part.index] = sum;
         if (!error.empty() && r.error.empty()) r.error = error;
         --r.pending;
       }
@@ -144,15 +141,25 @@ struct AioEngine::Impl {
     }
   }
 
+  // Each block is hashed where its bytes are at hand: a write's before it is submitted, a read's
+  // when it completes, so hashing overlaps the blocks still in flight. Parts write disjoint
+  // elements of the request's checksum vector.
+  void hash_block(const Part& p, int64_t block) {
+    const int64_t off = block * config.block_size, n = std::min(config.block_size, p.bytes - off);
+    p.request->sums[p.first_block + static_cast<size_t>(block)] = checksum(p.buffer + off, n);
+  }
+
   std::string transfer_sync(const Part& p) {
     int64_t done = 0;
     while (done < p.bytes) {
       const int64_t n = std::min(config.block_size, p.bytes - done);
+      if (p.request->is_write) hash_block(p, done / config.block_size);
       ssize_t rc = p.request->is_write ? ::pwrite(p.request->fd, p.buffer + done, n, p.offset + done)
                                        : ::pread(p.request->fd, p.buffer + done, n, p.offset + done);
       if (rc < 0 && errno == EINTR) continue;
       if (rc < 0) return describe(p, p.offset + done, n) + " failed: " + std::strerror(errno);
       if (rc < n) return short_message(p, p.offset + done, n, rc);
+      if (!p.request->is_write) hash_block(p, done / config.block_size);
       done += n;
     }
     return {};
@@ -169,6 +176,7 @@ struct AioEngine::Impl {
       io_uring_sqe* sqe = io_uring_get_sqe(&ring);
       ZEAL_INTERNAL_ASSERT(sqe != nullptr, "io_uring submission queue full");
       const int64_t off = block * bs, n = std::min(bs, p.bytes - off);
+      if (p.request->is_write) hash_block(p, block);
       if (p.request->is_write)
         io_uring_prep_write(sqe, p.request->fd, p.buffer + off, static_cast<unsigned>(n), p.offset + off);
       else
@@ -205,6 +213,8 @@ struct AioEngine::Impl {
         error = describe(p, p.offset + off, n) + " failed: " + std::strerror(-res);
       else if (res < n)
         error = short_message(p, p.offset + off, n, res);
+      else if (!p.request->is_write)
+        hash_block(p, block);
     }
     return error;
   }
@@ -221,14 +231,14 @@ struct AioEngine::Impl {
     const int64_t bs = config.block_size;
     const int64_t blocks = (bytes + bs - 1) / bs;
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(config.thread_count, blocks));
-    r->sums.assign(static_cast<size_t>(parts), 0);
+    r->sums.assign(static_cast<size_t>(std::max<int64_t>(blocks, 1)), 0);
     r->pending = static_cast<int>(parts);
     int64_t begin_block = 0;
     for (int64_t t = 0; t < parts; ++t) {
       const int64_t end_block = blocks * (t + 1) / parts;
       Part part;
       part.request = r;
-      part.index = static_cast<size_t>(t);
+      part.first_block = static_cast<size_t>(begin_block);
       part.offset = offset + begin_block * bs;
       part.buffer = buffer + begin_block * bs;
       part.bytes = std::min(bytes, end_block * bs) - begin_block * bs;

@@ -7,9 +7,9 @@
 // The caller's thread only enqueues and later waits on the handle, so it computes while the
 // workers move bytes (the optimizer steps sub-group k while k+1 is read and k-1 written).
 //
-// Note [Checksums at the I/O edge]: a worker hashes (XXH3-64) each part it writes, before the
-// write is submitted, and each part it reads, after the data arrived, so hashing runs on the I/O
-// threads beside the transfer rather than on the caller's thread. The swap store keeps the hashes
+// Note [Checksums at the I/O edge]: a worker hashes (XXH3-64) each block it writes just before
+// submitting it, and each block it reads as it completes, so hashing runs on the I/O threads and
+// overlaps the blocks still in flight rather than costing the caller's thread a pass. The swap store keeps the hashes
 // of what it wrote and compares them with what it reads back: a swap file changed underneath, a
 // stale file or a torn write is an error before its bytes reach the optimizer.
 //
@@ -39,7 +39,7 @@ class IoRequest {
   virtual ~IoRequest() = default;
   virtual void wait() = 0;
   virtual bool done() const = 0;
-  // XXH3-64 of each part (Note [Checksums at the I/O edge]); valid after wait().
+  // XXH3-64 of each block (Note [Checksums at the I/O edge]); valid after wait().
   virtual const std::vector<uint64_t>& checksums() const = 0;
 };
 using IoHandle = std::shared_ptr<IoRequest>;
