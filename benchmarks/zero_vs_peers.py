@@ -65,7 +65,12 @@ def rank_main(impl, stage, steps, micro, clip):
     import torch
 
     impl, _, variant = impl.partition("+")
-    offload = variant == "offload"
+    offload = variant in ("offload", "nvme")
+    # offload_optimizer as each variant asks: host memory, or swap files under BENCH_NVME_PATH.
+    offload_config = ({"device": "cpu"} if variant == "offload" else
+                      {"device": "nvme", "nvme_path": os.environ.get("BENCH_NVME_PATH", "/tmp"),
+                       "pipeline_read": True, "pipeline_write": True, "buffer_count": 8} if variant == "nvme" else None)
+    aio = {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}
 
     from gpt import GPT
 
@@ -88,7 +93,10 @@ def rank_main(impl, stage, steps, micro, clip):
                   "zero_optimization": {"stage": stage, "reduce_bucket_size": 500_000,
                                         "stage3_prefetch_bucket_size": 500_000}}
         if offload:
-            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            config["zero_optimization"]["offload_optimizer"] = offload_config
+        if variant == "nvme":
+            config["zero_optimization"]["sub_group_size"] = int(os.environ.get("BENCH_SUB_GROUP", "1000000"))
+            config["aio"] = aio
         engine, *_ = zeal.initialize(model=model, config=config)
         from harness import zeal_step_and_sync
 
@@ -108,7 +116,10 @@ def rank_main(impl, stage, steps, micro, clip):
                       "zero_optimization": {"stage": stage, "reduce_bucket_size": 500_000,
                                             "stage3_prefetch_bucket_size": 500_000}}
             if offload:  # DeepSpeed then builds its own DeepSpeedCPUAdam from the config
-                config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+                config["zero_optimization"]["offload_optimizer"] = offload_config
+                if variant == "nvme":
+                    config["zero_optimization"]["sub_group_size"] = int(os.environ.get("BENCH_SUB_GROUP", "1000000"))
+                    config["aio"] = aio
                 config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": wd}}
                 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
                                                   dist_init_required=False)
@@ -147,7 +158,7 @@ def rank_main(impl, stage, steps, micro, clip):
 
     times = time_steps(step, batches, steps, sync)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"impl": impl + ("+offload" if offload else ""), "stage": stage, "rank": rank, "times_s": times,
+    print(json.dumps({"impl": impl + ("+" + variant if variant else ""), "stage": stage, "rank": rank, "times_s": times,
                       "peak_growth": peak - base}),
           flush=True)
     if impl != "zeal":
@@ -176,9 +187,17 @@ def main():
         rank_main(args.rank_impl, args.rank_stage, args.steps, args.micro, clip=1.0)
         return
 
+    plan = OFFLOAD_PLAN if args.offload else PLAN
+    title = (f"ZeRO{'-Offload' if args.offload else ''} vs peers: demo GPT (3.2M params), {args.ranks} ranks, "
+             f"micro batch {args.micro} x {BLOCK} tokens, fp32 AdamW, CPU")
+    run_plan(plan, args, title, "zero_vs_peers", __file__)
+
+
+def run_plan(plan, args, title, name, script):
+    """Runs each (impl, stage) of the plan under mpirun, args.rounds times in rotation; prints a
+    table with the first implementation of each stage as the base of the ratios and writes JSON."""
     from harness import mpirun, print_table, write_json
 
-    plan = OFFLOAD_PLAN if args.offload else PLAN
     if importlib.util.find_spec("deepspeed") is None:
         print("DeepSpeed is not installed (scripts/install-bench-deps): its rows are skipped")
         plan = [p for p in plan if not p[0].startswith("deepspeed")]
@@ -192,8 +211,8 @@ def main():
         for impl, stage in plan:
             port += 1
             os.environ["BENCH_PORT"] = str(port)
-            print(f"zero_vs_peers: round {r + 1}, {impl} stage {stage} ...", flush=True)
-            out = mpirun(args.ranks, sys.executable, __file__, "--rank_impl", impl, "--rank_stage", stage,
+            print(f"{name}: round {r + 1}, {impl} stage {stage} ...", flush=True)
+            out = mpirun(args.ranks, sys.executable, script, "--rank_impl", impl, "--rank_stage", stage,
                          "--steps", args.steps, "--micro", args.micro, timeout=900)
             # Ranks print concurrently and mpirun may interleave their lines: find whole records.
             records = [json.loads(m) for m in re.findall(r'\{"impl"[^{}]*\}', out)]
@@ -212,13 +231,11 @@ def main():
             mb = max(peaks[(impl, s)]) / 2**20
             summary[f"{impl}/stage{s}"] = {"median_step_ms": ms, "peak_rss_growth_mib": mb}
             rows.append([s, impl, f"{ms:.1f}", f"{zeal_ms / ms:.2f}", f"{mb:.0f}", f"{zeal_mb / mb:.2f}"])
-    print_table(f"ZeRO{'-Offload' if args.offload else ''} vs peers: demo GPT (3.2M params), {args.ranks} ranks, "
-                f"micro batch {args.micro} x {BLOCK} tokens, fp32 AdamW, CPU",
-                ["stage", "impl", "median step ms", "zeal/this time", "peak RSS growth MiB", "zeal/this mem"], rows)
-    write_json(args.out, {"benchmark": "zero_vs_peers", "ranks": args.ranks, "micro": args.micro,
+    print_table(title, ["stage", "impl", "median step ms", f"{plan[0][0]}/this time", "peak RSS growth MiB",
+                        f"{plan[0][0]}/this mem"], rows)
+    write_json(args.out, {"benchmark": name, "ranks": args.ranks, "micro": args.micro,
                           "summary": summary, "times_s": {f"{k[0]}/stage{k[1]}": v for k, v in times.items()},
                           "peak_growth": {f"{k[0]}/stage{k[1]}": v for k, v in peaks.items()}})
-
 
 if __name__ == "__main__":
     main()
