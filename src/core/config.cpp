@@ -401,7 +401,29 @@ void parse_zero(const json& node, ZeroConfig& out) {
       throw ConfigError("config key '" + o.path("device") + "': offloading the optimizer needs ZeRO stage 1, 2 "
                         "or 3 (zero_optimization.stage is 0)");
   }
-  r.reject_not_yet({"offload_param", "cpu_offload", "zero_hpz_partition_size",
+  if (r.has("offload_param")) {
+    Reader o(r.raw("offload_param"), r.path("offload_param"));
+    OffloadParamConfig& off = out.offload_param;
+    const std::string device = o.read_choice("device", {"none", "cpu", "nvme"}, "none", /*case_insensitive=*/true);
+    off.device = device == "cpu" ? OffloadDevice::kCpu : device == "nvme" ? OffloadDevice::kNvme : OffloadDevice::kNone;
+    o.read_bool("pin_memory", off.pin_memory);
+    o.read_int("buffer_count", off.buffer_count, 1);
+    o.read_int("buffer_size", off.buffer_size, 1);
+    o.read_int("max_in_cpu", off.max_in_cpu, 0);
+    if (o.has("nvme_path")) {
+      if (!o.raw("nvme_path").is_string() || o.raw("nvme_path").get<std::string>().empty())
+        o.fail("nvme_path", "a directory path (string)", o.raw("nvme_path"));
+      off.nvme_path = o.raw("nvme_path").get<std::string>();
+    }
+    if (off.device == OffloadDevice::kNvme && off.nvme_path.empty())
+      throw ConfigError("config key '" + o.path("nvme_path") + "': device \"nvme\" needs nvme_path, the directory "
+                        "for the swap files; got nothing");
+    o.finish();
+    if (off.device != OffloadDevice::kNone && out.stage != 3)
+      throw ConfigError("config key '" + o.path("device") + "': offloading parameters needs ZeRO stage 3 "
+                        "(zero_optimization.stage is " + std::to_string(out.stage) + ")");
+  }
+  r.reject_not_yet({"cpu_offload", "zero_hpz_partition_size",
                     "zero_quantized_weights", "zero_quantized_gradients", "mics_shard_size",
                     "memory_efficient_linear", "use_multi_rank_bucket_allreduce"},
                    " (offload and quantized/hierarchical ZeRO come later)");

@@ -194,9 +194,17 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   // The reducer creates the gradient accumulators, which record each parameter's shape: so it
   // comes before stage 3 releases the parameters.
   reducer_ = std::make_unique<GradReducer>(params_, layout_, flat_grads_, grad_shard_, world_, config_, hooks);
-  if (stage_ == 3)
+  if (stage_ == 3) {
+    // offload_param: the shard in host memory, or in a swap file.
+    const OffloadParamConfig& op = config_.zero_optimization.offload_param;
+    zero::ParamPartition::Offload param_offload;
+    param_offload.host_shard = op.device == OffloadDevice::kCpu;
+    if (op.device == OffloadDevice::kNvme) param_offload.nvme_path = op.nvme_path;
+    param_offload.aio = config_.aio;
     partition_ = std::make_unique<zero::ParamPartition>(params_, shapes_, layout_, stage3_shard_, world_,
-                                                        config_.zero_optimization.param_persistence_threshold);
+                                                        config_.zero_optimization.param_persistence_threshold,
+                                                        param_offload);
+  }
   stage3_shard_.reset();
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
   scaler_ = optim::LossScaler(config_.fp16);
@@ -255,11 +263,11 @@ void Engine::absorb_parameter(size_t i) {
   // The swapped master takes the chunk too: every sub-group it overlaps is read, patched, written.
   partition_->absorb(i, nullptr);
   const int64_t lo = partition_->chunk_begin(i), hi = lo + partition_->chunk_size(i);
-  const at::Tensor& shard = partition_->shard();
+  const at::Tensor chunk = partition_->read_shard(lo, hi);
   swapper_->for_each(
       [&](int64_t k, std::vector<at::Tensor>& views) {
         const int64_t b = std::max(lo, swapper_->begin(k)), e = std::min(hi, swapper_->end(k));
-        if (b < e) views[0].slice(0, b - swapper_->begin(k), e - swapper_->begin(k)).copy_(shard.slice(0, b, e));
+        if (b < e) views[0].slice(0, b - swapper_->begin(k), e - swapper_->begin(k)).copy_(chunk.slice(0, b - lo, e - lo));
       },
       /*read=*/true, /*write_back=*/true);
 }
@@ -401,7 +409,7 @@ void Engine::publish_parameters(const at::Tensor& source) {
 void Engine::write_model_values(int64_t local_begin, const at::Tensor& values) {
   const int64_t local_end = local_begin + values.numel();
   if (partition_) {
-    partition_->shard().slice(0, local_begin, local_end).copy_(values);
+    partition_->write_shard(local_begin, values);
     return;
   }
   for (const zero::OwnedRange& o : owned_) {
@@ -413,9 +421,9 @@ void Engine::write_model_values(int64_t local_begin, const at::Tensor& values) {
   }
 }
 
-at::Tensor Engine::read_model_values(int64_t local_begin, int64_t local_end) const {
+at::Tensor Engine::read_model_values(int64_t local_begin, int64_t local_end) {
   if (stage3_shard_.defined()) return stage3_shard_.slice(0, local_begin, local_end).to(at::kFloat);
-  if (partition_) return partition_->shard().slice(0, local_begin, local_end).to(at::kFloat);
+  if (partition_) return partition_->read_shard(local_begin, local_end);
   at::Tensor out = at::empty({local_end - local_begin}, at::TensorOptions().dtype(at::kFloat));
   for (const zero::OwnedRange& o : owned_) {
     const int64_t o_end = o.local_begin + (o.flat_end - o.flat_begin);

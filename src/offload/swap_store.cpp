@@ -128,28 +128,42 @@ int64_t SwapStore::add_file(const std::string& name, int64_t bytes) {
 }
 
 IoHandle SwapStore::write(int64_t file, const void* buffer) {
-  File& f = files_[static_cast<size_t>(file)];
-  return aio_.write(f.fd, f.path, buffer, f.bytes, 0);
+  return write(file, buffer, files_[static_cast<size_t>(file)].bytes, 0);
 }
 
 IoHandle SwapStore::read(int64_t file, void* buffer) {
-  File& f = files_[static_cast<size_t>(file)];
-  ZEAL_INTERNAL_ASSERT(!f.checksums.empty(), "swap file ", f.path, " read before it was written");
-  return aio_.read(f.fd, f.path, buffer, f.bytes, 0);
+  return read(file, buffer, files_[static_cast<size_t>(file)].bytes, 0);
 }
 
-void SwapStore::finish_write(int64_t file, const IoHandle& handle) {
+void SwapStore::finish_write(int64_t file, const IoHandle& handle) { finish_write(file, 0, handle); }
+
+void SwapStore::finish_read(int64_t file, const IoHandle& handle) { finish_read(file, 0, handle); }
+
+IoHandle SwapStore::write(int64_t file, const void* buffer, int64_t bytes, int64_t offset) {
   File& f = files_[static_cast<size_t>(file)];
-  f.checksums.clear();  // a failed write leaves the file unreadable rather than wrongly trusted
-  handle->wait();
-  f.checksums = handle->checksums();
+  ZEAL_INTERNAL_ASSERT(offset >= 0 && offset + bytes <= f.bytes, "write past the end of swap file ", f.path);
+  f.checksums.erase(offset);  // a failed write leaves the region unreadable rather than wrongly trusted
+  return aio_.write(f.fd, f.path, buffer, bytes, offset);
 }
 
-void SwapStore::finish_read(int64_t file, const IoHandle& handle) {
+IoHandle SwapStore::read(int64_t file, void* buffer, int64_t bytes, int64_t offset) {
+  File& f = files_[static_cast<size_t>(file)];
+  ZEAL_INTERNAL_ASSERT(f.checksums.count(offset), "region at ", offset, " of swap file ", f.path,
+                       " read before it was written");
+  return aio_.read(f.fd, f.path, buffer, bytes, offset);
+}
+
+void SwapStore::finish_write(int64_t file, int64_t offset, const IoHandle& handle) {
+  handle->wait();
+  files_[static_cast<size_t>(file)].checksums[offset] = handle->checksums();
+}
+
+void SwapStore::finish_read(int64_t file, int64_t offset, const IoHandle& handle) {
   File& f = files_[static_cast<size_t>(file)];
   handle->wait();
-  if (handle->checksums() != f.checksums)
-    throw IoError("read of swap file " + f.path + ": the " + purpose_ +
+  if (handle->checksums() != f.checksums[offset])
+    throw IoError("read of swap file " + f.path + (offset ? " at offset " + std::to_string(offset) : std::string()) +
+                  ": the " + purpose_ +
                   " read back differs from what Zeal wrote (checksum mismatch): the file was changed underneath");
 }
 

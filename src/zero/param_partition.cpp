@@ -12,8 +12,10 @@ namespace zeal::zero {
 
 ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::vector<int64_t>> shapes,
                                const FlatLayout& layout, at::Tensor shard, comm::CommunicatorPtr comm,
-                               int64_t persistence_threshold)
+                               int64_t persistence_threshold, const ParamOffload& offload)
     : params_(std::move(params)), shapes_(std::move(shapes)), shard_(std::move(shard)), comm_(std::move(comm)) {
+  options_ = shard_.options();
+  if (offload.host_shard && !shard_.device().is_cpu()) shard_ = shard_.to(at::kCPU);
   const size_t n = params_.size();
   ZEAL_INTERNAL_ASSERT(shapes_.size() == n && layout.numels.size() == n, "one shape per parameter");
   numel_ = layout.numels;
@@ -23,7 +25,8 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   state_.assign(n, State::kReleased);
   full_.resize(n);
   work_.resize(n);
-  empty_ = at::empty({0}, shard_.options());
+  staging_.resize(n);
+  empty_ = at::empty({0}, options_);
   int64_t local = 0;
   for (const Bucket& b : layout.buckets) {
     int64_t c = b.chunk(layout.world);
@@ -37,6 +40,14 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
     local += c;
   }
   ZEAL_INTERNAL_ASSERT(local == shard_.numel(), "shard of ", shard_.numel(), " elements for a layout of ", local);
+  shard_numel_ = local;
+  if (!offload.nvme_path.empty()) {
+    // Every chunk goes to the swap file once; the in-memory shard is dropped.
+    swap_ = std::make_unique<offload::ParamSwapper>(offload.nvme_path, offload.aio, shard_.scalar_type(), chunk_size_);
+    for (size_t i = 0; i < n; ++i)
+      if (chunk_size_[i] > 0) swap_->write(i, shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + chunk_size_[i]));
+    shard_ = at::empty({0}, shard_.options());
+  }
   for (size_t i = 0; i < n; ++i) {
     persistent_[i] = numel_[i] <= persistence_threshold;
     if (persistent_[i]) {
@@ -74,7 +85,7 @@ int64_t token_of(const std::vector<size_t>& indices) {  // FNV-1a over the indic
 
 bool ParamPartition::agree(int64_t token) {
   if (comm_->size() == 1) return true;
-  auto options = at::TensorOptions().dtype(at::kLong).device(shard_.device());
+  auto options = at::TensorOptions().dtype(at::kLong).device(options_.device());
   at::Tensor mine = at::full({1}, token, options);
   at::Tensor all = at::empty({comm_->size()}, options);
   comm_->all_gather(all, mine, {})->wait();
@@ -122,12 +133,15 @@ void ParamPartition::end_backward() {
 void ParamPartition::fetch(size_t i) {
   if (state_[i] == State::kLive || state_[i] == State::kGathering) return;
   const int64_t c = chunk_size_[i];
-  at::Tensor full = at::empty({c * comm_->size()}, shard_.options());
-  at::Tensor mine = shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
+  at::Tensor full = at::empty({c * comm_->size()}, options_);
+  // This rank's chunk: from the swap file, from host memory to the device, or in place.
+  at::Tensor mine = swap_ ? swap_->read(i) : shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
+  if (mine.device() != full.device()) mine = mine.to(full.device());
   if (comm_->size() == 1) {
     full.copy_(mine);
     work_[i].reset();
   } else {
+    staging_[i] = mine;
     work_[i] = comm_->all_gather(full, mine, {});
   }
   full_[i] = full;
@@ -146,6 +160,7 @@ void ParamPartition::make_live(size_t i) {
   if (state_[i] == State::kLive) return;
   if (work_[i]) work_[i]->wait();
   work_[i].reset();
+  staging_[i].reset();
   params_[i].set_data(full_[i].slice(0, 0, numel_[i]).view(shapes_[i]));
   live_storage_[full_[i].storage().data()] = i;
   state_[i] = State::kLive;
@@ -155,6 +170,7 @@ void ParamPartition::release(size_t i) {
   if (persistent_[i] || fallback_ || state_[i] == State::kReleased) return;
   if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();  // never free a buffer MPI is writing
   work_[i].reset();
+  staging_[i].reset();
   if (state_[i] == State::kLive) live_storage_.erase(full_[i].storage().data());
   if (state_[i] != State::kShapeOnly) live_elements_ -= full_[i].numel();
   params_[i].set_data(empty_);
@@ -168,7 +184,7 @@ void ParamPartition::release_all() {
 
 void ParamPartition::shape_only(size_t i) {
   if (state_[i] != State::kReleased) return;
-  params_[i].set_data(at::empty(shapes_[i], shard_.options()));
+  params_[i].set_data(at::empty(shapes_[i], options_));
   state_[i] = State::kShapeOnly;
 }
 
@@ -178,8 +194,38 @@ int64_t ParamPartition::index_of_storage(const void* data) const {
 }
 
 void ParamPartition::publish(const at::Tensor& master) {
-  shard_.copy_(master);
+  write_shard(0, master);
   refresh();
+}
+
+void ParamPartition::write_shard(int64_t begin, const at::Tensor& values) {
+  const int64_t end = begin + values.numel();
+  if (!swap_) {
+    shard_.slice(0, begin, end).copy_(values);
+    return;
+  }
+  // Whole chunks are written as they are; a chunk the range covers only in part is read, patched
+  // and written (the ends of an optimizer sub-group).
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int64_t lo = std::max(begin, chunk_begin_[i]), hi = std::min(end, chunk_begin_[i] + chunk_size_[i]);
+    if (lo >= hi) continue;
+    at::Tensor part = values.slice(0, lo - begin, hi - begin);
+    if (hi - lo == chunk_size_[i])
+      swap_->write(i, part);
+    else
+      swap_->patch(i, lo - chunk_begin_[i], part);
+  }
+}
+
+at::Tensor ParamPartition::read_shard(int64_t begin, int64_t end) {
+  if (!swap_) return shard_.slice(0, begin, end).to(at::kFloat);
+  at::Tensor out = at::empty({end - begin}, at::TensorOptions().dtype(at::kFloat));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int64_t lo = std::max(begin, chunk_begin_[i]), hi = std::min(end, chunk_begin_[i] + chunk_size_[i]);
+    if (lo >= hi) continue;
+    out.slice(0, lo - begin, hi - begin).copy_(swap_->read(i).slice(0, lo - chunk_begin_[i], hi - chunk_begin_[i]));
+  }
+  return out;
 }
 
 void ParamPartition::refresh() {
@@ -202,7 +248,7 @@ void ParamPartition::absorb(size_t i, at::Tensor* master) {  // master may be nu
   ZEAL_CHECK(state_[i] == State::kLive, "parameter ", i, " is not gathered");
   const int64_t c = chunk_size_[i], begin = comm_->rank() * c;
   at::Tensor mine = full_[i].slice(0, begin, begin + c);
-  shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c).copy_(mine);
+  write_shard(chunk_begin_[i], mine);
   if (master) master->slice(0, chunk_begin_[i], chunk_begin_[i] + c).copy_(mine);
 }
 

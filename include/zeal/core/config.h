@@ -100,9 +100,20 @@ struct OffloadOptimizerConfig {
   bool pipeline_write = false;  // device "nvme": write sub-group k while stepping k+1
 };
 
+// zero_optimization.offload_param (stage 3): where the partitioned parameters live.
+struct OffloadParamConfig {
+  OffloadDevice device = OffloadDevice::kNone;
+  bool pin_memory = false;
+  std::string nvme_path;          // device "nvme"
+  int64_t buffer_count = 5;       // accepted (DeepSpeed's prefetch buffers); Zeal reads a chunk per gather
+  int64_t buffer_size = 100000000;
+  int64_t max_in_cpu = 1000000000;
+};
+
 struct ZeroConfig {
   int64_t stage = 0;
   OffloadOptimizerConfig offload_optimizer;
+  OffloadParamConfig offload_param;
   int64_t reduce_bucket_size = 500000000;  // elements
   bool reduce_scatter = true;              // stage 2: reduce-scatter (true) or all-reduce the buckets
   bool overlap_comm = true;                // accepted; Zeal always overlaps reduction with backward

@@ -127,7 +127,7 @@ class Engine {
   // local_begin) into the model-dtype parameters it owns; then the collective that spreads them.
   void write_model_values(int64_t local_begin, const at::Tensor& values);
   void gather_published();
-  at::Tensor read_model_values(int64_t local_begin, int64_t local_end) const;  // owned, as fp32
+  at::Tensor read_model_values(int64_t local_begin, int64_t local_end);  // owned, as fp32
 
   // NVMe offload (offload/optimizer_swapper.h): the swap files start as the model's weights and
   // the optimizer's initial state; the step visits them a sub-group at a time. A checkpoint

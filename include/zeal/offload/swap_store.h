@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "zeal/offload/aio.h"
@@ -39,6 +40,12 @@ class SwapStore {
   IoHandle read(int64_t file, void* buffer);
   void finish_write(int64_t file, const IoHandle& handle);
   void finish_read(int64_t file, const IoHandle& handle);
+  // The same for a region of a file (aligned offset and size). Regions are read back exactly as
+  // they were written: the checksums are kept per region, keyed by offset.
+  IoHandle write(int64_t file, const void* buffer, int64_t bytes, int64_t offset);
+  IoHandle read(int64_t file, void* buffer, int64_t bytes, int64_t offset);
+  void finish_write(int64_t file, int64_t offset, const IoHandle& handle);
+  void finish_read(int64_t file, int64_t offset, const IoHandle& handle);
 
   const std::string& dir() const { return dir_; }
   const std::string& path(int64_t file) const { return files_[static_cast<size_t>(file)].path; }
@@ -52,7 +59,9 @@ class SwapStore {
     std::string path;
     int fd = -1;
     int64_t bytes = 0;
-    std::vector<uint64_t> checksums;  // of the last completed write; empty before the first
+    // Per written region (by offset): the checksums of its last completed write. A region with
+    // none was never written, or its last write failed, and cannot be read.
+    std::unordered_map<int64_t, std::vector<uint64_t>> checksums;
   };
   std::string dir_;
   std::string purpose_;

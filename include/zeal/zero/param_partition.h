@@ -25,22 +25,36 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 
 #include "zeal/comm/communicator.h"
+#include "zeal/offload/param_swapper.h"
 #include "zeal/zero/layout.h"
 
 namespace zeal::zero {
+
+// offload_param: with `host_shard` the shard lives in host memory (device "cpu") and chunks move
+// to the parameters' device as they are gathered; with `nvme_path` set the shard lives in a swap
+// file instead (device "nvme"), written once at construction and read chunk by chunk at each gather.
+struct ParamOffload {
+  bool host_shard = false;
+  std::string nvme_path;  // empty: no swap
+  offload::AioConfig aio;
+};
 
 class ParamPartition {
  public:
   // params[i] has full shape shapes[i]; shard holds this rank's chunks (layout.owned order) and
   // already has its values. Non-persistent parameters are released here, persistent ones gathered.
+  using Offload = ParamOffload;
   ParamPartition(std::vector<at::Tensor> params, std::vector<std::vector<int64_t>> shapes, const FlatLayout& layout,
-                 at::Tensor shard, comm::CommunicatorPtr comm, int64_t persistence_threshold);
+                 at::Tensor shard, comm::CommunicatorPtr comm, int64_t persistence_threshold,
+                 const ParamOffload& offload = ParamOffload());
   ~ParamPartition();
 
   // Agreement-checked gather of the parameters one module (or one backward step) needs.
@@ -79,8 +93,15 @@ class ParamPartition {
   // into the shard (and into master, fp32, when given).
   void absorb(size_t i, at::Tensor* master);
 
+  // This rank's chunks, in memory (empty with an NVMe swap: use read_shard / write_shard).
   at::Tensor& shard() { return shard_; }
   const at::Tensor& shard() const { return shard_; }
+  bool swapped() const { return swap_ != nullptr; }
+  // Shard elements [begin, begin + values.numel()) <- values (cast to the model's dtype), wherever
+  // the shard lives; and elements [begin, end) as fp32.
+  void write_shard(int64_t begin, const at::Tensor& values);
+  at::Tensor read_shard(int64_t begin, int64_t end);
+  int64_t shard_numel() const { return shard_numel_; }
   int64_t chunk_begin(size_t i) const { return chunk_begin_[i]; }  // in the shard
   int64_t chunk_size(size_t i) const { return chunk_size_[i]; }
   // Elements of the full buffers held now (live, or gathering for a prefetch), and the most held
@@ -104,6 +125,10 @@ class ParamPartition {
   std::vector<comm::WorkPtr> work_;
   std::unordered_map<const void*, size_t> live_storage_;
   at::Tensor shard_;
+  int64_t shard_numel_ = 0;
+  at::TensorOptions options_;  // the full parameters' dtype and device
+  std::unique_ptr<offload::ParamSwapper> swap_;
+  std::vector<at::Tensor> staging_;  // a gather's input chunk, alive until the gather completes
   at::Tensor empty_;
   comm::CommunicatorPtr comm_;
   int64_t live_elements_ = 0;

@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--max_live", type=int, default=10**9, help="stage3_max_live_parameters")
     ap.add_argument("--offload", nargs="?", const="cpu", default=None, choices=["cpu", "nvme"],
                     help="zero_optimization.offload_optimizer device")
-    ap.add_argument("--nvme_path", default=None, help="offload_optimizer.nvme_path")
+    ap.add_argument("--nvme_path", default=None, help="offload_optimizer.nvme_path and offload_param.nvme_path")
+    ap.add_argument("--offload_param", default=None, choices=["cpu", "nvme"], help="zero_optimization.offload_param")
     ap.add_argument("--sub_group", type=int, default=None, help="zero_optimization.sub_group_size")
     ap.add_argument("--pipeline", action="store_true", help="offload_optimizer pipeline_read and pipeline_write")
     ap.add_argument("--aio_threads", type=int, default=None, help="aio.thread_count")
@@ -63,6 +64,8 @@ def main():
         config["zero_optimization"]["offload_optimizer"] = {
             "device": "nvme", "nvme_path": args.nvme_path, "pipeline_read": args.pipeline,
             "pipeline_write": args.pipeline}
+    if args.offload_param:
+        config["zero_optimization"]["offload_param"] = {"device": args.offload_param, "nvme_path": args.nvme_path}
     if args.sub_group:
         config["zero_optimization"]["sub_group_size"] = args.sub_group
     if args.aio_threads:
