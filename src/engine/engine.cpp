@@ -136,7 +136,8 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     master_ = on_host;
   }
   // fp32 gradients on the host; a CPU model in fp32 already has them there.
-  if (offload && !(device_.is_cpu() && model_dtype_ == at::kFloat)) host_grads_ = at::zeros({shard}, host);
+  // Allocated at the first step: construction already holds the model's own weights beside the shard.
+  if (offload && !(device_.is_cpu() && model_dtype_ == at::kFloat)) host_grads_options_ = host;
   const int64_t sub_group = nvme ? std::max<int64_t>(1, std::min(config_.zero_optimization.sub_group_size, shard)) : shard;
   optimizer_ = optim::make_optimizer(config_.optimizer, sub_group, offload ? at::Device(at::kCPU) : device_,
                                      static_cast<int64_t>(params_.size()));
@@ -317,7 +318,8 @@ void Engine::step() {
   // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
   // (stage 2 reduce-scattered them into grad_shard_).
   at::Tensor grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
-  if (host_grads_.defined()) {  // offload: to host fp32, where the master weights and the optimizer are
+  if (host_grads_options_) {  // offload: to host fp32, where the master weights and the optimizer are
+    if (!host_grads_.defined()) host_grads_ = at::empty({grads.numel()}, *host_grads_options_);
     host_grads_.copy_(grads);
     grads = host_grads_;
   } else if (grads.scalar_type() != at::kFloat) {

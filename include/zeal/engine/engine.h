@@ -150,6 +150,7 @@ class Engine {
   at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it (stages 0, 1)
   at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
   at::Tensor host_grads_;   // offload_optimizer: this rank's gradients staged in host memory for the step
+  std::optional<at::TensorOptions> host_grads_options_;  // set when the step stages gradients on the host
   at::Tensor host_model_copy_;  // offload_optimizer with fp16/bf16: the step's model-dtype output
   at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
   std::unique_ptr<offload::OptimizerSwapper> swapper_;  // offload_optimizer nvme
