@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=1e-5)  # Adam's first steps move every weight by ~lr: small for width 4096
     ap.add_argument("--sub_group", type=int, default=25_000_000)
     ap.add_argument("--nvme_path", default="/work/nvme-scale")
     ap.add_argument("--out", default="out/bench/offload_scale.json")
