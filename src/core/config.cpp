@@ -340,6 +340,25 @@ void parse_fp16(const json& node, Fp16Config& out) {
   r.finish();
 }
 
+// The `device` and `nvme_path` keys that offload_optimizer and offload_param share.
+OffloadDevice read_offload_device(Reader& o) {
+  const std::string device = o.read_choice("device", {"none", "cpu", "nvme"}, "none", /*case_insensitive=*/true);
+  return device == "cpu" ? OffloadDevice::kCpu : device == "nvme" ? OffloadDevice::kNvme : OffloadDevice::kNone;
+}
+
+std::string read_nvme_path(Reader& o, OffloadDevice device) {
+  std::string path;
+  if (o.has("nvme_path")) {
+    if (!o.raw("nvme_path").is_string() || o.raw("nvme_path").get<std::string>().empty())
+      o.fail("nvme_path", "a directory path (string)", o.raw("nvme_path"));
+    path = o.raw("nvme_path").get<std::string>();
+  }
+  if (device == OffloadDevice::kNvme && path.empty())
+    throw ConfigError("config key '" + o.path("nvme_path") + "': device \"nvme\" needs nvme_path, the directory "
+                      "for the swap files; got nothing");
+  return path;
+}
+
 void parse_zero(const json& node, ZeroConfig& out) {
   Reader r(node, "zero_optimization");
   r.read_int("stage", out.stage, 0);
@@ -374,8 +393,7 @@ void parse_zero(const json& node, ZeroConfig& out) {
   if (r.has("offload_optimizer")) {
     Reader o(r.raw("offload_optimizer"), r.path("offload_optimizer"));
     OffloadOptimizerConfig& off = out.offload_optimizer;
-    const std::string device = o.read_choice("device", {"none", "cpu", "nvme"}, "none", /*case_insensitive=*/true);
-    off.device = device == "cpu" ? OffloadDevice::kCpu : device == "nvme" ? OffloadDevice::kNvme : OffloadDevice::kNone;
+    off.device = read_offload_device(o);
     off.enabled = off.device != OffloadDevice::kNone;
     o.read_bool("pin_memory", off.pin_memory);
     double ratio = 1.0;
@@ -388,14 +406,7 @@ void parse_zero(const json& node, ZeroConfig& out) {
     o.read_bool("fast_init", fast_init);
     o.read_bool("pipeline_read", off.pipeline_read);
     o.read_bool("pipeline_write", off.pipeline_write);
-    if (o.has("nvme_path")) {
-      if (!o.raw("nvme_path").is_string() || o.raw("nvme_path").get<std::string>().empty())
-        o.fail("nvme_path", "a directory path (string)", o.raw("nvme_path"));
-      off.nvme_path = o.raw("nvme_path").get<std::string>();
-    }
-    if (off.device == OffloadDevice::kNvme && off.nvme_path.empty())
-      throw ConfigError("config key '" + o.path("nvme_path") + "': device \"nvme\" needs nvme_path, the directory "
-                        "for the swap files; got nothing");
+    off.nvme_path = read_nvme_path(o, off.device);
     o.finish();
     if (off.enabled && out.stage == 0)
       throw ConfigError("config key '" + o.path("device") + "': offloading the optimizer needs ZeRO stage 1, 2 "
@@ -404,20 +415,12 @@ void parse_zero(const json& node, ZeroConfig& out) {
   if (r.has("offload_param")) {
     Reader o(r.raw("offload_param"), r.path("offload_param"));
     OffloadParamConfig& off = out.offload_param;
-    const std::string device = o.read_choice("device", {"none", "cpu", "nvme"}, "none", /*case_insensitive=*/true);
-    off.device = device == "cpu" ? OffloadDevice::kCpu : device == "nvme" ? OffloadDevice::kNvme : OffloadDevice::kNone;
+    off.device = read_offload_device(o);
     o.read_bool("pin_memory", off.pin_memory);
     o.read_int("buffer_count", off.buffer_count, 1);
     o.read_int("buffer_size", off.buffer_size, 1);
     o.read_int("max_in_cpu", off.max_in_cpu, 0);
-    if (o.has("nvme_path")) {
-      if (!o.raw("nvme_path").is_string() || o.raw("nvme_path").get<std::string>().empty())
-        o.fail("nvme_path", "a directory path (string)", o.raw("nvme_path"));
-      off.nvme_path = o.raw("nvme_path").get<std::string>();
-    }
-    if (off.device == OffloadDevice::kNvme && off.nvme_path.empty())
-      throw ConfigError("config key '" + o.path("nvme_path") + "': device \"nvme\" needs nvme_path, the directory "
-                        "for the swap files; got nothing");
+    off.nvme_path = read_nvme_path(o, off.device);
     o.finish();
     if (off.device != OffloadDevice::kNone && out.stage != 3)
       throw ConfigError("config key '" + o.path("device") + "': offloading parameters needs ZeRO stage 3 "

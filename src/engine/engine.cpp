@@ -498,6 +498,8 @@ void Engine::init_swap(int64_t shard) {
           views[j].copy_(optimizer_->state(names[j]).slice(0, 0, views[j].numel()));
       },
       /*read=*/false, /*write_back=*/true);
+  // The step binds the state to the swap buffers; the optimizer's own allocation is not needed again.
+  for (size_t j = 1; j < names.size(); ++j) optimizer_->state(names[j]) = at::empty({0}, at::kFloat);
 }
 
 void Engine::step_swapped(const at::Tensor& grads) {

@@ -213,12 +213,13 @@ def test_stage3_closed_form_gradients_per_partition(world):
     assert proc.stdout.count("STAGE3-ANALYTIC-OK") == world
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_gathered_parameters_modifier_rank_before_and_after_initialize(tmp_path, world):
+@pytest.mark.parametrize("world,nvme", [(2, False), (4, False), (2, True)])
+def test_gathered_parameters_modifier_rank_before_and_after_initialize(tmp_path, world, nvme):
     import gathered_modify
 
     out = tmp_path / "params.pt"
-    run_mpi(world, "gathered_modify.py", "--out", out)
+    extra = ["--nvme_path", tmp_path] if nvme else []
+    run_mpi(world, "gathered_modify.py", "--out", out, *extra)
     model = common.make_model()
     with torch.no_grad():
         model[0].weight.copy_(gathered_modify.custom_weight(model[0].weight.shape))

@@ -23,10 +23,15 @@ def custom_weight(shape):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--nvme_path", default="", help="offload optimizer and parameters to swap files here")
     args = ap.parse_args()
     config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 1000,
               "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    if args.nvme_path:  # the modifier's values must reach the swapped master weights and shard
+        config["zero_optimization"].update(
+            sub_group_size=400, offload_optimizer={"device": "nvme", "nvme_path": args.nvme_path},
+            offload_param={"device": "nvme", "nvme_path": args.nvme_path})
     rank = zeal.world().rank
     with zeal.zero.Init(config_dict_or_path=config):
         model = common.make_model()
