@@ -195,6 +195,10 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   // The reducer creates the gradient accumulators, which record each parameter's shape: so it
   // comes before stage 3 releases the parameters.
   reducer_ = std::make_unique<GradReducer>(params_, layout_, flat_grads_, grad_shard_, world_, config_, hooks);
+  if (host_grads_options_)
+    reducer_->set_bucket_final([this](int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
+      stage_bucket_on_host(flat_begin, flat_end, shard_begin, shard_end);
+    });
   if (stage_ == 3) {
     // offload_param: the shard in host memory, or in a swap file.
     const OffloadParamConfig& op = config_.zero_optimization.offload_param;
@@ -300,6 +304,7 @@ void Engine::backward(const at::Tensor& loss) {
   loss_sum_ += loss.detach().to(at::kDouble).item<double>();
   ++loss_count_;
   bool boundary = is_gradient_accumulation_boundary();
+  if (boundary) staged_buckets_ = 0;
   reducer_->prepare(boundary);
   double factor = scaler_.scale() / static_cast<double>(batch_.gradient_accumulation_steps);
   at::Tensor grad_output = at::full_like(loss, factor, loss.options().requires_grad(false));
@@ -317,8 +322,18 @@ void Engine::step() {
   auto start = Clock::now();
   // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
   // (stage 2 reduce-scattered them into grad_shard_).
-  at::Tensor grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
-  if (host_grads_options_) {  // offload: to host fp32, where the master weights and the optimizer are
+  at::Tensor grads;
+  if (host_grads_options_ && staged_buckets_ == static_cast<int64_t>(reducer_->num_buckets())) {
+    grads = host_grads_;  // offload: staged on the host bucket by bucket as the reduction finished them
+    log("engine", LogLevel::kDebug, "step ", global_steps_ + 1, ": gradients staged on the host in ", staged_buckets_,
+        " buckets during backward");
+    if (device_.is_cuda()) (void)at::zeros({1}, at::TensorOptions().device(device_)).item<float>();
+    // (a blocking read on the same stream: the non-blocking bucket copies queued before it are done)
+  } else {
+    grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
+  }
+  staged_buckets_ = 0;
+  if (host_grads_options_ && !grads.is_same(host_grads_)) {  // offload: to host fp32 in one copy
     if (!host_grads_.defined()) host_grads_ = at::empty({grads.numel()}, *host_grads_options_);
     host_grads_.copy_(grads);
     grads = host_grads_;
@@ -372,6 +387,24 @@ void Engine::step() {
 void Engine::zero_grad() {
   if (flat_grads_.defined()) flat_grads_.zero_();
   if (grad_shard_.defined()) grad_shard_.zero_();
+}
+
+void Engine::stage_bucket_on_host(int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
+  // ZeRO-Offload: this bucket's final gradients (owned part) go to the host buffer now, while the
+  // reduction of later buckets, and with reduce-scatter the rest of backward, goes on.
+  if (!host_grads_.defined()) host_grads_ = at::empty({layout_.shard_size(partitioned_)}, *host_grads_options_);
+  const bool async = device_.is_cuda() && host_grads_.is_pinned();
+  if (grad_shard_.defined()) {
+    host_grads_.slice(0, shard_begin, shard_end).copy_(grad_shard_.slice(0, shard_begin, shard_end), async);
+  } else {
+    for (const zero::OwnedRange& o : owned_) {
+      const int64_t lo = std::max(flat_begin, o.flat_begin), hi = std::min(flat_end, o.flat_end);
+      if (lo >= hi) continue;
+      host_grads_.slice(0, o.local_begin + (lo - o.flat_begin), o.local_begin + (hi - o.flat_begin))
+          .copy_(flat_grads_.slice(0, lo, hi), async);
+    }
+  }
+  ++staged_buckets_;
 }
 
 at::Tensor Engine::gather_owned(const at::Tensor& flat) const {

@@ -102,6 +102,7 @@ GradReducer::~GradReducer() {
 }
 
 void GradReducer::prepare(bool reduce) {
+  boundary_ = reduce;
   reducing_ = partitioned_ || (reduce && comm_->size() > 1);
   if (!reducing_) return;
   next_to_launch_ = 0;
@@ -201,6 +202,7 @@ void GradReducer::retire(GradBucket& b) {
   b.comm_output.reset();
   b.work.reset();
   b.retired = true;
+  if (boundary_ && bucket_final_) bucket_final_(b.begin, b.end, b.shard_begin, b.shard_begin + chunk);
 }
 
 void GradReducer::finish() {
@@ -230,6 +232,10 @@ void GradReducer::finish() {
     b.comm_buffer.reset();
     b.comm_output.reset();
     if (post_factor_ != 1.0) grads.mul_(post_factor_);
+    if (bucket_final_) {
+      const int64_t chunk = (b.end - b.begin) / comm_->size();
+      bucket_final_(b.begin, b.end, b.shard_begin, b.shard_begin + chunk);
+    }
   }
   reducing_ = false;
 }

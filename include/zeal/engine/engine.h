@@ -133,6 +133,7 @@ class Engine {
   // the optimizer's initial state; the step visits them a sub-group at a time. A checkpoint
   // materialises master_ and the state in host memory for the length of the save or load.
   void check_offload_config() const;
+  void stage_bucket_on_host(int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end);
   void init_swap(int64_t shard);
   void step_swapped(const at::Tensor& grads);
   void materialize_swapped();
@@ -151,6 +152,7 @@ class Engine {
   at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
   at::Tensor host_grads_;   // offload_optimizer: this rank's gradients staged in host memory for the step
   std::optional<at::TensorOptions> host_grads_options_;  // set when the step stages gradients on the host
+  int64_t staged_buckets_ = 0;  // buckets stage_bucket_on_host copied in this boundary's backward
   at::Tensor host_model_copy_;  // offload_optimizer with fp16/bf16: the step's model-dtype output
   at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
   std::unique_ptr<offload::OptimizerSwapper> swapper_;  // offload_optimizer nvme

@@ -71,6 +71,12 @@ class GradReducer {
   // leaves the gradients averaged over the data-parallel ranks (in flat_grads, or in grad_shard).
   void finish();
   bool partitioned() const { return partitioned_; }
+  // Called on the accumulation boundary as each bucket's reduced gradients become final, in
+  // bucket order: with the bucket's range of the flat buffer and, partitioned, of the shard.
+  // Partitioned mode retires buckets while backward is still running, so ZeRO-Offload's copy of
+  // a bucket to the host overlaps the rest of backward.
+  using BucketFinal = std::function<void(int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end)>;
+  void set_bucket_final(BucketFinal callback) { bucket_final_ = std::move(callback); }
 
   size_t num_buckets() const { return buckets_.size(); }
 
@@ -95,6 +101,8 @@ class GradReducer {
   std::vector<uintptr_t> hook_keys_;
   size_t next_to_launch_ = 0;
   bool reducing_ = false;
+  bool boundary_ = false;  // this backward ends an accumulation
+  BucketFinal bucket_final_;
   at::ScalarType comm_dtype_;
   double pre_factor_ = 1.0;   // applied before the sum
   double post_factor_ = 1.0;  // applied after it
