@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 
 #include "zeal/checkpoint/checkpoint.h"
+#include "zeal/comm/compressed.h"
 #include "zeal/comm/world.h"
 #include "zeal/core/config.h"
 #include "zeal/core/error.h"
@@ -141,6 +142,20 @@ PYBIND11_MODULE(_zeal, m) {
            py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 0.0)
       .def("barrier", [](comm::Communicator& c, double timeout_s) { return c.barrier({to_timeout(timeout_s)}); },
            py::arg("timeout_s") = 0.0);
+
+  py::class_<comm::OneBitState>(m, "OneBitState", "The error buffers of one tensor's compressed all-reduce.")
+      .def(py::init<>())
+      .def_readonly("worker_error", &comm::OneBitState::worker_error)
+      .def_readonly("server_error", &comm::OneBitState::server_error)
+      .def("reset", &comm::OneBitState::reset);
+  m.def("compressed_all_reduce",
+        [](comm::Communicator& c, at::Tensor t, comm::OneBitState& state, double timeout_s) {
+          comm::compressed_all_reduce(c, t, state, to_timeout(timeout_s));
+        },
+        py::arg("comm"), py::arg("tensor"), py::arg("state"), py::arg("timeout_s") = 0.0,
+        py::call_guard<py::gil_scoped_release>(),
+        "In place: the error-compensated 1-bit average of `tensor` over the ranks (zeal/comm/compressed.h).");
+  m.def("compressed_all_reduce_bytes", &comm::compressed_all_reduce_bytes, py::arg("numel"), py::arg("world"));
 
   m.def("world", [](double timeout_s) { return comm::world(to_timeout(timeout_s)); }, py::arg("timeout_s") = 300.0,
         "The process's world communicator (created on first call).");

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "cpu/half_reduce.h"
+#include "cpu/onebit.h"
 
 using namespace zeal::kernels;
 
@@ -36,4 +37,32 @@ TEST(HalfReduce, MaxMinAndRoundTrip) {
   EXPECT_EQ(float_to_half(HalfKind::kBf16, 1.0f), 0x3f80);
   EXPECT_EQ(float_to_half(HalfKind::kFp16, 1.0f), 0x3c00);
   EXPECT_TRUE(std::isinf(half_to_float(HalfKind::kFp16, float_to_half(HalfKind::kFp16, 70000.0f))));
+}
+
+// 1-bit compression (kernels/cpu/onebit.h): the bit layout, the error feedback and padding.
+TEST(OneBit, PacksSignsLeastSignificantFirstAndKeepsTheLossAsError) {
+  const float x[10] = {1.0f, -2.0f, 0.0f, 3.0f, -0.5f, 0.25f, -1.0f, 4.0f, -3.0f, 2.0f};
+  float error[16] = {0};
+  error[1] = 1.5f;  // c[1] = -0.5
+  uint8_t bits[2] = {0xff, 0xff};
+  const double scale = zeal::kernels::onebit_scale(x, error, 10);
+  double sum = 0;
+  for (int i = 0; i < 10; ++i) sum += (x[i] + error[i]) * (x[i] + error[i]);
+  EXPECT_DOUBLE_EQ(scale, std::sqrt(sum / 10));
+  const float s = static_cast<float>(scale);
+  zeal::kernels::onebit_pack(x, error, s, bits, 10, 16);
+  // c >= 0 at elements 0, 2 (zero counts as positive), 3, 5, 7 and 9.
+  EXPECT_EQ(bits[0], 0b10101101);
+  EXPECT_EQ(bits[1], 0b00000010);
+  EXPECT_FLOAT_EQ(error[0], 1.0f - s);
+  EXPECT_FLOAT_EQ(error[1], -0.5f + s);
+  EXPECT_FLOAT_EQ(error[2], -s);
+  for (int i = 10; i < 16; ++i) EXPECT_EQ(error[i], 0.0f) << "padding keeps no error";
+  float out[10];
+  zeal::kernels::onebit_unpack(bits, 2.0f, out, 10, false);
+  const float want[10] = {2, -2, 2, 2, -2, 2, -2, 2, -2, 2};
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(out[i], want[i]) << i;
+  zeal::kernels::onebit_unpack(bits, 1.0f, out, 10, true);
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(out[i], 1.5f * want[i]) << i;
+  EXPECT_EQ(zeal::kernels::onebit_scale(x, error, 0), 0.0);
 }
