@@ -187,21 +187,23 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
   out.present = true;
   if (!r.has("type")) throw ConfigError("config key 'optimizer.type': expected a string naming the optimizer, got nothing");
   // DeepSpeed matches optimizer names case-insensitively.
-  static const std::vector<std::string> later = {"OneBitAdam", "ZeroOneAdam", "OneBitLamb", "Lion", "MuAdam",
+  static const std::vector<std::string> later = {"ZeroOneAdam", "OneBitLamb", "Lion", "MuAdam",
                                                  "MuAdamW", "MuSGD", "AdamW8bit"};
   if (r.raw("type").is_string()) {
     std::string given = r.raw("type").get<std::string>();
     for (const auto& name : later)
       if (iequals(given, name))
         throw ConfigError("config key 'optimizer.type': \"" + given +
-                          "\" is not supported yet; this Zeal version has Adam, AdamW, SGD, Lamb and Adagrad");
+                          "\" is not supported yet; this Zeal version has Adam, AdamW, SGD, Lamb, Adagrad and OneBitAdam");
   }
-  std::string type = r.read_choice("type", {"Adam", "AdamW", "SGD", "Lamb", "Adagrad"}, "Adam", /*case_insensitive=*/true);
-  out.type = type == "Adam"    ? OptimizerType::kAdam
-             : type == "AdamW" ? OptimizerType::kAdamW
-             : type == "SGD"   ? OptimizerType::kSgd
-             : type == "Lamb"  ? OptimizerType::kLamb
-                               : OptimizerType::kAdagrad;
+  std::string type = r.read_choice("type", {"Adam", "AdamW", "SGD", "Lamb", "Adagrad", "OneBitAdam"}, "Adam",
+                                   /*case_insensitive=*/true);
+  out.type = type == "Adam"         ? OptimizerType::kAdam
+             : type == "AdamW"      ? OptimizerType::kAdamW
+             : type == "SGD"        ? OptimizerType::kSgd
+             : type == "Lamb"       ? OptimizerType::kLamb
+             : type == "OneBitAdam" ? OptimizerType::kOneBitAdam
+                                    : OptimizerType::kAdagrad;
   if (out.type == OptimizerType::kAdagrad) {  // torch.optim.Adagrad's defaults, as DeepSpeed passes params on
     out.lr = 1e-2;
     out.eps = 1e-10;
@@ -234,6 +236,12 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
       p.read_number("eps", out.eps, 0.0, /*exclusive=*/true);
       p.read_bool("bias_correction", out.bias_correction);
       if (out.type == OptimizerType::kAdam) p.read_bool("adam_w_mode", out.adam_w_mode);
+      if (out.type == OptimizerType::kOneBitAdam) {
+        p.read_int("freeze_step", out.freeze_step, 1);
+        bool cuda_aware = false;  // accepted: Zeal's communicator moves device tensors itself
+        p.read_bool("cuda_aware", cuda_aware);
+        p.read_choice("comm_backend_name", {"nccl", "mpi", "compressed"}, "nccl");  // accepted: the engine's backend is used
+      }
       if (out.type == OptimizerType::kLamb) {
         p.read_number("min_coeff", out.min_coeff, 0.0);
         p.read_number("max_coeff", out.max_coeff, 0.0);
@@ -495,6 +503,9 @@ Config Config::from_json(const json& root) {
   r.finish();
   if (c.fp16.enabled && c.bf16)
     throw ConfigError("config keys 'fp16.enabled' and 'bf16.enabled' are both true: choose one precision");
+  if (c.optimizer.type == OptimizerType::kOneBitAdam && c.zero_optimization.stage != 0)
+    throw ConfigError("config key 'zero_optimization.stage': OneBitAdam with ZeRO stage " +
+                      std::to_string(c.zero_optimization.stage) + " is not supported yet (stage 0 is)");
   return c;
 }
 
@@ -571,6 +582,7 @@ const char* to_string(OptimizerType type) {
     case OptimizerType::kSgd: return "SGD";
     case OptimizerType::kLamb: return "Lamb";
     case OptimizerType::kAdagrad: return "Adagrad";
+    case OptimizerType::kOneBitAdam: return "OneBitAdam";
   }
   return "?";
 }

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "zeal/comm/compressed.h"
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 #include "zeal/optim/cpu_optim.h"
@@ -150,6 +151,10 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     host_model_copy_.copy_(master_);  // elements no segment covers (padding) keep their values
     optimizer_->set_model_copy(host_model_copy_);
   }
+  if (config_.optimizer.type == OptimizerType::kOneBitAdam && world_->size() > 1)
+    optimizer_->set_momentum_reducer([this](at::Tensor& momentum) {
+      comm::compressed_all_reduce(*world_, momentum, onebit_state_);
+    });
   if (optimizer_->per_tensor()) {
     // One segment per owned piece of each parameter; a parameter's pieces may sit on several ranks,
     // so the optimizer's per-tensor sums are added across them.
@@ -305,7 +310,8 @@ void Engine::backward(const at::Tensor& loss) {
   ++loss_count_;
   bool boundary = is_gradient_accumulation_boundary();
   if (boundary) staged_buckets_ = 0;
-  reducer_->prepare(boundary);
+  // 1-bit Adam past its freeze step reduces the momentum (compressed), not the gradients.
+  reducer_->prepare(boundary && !optimizer_->local_gradients());
   double factor = scaler_.scale() / static_cast<double>(batch_.gradient_accumulation_steps);
   at::Tensor grad_output = at::full_like(loss, factor, loss.options().requires_grad(false));
   torch::autograd::backward({loss}, {grad_output});
@@ -351,6 +357,12 @@ void Engine::step() {
   } else if (scaler_.scale() != 1.0) {
     grads.mul_(1.0 / scaler_.scale());
   }
+  if (optimizer_->local_gradients() && config_.precision() == Precision::kFp16 && world_->size() > 1) {
+    // Local gradients overflow rank by rank: every rank must skip the step if any does.
+    at::Tensor any = at::full({1}, overflow ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble));
+    all_reduce_sum(any);
+    overflow = any.item<double>() > 0.0;
+  }
   if (overflow) {
     ++skipped_steps_;
     double before = scaler_.scale();
@@ -374,6 +386,9 @@ void Engine::step() {
     }
     scaler_.update(false);
     apply_lr(++scheduler_iteration_);
+    if (config_.optimizer.type == OptimizerType::kOneBitAdam && optimizer_->steps_taken() == config_.optimizer.freeze_step)
+      log("engine", LogLevel::kInfo, "OneBitAdam: variance frozen after ", optimizer_->steps_taken(),
+          " steps; from now on the momentum travels as 1-bit compressed all-reduce");
   }
   if (grad_shard_.defined()) grad_shard_.zero_();
   if (flat_grads_.defined()) flat_grads_.zero_();

@@ -138,6 +138,8 @@ std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& l
   agree_or_throw(world_, error, "checkpoint load");
   publish_parameters(master_);
   if (swapper_) release_swapped(true);
+  // 1-bit Adam's error buffers are not saved: they start from zero after a load, as DeepSpeed's do.
+  onebit_state_.reset();
   zero_grad();
   log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
   return result;

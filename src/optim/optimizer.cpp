@@ -236,6 +236,57 @@ class Lamb : public WithMoments {
   int64_t num_tensors_;
 };
 
+// DeepSpeed's 1-bit Adam (OnebitAdam). Steps 1..freeze_step: Adam on the all-reduced gradients,
+// without bias correction, weight decay decoupled. After that the variance is frozen, gradients
+// stay local (local_gradients()), and each step the momentum is updated from this rank's gradient
+// and averaged over the ranks by the momentum reducer (the error-compensated 1-bit all-reduce,
+// comm/compressed.h), which leaves the same momentum on every rank; the update divides it by the
+// frozen variance.
+class OneBitAdam : public WithMoments {
+ public:
+  OneBitAdam(int64_t freeze_step, int64_t n, at::Device device) : WithMoments(n, device), freeze_step_(freeze_step) {}
+
+  bool local_gradients() const override { return step_ >= freeze_step_; }
+
+  void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
+    if (step_ <= freeze_step_) {
+      for (const ParamGroup& g : groups) {
+        if (g.end == g.begin) continue;
+        at::Tensor p = params.slice(0, g.begin, g.end);
+        at::Tensor grad = grads.slice(0, g.begin, g.end).contiguous();
+        at::Tensor m = exp_avg_.slice(0, g.begin, g.end);
+        at::Tensor v = exp_avg_sq_.slice(0, g.begin, g.end);
+        if (p.device().is_cpu()) {
+          cpu_adam_step(p, grad, m, v, {g.lr, g.betas[0], g.betas[1], g.eps, g.weight_decay, true, false, step_},
+                        nullptr);
+          continue;
+        }
+        if (g.weight_decay != 0.0) p.mul_(1.0 - g.lr * g.weight_decay);
+        m.mul_(g.betas[0]).add_(grad, 1.0 - g.betas[0]);
+        v.mul_(g.betas[1]).addcmul_(grad, grad, 1.0 - g.betas[1]);
+        p.addcdiv_(m, v.sqrt().add_(g.eps), -g.lr);
+      }
+      return;
+    }
+    for (const ParamGroup& g : groups) {
+      if (g.end == g.begin) continue;
+      exp_avg_.slice(0, g.begin, g.end).mul_(g.betas[0]).add_(grads.slice(0, g.begin, g.end), 1.0 - g.betas[0]);
+    }
+    if (reduce_momentum_) reduce_momentum_(exp_avg_);
+    for (const ParamGroup& g : groups) {
+      if (g.end == g.begin) continue;
+      at::Tensor p = params.slice(0, g.begin, g.end);
+      if (g.weight_decay != 0.0) p.mul_(1.0 - g.lr * g.weight_decay);
+      p.addcdiv_(exp_avg_.slice(0, g.begin, g.end), exp_avg_sq_.slice(0, g.begin, g.end).sqrt().add_(g.eps), -g.lr);
+    }
+  }
+
+  const char* name() const override { return "OneBitAdam"; }
+
+ private:
+  int64_t freeze_step_;
+};
+
 // Adagrad as torch.optim.Adagrad (lr_decay, L2 weight decay, initial accumulator value).
 class Adagrad : public Optimizer {
  public:
@@ -294,6 +345,8 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t
       return std::make_unique<Lamb>(config.bias_correction, config.min_coeff, config.max_coeff, n, num_tensors, device);
     case OptimizerType::kAdagrad:
       return std::make_unique<Adagrad>(config.lr_decay, config.initial_accumulator_value, n, device);
+    case OptimizerType::kOneBitAdam:
+      return std::make_unique<OneBitAdam>(config.freeze_step, n, device);
   }
   ZEAL_INTERNAL_ASSERT(false, "unhandled optimizer type");
   return nullptr;

@@ -1,8 +1,13 @@
-"""Compressed communication: the error-compensated 1-bit all-reduce (zeal/comm/compressed.h)."""
+"""Compressed communication: the error-compensated 1-bit all-reduce (zeal/comm/compressed.h) and
+1-bit Adam on top of it."""
+import sys
+
 import pytest
 
-from conftest import run_mpi
+from conftest import RANKS, run_mpi
 from zeal import _zeal
+
+sys.path.insert(0, str(RANKS))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -21,3 +26,45 @@ def test_compressed_all_reduce_sends_a_32nd_of_an_fp32_all_reduce(world):
     fp32 = 2 * (world - 1) / world * 4 * n
     sent = _zeal.compressed_all_reduce_bytes(n, world)
     assert sent == pytest.approx(fp32 / 32, rel=1e-4)
+
+
+def _eval_loss(path):
+    import torch
+
+    import common
+
+    model = common.make_model()
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), torch.load(path)["params"]):
+            p.copy_(v)
+        batches = [common.teacher_batch(1000 + s, 64) for s in range(20)]
+        return sum(common.loss_fn(model(x), y).item() for x, y in batches) / len(batches)
+
+
+def test_onebit_adam_before_its_freeze_step_is_adam_without_bias_correction(tmp_path):
+    # DeepSpeed's 1-bit Adam runs plain Adam (no bias correction, decoupled weight decay) on
+    # all-reduced gradients until freeze_step: bitwise the same as Zeal's AdamW configured so.
+    import torch
+
+    got, want = tmp_path / "onebit.pt", tmp_path / "adam.pt"
+    args = ["--steps", 8, "--micro", 4, "--gas", 2, "--stage", 0, "--clip", 1.0, "--teacher"]
+    run_mpi(2, "dp_train.py", *args, "--optimizer", "onebitadam", "--freeze_step", 100, "--out", got)
+    run_mpi(2, "dp_train.py", *args, "--optimizer", "adamw_nobc", "--out", want)
+    for a, b in zip(torch.load(got)["params"], torch.load(want)["params"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_onebit_adam_converges_like_uncompressed_adam(tmp_path, precision):
+    # 100 steps at 2 ranks on a learnable task, compressed from step 16 on (dp_train also checks
+    # that both replicas end with the same weights, which the compressed momentum must keep so).
+    # The held-out loss must come within 3% of uncompressed Adam's (measured: 0.0362 against 0.0412
+    # in fp32, from 0.845 at the start).
+    got, want = tmp_path / "onebit.pt", tmp_path / "adam.pt"
+    args = ["--steps", 100, "--micro", 8, "--gas", 1, "--stage", 0, "--lr", 0.003, "--teacher",
+            "--precision", precision]
+    run_mpi(2, "dp_train.py", *args, "--optimizer", "onebitadam", "--freeze_step", 15, "--out", got)
+    run_mpi(2, "dp_train.py", *args, "--optimizer", "adamw_nobc", "--out", want)
+    onebit, adam = _eval_loss(got), _eval_loss(want)
+    assert onebit <= 1.03 * adam, f"1-bit Adam {onebit:.4f} vs Adam {adam:.4f}"
+    assert onebit < 0.2, f"1-bit Adam did not learn: {onebit:.4f}"

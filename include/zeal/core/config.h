@@ -13,7 +13,7 @@
 namespace zeal {
 
 enum class Precision { kFp32, kFp16, kBf16 };
-enum class OptimizerType { kAdam, kAdamW, kSgd, kLamb, kAdagrad };
+enum class OptimizerType { kAdam, kAdamW, kSgd, kLamb, kAdagrad, kOneBitAdam };
 enum class SchedulerType { kWarmupLR, kWarmupDecayLR, kWarmupCosineLR, kOneCycle, kLRRangeTest };
 // The dtype gradients travel in; kDefault keeps the gradient dtype.
 enum class CommDtype { kDefault, kFp32, kFp16, kBf16 };
@@ -34,6 +34,7 @@ struct OptimizerConfig {
   double min_coeff = 0.01;
   double lr_decay = 0.0;    // Adagrad (torch.optim.Adagrad)
   double initial_accumulator_value = 0.0;
+  int64_t freeze_step = 100000;  // OneBitAdam: steps of full-precision Adam before compression
 };
 
 struct SchedulerConfig {

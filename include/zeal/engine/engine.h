@@ -23,6 +23,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "zeal/comm/communicator.h"
+#include "zeal/comm/compressed.h"
 #include "zeal/core/config.h"
 #include "zeal/engine/grad_reducer.h"
 #include "zeal/offload/optimizer_swapper.h"
@@ -156,6 +157,7 @@ class Engine {
   at::Tensor host_model_copy_;  // offload_optimizer with fp16/bf16: the step's model-dtype output
   at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
   std::unique_ptr<offload::OptimizerSwapper> swapper_;  // offload_optimizer nvme
+  comm::OneBitState onebit_state_;  // OneBitAdam: the compressed all-reduce's error buffers
   std::unique_ptr<zero::ParamPartition> partition_;  // stage 3
   at::Tensor stage3_shard_;                          // handed to partition_ once the reducer exists
   int64_t stage_ = 0;

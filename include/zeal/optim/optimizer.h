@@ -67,8 +67,15 @@ class Optimizer {
   using SumReducer = std::function<void(at::Tensor&)>;
   void set_sum_reducer(SumReducer reducer) { reduce_sums_ = std::move(reducer); }
 
+  // Compressed-communication optimizers (1-bit Adam): whether the coming step wants this rank's
+  // own, unreduced gradients (the engine then skips the gradient all-reduce), and the reducer that
+  // averages the momentum over the ranks in place (the engine's compressed all-reduce).
+  virtual bool local_gradients() const { return false; }
+  void set_momentum_reducer(SumReducer reducer) { reduce_momentum_ = std::move(reducer); }
+
  protected:
   SumReducer reduce_sums_;
+  SumReducer reduce_momentum_;
   at::Tensor model_copy_;
   int64_t step_ = 0;  // optimizer steps taken
 };

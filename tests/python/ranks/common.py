@@ -23,6 +23,13 @@ def global_batch(step, size, seed=1):
     return x, y
 
 
+def teacher_batch(step, size, seed=2):
+    """A learnable task (convergence tests): targets from a fixed random teacher, tanh(x W)."""
+    x, _ = global_batch(step, size, seed)
+    w = torch.randn(IN, OUT, generator=torch.Generator().manual_seed(12345)) / IN ** 0.5
+    return x, torch.tanh(3.0 * x @ w)
+
+
 def micro_slice(step, micro_index, rank, world, micro):
     """Rows of the global batch that rank `rank` uses in micro step `micro_index`."""
     start = (micro_index * world + rank) * micro

@@ -21,7 +21,7 @@ def main():
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=0.0)
     ap.add_argument("--bucket", type=int, default=500)
-    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lamb", "adagrad"])
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lamb", "adagrad", "onebitadam", "adamw_nobc"])
     ap.add_argument("--predivide", type=float, default=0.0, help="prescale_gradients with this factor")
     ap.add_argument("--comm_dtype", default="")
     ap.add_argument("--stage", type=int, default=0)
@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--zero_init", action="store_true", help="build the model under zeal.zero.Init")
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal launcher")
+    ap.add_argument("--freeze_step", type=int, default=10, help="OneBitAdam's freeze_step")
+    ap.add_argument("--teacher", action="store_true", help="learnable targets (common.teacher_batch)")
     args = ap.parse_args()
 
     config = {
@@ -49,6 +51,11 @@ def main():
             "lamb": {"type": "Lamb", "params": {"lr": args.lr, "weight_decay": args.weight_decay}},
             "adagrad": {"type": "Adagrad", "params": {"lr": args.lr, "weight_decay": args.weight_decay,
                                                       "lr_decay": 0.01, "initial_accumulator_value": 0.1}},
+            # 1-bit Adam and its uncompressed twin (DeepSpeed's 1-bit Adam has no bias correction)
+            "onebitadam": {"type": "OneBitAdam", "params": {"lr": args.lr, "weight_decay": args.weight_decay,
+                                                            "freeze_step": args.freeze_step}},
+            "adamw_nobc": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": args.weight_decay,
+                                                       "bias_correction": False}},
         }[args.optimizer],
         "gradient_clipping": args.clip,
         "zero_optimization": {"stage": args.stage, "reduce_bucket_size": args.bucket,
@@ -86,12 +93,16 @@ def main():
     engine, _, _, _ = zeal.initialize(model=model, config=config)
     rank, world = engine.global_rank, engine.world_size
     assert engine.train_batch_size() == args.micro * args.gas * world
+    losses = []  # this rank's mean micro-batch loss per step
     for step in range(args.steps):
-        x, y = common.global_batch(step, engine.train_batch_size())
+        x, y = (common.teacher_batch if args.teacher else common.global_batch)(step, engine.train_batch_size())
         for k in range(args.gas):
             rows = common.micro_slice(step, k, rank, world, args.micro)
             dtype = next(model.parameters()).dtype
             loss = common.loss_fn(engine(x[rows].to(dtype)), y[rows])
+            if k == 0:
+                losses.append(0.0)
+            losses[-1] += loss.item() / args.gas
             engine.backward(loss)
             assert engine.is_gradient_accumulation_boundary() == (k == args.gas - 1)
             engine.step()
@@ -114,7 +125,7 @@ def main():
         torch.save({"params": [p.detach().float().clone() for p in model.parameters()],
                     "buckets": core.num_buckets, "flat_numel": core.flat_numel, "master_numel": core.master_numel,
                     "grad_shard_numel": core.grad_shard_numel, "world": world,
-                    "peak_live": peak_live, "master_device": core.master_device}, args.out)
+                    "peak_live": peak_live, "master_device": core.master_device, "losses": losses}, args.out)
 
 
 if __name__ == "__main__":
