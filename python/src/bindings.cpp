@@ -305,6 +305,16 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("flat_numel", &engine::Engine::flat_numel)
       .def_property_readonly("master_numel", &engine::Engine::master_numel)
       .def_property_readonly("master_device", &engine::Engine::master_location)
+      .def_property_readonly("comms_counts", [](const engine::Engine& e) {
+        py::dict d;
+        for (const auto& [op, c] : e.comms_counts()) {
+          py::dict entry;
+          entry["calls"] = c.calls;
+          entry["bytes"] = c.bytes;
+          d[py::str(op)] = entry;
+        }
+        return d;
+      })
       .def_property_readonly("grad_shard_numel", &engine::Engine::grad_shard_numel)
       .def_property_readonly("model_dtype", [](const engine::Engine& e) { return std::string(c10::toString(e.model_dtype())); })
       .def_property_readonly("train_batch_size", [](const engine::Engine& e) { return e.batch().train_batch_size; })

@@ -168,6 +168,17 @@ class ZealEngine(torch.nn.Module):
     def is_gradient_accumulation_boundary(self):
         return self._core.is_gradient_accumulation_boundary()
 
+    def comms_log_summary(self, show=True):
+        """comms_logger: {op: {"calls": n, "bytes": b}} for this rank since initialize (message
+        bytes: each call's input tensor). With show, rank 0 also prints a table. Empty when the
+        config's comms_logger is off."""
+        counts = self._core.comms_counts
+        if show and counts and self.global_rank == 0:
+            print(f"{'op':<16}{'calls':>10}{'bytes':>16}")
+            for op, c in sorted(counts.items()):
+                print(f"{op:<16}{c['calls']:>10}{c['bytes']:>16}")
+        return counts
+
     def get_lr(self):
         return self._core.get_lr()
 

@@ -441,6 +441,29 @@ void parse_zero(const json& node, ZeroConfig& out) {
   r.finish();
 }
 
+void parse_comms_logger(const json& node, CommsLoggerConfig& out) {
+  Reader r(node, "comms_logger");
+  r.read_bool("enabled", out.enabled);
+  r.read_bool("verbose", out.verbose);
+  r.read_bool("prof_all", out.prof_all);
+  r.read_bool("debug", out.debug);
+  if (r.has("prof_ops")) {
+    static const std::vector<std::string> ops = {"all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce",
+                                                 "all_to_all", "send", "recv", "barrier"};
+    const json& list = r.raw("prof_ops");
+    if (!list.is_array()) r.fail("prof_ops", "a list of op names", list);
+    for (const json& op : list) {
+      const bool known = op.is_string() && std::find(ops.begin(), ops.end(), op.get<std::string>()) != ops.end();
+      if (!known)
+        throw ConfigError("config key 'comms_logger.prof_ops': expected op names (all_reduce, reduce_scatter, "
+                          "all_gather, broadcast, reduce, all_to_all, send, recv, barrier), got " + op.dump() +
+                          (op.is_string() ? did_you_mean(op.get<std::string>(), ops) : std::string()));
+      out.prof_ops.push_back(op.get<std::string>());
+    }
+  }
+  r.finish();
+}
+
 void parse_aio(const json& node, AioConfig& out) {
   Reader r(node, "aio");
   r.read_int("block_size", out.block_size, 1);
@@ -492,9 +515,10 @@ Config Config::from_json(const json& root) {
   r.read_number("gradient_predivide_factor", c.gradient_predivide_factor, 0.0, true);
   r.read_number("comms_timeout_s", c.comms_timeout_s, 0.0, true);
   if (r.has("aio")) parse_aio(r.raw("aio"), c.aio);
+  if (r.has("comms_logger")) parse_comms_logger(r.raw("comms_logger"), c.comms_logger);
   r.reject_not_yet({"pipeline", "tensor_parallel", "activation_checkpointing", "checkpoint", "amp",
                     "flops_profiler", "sparse_attention", "compression_training", "data_efficiency",
-                    "curriculum_learning", "elasticity", "autotuning", "comms_logger", "tensorboard", "wandb",
+                    "curriculum_learning", "elasticity", "autotuning", "tensorboard", "wandb",
                     "csv_monitor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
                     "gradient_accumulation_dtype", "sparse_gradients", "memory_breakdown", "dump_state",
                     "seq_parallel_communication_data_type", "nebula", "moe", "disable_allgather",

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <unordered_set>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include "zeal/comm/comms_logger.h"
 #include "zeal/comm/compressed.h"
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
@@ -36,6 +38,12 @@ at::ScalarType dtype_for(Precision p) {
 Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::CommunicatorPtr world)
     : config_(std::move(config)), world_(std::move(world)) {
   ZEAL_CHECK_AS(ConfigError, world_, "the engine needs a communicator");
+  if (config_.comms_logger.enabled) {
+    const CommsLoggerConfig& c = config_.comms_logger;
+    std::set<std::string> ops;
+    if (!c.prof_all) ops.insert(c.prof_ops.begin(), c.prof_ops.end());
+    world_ = std::make_shared<comm::CountingCommunicator>(world_, ops, c.verbose);
+  }
   batch_ = config_.resolve_batch(world_->size());
   ZEAL_CHECK_AS(ConfigError, config_.optimizer.present,
                 "config key 'optimizer': expected an optimizer section (Adam, AdamW or SGD); passing a torch optimizer "
@@ -230,6 +238,11 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
 }
 
 Engine::~Engine() = default;
+
+std::map<std::string, comm::OpCount> Engine::comms_counts() const {
+  auto* counting = dynamic_cast<comm::CountingCommunicator*>(world_.get());
+  return counting ? counting->counts() : std::map<std::string, comm::OpCount>{};
+}
 
 void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options,
                          bool with_master) {

@@ -68,3 +68,27 @@ def test_onebit_adam_converges_like_uncompressed_adam(tmp_path, precision):
     onebit, adam = _eval_loss(got), _eval_loss(want)
     assert onebit <= 1.03 * adam, f"1-bit Adam {onebit:.4f} vs Adam {adam:.4f}"
     assert onebit < 0.2, f"1-bit Adam did not learn: {onebit:.4f}"
+
+
+def test_comms_logger_shows_onebit_adam_sending_a_16th_after_its_freeze_step():
+    import json
+
+    proc = run_mpi(2, "onebit_comms.py")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("COMMS "))
+    record = json.loads(line[len("COMMS "):])
+    steps, flat = record["steps"], record["flat_numel"]
+    fp32_allreduce = 4 * flat
+    for s in steps[:3]:  # warmup: the gradients all-reduced in fp32, nothing else
+        assert s["all_reduce"]["bytes"] == fp32_allreduce, s
+        assert s.get("all_to_all", {}).get("calls", 0) == 0, s
+    # Compressed: no all_reduce; one all_to_all of the worker signs and three all_gathers (worker
+    # scales, server signs, server scales). Messages as handed to the backend: n / 8 + n / (8 W)
+    # bytes of signs (n padded to a multiple of 8 W) and two floats.
+    padded = -(-flat // 16) * 16
+    for s in steps[3:]:
+        sent = sum(v["bytes"] for v in s.values())
+        assert s.get("all_reduce", {}).get("calls", 0) == 0, s
+        assert s["all_to_all"]["calls"] == 1 and s["all_gather"]["calls"] == 3, s
+        assert sent == padded // 8 + padded // 16 + 8, s
+        assert sent <= fp32_allreduce / 16, (sent, fp32_allreduce)
+    assert "all_reduce" in proc.stdout  # rank 0 printed the table

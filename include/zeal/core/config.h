@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -135,6 +136,15 @@ struct ZeroConfig {
   bool load_from_fp32_weights = true;
 };
 
+// comms_logger: count every collective's calls and message bytes (comm/comms_logger.h).
+struct CommsLoggerConfig {
+  bool enabled = false;
+  bool verbose = false;  // log every op as it is issued
+  bool prof_all = true;  // count every op; else only prof_ops
+  bool debug = false;    // accepted
+  std::vector<std::string> prof_ops;
+};
+
 // The three batch numbers after DeepSpeed's rule: batch = micro * accumulation * data-parallel size.
 struct BatchSizes {
   int64_t train_batch_size;
@@ -155,6 +165,7 @@ struct Config {
   bool wall_clock_breakdown = false;
   ZeroConfig zero_optimization;
   AioConfig aio;
+  CommsLoggerConfig comms_logger;
   CommDtype communication_data_type = CommDtype::kDefault;
   bool prescale_gradients = false;
   double gradient_predivide_factor = 1.0;

@@ -15,6 +15,7 @@
 #include <array>
 #include <chrono>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +23,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "zeal/comm/comms_logger.h"
 #include "zeal/comm/communicator.h"
 #include "zeal/comm/compressed.h"
 #include "zeal/core/config.h"
@@ -80,6 +82,8 @@ class Engine {
   std::string master_location() const { return swapper_ ? "nvme" : master_.device().str(); }
   offload::OptimizerSwapper* swapper() { return swapper_.get(); }  // NVMe offload only, else null
   int64_t grad_shard_numel() const { return grad_shard_.defined() ? grad_shard_.numel() : 0; }
+  // comms_logger: calls and message bytes per op since the engine was made (empty when off).
+  std::map<std::string, comm::OpCount> comms_counts() const;
   // Bytes of training state this rank holds now, by role: params, grads, master, optimizer.
   std::vector<std::pair<std::string, int64_t>> state_bytes() const;
 
