@@ -1,0 +1,145 @@
+"""1-bit Adam over a slow link: 2 ranks in two network namespaces joined by a veth pair whose
+bandwidth `tc` limits (token bucket), the demo GPT (3.2M parameters), the step time of Adam and of
+1-bit Adam after its freeze step. Each rank is started on its own inside its namespace with
+RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (Zeal's rendezvous joins them) and Open MPI's TCP
+transport pinned to the veth, so every byte between them crosses the limited link.
+
+Needs root (ip netns, tc). The namespaces and links are removed at the end.
+
+    python3 benchmarks/onebit.py --rates 1gbit 100mbit --steps 30 --out out/bench/onebit_link.json
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import ROOT, print_table, write_json
+
+SUBNET = "10.213.9"
+NS = ["zeal1b0", "zeal1b1"]
+DEV = ["zeal1bv0", "zeal1bv1"]
+
+
+def sh(*cmd, check=True):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=check)
+
+
+def teardown():
+    for ns in NS:
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def setup(rate):
+    teardown()
+    for ns in NS:
+        sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1])
+    for i, (ns, dev) in enumerate(zip(NS, DEV)):
+        sh("ip", "link", "set", dev, "netns", ns)
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", dev)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        if rate != "unlimited":
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+               "burst", "256kb", "latency", "100ms")
+
+
+RANK_SCRIPT = r"""
+import json, os, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import zeal
+from gpt import GPT
+optimizer, steps, freeze = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+torch.manual_seed(0)
+model = GPT(96, block=128)
+params = {"lr": 1e-3, "weight_decay": 0.01}
+opt = ({"type": "OneBitAdam", "params": {**params, "freeze_step": freeze}} if optimizer == "onebit"
+       else {"type": "AdamW", "params": {**params, "bias_correction": False}})
+config = {"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10**9, "optimizer": opt,
+          "zero_optimization": {"stage": 0, "reduce_bucket_size": 500000}, "comms_timeout_s": 300}
+engine, *_ = zeal.initialize(model=model, config=config)
+g = torch.Generator().manual_seed(rank)
+x = torch.randint(0, 96, (8, 128), generator=g)
+y = torch.randint(0, 96, (8, 128), generator=g)
+times = []
+for step in range(steps):
+    zeal.world().barrier().wait()
+    t0 = time.perf_counter()
+    engine.backward(engine(x, y))
+    engine.step()
+    zeal.world().barrier().wait()
+    times.append(time.perf_counter() - t0)
+if rank == 0:
+    print("TIMES " + json.dumps(times), flush=True)
+"""
+
+
+def run(optimizer, steps, freeze, port):
+    script = Path("/tmp/zeal_onebit_rank.py")
+    script.write_text(RANK_SCRIPT)
+    procs = []
+    for i, (ns, dev) in enumerate(zip(NS, DEV)):
+        env = {**os.environ, "RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(port), "OMPI_MCA_btl": "self,tcp",
+               "OMPI_MCA_btl_tcp_if_include": dev, "OMPI_MCA_oob_tcp_if_include": dev,
+               "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+        cmd = ["ip", "netns", "exec", ns, sys.executable, str(script), str(ROOT / "examples" / "python"), optimizer,
+               str(steps), str(freeze)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=1200)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            sys.exit(f"{optimizer}: ranks did not finish")
+        outs.append(out)
+        if p.returncode != 0:
+            sys.exit(f"{optimizer}: a rank failed ({p.returncode}):\n{out[-4000:]}")
+    line = next(l for l in outs[0].splitlines() if l.startswith("TIMES "))
+    return json.loads(line[len("TIMES "):])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", nargs="+", default=["1gbit", "100mbit"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--freeze_step", type=int, default=5)
+    ap.add_argument("--out", default="out/bench/onebit_link.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("benchmarks/onebit.py needs root (ip netns, tc)")
+    results, rows = [], []
+    port = 29810
+    try:
+        for rate in args.rates:
+            setup(rate)
+            med = {}
+            for optimizer in ("adam", "onebit"):
+                port += 1
+                print(f"onebit: {rate}, {optimizer}, {args.steps} steps ...", flush=True)
+                times = run(optimizer, args.steps, args.freeze_step, port)
+                med[optimizer] = statistics.median(times[args.freeze_step + 2:])  # after the freeze
+                results.append({"rate": rate, "optimizer": optimizer, "times_s": times,
+                                "median_after_freeze_s": med[optimizer]})
+            rows.append([rate, f"{med['adam'] * 1e3:.1f}", f"{med['onebit'] * 1e3:.1f}",
+                         f"{med['adam'] / med['onebit']:.2f}"])
+    finally:
+        teardown()
+    print_table("1-bit Adam over a tc-limited veth, demo GPT (3.2M params), 2 ranks in 2 namespaces, step ms "
+                f"(median after freeze step {args.freeze_step})",
+                ["link", "Adam", "1-bit Adam", "speedup"], rows)
+    write_json(args.out, {"benchmark": "onebit_link", "steps": args.steps, "freeze_step": args.freeze_step,
+                          "results": results})
+
+
+if __name__ == "__main__":
+    main()
