@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
                     help="zero_optimization.offload_optimizer device")
     ap.add_argument("--nvme_path", default="", help="offload_optimizer.nvme_path for --offload nvme")
+    ap.add_argument("--onebit_freeze", type=int, default=0, help="OneBitAdam with this freeze_step instead of AdamW")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -43,6 +44,10 @@ def main():
     }
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if args.onebit_freeze:
+        config["optimizer"] = {"type": "OneBitAdam", "params": {"lr": 1e-2, "weight_decay": 0.01,
+                                                                "freeze_step": args.onebit_freeze}}
+        config["comms_logger"] = {"enabled": True}
     if args.offload != "none":
         config["zero_optimization"]["offload_optimizer"] = {"device": args.offload, "nvme_path": args.nvme_path}
         config["zero_optimization"]["sub_group_size"] = 700  # several swap files per rank
@@ -74,7 +79,8 @@ def main():
         if rank == 0:
             names = [n for n, _ in model.named_parameters()]
             torch.save({"params": {n: p.detach().float().clone() for n, p in zip(names, model.parameters())},
-                        "lr": engine.get_lr(), "steps": engine.global_steps, "client": json.dumps(client)}, args.out)
+                        "lr": engine.get_lr(), "steps": engine.global_steps, "client": json.dumps(client),
+                        "comms": engine.comms_log_summary(show=False)}, args.out)
 
 
 if __name__ == "__main__":
