@@ -54,7 +54,7 @@ def test_onebit_adam_before_its_freeze_step_is_adam_without_bias_correction(tmp_
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_onebit_adam_converges_like_uncompressed_adam(tmp_path, precision):
     # 100 steps at 2 ranks on a learnable task, compressed from step 16 on (dp_train also checks
     # that both replicas end with the same weights, which the compressed momentum must keep so).

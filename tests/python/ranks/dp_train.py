@@ -84,6 +84,8 @@ def main():
         config["communication_data_type"] = args.comm_dtype
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
+    elif args.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
     if args.zero_init:
         with zeal.zero.Init(config_dict_or_path=config):
             model = common.make_model()
