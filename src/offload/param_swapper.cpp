@@ -42,11 +42,20 @@ void ParamSwapper::write(size_t i, const at::Tensor& values) {
 }
 
 at::Tensor ParamSwapper::read(size_t i) {
-  at::Tensor out = aligned_host_tensor(sizes_[i], dtype_);
-  if (sizes_[i] == 0) return out;
-  const int64_t bytes = align_up(static_cast<int64_t>(out.nbytes()));
-  store_.finish_read(file_, offsets_[i], store_.read(file_, out.data_ptr(), bytes, offsets_[i]));
+  auto [out, handle] = start_read(i);
+  finish_read(i, handle);
   return out;
+}
+
+std::pair<at::Tensor, IoHandle> ParamSwapper::start_read(size_t i) {
+  at::Tensor out = aligned_host_tensor(sizes_[i], dtype_);
+  if (sizes_[i] == 0) return {out, nullptr};
+  const int64_t bytes = align_up(static_cast<int64_t>(out.nbytes()));
+  return {out, store_.read(file_, out.data_ptr(), bytes, offsets_[i])};
+}
+
+void ParamSwapper::finish_read(size_t i, const IoHandle& handle) {
+  if (handle) store_.finish_read(file_, offsets_[i], handle);
 }
 
 void ParamSwapper::patch(size_t i, int64_t begin, const at::Tensor& values) {

@@ -1,6 +1,7 @@
 #include "zeal/zero/param_partition.h"
 
 #include <algorithm>
+#include <tuple>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -26,6 +27,7 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   full_.resize(n);
   work_.resize(n);
   staging_.resize(n);
+  read_handle_.resize(n);
   empty_ = at::empty({0}, options_);
   int64_t local = 0;
   for (const Bucket& b : layout.buckets) {
@@ -61,6 +63,13 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
 }
 
 ParamPartition::~ParamPartition() {
+  for (auto& h : read_handle_) {  // reads still filling buffers; no collective is issued here
+    if (!h) continue;
+    try {
+      h->wait();
+    } catch (...) {
+    }
+  }
   for (auto& w : work_) {
     if (w && !w->is_completed()) {
       try {
@@ -133,21 +142,48 @@ void ParamPartition::end_backward() {
 void ParamPartition::fetch(size_t i) {
   if (state_[i] == State::kLive || state_[i] == State::kGathering) return;
   const int64_t c = chunk_size_[i];
-  at::Tensor full = at::empty({c * comm_->size()}, options_);
-  // This rank's chunk: from the swap file, from host memory to the device, or in place.
-  at::Tensor mine = swap_ ? swap_->read(i) : shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
-  if (mine.device() != full.device()) mine = mine.to(full.device());
+  full_[i] = at::empty({c * comm_->size()}, options_);
+  state_[i] = State::kGathering;
+  live_elements_ += full_[i].numel();
+  peak_live_elements_ = std::max(peak_live_elements_, live_elements_);
+  work_[i].reset();
+  if (swap_) {  // Note [Swapped chunk read-ahead]
+    std::tie(staging_[i], read_handle_[i]) = swap_->start_read(i);
+    read_queue_.push_back(i);
+    while (read_queue_.size() > kReadAhead) issue_front();
+    return;
+  }
+  // This rank's chunk, from host memory to the device or in place.
+  staging_[i] = shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
+  read_queue_.push_back(i);
+  issue_front();
+}
+
+void ParamPartition::issue_front() {
+  const size_t i = read_queue_.front();
+  read_queue_.pop_front();
+  if (read_handle_[i]) {
+    offload::IoHandle handle = std::move(read_handle_[i]);
+    swap_->finish_read(i, handle);
+  }
+  at::Tensor mine = staging_[i];
+  if (mine.device() != full_[i].device()) mine = mine.to(full_[i].device());
   if (comm_->size() == 1) {
-    full.copy_(mine);
-    work_[i].reset();
+    full_[i].copy_(mine);
+    staging_[i].reset();
   } else {
     staging_[i] = mine;
-    work_[i] = comm_->all_gather(full, mine, {});
+    work_[i] = comm_->all_gather(full_[i], mine, {});
   }
-  full_[i] = full;
-  state_[i] = State::kGathering;
-  live_elements_ += full.numel();
-  peak_live_elements_ = std::max(peak_live_elements_, live_elements_);
+}
+
+void ParamPartition::issue_queued(size_t until) {
+  if (std::find(read_queue_.begin(), read_queue_.end(), until) == read_queue_.end()) return;
+  for (;;) {
+    const size_t front = read_queue_.front();
+    issue_front();
+    if (front == until) return;
+  }
 }
 
 void ParamPartition::wait(size_t i) {
@@ -158,6 +194,7 @@ void ParamPartition::wait(size_t i) {
 
 void ParamPartition::make_live(size_t i) {
   if (state_[i] == State::kLive) return;
+  issue_queued(i);
   if (work_[i]) work_[i]->wait();
   work_[i].reset();
   staging_[i].reset();
@@ -168,6 +205,7 @@ void ParamPartition::make_live(size_t i) {
 
 void ParamPartition::release(size_t i) {
   if (persistent_[i] || fallback_ || state_[i] == State::kReleased) return;
+  if (state_[i] == State::kGathering) issue_queued(i);  // its read done and its gather issued, as on every rank
   if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();  // never free a buffer MPI is writing
   work_[i].reset();
   staging_[i].reset();
@@ -233,6 +271,7 @@ void ParamPartition::refresh() {
   std::vector<size_t> refresh;
   for (size_t i = 0; i < params_.size(); ++i) {
     if (state_[i] == State::kLive || state_[i] == State::kGathering) {
+      if (state_[i] == State::kGathering) issue_queued(i);
       if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();
       if (state_[i] == State::kLive) live_storage_.erase(full_[i].storage().data());
       live_elements_ -= full_[i].numel();

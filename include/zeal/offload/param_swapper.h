@@ -3,13 +3,15 @@
 // own, in the model's dtype. The stage-3 partition reads a chunk when it gathers the parameter and
 // writes it when the optimizer step (or a GatheredParameters modifier) changes it.
 //
-// Threading: every call runs on the caller's thread and returns when its I/O has completed; the
-// bytes move on the AioEngine's workers, checksummed (Note [Checksums at the I/O edge]).
+// Threading: every call runs on the caller's thread; read/write/patch return when their I/O has
+// completed, start_read when it is queued. The bytes move on the AioEngine's workers, checksummed
+// (Note [Checksums at the I/O edge]).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +31,10 @@ class ParamSwapper {
   void write(size_t i, const at::Tensor& values);
   // Chunk i as a new host tensor of the model's dtype.
   at::Tensor read(size_t i);
+  // The same in two halves, so the read overlaps the caller's work: start_read returns the buffer
+  // being filled and its handle; finish_read waits and checks it (IoError on a mismatch).
+  std::pair<at::Tensor, IoHandle> start_read(size_t i);
+  void finish_read(size_t i, const IoHandle& handle);
   // Elements [begin, begin + n) of chunk i <- values: a read, a patch and a write.
   void patch(size_t i, int64_t begin, const at::Tensor& values);
 

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -129,6 +130,16 @@ class ParamPartition {
   at::TensorOptions options_;  // the full parameters' dtype and device
   std::unique_ptr<offload::ParamSwapper> swap_;
   std::vector<at::Tensor> staging_;  // a gather's input chunk, alive until the gather completes
+  // Note [Swapped chunk read-ahead]: with an NVMe swap, fetch(i) only starts reading chunk i and
+  // queues it; the all_gather of a queued chunk is issued, in queue order, once more than
+  // kReadAhead reads are queued, or when the chunk is needed (make_live, release). Which gathers
+  // are issued at each call depends only on the sequence of calls, never on how fast a read
+  // finished, so every rank issues its collectives in the same order (Note [Stage 3 agreement]).
+  static constexpr size_t kReadAhead = 2;
+  std::deque<size_t> read_queue_;
+  std::vector<offload::IoHandle> read_handle_;
+  void issue_queued(size_t until);  // issue the gathers of the queue, front first, through `until`
+  void issue_front();
   at::Tensor empty_;
   comm::CommunicatorPtr comm_;
   int64_t live_elements_ = 0;
