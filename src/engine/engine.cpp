@@ -425,12 +425,9 @@ void Engine::stage_bucket_on_host(int64_t flat_begin, int64_t flat_end, int64_t 
   if (grad_shard_.defined()) {
     host_grads_.slice(0, shard_begin, shard_end).copy_(grad_shard_.slice(0, shard_begin, shard_end), async);
   } else {
-    for (const zero::OwnedRange& o : owned_) {
-      const int64_t lo = std::max(flat_begin, o.flat_begin), hi = std::min(flat_end, o.flat_end);
-      if (lo >= hi) continue;
-      host_grads_.slice(0, o.local_begin + (lo - o.flat_begin), o.local_begin + (hi - o.flat_begin))
-          .copy_(flat_grads_.slice(0, lo, hi), async);
-    }
+    for (const zero::OwnedPiece& p : zero::owned_pieces_flat(owned_, flat_begin, flat_end))
+      host_grads_.slice(0, p.local_begin, p.local_begin + p.size)
+          .copy_(flat_grads_.slice(0, p.flat_begin, p.flat_begin + p.size), async);
   }
   ++staged_buckets_;
 }
@@ -475,26 +472,18 @@ void Engine::write_model_values(int64_t local_begin, const at::Tensor& values) {
     partition_->write_shard(local_begin, values);
     return;
   }
-  for (const zero::OwnedRange& o : owned_) {
-    const int64_t o_end = o.local_begin + (o.flat_end - o.flat_begin);
-    const int64_t lo = std::max(local_begin, o.local_begin), hi = std::min(local_end, o_end);
-    if (lo >= hi) continue;
-    flat_params_.slice(0, o.flat_begin + (lo - o.local_begin), o.flat_begin + (hi - o.local_begin))
-        .copy_(values.slice(0, lo - local_begin, hi - local_begin));
-  }
+  for (const zero::OwnedPiece& p : zero::owned_pieces_local(owned_, local_begin, local_end))
+    flat_params_.slice(0, p.flat_begin, p.flat_begin + p.size)
+        .copy_(values.slice(0, p.local_begin - local_begin, p.local_begin - local_begin + p.size));
 }
 
 at::Tensor Engine::read_model_values(int64_t local_begin, int64_t local_end) {
   if (stage3_shard_.defined()) return stage3_shard_.slice(0, local_begin, local_end).to(at::kFloat);
   if (partition_) return partition_->read_shard(local_begin, local_end);
   at::Tensor out = at::empty({local_end - local_begin}, at::TensorOptions().dtype(at::kFloat));
-  for (const zero::OwnedRange& o : owned_) {
-    const int64_t o_end = o.local_begin + (o.flat_end - o.flat_begin);
-    const int64_t lo = std::max(local_begin, o.local_begin), hi = std::min(local_end, o_end);
-    if (lo >= hi) continue;
-    out.slice(0, lo - local_begin, hi - local_begin)
-        .copy_(flat_params_.slice(0, o.flat_begin + (lo - o.local_begin), o.flat_begin + (hi - o.local_begin)));
-  }
+  for (const zero::OwnedPiece& p : zero::owned_pieces_local(owned_, local_begin, local_end))
+    out.slice(0, p.local_begin - local_begin, p.local_begin - local_begin + p.size)
+        .copy_(flat_params_.slice(0, p.flat_begin, p.flat_begin + p.size));
   return out;
 }
 
@@ -592,7 +581,7 @@ void Engine::materialize_swapped() {
   const std::vector<std::string>& names = swapper_->names();
   std::vector<at::Tensor> full;
   for (size_t j = 0; j < names.size(); ++j)
-    full.push_back(at::empty({swapper_->end(swapper_->num_sub_groups() - 1)}, at::TensorOptions().dtype(at::kFloat)));
+    full.push_back(at::empty({swapper_->numel()}, at::TensorOptions().dtype(at::kFloat)));
   swapper_->for_each(
       [&](int64_t k, std::vector<at::Tensor>& views) {
         for (size_t j = 0; j < names.size(); ++j) full[j].slice(0, swapper_->begin(k), swapper_->end(k)).copy_(views[j]);

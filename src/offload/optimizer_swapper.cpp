@@ -57,14 +57,14 @@ OptimizerSwapper::OptimizerSwapper(const NvmeSwapConfig& config, int64_t num_ele
                       " available; lower sub_group_size (or turn off pipeline_read / pipeline_write)");
 
   store_ = std::make_unique<SwapStore>(config.nvme_path, "optimizer state", config.aio);
+  // Sub-group k's file: each of its tensors, aligned, one after another.
+  auto file_bytes = [&](int64_t k) {
+    return align_up((end(k) - begin(k)) * static_cast<int64_t>(sizeof(float))) * static_cast<int64_t>(names_.size());
+  };
   int64_t total = 0;
-  for (int64_t k = 0; k < num_sub_groups(); ++k)
-    total += align_up((end(k) - begin(k)) * static_cast<int64_t>(sizeof(float))) * static_cast<int64_t>(names_.size());
+  for (int64_t k = 0; k < num_sub_groups(); ++k) total += file_bytes(k);
   store_->check_free_space(total);
-  for (int64_t k = 0; k < num_sub_groups(); ++k)
-    store_->add_file("optimizer_" + std::to_string(k) + ".swp",
-                     align_up((end(k) - begin(k)) * static_cast<int64_t>(sizeof(float))) *
-                         static_cast<int64_t>(names_.size()));
+  for (int64_t k = 0; k < num_sub_groups(); ++k) store_->add_file("optimizer_" + std::to_string(k) + ".swp", file_bytes(k));
   for (int64_t s = 0; s < sets; ++s) sets_.push_back(std::make_unique<BufferSet>(set_bytes));
   log("offload", LogLevel::kInfo, "optimizer state swapped to ", store_->dir(), ": ", num_sub_groups(),
       " sub-groups of up to ", group, " elements, ", format_bytes(total), " on disk, ", format_bytes(need), " of host buffers");

@@ -58,9 +58,27 @@ int64_t FlatLayout::shard_size(bool partitioned) const {
 
 std::vector<LocalRange> to_local(const std::vector<OwnedRange>& owned, int64_t flat_begin, int64_t flat_end) {
   std::vector<LocalRange> out;
+  for (const OwnedPiece& p : owned_pieces_flat(owned, flat_begin, flat_end))
+    out.push_back({p.local_begin, p.local_begin + p.size});
+  return out;
+}
+
+std::vector<OwnedPiece> owned_pieces_flat(const std::vector<OwnedRange>& owned, int64_t flat_begin, int64_t flat_end) {
+  std::vector<OwnedPiece> out;
   for (const OwnedRange& o : owned) {
     int64_t lo = std::max(o.flat_begin, flat_begin), hi = std::min(o.flat_end, flat_end);
-    if (lo < hi) out.push_back({o.local_begin + (lo - o.flat_begin), o.local_begin + (hi - o.flat_begin)});
+    if (lo < hi) out.push_back({lo, o.local_begin + (lo - o.flat_begin), hi - lo});
+  }
+  return out;
+}
+
+std::vector<OwnedPiece> owned_pieces_local(const std::vector<OwnedRange>& owned, int64_t local_begin,
+                                           int64_t local_end) {
+  std::vector<OwnedPiece> out;
+  for (const OwnedRange& o : owned) {
+    const int64_t o_end = o.local_begin + (o.flat_end - o.flat_begin);
+    int64_t lo = std::max(o.local_begin, local_begin), hi = std::min(o_end, local_end);
+    if (lo < hi) out.push_back({o.flat_begin + (lo - o.local_begin), lo, hi - lo});
   }
   return out;
 }

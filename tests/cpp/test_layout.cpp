@@ -95,3 +95,27 @@ TEST(Layout, FragmentsTileEveryParameterOnce) {
     }
   }
 }
+
+TEST(Layout, OwnedPiecesCarryBothCoordinates) {
+  // Two owned ranges: flat [4, 8) at local 0 and flat [20, 26) at local 4.
+  std::vector<zeal::zero::OwnedRange> owned(2);
+  owned[0].flat_begin = 4, owned[0].flat_end = 8, owned[0].local_begin = 0;
+  owned[1].flat_begin = 20, owned[1].flat_end = 26, owned[1].local_begin = 4;
+  auto by_flat = zeal::zero::owned_pieces_flat(owned, 6, 22);
+  ASSERT_EQ(by_flat.size(), 2u);
+  EXPECT_EQ(by_flat[0].flat_begin, 6);
+  EXPECT_EQ(by_flat[0].local_begin, 2);
+  EXPECT_EQ(by_flat[0].size, 2);
+  EXPECT_EQ(by_flat[1].flat_begin, 20);
+  EXPECT_EQ(by_flat[1].local_begin, 4);
+  EXPECT_EQ(by_flat[1].size, 2);
+  auto by_local = zeal::zero::owned_pieces_local(owned, 3, 7);
+  ASSERT_EQ(by_local.size(), 2u);
+  EXPECT_EQ(by_local[0].flat_begin, 7);
+  EXPECT_EQ(by_local[0].local_begin, 3);
+  EXPECT_EQ(by_local[0].size, 1);
+  EXPECT_EQ(by_local[1].flat_begin, 20);
+  EXPECT_EQ(by_local[1].local_begin, 4);
+  EXPECT_EQ(by_local[1].size, 3);
+  EXPECT_TRUE(zeal::zero::owned_pieces_local(owned, 10, 12).empty());
+}

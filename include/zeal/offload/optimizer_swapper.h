@@ -44,6 +44,7 @@ class OptimizerSwapper {
   int64_t num_sub_groups() const { return static_cast<int64_t>(bounds_.size()) - 1; }
   int64_t begin(int64_t k) const { return bounds_[static_cast<size_t>(k)]; }
   int64_t end(int64_t k) const { return bounds_[static_cast<size_t>(k) + 1]; }
+  int64_t numel() const { return bounds_.back(); }  // elements over all sub-groups
   const std::vector<std::string>& names() const { return names_; }
 
   // visit(k, views): views[j] is names()[j] over elements [begin(k), end(k)), fp32, host.

@@ -53,6 +53,18 @@ struct LocalRange {
 };
 std::vector<LocalRange> to_local(const std::vector<OwnedRange>& owned, int64_t flat_begin, int64_t flat_end);
 
+// The same intersections with both coordinates: `size` elements at flat_begin of the flat buffer
+// and at local_begin of this rank's owned elements. The query range is given in flat coordinates
+// (owned_pieces_flat) or in local ones (owned_pieces_local); pieces come in local order.
+struct OwnedPiece {
+  int64_t flat_begin = 0;
+  int64_t local_begin = 0;
+  int64_t size = 0;
+};
+std::vector<OwnedPiece> owned_pieces_flat(const std::vector<OwnedRange>& owned, int64_t flat_begin, int64_t flat_end);
+std::vector<OwnedPiece> owned_pieces_local(const std::vector<OwnedRange>& owned, int64_t local_begin,
+                                           int64_t local_end);
+
 // The fragment table: which elements of which parameter a rank holds, and where in its shard.
 // Elements [begin, end) of parameter `param` (flattened) sit at [local, local + end - begin) of
 // the rank's shard buffers (master weights, optimizer state, gradient shard). This is what
