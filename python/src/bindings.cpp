@@ -315,6 +315,7 @@ PYBIND11_MODULE(_zeal, m) {
         }
         return d;
       })
+      .def_property_readonly("skipped_comm_rounds", &engine::Engine::skipped_comm_rounds)
       .def_property_readonly("grad_shard_numel", &engine::Engine::grad_shard_numel)
       .def_property_readonly("model_dtype", [](const engine::Engine& e) { return std::string(c10::toString(e.model_dtype())); })
       .def_property_readonly("train_batch_size", [](const engine::Engine& e) { return e.batch().train_batch_size; })

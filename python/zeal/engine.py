@@ -177,7 +177,15 @@ class ZealEngine(torch.nn.Module):
             print(f"{'op':<16}{'calls':>10}{'bytes':>16}")
             for op, c in sorted(counts.items()):
                 print(f"{op:<16}{c['calls']:>10}{c['bytes']:>16}")
+            skipped = self._core.skipped_comm_rounds
+            if skipped:
+                print(f"{'(skipped rounds)':<16}{skipped:>10}{0:>16}")
         return counts
+
+    @property
+    def skipped_comm_rounds(self):
+        """Steps on which the optimizer communicated nothing (0/1 Adam's local steps)."""
+        return self._core.skipped_comm_rounds
 
     def get_lr(self):
         return self._core.get_lr()

@@ -187,23 +187,25 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
   out.present = true;
   if (!r.has("type")) throw ConfigError("config key 'optimizer.type': expected a string naming the optimizer, got nothing");
   // DeepSpeed matches optimizer names case-insensitively.
-  static const std::vector<std::string> later = {"ZeroOneAdam", "OneBitLamb", "Lion", "MuAdam",
-                                                 "MuAdamW", "MuSGD", "AdamW8bit"};
+  static const std::vector<std::string> later = {"Lion", "MuAdam", "MuAdamW", "MuSGD", "AdamW8bit"};
   if (r.raw("type").is_string()) {
     std::string given = r.raw("type").get<std::string>();
     for (const auto& name : later)
       if (iequals(given, name))
         throw ConfigError("config key 'optimizer.type': \"" + given +
-                          "\" is not supported yet; this Zeal version has Adam, AdamW, SGD, Lamb, Adagrad and OneBitAdam");
+                          "\" is not supported yet; this Zeal version has Adam, AdamW, SGD, Lamb, Adagrad, OneBitAdam, ZeroOneAdam and OneBitLamb");
   }
-  std::string type = r.read_choice("type", {"Adam", "AdamW", "SGD", "Lamb", "Adagrad", "OneBitAdam"}, "Adam",
-                                   /*case_insensitive=*/true);
+  std::string type = r.read_choice("type", {"Adam", "AdamW", "SGD", "Lamb", "Adagrad", "OneBitAdam", "ZeroOneAdam",
+                                            "OneBitLamb"},
+                                   "Adam", /*case_insensitive=*/true);
   out.type = type == "Adam"         ? OptimizerType::kAdam
              : type == "AdamW"      ? OptimizerType::kAdamW
              : type == "SGD"        ? OptimizerType::kSgd
              : type == "Lamb"       ? OptimizerType::kLamb
-             : type == "OneBitAdam" ? OptimizerType::kOneBitAdam
-                                    : OptimizerType::kAdagrad;
+             : type == "OneBitAdam"  ? OptimizerType::kOneBitAdam
+             : type == "ZeroOneAdam" ? OptimizerType::kZeroOneAdam
+             : type == "OneBitLamb"  ? OptimizerType::kOneBitLamb
+                                     : OptimizerType::kAdagrad;
   if (out.type == OptimizerType::kAdagrad) {  // torch.optim.Adagrad's defaults, as DeepSpeed passes params on
     out.lr = 1e-2;
     out.eps = 1e-10;
@@ -236,13 +238,37 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
       p.read_number("eps", out.eps, 0.0, /*exclusive=*/true);
       p.read_bool("bias_correction", out.bias_correction);
       if (out.type == OptimizerType::kAdam) p.read_bool("adam_w_mode", out.adam_w_mode);
-      if (out.type == OptimizerType::kOneBitAdam) {
-        p.read_int("freeze_step", out.freeze_step, 1);
+      if (out.compressed()) {
+        if (out.type == OptimizerType::kZeroOneAdam) {
+          p.read_int("var_freeze_step", out.var_freeze_step, 1);
+          p.read_int("var_update_scaler", out.var_update_scaler, 1);
+          p.read_int("local_step_scaler", out.local_step_scaler, 1);
+          p.read_int("local_step_clipper", out.local_step_clipper, 1);
+        } else {
+          p.read_int("freeze_step", out.freeze_step, 1);
+        }
         bool cuda_aware = false;  // accepted: Zeal's communicator moves device tensors itself
         p.read_bool("cuda_aware", cuda_aware);
-        p.read_choice("comm_backend_name", {"nccl", "mpi", "compressed"}, "nccl");  // accepted: the engine's backend is used
+        p.read_choice("comm_backend_name", {"nccl", "mpi", "compressed", "hccl"}, "nccl");  // accepted: the engine's backend is used
+        bool eps_inside_sqrt = false;
+        p.read_bool("eps_inside_sqrt", eps_inside_sqrt);
+        if (eps_inside_sqrt)
+          throw ConfigError("config key 'optimizer.params.eps_inside_sqrt': true is not supported (eps is added to the "
+                            "square root, DeepSpeed's default)");
       }
-      if (out.type == OptimizerType::kLamb) {
+      if (out.type == OptimizerType::kOneBitLamb) {
+        p.read_number("coeff_beta", out.coeff_beta, 0.0);
+        p.read_number("factor_max", out.factor_max, 0.0);
+        p.read_number("factor_min", out.factor_min, 0.0);
+        p.read_number("factor_threshold", out.factor_threshold, 0.0);
+        if (out.coeff_beta >= 1.0)
+          throw ConfigError("config key 'optimizer.params.coeff_beta': expected a number in [0, 1), got " +
+                            std::to_string(out.coeff_beta));
+        if (out.factor_max < out.factor_min)
+          throw ConfigError("config key 'optimizer.params.factor_max': expected a number >= factor_min (" +
+                            std::to_string(out.factor_min) + "), got " + std::to_string(out.factor_max));
+      }
+      if (out.type == OptimizerType::kLamb || out.type == OptimizerType::kOneBitLamb) {
         p.read_number("min_coeff", out.min_coeff, 0.0);
         p.read_number("max_coeff", out.max_coeff, 0.0);
         if (out.max_coeff < out.min_coeff)
@@ -484,6 +510,31 @@ void parse_aio(const json& node, AioConfig& out) {
   r.finish();
 }
 
+// The compressed optimizers and the ZeRO stages they work with (docs/compression.md).
+void check_compressed_optimizer(const Config& c) {
+  const OptimizerConfig& o = c.optimizer;
+  if (!o.compressed()) return;
+  const std::string name = to_string(o.type);
+  const int stage = c.zero_optimization.stage;
+  if (o.type == OptimizerType::kOneBitAdam && stage > 1)
+    throw ConfigError("config key 'zero_optimization.stage': OneBitAdam works with ZeRO stage 0 or 1, got " +
+                      std::to_string(stage) +
+                      " (past its freeze step every rank keeps the whole momentum and reduces none of the gradients, "
+                      "so there is nothing for stage 2 or 3 to partition)");
+  if (o.type == OptimizerType::kZeroOneAdam && stage != 0)
+    throw ConfigError("config key 'zero_optimization.stage': ZeroOneAdam works with ZeRO stage 0 only, got " +
+                      std::to_string(stage) +
+                      " (its local steps update every parameter on every rank with that rank's own momentum and "
+                      "variance, so no optimizer state can be partitioned)");
+  if (o.type == OptimizerType::kOneBitLamb && stage != 0)
+    throw ConfigError("config key 'zero_optimization.stage': OneBitLamb works with ZeRO stage 0 in this Zeal "
+                      "version, got " + std::to_string(stage) + " (OneBitAdam also works with stage 1)");
+  if (c.zero_optimization.offload_optimizer.enabled)
+    throw ConfigError("config key 'zero_optimization.offload_optimizer': " + name +
+                      " cannot be offloaded (its compressed momentum lives beside the model); remove the section or "
+                      "set device \"none\"");
+}
+
 }  // namespace
 
 Config Config::from_json(const json& root) {
@@ -527,9 +578,7 @@ Config Config::from_json(const json& root) {
   r.finish();
   if (c.fp16.enabled && c.bf16)
     throw ConfigError("config keys 'fp16.enabled' and 'bf16.enabled' are both true: choose one precision");
-  if (c.optimizer.type == OptimizerType::kOneBitAdam && c.zero_optimization.stage != 0)
-    throw ConfigError("config key 'zero_optimization.stage': OneBitAdam with ZeRO stage " +
-                      std::to_string(c.zero_optimization.stage) + " is not supported yet (stage 0 is)");
+  check_compressed_optimizer(c);
   return c;
 }
 
@@ -607,6 +656,8 @@ const char* to_string(OptimizerType type) {
     case OptimizerType::kLamb: return "Lamb";
     case OptimizerType::kAdagrad: return "Adagrad";
     case OptimizerType::kOneBitAdam: return "OneBitAdam";
+    case OptimizerType::kZeroOneAdam: return "ZeroOneAdam";
+    case OptimizerType::kOneBitLamb: return "OneBitLamb";
   }
   return "?";
 }

@@ -149,7 +149,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   if (offload && !(device_.is_cpu() && model_dtype_ == at::kFloat)) host_grads_options_ = host;
   const int64_t sub_group = nvme ? std::max<int64_t>(1, std::min(config_.zero_optimization.sub_group_size, shard)) : shard;
   optimizer_ = optim::make_optimizer(config_.optimizer, sub_group, offload ? at::Device(at::kCPU) : device_,
-                                     static_cast<int64_t>(params_.size()));
+                                     static_cast<int64_t>(params_.size()), partitioned_);
   if (nvme) {
     init_swap(shard);
   } else if (offload && model_dtype_ != at::kFloat) {
@@ -159,10 +159,11 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     host_model_copy_.copy_(master_);  // elements no segment covers (padding) keep their values
     optimizer_->set_model_copy(host_model_copy_);
   }
-  if (config_.optimizer.type == OptimizerType::kOneBitAdam && world_->size() > 1)
-    optimizer_->set_momentum_reducer([this](at::Tensor& momentum) {
-      comm::compressed_all_reduce(*world_, momentum, onebit_state_);
-    });
+  if (config_.optimizer.compressed() && world_->size() > 1)
+    optimizer_->set_compressed_averager(
+        [this](at::Tensor& values) { comm::compressed_all_reduce(*world_, values, onebit_state_); },
+        [this] { onebit_state_.reset(); });
+  if (partitioned_) optimizer_->set_gatherer([this](const at::Tensor& local) { return gather_whole(local); });
   if (optimizer_->per_tensor()) {
     // One segment per owned piece of each parameter; a parameter's pieces may sit on several ranks,
     // so the optimizer's per-tensor sums are added across them.
@@ -195,6 +196,28 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
         segment.end = r.local_end;
         segments_.push_back(segment);
         segment_group_.push_back(g);
+      }
+      if (partitioned_ && config_.optimizer.compressed()) {
+        // Owned pieces with both coordinates, unowned stretches with flat ones only.
+        auto add = [&](int64_t flat_begin, int64_t flat_end, int64_t local_begin, bool owned) {
+          optim::ParamGroup segment = groups_[g];
+          segment.flat_begin = flat_begin;
+          segment.flat_end = flat_end;
+          segment.begin = owned ? local_begin : 0;
+          segment.end = owned ? local_begin + (flat_end - flat_begin) : 0;
+          flat_segments_.push_back(segment);
+          flat_segment_group_.push_back(g);
+        };
+        std::vector<zero::OwnedPiece> pieces = zero::owned_pieces_flat(owned_, lo, hi);
+        std::sort(pieces.begin(), pieces.end(),
+                  [](const zero::OwnedPiece& a, const zero::OwnedPiece& b) { return a.flat_begin < b.flat_begin; });
+        int64_t cursor = lo;
+        for (const zero::OwnedPiece& piece : pieces) {
+          if (piece.flat_begin > cursor) add(cursor, piece.flat_begin, 0, false);
+          add(piece.flat_begin, piece.flat_begin + piece.size, piece.local_begin, true);
+          cursor = piece.flat_begin + piece.size;
+        }
+        if (cursor < hi) add(cursor, hi, 0, false);
       }
     }
   }
@@ -243,6 +266,8 @@ std::map<std::string, comm::OpCount> Engine::comms_counts() const {
   auto* counting = dynamic_cast<comm::CountingCommunicator*>(world_.get());
   return counting ? counting->counts() : std::map<std::string, comm::OpCount>{};
 }
+
+int64_t Engine::skipped_comm_rounds() const { return optimizer_->skipped_rounds(); }
 
 void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options,
                          bool with_master) {
@@ -342,12 +367,15 @@ void Engine::step() {
   // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
   // (stage 2 reduce-scattered them into grad_shard_).
   at::Tensor grads;
+  const bool flat_step = optimizer_->wants_flat_segments();
   if (host_grads_options_ && staged_buckets_ == static_cast<int64_t>(reducer_->num_buckets())) {
     grads = host_grads_;  // offload: staged on the host bucket by bucket as the reduction finished them
     log("engine", LogLevel::kDebug, "step ", global_steps_ + 1, ": gradients staged on the host in ", staged_buckets_,
         " buckets during backward");
     if (device_.is_cuda()) (void)at::zeros({1}, at::TensorOptions().device(device_)).item<float>();
     // (a blocking read on the same stream: the non-blocking bucket copies queued before it are done)
+  } else if (flat_step) {
+    grads = flat_grads_;  // replicated optimizer state (stage 1): this rank's whole, unreduced gradient
   } else {
     grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
   }
@@ -365,7 +393,7 @@ void Engine::step() {
   bool need_norm = config_.precision() == Precision::kFp16 || config_.gradient_clipping > 0.0;
   bool overflow = false;
   if (need_norm) {
-    last_grad_norm_ = global_norm(grads, 1.0 / scaler_.scale());
+    last_grad_norm_ = global_norm(grads, 1.0 / scaler_.scale(), partitioned_ && !flat_step);
     overflow = config_.precision() == Precision::kFp16 && !std::isfinite(last_grad_norm_);
   } else if (scaler_.scale() != 1.0) {
     grads.mul_(1.0 / scaler_.scale());
@@ -391,17 +419,18 @@ void Engine::step() {
       segments_[k].lr = groups_[segment_group_[k]].lr;
       segments_[k].betas = groups_[segment_group_[k]].betas;
     }
+    for (size_t k = 0; k < flat_segments_.size(); ++k) {
+      flat_segments_[k].lr = groups_[flat_segment_group_[k]].lr;
+      flat_segments_[k].betas = groups_[flat_segment_group_[k]].betas;
+    }
     if (swapper_) {
       step_swapped(grads);
     } else {
-      optimizer_->step(master_, grads, segments_);
+      optimizer_->step(master_, grads, flat_step ? flat_segments_ : segments_);
       publish_parameters(optimizer_->writes_model_copy() ? host_model_copy_ : master_);
     }
     scaler_.update(false);
     apply_lr(++scheduler_iteration_);
-    if (config_.optimizer.type == OptimizerType::kOneBitAdam && optimizer_->steps_taken() == config_.optimizer.freeze_step)
-      log("engine", LogLevel::kInfo, "OneBitAdam: variance frozen after ", optimizer_->steps_taken(),
-          " steps; from now on the momentum travels as 1-bit compressed all-reduce");
   }
   if (grad_shard_.defined()) grad_shard_.zero_();
   if (flat_grads_.defined()) flat_grads_.zero_();
@@ -438,13 +467,21 @@ at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
   return at::cat(pieces);
 }
 
-double Engine::global_norm(const at::Tensor& grads, double inv_scale) {
+double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool partitioned) {
   const double local = optim::unscale_and_sum_squares(grads, inv_scale);
-  if (!partitioned_ || world_->size() == 1) return std::sqrt(local);
+  if (!partitioned || world_->size() == 1) return std::sqrt(local);
   // Each rank holds a disjoint part of the gradient: sum the squares across ranks.
   at::Tensor sum_sq = at::full({1}, local, at::TensorOptions().dtype(at::kDouble).device(grads.device()));
   all_reduce_sum(sum_sq);
   return std::sqrt(sum_sq.item<double>());
+}
+
+at::Tensor Engine::gather_whole(const at::Tensor& local) {
+  at::Tensor whole = at::zeros({layout_.total}, local.options());
+  for (const zero::OwnedPiece& p : zero::owned_pieces_local(owned_, 0, local.numel()))
+    whole.slice(0, p.flat_begin, p.flat_begin + p.size).copy_(local.slice(0, p.local_begin, p.local_begin + p.size));
+  if (world_->size() > 1) all_reduce_sum(whole);  // exact: every element is one rank's value plus zeros
+  return whole;
 }
 
 void Engine::all_reduce_sum(at::Tensor& values) {

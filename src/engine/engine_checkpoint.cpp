@@ -93,6 +93,7 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
                      {"skipped_steps", skipped_steps_},
                      {"scheduler_iteration", scheduler_iteration_},
                      {"optimizer_steps", optimizer_->steps_taken()},
+                     {"optimizer_scalars", optimizer_->scalars()},
                      {"lr", get_lr()},
                      {"loss_scaler",
                       {{"scale", s.scale},
@@ -138,8 +139,10 @@ std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& l
   agree_or_throw(world_, error, "checkpoint load");
   publish_parameters(master_);
   if (swapper_) release_swapped(true);
-  // 1-bit Adam's error buffers are not saved: they start from zero after a load, as DeepSpeed's do.
+  // The compressed optimizers' error buffers are not saved: they start from zero after a load, as
+  // DeepSpeed's do (each rank's differ, and they would tie the checkpoint to its world size).
   onebit_state_.reset();
+  if (master_.defined()) optimizer_->state_loaded(master_);
   zero_grad();
   log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
   return result;
@@ -190,6 +193,8 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::str
     // The model-dtype weights follow from the master weights (publish_parameters, by the caller).
     for (const std::string& name : m.state_names) fill(name, optimizer_->state(name));
     optimizer_->set_steps_taken(engine.at("optimizer_steps").get<int64_t>());
+    if (engine.contains("optimizer_scalars"))
+      optimizer_->restore_scalars(engine.at("optimizer_scalars").get<std::map<std::string, std::vector<double>>>());
     const json& s = engine.at("loss_scaler");
     scaler_.restore({s.at("scale").get<double>(), s.at("current_hysteresis").get<int64_t>(),
                      s.at("iteration").get<int64_t>(), s.at("last_overflow_iteration").get<int64_t>()});

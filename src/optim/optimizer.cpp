@@ -1,12 +1,16 @@
 #include "zeal/optim/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/sqrt.h>
 #include <ATen/ops/zeros.h>
 
 #include "zeal/core/error.h"
+#include "zeal/core/logging.h"
 #include "zeal/features.h"
 #include "zeal/optim/cpu_optim.h"
 #if ZEAL_WITH_CUDA
@@ -236,17 +240,45 @@ class Lamb : public WithMoments {
   int64_t num_tensors_;
 };
 
+// The flat range a segment's replicated state covers (ParamGroup::flat_begin), its local range
+// where none is given (below stage 1 the two coordinates agree).
+std::pair<int64_t, int64_t> flat_range(const ParamGroup& g) {
+  return g.flat_begin >= 0 ? std::pair{g.flat_begin, g.flat_end} : std::pair{g.begin, g.end};
+}
+
+// p <- p - lr (m / (sqrt(v) + eps) + weight_decay p): the update the compressed optimizers share
+// (DeepSpeed's: no bias correction, weight decay decoupled).
+void apply_frozen_adam(at::Tensor& p, const at::Tensor& m, const at::Tensor& v, const ParamGroup& g) {
+  if (g.weight_decay != 0.0) p.mul_(1.0 - g.lr * g.weight_decay);
+  p.addcdiv_(m, v.sqrt().add_(g.eps), -g.lr);
+}
+
+// Note [Replicated momentum]
+// Past its freeze step 1-bit Adam averages the ranks' momenta, m_r = beta1 m + (1 - beta1) g_r, with
+// the compressed all-reduce, which needs every rank's whole m_r. Under ZeRO stage 1 the optimizer
+// state is partitioned; so at the first compressed step every rank gathers the whole momentum once,
+// in full precision, and from then on keeps it whole. The compressed average leaves the same
+// momentum on every rank, so the copies stay identical with no further gathers. The variance and
+// the master weights stay partitioned: each rank updates its owned elements and the engine
+// all-gathers the parameters as at any stage-1 step. The compressed all-reduce sees the same flat
+// tensor as it does below stage 1, so stages 0 and 1 give the same results. After each step the
+// owned part is copied into the partitioned exp_avg (what checkpoints save); a checkpoint load
+// drops the whole copy, and the next compressed step gathers it again.
+
 // DeepSpeed's 1-bit Adam (OnebitAdam). Steps 1..freeze_step: Adam on the all-reduced gradients,
 // without bias correction, weight decay decoupled. After that the variance is frozen, gradients
 // stay local (local_gradients()), and each step the momentum is updated from this rank's gradient
-// and averaged over the ranks by the momentum reducer (the error-compensated 1-bit all-reduce,
+// and averaged over the ranks by the compressed averager (the error-compensated 1-bit all-reduce,
 // comm/compressed.h), which leaves the same momentum on every rank; the update divides it by the
 // frozen variance.
 class OneBitAdam : public WithMoments {
  public:
-  OneBitAdam(int64_t freeze_step, int64_t n, at::Device device) : WithMoments(n, device), freeze_step_(freeze_step) {}
+  OneBitAdam(int64_t freeze_step, int64_t n, at::Device device, bool partitioned)
+      : WithMoments(n, device), freeze_step_(freeze_step), partitioned_(partitioned) {}
 
   bool local_gradients() const override { return step_ >= freeze_step_; }
+  bool wants_flat_segments() const override { return partitioned_ && local_gradients(); }
+  void state_loaded(const at::Tensor&) override { whole_momentum_ = at::Tensor(); }
 
   void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
     if (step_ <= freeze_step_) {
@@ -261,30 +293,319 @@ class OneBitAdam : public WithMoments {
                         nullptr);
           continue;
         }
-        if (g.weight_decay != 0.0) p.mul_(1.0 - g.lr * g.weight_decay);
         m.mul_(g.betas[0]).add_(grad, 1.0 - g.betas[0]);
         v.mul_(g.betas[1]).addcmul_(grad, grad, 1.0 - g.betas[1]);
-        p.addcdiv_(m, v.sqrt().add_(g.eps), -g.lr);
+        apply_frozen_adam(p, m, v, g);
       }
+      if (step_ == freeze_step_)
+        log("optim", LogLevel::kInfo, "OneBitAdam: variance frozen after ", step_,
+            " steps; from now on the momentum travels as 1-bit compressed all-reduce");
       return;
     }
+    // Below stage 1 the whole momentum is exp_avg itself; at stage 1 a replicated copy.
+    at::Tensor m = partitioned_ ? whole_momentum() : exp_avg_;
     for (const ParamGroup& g : groups) {
-      if (g.end == g.begin) continue;
-      exp_avg_.slice(0, g.begin, g.end).mul_(g.betas[0]).add_(grads.slice(0, g.begin, g.end), 1.0 - g.betas[0]);
+      auto [fb, fe] = flat_range(g);
+      if (fe > fb) m.slice(0, fb, fe).mul_(g.betas[0]).add_(grads.slice(0, fb, fe), 1.0 - g.betas[0]);
     }
-    if (reduce_momentum_) reduce_momentum_(exp_avg_);
+    if (average_) average_(m);
     for (const ParamGroup& g : groups) {
       if (g.end == g.begin) continue;
+      auto [fb, fe] = flat_range(g);
       at::Tensor p = params.slice(0, g.begin, g.end);
-      if (g.weight_decay != 0.0) p.mul_(1.0 - g.lr * g.weight_decay);
-      p.addcdiv_(exp_avg_.slice(0, g.begin, g.end), exp_avg_sq_.slice(0, g.begin, g.end).sqrt().add_(g.eps), -g.lr);
+      apply_frozen_adam(p, m.slice(0, fb, fe), exp_avg_sq_.slice(0, g.begin, g.end), g);
+      if (partitioned_) exp_avg_.slice(0, g.begin, g.end).copy_(m.slice(0, fb, fe));
     }
   }
 
   const char* name() const override { return "OneBitAdam"; }
 
  private:
+  at::Tensor& whole_momentum() {
+    if (!whole_momentum_.defined()) {
+      ZEAL_INTERNAL_ASSERT(gather_, "OneBitAdam at ZeRO stage 1 without a gatherer");
+      whole_momentum_ = gather_(exp_avg_);
+    }
+    return whole_momentum_;
+  }
   int64_t freeze_step_;
+  bool partitioned_;
+  at::Tensor whole_momentum_;  // Note [Replicated momentum]
+};
+
+// DeepSpeed's 0/1 Adam (ZeroOneAdam, arXiv:2202.06009), with its parameter names and policies.
+// Phase 1 (steps 1..var_freeze_step): the variance is updated only on steps that are multiples of
+// var_interval, from gradients all-reduced in full precision; on the others the gradients stay
+// local and are averaged by the compressed all-reduce, and only the momentum moves. var_interval
+// starts at 1 and doubles after every var_update_scaler variance updates.
+// Phase 2: the variance is frozen and each rank takes local steps with its own gradients; every
+// local_step_interval steps the ranks synchronise: the distance each rank's parameters moved since
+// the last synchronisation, scaled by sqrt(v) + eps, is averaged compressed, the momentum is
+// rebuilt from it and the parameters are set to the anchor plus the averaged move. The interval
+// starts at 1 and doubles (up to local_step_clipper) every local_step_scaler steps.
+// Unlike DeepSpeed, which accumulates the updates in a buffer and subtracts them again, Zeal keeps
+// the anchor (the parameters at the last synchronisation): after each synchronisation every rank
+// holds bitwise the same parameters, so replicas never drift apart by rounding.
+class ZeroOneAdam : public WithMoments {
+ public:
+  ZeroOneAdam(const OptimizerConfig& c, int64_t n, at::Device device)
+      : WithMoments(n, device),
+        var_freeze_step_(c.var_freeze_step),
+        var_update_scaler_(c.var_update_scaler),
+        local_step_scaler_(c.local_step_scaler),
+        local_step_clipper_(c.local_step_clipper) {}
+
+  bool local_gradients() const override { return frozen_ || (step_ + 1) % var_interval_ != 0; }
+
+  void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
+    if (!frozen_)
+      variance_phase(params, grads, groups);
+    else
+      local_step_phase(params, grads, groups);
+  }
+
+  const char* name() const override { return "ZeroOneAdam"; }
+
+  std::map<std::string, std::vector<double>> scalars() const override {
+    return {{"var_interval", {static_cast<double>(var_interval_)}},
+            {"var_counter", {static_cast<double>(var_counter_)}},
+            {"local_step_interval", {static_cast<double>(local_interval_)}},
+            {"local_step_counter", {static_cast<double>(local_counter_)}},
+            {"frozen", {frozen_ ? 1.0 : 0.0}}};
+  }
+  void restore_scalars(const std::map<std::string, std::vector<double>>& saved) override {
+    auto get = [&](const char* key, int64_t fallback) {
+      auto it = saved.find(key);
+      return it == saved.end() || it->second.empty() ? fallback : static_cast<int64_t>(it->second[0]);
+    };
+    var_interval_ = get("var_interval", 1);
+    var_counter_ = get("var_counter", 0);
+    local_interval_ = get("local_step_interval", 1);
+    local_counter_ = get("local_step_counter", 0);
+    frozen_ = get("frozen", 0) != 0;
+  }
+  // A load is a synchronisation point: every rank restarts from the saved parameters (rank 0's)
+  // with nothing accumulated since.
+  void state_loaded(const at::Tensor& params) override {
+    anchor_ = frozen_ ? params.clone() : at::Tensor();
+    lrs_.clear();
+  }
+
+ private:
+  void variance_phase(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) {
+    const bool variance_step = step_ % var_interval_ == 0;
+    at::Tensor g = grads;
+    if (!variance_step && average_) average_(g);  // the engine's fp32 gradient buffer, averaged in place
+    for (const ParamGroup& s : groups) {
+      if (s.end == s.begin) continue;
+      at::Tensor grad = g.slice(0, s.begin, s.end);
+      at::Tensor m = exp_avg_.slice(0, s.begin, s.end);
+      at::Tensor v = exp_avg_sq_.slice(0, s.begin, s.end);
+      m.mul_(s.betas[0]).add_(grad, 1.0 - s.betas[0]);
+      if (variance_step) v.mul_(s.betas[1]).addcmul_(grad, grad, 1.0 - s.betas[1]);
+      at::Tensor p = params.slice(0, s.begin, s.end);
+      apply_frozen_adam(p, m, v, s);
+    }
+    if (variance_step && ++var_counter_ == var_update_scaler_) {
+      var_counter_ = 0;
+      var_interval_ *= 2;
+    }
+    if (step_ >= var_freeze_step_) {
+      frozen_ = true;
+      if (reset_errors_) reset_errors_();  // the errors will be of parameter moves, not gradients
+      anchor_ = params.clone();
+      log("optim", LogLevel::kInfo, "ZeroOneAdam: variance frozen after ", step_,
+          " steps; from now on local steps, synchronised by 1-bit compressed all-reduce");
+    }
+  }
+
+  void local_step_phase(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) {
+    if (!anchor_.defined()) anchor_ = params.clone();
+    if (lrs_.size() != groups.size()) lrs_.assign(groups.size(), 0.0);
+    for (size_t k = 0; k < groups.size(); ++k) {
+      const ParamGroup& s = groups[k];
+      if (s.end == s.begin) continue;
+      at::Tensor m = exp_avg_.slice(0, s.begin, s.end);
+      m.mul_(s.betas[0]).add_(grads.slice(0, s.begin, s.end), 1.0 - s.betas[0]);
+      at::Tensor p = params.slice(0, s.begin, s.end);
+      apply_frozen_adam(p, m, exp_avg_sq_.slice(0, s.begin, s.end), s);
+      lrs_[k] += s.lr;
+    }
+    if (step_ % local_interval_ == 0) {
+      // The move since the anchor, in momentum units (times sqrt(v) + eps), averaged over the ranks.
+      at::Tensor move = params - anchor_;
+      std::vector<at::Tensor> denoms(groups.size());
+      for (size_t k = 0; k < groups.size(); ++k) {
+        const ParamGroup& s = groups[k];
+        if (s.end == s.begin) continue;
+        denoms[k] = exp_avg_sq_.slice(0, s.begin, s.end).sqrt().add_(s.eps);
+        move.slice(0, s.begin, s.end).mul_(denoms[k]);
+      }
+      if (average_) average_(move);
+      for (size_t k = 0; k < groups.size(); ++k) {
+        const ParamGroup& s = groups[k];
+        if (s.end == s.begin) continue;
+        at::Tensor mv = move.slice(0, s.begin, s.end);
+        if (lrs_[k] != 0.0) exp_avg_.slice(0, s.begin, s.end).copy_(mv).div_(-lrs_[k]);
+        at::Tensor p = params.slice(0, s.begin, s.end);
+        at::add_out(p, anchor_.slice(0, s.begin, s.end), mv.div_(denoms[k]));
+        lrs_[k] = 0.0;
+      }
+      anchor_.copy_(params);
+    } else {
+      ++skipped_rounds_;
+    }
+    if (++local_counter_ == local_step_scaler_) {
+      local_counter_ = 0;
+      local_interval_ = std::min(local_step_clipper_, 2 * local_interval_);
+    }
+  }
+
+  int64_t var_freeze_step_, var_update_scaler_, local_step_scaler_, local_step_clipper_;
+  int64_t var_interval_ = 1, var_counter_ = 0;
+  int64_t local_interval_ = 1, local_counter_ = 0;
+  bool frozen_ = false;
+  at::Tensor anchor_;        // phase 2: the parameters at the last synchronisation
+  std::vector<double> lrs_;  // phase 2: per segment, the sum of the learning rates since then
+};
+
+// DeepSpeed's 1-bit LAMB (OnebitLamb, arXiv:2104.06069), with its parameter names. Steps
+// 1..freeze_step: LAMB (no bias correction) on all-reduced gradients, each parameter's
+// coefficient ||p|| / ||update|| clamped to [min_coeff, max_coeff], and a running average of that
+// coefficient (coeff_beta) kept per parameter. At freeze_step the variance is frozen and copied to
+// a "fresh" variance. After it: the momentum, scaled per parameter so that every parameter's
+// momentum has the same RMS (scaling fixed at the first compressed step), is averaged compressed;
+// the fresh variance follows the gradients reconstructed from the averaged momentum, and each
+// parameter's coefficient is its frozen average times a factor, max((sqrt(v) + eps) /
+// (sqrt(v_fresh) + eps)), clamped to [factor_min, factor_max] and to within factor_threshold of
+// the previous step's factor.
+class OneBitLamb : public WithMoments {
+ public:
+  OneBitLamb(const OptimizerConfig& c, int64_t n, int64_t num_tensors, at::Device device)
+      : WithMoments(n, device),
+        freeze_step_(c.freeze_step),
+        min_coeff_(c.min_coeff),
+        max_coeff_(c.max_coeff),
+        coeff_beta_(c.coeff_beta),
+        factor_max_(c.factor_max),
+        factor_min_(c.factor_min),
+        factor_threshold_(c.factor_threshold),
+        exp_avg_sq_fresh_(at::zeros({n}, exp_avg_.options())),
+        coeff_freeze_(num_tensors, 0.0),
+        last_factor_(num_tensors, 1.0) {}
+
+  bool per_tensor() const override { return true; }
+  bool local_gradients() const override { return step_ >= freeze_step_; }
+  const char* name() const override { return "OneBitLamb"; }
+
+  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq", "exp_avg_sq_fresh"}; }
+  at::Tensor& state(const std::string& name) override {
+    if (name == "exp_avg_sq_fresh") return exp_avg_sq_fresh_;
+    return WithMoments::state(name);
+  }
+  std::map<std::string, std::vector<double>> scalars() const override {
+    return {{"lamb_coeff_freeze", coeff_freeze_}, {"last_factor", last_factor_}, {"scaling_coeff", scaling_}};
+  }
+  void restore_scalars(const std::map<std::string, std::vector<double>>& saved) override {
+    auto get = [&](const char* key, std::vector<double>& into) {
+      auto it = saved.find(key);
+      if (it == saved.end()) return;
+      ZEAL_CHECK_AS(CheckpointError, it->second.empty() || it->second.size() == into.size(), "OneBitLamb: the checkpoint's ",
+                    key, " has ", it->second.size(), " entries, the model ", into.size(), " parameters");
+      if (!it->second.empty()) into = it->second;
+    };
+    get("lamb_coeff_freeze", coeff_freeze_);
+    get("last_factor", last_factor_);
+    auto it = saved.find("scaling_coeff");
+    scaling_ = it == saved.end() ? std::vector<double>{} : it->second;
+  }
+
+  void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) override {
+    if (step_ <= freeze_step_) {
+      warmup(params, grads, segments);
+      return;
+    }
+    if (scaling_.empty()) momentum_scaling(segments);
+    const at::Tensor last = exp_avg_.clone();
+    for (const ParamGroup& s : segments) {
+      if (s.end == s.begin) continue;
+      exp_avg_.slice(0, s.begin, s.end)
+          .mul_(s.betas[0])
+          .add_(grads.slice(0, s.begin, s.end), 1.0 - s.betas[0])
+          .mul_(scaling_[s.tensor]);
+    }
+    if (average_) average_(exp_avg_);
+    for (const ParamGroup& s : segments) {
+      if (s.end == s.begin) continue;
+      const double b1 = s.betas[0], b2 = s.betas[1];
+      at::Tensor p = params.slice(0, s.begin, s.end);
+      at::Tensor m = exp_avg_.slice(0, s.begin, s.end).div_(scaling_[s.tensor]);
+      at::Tensor fresh = exp_avg_sq_fresh_.slice(0, s.begin, s.end);
+      at::Tensor grad = (m - last.slice(0, s.begin, s.end) * b1).div_(1.0 - b1);  // reconstructed
+      fresh.mul_(b2).addcmul_(grad, grad, 1.0 - b2);
+      at::Tensor denom = exp_avg_sq_.slice(0, s.begin, s.end).sqrt().add_(s.eps);
+      at::Tensor prelim = m / denom;
+      at::Tensor update = s.weight_decay > 0.0 ? prelim + p * s.weight_decay : prelim;
+      double factor = (denom / fresh.sqrt().add_(s.eps)).max().item<double>();
+      if (s.weight_decay > 0.0) {
+        const double ratio = std::min(1.0, prelim.norm().item<double>() / update.norm().item<double>());
+        factor = factor * ratio + (1.0 - ratio);
+      }
+      double& last_factor = last_factor_[s.tensor];
+      factor = std::clamp(factor, factor_min_, factor_max_);
+      factor = std::clamp(factor, last_factor * (1.0 - factor_threshold_), last_factor * (1.0 + factor_threshold_));
+      last_factor = factor;
+      p.add_(update, -s.lr * coeff_freeze_[s.tensor] * factor);
+    }
+  }
+
+ private:
+  void warmup(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) {
+    for (const ParamGroup& s : segments) {
+      if (s.end == s.begin) continue;
+      at::Tensor p = params.slice(0, s.begin, s.end);
+      at::Tensor grad = grads.slice(0, s.begin, s.end);
+      at::Tensor m = exp_avg_.slice(0, s.begin, s.end);
+      at::Tensor v = exp_avg_sq_.slice(0, s.begin, s.end);
+      m.mul_(s.betas[0]).add_(grad, 1.0 - s.betas[0]);
+      v.mul_(s.betas[1]).addcmul_(grad, grad, 1.0 - s.betas[1]);
+      at::Tensor update = m / v.sqrt().add_(s.eps);
+      if (s.weight_decay > 0.0) update.add_(p, s.weight_decay);
+      const double weight_norm = p.norm().item<double>(), update_norm = update.norm().item<double>();
+      double coeff = 1.0;
+      if (weight_norm != 0.0 && update_norm != 0.0) coeff = std::clamp(weight_norm / update_norm, min_coeff_, max_coeff_);
+      if (coeff != 1.0) coeff_freeze_[s.tensor] = coeff_beta_ * coeff_freeze_[s.tensor] + (1.0 - coeff_beta_) * coeff;
+      p.add_(update, -s.lr * coeff);
+    }
+    if (step_ == freeze_step_) {
+      exp_avg_sq_fresh_.copy_(exp_avg_sq_);
+      log("optim", LogLevel::kInfo, "OneBitLamb: variance and coefficients frozen after ", step_,
+          " steps; from now on the momentum travels as 1-bit compressed all-reduce");
+    }
+  }
+
+  // Per parameter, the factor that brings its momentum's RMS to the mean RMS over all parameters
+  // (fixed once, at the first compressed step): one scale per compressed chunk then fits them all.
+  void momentum_scaling(const std::vector<ParamGroup>& segments) {
+    std::vector<double> rms(coeff_freeze_.size(), 0.0);
+    for (const ParamGroup& s : segments) {
+      if (s.end == s.begin) continue;
+      rms[s.tensor] = exp_avg_.slice(0, s.begin, s.end).norm().item<double>() / std::sqrt(double(s.end - s.begin));
+    }
+    double mean = 0.0;
+    for (double r : rms) mean += r;
+    mean /= static_cast<double>(std::max<size_t>(1, rms.size()));
+    scaling_.assign(rms.size(), 1.0);
+    for (size_t t = 0; t < rms.size(); ++t)
+      if (rms[t] > 0.0) scaling_[t] = mean / rms[t];
+  }
+
+  int64_t freeze_step_;
+  double min_coeff_, max_coeff_, coeff_beta_, factor_max_, factor_min_, factor_threshold_;
+  at::Tensor exp_avg_sq_fresh_;
+  std::vector<double> coeff_freeze_;  // per parameter: the running average of the warmup coefficient
+  std::vector<double> last_factor_;   // per parameter: the previous step's factor
+  std::vector<double> scaling_;       // per parameter: the momentum scaling (empty until compression)
 };
 
 // Adagrad as torch.optim.Adagrad (lr_decay, L2 weight decay, initial accumulator value).
@@ -332,7 +653,7 @@ int64_t Optimizer::state_bytes() const {
 }
 
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t n, at::Device device,
-                                          int64_t num_tensors) {
+                                          int64_t num_tensors, bool partitioned) {
   switch (config.type) {
     case OptimizerType::kAdam:
       return std::make_unique<Adam>(config.adam_w_mode, config.bias_correction, n, device,
@@ -346,7 +667,11 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t
     case OptimizerType::kAdagrad:
       return std::make_unique<Adagrad>(config.lr_decay, config.initial_accumulator_value, n, device);
     case OptimizerType::kOneBitAdam:
-      return std::make_unique<OneBitAdam>(config.freeze_step, n, device);
+      return std::make_unique<OneBitAdam>(config.freeze_step, n, device, partitioned);
+    case OptimizerType::kZeroOneAdam:
+      return std::make_unique<ZeroOneAdam>(config, n, device);
+    case OptimizerType::kOneBitLamb:
+      return std::make_unique<OneBitLamb>(config, n, num_tensors, device);
   }
   ZEAL_INTERNAL_ASSERT(false, "unhandled optimizer type");
   return nullptr;

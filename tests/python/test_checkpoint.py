@@ -177,3 +177,46 @@ def test_onebit_adam_resumes_across_its_freeze_step(tmp_path, save_at):
         _, again = train(2, tmp_path, "again", stage=0, until=10, load=ckpt, onebit_freeze=4)
         assert max_rel_diff(again["params"], resumed["params"]) == 0.0
         assert max_rel_diff(resumed["params"], whole["params"]) > 0.0
+
+
+@pytest.mark.parametrize("save_at", [2, 6])
+def test_zero_one_adam_resumes_with_its_intervals(tmp_path, save_at):
+    # var_freeze_step 4, var_update_scaler 2, local_step_scaler 2, local_step_clipper 4: variance
+    # steps 1, 2, 4 (step 3 compressed), then local steps with synchronisations at 5, 6, 8 and
+    # skipped rounds at 7, 9, 10. Saved at step 2 (nothing compressed yet, so no error buffer to
+    # lose) the resume is bitwise the uninterrupted run: the interval counters came back. Saved at
+    # the synchronisation of step 6, the intervals come back too (the same rounds are skipped),
+    # the error buffers restart at zero, and two resumes agree bitwise.
+    ckpt = tmp_path / "ckpt"
+    kw = dict(stage=0, onebit_freeze=4, compressed="ZeroOneAdam")
+    _, whole = train(2, tmp_path, "whole", until=10, **kw)
+    train(2, tmp_path, "first", until=save_at, save_at=[save_at], save_dir=ckpt, **kw)
+    _, resumed = train(2, tmp_path, "resumed", until=10, load=ckpt, **kw)
+    assert whole["skipped_rounds"] == 3 and resumed["skipped_rounds"] == 3, (whole["skipped_rounds"],
+                                                                             resumed["skipped_rounds"])
+    if save_at == 2:
+        assert max_rel_diff(resumed["params"], whole["params"]) == 0.0
+    else:
+        _, again = train(2, tmp_path, "again", until=10, load=ckpt, **kw)
+        assert max_rel_diff(again["params"], resumed["params"]) == 0.0
+
+
+@pytest.mark.parametrize("save_at", [3, 6])
+def test_onebit_lamb_resumes_with_its_frozen_coefficients(tmp_path, save_at):
+    # freeze_step 4. Before it the resume is bitwise. After it the frozen LAMB coefficients, the
+    # last factors and the momentum scaling come back from the checkpoint: the resumed run keeps
+    # training (a coefficient lost to zero would leave the weights where they were saved), and two
+    # resumes agree bitwise. (How far it lands from the uninterrupted run says little: the error
+    # buffers restarted, and with the variance frozen after 4 steps a sign bit moves an element
+    # whose variance is still tiny a long way, in either run.)
+    ckpt = tmp_path / "ckpt"
+    kw = dict(stage=0, onebit_freeze=4, compressed="OneBitLamb")
+    _, whole = train(2, tmp_path, "whole", until=10, **kw)
+    _, first = train(2, tmp_path, "first", until=save_at, save_at=[save_at], save_dir=ckpt, **kw)
+    _, resumed = train(2, tmp_path, "resumed", until=10, load=ckpt, **kw)
+    if save_at < 4:
+        assert max_rel_diff(resumed["params"], whole["params"]) == 0.0
+    else:
+        assert max_rel_diff(resumed["params"], first["params"]) > 1e-3
+        _, again = train(2, tmp_path, "again", until=10, load=ckpt, **kw)
+        assert max_rel_diff(again["params"], resumed["params"]) == 0.0

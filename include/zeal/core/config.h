@@ -14,7 +14,7 @@
 namespace zeal {
 
 enum class Precision { kFp32, kFp16, kBf16 };
-enum class OptimizerType { kAdam, kAdamW, kSgd, kLamb, kAdagrad, kOneBitAdam };
+enum class OptimizerType { kAdam, kAdamW, kSgd, kLamb, kAdagrad, kOneBitAdam, kZeroOneAdam, kOneBitLamb };
 enum class SchedulerType { kWarmupLR, kWarmupDecayLR, kWarmupCosineLR, kOneCycle, kLRRangeTest };
 // The dtype gradients travel in; kDefault keeps the gradient dtype.
 enum class CommDtype { kDefault, kFp32, kFp16, kBf16 };
@@ -35,7 +35,22 @@ struct OptimizerConfig {
   double min_coeff = 0.01;
   double lr_decay = 0.0;    // Adagrad (torch.optim.Adagrad)
   double initial_accumulator_value = 0.0;
-  int64_t freeze_step = 100000;  // OneBitAdam: steps of full-precision Adam before compression
+  int64_t freeze_step = 100000;  // OneBitAdam, OneBitLamb: steps of uncompressed warmup
+  // ZeroOneAdam (DeepSpeed's names and defaults)
+  int64_t var_freeze_step = 100000;  // the last step that may update the variance
+  int64_t var_update_scaler = 16;    // variance updates per interval before the interval doubles
+  int64_t local_step_scaler = 32678; // local steps per local-step interval before it doubles
+  int64_t local_step_clipper = 16;   // the longest local-step interval
+  // OneBitLamb (DeepSpeed's names and defaults)
+  double coeff_beta = 0.9;       // running average of the LAMB coefficient during warmup
+  double factor_max = 4.0;       // bounds of the scaling factor on the frozen coefficient
+  double factor_min = 0.5;
+  double factor_threshold = 0.1; // how far the factor may move in one step
+  // Whether the optimizer communicates compressed (1-bit) after a warmup.
+  bool compressed() const {
+    return type == OptimizerType::kOneBitAdam || type == OptimizerType::kZeroOneAdam ||
+           type == OptimizerType::kOneBitLamb;
+  }
 };
 
 struct SchedulerConfig {

@@ -84,6 +84,8 @@ class Engine {
   int64_t grad_shard_numel() const { return grad_shard_.defined() ? grad_shard_.numel() : 0; }
   // comms_logger: calls and message bytes per op since the engine was made (empty when off).
   std::map<std::string, comm::OpCount> comms_counts() const;
+  // Communication rounds the optimizer skipped (0/1 Adam's local steps).
+  int64_t skipped_comm_rounds() const;
   // Bytes of training state this rank holds now, by role: params, grads, master, optimizer.
   std::vector<std::pair<std::string, int64_t>> state_bytes() const;
 
@@ -123,7 +125,9 @@ class Engine {
   void log_step();
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
   // Unscales grads in place (by inv_scale) and returns the L2 norm of the result over all ranks.
-  double global_norm(const at::Tensor& grads, double inv_scale);
+  double global_norm(const at::Tensor& grads, double inv_scale, bool partitioned);
+  // The whole flat buffer from every rank's owned values of it (a sum all-reduce over zeros).
+  at::Tensor gather_whole(const at::Tensor& local);
   void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
   // The updated weights (the fp32 master, or the model-dtype copy the optimizer wrote beside it)
   // -> the model's parameters on every rank.
@@ -171,6 +175,10 @@ class Engine {
   std::vector<optim::ParamGroup> groups_;     // the user's groups (lr, betas, ...)
   std::vector<optim::ParamGroup> segments_;   // their pieces in local (owned) coordinates
   std::vector<size_t> segment_group_;
+  // ZeRO stage 1 with replicated optimizer state (Note [Replicated momentum] in optim/optimizer.cpp):
+  // the groups' whole flat ranges, cut where this rank's ownership starts and ends.
+  std::vector<optim::ParamGroup> flat_segments_;
+  std::vector<size_t> flat_segment_group_;
   std::vector<double> base_lrs_;
   std::unique_ptr<GradReducer> reducer_;
   std::unique_ptr<optim::Optimizer> optimizer_;

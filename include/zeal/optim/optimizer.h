@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,6 +28,12 @@ struct ParamGroup {
   double eps = 1e-8;
   double momentum = 0.0;
   int64_t tensor = -1;  // per-tensor optimizers: the parameter this segment is (a piece of)
+  // Flat-buffer coordinates, for the optimizers that keep state over the whole flat buffer on every
+  // rank (1-bit Adam past its freeze step under ZeRO stage 1; see Note [Replicated momentum]):
+  // [flat_begin, flat_end) is the flat range this segment covers, and begin/end its owned part in
+  // local coordinates (begin == end where this rank owns none of it). -1: not given.
+  int64_t flat_begin = -1;
+  int64_t flat_end = -1;
 };
 
 class Optimizer {
@@ -67,22 +74,48 @@ class Optimizer {
   using SumReducer = std::function<void(at::Tensor&)>;
   void set_sum_reducer(SumReducer reducer) { reduce_sums_ = std::move(reducer); }
 
-  // Compressed-communication optimizers (1-bit Adam): whether the coming step wants this rank's
-  // own, unreduced gradients (the engine then skips the gradient all-reduce), and the reducer that
-  // averages the momentum over the ranks in place (the engine's compressed all-reduce).
+  // Compressed-communication optimizers (1-bit Adam, 0/1 Adam, 1-bit LAMB).
+  // local_gradients(): whether the coming step wants this rank's own, unreduced gradients (the
+  // engine then skips the gradient all-reduce). The engine hands them the error-compensated 1-bit
+  // averaging over the ranks (comm/compressed.h), in place, and a way to zero its error buffers.
   virtual bool local_gradients() const { return false; }
-  void set_momentum_reducer(SumReducer reducer) { reduce_momentum_ = std::move(reducer); }
+  void set_compressed_averager(SumReducer average, std::function<void()> reset_errors) {
+    average_ = std::move(average);
+    reset_errors_ = std::move(reset_errors);
+  }
+  // Rounds of gradient or momentum communication the method skipped (0/1 Adam's local steps).
+  int64_t skipped_rounds() const { return skipped_rounds_; }
+
+  // ZeRO stage 1 with replicated state (Note [Replicated momentum]): wants_flat_segments() says the
+  // coming step takes this rank's whole flat fp32 gradient and segments in flat coordinates
+  // (ParamGroup::flat_begin); the gatherer turns a local (owned-elements) tensor into the whole
+  // flat one, every rank's owned values in place.
+  virtual bool wants_flat_segments() const { return false; }
+  using Gatherer = std::function<at::Tensor(const at::Tensor&)>;
+  void set_gatherer(Gatherer gather) { gather_ = std::move(gather); }
+
+  // Scalar state beyond the per-element tensors (interval counters, per-tensor coefficients),
+  // saved in checkpoints beside them; restore_scalars() takes what scalars() gave.
+  virtual std::map<std::string, std::vector<double>> scalars() const { return {}; }
+  virtual void restore_scalars(const std::map<std::string, std::vector<double>>& /*saved*/) {}
+  // A checkpoint was loaded into params (local, fp32) and state(): drop what derives from them.
+  virtual void state_loaded(const at::Tensor& /*params*/) {}
 
  protected:
   SumReducer reduce_sums_;
-  SumReducer reduce_momentum_;
+  SumReducer average_;
+  std::function<void()> reset_errors_;
+  Gatherer gather_;
+  int64_t skipped_rounds_ = 0;
   at::Tensor model_copy_;
   int64_t step_ = 0;  // optimizer steps taken
 };
 
 // Builds the optimizer a config asks for, its state on `device`.
-// num_tensors: how many parameters the segments may name (per-tensor optimizers).
+// num_tensors: how many parameters the segments may name (per-tensor optimizers); partitioned:
+// whether the elements are this rank's ZeRO partition (stage >= 1).
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t num_elements,
-                                          at::Device device = at::kCPU, int64_t num_tensors = 0);
+                                          at::Device device = at::kCPU, int64_t num_tensors = 0,
+                                          bool partitioned = false);
 
 }  // namespace zeal::optim

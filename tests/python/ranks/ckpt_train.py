@@ -30,6 +30,8 @@ def main():
                     help="zero_optimization.offload_optimizer device")
     ap.add_argument("--nvme_path", default="", help="offload_optimizer.nvme_path for --offload nvme")
     ap.add_argument("--onebit_freeze", type=int, default=0, help="OneBitAdam with this freeze_step instead of AdamW")
+    ap.add_argument("--compressed", default="OneBitAdam", choices=["OneBitAdam", "ZeroOneAdam", "OneBitLamb"],
+                    help="with --onebit_freeze: the compressed optimizer (its freeze_step or var_freeze_step)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -45,8 +47,11 @@ def main():
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
     if args.onebit_freeze:
-        config["optimizer"] = {"type": "OneBitAdam", "params": {"lr": 1e-2, "weight_decay": 0.01,
-                                                                "freeze_step": args.onebit_freeze}}
+        params = {"lr": 1e-2, "weight_decay": 0.01, "freeze_step": args.onebit_freeze}
+        if args.compressed == "ZeroOneAdam":
+            params = {"lr": 1e-2, "weight_decay": 0.01, "var_freeze_step": args.onebit_freeze,
+                      "var_update_scaler": 2, "local_step_scaler": 2, "local_step_clipper": 4}
+        config["optimizer"] = {"type": args.compressed, "params": params}
         config["comms_logger"] = {"enabled": True}
     if args.offload != "none":
         config["zero_optimization"]["offload_optimizer"] = {"device": args.offload, "nvme_path": args.nvme_path}
@@ -80,7 +85,8 @@ def main():
             names = [n for n, _ in model.named_parameters()]
             torch.save({"params": {n: p.detach().float().clone() for n, p in zip(names, model.parameters())},
                         "lr": engine.get_lr(), "steps": engine.global_steps, "client": json.dumps(client),
-                        "comms": engine.comms_log_summary(show=False)}, args.out)
+                        "comms": engine.comms_log_summary(show=False),
+                        "skipped_rounds": engine.skipped_comm_rounds}, args.out)
 
 
 if __name__ == "__main__":

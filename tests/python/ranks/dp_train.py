@@ -21,7 +21,8 @@ def main():
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=0.0)
     ap.add_argument("--bucket", type=int, default=500)
-    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lamb", "adagrad", "onebitadam", "adamw_nobc"])
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lamb", "adagrad", "onebitadam", "adamw_nobc",
+                                                            "zerooneadam", "onebitlamb", "lamb_nobc"])
     ap.add_argument("--predivide", type=float, default=0.0, help="prescale_gradients with this factor")
     ap.add_argument("--comm_dtype", default="")
     ap.add_argument("--stage", type=int, default=0)
@@ -38,7 +39,11 @@ def main():
     ap.add_argument("--zero_init", action="store_true", help="build the model under zeal.zero.Init")
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal launcher")
-    ap.add_argument("--freeze_step", type=int, default=10, help="OneBitAdam's freeze_step")
+    ap.add_argument("--freeze_step", type=int, default=10, help="OneBitAdam's and OneBitLamb's freeze_step")
+    ap.add_argument("--var_freeze_step", type=int, default=10, help="ZeroOneAdam's var_freeze_step")
+    ap.add_argument("--var_update_scaler", type=int, default=4, help="ZeroOneAdam's var_update_scaler")
+    ap.add_argument("--local_step_scaler", type=int, default=8, help="ZeroOneAdam's local_step_scaler")
+    ap.add_argument("--local_step_clipper", type=int, default=4, help="ZeroOneAdam's local_step_clipper")
     ap.add_argument("--teacher", action="store_true", help="learnable targets (common.teacher_batch)")
     args = ap.parse_args()
 
@@ -56,6 +61,15 @@ def main():
                                                             "freeze_step": args.freeze_step}},
             "adamw_nobc": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": args.weight_decay,
                                                        "bias_correction": False}},
+            "zerooneadam": {"type": "ZeroOneAdam", "params": {
+                "lr": args.lr, "weight_decay": args.weight_decay, "var_freeze_step": args.var_freeze_step,
+                "var_update_scaler": args.var_update_scaler, "local_step_scaler": args.local_step_scaler,
+                "local_step_clipper": args.local_step_clipper}},
+            # 1-bit LAMB and its uncompressed twin (no bias correction either)
+            "onebitlamb": {"type": "OneBitLamb", "params": {"lr": args.lr, "weight_decay": args.weight_decay,
+                                                            "freeze_step": args.freeze_step}},
+            "lamb_nobc": {"type": "Lamb", "params": {"lr": args.lr, "weight_decay": args.weight_decay,
+                                                     "bias_correction": False}},
         }[args.optimizer],
         "gradient_clipping": args.clip,
         "zero_optimization": {"stage": args.stage, "reduce_bucket_size": args.bucket,
@@ -107,6 +121,7 @@ def main():
             losses[-1] += loss.item() / args.gas
             engine.backward(loss)
             assert engine.is_gradient_accumulation_boundary() == (k == args.gas - 1)
+            skipped_before = engine.skipped_comm_rounds
             engine.step()
     assert engine.global_steps == args.steps, engine.global_steps
     peak_live = engine._core.peak_live_elements if args.stage == 3 else 0  # before gathering all below
@@ -121,7 +136,9 @@ def main():
     comm = zeal.world()
     comm.all_reduce(hi, "max").wait()
     comm.all_reduce(lo, "min").wait()
-    assert torch.equal(hi, lo), "replicas diverged"
+    # 0/1 Adam's replicas differ between synchronisations, by design; after one they are equal.
+    synced = engine.skipped_comm_rounds == skipped_before
+    assert torch.equal(hi, lo) or not synced, "replicas diverged"
     if rank == 0:
         core = engine._core
         torch.save({"params": [p.detach().float().clone() for p in model.parameters()],
