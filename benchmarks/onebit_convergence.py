@@ -1,7 +1,12 @@
-"""1-bit Adam against uncompressed Adam on the demo model: the same run twice at 2 ranks (the demo's
-char-level GPT, data, schedule and clipping), once with OneBitAdam (compressed after freeze_step)
-and once with AdamW without bias correction (what 1-bit Adam runs before its freeze step). Writes
-both loss curves to one PNG, prints the mean loss of the last 50 steps and their ratio, writes JSON.
+"""The compressed optimizers against their uncompressed twins on the demo model: the same run at 2
+ranks (the demo's char-level GPT, data, schedule and clipping) with
+  - AdamW without bias correction (what 1-bit and 0/1 Adam run before they compress),
+  - OneBitAdam (compressed after freeze_step),
+  - ZeroOneAdam (variance frozen after freeze_step, then local steps; --local_step_scaler and
+    --local_step_clipper set how many rounds it skips),
+  - Lamb without bias correction, and OneBitLamb (compressed after freeze_step).
+Writes the curves to one PNG (Adam family left, LAMB family right), prints the mean loss of the
+last 50 steps and each method's ratio to its twin, writes JSON.
 
     python3 benchmarks/onebit_convergence.py --steps 300 --freeze_step 100 --out out/bench/onebit
 """
@@ -41,43 +46,66 @@ def main():
     ap.add_argument("--freeze_step", type=int, default=100)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out", default="out/bench/onebit")
+    ap.add_argument("--local_step_scaler", type=int, default=32)
+    ap.add_argument("--local_step_clipper", type=int, default=4)
+    ap.add_argument("--lamb_lr", type=float, default=1e-2)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these methods (others are read from --out)")
     args = ap.parse_args()
 
     base = json.loads((ROOT / "configs" / "gpt_dp.json").read_text())
     base["scheduler"]["params"]["total_num_steps"] = args.steps
     params = dict(base["optimizer"]["params"])
-    adam = {**base, "optimizer": {"type": "AdamW", "params": {**params, "bias_correction": False}}}
-    onebit = {**base, "optimizer": {"type": "OneBitAdam", "params": {**params, "freeze_step": args.freeze_step}},
-              "comms_logger": {"enabled": False}}
+    lamb = {**params, "lr": args.lamb_lr, "bias_correction": False}
+    methods = {
+        "adam": {"type": "AdamW", "params": {**params, "bias_correction": False}},
+        "onebit_adam": {"type": "OneBitAdam", "params": {**params, "freeze_step": args.freeze_step}},
+        "zeroone_adam": {"type": "ZeroOneAdam", "params": {
+            **params, "var_freeze_step": args.freeze_step, "local_step_scaler": args.local_step_scaler,
+            "local_step_clipper": args.local_step_clipper}},
+        "lamb": {"type": "Lamb", "params": lamb},
+        "onebit_lamb": {"type": "OneBitLamb", "params": {**lamb, "freeze_step": args.freeze_step}},
+    }
+    twin = {"onebit_adam": "adam", "zeroone_adam": "adam", "onebit_lamb": "lamb"}
+    labels = {"adam": "Adam (uncompressed)", "onebit_adam": "1-bit Adam", "zeroone_adam": "0/1 Adam",
+              "lamb": "LAMB (uncompressed)", "onebit_lamb": "1-bit LAMB"}
     out = Path(args.out)
     losses = {}
-    for name, config in (("adam", adam), ("onebit_adam", onebit)):
+    for name, optimizer in methods.items():
+        if args.only is not None and name not in args.only:
+            with open(out / name / "loss.csv") as f:
+                losses[name] = [float(r["loss"]) for r in csv.DictReader(f)]
+            continue
         print(f"onebit_convergence: {name}, {args.steps} steps on {args.ranks} ranks ...", flush=True)
-        losses[name] = run(config, out / name, args.steps, args.ranks)
+        losses[name] = run({**base, "optimizer": optimizer}, out / name, args.steps, args.ranks)
 
     tail = {name: sum(v[-50:]) / len(v[-50:]) for name, v in losses.items()}
-    ratio = tail["onebit_adam"] / tail["adam"]
+    ratio = {name: tail[name] / tail[twin[name]] for name in twin}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, label in (("adam", "Adam (uncompressed)"), ("onebit_adam", "1-bit Adam")):
-        ax.plot(range(1, len(losses[name]) + 1), smooth(losses[name]), lw=2, label=label)
-    ax.axvline(args.freeze_step, color="gray", ls="--", lw=1, label=f"freeze_step {args.freeze_step}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/char), 20-step average")
-    ax.set_title(f"Demo GPT, {args.ranks} ranks: 1-bit Adam vs Adam")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, family, title in ((axes[0], ("adam", "onebit_adam", "zeroone_adam"), "Adam family"),
+                              (axes[1], ("lamb", "onebit_lamb"), "LAMB family")):
+        for name in family:
+            ax.plot(range(1, len(losses[name]) + 1), smooth(losses[name]), lw=2, label=labels[name])
+        ax.axvline(args.freeze_step, color="gray", ls="--", lw=1, label=f"freeze step {args.freeze_step}")
+        ax.set_xlabel("step")
+        ax.set_title(f"Demo GPT, {args.ranks} ranks: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("cross-entropy (nats/char), 20-step average")
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
-    print_table("1-bit Adam vs Adam, demo GPT", ["optimizer", "mean loss, last 50 steps", "vs Adam"],
-                [["adam", f"{tail['adam']:.4f}", "1.000"],
-                 ["onebit_adam", f"{tail['onebit_adam']:.4f}", f"{ratio:.3f}"]])
+    rows = [[name, f"{tail[name]:.4f}", twin.get(name, "-"), f"{ratio[name]:.3f}" if name in ratio else "1.000"]
+            for name in methods]
+    print_table("Compressed optimizers vs their uncompressed twins, demo GPT",
+                ["optimizer", "mean loss, last 50 steps", "twin", "vs twin"], rows)
     write_json(out / "onebit_convergence.json", {"steps": args.steps, "freeze_step": args.freeze_step,
-                                                 "ranks": args.ranks, "losses": losses, "tail_mean": tail,
+                                                 "ranks": args.ranks, "local_step_scaler": args.local_step_scaler,
+                                                 "local_step_clipper": args.local_step_clipper,
+                                                 "lamb_lr": args.lamb_lr, "losses": losses, "tail_mean": tail,
                                                  "ratio": ratio})
     print(f"wrote {out / 'loss.png'}")
 

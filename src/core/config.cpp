@@ -526,9 +526,11 @@ void check_compressed_optimizer(const Config& c) {
                       std::to_string(stage) +
                       " (its local steps update every parameter on every rank with that rank's own momentum and "
                       "variance, so no optimizer state can be partitioned)");
-  if (o.type == OptimizerType::kOneBitLamb && stage != 0)
-    throw ConfigError("config key 'zero_optimization.stage': OneBitLamb works with ZeRO stage 0 in this Zeal "
-                      "version, got " + std::to_string(stage) + " (OneBitAdam also works with stage 1)");
+  if (o.type == OptimizerType::kOneBitLamb && stage > 1)
+    throw ConfigError("config key 'zero_optimization.stage': OneBitLamb works with ZeRO stage 0 or 1, got " +
+                      std::to_string(stage) +
+                      " (past its freeze step every rank keeps the whole momentum and reduces none of the gradients, "
+                      "so there is nothing for stage 2 or 3 to partition)");
   if (c.zero_optimization.offload_optimizer.enabled)
     throw ConfigError("config key 'zero_optimization.offload_optimizer': " + name +
                       " cannot be offloaded (its compressed momentum lives beside the model); remove the section or "

@@ -164,6 +164,30 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
         [this](at::Tensor& values) { comm::compressed_all_reduce(*world_, values, onebit_state_); },
         [this] { onebit_state_.reset(); });
   if (partitioned_) optimizer_->set_gatherer([this](const at::Tensor& local) { return gather_whole(local); });
+  // Replicated optimizer state at stage 1 (Note [Replicated momentum] in optim/optimizer.cpp): the
+  // segments in flat coordinates, owned pieces with both, other ranks' stretches with flat ones only.
+  const bool flat_state = partitioned_ && config_.optimizer.compressed();
+  auto cut_flat = [&](int64_t lo, int64_t hi, const optim::ParamGroup& like, size_t group) {
+    auto add = [&](int64_t flat_begin, int64_t flat_end, int64_t local_begin, bool owned) {
+      optim::ParamGroup segment = like;
+      segment.flat_begin = flat_begin;
+      segment.flat_end = flat_end;
+      segment.begin = owned ? local_begin : 0;
+      segment.end = owned ? local_begin + (flat_end - flat_begin) : 0;
+      flat_segments_.push_back(segment);
+      flat_segment_group_.push_back(group);
+    };
+    std::vector<zero::OwnedPiece> pieces = zero::owned_pieces_flat(owned_, lo, hi);
+    std::sort(pieces.begin(), pieces.end(),
+              [](const zero::OwnedPiece& a, const zero::OwnedPiece& b) { return a.flat_begin < b.flat_begin; });
+    int64_t cursor = lo;
+    for (const zero::OwnedPiece& piece : pieces) {
+      if (piece.flat_begin > cursor) add(cursor, piece.flat_begin, 0, false);
+      add(piece.flat_begin, piece.flat_begin + piece.size, piece.local_begin, true);
+      cursor = piece.flat_begin + piece.size;
+    }
+    if (cursor < hi) add(cursor, hi, 0, false);
+  };
   if (optimizer_->per_tensor()) {
     // One segment per owned piece of each parameter; a parameter's pieces may sit on several ranks,
     // so the optimizer's per-tensor sums are added across them.
@@ -177,9 +201,16 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
         segments_.push_back(segment);
         segment_group_.push_back(group_of_param[i]);
       }
+      if (flat_state) {
+        optim::ParamGroup like = groups_[group_of_param[i]];
+        like.tensor = static_cast<int64_t>(i);
+        cut_flat(layout_.offsets[i], layout_.offsets[i] + layout_.numels[i], like, group_of_param[i]);
+      }
     }
-    if (partitioned_ && world_->size() > 1)
+    if (partitioned_ && world_->size() > 1) {
       optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
+      optimizer_->set_max_reducer([this](at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kMax); });
+    }
   } else {
     // Each group's parameters occupy one flat range; its pieces in the owned ranges become the
     // optimizer's segments.
@@ -197,28 +228,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
         segments_.push_back(segment);
         segment_group_.push_back(g);
       }
-      if (partitioned_ && config_.optimizer.compressed()) {
-        // Owned pieces with both coordinates, unowned stretches with flat ones only.
-        auto add = [&](int64_t flat_begin, int64_t flat_end, int64_t local_begin, bool owned) {
-          optim::ParamGroup segment = groups_[g];
-          segment.flat_begin = flat_begin;
-          segment.flat_end = flat_end;
-          segment.begin = owned ? local_begin : 0;
-          segment.end = owned ? local_begin + (flat_end - flat_begin) : 0;
-          flat_segments_.push_back(segment);
-          flat_segment_group_.push_back(g);
-        };
-        std::vector<zero::OwnedPiece> pieces = zero::owned_pieces_flat(owned_, lo, hi);
-        std::sort(pieces.begin(), pieces.end(),
-                  [](const zero::OwnedPiece& a, const zero::OwnedPiece& b) { return a.flat_begin < b.flat_begin; });
-        int64_t cursor = lo;
-        for (const zero::OwnedPiece& piece : pieces) {
-          if (piece.flat_begin > cursor) add(cursor, piece.flat_begin, 0, false);
-          add(piece.flat_begin, piece.flat_begin + piece.size, piece.local_begin, true);
-          cursor = piece.flat_begin + piece.size;
-        }
-        if (cursor < hi) add(cursor, hi, 0, false);
-      }
+      if (flat_state) cut_flat(lo, hi, groups_[g], g);
     }
   }
   if (reduce_scatter) grad_shard_ = at::zeros({shard}, options);
@@ -484,13 +494,15 @@ at::Tensor Engine::gather_whole(const at::Tensor& local) {
   return whole;
 }
 
-void Engine::all_reduce_sum(at::Tensor& values) {
+void Engine::all_reduce_sum(at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kSum); }
+
+void Engine::all_reduce_values(at::Tensor& values, comm::ReduceOp op) {
   // The MPI backend reduces host tensors and NCCL device tensors: values elsewhere (device values
   // over MPI, offloaded host values over NCCL) take a round trip.
   const bool mpi = world_->backend_name() == "mpi";
   const bool moved = mpi ? !values.device().is_cpu() : values.device() != device_;
   at::Tensor buffer = !moved ? values : values.to(mpi ? at::Device(at::kCPU) : device_);
-  world_->all_reduce(buffer, {comm::ReduceOp::kSum})->wait();
+  world_->all_reduce(buffer, {op})->wait();
   if (moved) values.copy_(buffer);
 }
 

@@ -479,9 +479,13 @@ class ZeroOneAdam : public WithMoments {
 // parameter's coefficient is its frozen average times a factor, max((sqrt(v) + eps) /
 // (sqrt(v_fresh) + eps)), clamped to [factor_min, factor_max] and to within factor_threshold of
 // the previous step's factor.
+// Segments are parameter pieces. Under ZeRO stage 1 a parameter's pieces sit on several ranks: its
+// sums of squares are added (the sum reducer) and its factor's maximum taken (the max reducer)
+// across them, and every rank computes every parameter's scalars from the reduced values, so the
+// scalars agree everywhere. Past the freeze the momentum is replicated (Note [Replicated momentum]).
 class OneBitLamb : public WithMoments {
  public:
-  OneBitLamb(const OptimizerConfig& c, int64_t n, int64_t num_tensors, at::Device device)
+  OneBitLamb(const OptimizerConfig& c, int64_t n, int64_t num_tensors, at::Device device, bool partitioned)
       : WithMoments(n, device),
         freeze_step_(c.freeze_step),
         min_coeff_(c.min_coeff),
@@ -490,12 +494,15 @@ class OneBitLamb : public WithMoments {
         factor_max_(c.factor_max),
         factor_min_(c.factor_min),
         factor_threshold_(c.factor_threshold),
+        partitioned_(partitioned),
         exp_avg_sq_fresh_(at::zeros({n}, exp_avg_.options())),
         coeff_freeze_(num_tensors, 0.0),
         last_factor_(num_tensors, 1.0) {}
 
   bool per_tensor() const override { return true; }
   bool local_gradients() const override { return step_ >= freeze_step_; }
+  bool wants_flat_segments() const override { return partitioned_ && local_gradients(); }
+  void state_loaded(const at::Tensor&) override { whole_momentum_ = at::Tensor(); }
   const char* name() const override { return "OneBitLamb"; }
 
   std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq", "exp_avg_sq_fresh"}; }
@@ -521,47 +528,21 @@ class OneBitLamb : public WithMoments {
   }
 
   void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) override {
-    if (step_ <= freeze_step_) {
+    if (step_ <= freeze_step_)
       warmup(params, grads, segments);
-      return;
-    }
-    if (scaling_.empty()) momentum_scaling(segments);
-    const at::Tensor last = exp_avg_.clone();
-    for (const ParamGroup& s : segments) {
-      if (s.end == s.begin) continue;
-      exp_avg_.slice(0, s.begin, s.end)
-          .mul_(s.betas[0])
-          .add_(grads.slice(0, s.begin, s.end), 1.0 - s.betas[0])
-          .mul_(scaling_[s.tensor]);
-    }
-    if (average_) average_(exp_avg_);
-    for (const ParamGroup& s : segments) {
-      if (s.end == s.begin) continue;
-      const double b1 = s.betas[0], b2 = s.betas[1];
-      at::Tensor p = params.slice(0, s.begin, s.end);
-      at::Tensor m = exp_avg_.slice(0, s.begin, s.end).div_(scaling_[s.tensor]);
-      at::Tensor fresh = exp_avg_sq_fresh_.slice(0, s.begin, s.end);
-      at::Tensor grad = (m - last.slice(0, s.begin, s.end) * b1).div_(1.0 - b1);  // reconstructed
-      fresh.mul_(b2).addcmul_(grad, grad, 1.0 - b2);
-      at::Tensor denom = exp_avg_sq_.slice(0, s.begin, s.end).sqrt().add_(s.eps);
-      at::Tensor prelim = m / denom;
-      at::Tensor update = s.weight_decay > 0.0 ? prelim + p * s.weight_decay : prelim;
-      double factor = (denom / fresh.sqrt().add_(s.eps)).max().item<double>();
-      if (s.weight_decay > 0.0) {
-        const double ratio = std::min(1.0, prelim.norm().item<double>() / update.norm().item<double>());
-        factor = factor * ratio + (1.0 - ratio);
-      }
-      double& last_factor = last_factor_[s.tensor];
-      factor = std::clamp(factor, factor_min_, factor_max_);
-      factor = std::clamp(factor, last_factor * (1.0 - factor_threshold_), last_factor * (1.0 + factor_threshold_));
-      last_factor = factor;
-      p.add_(update, -s.lr * coeff_freeze_[s.tensor] * factor);
-    }
+    else
+      compressed(params, grads, segments);
   }
 
  private:
+  static double sum_sq(const at::Tensor& x) { return x.to(at::kDouble).pow(2).sum().item<double>(); }
+
   void warmup(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) {
-    for (const ParamGroup& s : segments) {
+    const size_t num_tensors = coeff_freeze_.size();
+    at::Tensor sums = at::zeros({2 * static_cast<int64_t>(num_tensors)}, at::TensorOptions().dtype(at::kDouble));
+    std::vector<at::Tensor> updates(segments.size());
+    for (size_t k = 0; k < segments.size(); ++k) {
+      const ParamGroup& s = segments[k];
       if (s.end == s.begin) continue;
       at::Tensor p = params.slice(0, s.begin, s.end);
       at::Tensor grad = grads.slice(0, s.begin, s.end);
@@ -569,13 +550,23 @@ class OneBitLamb : public WithMoments {
       at::Tensor v = exp_avg_sq_.slice(0, s.begin, s.end);
       m.mul_(s.betas[0]).add_(grad, 1.0 - s.betas[0]);
       v.mul_(s.betas[1]).addcmul_(grad, grad, 1.0 - s.betas[1]);
-      at::Tensor update = m / v.sqrt().add_(s.eps);
-      if (s.weight_decay > 0.0) update.add_(p, s.weight_decay);
-      const double weight_norm = p.norm().item<double>(), update_norm = update.norm().item<double>();
-      double coeff = 1.0;
-      if (weight_norm != 0.0 && update_norm != 0.0) coeff = std::clamp(weight_norm / update_norm, min_coeff_, max_coeff_);
-      if (coeff != 1.0) coeff_freeze_[s.tensor] = coeff_beta_ * coeff_freeze_[s.tensor] + (1.0 - coeff_beta_) * coeff;
-      p.add_(update, -s.lr * coeff);
+      updates[k] = m / v.sqrt().add_(s.eps);
+      if (s.weight_decay > 0.0) updates[k].add_(p, s.weight_decay);
+      sums[2 * s.tensor] += sum_sq(p);
+      sums[2 * s.tensor + 1] += sum_sq(updates[k]);
+    }
+    if (reduce_sums_) reduce_sums_(sums);
+    std::vector<double> coeff(num_tensors, 1.0);
+    const double* sq = sums.data_ptr<double>();
+    for (size_t t = 0; t < num_tensors; ++t) {
+      const double weight_norm = std::sqrt(sq[2 * t]), update_norm = std::sqrt(sq[2 * t + 1]);
+      if (weight_norm != 0.0 && update_norm != 0.0) coeff[t] = std::clamp(weight_norm / update_norm, min_coeff_, max_coeff_);
+      if (coeff[t] != 1.0) coeff_freeze_[t] = coeff_beta_ * coeff_freeze_[t] + (1.0 - coeff_beta_) * coeff[t];
+    }
+    for (size_t k = 0; k < segments.size(); ++k) {
+      const ParamGroup& s = segments[k];
+      if (s.end == s.begin) continue;
+      params.slice(0, s.begin, s.end).add_(updates[k], -s.lr * coeff[s.tensor]);
     }
     if (step_ == freeze_step_) {
       exp_avg_sq_fresh_.copy_(exp_avg_sq_);
@@ -584,28 +575,107 @@ class OneBitLamb : public WithMoments {
     }
   }
 
+  void compressed(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) {
+    at::Tensor m = partitioned_ ? whole_momentum() : exp_avg_;
+    if (scaling_.empty()) momentum_scaling(m, segments);
+    const at::Tensor last = m.clone();
+    for (const ParamGroup& s : segments) {
+      auto [fb, fe] = flat_range(s);
+      if (fe > fb)
+        m.slice(0, fb, fe).mul_(s.betas[0]).add_(grads.slice(0, fb, fe), 1.0 - s.betas[0]).mul_(scaling_[s.tensor]);
+    }
+    if (average_) average_(m);
+    const size_t num_tensors = coeff_freeze_.size();
+    at::Tensor sums = at::zeros({2 * static_cast<int64_t>(num_tensors)}, at::TensorOptions().dtype(at::kDouble));
+    at::Tensor maxes = at::full({static_cast<int64_t>(num_tensors)}, -INFINITY, at::TensorOptions().dtype(at::kDouble));
+    std::vector<at::Tensor> updates(segments.size());
+    for (size_t k = 0; k < segments.size(); ++k) {
+      const ParamGroup& s = segments[k];
+      auto [fb, fe] = flat_range(s);
+      if (fe == fb) continue;
+      at::Tensor mk = m.slice(0, fb, fe).div_(scaling_[s.tensor]);
+      if (s.end == s.begin) continue;  // another rank's piece: only its momentum is kept here
+      const double b1 = s.betas[0], b2 = s.betas[1];
+      at::Tensor p = params.slice(0, s.begin, s.end);
+      at::Tensor fresh = exp_avg_sq_fresh_.slice(0, s.begin, s.end);
+      at::Tensor grad = (mk - last.slice(0, fb, fe) * b1).div_(1.0 - b1);  // reconstructed
+      fresh.mul_(b2).addcmul_(grad, grad, 1.0 - b2);
+      at::Tensor denom = exp_avg_sq_.slice(0, s.begin, s.end).sqrt().add_(s.eps);
+      at::Tensor prelim = mk / denom;
+      updates[k] = s.weight_decay > 0.0 ? prelim + p * s.weight_decay : prelim;
+      double& top = maxes.data_ptr<double>()[s.tensor];
+      top = std::max(top, (denom / fresh.sqrt().add_(s.eps)).max().item<double>());
+      sums[2 * s.tensor] += sum_sq(prelim);
+      sums[2 * s.tensor + 1] += sum_sq(updates[k]);
+      if (partitioned_) exp_avg_.slice(0, s.begin, s.end).copy_(mk);
+    }
+    if (reduce_sums_) reduce_sums_(sums);
+    if (reduce_max_) reduce_max_(maxes);
+    std::vector<double> factors(num_tensors, 1.0);
+    const double* sq = sums.data_ptr<double>();
+    const double* top = maxes.data_ptr<double>();
+    std::vector<double> weight_decay(num_tensors, 0.0);
+    for (const ParamGroup& s : segments) weight_decay[s.tensor] = s.weight_decay;
+    for (size_t t = 0; t < num_tensors; ++t) {
+      if (!std::isfinite(top[t])) continue;  // a parameter with no elements
+      double factor = top[t];
+      if (weight_decay[t] > 0.0) {
+        const double ratio = std::min(1.0, std::sqrt(sq[2 * t]) / std::sqrt(sq[2 * t + 1]));
+        factor = factor * ratio + (1.0 - ratio);
+      }
+      double& last_factor = last_factor_[t];
+      factor = std::clamp(factor, factor_min_, factor_max_);
+      factor = std::clamp(factor, last_factor * (1.0 - factor_threshold_), last_factor * (1.0 + factor_threshold_));
+      last_factor = factor;
+      factors[t] = factor;
+    }
+    for (size_t k = 0; k < segments.size(); ++k) {
+      const ParamGroup& s = segments[k];
+      if (s.end == s.begin) continue;
+      params.slice(0, s.begin, s.end).add_(updates[k], -s.lr * coeff_freeze_[s.tensor] * factors[s.tensor]);
+    }
+  }
+
   // Per parameter, the factor that brings its momentum's RMS to the mean RMS over all parameters
   // (fixed once, at the first compressed step): one scale per compressed chunk then fits them all.
-  void momentum_scaling(const std::vector<ParamGroup>& segments) {
-    std::vector<double> rms(coeff_freeze_.size(), 0.0);
+  // The momentum is whole here (below stage 1, or replicated), so no rank needs another's.
+  void momentum_scaling(const at::Tensor& m, const std::vector<ParamGroup>& segments) {
+    const size_t num_tensors = coeff_freeze_.size();
+    std::vector<double> sq(num_tensors, 0.0), count(num_tensors, 0.0);
     for (const ParamGroup& s : segments) {
-      if (s.end == s.begin) continue;
-      rms[s.tensor] = exp_avg_.slice(0, s.begin, s.end).norm().item<double>() / std::sqrt(double(s.end - s.begin));
+      auto [fb, fe] = flat_range(s);
+      if (fe == fb) continue;
+      sq[s.tensor] += sum_sq(m.slice(0, fb, fe));
+      count[s.tensor] += static_cast<double>(fe - fb);
     }
+    std::vector<double> rms(num_tensors, 0.0);
     double mean = 0.0;
-    for (double r : rms) mean += r;
-    mean /= static_cast<double>(std::max<size_t>(1, rms.size()));
-    scaling_.assign(rms.size(), 1.0);
-    for (size_t t = 0; t < rms.size(); ++t)
+    for (size_t t = 0; t < num_tensors; ++t) {
+      rms[t] = count[t] > 0 ? std::sqrt(sq[t]) / std::sqrt(count[t]) : 0.0;
+      mean += rms[t];
+    }
+    mean /= static_cast<double>(std::max<size_t>(1, num_tensors));
+    scaling_.assign(num_tensors, 1.0);
+    for (size_t t = 0; t < num_tensors; ++t)
       if (rms[t] > 0.0) scaling_[t] = mean / rms[t];
+  }
+
+  at::Tensor& whole_momentum() {
+    if (!whole_momentum_.defined()) {
+      ZEAL_INTERNAL_ASSERT(gather_, "OneBitLamb at ZeRO stage 1 without a gatherer");
+      whole_momentum_ = gather_(exp_avg_);
+    }
+    return whole_momentum_;
   }
 
   int64_t freeze_step_;
   double min_coeff_, max_coeff_, coeff_beta_, factor_max_, factor_min_, factor_threshold_;
+  bool partitioned_;
   at::Tensor exp_avg_sq_fresh_;
   std::vector<double> coeff_freeze_;  // per parameter: the running average of the warmup coefficient
   std::vector<double> last_factor_;   // per parameter: the previous step's factor
   std::vector<double> scaling_;       // per parameter: the momentum scaling (empty until compression)
+  at::Tensor whole_momentum_;         // stage 1 past the freeze (Note [Replicated momentum])
 };
 
 // Adagrad as torch.optim.Adagrad (lr_decay, L2 weight decay, initial accumulator value).
@@ -671,7 +741,7 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& config, int64_t
     case OptimizerType::kZeroOneAdam:
       return std::make_unique<ZeroOneAdam>(config, n, device);
     case OptimizerType::kOneBitLamb:
-      return std::make_unique<OneBitLamb>(config, n, num_tensors, device);
+      return std::make_unique<OneBitLamb>(config, n, num_tensors, device, partitioned);
   }
   ZEAL_INTERNAL_ASSERT(false, "unhandled optimizer type");
   return nullptr;

@@ -140,18 +140,21 @@ def test_onebit_lamb_converges_like_uncompressed_lamb(tmp_path, precision):
     assert onebit <= 1.03 * lamb, f"1-bit LAMB {onebit:.4f} vs LAMB {lamb:.4f}"
 
 
-@pytest.mark.parametrize("world,precision,gas", [(2, "fp32", 1), (3, "bf16", 2)])
-def test_onebit_adam_at_zero_stage_1_is_stage_0(tmp_path, world, precision, gas):
+@pytest.mark.parametrize("optimizer,world,precision,gas", [("onebitadam", 2, "fp32", 1), ("onebitadam", 3, "bf16", 2),
+                                                           ("onebitlamb", 2, "bf16", 1), ("onebitlamb", 3, "fp32", 2)])
+def test_compressed_optimizers_at_zero_stage_1_are_stage_0(tmp_path, optimizer, world, precision, gas):
     # Stage 1 partitions the variance and the master weights but keeps the momentum whole past the
-    # freeze step (Note [Replicated momentum]): the compressed all-reduce sees the same tensor, so
-    # the weights are bitwise those of stage 0, over several buckets and through the freeze.
+    # freeze step (Note [Replicated momentum]): the compressed all-reduce sees the same tensor, and
+    # 1-bit LAMB's per-parameter sums and maxima are reduced across the pieces; the weights are
+    # bitwise those of stage 0, over several buckets and through the freeze.
     import torch
 
     runs = {}
+    lr = 0.03 if optimizer == "onebitlamb" else 0.003
     for stage in (0, 1):
         out = tmp_path / f"stage{stage}.pt"
-        run_mpi(world, "dp_train.py", "--steps", 20, "--micro", 4, "--gas", gas, "--stage", stage, "--lr", 0.003,
-                "--teacher", "--precision", precision, "--optimizer", "onebitadam", "--freeze_step", 6,
+        run_mpi(world, "dp_train.py", "--steps", 20, "--micro", 4, "--gas", gas, "--stage", stage, "--lr", lr,
+                "--teacher", "--precision", precision, "--optimizer", optimizer, "--freeze_step", 6,
                 "--bucket", 300, "--out", out)
         runs[stage] = torch.load(out)
     assert runs[1]["master_numel"] < runs[0]["master_numel"] / (world - 0.5)  # partitioned

@@ -129,6 +129,7 @@ class Engine {
   // The whole flat buffer from every rank's owned values of it (a sum all-reduce over zeros).
   at::Tensor gather_whole(const at::Tensor& local);
   void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
+  void all_reduce_values(at::Tensor& values, comm::ReduceOp op);
   // The updated weights (the fp32 master, or the model-dtype copy the optimizer wrote beside it)
   // -> the model's parameters on every rank.
   void publish_parameters(const at::Tensor& source);

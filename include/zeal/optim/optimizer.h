@@ -73,6 +73,8 @@ class Optimizer {
   virtual bool writes_model_copy() const { return false; }
   using SumReducer = std::function<void(at::Tensor&)>;
   void set_sum_reducer(SumReducer reducer) { reduce_sums_ = std::move(reducer); }
+  // The same with a maximum in place of the sum (1-bit LAMB's per-parameter factor).
+  void set_max_reducer(SumReducer reducer) { reduce_max_ = std::move(reducer); }
 
   // Compressed-communication optimizers (1-bit Adam, 0/1 Adam, 1-bit LAMB).
   // local_gradients(): whether the coming step wants this rank's own, unreduced gradients (the
@@ -103,6 +105,7 @@ class Optimizer {
 
  protected:
   SumReducer reduce_sums_;
+  SumReducer reduce_max_;
   SumReducer average_;
   std::function<void()> reset_errors_;
   Gatherer gather_;

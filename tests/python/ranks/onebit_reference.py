@@ -98,6 +98,11 @@ class ZeroOneAdamRef:
             self.local_counter, self.local_interval = 0, min(self.clip, 2 * self.local_interval)
 
 
+def norm(x):
+    """As the engine takes norms: the square root of a float64 sum of squares."""
+    return x.double().pow(2).sum().item() ** 0.5
+
+
 class OneBitLambRef:
     def __init__(self, flat, world, average, freeze_step, coeff_beta=0.9, fmax=4.0, fmin=0.5, threshold=0.1,
                  min_coeff=0.01, max_coeff=10.0):
@@ -124,7 +129,7 @@ class OneBitLambRef:
                 v.mul_(B2).addcmul_(gr, gr, value=1 - B2)
                 u = m / v.sqrt().add_(EPS)
                 u.add_(p, alpha=WD)
-                wn, un = p.norm().item(), u.norm().item()
+                wn, un = norm(p), norm(u)
                 coeff = min(max(wn / un, self.min_coeff), self.max_coeff) if wn and un else 1.0
                 if coeff != 1.0:
                     self.coeff_freeze[t] = self.cb * self.coeff_freeze[t] + (1 - self.cb) * coeff
@@ -133,7 +138,7 @@ class OneBitLambRef:
                 self.fresh.copy_(self.v)
             return
         if self.scaling is None:
-            rms = [self.m[a:b].norm().item() / (b - a) ** 0.5 for a, b in ranges]
+            rms = [norm(self.m[a:b]) / (b - a) ** 0.5 for a, b in ranges]
             mean = sum(rms) / len(rms)
             self.scaling = [mean / r if r > 0 else 1.0 for r in rms]
         last = self.m.clone()
@@ -149,7 +154,7 @@ class OneBitLambRef:
             prelim = m / denom
             update = prelim + p * WD
             factor = (denom / fresh.sqrt().add_(EPS)).max().item()
-            ratio = min(1.0, prelim.norm().item() / update.norm().item())
+            ratio = min(1.0, norm(prelim) / norm(update))
             factor = factor * ratio + (1 - ratio)
             factor = min(max(factor, self.fmin), self.fmax)
             last_f = self.last_factor[t]
