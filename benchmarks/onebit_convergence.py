@@ -2,8 +2,8 @@
 ranks (the demo's char-level GPT, data, schedule and clipping) with
   - AdamW without bias correction (what 1-bit and 0/1 Adam run before they compress),
   - OneBitAdam (compressed after freeze_step),
-  - ZeroOneAdam (variance frozen after freeze_step, then local steps; --local_step_scaler and
-    --local_step_clipper set how many rounds it skips),
+  - ZeroOneAdam (variance updated on ever sparser steps until freeze_step, --var_update_scaler,
+    then local steps; --local_step_scaler and --local_step_clipper set how many rounds it skips),
   - Lamb without bias correction, and OneBitLamb (compressed after freeze_step).
 Writes the curves to one PNG (Adam family left, LAMB family right), prints the mean loss of the
 last 50 steps and each method's ratio to its twin, writes JSON.
@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--freeze_step", type=int, default=100)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out", default="out/bench/onebit")
+    ap.add_argument("--var_update_scaler", type=int, default=16)
     ap.add_argument("--local_step_scaler", type=int, default=32)
     ap.add_argument("--local_step_clipper", type=int, default=4)
     ap.add_argument("--lamb_lr", type=float, default=1e-2)
@@ -60,7 +61,8 @@ def main():
         "adam": {"type": "AdamW", "params": {**params, "bias_correction": False}},
         "onebit_adam": {"type": "OneBitAdam", "params": {**params, "freeze_step": args.freeze_step}},
         "zeroone_adam": {"type": "ZeroOneAdam", "params": {
-            **params, "var_freeze_step": args.freeze_step, "local_step_scaler": args.local_step_scaler,
+            **params, "var_freeze_step": args.freeze_step, "var_update_scaler": args.var_update_scaler,
+            "local_step_scaler": args.local_step_scaler,
             "local_step_clipper": args.local_step_clipper}},
         "lamb": {"type": "Lamb", "params": lamb},
         "onebit_lamb": {"type": "OneBitLamb", "params": {**lamb, "freeze_step": args.freeze_step}},
@@ -103,7 +105,8 @@ def main():
     print_table("Compressed optimizers vs their uncompressed twins, demo GPT",
                 ["optimizer", "mean loss, last 50 steps", "twin", "vs twin"], rows)
     write_json(out / "onebit_convergence.json", {"steps": args.steps, "freeze_step": args.freeze_step,
-                                                 "ranks": args.ranks, "local_step_scaler": args.local_step_scaler,
+                                                 "ranks": args.ranks, "var_update_scaler": args.var_update_scaler,
+                                                 "local_step_scaler": args.local_step_scaler,
                                                  "local_step_clipper": args.local_step_clipper,
                                                  "lamb_lr": args.lamb_lr, "losses": losses, "tail_mean": tail,
                                                  "ratio": ratio})

@@ -346,6 +346,11 @@ class OneBitAdam : public WithMoments {
 // Unlike DeepSpeed, which accumulates the updates in a buffer and subtracts them again, Zeal keeps
 // the anchor (the parameters at the last synchronisation): after each synchronisation every rank
 // holds bitwise the same parameters, so replicas never drift apart by rounding.
+// Note [Weight decay outside the move]: DeepSpeed's accumulated updates include the weight decay,
+// so the momentum it rebuilds from them carries wd * p * (sqrt(v) + eps) besides the momentum; the
+// decay then reaches the parameters once directly and again, with 1 / (1 - beta1) weight, through
+// the momentum (about ten times the configured decay with beta1 0.9). Zeal decays the anchor with
+// the parameters, so the move, and the momentum rebuilt from it, hold the momentum's steps only.
 class ZeroOneAdam : public WithMoments {
  public:
   ZeroOneAdam(const OptimizerConfig& c, int64_t n, at::Device device)
@@ -429,6 +434,9 @@ class ZeroOneAdam : public WithMoments {
       m.mul_(s.betas[0]).add_(grads.slice(0, s.begin, s.end), 1.0 - s.betas[0]);
       at::Tensor p = params.slice(0, s.begin, s.end);
       apply_frozen_adam(p, m, exp_avg_sq_.slice(0, s.begin, s.end), s);
+      // Note [Weight decay outside the move]: the anchor decays with the parameters, so the move
+      // holds the momentum's steps only.
+      if (s.weight_decay != 0.0) anchor_.slice(0, s.begin, s.end).mul_(1.0 - s.lr * s.weight_decay);
       lrs_[k] += s.lr;
     }
     if (step_ % local_interval_ == 0) {

@@ -82,6 +82,7 @@ class ZeroOneAdamRef:
             return
         m.mul_(B1).add_(g[:e], alpha=1 - B1)
         self.apply(p, m, v)
+        self.anchor[:e].mul_(1 - LR * WD)  # the decay stays out of the move
         self.lrs += LR
         if self.step % self.local_interval == 0:
             move = self.p - self.anchor
