@@ -14,6 +14,8 @@
 #include "zeal/core/error.h"
 #include "zeal/engine/engine.h"
 #include "zeal/optim/cpu_optim.h"
+#include "zeal/parallel/schedule.h"
+#include "zeal/comm/topology.h"
 #include "zeal/features.h"
 #if ZEAL_WITH_CUDA
 #include "zeal/comm/nccl_backend.h"
@@ -141,7 +143,49 @@ PYBIND11_MODULE(_zeal, m) {
            },
            py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 0.0)
       .def("barrier", [](comm::Communicator& c, double timeout_s) { return c.barrier({to_timeout(timeout_s)}); },
-           py::arg("timeout_s") = 0.0);
+           py::arg("timeout_s") = 0.0)
+      .def("send",
+           [](comm::Communicator& c, const at::Tensor& t, int dst, int tag, double timeout_s) {
+             return c.send(t, dst, {tag, to_timeout(timeout_s)});
+           },
+           py::arg("tensor"), py::arg("dst"), py::arg("tag") = 0, py::arg("timeout_s") = 0.0)
+      .def("recv",
+           [](comm::Communicator& c, at::Tensor t, int src, int tag, double timeout_s) {
+             return c.recv(t, src, {tag, to_timeout(timeout_s)});
+           },
+           py::arg("tensor"), py::arg("src"), py::arg("tag") = 0, py::arg("timeout_s") = 0.0)
+      .def("split", &comm::Communicator::split, py::arg("ranks"), py::arg("name"),
+           py::call_guard<py::gil_scoped_release>(),
+           "A communicator over `ranks` (global ranks, in that order); every rank of this one calls it.");
+
+  py::class_<comm::Topology>(m, "Topology", "Ranks on named axes, outermost first (zeal/comm/topology.h).")
+      .def(py::init<std::vector<std::pair<std::string, int>>>(), py::arg("axes"))
+      .def_property_readonly("world_size", &comm::Topology::world_size)
+      .def("axis_size", &comm::Topology::axis_size)
+      .def("coords", &comm::Topology::coords)
+      .def("rank_of", &comm::Topology::rank_of)
+      .def("groups", &comm::Topology::groups)
+      .def("group_of", &comm::Topology::group_of)
+      .def("group_index", &comm::Topology::group_index);
+
+  m.def("pipeline_schedule",
+        [](const std::string& kind, int stages, int stage, int micro_batches, int chunks) {
+          py::list out;
+          for (const parallel::Instruction& in : parallel::make_schedule(
+                   parallel::schedule_kind_from_string(kind), {stages, stage, micro_batches, chunks}))
+            out.append(py::make_tuple(parallel::to_string(in.op), in.micro_batch, in.chunk));
+          return out;
+        },
+        py::arg("kind"), py::arg("stages"), py::arg("stage"), py::arg("micro_batches"), py::arg("chunks") = 1,
+        "One stage's instructions for one batch, as (op, micro_batch, chunk) tuples (zeal/parallel/schedule.h).");
+  m.def("pipeline_simulated_bubble",
+        [](const std::string& kind, int stages, int micro_batches, int chunks, double forward_time,
+           double backward_time) {
+          return parallel::simulated_bubble(parallel::schedule_kind_from_string(kind), stages, micro_batches, chunks,
+                                            forward_time, backward_time);
+        },
+        py::arg("kind"), py::arg("stages"), py::arg("micro_batches"), py::arg("chunks") = 1,
+        py::arg("forward_time") = 1.0, py::arg("backward_time") = 2.0);
 
   py::class_<comm::OneBitState>(m, "OneBitState", "The error buffers of one tensor's compressed all-reduce.")
       .def(py::init<>())
@@ -267,11 +311,11 @@ PYBIND11_MODULE(_zeal, m) {
         });
 
   py::class_<engine::Engine>(m, "Engine")
-      .def(py::init([](const py::list& groups, const std::string& config_json) {
+      .def(py::init([](const py::list& groups, const std::string& config_json, comm::CommunicatorPtr data_group) {
              Config config = Config::from_string(config_json);
              auto specs = to_groups(groups);
              comm::Timeout timeout = to_timeout(config.comms_timeout_s);
-             comm::CommunicatorPtr world = comm::world(timeout);
+             comm::CommunicatorPtr world = data_group ? data_group : comm::world(timeout);
              // Device parameters train over NCCL, host parameters over MPI.
              for (auto& spec : specs) {
                if (spec.params.empty() || !spec.params.front().is_cuda()) continue;
@@ -287,8 +331,11 @@ PYBIND11_MODULE(_zeal, m) {
              py::gil_scoped_release nogil;
              return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world);
            }),
-           py::arg("param_groups"), py::arg("config_json"))
+           py::arg("param_groups"), py::arg("config_json"), py::arg("data_group") = nullptr)
       .def("backward", &engine::Engine::backward, py::call_guard<py::gil_scoped_release>())
+      .def("backward_from", &engine::Engine::backward_from, py::arg("outputs"), py::arg("output_grads"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_model_parallel_group", &engine::Engine::set_model_parallel_group, py::arg("group"))
       .def("step", &engine::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("zero_grad", &engine::Engine::zero_grad)
       .def("is_gradient_accumulation_boundary", &engine::Engine::is_gradient_accumulation_boundary)

@@ -257,6 +257,22 @@ def initialize(
     if mpu is not None:
         raise _zeal.ConfigError("mpu= (model parallelism) is not supported yet")
     cfg = load_config(config, args, config_params)
+    from .pipe import PipelineEngine, PipelineModule
+
+    if isinstance(model, PipelineModule):
+        stage_cfg = {k: v for k, v in cfg.items() if k != "pipeline"}
+        _zeal.validate_config(to_json(stage_cfg))
+        if cfg.get("zero_optimization", {}).get("stage", 0) > 2:
+            raise _zeal.ConfigError("config key 'zero_optimization.stage': pipeline parallelism works with ZeRO "
+                                    f"stage 0, 1 or 2, got {cfg['zero_optimization']['stage']}")
+        precision = _precision(cfg)
+        if precision in _DTYPES:
+            model.to(_DTYPES[precision])
+        engine = PipelineEngine(model, {**stage_cfg, "pipeline": cfg.get("pipeline", {})})
+        return engine, ZealOptimizer(engine._core), None, ZealLRScheduler(engine._core) if "scheduler" in cfg else None
+    if "pipeline" in cfg:
+        raise _zeal.ConfigError("config key 'pipeline': pipeline parallelism needs the model to be a "
+                                "zeal.pipe.PipelineModule")
     text = to_json(cfg)
     _zeal.validate_config(text)  # fail on a bad config before touching the model
 

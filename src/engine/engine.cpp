@@ -353,16 +353,28 @@ void Engine::backward(const at::Tensor& loss) {
   ZEAL_CHECK(loss.defined() && loss.numel() == 1, "backward expects a scalar loss, got a tensor of ",
              loss.defined() ? loss.numel() : 0, " elements");
   ZEAL_CHECK(loss.requires_grad(), "backward got a loss that does not require grad (was forward run under no_grad?)");
-  auto start = Clock::now();
   loss_sum_ += loss.detach().to(at::kDouble).item<double>();
   ++loss_count_;
+  double factor = scaler_.scale() / static_cast<double>(batch_.gradient_accumulation_steps);
+  run_backward({loss}, {at::full_like(loss, factor, loss.options().requires_grad(false))});
+}
+
+void Engine::backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads) {
+  ZEAL_CHECK(outputs.size() == output_grads.size(), "backward_from got ", outputs.size(), " outputs and ",
+             output_grads.size(), " gradients");
+  for (size_t i = 0; i < outputs.size(); ++i)
+    ZEAL_CHECK(outputs[i].sizes() == output_grads[i].sizes(), "backward_from: output ", i, " has shape ",
+               outputs[i].sizes(), " but its gradient ", output_grads[i].sizes());
+  run_backward(outputs, output_grads);
+}
+
+void Engine::run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads) {
+  auto start = Clock::now();
   bool boundary = is_gradient_accumulation_boundary();
   if (boundary) staged_buckets_ = 0;
   // 1-bit Adam past its freeze step reduces the momentum (compressed), not the gradients.
   reducer_->prepare(boundary && !optimizer_->local_gradients());
-  double factor = scaler_.scale() / static_cast<double>(batch_.gradient_accumulation_steps);
-  at::Tensor grad_output = at::full_like(loss, factor, loss.options().requires_grad(false));
-  torch::autograd::backward({loss}, {grad_output});
+  torch::autograd::backward(outputs, output_grads);
   if (partition_) partition_->end_backward();
   if (boundary || reducer_->partitioned()) reducer_->finish();
   backward_seconds_ += seconds_since(start);
@@ -479,11 +491,21 @@ at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
 
 double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool partitioned) {
   const double local = optim::unscale_and_sum_squares(grads, inv_scale);
-  if (!partitioned || world_->size() == 1) return std::sqrt(local);
-  // Each rank holds a disjoint part of the gradient: sum the squares across ranks.
-  at::Tensor sum_sq = at::full({1}, local, at::TensorOptions().dtype(at::kDouble).device(grads.device()));
-  all_reduce_sum(sum_sq);
-  return std::sqrt(sum_sq.item<double>());
+  double sum_sq = local;
+  if (partitioned && world_->size() > 1) {
+    // Each rank holds a disjoint part of the gradient: sum the squares across ranks.
+    at::Tensor t = at::full({1}, local, at::TensorOptions().dtype(at::kDouble).device(grads.device()));
+    all_reduce_sum(t);
+    sum_sq = t.item<double>();
+  }
+  if (model_parallel_ && model_parallel_->size() > 1) {
+    // Pipeline stages hold disjoint parameters: the norm (and fp16's overflow) is the whole model's.
+    at::Tensor t = at::full({1}, sum_sq, at::TensorOptions().dtype(at::kDouble));
+    if (model_parallel_->backend_name() != "mpi") t = t.to(device_);
+    model_parallel_->all_reduce(t, {comm::ReduceOp::kSum})->wait();
+    sum_sq = t.item<double>();
+  }
+  return std::sqrt(sum_sq);
 }
 
 at::Tensor Engine::gather_whole(const at::Tensor& local) {

@@ -59,6 +59,12 @@ class Engine {
   // Backward of loss * loss_scale / gradient_accumulation_steps; on the accumulation boundary
   // it returns with the gradients averaged over the data-parallel ranks.
   void backward(const at::Tensor& loss);
+  // Backward from outputs whose gradients arrived from elsewhere (the next pipeline stage), already
+  // scaled: the same accounting as backward(loss) (accumulation boundary, reduction), no rescaling.
+  void backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads);
+  // The ranks that hold the other parts of the model (pipeline stages): gradient norms, and with
+  // them clipping and fp16 overflow, are summed across them. Set before the first step.
+  void set_model_parallel_group(comm::CommunicatorPtr group) { model_parallel_ = std::move(group); }
   void step();
   void zero_grad();
 
@@ -126,6 +132,7 @@ class Engine {
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
   // Unscales grads in place (by inv_scale) and returns the L2 norm of the result over all ranks.
   double global_norm(const at::Tensor& grads, double inv_scale, bool partitioned);
+  void run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads);
   // The whole flat buffer from every rank's owned values of it (a sum all-reduce over zeros).
   at::Tensor gather_whole(const at::Tensor& local);
   void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
@@ -151,6 +158,7 @@ class Engine {
 
   Config config_;
   comm::CommunicatorPtr world_;
+  comm::CommunicatorPtr model_parallel_;  // pipeline stages (set_model_parallel_group)
   BatchSizes batch_;
   at::ScalarType model_dtype_;
   at::Device device_{at::kCPU};

@@ -1,0 +1,323 @@
+"""Pipeline parallelism with DeepSpeed's API: PipelineModule, LayerSpec, and the engine that runs a
+pipeline schedule (zeal/parallel/schedule.h) for one global batch.
+
+Threading and ordering: one Python thread per rank runs its stage's instruction list in order.
+Sends are posted without waiting (their Work handles are kept, and the tensors with them, until
+the batch ends); receives block. The schedules guarantee that along every channel sends and
+receives come in the same order, so this cannot deadlock. The optimizer step, whose gradient norm
+is summed across the stages, comes after every stage has posted its last send.
+
+Layout: ranks form a grid (pipe, data), pipe outermost, as DeepSpeed's PipeDataParallelTopology:
+rank = stage * data_size + data_index. Each stage's parameters train in a Zeal engine over its
+data-parallel group; the stages exchange activations and gradients point to point.
+"""
+import json
+import re
+
+import torch
+
+from . import _zeal
+
+# Message kinds: the tag of a point-to-point message.
+_ACTIVATION, _GRADIENT, _SHAPE = 0, 1, 2
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
+
+
+class LayerSpec:
+    """A layer to build later, on the stage that owns it: typename(*module_args, **module_kwargs)."""
+
+    def __init__(self, typename, *module_args, **module_kwargs):
+        if not (isinstance(typename, type) and issubclass(typename, torch.nn.Module)):
+            raise TypeError(f"LayerSpec needs a torch.nn.Module subclass, got {typename!r}")
+        self.typename, self.module_args, self.module_kwargs = typename, module_args, module_kwargs
+
+    def build(self):
+        return self.typename(*self.module_args, **self.module_kwargs)
+
+    def __repr__(self):
+        return f"LayerSpec({self.typename.__name__})"
+
+
+class TiedLayerSpec(LayerSpec):
+    """DeepSpeed's tied layer (weights shared between stages): not built yet in Zeal."""
+
+    def __init__(self, key, typename, *module_args, forward_fn=None, tied_weight_attr="weight", **module_kwargs):
+        super().__init__(typename, *module_args, **module_kwargs)
+        self.key, self.forward_fn, self.tied_weight_attr = key, forward_fn, tied_weight_attr
+
+
+def partition_uniform(num_items, num_parts):
+    """Boundaries of num_parts contiguous parts of num_items items, sizes differing by at most one
+    (the first parts take the remainder)."""
+    base, extra = divmod(num_items, num_parts)
+    bounds = [0]
+    for part in range(num_parts):
+        bounds.append(bounds[-1] + base + (1 if part < extra else 0))
+    return bounds
+
+
+def partition_balanced(weights, num_parts):
+    """Boundaries of num_parts contiguous, non-empty parts of `weights` whose heaviest part is as
+    light as possible (exact, by dynamic programming); ties go to the earliest cut."""
+    n = len(weights)
+    if n < num_parts:
+        raise ValueError(f"{n} layers cannot fill {num_parts} stages")
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][i]: the lightest heaviest part when the first i items form k parts; cut[k][i]: where.
+    best = [[inf] * (n + 1) for _ in range(num_parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_parts + 1)]
+    best[0][0] = 0
+    for k in range(1, num_parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds = [n]
+    for k in range(num_parts, 0, -1):
+        bounds.append(cut[k][bounds[-1]])
+    return bounds[::-1]
+
+
+def _layer_weight(layer, method):
+    if method == "parameters":
+        if isinstance(layer, LayerSpec):
+            with torch.device("meta"):
+                layer = layer.build()
+        if isinstance(layer, torch.nn.Module):
+            return sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        return 0
+    pattern = method[len("type:"):]
+    name = layer.typename.__name__ if isinstance(layer, LayerSpec) else type(layer).__name__
+    return 1 if re.search(pattern, name, re.IGNORECASE) else 0
+
+
+def partition_layers(layers, num_stages, method="parameters"):
+    """Stage boundaries over `layers` for DeepSpeed's partition_method: "uniform" (layer counts),
+    "parameters" (trainable parameter counts), or "type:regex" (layers whose class name matches)."""
+    method = method.lower() if not method.lower().startswith("type:") else method
+    if method == "uniform":
+        return partition_uniform(len(layers), num_stages)
+    if method != "parameters" and not method.startswith("type:"):
+        raise ValueError(f"partition_method {method!r}: expected 'parameters', 'uniform' or 'type:<regex>'")
+    weights = [_layer_weight(layer, method) for layer in layers]
+    if method.startswith("type:") and not any(weights):
+        raise ValueError(f"partition_method {method!r}: no layer's class name matches")
+    return partition_balanced(weights, num_stages)
+
+
+class PipelineModule(torch.nn.Module):
+    """The layers of a sequential model, cut into num_stages stages; each rank builds its stage's.
+
+    layers: LayerSpec, torch.nn.Module or plain callables, applied in order. loss_fn(outputs,
+    labels) gives the last stage's loss. seed_layers (default True here, False in DeepSpeed): layer
+    i is built after torch.manual_seed(base_seed + i), so the weights are the same whatever the
+    number of stages. activation_checkpoint_interval: recompute every that many layers in backward.
+    """
+
+    def __init__(self, layers, num_stages=None, topology=None, loss_fn=None, seed_layers=True, base_seed=1234,
+                 partition_method="parameters", activation_checkpoint_interval=0, world=None):
+        super().__init__()
+        if isinstance(layers, torch.nn.Sequential):
+            layers = list(layers)
+        layers = list(layers)
+        if not layers:
+            raise ValueError("PipelineModule needs at least one layer")
+        if any(isinstance(layer, TiedLayerSpec) for layer in layers):
+            raise NotImplementedError("TiedLayerSpec (weights shared between stages) is not supported yet")
+        world = world or _zeal.world()
+        size = world.size
+        if topology is None:
+            if not num_stages or size % num_stages:
+                raise ValueError(f"PipelineModule: num_stages ({num_stages}) must divide the world size ({size})")
+            topology = _zeal.Topology([("pipe", num_stages), ("data", size // num_stages)])
+        self.topology = topology
+        self.world = world
+        self.global_rank = world.rank
+        self.num_stages = topology.axis_size("pipe")
+        pipe_group = topology.group_of("pipe", world.rank)
+        self.stage_id = pipe_group.index(world.rank)
+        if len(layers) < self.num_stages:
+            raise ValueError(f"PipelineModule: {len(layers)} layers cannot fill {self.num_stages} stages")
+        self.loss_fn = loss_fn
+        self.activation_checkpoint_interval = activation_checkpoint_interval
+        self.parts = partition_layers(layers, self.num_stages, partition_method)
+        begin, end = self.parts[self.stage_id], self.parts[self.stage_id + 1]
+        self._funcs = []
+        self.stage_layers = torch.nn.ModuleList()
+        for index in range(begin, end):
+            layer = layers[index]
+            if isinstance(layer, LayerSpec):
+                if seed_layers:
+                    torch.manual_seed(base_seed + index)
+                layer = layer.build()
+            if isinstance(layer, torch.nn.Module):
+                self.stage_layers.append(layer)
+            elif not callable(layer):
+                raise TypeError(f"layer {index} is neither a LayerSpec, a Module nor callable: {layer!r}")
+            self._funcs.append(layer)
+
+    def is_first_stage(self):
+        return self.stage_id == 0
+
+    def is_last_stage(self):
+        return self.stage_id == self.num_stages - 1
+
+    def forward(self, x):
+        interval = self.activation_checkpoint_interval
+        if not interval or not torch.is_grad_enabled():
+            for f in self._funcs:
+                x = f(x)
+            return x
+        for start in range(0, len(self._funcs), interval):
+            funcs = self._funcs[start:start + interval]
+
+            def run(y, funcs=funcs):
+                for f in funcs:
+                    y = f(y)
+                return y
+            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        return x
+
+
+class PipelineEngine:
+    """What zeal.initialize returns for a PipelineModule: train_batch / eval_batch over one global
+    batch of gradient_accumulation_steps micro-batches, with the schedule of config key
+    pipeline.schedule ("1f1b", default, or "fill_drain")."""
+
+    def __init__(self, module, config, model_parameters=None):
+        self.module = module
+        self.config = dict(config)
+        topology, world = module.topology, module.world
+        rank = world.rank
+        self.stage_id, self.num_stages = module.stage_id, module.num_stages
+        pipe_group = topology.group_of("pipe", rank)
+        data_group = topology.group_of("data", rank)
+        # Every rank cuts both communicators (split is collective over the world).
+        self.pipe_comm = world.split(pipe_group, "pipe")
+        self.data_comm = world.split(data_group, "data")
+        self.prev_rank = pipe_group[self.stage_id - 1] if self.stage_id > 0 else None
+        self.next_rank = pipe_group[self.stage_id + 1] if self.stage_id < self.num_stages - 1 else None
+        pipeline = self.config.pop("pipeline", {}) or {}
+        self.schedule_kind = pipeline.get("schedule", "1f1b")
+        if self.schedule_kind not in ("1f1b", "fill_drain"):
+            raise _zeal.ConfigError(f"config key 'pipeline.schedule': expected \"1f1b\" or \"fill_drain\", "
+                                    f"got {json.dumps(self.schedule_kind)}")
+        self.timeout_s = float(self.config.get("comms_timeout_s", 300))
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")
+        groups = [{"params": params, "names": [n for n, p in module.named_parameters() if p.requires_grad]}]
+        self._core = _zeal.Engine(groups, json.dumps(self.config), self.data_comm)
+        self._core.set_model_parallel_group(self.pipe_comm)
+        self.micro_batches = self._core.gradient_accumulation_steps
+        self._shapes = {}  # ("send" | "recv", kind) -> (shape, dtype), from the first message
+        self._pending = []  # (Work, tensor) of sends in flight
+
+    # --- the DeepSpeed surface ---
+    def is_first_stage(self):
+        return self.stage_id == 0
+
+    def is_last_stage(self):
+        return self.stage_id == self.num_stages - 1
+
+    @property
+    def global_steps(self):
+        return self._core.global_steps
+
+    def train_batch(self, data_iter=None):
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss
+        (on every stage)."""
+        self.module.train()
+        return self._run("1f1b" if self.schedule_kind == "1f1b" else "fill_drain", data_iter, train=True)
+
+    def eval_batch(self, data_iter):
+        """The mean loss over gradient_accumulation_steps micro-batches, forward only."""
+        self.module.eval()
+        with torch.no_grad():
+            return self._run("inference", data_iter, train=False)
+
+    # --- the executor ---
+    def _run(self, kind, data_iter, train):
+        m = self.micro_batches
+        first, last = self.is_first_stage(), self.is_last_stage()
+        inputs, outputs, labels, losses, grads = {}, {}, {}, {}, {}
+        for op, mb, _chunk in _zeal.pipeline_schedule(kind, self.num_stages, self.stage_id, m):
+            if op == "LoadMicroBatch":
+                x, y = next(data_iter)
+                if first:
+                    inputs[mb] = x
+                if last:
+                    labels[mb] = y
+            elif op == "RecvActivation":
+                x = self._recv(_ACTIVATION, self.prev_rank)
+                inputs[mb] = x.requires_grad_(train and x.is_floating_point())
+            elif op == "Forward":
+                out = self.module(inputs[mb])
+                if last:
+                    if self.module.loss_fn is None:
+                        raise ValueError("the last pipeline stage needs PipelineModule(loss_fn=...)")
+                    out = self.module.loss_fn(out, labels.pop(mb))
+                    losses[mb] = out.detach()
+                outputs[mb] = out
+            elif op == "SendActivation":
+                self._send(outputs[mb].detach(), _ACTIVATION, self.next_rank)
+            elif op == "RecvGrad":
+                grads[mb] = self._recv(_GRADIENT, self.next_rank)
+            elif op == "Backward":
+                out = outputs.pop(mb)
+                if last:
+                    self._core.backward(out)
+                else:
+                    self._core.backward_from([out], [grads.pop(mb)])
+                if first:
+                    inputs.pop(mb)
+                if mb < m - 1:
+                    self._core.step()  # counts the micro-step; the last one steps at OptimizerStep
+            elif op == "SendGrad":
+                self._send(inputs.pop(mb).grad, _GRADIENT, self.prev_rank)
+            elif op == "OptimizerStep":
+                self._core.step()
+        self._finish_sends()
+        loss = torch.zeros(1, dtype=torch.float64)
+        if last:
+            loss[0] = sum(v.double().item() for v in losses.values()) / m
+        if self.num_stages > 1:
+            self.pipe_comm.broadcast(loss, root=self.num_stages - 1, timeout_s=self.timeout_s).wait()
+        return loss.float()[0]
+
+    def _send(self, tensor, kind, dst):
+        tensor = tensor.contiguous()
+        if ("send", kind) not in self._shapes:
+            # The first message of a kind carries its shape and dtype; later ones must be alike.
+            meta = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape], dtype=torch.int64)
+            header = torch.tensor([meta.numel()], dtype=torch.int64)
+            self._pending.append((self.module.world.send(header, dst, _SHAPE, self.timeout_s), header))
+            self._pending.append((self.module.world.send(meta, dst, _SHAPE, self.timeout_s), meta))
+            self._shapes[("send", kind)] = (tuple(tensor.shape), tensor.dtype)
+        elif self._shapes[("send", kind)] != (tuple(tensor.shape), tensor.dtype):
+            raise ValueError(f"pipeline stage {self.stage_id}: a {'gradient' if kind else 'activation'} of shape "
+                             f"{tuple(tensor.shape)} ({tensor.dtype}) after {self._shapes[('send', kind)]}: every micro-batch "
+                             "must have the same shape")
+        self._pending.append((self.module.world.send(tensor, dst, kind, self.timeout_s), tensor))
+
+    def _recv(self, kind, src):
+        if ("recv", kind) not in self._shapes:
+            header = torch.zeros(1, dtype=torch.int64)
+            self.module.world.recv(header, src, _SHAPE, self.timeout_s).wait()
+            meta = torch.zeros(int(header[0]), dtype=torch.int64)
+            self.module.world.recv(meta, src, _SHAPE, self.timeout_s).wait()
+            dtype, ndim = _DTYPES[int(meta[0])], int(meta[1])
+            self._shapes[("recv", kind)] = (tuple(int(d) for d in meta[2:2 + ndim]), dtype)
+        shape, dtype = self._shapes[("recv", kind)]
+        buffer = torch.empty(shape, dtype=dtype)
+        self.module.world.recv(buffer, src, kind, self.timeout_s).wait()
+        return buffer
+
+    def _finish_sends(self):
+        for work, _tensor in self._pending:
+            work.wait()
+        self._pending.clear()
