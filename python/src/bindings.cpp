@@ -336,6 +336,7 @@ PYBIND11_MODULE(_zeal, m) {
       .def("backward_from", &engine::Engine::backward_from, py::arg("outputs"), py::arg("output_grads"),
            py::call_guard<py::gil_scoped_release>())
       .def("set_model_parallel_group", &engine::Engine::set_model_parallel_group, py::arg("group"))
+      .def("set_boundary_override", &engine::Engine::set_boundary_override, py::arg("boundary"))
       .def("step", &engine::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("zero_grad", &engine::Engine::zero_grad)
       .def("is_gradient_accumulation_boundary", &engine::Engine::is_gradient_accumulation_boundary)

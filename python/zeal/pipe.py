@@ -11,6 +11,7 @@ Layout: ranks form a grid (pipe, data), pipe outermost, as DeepSpeed's PipeDataP
 rank = stage * data_size + data_index. Each stage's parameters train in a Zeal engine over its
 data-parallel group; the stages exchange activations and gradients point to point.
 """
+import collections
 import json
 import re
 
@@ -18,7 +19,7 @@ import torch
 
 from . import _zeal
 
-# Message kinds: the tag of a point-to-point message.
+# Message kinds: the tag of a point-to-point message (shape messages: _SHAPE + kind).
 _ACTIVATION, _GRADIENT, _SHAPE = 0, 1, 2
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
 
@@ -116,10 +117,12 @@ class PipelineModule(torch.nn.Module):
     labels) gives the last stage's loss. seed_layers (default True here, False in DeepSpeed): layer
     i is built after torch.manual_seed(base_seed + i), so the weights are the same whatever the
     number of stages. activation_checkpoint_interval: recompute every that many layers in backward.
+    chunks_per_stage (Zeal's, for the interleaved schedule): the layers are cut into num_stages x
+    chunks_per_stage parts and stage s holds parts s, num_stages + s, ... (its chunks 0, 1, ...).
     """
 
     def __init__(self, layers, num_stages=None, topology=None, loss_fn=None, seed_layers=True, base_seed=1234,
-                 partition_method="parameters", activation_checkpoint_interval=0, world=None):
+                 partition_method="parameters", activation_checkpoint_interval=0, chunks_per_stage=1, world=None):
         super().__init__()
         if isinstance(layers, torch.nn.Sequential):
             layers = list(layers)
@@ -140,25 +143,33 @@ class PipelineModule(torch.nn.Module):
         self.num_stages = topology.axis_size("pipe")
         pipe_group = topology.group_of("pipe", world.rank)
         self.stage_id = pipe_group.index(world.rank)
-        if len(layers) < self.num_stages:
-            raise ValueError(f"PipelineModule: {len(layers)} layers cannot fill {self.num_stages} stages")
+        self.chunks_per_stage = chunks_per_stage
+        parts = self.num_stages * chunks_per_stage
+        if len(layers) < parts:
+            raise ValueError(f"PipelineModule: {len(layers)} layers cannot fill {parts} pipeline parts")
         self.loss_fn = loss_fn
         self.activation_checkpoint_interval = activation_checkpoint_interval
-        self.parts = partition_layers(layers, self.num_stages, partition_method)
-        begin, end = self.parts[self.stage_id], self.parts[self.stage_id + 1]
-        self._funcs = []
-        self.stage_layers = torch.nn.ModuleList()
-        for index in range(begin, end):
-            layer = layers[index]
-            if isinstance(layer, LayerSpec):
-                if seed_layers:
-                    torch.manual_seed(base_seed + index)
-                layer = layer.build()
-            if isinstance(layer, torch.nn.Module):
-                self.stage_layers.append(layer)
-            elif not callable(layer):
-                raise TypeError(f"layer {index} is neither a LayerSpec, a Module nor callable: {layer!r}")
-            self._funcs.append(layer)
+        self.parts = partition_layers(layers, parts, partition_method)
+        self._chunk_funcs = []
+        self.stage_layers = torch.nn.ModuleList()  # every chunk's modules, chunk by chunk
+        self.chunk_layers = []                     # (first, end) layer index of each chunk
+        for chunk in range(chunks_per_stage):
+            part = chunk * self.num_stages + self.stage_id
+            begin, end = self.parts[part], self.parts[part + 1]
+            self.chunk_layers.append((begin, end))
+            funcs = []
+            for index in range(begin, end):
+                layer = layers[index]
+                if isinstance(layer, LayerSpec):
+                    if seed_layers:
+                        torch.manual_seed(base_seed + index)
+                    layer = layer.build()
+                if isinstance(layer, torch.nn.Module):
+                    self.stage_layers.append(layer)
+                elif not callable(layer):
+                    raise TypeError(f"layer {index} is neither a LayerSpec, a Module nor callable: {layer!r}")
+                funcs.append(layer)
+            self._chunk_funcs.append(funcs)
 
     def is_first_stage(self):
         return self.stage_id == 0
@@ -166,17 +177,16 @@ class PipelineModule(torch.nn.Module):
     def is_last_stage(self):
         return self.stage_id == self.num_stages - 1
 
-    def forward(self, x):
+    def forward(self, x, chunk=0):
+        funcs = self._chunk_funcs[chunk]
         interval = self.activation_checkpoint_interval
         if not interval or not torch.is_grad_enabled():
-            for f in self._funcs:
+            for f in funcs:
                 x = f(x)
             return x
-        for start in range(0, len(self._funcs), interval):
-            funcs = self._funcs[start:start + interval]
-
-            def run(y, funcs=funcs):
-                for f in funcs:
+        for start in range(0, len(funcs), interval):
+            def run(y, part=funcs[start:start + interval]):
+                for f in part:
                     y = f(y)
                 return y
             x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
@@ -186,7 +196,8 @@ class PipelineModule(torch.nn.Module):
 class PipelineEngine:
     """What zeal.initialize returns for a PipelineModule: train_batch / eval_batch over one global
     batch of gradient_accumulation_steps micro-batches, with the schedule of config key
-    pipeline.schedule ("1f1b", default, or "fill_drain")."""
+    pipeline.schedule: "1f1b" (the default), "fill_drain", or "interleaved" (the default for a
+    PipelineModule with chunks_per_stage > 1)."""
 
     def __init__(self, module, config, model_parameters=None):
         self.module = module
@@ -199,13 +210,17 @@ class PipelineEngine:
         # Every rank cuts both communicators (split is collective over the world).
         self.pipe_comm = world.split(pipe_group, "pipe")
         self.data_comm = world.split(data_group, "data")
-        self.prev_rank = pipe_group[self.stage_id - 1] if self.stage_id > 0 else None
-        self.next_rank = pipe_group[self.stage_id + 1] if self.stage_id < self.num_stages - 1 else None
+        self.pipe_group = pipe_group
+        self.chunks = module.chunks_per_stage
         pipeline = self.config.pop("pipeline", {}) or {}
-        self.schedule_kind = pipeline.get("schedule", "1f1b")
-        if self.schedule_kind not in ("1f1b", "fill_drain"):
-            raise _zeal.ConfigError(f"config key 'pipeline.schedule': expected \"1f1b\" or \"fill_drain\", "
-                                    f"got {json.dumps(self.schedule_kind)}")
+        self.schedule_kind = pipeline.get("schedule", "interleaved" if self.chunks > 1 else "1f1b")
+        if self.schedule_kind not in ("1f1b", "fill_drain", "interleaved"):
+            raise _zeal.ConfigError(f"config key 'pipeline.schedule': expected \"1f1b\", \"fill_drain\" or "
+                                    f"\"interleaved\", got {json.dumps(self.schedule_kind)}")
+        if (self.schedule_kind == "interleaved") != (self.chunks > 1):
+            raise _zeal.ConfigError(f"config key 'pipeline.schedule': {json.dumps(self.schedule_kind)} with a "
+                                    f"PipelineModule of chunks_per_stage={self.chunks} (interleaved needs more than one "
+                                    "chunk per stage, the others exactly one)")
         self.timeout_s = float(self.config.get("comms_timeout_s", 300))
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -216,6 +231,7 @@ class PipelineEngine:
         self.micro_batches = self._core.gradient_accumulation_steps
         self._shapes = {}  # ("send" | "recv", kind) -> (shape, dtype), from the first message
         self._pending = []  # (Work, tensor) of sends in flight
+        self._loopback = {_ACTIVATION: collections.deque(), _GRADIENT: collections.deque()}
 
     # --- the DeepSpeed surface ---
     def is_first_stage(self):
@@ -232,89 +248,119 @@ class PipelineEngine:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss
         (on every stage)."""
         self.module.train()
-        return self._run("1f1b" if self.schedule_kind == "1f1b" else "fill_drain", data_iter, train=True)
+        return self._run(self.schedule_kind, data_iter, train=True)
 
     def eval_batch(self, data_iter):
         """The mean loss over gradient_accumulation_steps micro-batches, forward only."""
+        if self.chunks > 1:
+            raise NotImplementedError("eval_batch with chunks_per_stage > 1 is not supported yet")
         self.module.eval()
         with torch.no_grad():
             return self._run("inference", data_iter, train=False)
 
     # --- the executor ---
+    def _neighbour(self, chunk, step):
+        """The rank holding virtual stage (this one's) + step, step = +1 or -1."""
+        p = self.num_stages
+        return self.pipe_group[(chunk * p + self.stage_id + step) % p]
+
     def _run(self, kind, data_iter, train):
-        m = self.micro_batches
-        first, last = self.is_first_stage(), self.is_last_stage()
+        m, p, v = self.micro_batches, self.num_stages, self.chunks
+        last_vs = p * v - 1
         inputs, outputs, labels, losses, grads = {}, {}, {}, {}, {}
-        for op, mb, _chunk in _zeal.pipeline_schedule(kind, self.num_stages, self.stage_id, m):
+        schedule = _zeal.pipeline_schedule(kind, p, self.stage_id, m, v)
+        backwards_left = sum(1 for op, _, _ in schedule if op == "Backward")
+        loaded = {}
+        for op, mb, chunk in schedule:
+            vs = chunk * p + self.stage_id
+            key = (mb, chunk)
             if op == "LoadMicroBatch":
-                x, y = next(data_iter)
-                if first:
-                    inputs[mb] = x
-                if last:
+                if mb not in loaded:  # one item per micro-batch, whichever chunks use it
+                    loaded[mb] = next(data_iter)
+                x, y = loaded[mb]
+                if vs == 0:
+                    inputs[key] = x
+                if vs == last_vs:
                     labels[mb] = y
             elif op == "RecvActivation":
-                x = self._recv(_ACTIVATION, self.prev_rank)
-                inputs[mb] = x.requires_grad_(train and x.is_floating_point())
+                x = self._recv(_ACTIVATION, chunk, self._neighbour(chunk, -1))
+                inputs[key] = x.requires_grad_(train and x.is_floating_point())
             elif op == "Forward":
-                out = self.module(inputs[mb])
-                if last:
+                out = self.module(inputs[key], chunk)
+                if vs == last_vs:
                     if self.module.loss_fn is None:
                         raise ValueError("the last pipeline stage needs PipelineModule(loss_fn=...)")
                     out = self.module.loss_fn(out, labels.pop(mb))
                     losses[mb] = out.detach()
-                outputs[mb] = out
+                outputs[key] = out
+                if not train:
+                    inputs.pop(key)
             elif op == "SendActivation":
-                self._send(outputs[mb].detach(), _ACTIVATION, self.next_rank)
+                out = outputs[key] if train else outputs.pop(key)
+                self._send(out.detach(), _ACTIVATION, chunk, self._neighbour(chunk, +1))
             elif op == "RecvGrad":
-                grads[mb] = self._recv(_GRADIENT, self.next_rank)
+                grads[key] = self._recv(_GRADIENT, chunk, self._neighbour(chunk, +1))
             elif op == "Backward":
-                out = outputs.pop(mb)
-                if last:
+                backwards_left -= 1
+                # The accumulation ends with this stage's last backward, whatever its micro-batch.
+                self._core.set_boundary_override(1 if backwards_left == 0 else 0)
+                out = outputs.pop(key)
+                if vs == last_vs:
                     self._core.backward(out)
                 else:
-                    self._core.backward_from([out], [grads.pop(mb)])
-                if first:
-                    inputs.pop(mb)
-                if mb < m - 1:
-                    self._core.step()  # counts the micro-step; the last one steps at OptimizerStep
+                    self._core.backward_from([out], [grads.pop(key)])
+                if vs == 0:
+                    inputs.pop(key)
             elif op == "SendGrad":
-                self._send(inputs.pop(mb).grad, _GRADIENT, self.prev_rank)
+                self._send(inputs.pop(key).grad, _GRADIENT, chunk, self._neighbour(chunk, -1))
             elif op == "OptimizerStep":
+                self._core.set_boundary_override(1)
                 self._core.step()
+                self._core.set_boundary_override(-1)
         self._finish_sends()
         loss = torch.zeros(1, dtype=torch.float64)
-        if last:
+        if self.is_last_stage():
             loss[0] = sum(v.double().item() for v in losses.values()) / m
-        if self.num_stages > 1:
-            self.pipe_comm.broadcast(loss, root=self.num_stages - 1, timeout_s=self.timeout_s).wait()
+        if p > 1:
+            self.pipe_comm.broadcast(loss, root=p - 1, timeout_s=self.timeout_s).wait()
         return loss.float()[0]
 
-    def _send(self, tensor, kind, dst):
+    # Message tags: the kind (activation 0, gradient 1), and 2 + kind for the shape message that
+    # precedes the first of each (kind, chunk). Along one channel each kind keeps its order.
+    def _send(self, tensor, kind, chunk, dst):
         tensor = tensor.contiguous()
-        if ("send", kind) not in self._shapes:
-            # The first message of a kind carries its shape and dtype; later ones must be alike.
+        world = self.module.world
+        if dst == world.rank:  # one stage holding neighbouring chunks: no message, the same order
+            self._loopback[kind].append(tensor.clone())
+            return
+        key = ("send", kind, chunk)
+        if key not in self._shapes:
             meta = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape], dtype=torch.int64)
             header = torch.tensor([meta.numel()], dtype=torch.int64)
-            self._pending.append((self.module.world.send(header, dst, _SHAPE, self.timeout_s), header))
-            self._pending.append((self.module.world.send(meta, dst, _SHAPE, self.timeout_s), meta))
-            self._shapes[("send", kind)] = (tuple(tensor.shape), tensor.dtype)
-        elif self._shapes[("send", kind)] != (tuple(tensor.shape), tensor.dtype):
+            self._pending.append((world.send(header, dst, _SHAPE + kind, self.timeout_s), header))
+            self._pending.append((world.send(meta, dst, _SHAPE + kind, self.timeout_s), meta))
+            self._shapes[key] = (tuple(tensor.shape), tensor.dtype)
+        elif self._shapes[key] != (tuple(tensor.shape), tensor.dtype):
             raise ValueError(f"pipeline stage {self.stage_id}: a {'gradient' if kind else 'activation'} of shape "
-                             f"{tuple(tensor.shape)} ({tensor.dtype}) after {self._shapes[('send', kind)]}: every micro-batch "
+                             f"{tuple(tensor.shape)} ({tensor.dtype}) after {self._shapes[key]}: every micro-batch "
                              "must have the same shape")
-        self._pending.append((self.module.world.send(tensor, dst, kind, self.timeout_s), tensor))
+        self._pending.append((world.send(tensor, dst, kind, self.timeout_s), tensor))
 
-    def _recv(self, kind, src):
-        if ("recv", kind) not in self._shapes:
+    def _recv(self, kind, chunk, src):
+        world = self.module.world
+        if src == world.rank:
+            return self._loopback[kind].popleft()
+        key = ("recv", kind, chunk)
+        if key not in self._shapes:
             header = torch.zeros(1, dtype=torch.int64)
-            self.module.world.recv(header, src, _SHAPE, self.timeout_s).wait()
+            world.recv(header, src, _SHAPE + kind, self.timeout_s).wait()
             meta = torch.zeros(int(header[0]), dtype=torch.int64)
-            self.module.world.recv(meta, src, _SHAPE, self.timeout_s).wait()
+            world.recv(meta, src, _SHAPE + kind, self.timeout_s).wait()
             dtype, ndim = _DTYPES[int(meta[0])], int(meta[1])
-            self._shapes[("recv", kind)] = (tuple(int(d) for d in meta[2:2 + ndim]), dtype)
-        shape, dtype = self._shapes[("recv", kind)]
+            self._shapes[key] = (tuple(int(d) for d in meta[2:2 + ndim]), dtype)
+        shape, dtype = self._shapes[key]
         buffer = torch.empty(shape, dtype=dtype)
-        self.module.world.recv(buffer, src, kind, self.timeout_s).wait()
+        world.recv(buffer, src, kind, self.timeout_s).wait()
         return buffer
 
     def _finish_sends(self):

@@ -346,6 +346,7 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
 }
 
 bool Engine::is_gradient_accumulation_boundary() const {
+  if (boundary_override_ >= 0) return boundary_override_ == 1;
   return (micro_steps_ + 1) % batch_.gradient_accumulation_steps == 0;
 }
 

@@ -66,6 +66,10 @@ def _pipe(ranks, stages, *args, timeout=240):
     (4, 4, ["--clip", 0.05]),                             # clipping by the whole model's norm
     (2, 2, ["--partition", "uniform", "--checkpoint_interval", 2]),
     (3, 3, ["--partition", "type:linear", "--gas", 10]),
+    (2, 2, ["--chunks", 2, "--gas", 4]),                  # interleaved 1F1B, 2 chunks per stage
+    (4, 4, ["--chunks", 2, "--gas", 8]),                  # interleaved, 4 stages, one layer per chunk
+    (4, 2, ["--chunks", 2, "--gas", 4, "--zero", 2]),     # interleaved x data 2, ZeRO-2
+    (1, 1, ["--chunks", 2, "--gas", 2]),                  # one stage holding both chunks
 ])
 def test_pipeline_matches_torch(ranks, stages, args):
     _pipe(ranks, stages, *args)

@@ -69,6 +69,9 @@ class Engine {
   void zero_grad();
 
   bool is_gradient_accumulation_boundary() const;
+  // A pipeline executor runs more backwards per step than micro-batches (one per model chunk) and
+  // says itself which one ends the accumulation: 1 (this one), 0 (not this one), -1 (count, as usual).
+  void set_boundary_override(int boundary) { boundary_override_ = boundary; }
   int64_t global_steps() const { return global_steps_; }
   int64_t global_samples() const { return global_samples_; }
   int64_t micro_steps() const { return micro_steps_; }
@@ -159,6 +162,7 @@ class Engine {
   Config config_;
   comm::CommunicatorPtr world_;
   comm::CommunicatorPtr model_parallel_;  // pipeline stages (set_model_parallel_group)
+  int boundary_override_ = -1;            // set_boundary_override
   BatchSizes batch_;
   at::ScalarType model_dtype_;
   at::Device device_{at::kCPU};

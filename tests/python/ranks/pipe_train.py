@@ -56,17 +56,19 @@ def main():
     ap.add_argument("--partition", default="parameters")
     ap.add_argument("--checkpoint_interval", type=int, default=0)
     ap.add_argument("--clip", type=float, default=0.0)
+    ap.add_argument("--chunks", type=int, default=1, help="chunks_per_stage (interleaved schedule)")
     ap.add_argument("--raise_at", default="", help="STEP:STAGE: that stage raises in forward at that step")
     ap.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args()
 
     world = zeal.world()
     module = PipelineModule(layers(), num_stages=args.stages, loss_fn=common.loss_fn,
-                            partition_method=args.partition, activation_checkpoint_interval=args.checkpoint_interval)
+                            partition_method=args.partition, activation_checkpoint_interval=args.checkpoint_interval,
+                            chunks_per_stage=args.chunks)
     config = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": args.gas,
               "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
               "zero_optimization": {"stage": args.zero, "reduce_bucket_size": 500},
-              "pipeline": {"schedule": args.schedule}, "steps_per_print": 1000, "comms_timeout_s": args.timeout,
+              "pipeline": {"schedule": args.schedule if args.chunks == 1 else "interleaved"}, "steps_per_print": 1000, "comms_timeout_s": args.timeout,
               "gradient_clipping": args.clip}
     engine, *_ = zeal.initialize(model=module, config=config)
     data_size = world.size // args.stages
@@ -89,14 +91,14 @@ def main():
         engine.data_comm.all_reduce(mean, "sum").wait()
         mean = mean.item() / data_size
         assert abs(mean - want_losses[step]) <= 1e-5 * abs(want_losses[step]), (step, mean, want_losses[step])
-    begin, end = module.parts[module.stage_id], module.parts[module.stage_id + 1]
-    want = [p for layer in want_params[begin:end] if isinstance(layer, torch.nn.Module) for p in layer.parameters()]
+    want = [p for begin, end in module.chunk_layers for layer in want_params[begin:end]
+            if isinstance(layer, torch.nn.Module) for p in layer.parameters()]
     got = list(module.parameters())
     assert len(got) == len(want), (len(got), len(want))
     for g, w in zip(got, want):
         rel = ((g.detach() - w.detach()).abs().max() / w.detach().abs().max()).item()
         assert rel <= 1e-5, (module.stage_id, rel)
-    print(f"PIPE-OK rank {world.rank} stage {module.stage_id} layers {begin}:{end}", flush=True)
+    print(f"PIPE-OK rank {world.rank} stage {module.stage_id} layers {module.chunk_layers}", flush=True)
 
 
 if __name__ == "__main__":
