@@ -14,6 +14,7 @@ data-parallel group; the stages exchange activations and gradients point to poin
 import collections
 import json
 import re
+import time
 
 import torch
 
@@ -269,6 +270,7 @@ class PipelineEngine:
         last_vs = p * v - 1
         inputs, outputs, labels, losses, grads = {}, {}, {}, {}, {}
         schedule = _zeal.pipeline_schedule(kind, p, self.stage_id, m, v)
+        started, busy, pipelined = time.perf_counter(), 0.0, None
         backwards_left = sum(1 for op, _, _ in schedule if op == "Backward")
         loaded = {}
         for op, mb, chunk in schedule:
@@ -286,6 +288,7 @@ class PipelineEngine:
                 x = self._recv(_ACTIVATION, chunk, self._neighbour(chunk, -1))
                 inputs[key] = x.requires_grad_(train and x.is_floating_point())
             elif op == "Forward":
+                t0 = time.perf_counter()
                 out = self.module(inputs[key], chunk)
                 if vs == last_vs:
                     if self.module.loss_fn is None:
@@ -295,6 +298,7 @@ class PipelineEngine:
                 outputs[key] = out
                 if not train:
                     inputs.pop(key)
+                busy += time.perf_counter() - t0
             elif op == "SendActivation":
                 out = outputs[key] if train else outputs.pop(key)
                 self._send(out.detach(), _ACTIVATION, chunk, self._neighbour(chunk, +1))
@@ -305,19 +309,26 @@ class PipelineEngine:
                 # The accumulation ends with this stage's last backward, whatever its micro-batch.
                 self._core.set_boundary_override(1 if backwards_left == 0 else 0)
                 out = outputs.pop(key)
+                t0 = time.perf_counter()
                 if vs == last_vs:
                     self._core.backward(out)
                 else:
                     self._core.backward_from([out], [grads.pop(key)])
+                busy += time.perf_counter() - t0
                 if vs == 0:
                     inputs.pop(key)
             elif op == "SendGrad":
                 self._send(inputs.pop(key).grad, _GRADIENT, chunk, self._neighbour(chunk, -1))
             elif op == "OptimizerStep":
+                pipelined = time.perf_counter() - started
                 self._core.set_boundary_override(1)
                 self._core.step()
                 self._core.set_boundary_override(-1)
         self._finish_sends()
+        # For bubble measurements: the time this stage spent computing (forward and backward) and the
+        # time from the batch's start to its optimizer step (the whole batch for eval).
+        total = time.perf_counter() - started
+        self.last_batch_timing = {"busy_s": busy, "pipelined_s": pipelined or total, "total_s": total}
         loss = torch.zeros(1, dtype=torch.float64)
         if self.is_last_stage():
             loss[0] = sum(v.double().item() for v in losses.values()) / m
