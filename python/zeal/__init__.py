@@ -11,7 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links it)
 from . import _zeal
 from ._zeal import CheckpointError, CommError, ConfigError, Error, InternalError, IoError, TimeoutError
 from .engine import ZealEngine, initialize
-from . import checkpoint, optim, pipe, zero  # noqa: E402  (zeal.checkpoint, zeal.optim, zeal.pipe, zeal.zero)
+from . import checkpoint, optim, pipe, tensor_parallel, zero  # noqa: E402  (zeal.checkpoint, ...)
 from . import memory  # noqa: E402
 from .memory import estimate_memory  # noqa: E402
 

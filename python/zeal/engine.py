@@ -244,8 +244,12 @@ def initialize(
     collate_fn=None,
     config=None,
     config_params=None,
+    data_parallel_group=None,
 ):
-    """DeepSpeed's initialize: returns (engine, optimizer, training_dataloader, lr_scheduler)."""
+    """DeepSpeed's initialize: returns (engine, optimizer, training_dataloader, lr_scheduler).
+
+    data_parallel_group (Zeal's): the communicator whose ranks hold replicas of this rank's
+    parameters (with tensor parallelism: zeal.tensor_parallel.make_groups); the world by default."""
     if model is None:
         raise _zeal.ConfigError("initialize needs model=")
     if optimizer is not None:
@@ -280,7 +284,11 @@ def initialize(
     dtype = _DTYPES.get(precision, torch.float32)
     if precision in _DTYPES:
         model.to(dtype)
-    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), text)
+    if any(getattr(p, "tensor_parallel", False) for p in model.parameters()):
+        if cfg.get("gradient_clipping", 0) or cfg.get("fp16", {}).get("enabled", False):
+            raise _zeal.ConfigError("config keys 'gradient_clipping' and 'fp16': not supported yet with tensor-parallel "
+                                    "layers (the norm across the tensor group is not built yet)")
+    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), text, data_parallel_group)
     engine = ZealEngine(model, core)
 
     loader = None

@@ -224,6 +224,10 @@ class PipelineEngine:
                                     "chunk per stage, the others exactly one)")
         self.timeout_s = float(self.config.get("comms_timeout_s", 300))
         params = [p for p in module.parameters() if p.requires_grad]
+        if any(getattr(p, "tensor_parallel", False) for p in params) and (
+                self.config.get("gradient_clipping", 0) or self.config.get("fp16", {}).get("enabled", False)):
+            raise _zeal.ConfigError("config keys 'gradient_clipping' and 'fp16': not supported yet with tensor-parallel "
+                                    "layers (the norm across the tensor group is not built yet)")
         if not params:
             raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")
         groups = [{"params": params, "names": [n for n, p in module.named_parameters() if p.requires_grad]}]

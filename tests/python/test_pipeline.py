@@ -79,6 +79,13 @@ def test_pipeline_with_data_parallel_and_zero2_on_8_ranks():
     _pipe(8, 4, "--zero", 2, timeout=400)
 
 
+@pytest.mark.parametrize("ranks,args", [(4, []), (8, ["--zero", 1])])
+def test_3d_pipeline_tensor_data(ranks, args):
+    # pipe 2 x tensor 2 (x data 2 with ZeRO-1 on 8 ranks): layers 2 and 5 column- and row-parallel
+    # inside the stages; the same losses and weights (shards: their slices) as one torch process.
+    _pipe(ranks, 2, "--tensor", 2, *args, timeout=400)
+
+
 def test_a_stage_that_raises_stops_every_rank_within_the_timeout():
     # Stage 1 of 3 raises in its forward at step 2; its neighbours wait for its messages and give up
     # after comms_timeout_s (5 s) with a TimeoutError that names the op and the missing rank.

@@ -15,10 +15,18 @@ from zeal.pipe import LayerSpec, PipelineModule  # noqa: E402
 LR, WD = 1e-2, 0.01
 
 
-def layers():
+def layers(tp_group=None):
+    """The model's layers; with a tensor group, layers 2 and 5 are column- and row-parallel."""
     h = common.HIDDEN
-    return [LayerSpec(torch.nn.Linear, common.IN, h), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, h, h),
-            torch.nn.GELU(), LayerSpec(torch.nn.LayerNorm, h), LayerSpec(torch.nn.Linear, h, h), torch.nn.Tanh(),
+    second = LayerSpec(torch.nn.Linear, h, h)
+    fifth = LayerSpec(torch.nn.Linear, h, h)
+    if tp_group is not None:
+        from zeal import tensor_parallel as tp
+
+        second = LayerSpec(tp.ColumnParallelLinear, h, h, gather_output=True, group=tp_group)
+        fifth = LayerSpec(tp.RowParallelLinear, h, h, group=tp_group)
+    return [LayerSpec(torch.nn.Linear, common.IN, h), torch.nn.Tanh(), second,
+            torch.nn.GELU(), LayerSpec(torch.nn.LayerNorm, h), fifth, torch.nn.Tanh(),
             LayerSpec(torch.nn.Linear, h, common.OUT)]
 
 
@@ -57,12 +65,18 @@ def main():
     ap.add_argument("--checkpoint_interval", type=int, default=0)
     ap.add_argument("--clip", type=float, default=0.0)
     ap.add_argument("--chunks", type=int, default=1, help="chunks_per_stage (interleaved schedule)")
+    ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (3D: pipe x data x tensor)")
     ap.add_argument("--raise_at", default="", help="STEP:STAGE: that stage raises in forward at that step")
     ap.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args()
 
     world = zeal.world()
-    module = PipelineModule(layers(), num_stages=args.stages, loss_fn=common.loss_fn,
+    topology, tp_group = None, None
+    if args.tensor > 1:
+        topology = zeal._zeal.Topology([("pipe", args.stages), ("data", world.size // (args.stages * args.tensor)),
+                                        ("tensor", args.tensor)])
+        tp_group = world.split(topology.group_of("tensor", world.rank), "tensor")
+    module = PipelineModule(layers(tp_group), num_stages=args.stages, topology=topology, loss_fn=common.loss_fn,
                             partition_method=args.partition, activation_checkpoint_interval=args.checkpoint_interval,
                             chunks_per_stage=args.chunks)
     config = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": args.gas,
@@ -71,7 +85,7 @@ def main():
               "pipeline": {"schedule": args.schedule if args.chunks == 1 else "interleaved"}, "steps_per_print": 1000, "comms_timeout_s": args.timeout,
               "gradient_clipping": args.clip}
     engine, *_ = zeal.initialize(model=module, config=config)
-    data_size = world.size // args.stages
+    data_size = world.size // (args.stages * args.tensor)
     data_index = module.topology.group_of("data", world.rank).index(world.rank)
     batch = args.micro * args.gas * data_size
     want_params, want_losses = reference(args.steps, batch, args.clip)
@@ -96,6 +110,9 @@ def main():
     got = list(module.parameters())
     assert len(got) == len(want), (len(got), len(want))
     for g, w in zip(got, want):
+        if getattr(g, "tensor_parallel", False):
+            size = g.shape[g.partition_dim]
+            w = w.narrow(g.partition_dim, tp_group.rank * size, size)
         rel = ((g.detach() - w.detach()).abs().max() / w.detach().abs().max()).item()
         assert rel <= 1e-5, (module.stage_id, rel)
     print(f"PIPE-OK rank {world.rank} stage {module.stage_id} layers {module.chunk_layers}", flush=True)

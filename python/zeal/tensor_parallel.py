@@ -1,0 +1,199 @@
+"""Megatron-style tensor parallelism: layers whose weights are split over the ranks of a tensor
+group, and a vocabulary-parallel cross-entropy.
+
+Each layer's communication is a pair of autograd functions whose forward and backward mirror each
+other: copy (identity forward, all-reduce of the gradient backward) against reduce (all-reduce
+forward, identity backward), and split against gather along the last dim. A ColumnParallelLinear
+followed by a RowParallelLinear (input_is_parallel=True) costs one all-reduce forward and one
+backward, as in Megatron-LM.
+
+Initialisation: every layer builds its full weight with torch's own initialisation from the
+current RNG state, the same on every rank of the group, and keeps its slice: a model built under
+the same seed is the single-process model, cut. Sharded parameters carry `tensor_parallel = True`
+(`partition_dim` says along which dim); replicated ones (RowParallelLinear's bias) do not.
+
+The group is any Zeal communicator: `make_groups(tensor=2)` cuts the world into tensor groups of
+consecutive ranks and data groups across them (zeal/comm/topology.h, axes data x tensor).
+"""
+import torch
+import torch.nn.functional as F
+
+from . import _zeal
+
+
+def make_groups(tensor, world=None):
+    """(tensor group, data group, topology) for a grid of world.size / tensor data replicas of
+    `tensor` ranks each; every rank of the world calls it."""
+    world = world or _zeal.world()
+    if tensor < 1 or world.size % tensor:
+        raise ValueError(f"tensor-parallel size {tensor} must divide the world size {world.size}")
+    topology = _zeal.Topology([("data", world.size // tensor), ("tensor", tensor)])
+    tp = world.split(topology.group_of("tensor", world.rank), "tensor")
+    dp = world.split(topology.group_of("data", world.rank), "data")
+    return tp, dp, topology
+
+
+def _all_reduce(x, group):
+    x = x.contiguous().clone()
+    group.all_reduce(x, "sum").wait()
+    return x
+
+
+def _gather_last(x, group):
+    x = x.contiguous()
+    out = torch.empty((group.size, *x.shape), dtype=x.dtype)
+    group.all_gather(out, x).wait()
+    return torch.cat(out.unbind(0), dim=-1)
+
+
+def _split_last(x, group):
+    size = x.shape[-1] // group.size
+    return x[..., group.rank * size:(group.rank + 1) * size].contiguous()
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None
+
+
+def _shard(full, dim, group):
+    size = full.shape[dim] // group.size
+    piece = full.narrow(dim, group.rank * size, size).detach().clone()
+    param = torch.nn.Parameter(piece)
+    param.tensor_parallel, param.partition_dim = True, dim
+    return param
+
+
+def _check_divides(what, n, group):
+    if n % group.size:
+        raise ValueError(f"{what} ({n}) must be a multiple of the tensor-parallel size ({group.size})")
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """y = x W^T + b with W's rows (the output features) split over the group. gather_output:
+    all-gather y (else each rank keeps its slice, for a RowParallelLinear to take)."""
+
+    def __init__(self, in_features, out_features, bias=True, gather_output=True, group=None):
+        super().__init__()
+        self.group = group or _zeal.world()
+        _check_divides("ColumnParallelLinear out_features", out_features, self.group)
+        full = torch.nn.Linear(in_features, out_features, bias=bias)
+        self.weight = _shard(full.weight, 0, self.group)
+        self.bias = _shard(full.bias, 0, self.group) if bias else None
+        self.gather_output = gather_output
+
+    def forward(self, x):
+        y = F.linear(_Copy.apply(x, self.group), self.weight, self.bias)
+        return _Gather.apply(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(torch.nn.Module):
+    """y = x W^T + b with W's columns (the input features) split over the group; the partial
+    products are all-reduced, then the (replicated) bias is added. input_is_parallel: x is already
+    this rank's slice (a ColumnParallelLinear's output without gathering)."""
+
+    def __init__(self, in_features, out_features, bias=True, input_is_parallel=False, group=None):
+        super().__init__()
+        self.group = group or _zeal.world()
+        _check_divides("RowParallelLinear in_features", in_features, self.group)
+        full = torch.nn.Linear(in_features, out_features, bias=bias)
+        self.weight = _shard(full.weight, 1, self.group)
+        self.bias = torch.nn.Parameter(full.bias.detach().clone()) if bias else None
+        self.input_is_parallel = input_is_parallel
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = _Split.apply(x, self.group)
+        y = _Reduce.apply(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """An embedding whose rows (the vocabulary) are split over the group: each rank looks up the
+    ids in its range, zeros the rest, and the results are all-reduced."""
+
+    def __init__(self, num_embeddings, embedding_dim, group=None):
+        super().__init__()
+        self.group = group or _zeal.world()
+        _check_divides("VocabParallelEmbedding num_embeddings", num_embeddings, self.group)
+        full = torch.nn.Embedding(num_embeddings, embedding_dim)
+        self.weight = _shard(full.weight, 0, self.group)
+        self.vocab_start = self.group.rank * self.weight.shape[0]
+        self.vocab_end = self.vocab_start + self.weight.shape[0]
+
+    def forward(self, ids):
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return _Reduce.apply(out, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group):
+        logits = logits.float()
+        top = logits.max(dim=-1).values
+        group.all_reduce(top, "max").wait()
+        shifted = logits - top.unsqueeze(-1)
+        width = logits.shape[-1]
+        start = group.rank * width
+        outside = (target < start) | (target >= start + width)
+        local = (target - start).masked_fill(outside, 0)
+        picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0).contiguous()
+        group.all_reduce(picked, "sum").wait()
+        exp = shifted.exp()
+        total = exp.sum(dim=-1).contiguous()
+        group.all_reduce(total, "sum").wait()
+        ctx.save_for_backward(exp.div_(total.unsqueeze(-1)), local, outside)
+        return total.log() - picked
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        g = softmax.clone()
+        g.scatter_add_(-1, local.unsqueeze(-1), -(~outside).unsqueeze(-1).to(g.dtype))
+        return g * grad.unsqueeze(-1), None, None
+
+
+def vocab_parallel_cross_entropy(logits, target, group=None):
+    """Per-token cross-entropy of logits whose last dim (the vocabulary) is split over the group
+    (a ColumnParallelLinear without gather_output), without gathering them."""
+    return _VocabParallelCrossEntropy.apply(logits, target, group or _zeal.world())
