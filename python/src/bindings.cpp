@@ -335,7 +335,8 @@ PYBIND11_MODULE(_zeal, m) {
       .def("backward", &engine::Engine::backward, py::call_guard<py::gil_scoped_release>())
       .def("backward_from", &engine::Engine::backward_from, py::arg("outputs"), py::arg("output_grads"),
            py::call_guard<py::gil_scoped_release>())
-      .def("set_model_parallel_group", &engine::Engine::set_model_parallel_group, py::arg("group"))
+      .def("set_model_parallel_group", &engine::Engine::set_model_parallel_group, py::arg("group"),
+           py::arg("uncounted") = std::vector<at::Tensor>{})
       .def("set_boundary_override", &engine::Engine::set_boundary_override, py::arg("boundary"))
       .def("step", &engine::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("zero_grad", &engine::Engine::zero_grad)

@@ -245,11 +245,14 @@ def initialize(
     config=None,
     config_params=None,
     data_parallel_group=None,
+    model_parallel_group=None,
 ):
     """DeepSpeed's initialize: returns (engine, optimizer, training_dataloader, lr_scheduler).
 
-    data_parallel_group (Zeal's): the communicator whose ranks hold replicas of this rank's
-    parameters (with tensor parallelism: zeal.tensor_parallel.make_groups); the world by default."""
+    Zeal's tensor-parallel arguments (zeal.tensor_parallel.make_groups gives both groups):
+    data_parallel_group, the ranks that hold replicas of this rank's parameters (the world by
+    default); model_parallel_group, the ranks that hold the other shards (the tensor group of the
+    model's tensor-parallel layers by default), across which gradient norms are summed."""
     if model is None:
         raise _zeal.ConfigError("initialize needs model=")
     if optimizer is not None:
@@ -284,11 +287,15 @@ def initialize(
     dtype = _DTYPES.get(precision, torch.float32)
     if precision in _DTYPES:
         model.to(dtype)
-    if any(getattr(p, "tensor_parallel", False) for p in model.parameters()):
-        if cfg.get("gradient_clipping", 0) or cfg.get("fp16", {}).get("enabled", False):
-            raise _zeal.ConfigError("config keys 'gradient_clipping' and 'fp16': not supported yet with tensor-parallel "
-                                    "layers (the norm across the tensor group is not built yet)")
     core = _zeal.Engine(_param_groups(model, model_parameters, dtype), text, data_parallel_group)
+    if model_parallel_group is None:
+        model_parallel_group = next((m.group for m in model.modules() if getattr(m, "tensor_parallel_layer", False)),
+                                    None)
+    if model_parallel_group is not None and model_parallel_group.size > 1:
+        # Parameters replicated across the tensor group count in the norm on its first rank only.
+        uncounted = [] if model_parallel_group.rank == 0 else \
+            [p for p in model.parameters() if p.requires_grad and not getattr(p, "tensor_parallel", False)]
+        core.set_model_parallel_group(model_parallel_group, uncounted)
     engine = ZealEngine(model, core)
 
     loader = None

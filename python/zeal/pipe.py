@@ -224,15 +224,22 @@ class PipelineEngine:
                                     "chunk per stage, the others exactly one)")
         self.timeout_s = float(self.config.get("comms_timeout_s", 300))
         params = [p for p in module.parameters() if p.requires_grad]
-        if any(getattr(p, "tensor_parallel", False) for p in params) and (
-                self.config.get("gradient_clipping", 0) or self.config.get("fp16", {}).get("enabled", False)):
-            raise _zeal.ConfigError("config keys 'gradient_clipping' and 'fp16': not supported yet with tensor-parallel "
-                                    "layers (the norm across the tensor group is not built yet)")
         if not params:
             raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")
         groups = [{"params": params, "names": [n for n, p in module.named_parameters() if p.requires_grad]}]
         self._core = _zeal.Engine(groups, json.dumps(self.config), self.data_comm)
-        self._core.set_model_parallel_group(self.pipe_comm)
+        # The norm is the whole model's: summed over the ranks of this data index (every stage and,
+        # in 3D, every tensor shard), with a tensor group's replicas counted on its first rank.
+        data_index = data_group.index(rank)
+        model_group = [r for r in range(world.size) if topology.group_of("data", r).index(r) == data_index]
+        self.model_comm = world.split(model_group, "model")
+        tensor_index = 0
+        try:
+            tensor_index = topology.group_of("tensor", rank).index(rank)
+        except _zeal.Error:
+            pass  # no tensor axis
+        uncounted = [] if tensor_index == 0 else [p for p in params if not getattr(p, "tensor_parallel", False)]
+        self._core.set_model_parallel_group(self.model_comm, uncounted)
         self.micro_batches = self._core.gradient_accumulation_steps
         self._shapes = {}  # ("send" | "recv", kind) -> (shape, dtype), from the first message
         self._pending = []  # (Work, tensor) of sends in flight

@@ -10,7 +10,8 @@ backward, as in Megatron-LM.
 Initialisation: every layer builds its full weight with torch's own initialisation from the
 current RNG state, the same on every rank of the group, and keeps its slice: a model built under
 the same seed is the single-process model, cut. Sharded parameters carry `tensor_parallel = True`
-(`partition_dim` says along which dim); replicated ones (RowParallelLinear's bias) do not.
+(`partition_dim` says along which dim); replicated ones (RowParallelLinear's bias, and every
+ordinary layer beside them) do not, and count in the gradient norm on the group's first rank only.
 
 The group is any Zeal communicator: `make_groups(tensor=2)` cuts the world into tensor groups of
 consecutive ranks and data groups across them (zeal/comm/topology.h, axes data x tensor).
@@ -102,12 +103,16 @@ def _shard(full, dim, group):
     return param
 
 
+class _Layer(torch.nn.Module):
+    tensor_parallel_layer = True  # zeal.initialize finds the tensor group through it
+
+
 def _check_divides(what, n, group):
     if n % group.size:
         raise ValueError(f"{what} ({n}) must be a multiple of the tensor-parallel size ({group.size})")
 
 
-class ColumnParallelLinear(torch.nn.Module):
+class ColumnParallelLinear(_Layer):
     """y = x W^T + b with W's rows (the output features) split over the group. gather_output:
     all-gather y (else each rank keeps its slice, for a RowParallelLinear to take)."""
 
@@ -125,7 +130,7 @@ class ColumnParallelLinear(torch.nn.Module):
         return _Gather.apply(y, self.group) if self.gather_output else y
 
 
-class RowParallelLinear(torch.nn.Module):
+class RowParallelLinear(_Layer):
     """y = x W^T + b with W's columns (the input features) split over the group; the partial
     products are all-reduced, then the (replicated) bias is added. input_is_parallel: x is already
     this rank's slice (a ColumnParallelLinear's output without gathering)."""
@@ -146,7 +151,7 @@ class RowParallelLinear(torch.nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-class VocabParallelEmbedding(torch.nn.Module):
+class VocabParallelEmbedding(_Layer):
     """An embedding whose rows (the vocabulary) are split over the group: each rank looks up the
     ids in its range, zeros the rest, and the results are all-reduced."""
 

@@ -490,8 +490,33 @@ at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
   return at::cat(pieces);
 }
 
+void Engine::set_model_parallel_group(comm::CommunicatorPtr group, const std::vector<at::Tensor>& uncounted) {
+  model_parallel_ = std::move(group);
+  uncounted_params_.clear();
+  for (const at::Tensor& t : uncounted) {
+    size_t i = 0;
+    while (i < params_.size() && params_[i].unsafeGetTensorImpl() != t.unsafeGetTensorImpl()) ++i;
+    ZEAL_CHECK(i < params_.size(), "set_model_parallel_group: an uncounted tensor is not one of the engine's parameters");
+    uncounted_params_.push_back(i);
+  }
+}
+
 double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool partitioned) {
-  const double local = optim::unscale_and_sum_squares(grads, inv_scale);
+  double local = optim::unscale_and_sum_squares(grads, inv_scale);
+  if (!uncounted_params_.empty()) {
+    // Another rank of the model-parallel group counts these (already unscaled above).
+    auto sum_sq_of = [](const at::Tensor& x) { return x.to(at::kDouble).pow(2).sum().item<double>(); };
+    for (size_t i : uncounted_params_) {
+      const int64_t b = layout_.offsets[i], e = b + layout_.numels[i];
+      if (!partitioned) {
+        local -= sum_sq_of(grads.slice(0, b, e));
+        continue;
+      }
+      for (const zero::OwnedPiece& p : zero::owned_pieces_flat(owned_, b, e))
+        local -= sum_sq_of(grads.slice(0, p.local_begin, p.local_begin + p.size));
+    }
+    local = std::max(local, 0.0);
+  }
   double sum_sq = local;
   if (partitioned && world_->size() > 1) {
     // Each rank holds a disjoint part of the gradient: sum the squares across ranks.
@@ -500,7 +525,7 @@ double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool parti
     sum_sq = t.item<double>();
   }
   if (model_parallel_ && model_parallel_->size() > 1) {
-    // Pipeline stages hold disjoint parameters: the norm (and fp16's overflow) is the whole model's.
+    // Stages and shards hold disjoint parameters: the norm (and fp16's overflow) is the whole model's.
     at::Tensor t = at::full({1}, sum_sq, at::TensorOptions().dtype(at::kDouble));
     if (model_parallel_->backend_name() != "mpi") t = t.to(device_);
     model_parallel_->all_reduce(t, {comm::ReduceOp::kSum})->wait();

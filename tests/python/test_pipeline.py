@@ -79,7 +79,7 @@ def test_pipeline_with_data_parallel_and_zero2_on_8_ranks():
     _pipe(8, 4, "--zero", 2, timeout=400)
 
 
-@pytest.mark.parametrize("ranks,args", [(4, []), (8, ["--zero", 1])])
+@pytest.mark.parametrize("ranks,args", [(4, []), (8, ["--zero", 1]), (4, ["--clip", 0.05])])
 def test_3d_pipeline_tensor_data(ranks, args):
     # pipe 2 x tensor 2 (x data 2 with ZeRO-1 on 8 ranks): layers 2 and 5 column- and row-parallel
     # inside the stages; the same losses and weights (shards: their slices) as one torch process.

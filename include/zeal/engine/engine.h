@@ -62,9 +62,11 @@ class Engine {
   // Backward from outputs whose gradients arrived from elsewhere (the next pipeline stage), already
   // scaled: the same accounting as backward(loss) (accumulation boundary, reduction), no rescaling.
   void backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads);
-  // The ranks that hold the other parts of the model (pipeline stages): gradient norms, and with
-  // them clipping and fp16 overflow, are summed across them. Set before the first step.
-  void set_model_parallel_group(comm::CommunicatorPtr group) { model_parallel_ = std::move(group); }
+  // The ranks that hold the other parts of the model (pipeline stages, tensor-parallel shards):
+  // gradient norms, and with them clipping and fp16 overflow, are summed across them. `uncounted`:
+  // parameters this rank holds but another rank of the group counts (a tensor group's replicated
+  // parameters count on its first rank only). Set before the first step.
+  void set_model_parallel_group(comm::CommunicatorPtr group, const std::vector<at::Tensor>& uncounted = {});
   void step();
   void zero_grad();
 
@@ -134,6 +136,7 @@ class Engine {
   void log_step();
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
   // Unscales grads in place (by inv_scale) and returns the L2 norm of the result over all ranks.
+  // grads: local (owned) coordinates when `partitioned`, flat ones otherwise.
   double global_norm(const at::Tensor& grads, double inv_scale, bool partitioned);
   void run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads);
   // The whole flat buffer from every rank's owned values of it (a sum all-reduce over zeros).
@@ -163,6 +166,7 @@ class Engine {
   comm::CommunicatorPtr world_;
   comm::CommunicatorPtr model_parallel_;  // pipeline stages (set_model_parallel_group)
   int boundary_override_ = -1;            // set_boundary_override
+  std::vector<size_t> uncounted_params_;  // set_model_parallel_group
   BatchSizes batch_;
   at::ScalarType model_dtype_;
   at::Device device_{at::kCPU};

@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--zero", type=int, default=0)
+    ap.add_argument("--clip", type=float, default=0.0)
     args = ap.parse_args()
     world = zeal.world()
     tp_group, dp_group, topology = tp.make_groups(args.tensor, world)
@@ -63,7 +64,7 @@ def main():
     ref = Model()
     config = {"train_micro_batch_size_per_gpu": args.micro, "steps_per_print": 1000, "comms_timeout_s": 60,
               "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
-              "zero_optimization": {"stage": args.zero, "reduce_bucket_size": 300}}
+              "zero_optimization": {"stage": args.zero, "reduce_bucket_size": 300}, "gradient_clipping": args.clip}
     engine, *_ = zeal.initialize(model=model, config=config, data_parallel_group=dp_group)
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WD)
     dp = dp_group.size
@@ -76,6 +77,10 @@ def main():
         want = ref(ids, targets)
         opt.zero_grad()
         want.backward()
+        if args.clip:
+            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), args.clip)
+            assert abs(engine._core.last_grad_norm - norm.item()) <= 1e-5 * norm.item(), (engine._core.last_grad_norm,
+                                                                                          norm.item())
         opt.step()
         mean = loss.detach().double().reshape(1)
         dp_group.all_reduce(mean, "sum").wait()
