@@ -12,6 +12,7 @@ rank = stage * data_size + data_index. Each stage's parameters train in a Zeal e
 data-parallel group; the stages exchange activations and gradients point to point.
 """
 import collections
+import functools
 import json
 import re
 import time
@@ -41,7 +42,11 @@ class LayerSpec:
 
 
 class TiedLayerSpec(LayerSpec):
-    """DeepSpeed's tied layer (weights shared between stages): not built yet in Zeal."""
+    """A layer whose module is shared by every TiedLayerSpec of the same key, on whatever stages
+    they fall (DeepSpeed's: an embedding reused as the output head). The first occurrence's spec
+    builds it; forward_fn(module, x), when given, is how an occurrence applies it. Stages that hold
+    the same key keep identical copies: built from the same seed, their gradients summed across
+    those stages before every step."""
 
     def __init__(self, key, typename, *module_args, forward_fn=None, tied_weight_attr="weight", **module_kwargs):
         super().__init__(typename, *module_args, **module_kwargs)
@@ -130,8 +135,6 @@ class PipelineModule(torch.nn.Module):
         layers = list(layers)
         if not layers:
             raise ValueError("PipelineModule needs at least one layer")
-        if any(isinstance(layer, TiedLayerSpec) for layer in layers):
-            raise NotImplementedError("TiedLayerSpec (weights shared between stages) is not supported yet")
         world = world or _zeal.world()
         size = world.size
         if topology is None:
@@ -152,8 +155,16 @@ class PipelineModule(torch.nn.Module):
         self.activation_checkpoint_interval = activation_checkpoint_interval
         self.parts = partition_layers(layers, parts, partition_method)
         self._chunk_funcs = []
-        self.stage_layers = torch.nn.ModuleList()  # every chunk's modules, chunk by chunk
+        self.stage_layers = torch.nn.ModuleList()  # every chunk's untied modules, chunk by chunk
+        self.tied_modules = torch.nn.ModuleDict()  # key -> the module its TiedLayerSpecs share
         self.chunk_layers = []                     # (first, end) layer index of each chunk
+        first_of_key = {}
+        self.tied_stages = {}                      # key -> the stages holding it
+        for index, layer in enumerate(layers):
+            if isinstance(layer, TiedLayerSpec):
+                first_of_key.setdefault(layer.key, index)
+                part = next(k for k in range(parts) if self.parts[k] <= index < self.parts[k + 1])
+                self.tied_stages.setdefault(layer.key, set()).add(part % self.num_stages)
         for chunk in range(chunks_per_stage):
             part = chunk * self.num_stages + self.stage_id
             begin, end = self.parts[part], self.parts[part + 1]
@@ -161,6 +172,15 @@ class PipelineModule(torch.nn.Module):
             funcs = []
             for index in range(begin, end):
                 layer = layers[index]
+                if isinstance(layer, TiedLayerSpec):
+                    if layer.key not in self.tied_modules:
+                        first = layers[first_of_key[layer.key]]
+                        if seed_layers:
+                            torch.manual_seed(base_seed + first_of_key[layer.key])
+                        self.tied_modules[layer.key] = first.build()
+                    module = self.tied_modules[layer.key]
+                    funcs.append(functools.partial(layer.forward_fn, module) if layer.forward_fn else module)
+                    continue
                 if isinstance(layer, LayerSpec):
                     if seed_layers:
                         torch.manual_seed(base_seed + index)
@@ -239,6 +259,21 @@ class PipelineEngine:
         except _zeal.Error:
             pass  # no tensor axis
         uncounted = [] if tensor_index == 0 else [p for p in params if not getattr(p, "tensor_parallel", False)]
+        # Tied modules: one group per key of the ranks (this data replica, this shard) whose stages
+        # hold it; every rank takes part in every split, alone where it holds none. Their gradients
+        # are summed before each step, and count in the norm on the first holding stage only.
+        self.tied_groups = {}
+        for key in sorted(module.tied_stages):
+            stages = sorted(module.tied_stages[key])
+            holders = [pipe_group[s] for s in stages] if self.stage_id in stages else [rank]
+            group = world.split(holders, f"tied:{key}")
+            if len(holders) > 1:
+                self.tied_groups[key] = group
+                if self.stage_id != stages[0]:
+                    uncounted += [p for p in module.tied_modules[key].parameters() if p.requires_grad]
+        if self.tied_groups and self.config.get("zero_optimization", {}).get("stage", 0) > 1:
+            raise _zeal.ConfigError("config key 'zero_optimization.stage': tied layers across pipeline stages work "
+                                    "with ZeRO stage 0 or 1 (their gradients are summed whole before the step)")
         self._core.set_model_parallel_group(self.model_comm, uncounted)
         self.micro_batches = self._core.gradient_accumulation_steps
         self._shapes = {}  # ("send" | "recv", kind) -> (shape, dtype), from the first message
@@ -332,6 +367,7 @@ class PipelineEngine:
                 self._send(inputs.pop(key).grad, _GRADIENT, chunk, self._neighbour(chunk, -1))
             elif op == "OptimizerStep":
                 pipelined = time.perf_counter() - started
+                self._sum_tied_gradients()
                 self._core.set_boundary_override(1)
                 self._core.step()
                 self._core.set_boundary_override(-1)
@@ -384,6 +420,14 @@ class PipelineEngine:
         buffer = torch.empty(shape, dtype=dtype)
         world.recv(buffer, src, kind, self.timeout_s).wait()
         return buffer
+
+    def _sum_tied_gradients(self):
+        # After the data-parallel reduction (the last backward), before the step: each holding
+        # stage adds the others' share, so their copies take the same update.
+        for key, group in self.tied_groups.items():
+            for p in self.module.tied_modules[key].parameters():
+                if p.requires_grad and p.grad is not None:
+                    group.all_reduce(p.grad, "sum", self.timeout_s).wait()
 
     def _finish_sends(self):
         for work, _tensor in self._pending:

@@ -86,6 +86,16 @@ def test_3d_pipeline_tensor_data(ranks, args):
     _pipe(ranks, 2, "--tensor", 2, *args, timeout=400)
 
 
+@pytest.mark.parametrize("ranks,stages,args", [(1, 1, []), (2, 2, []), (3, 3, []), (4, 2, ["--zero", 1]),
+                                               (2, 2, ["--clip", 0.3])])
+def test_tied_embedding_across_stages_matches_torch(ranks, stages, args):
+    # TiedLayerSpec: the embedding on the first stage is the output head on the last. Both copies
+    # start equal (seeded by the first occurrence), their gradients are summed before each step,
+    # and the norm counts them once: the losses and both copies follow one torch model.
+    proc = run_mpi(ranks, "pipe_tied.py", "--stages", stages, *args, timeout=240)
+    assert proc.stdout.count("TIED-OK") == ranks, proc.stdout + proc.stderr
+
+
 def test_a_stage_that_raises_stops_every_rank_within_the_timeout():
     # Stage 1 of 3 raises in its forward at step 2; its neighbours wait for its messages and give up
     # after comms_timeout_s (5 s) with a TimeoutError that names the op and the missing rank.
