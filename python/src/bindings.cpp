@@ -445,6 +445,9 @@ PYBIND11_MODULE(_zeal, m) {
       .def("load_checkpoint", &engine::Engine::load_checkpoint, py::arg("load_dir"), py::arg("tag"),
            py::arg("load_optimizer_states"), py::arg("load_lr_scheduler_states"), py::arg("load_module_only"),
            py::call_guard<py::gil_scoped_release>())
+      .def("load_checkpoint_parts", &engine::Engine::load_checkpoint_parts, py::arg("dirs"),
+           py::arg("load_optimizer_states"), py::arg("load_lr_scheduler_states"), py::arg("load_module_only"),
+           py::call_guard<py::gil_scoped_release>())
       .def("set_checkpoint_fault_hook", &engine::Engine::set_checkpoint_fault_hook)
       .def_property_readonly("fragments", [](const engine::Engine& e) {
         py::list out;

@@ -14,6 +14,7 @@ data-parallel group; the stages exchange activations and gradients point to poin
 import collections
 import functools
 import json
+import os
 import re
 import time
 
@@ -51,6 +52,15 @@ class TiedLayerSpec(LayerSpec):
     def __init__(self, key, typename, *module_args, forward_fn=None, tied_weight_attr="weight", **module_kwargs):
         super().__init__(typename, *module_args, **module_kwargs)
         self.key, self.forward_fn, self.tied_weight_attr = key, forward_fn, tied_weight_attr
+
+
+def _zeal_write_atomically(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def partition_uniform(num_items, num_parts):
@@ -158,6 +168,7 @@ class PipelineModule(torch.nn.Module):
         self.stage_layers = torch.nn.ModuleList()  # every chunk's untied modules, chunk by chunk
         self.tied_modules = torch.nn.ModuleDict()  # key -> the module its TiedLayerSpecs share
         self.chunk_layers = []                     # (first, end) layer index of each chunk
+        self._layer_index = []                     # the layer index of each stage_layers entry
         first_of_key = {}
         self.tied_stages = {}                      # key -> the stages holding it
         for index, layer in enumerate(layers):
@@ -187,6 +198,7 @@ class PipelineModule(torch.nn.Module):
                     layer = layer.build()
                 if isinstance(layer, torch.nn.Module):
                     self.stage_layers.append(layer)
+                    self._layer_index.append(index)
                 elif not callable(layer):
                     raise TypeError(f"layer {index} is neither a LayerSpec, a Module nor callable: {layer!r}")
                 funcs.append(layer)
@@ -197,6 +209,15 @@ class PipelineModule(torch.nn.Module):
 
     def is_last_stage(self):
         return self.stage_id == self.num_stages - 1
+
+    def parameter_names(self):
+        """Names for self.parameters(), in order, that do not depend on the layout: "layer<i>.<name>"
+        for layer i's parameters, "tied.<key>.<name>" for a tied module's. Checkpoints use them, so a
+        checkpoint saved with one number of stages loads with another."""
+        names = [f"layer{index}.{name}" for module, index in zip(self.stage_layers, self._layer_index)
+                 for name, _ in module.named_parameters()]
+        names += [f"tied.{key}.{name}" for key, module in self.tied_modules.items() for name, _ in module.named_parameters()]
+        return names
 
     def forward(self, x, chunk=0):
         funcs = self._chunk_funcs[chunk]
@@ -246,7 +267,8 @@ class PipelineEngine:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")
-        groups = [{"params": params, "names": [n for n, p in module.named_parameters() if p.requires_grad]}]
+        names = [n for n, p in zip(module.parameter_names(), module.parameters()) if p.requires_grad]
+        groups = [{"params": params, "names": names}]
         self._core = _zeal.Engine(groups, json.dumps(self.config), self.data_comm)
         # The norm is the whole model's: summed over the ranks of this data index (every stage and,
         # in 3D, every tensor shard), with a tensor group's replicas counted on its first rank.
@@ -304,6 +326,48 @@ class PipelineEngine:
         self.module.eval()
         with torch.no_grad():
             return self._run("inference", data_iter, train=False)
+
+    # --- checkpoints ---
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+        """Every rank calls it. Each stage's engine saves its part, <save_dir>/<tag>/stage<s> (sharded
+        over its data group, atomic); then rank 0 writes <tag>/pipeline.json and moves `latest`.
+        Parameters are named by layer, not by stage, so the checkpoint loads with another number
+        of stages, data-parallel size or ZeRO stage. Returns the checkpoint directory."""
+        tag = tag or f"global_step{self.global_steps}"
+        root = os.path.join(save_dir, tag)
+        world = self.module.world
+        client = json.dumps(client_state or {})
+        self._core.save_checkpoint(root, f"stage{self.stage_id}", client, [], False)
+        world.barrier(self.timeout_s).wait()
+        if world.rank == 0:
+            _zeal_write_atomically(os.path.join(root, "pipeline.json"),
+                                   json.dumps({"stages": self.num_stages, "parts": [f"stage{s}" for s in
+                                                                                    range(self.num_stages)]}))
+            if save_latest:
+                _zeal_write_atomically(os.path.join(save_dir, "latest"), tag + "\n")
+        world.barrier(self.timeout_s).wait()
+        return root
+
+    def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True,
+                        load_module_only=False):
+        """Loads a checkpoint saved by save_checkpoint, whatever its number of stages, data-parallel
+        size and ZeRO stage. Returns (checkpoint directory, client_state)."""
+        if tag is None:
+            latest = os.path.join(load_dir, "latest")
+            if not os.path.exists(latest):
+                raise _zeal.CheckpointError(f"{load_dir} has no 'latest' file; pass tag=")
+            with open(latest) as f:
+                tag = f.read().strip()
+        root = os.path.join(load_dir, tag)
+        meta_path = os.path.join(root, "pipeline.json")
+        if not os.path.exists(meta_path):
+            raise _zeal.CheckpointError(f"{root} is not a pipeline checkpoint (no pipeline.json)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        parts = [os.path.join(root, part) for part in meta["parts"]]
+        _, client = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
+                                                     load_module_only)
+        return root, json.loads(client) if client else {}
 
     # --- the executor ---
     def _neighbour(self, chunk, step):

@@ -126,12 +126,33 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
 std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& load_dir, const std::string& tag,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only) {
+  std::string dir;
+  try {
+    dir = checkpoint::resolve_tag(load_dir, tag);
+  } catch (const std::exception&) {
+    dir.clear();  // every rank fails alike in load_parts, with the reason
+  }
+  return load_parts(dir.empty() ? std::vector<std::string>{} : std::vector<std::string>{dir}, load_optimizer_states,
+                    load_lr_scheduler_states, load_module_only, load_dir, tag);
+}
+
+std::pair<std::string, std::string> Engine::load_checkpoint_parts(const std::vector<std::string>& dirs,
+                                                                  bool load_optimizer_states,
+                                                                  bool load_lr_scheduler_states,
+                                                                  bool load_module_only) {
+  return load_parts(dirs, load_optimizer_states, load_lr_scheduler_states, load_module_only, "", "");
+}
+
+std::pair<std::string, std::string> Engine::load_parts(const std::vector<std::string>& dirs, bool load_optimizer_states,
+                                                       bool load_lr_scheduler_states, bool load_module_only,
+                                                       const std::string& load_dir, const std::string& tag) {
   // Any rank's failure fails every rank at once (no rank is left waiting in a collective).
   std::string error;
   std::pair<std::string, std::string> result;
   try {
     if (swapper_) materialize_swapped();  // NVMe offload: loaded into host memory, then swapped out
-    result = load_checkpoint_local(load_dir, tag, load_optimizer_states, load_lr_scheduler_states, load_module_only);
+    if (dirs.empty()) checkpoint::resolve_tag(load_dir, tag);  // throws the reason
+    result = load_checkpoint_local(dirs, load_optimizer_states, load_lr_scheduler_states, load_module_only);
   } catch (const std::exception& e) {
     error = e.what();
   }
@@ -148,24 +169,42 @@ std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& l
   return result;
 }
 
-std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::string& load_dir, const std::string& tag,
+std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vector<std::string>& dirs,
                                                                   bool load_optimizer_states,
                                                                   bool load_lr_scheduler_states,
                                                                   bool load_module_only) {
-  const std::string dir = checkpoint::resolve_tag(load_dir, tag);
-  checkpoint::CheckpointReader reader(dir);
-  const checkpoint::Manifest& m = reader.manifest();
+  // One checkpoint directory, or several parts of one (pipeline stages, each saved by its own
+  // engine): every parameter is looked up by name in the parts in order; the first part holds the
+  // counters every part shares.
+  ZEAL_CHECK_AS(CheckpointError, !dirs.empty(), "load_checkpoint: no checkpoint directory given");
+  std::vector<std::unique_ptr<checkpoint::CheckpointReader>> readers;
+  for (const std::string& d : dirs) readers.push_back(std::make_unique<checkpoint::CheckpointReader>(d));
+  const std::string dir = dirs.front();
+  const checkpoint::Manifest& m = readers.front()->manifest();
 
   // Match parameters by name, then check shapes: a mismatch is an error, never a silent skip.
-  std::vector<int64_t> saved_index(params_.size());
+  struct Saved {
+    size_t reader;
+    int64_t index;
+  };
+  std::vector<Saved> saved(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
-    int64_t s = reader.find_param(names_[i]);
-    ZEAL_CHECK_AS(CheckpointError, s >= 0, "checkpoint ", dir, " has no parameter '", names_[i],
-                  "' (it holds ", m.params.size(), " parameters; is it from another model?)");
-    ZEAL_CHECK_AS(CheckpointError, m.params[s].numel == layout_.numels[i] && m.params[s].shape == shapes_[i],
-                  "parameter '", names_[i], "' has shape ", c10::IntArrayRef(m.params[s].shape), " in checkpoint ", dir,
-                  " but ", c10::IntArrayRef(shapes_[i]), " in the model");
-    saved_index[i] = s;
+    int64_t s = -1;
+    size_t r = 0;
+    for (; r < readers.size() && s < 0; ++r) s = readers[r]->find_param(names_[i]);
+    --r;
+    const std::string where = dirs.size() == 1 ? "checkpoint " + dir : "the " + std::to_string(dirs.size()) +
+                                                                          " parts of checkpoint " + dir + " ...";
+    ZEAL_CHECK_AS(CheckpointError, s >= 0, where, " has no parameter '", names_[i], "' (", m.params.size(),
+                  " parameters in its first part; is it from another model?)");
+    const checkpoint::Manifest& mr = readers[r]->manifest();
+    ZEAL_CHECK_AS(CheckpointError, mr.params[s].numel == layout_.numels[i] && mr.params[s].shape == shapes_[i],
+                  "parameter '", names_[i], "' has shape ", c10::IntArrayRef(mr.params[s].shape), " in checkpoint ",
+                  readers[r]->dir(), " but ", c10::IntArrayRef(shapes_[i]), " in the model");
+    ZEAL_CHECK_AS(CheckpointError, mr.optimizer == m.optimizer && mr.state_names == m.state_names, "checkpoint ",
+                  readers[r]->dir(), " holds ", mr.optimizer, " state and ", dir, " ", m.optimizer,
+                  ": the parts do not belong together");
+    saved[i] = {r, s};
   }
   const bool optimizer_too = load_optimizer_states && !load_module_only;
   if (optimizer_too)
@@ -178,11 +217,13 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::str
   auto fill = [&](const std::string& what, at::Tensor& target) {
     for (const zero::Fragment& f : mine) {
       at::Tensor piece = target.slice(0, f.local, f.local + (f.end - f.begin));
+      checkpoint::CheckpointReader& reader = *readers[saved[f.param].reader];
+      const int64_t index = saved[f.param].index;
       if (piece.is_contiguous() && piece.device().is_cpu()) {
-        reader.read(what, saved_index[f.param], f.begin, f.end, piece);
+        reader.read(what, index, f.begin, f.end, piece);
       } else {
         at::Tensor host = at::empty({f.end - f.begin}, at::TensorOptions().dtype(at::kFloat));
-        reader.read(what, saved_index[f.param], f.begin, f.end, host);
+        reader.read(what, index, f.begin, f.end, host);
         piece.copy_(host);
       }
     }

@@ -120,6 +120,11 @@ class Engine {
   std::pair<std::string, std::string> load_checkpoint(const std::string& load_dir, const std::string& tag,
                                                       bool load_optimizer_states, bool load_lr_scheduler_states,
                                                       bool load_module_only);
+  // The same from the parts of one checkpoint (pipeline stages, each saved by its own engine): each
+  // parameter is looked up by name in the parts in order.
+  std::pair<std::string, std::string> load_checkpoint_parts(const std::vector<std::string>& dirs,
+                                                            bool load_optimizer_states, bool load_lr_scheduler_states,
+                                                            bool load_module_only);
   // Tests inject crashes here: called with "shard_half" mid-write of a shard, "before_publish" on
   // rank 0 just before the directory rename.
   void set_checkpoint_fault_hook(std::function<void(const std::string&)> hook) { fault_hook_ = std::move(hook); }
@@ -128,7 +133,10 @@ class Engine {
   void add_forward_time(double seconds) { forward_seconds_ += seconds; }
 
  private:
-  std::pair<std::string, std::string> load_checkpoint_local(const std::string& load_dir, const std::string& tag,
+  std::pair<std::string, std::string> load_parts(const std::vector<std::string>& dirs, bool load_optimizer_states,
+                                                 bool load_lr_scheduler_states, bool load_module_only,
+                                                 const std::string& load_dir, const std::string& tag);
+  std::pair<std::string, std::string> load_checkpoint_local(const std::vector<std::string>& dirs,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only);
   void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options, bool with_master);

@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (3D: pipe x data x tensor)")
     ap.add_argument("--raise_at", default="", help="STEP:STAGE: that stage raises in forward at that step")
     ap.add_argument("--timeout", type=float, default=60)
+    ap.add_argument("--save_at", type=int, default=0, help="save a checkpoint after this many steps")
+    ap.add_argument("--save_dir", default="")
+    ap.add_argument("--load", default="", help="resume from this checkpoint directory (its latest tag)")
     args = ap.parse_args()
 
     world = zeal.world()
@@ -96,7 +99,12 @@ def main():
                 if engine.global_steps == bad_step:
                     raise RuntimeError(f"injected failure in stage {bad_stage} at step {bad_step}")
             module.register_forward_pre_hook(hook)
-    for step in range(args.steps):
+    start = 0
+    if args.load:
+        _, client = engine.load_checkpoint(args.load)
+        start = engine.global_steps
+        assert client == {"next_step": start}, client
+    for step in range(start, args.steps):
         x, y = common.global_batch(step, batch)
         rows = [common.micro_slice(step, k, data_index, data_size, args.micro) for k in range(args.gas)]
         loss = engine.train_batch(iter([(x[r], y[r]) for r in rows]))
@@ -105,6 +113,10 @@ def main():
         engine.data_comm.all_reduce(mean, "sum").wait()
         mean = mean.item() / data_size
         assert abs(mean - want_losses[step]) <= 1e-5 * abs(want_losses[step]), (step, mean, want_losses[step])
+        if args.save_at and engine.global_steps == args.save_at:
+            engine.save_checkpoint(args.save_dir, client_state={"next_step": engine.global_steps})
+            print(f"SAVED step {engine.global_steps}", flush=True)
+            return
     want = [p for begin, end in module.chunk_layers for layer in want_params[begin:end]
             if isinstance(layer, torch.nn.Module) for p in layer.parameters()]
     got = list(module.parameters())
