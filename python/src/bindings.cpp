@@ -279,6 +279,8 @@ PYBIND11_MODULE(_zeal, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("bias_correction"),
         py::arg("step"), py::arg("min_coeff"), py::arg("max_coeff"), "One LAMB step on one tensor; returns its trust ratio.");
+  m.def("checkpoint_parts_to_fp32", &checkpoint::to_fp32_parts, py::arg("dirs"), py::arg("out_path"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("checkpoint_to_fp32", &checkpoint::to_fp32, py::arg("checkpoint_dir"), py::arg("out_path"),
         py::call_guard<py::gil_scoped_release>(),
         "Consolidate a checkpoint into one fp32 safetensors file, one parameter in memory at a time.");

@@ -19,15 +19,35 @@ def _resolve(checkpoint_dir, tag=None):
     return _zeal.resolve_checkpoint(checkpoint_dir, tag or "")
 
 
+def _parts(checkpoint_dir, tag=None):
+    """The directories of one checkpoint: itself, or a pipeline checkpoint's stage parts."""
+    import os
+
+    pipeline = os.path.join(checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag), "pipeline.json")
+    if not os.path.exists(pipeline) and tag is None and os.path.exists(os.path.join(checkpoint_dir, "latest")):
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            pipeline = os.path.join(checkpoint_dir, f.read().strip(), "pipeline.json")
+    if os.path.exists(pipeline):
+        root = os.path.dirname(pipeline)
+        with open(pipeline) as f:
+            return [os.path.join(root, part) for part in json.load(f)["parts"]]
+    return [_resolve(checkpoint_dir, tag)]
+
+
 def to_fp32_state_dict(checkpoint_dir, tag=None):
-    """{parameter name: full fp32 tensor}, assembled from every rank's shard (any world size, any stage)."""
-    path = _resolve(checkpoint_dir, tag)
-    return {name: _zeal.checkpoint_read_parameter(path, name) for name in _zeal.checkpoint_parameter_names(path)}
+    """{parameter name: full fp32 tensor}, assembled from every rank's shard (any world size, any
+    stage; every stage of a pipeline checkpoint)."""
+    out = {}
+    for path in _parts(checkpoint_dir, tag):
+        for name in _zeal.checkpoint_parameter_names(path):
+            if name not in out:
+                out[name] = _zeal.checkpoint_read_parameter(path, name)
+    return out
 
 
 def to_fp32_file(checkpoint_dir, out_path, tag=None):
     """Writes the consolidated fp32 weights as one safetensors file, streaming one parameter at a time."""
-    _zeal.checkpoint_to_fp32(_resolve(checkpoint_dir, tag), str(out_path))
+    _zeal.checkpoint_parts_to_fp32(_parts(checkpoint_dir, tag), str(out_path))
 
 
 def client_state(checkpoint_dir, tag=None):

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <ATen/ops/empty.h>
@@ -192,13 +193,31 @@ void CheckpointReader::read(const std::string& what, int64_t param, int64_t begi
 }
 
 void to_fp32(const std::string& checkpoint_dir, const std::string& out_path) {
-  CheckpointReader reader(checkpoint_dir);
-  const Manifest& m = reader.manifest();
+  to_fp32_parts({checkpoint_dir}, out_path);
+}
+
+void to_fp32_parts(const std::vector<std::string>& dirs, const std::string& out_path) {
+  ZEAL_CHECK_AS(CheckpointError, !dirs.empty(), "zeal-to-fp32: no checkpoint directory given");
+  // Every parameter once, from the first part that holds it (a tied module is in several).
+  std::vector<std::unique_ptr<CheckpointReader>> readers;
+  for (const std::string& d : dirs) readers.push_back(std::make_unique<CheckpointReader>(d));
+  struct Entry {
+    size_t reader;
+    int64_t index;
+  };
+  std::vector<Entry> entries;
+  std::set<std::string> seen;
   json header = json::object();
   int64_t offset = 0;
-  for (const ParamInfo& p : m.params) {
-    header[p.name] = {{"dtype", "F32"}, {"shape", p.shape}, {"data_offsets", {offset, offset + p.numel * 4}}};
-    offset += p.numel * 4;
+  for (size_t r = 0; r < readers.size(); ++r) {
+    const Manifest& m = readers[r]->manifest();
+    for (size_t i = 0; i < m.params.size(); ++i) {
+      const ParamInfo& p = m.params[i];
+      if (!seen.insert(p.name).second) continue;
+      header[p.name] = {{"dtype", "F32"}, {"shape", p.shape}, {"data_offsets", {offset, offset + p.numel * 4}}};
+      offset += p.numel * 4;
+      entries.push_back({r, static_cast<int64_t>(i)});
+    }
   }
   header["__metadata__"] = {{"format", "pt"}, {"source", "zeal-to-fp32"}};
   std::string text = header.dump();
@@ -209,9 +228,10 @@ void to_fp32(const std::string& checkpoint_dir, const std::string& out_path) {
   uint64_t length = text.size();
   for (int i = 0; i < 8; ++i) out.put(static_cast<char>((length >> (8 * i)) & 0xff));
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (size_t p = 0; p < m.params.size(); ++p) {  // one parameter in memory at a time
-    at::Tensor buffer = at::empty({m.params[p].numel}, at::TensorOptions().dtype(at::kFloat));
-    reader.read("master", static_cast<int64_t>(p), 0, m.params[p].numel, buffer);
+  for (const Entry& e : entries) {  // one parameter in memory at a time, in header order
+    const ParamInfo& p = readers[e.reader]->manifest().params[e.index];
+    at::Tensor buffer = at::empty({p.numel}, at::TensorOptions().dtype(at::kFloat));
+    readers[e.reader]->read("master", e.index, 0, p.numel, buffer);
     out.write(static_cast<const char*>(buffer.data_ptr()), static_cast<std::streamsize>(buffer.nbytes()));
   }
   out.close();

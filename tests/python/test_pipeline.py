@@ -138,3 +138,31 @@ def test_pipeline_checkpoint_moves_between_layouts(tmp_path, saved, loaded):
     assert proc.stdout.count("SAVED step 6") == ranks, proc.stdout + proc.stderr
     ranks, stages, args = loaded
     _pipe(ranks, stages, "--load", tmp_path, *args)
+
+
+def test_zeal_to_fp32_reads_a_pipeline_checkpoint(tmp_path):
+    # The stages' parts together give every parameter once, under its layer name, equal to the
+    # single-process model after the same 6 steps.
+    import sys
+
+    from conftest import RANKS
+    from zeal.checkpoint import to_fp32_file, to_fp32_state_dict
+
+    proc = run_mpi(4, "pipe_train.py", "--stages", 2, "--gas", 2, "--zero", 1, "--save_at", 6,
+                   "--save_dir", tmp_path / "ckpt", timeout=240)
+    assert proc.stdout.count("SAVED step 6") == 4, proc.stdout + proc.stderr
+    sys.path.insert(0, str(RANKS))
+    import pipe_train
+
+    built, _ = pipe_train.reference(6, 2 * 2 * 2, 0.0)
+    want = {f"layer{i}.{name}": p for i, layer in enumerate(built) if isinstance(layer, torch.nn.Module)
+            for name, p in layer.named_parameters()}
+    got = to_fp32_state_dict(tmp_path / "ckpt")
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert ((got[name] - w.detach()).abs().max() / w.detach().abs().max()).item() <= 1e-5, name
+    to_fp32_file(tmp_path / "ckpt", tmp_path / "model.safetensors")
+    written = _zeal.read_safetensors(str(tmp_path / "model.safetensors"))
+    assert sorted(written) == sorted(want)
+    for name, w in want.items():
+        assert torch.equal(written[name], got[name]), name

@@ -84,6 +84,9 @@ class CheckpointReader {
 // Writes a consolidated fp32 state dict (parameter name -> full tensor) to `out_path` as
 // safetensors, one parameter at a time: peak memory is about the largest parameter.
 void to_fp32(const std::string& checkpoint_dir, const std::string& out_path);
+// The same over the parts of one checkpoint (pipeline stages): each parameter once, from the first
+// part that holds it.
+void to_fp32_parts(const std::vector<std::string>& dirs, const std::string& out_path);
 
 // Crash-safe directory helpers.
 void make_dirs(const std::string& path);
