@@ -50,6 +50,69 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+class TensorParallelBlock(nn.Module):
+    """A Block cut over a tensor group (zeal.tensor_parallel): each rank holds heads / t of the
+    attention heads (their q, k, v rows and proj columns) and 4 width / t of the MLP; one
+    all-reduce after attention and one after the MLP, forward and backward."""
+
+    def __init__(self, block, group):
+        super().__init__()
+        from zeal import tensor_parallel as tp
+
+        if block.heads % group.size:
+            raise ValueError(f"{block.heads} heads cannot be split over a tensor group of {group.size}")
+        self.group, self.heads = group, block.heads // group.size
+        self.ln1, self.ln2 = block.ln1, block.ln2
+        width = block.qkv.in_features
+        qkv = []
+        for part in range(3):  # q, k and v separately, each split by heads
+            full = nn.Linear(width, width)
+            with torch.no_grad():
+                full.weight.copy_(block.qkv.weight[part * width:(part + 1) * width])
+                full.bias.copy_(block.qkv.bias[part * width:(part + 1) * width])
+            qkv.append(tp.ColumnParallelLinear.from_full(full, group, gather_output=False))
+        self.q, self.k, self.v = qkv
+        self.proj = tp.RowParallelLinear.from_full(block.proj, group, input_is_parallel=True)
+        self.up = tp.ColumnParallelLinear.from_full(block.mlp[0], group, gather_output=False)
+        self.down = tp.RowParallelLinear.from_full(block.mlp[2], group, input_is_parallel=True)
+
+    def forward(self, x):
+        from zeal import tensor_parallel as tp
+
+        b, t, _ = x.shape
+        h = tp.copy_to_tensor_region(self.ln1(x), self.group)  # one gradient all-reduce for q, k, v
+        q, k, v = (F.linear(h, m.weight, m.bias) for m in (self.q, self.k, self.v))
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, -1))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class TensorParallelGPT(nn.Module):
+    """The demo GPT cut over a tensor group: a vocabulary-parallel embedding and head (the logits
+    never gathered: vocabulary-parallel cross-entropy), TensorParallelBlocks. Built from a full GPT
+    (the same on every rank of the group, e.g. the same seed), so it computes what that GPT does."""
+
+    def __init__(self, gpt, group):
+        super().__init__()
+        from zeal import tensor_parallel as tp
+
+        self.group = group
+        self.tok = tp.VocabParallelEmbedding.from_full(gpt.tok, group)
+        self.pos = gpt.pos
+        self.blocks = nn.Sequential(*[TensorParallelBlock(b, group) for b in gpt.blocks])
+        self.ln = gpt.ln
+        self.head = tp.ColumnParallelLinear.from_full(gpt.head, group, gather_output=False)
+
+    def forward(self, idx, targets):
+        from zeal import tensor_parallel as tp
+
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        logits = self.head(self.ln(self.blocks(x)))
+        return tp.vocab_parallel_cross_entropy(logits, targets, self.group).mean()
+
+
 def corpus_text(min_chars=300_000):
     """English text generated from the documentation of the Python standard library on this
     machine: real prose and code comments, no download. Deterministic for a Python version."""

@@ -34,6 +34,11 @@ def make_groups(tensor, world=None):
     return tp, dp, topology
 
 
+def copy_to_tensor_region(x, group):
+    """Identity forward; all-reduce of the gradient backward (the input of column-parallel work)."""
+    return _Copy.apply(x, group)
+
+
 def _all_reduce(x, group):
     x = x.contiguous().clone()
     group.all_reduce(x, "sum").wait()
@@ -129,6 +134,17 @@ class ColumnParallelLinear(_Layer):
         y = F.linear(_Copy.apply(x, self.group), self.weight, self.bias)
         return _Gather.apply(y, self.group) if self.gather_output else y
 
+    @classmethod
+    def from_full(cls, linear, group, gather_output=True):
+        """This rank's slice of an existing torch.nn.Linear (the same on every rank of the group)."""
+        layer = cls.__new__(cls)
+        _Layer.__init__(layer)
+        layer.group, layer.gather_output = group, gather_output
+        _check_divides("ColumnParallelLinear out_features", linear.out_features, group)
+        layer.weight = _shard(linear.weight, 0, group)
+        layer.bias = _shard(linear.bias, 0, group) if linear.bias is not None else None
+        return layer
+
 
 class RowParallelLinear(_Layer):
     """y = x W^T + b with W's columns (the input features) split over the group; the partial
@@ -150,6 +166,17 @@ class RowParallelLinear(_Layer):
         y = _Reduce.apply(F.linear(x, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
 
+    @classmethod
+    def from_full(cls, linear, group, input_is_parallel=False):
+        """This rank's slice of an existing torch.nn.Linear (the same on every rank of the group)."""
+        layer = cls.__new__(cls)
+        _Layer.__init__(layer)
+        layer.group, layer.input_is_parallel = group, input_is_parallel
+        _check_divides("RowParallelLinear in_features", linear.in_features, group)
+        layer.weight = _shard(linear.weight, 1, group)
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        return layer
+
 
 class VocabParallelEmbedding(_Layer):
     """An embedding whose rows (the vocabulary) are split over the group: each rank looks up the
@@ -163,6 +190,18 @@ class VocabParallelEmbedding(_Layer):
         self.weight = _shard(full.weight, 0, self.group)
         self.vocab_start = self.group.rank * self.weight.shape[0]
         self.vocab_end = self.vocab_start + self.weight.shape[0]
+
+    @classmethod
+    def from_full(cls, embedding, group):
+        """This rank's rows of an existing torch.nn.Embedding (the same on every rank of the group)."""
+        layer = cls.__new__(cls)
+        _Layer.__init__(layer)
+        layer.group = group
+        _check_divides("VocabParallelEmbedding num_embeddings", embedding.num_embeddings, group)
+        layer.weight = _shard(embedding.weight, 0, group)
+        layer.vocab_start = group.rank * layer.weight.shape[0]
+        layer.vocab_end = layer.vocab_start + layer.weight.shape[0]
+        return layer
 
     def forward(self, ids):
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

@@ -26,3 +26,11 @@ def test_clipping_uses_the_whole_model_s_norm(ranks, tensor):
     # model (1e-5), and the clipped training still matches it.
     proc = run_mpi(ranks, "tp_train.py", "--tensor", tensor, "--clip", 0.5, timeout=240)
     assert proc.stdout.count("TP-OK") == ranks, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ranks,tensor,args", [(2, 2, []), (4, 2, []), (4, 4, ["--clip", 0.5])])
+def test_demo_gpt_tensor_parallel_variant_matches_the_full_gpt(ranks, tensor, args):
+    # examples/python/gpt.py's TensorParallelGPT, cut from a full GPT (heads and MLP split, the
+    # vocabulary-parallel embedding, head and cross-entropy), trains like that GPT in one process.
+    proc = run_mpi(ranks, "gpt_tp.py", "--tensor", tensor, *args, timeout=240)
+    assert proc.stdout.count("GPT-TP-OK") == ranks, proc.stdout + proc.stderr
