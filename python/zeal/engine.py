@@ -131,6 +131,9 @@ class ZealEngine(torch.nn.Module):
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
         """Every rank writes its shard; returns True as DeepSpeed does. client_state must be JSON-serialisable
         (checkpoints never pickle)."""
+        if getattr(self, "_tensor_parallel", False):
+            raise _zeal.CheckpointError("save_checkpoint: models with tensor-parallel layers cannot be saved yet (each "
+                                        "tensor rank's engine would write the same directory)")
         if tag is None:
             tag = f"global_step{self.global_steps}"
         try:
@@ -297,6 +300,7 @@ def initialize(
             [p for p in model.parameters() if p.requires_grad and not getattr(p, "tensor_parallel", False)]
         core.set_model_parallel_group(model_parallel_group, uncounted)
     engine = ZealEngine(model, core)
+    engine._tensor_parallel = model_parallel_group is not None and model_parallel_group.size > 1
 
     loader = None
     if training_data is not None:

@@ -275,9 +275,10 @@ class PipelineEngine:
         data_index = data_group.index(rank)
         model_group = [r for r in range(world.size) if topology.group_of("data", r).index(r) == data_index]
         self.model_comm = world.split(model_group, "model")
-        tensor_index = 0
+        tensor_index, self.tensor_size = 0, 1
         try:
             tensor_index = topology.group_of("tensor", rank).index(rank)
+            self.tensor_size = topology.axis_size("tensor")
         except _zeal.Error:
             pass  # no tensor axis
         uncounted = [] if tensor_index == 0 else [p for p in params if not getattr(p, "tensor_parallel", False)]
@@ -292,7 +293,8 @@ class PipelineEngine:
             if len(holders) > 1:
                 self.tied_groups[key] = group
                 if self.stage_id != stages[0]:
-                    uncounted += [p for p in module.tied_modules[key].parameters() if p.requires_grad]
+                    uncounted += [p for p in module.tied_modules[key].parameters()
+                                  if p.requires_grad and not any(p is q for q in uncounted)]
         if self.tied_groups and self.config.get("zero_optimization", {}).get("stage", 0) > 1:
             raise _zeal.ConfigError("config key 'zero_optimization.stage': tied layers across pipeline stages work "
                                     "with ZeRO stage 0 or 1 (their gradients are summed whole before the step)")
@@ -333,6 +335,9 @@ class PipelineEngine:
         over its data group, atomic); then rank 0 writes <tag>/pipeline.json and moves `latest`.
         Parameters are named by layer, not by stage, so the checkpoint loads with another number
         of stages, data-parallel size or ZeRO stage. Returns the checkpoint directory."""
+        if self.tensor_size > 1:
+            raise _zeal.CheckpointError("save_checkpoint: pipelines with tensor-parallel layers cannot be saved yet "
+                                        "(each tensor rank's engine would write the same stage part)")
         tag = tag or f"global_step{self.global_steps}"
         root = os.path.join(save_dir, tag)
         world = self.module.world

@@ -92,6 +92,12 @@ def main():
             r = r.narrow(p.partition_dim, tp_group.rank * size, size)
         rel = ((p.detach() - r.detach()).abs().max() / r.detach().abs().max()).item()
         assert rel <= 1e-5, (name, rel)
+    if tp_group.size > 1:
+        try:
+            engine.save_checkpoint("/nonexistent/never-written")
+            raise AssertionError("saving a tensor-parallel model should be refused for now")
+        except zeal.CheckpointError as e:
+            assert "tensor-parallel" in str(e), e
     print(f"TP-OK rank {world.rank} tensor {tp_group.rank}/{tp_group.size} data {dp_group.rank}/{dp}", flush=True)
 
 
