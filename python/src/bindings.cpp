@@ -285,6 +285,8 @@ PYBIND11_MODULE(_zeal, m) {
         py::call_guard<py::gil_scoped_release>(),
         "Consolidate a checkpoint into one fp32 safetensors file, one parameter in memory at a time.");
   m.def("resolve_checkpoint", &checkpoint::resolve_tag, py::arg("save_dir"), py::arg("tag") = "");
+  m.def("write_text_atomically", &checkpoint::write_text_atomically, py::arg("path"), py::arg("text"),
+        "Write a small file through a temporary name, fsynced, then renamed over `path`.");
   m.def("read_safetensors",
         [](const std::string& path) {
           checkpoint::SafetensorsReader reader(path);

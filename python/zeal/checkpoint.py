@@ -19,19 +19,26 @@ def _resolve(checkpoint_dir, tag=None):
     return _zeal.resolve_checkpoint(checkpoint_dir, tag or "")
 
 
-def _parts(checkpoint_dir, tag=None):
-    """The directories of one checkpoint: itself, or a pipeline checkpoint's stage parts."""
+def pipeline_parts(checkpoint_dir, tag=None):
+    """A pipeline checkpoint's stage parts (zeal.pipe saves one per stage), given its tag directory
+    or a save_dir (its `latest` tag, or `tag`); None when it is not one."""
     import os
 
-    pipeline = os.path.join(checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag), "pipeline.json")
-    if not os.path.exists(pipeline) and tag is None and os.path.exists(os.path.join(checkpoint_dir, "latest")):
-        with open(os.path.join(checkpoint_dir, "latest")) as f:
-            pipeline = os.path.join(checkpoint_dir, f.read().strip(), "pipeline.json")
-    if os.path.exists(pipeline):
-        root = os.path.dirname(pipeline)
-        with open(pipeline) as f:
-            return [os.path.join(root, part) for part in json.load(f)["parts"]]
-    return [_resolve(checkpoint_dir, tag)]
+    root = checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag)
+    latest = os.path.join(checkpoint_dir, "latest")
+    if tag is None and not os.path.exists(os.path.join(root, "pipeline.json")) and os.path.exists(latest):
+        with open(latest) as f:
+            root = os.path.join(checkpoint_dir, f.read().strip())
+    meta = os.path.join(root, "pipeline.json")
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        return [os.path.join(root, part) for part in json.load(f)["parts"]]
+
+
+def _parts(checkpoint_dir, tag=None):
+    """The directories of one checkpoint: itself, or a pipeline checkpoint's stage parts."""
+    return pipeline_parts(checkpoint_dir, tag) or [_resolve(checkpoint_dir, tag)]
 
 
 def to_fp32_state_dict(checkpoint_dir, tag=None):

@@ -54,15 +54,6 @@ class TiedLayerSpec(LayerSpec):
         self.key, self.forward_fn, self.tied_weight_attr = key, forward_fn, tied_weight_attr
 
 
-def _zeal_write_atomically(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def partition_uniform(num_items, num_parts):
     """Boundaries of num_parts contiguous parts of num_items items, sizes differing by at most one
     (the first parts take the remainder)."""
@@ -345,11 +336,11 @@ class PipelineEngine:
         self._core.save_checkpoint(root, f"stage{self.stage_id}", client, [], False)
         world.barrier(self.timeout_s).wait()
         if world.rank == 0:
-            _zeal_write_atomically(os.path.join(root, "pipeline.json"),
-                                   json.dumps({"stages": self.num_stages, "parts": [f"stage{s}" for s in
-                                                                                    range(self.num_stages)]}))
+            parts = [f"stage{s}" for s in range(self.num_stages)]
+            _zeal.write_text_atomically(os.path.join(root, "pipeline.json"),
+                                        json.dumps({"stages": self.num_stages, "parts": parts}))
             if save_latest:
-                _zeal_write_atomically(os.path.join(save_dir, "latest"), tag + "\n")
+                _zeal.write_text_atomically(os.path.join(save_dir, "latest"), tag + "\n")
         world.barrier(self.timeout_s).wait()
         return root
 
@@ -357,22 +348,15 @@ class PipelineEngine:
                         load_module_only=False):
         """Loads a checkpoint saved by save_checkpoint, whatever its number of stages, data-parallel
         size and ZeRO stage. Returns (checkpoint directory, client_state)."""
-        if tag is None:
-            latest = os.path.join(load_dir, "latest")
-            if not os.path.exists(latest):
-                raise _zeal.CheckpointError(f"{load_dir} has no 'latest' file; pass tag=")
-            with open(latest) as f:
-                tag = f.read().strip()
-        root = os.path.join(load_dir, tag)
-        meta_path = os.path.join(root, "pipeline.json")
-        if not os.path.exists(meta_path):
-            raise _zeal.CheckpointError(f"{root} is not a pipeline checkpoint (no pipeline.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        parts = [os.path.join(root, part) for part in meta["parts"]]
+        from .checkpoint import pipeline_parts
+
+        parts = pipeline_parts(load_dir, tag)
+        if parts is None:
+            raise _zeal.CheckpointError(f"{load_dir} (tag {tag or 'latest'}) holds no pipeline checkpoint "
+                                        "(no pipeline.json)")
         _, client = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
                                                      load_module_only)
-        return root, json.loads(client) if client else {}
+        return os.path.dirname(parts[0]), json.loads(client) if client else {}
 
     # --- the executor ---
     def _neighbour(self, chunk, step):

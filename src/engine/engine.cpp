@@ -209,7 +209,8 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     }
     if (partitioned_ && world_->size() > 1) {
       optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
-      optimizer_->set_max_reducer([this](at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kMax); });
+      optimizer_->set_max_reducer(
+          [this](at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kMax, *world_); });
     }
   } else {
     // Each group's parameters occupy one flat range; its pieces in the owned ranges become the
@@ -438,14 +439,14 @@ void Engine::step() {
       double coef = config_.gradient_clipping / (last_grad_norm_ + 1e-6);
       if (coef < 1.0) grads.mul_(coef);
     }
-    for (size_t k = 0; k < segments_.size(); ++k) {  // the schedule may have moved lr and beta1
-      segments_[k].lr = groups_[segment_group_[k]].lr;
-      segments_[k].betas = groups_[segment_group_[k]].betas;
-    }
-    for (size_t k = 0; k < flat_segments_.size(); ++k) {
-      flat_segments_[k].lr = groups_[flat_segment_group_[k]].lr;
-      flat_segments_[k].betas = groups_[flat_segment_group_[k]].betas;
-    }
+    auto refresh = [this](std::vector<optim::ParamGroup>& segments, const std::vector<size_t>& group_of) {
+      for (size_t k = 0; k < segments.size(); ++k) {  // the schedule may have moved lr and beta1
+        segments[k].lr = groups_[group_of[k]].lr;
+        segments[k].betas = groups_[group_of[k]].betas;
+      }
+    };
+    refresh(segments_, segment_group_);
+    refresh(flat_segments_, flat_segment_group_);
     if (swapper_) {
       step_swapped(grads);
     } else {
@@ -527,8 +528,7 @@ double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool parti
   if (model_parallel_ && model_parallel_->size() > 1) {
     // Stages and shards hold disjoint parameters: the norm (and fp16's overflow) is the whole model's.
     at::Tensor t = at::full({1}, sum_sq, at::TensorOptions().dtype(at::kDouble));
-    if (model_parallel_->backend_name() != "mpi") t = t.to(device_);
-    model_parallel_->all_reduce(t, {comm::ReduceOp::kSum})->wait();
+    all_reduce_values(t, comm::ReduceOp::kSum, *model_parallel_);
     sum_sq = t.item<double>();
   }
   return std::sqrt(sum_sq);
@@ -542,15 +542,15 @@ at::Tensor Engine::gather_whole(const at::Tensor& local) {
   return whole;
 }
 
-void Engine::all_reduce_sum(at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kSum); }
+void Engine::all_reduce_sum(at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kSum, *world_); }
 
-void Engine::all_reduce_values(at::Tensor& values, comm::ReduceOp op) {
+void Engine::all_reduce_values(at::Tensor& values, comm::ReduceOp op, comm::Communicator& group) {
   // The MPI backend reduces host tensors and NCCL device tensors: values elsewhere (device values
   // over MPI, offloaded host values over NCCL) take a round trip.
-  const bool mpi = world_->backend_name() == "mpi";
+  const bool mpi = group.backend_name() == "mpi";
   const bool moved = mpi ? !values.device().is_cpu() : values.device() != device_;
   at::Tensor buffer = !moved ? values : values.to(mpi ? at::Device(at::kCPU) : device_);
-  world_->all_reduce(buffer, {op})->wait();
+  group.all_reduce(buffer, {op})->wait();
   if (moved) values.copy_(buffer);
 }
 

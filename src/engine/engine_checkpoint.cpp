@@ -126,33 +126,26 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
 std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& load_dir, const std::string& tag,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only) {
-  std::string dir;
-  try {
-    dir = checkpoint::resolve_tag(load_dir, tag);
-  } catch (const std::exception&) {
-    dir.clear();  // every rank fails alike in load_parts, with the reason
-  }
-  return load_parts(dir.empty() ? std::vector<std::string>{} : std::vector<std::string>{dir}, load_optimizer_states,
-                    load_lr_scheduler_states, load_module_only, load_dir, tag);
+  return load_parts([&] { return std::vector<std::string>{checkpoint::resolve_tag(load_dir, tag)}; },
+                    load_optimizer_states, load_lr_scheduler_states, load_module_only);
 }
 
 std::pair<std::string, std::string> Engine::load_checkpoint_parts(const std::vector<std::string>& dirs,
                                                                   bool load_optimizer_states,
                                                                   bool load_lr_scheduler_states,
                                                                   bool load_module_only) {
-  return load_parts(dirs, load_optimizer_states, load_lr_scheduler_states, load_module_only, "", "");
+  return load_parts([&] { return dirs; }, load_optimizer_states, load_lr_scheduler_states, load_module_only);
 }
 
-std::pair<std::string, std::string> Engine::load_parts(const std::vector<std::string>& dirs, bool load_optimizer_states,
-                                                       bool load_lr_scheduler_states, bool load_module_only,
-                                                       const std::string& load_dir, const std::string& tag) {
+std::pair<std::string, std::string> Engine::load_parts(const std::function<std::vector<std::string>()>& locate,
+                                                       bool load_optimizer_states, bool load_lr_scheduler_states,
+                                                       bool load_module_only) {
   // Any rank's failure fails every rank at once (no rank is left waiting in a collective).
   std::string error;
   std::pair<std::string, std::string> result;
   try {
     if (swapper_) materialize_swapped();  // NVMe offload: loaded into host memory, then swapped out
-    if (dirs.empty()) checkpoint::resolve_tag(load_dir, tag);  // throws the reason
-    result = load_checkpoint_local(dirs, load_optimizer_states, load_lr_scheduler_states, load_module_only);
+    result = load_checkpoint_local(locate(), load_optimizer_states, load_lr_scheduler_states, load_module_only);
   } catch (const std::exception& e) {
     error = e.what();
   }

@@ -271,14 +271,36 @@ void apply_frozen_adam(at::Tensor& p, const at::Tensor& m, const at::Tensor& v, 
 // and averaged over the ranks by the compressed averager (the error-compensated 1-bit all-reduce,
 // comm/compressed.h), which leaves the same momentum on every rank; the update divides it by the
 // frozen variance.
-class OneBitAdam : public WithMoments {
+// The momentum of the compressed optimizers past their freeze step: exp_avg itself below stage 1,
+// at stage 1 a whole replicated copy, gathered on first use (Note [Replicated momentum]).
+class WithReplicatedMomentum : public WithMoments {
+ public:
+  WithReplicatedMomentum(int64_t n, at::Device device, bool partitioned)
+      : WithMoments(n, device), partitioned_(partitioned) {}
+  void state_loaded(const at::Tensor&) override { whole_momentum_ = at::Tensor(); }
+
+ protected:
+  at::Tensor whole_momentum() {
+    if (!partitioned_) return exp_avg_;
+    if (!whole_momentum_.defined()) {
+      ZEAL_INTERNAL_ASSERT(gather_, name(), " at ZeRO stage 1 without a gatherer");
+      whole_momentum_ = gather_(exp_avg_);
+    }
+    return whole_momentum_;
+  }
+  bool partitioned_;
+
+ private:
+  at::Tensor whole_momentum_;
+};
+
+class OneBitAdam : public WithReplicatedMomentum {
  public:
   OneBitAdam(int64_t freeze_step, int64_t n, at::Device device, bool partitioned)
-      : WithMoments(n, device), freeze_step_(freeze_step), partitioned_(partitioned) {}
+      : WithReplicatedMomentum(n, device, partitioned), freeze_step_(freeze_step) {}
 
   bool local_gradients() const override { return step_ >= freeze_step_; }
   bool wants_flat_segments() const override { return partitioned_ && local_gradients(); }
-  void state_loaded(const at::Tensor&) override { whole_momentum_ = at::Tensor(); }
 
   void update(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& groups) override {
     if (step_ <= freeze_step_) {
@@ -302,8 +324,7 @@ class OneBitAdam : public WithMoments {
             " steps; from now on the momentum travels as 1-bit compressed all-reduce");
       return;
     }
-    // Below stage 1 the whole momentum is exp_avg itself; at stage 1 a replicated copy.
-    at::Tensor m = partitioned_ ? whole_momentum() : exp_avg_;
+    at::Tensor m = whole_momentum();
     for (const ParamGroup& g : groups) {
       auto [fb, fe] = flat_range(g);
       if (fe > fb) m.slice(0, fb, fe).mul_(g.betas[0]).add_(grads.slice(0, fb, fe), 1.0 - g.betas[0]);
@@ -321,16 +342,7 @@ class OneBitAdam : public WithMoments {
   const char* name() const override { return "OneBitAdam"; }
 
  private:
-  at::Tensor& whole_momentum() {
-    if (!whole_momentum_.defined()) {
-      ZEAL_INTERNAL_ASSERT(gather_, "OneBitAdam at ZeRO stage 1 without a gatherer");
-      whole_momentum_ = gather_(exp_avg_);
-    }
-    return whole_momentum_;
-  }
   int64_t freeze_step_;
-  bool partitioned_;
-  at::Tensor whole_momentum_;  // Note [Replicated momentum]
 };
 
 // DeepSpeed's 0/1 Adam (ZeroOneAdam, arXiv:2202.06009), with its parameter names and policies.
@@ -491,10 +503,10 @@ class ZeroOneAdam : public WithMoments {
 // sums of squares are added (the sum reducer) and its factor's maximum taken (the max reducer)
 // across them, and every rank computes every parameter's scalars from the reduced values, so the
 // scalars agree everywhere. Past the freeze the momentum is replicated (Note [Replicated momentum]).
-class OneBitLamb : public WithMoments {
+class OneBitLamb : public WithReplicatedMomentum {
  public:
   OneBitLamb(const OptimizerConfig& c, int64_t n, int64_t num_tensors, at::Device device, bool partitioned)
-      : WithMoments(n, device),
+      : WithReplicatedMomentum(n, device, partitioned),
         freeze_step_(c.freeze_step),
         min_coeff_(c.min_coeff),
         max_coeff_(c.max_coeff),
@@ -502,7 +514,6 @@ class OneBitLamb : public WithMoments {
         factor_max_(c.factor_max),
         factor_min_(c.factor_min),
         factor_threshold_(c.factor_threshold),
-        partitioned_(partitioned),
         exp_avg_sq_fresh_(at::zeros({n}, exp_avg_.options())),
         coeff_freeze_(num_tensors, 0.0),
         last_factor_(num_tensors, 1.0) {}
@@ -510,7 +521,6 @@ class OneBitLamb : public WithMoments {
   bool per_tensor() const override { return true; }
   bool local_gradients() const override { return step_ >= freeze_step_; }
   bool wants_flat_segments() const override { return partitioned_ && local_gradients(); }
-  void state_loaded(const at::Tensor&) override { whole_momentum_ = at::Tensor(); }
   const char* name() const override { return "OneBitLamb"; }
 
   std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq", "exp_avg_sq_fresh"}; }
@@ -584,7 +594,7 @@ class OneBitLamb : public WithMoments {
   }
 
   void compressed(at::Tensor& params, const at::Tensor& grads, const std::vector<ParamGroup>& segments) {
-    at::Tensor m = partitioned_ ? whole_momentum() : exp_avg_;
+    at::Tensor m = whole_momentum();
     if (scaling_.empty()) momentum_scaling(m, segments);
     const at::Tensor last = m.clone();
     for (const ParamGroup& s : segments) {
@@ -668,22 +678,12 @@ class OneBitLamb : public WithMoments {
       if (rms[t] > 0.0) scaling_[t] = mean / rms[t];
   }
 
-  at::Tensor& whole_momentum() {
-    if (!whole_momentum_.defined()) {
-      ZEAL_INTERNAL_ASSERT(gather_, "OneBitLamb at ZeRO stage 1 without a gatherer");
-      whole_momentum_ = gather_(exp_avg_);
-    }
-    return whole_momentum_;
-  }
-
   int64_t freeze_step_;
   double min_coeff_, max_coeff_, coeff_beta_, factor_max_, factor_min_, factor_threshold_;
-  bool partitioned_;
   at::Tensor exp_avg_sq_fresh_;
   std::vector<double> coeff_freeze_;  // per parameter: the running average of the warmup coefficient
   std::vector<double> last_factor_;   // per parameter: the previous step's factor
   std::vector<double> scaling_;       // per parameter: the momentum scaling (empty until compression)
-  at::Tensor whole_momentum_;         // stage 1 past the freeze (Note [Replicated momentum])
 };
 
 // Adagrad as torch.optim.Adagrad (lr_decay, L2 weight decay, initial accumulator value).

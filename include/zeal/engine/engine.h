@@ -133,9 +133,11 @@ class Engine {
   void add_forward_time(double seconds) { forward_seconds_ += seconds; }
 
  private:
-  std::pair<std::string, std::string> load_parts(const std::vector<std::string>& dirs, bool load_optimizer_states,
-                                                 bool load_lr_scheduler_states, bool load_module_only,
-                                                 const std::string& load_dir, const std::string& tag);
+  // The load itself, agreed across ranks; `locate` names the directories (it may throw: a missing
+  // tag fails every rank alike).
+  std::pair<std::string, std::string> load_parts(const std::function<std::vector<std::string>()>& locate,
+                                                 bool load_optimizer_states, bool load_lr_scheduler_states,
+                                                 bool load_module_only);
   std::pair<std::string, std::string> load_checkpoint_local(const std::vector<std::string>& dirs,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only);
@@ -150,7 +152,7 @@ class Engine {
   // The whole flat buffer from every rank's owned values of it (a sum all-reduce over zeros).
   at::Tensor gather_whole(const at::Tensor& local);
   void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
-  void all_reduce_values(at::Tensor& values, comm::ReduceOp op);
+  void all_reduce_values(at::Tensor& values, comm::ReduceOp op, comm::Communicator& group);
   // The updated weights (the fp32 master, or the model-dtype copy the optimizer wrote beside it)
   // -> the model's parameters on every rank.
   void publish_parameters(const at::Tensor& source);
