@@ -51,6 +51,16 @@ std::vector<engine::ParamGroupSpec> to_groups(const py::list& groups) {
     if (group.contains("betas")) spec.betas = group["betas"].cast<std::array<double, 2>>();
     if (group.contains("eps")) spec.eps = group["eps"].cast<double>();
     if (group.contains("names")) spec.names = group["names"].cast<std::vector<std::string>>();
+    if (group.contains("splits")) {
+      for (const auto& item : group["splits"].cast<py::list>()) {
+        checkpoint::TensorSplit split;
+        if (!item.is_none()) {
+          auto d = item.cast<py::dict>();
+          split = {d["dim"].cast<int64_t>(), d["offset"].cast<int64_t>(), d["full_shape"].cast<std::vector<int64_t>>()};
+        }
+        spec.splits.push_back(std::move(split));
+      }
+    }
     if (group.contains("full_shapes")) spec.full_shapes = group["full_shapes"].cast<std::vector<std::vector<int64_t>>>();
     if (group.contains("chunks")) {
       for (const auto& c : group["chunks"].cast<py::list>())
@@ -298,21 +308,14 @@ PYBIND11_MODULE(_zeal, m) {
           return out;
         },
         py::arg("path"), "Read every tensor of a safetensors file (checksums verified when present).");
-  m.def("checkpoint_parameter_names", [](const std::string& dir) {
-    std::vector<std::string> names;
-    for (const auto& p : checkpoint::read_manifest(dir + "/" + checkpoint::kManifestName).params) names.push_back(p.name);
-    return names;
-  });
-  m.def("checkpoint_read_parameter",
-        [](const std::string& dir, const std::string& name) {
-          checkpoint::CheckpointReader reader(dir);
-          int64_t p = reader.find_param(name);
-          if (p < 0) throw CheckpointError("checkpoint " + dir + " has no parameter '" + name + "'");
-          const auto& info = reader.manifest().params[p];
-          at::Tensor out = at::empty({info.numel}, at::TensorOptions().dtype(at::kFloat));
-          reader.read("master", p, 0, info.numel, out);
-          return out.view(info.shape);
-        });
+  m.def("checkpoint_read_parameters",
+        [](const std::vector<std::string>& dirs) {
+          checkpoint::WholeParameters params(dirs);
+          py::dict out;
+          for (size_t i = 0; i < params.size(); ++i) out[py::str(params.name(i))] = params.read(i);
+          return out;
+        },
+        py::arg("dirs"), "Every parameter of a checkpoint's parts as a whole fp32 tensor (slices joined).");
 
   py::class_<engine::Engine>(m, "Engine")
       .def(py::init([](const py::list& groups, const std::string& config_json, comm::CommunicatorPtr data_group) {

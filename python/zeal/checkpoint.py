@@ -1,7 +1,8 @@
 """Reading Zeal checkpoints outside training: the consolidated fp32 weights.
 
 The format is described in include/zeal/checkpoint/checkpoint.h and docs/checkpoints.md: a
-directory per tag with a JSON manifest and one safetensors shard per rank; nothing is pickled.
+directory per tag with a JSON manifest and one safetensors shard per rank, or, for pipeline and
+tensor parallelism, one such directory per part and a parts.json naming them; nothing is pickled.
 """
 import argparse
 import json
@@ -19,46 +20,109 @@ def _resolve(checkpoint_dir, tag=None):
     return _zeal.resolve_checkpoint(checkpoint_dir, tag or "")
 
 
-def pipeline_parts(checkpoint_dir, tag=None):
-    """A pipeline checkpoint's stage parts (zeal.pipe saves one per stage), given its tag directory
-    or a save_dir (its `latest` tag, or `tag`); None when it is not one."""
+PARTS_FILE = "parts.json"
+
+
+def checkpoint_parts(checkpoint_dir, tag=None):
+    """The part directories of a checkpoint saved in parts (pipeline stages, tensor ranks: see
+    save_parts), given its tag directory or a save_dir (its `latest` tag, or `tag`); None when it
+    is a checkpoint of one part."""
     import os
 
     root = checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag)
     latest = os.path.join(checkpoint_dir, "latest")
-    if tag is None and not os.path.exists(os.path.join(root, "pipeline.json")) and os.path.exists(latest):
+    if tag is None and not os.path.exists(os.path.join(root, PARTS_FILE)) and os.path.exists(latest):
         with open(latest) as f:
             root = os.path.join(checkpoint_dir, f.read().strip())
-    meta = os.path.join(root, "pipeline.json")
+    meta = os.path.join(root, PARTS_FILE)
     if not os.path.exists(meta):
         return None
     with open(meta) as f:
         return [os.path.join(root, part) for part in json.load(f)["parts"]]
 
 
-def _parts(checkpoint_dir, tag=None):
-    """The directories of one checkpoint: itself, or a pipeline checkpoint's stage parts."""
-    return pipeline_parts(checkpoint_dir, tag) or [_resolve(checkpoint_dir, tag)]
+def parts_of(checkpoint_dir, tag=None):
+    """The directories of one checkpoint: its parts, or the tag directory itself."""
+    return checkpoint_parts(checkpoint_dir, tag) or [_resolve(checkpoint_dir, tag)]
+
+
+def save_parts(core, world, save_dir, tag, part, parts, layout, client_json, extra, save_latest):
+    """Every rank of `world` calls it. A checkpoint in parts: each part is one engine's checkpoint
+    (the ranks of its data group save it together), all under <save_dir>/.tmp-<tag>; when every
+    part is complete rank 0 writes parts.json there, renames the directory to <tag> and then moves
+    `latest` (Note [Atomic checkpoints], one level up). A failure on any rank fails every rank."""
+    import os
+    import shutil
+
+    import torch
+
+    root = os.path.join(save_dir, tag)
+    tmp = os.path.join(save_dir, f".tmp-{tag}")
+
+    def agree(error, what):
+        flag = torch.tensor([1.0 if error else 0.0])
+        world.all_reduce(flag, "max").wait()
+        if error:
+            raise _zeal.CheckpointError(f"checkpoint save ({what}) failed on rank {world.rank}: {error}")
+        if flag.item() > 0:
+            raise _zeal.CheckpointError(f"checkpoint save ({what}) failed on another rank (see its error)")
+
+    error = None
+    if world.rank == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a save that died
+            os.makedirs(tmp)
+        except OSError as e:
+            error = str(e)
+    agree(error, f"creating {tmp}")
+    try:
+        core.save_checkpoint(tmp, part, client_json, extra, False)
+    except _zeal.Error as e:
+        error = str(e)
+    agree(error, f"writing part {part}")
+    if world.rank == 0:
+        try:
+            _zeal.write_text_atomically(os.path.join(tmp, PARTS_FILE),
+                                        json.dumps({"parts": parts, "layout": layout}, indent=1))
+            old = os.path.join(save_dir, f".old-{tag}")
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.exists(root):
+                os.rename(root, old)
+            os.rename(tmp, root)
+            _fsync_dir(save_dir)
+            if save_latest:
+                _zeal.write_text_atomically(os.path.join(save_dir, "latest"), tag + "\n")
+            shutil.rmtree(old, ignore_errors=True)
+        except (OSError, _zeal.Error) as e:
+            error = str(e)
+    agree(error, f"publishing {root}")
+    return root
+
+
+def _fsync_dir(path):
+    import os
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def to_fp32_state_dict(checkpoint_dir, tag=None):
     """{parameter name: full fp32 tensor}, assembled from every rank's shard (any world size, any
-    stage; every stage of a pipeline checkpoint)."""
-    out = {}
-    for path in _parts(checkpoint_dir, tag):
-        for name in _zeal.checkpoint_parameter_names(path):
-            if name not in out:
-                out[name] = _zeal.checkpoint_read_parameter(path, name)
-    return out
+    stage; every part of a checkpoint in parts, tensor-parallel slices joined)."""
+    return dict(_zeal.checkpoint_read_parameters(parts_of(checkpoint_dir, tag)))
 
 
 def to_fp32_file(checkpoint_dir, out_path, tag=None):
     """Writes the consolidated fp32 weights as one safetensors file, streaming one parameter at a time."""
-    _zeal.checkpoint_parts_to_fp32(_parts(checkpoint_dir, tag), str(out_path))
+    _zeal.checkpoint_parts_to_fp32(parts_of(checkpoint_dir, tag), str(out_path))
 
 
 def client_state(checkpoint_dir, tag=None):
-    with open(f"{_resolve(checkpoint_dir, tag)}/zeal_checkpoint.json") as f:
+    with open(f"{parts_of(checkpoint_dir, tag)[0]}/zeal_checkpoint.json") as f:
         return json.load(f)["client_state"]
 
 

@@ -33,9 +33,12 @@ def _param_groups(model, model_parameters, dtype):
             groups.append(group)
     else:
         groups = [{"params": params}]
+    from .tensor_parallel import split_of
+
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         g["names"] = [names.get(id(p), "") for p in g["params"]]
+        g["splits"] = [split_of(p) for p in g["params"]]
         if any(hasattr(p, "_zeal_chunk") for p in g["params"]):  # partitioned by zeal.zero.Init
             g["full_shapes"] = [list(getattr(p, "_zeal_full_shape", p.shape)) for p in g["params"]]
             g["chunks"] = [p._zeal_chunk.to(dtype) if hasattr(p, "_zeal_chunk") else None for p in g["params"]]
@@ -79,6 +82,7 @@ class ZealEngine(torch.nn.Module):
         self.module = module
         self._core = core
         self._stage3 = None
+        self._tensor_group = None  # the tensor-parallel group, when the model has sharded layers
         if core.zero_stage == 3:
             from .zero import Stage3Hooks
 
@@ -130,10 +134,8 @@ class ZealEngine(torch.nn.Module):
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
         """Every rank writes its shard; returns True as DeepSpeed does. client_state must be JSON-serialisable
-        (checkpoints never pickle)."""
-        if getattr(self, "_tensor_parallel", False):
-            raise _zeal.CheckpointError("save_checkpoint: models with tensor-parallel layers cannot be saved yet (each "
-                                        "tensor rank's engine would write the same directory)")
+        (checkpoints never pickle). With tensor-parallel layers each tensor rank's engine saves one
+        part, <tag>/tensor<t>, its slices recorded with their place in the full tensors."""
         if tag is None:
             tag = f"global_step{self.global_steps}"
         try:
@@ -141,22 +143,40 @@ class ZealEngine(torch.nn.Module):
         except TypeError as e:
             raise _zeal.CheckpointError(f"client_state must be JSON-serialisable (Zeal checkpoints never pickle): {e}")
         extra = [] if self._core.rank != 0 else sorted(self._extra_state(exclude_frozen_parameters).items())
-        self._core.save_checkpoint(str(save_dir), str(tag), client_json, extra, save_latest)
+        tensor = self._tensor_group
+        if tensor is None:
+            self._core.save_checkpoint(str(save_dir), str(tag), client_json, extra, save_latest)
+        else:  # one part per tensor rank, each sharded over its data group
+            from .checkpoint import save_parts
+
+            save_parts(self._core, _zeal.world(), str(save_dir), str(tag), f"tensor{tensor.rank}",
+                       [f"tensor{t}" for t in range(tensor.size)], {"tensor": tensor.size, "data": self.world_size},
+                       client_json, extra, save_latest)
         return True
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
-        """Returns (checkpoint path, client_state) like DeepSpeed; (None, None) if load_dir holds no checkpoint."""
+        """Returns (checkpoint path, client_state) like DeepSpeed; (None, None) if load_dir holds no checkpoint.
+        Any Zeal checkpoint of the same parameter names loads, whatever its world size, ZeRO stage and
+        tensor-parallel size."""
         if custom_load_fn is not None:
             raise _zeal.ConfigError("load_checkpoint: custom_load_fn is not supported")
         import os
 
+        from .checkpoint import checkpoint_parts
+
         if tag is None and not os.path.exists(os.path.join(str(load_dir), "latest")):
             return None, None
-        path, client_json = self._core.load_checkpoint(str(load_dir), "" if tag is None else str(tag),
-                                                      load_optimizer_states, load_lr_scheduler_states,
-                                                      load_module_only)
-        extra = _zeal.read_safetensors(os.path.join(path, "module_extra.safetensors"))
+        tag = None if tag is None else str(tag)
+        parts = checkpoint_parts(str(load_dir), tag)  # pipeline stages, tensor ranks
+        if parts:
+            path = os.path.dirname(parts[0])
+        else:
+            path = _zeal.resolve_checkpoint(str(load_dir), tag or "")
+            parts = [path]
+        _, client_json = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
+                                                          load_module_only)
+        extra = _zeal.read_safetensors(os.path.join(parts[0], "module_extra.safetensors"))
         if extra:
             own = self._extra_state()
             missing = sorted(n for n in set(own) - set(extra) if not isinstance(own[n], torch.nn.Parameter))
@@ -300,7 +320,8 @@ def initialize(
             [p for p in model.parameters() if p.requires_grad and not getattr(p, "tensor_parallel", False)]
         core.set_model_parallel_group(model_parallel_group, uncounted)
     engine = ZealEngine(model, core)
-    engine._tensor_parallel = model_parallel_group is not None and model_parallel_group.size > 1
+    if model_parallel_group is not None and model_parallel_group.size > 1:
+        engine._tensor_group = model_parallel_group
 
     loader = None
     if training_data is not None:

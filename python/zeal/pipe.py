@@ -259,20 +259,22 @@ class PipelineEngine:
         if not params:
             raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")
         names = [n for n, p in zip(module.parameter_names(), module.parameters()) if p.requires_grad]
-        groups = [{"params": params, "names": names}]
+        from .tensor_parallel import split_of
+
+        groups = [{"params": params, "names": names, "splits": [split_of(p) for p in params]}]
         self._core = _zeal.Engine(groups, json.dumps(self.config), self.data_comm)
         # The norm is the whole model's: summed over the ranks of this data index (every stage and,
         # in 3D, every tensor shard), with a tensor group's replicas counted on its first rank.
         data_index = data_group.index(rank)
         model_group = [r for r in range(world.size) if topology.group_of("data", r).index(r) == data_index]
         self.model_comm = world.split(model_group, "model")
-        tensor_index, self.tensor_size = 0, 1
+        self.tensor_index, self.tensor_size = 0, 1
         try:
-            tensor_index = topology.group_of("tensor", rank).index(rank)
+            self.tensor_index = topology.group_of("tensor", rank).index(rank)
             self.tensor_size = topology.axis_size("tensor")
         except _zeal.Error:
             pass  # no tensor axis
-        uncounted = [] if tensor_index == 0 else [p for p in params if not getattr(p, "tensor_parallel", False)]
+        uncounted = [] if self.tensor_index == 0 else [p for p in params if not getattr(p, "tensor_parallel", False)]
         # Tied modules: one group per key of the ranks (this data replica, this shard) whose stages
         # hold it; every rank takes part in every split, alone where it holds none. Their gradients
         # are summed before each step, and count in the norm on the first holding stage only.
@@ -322,41 +324,34 @@ class PipelineEngine:
 
     # --- checkpoints ---
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
-        """Every rank calls it. Each stage's engine saves its part, <save_dir>/<tag>/stage<s> (sharded
-        over its data group, atomic); then rank 0 writes <tag>/pipeline.json and moves `latest`.
-        Parameters are named by layer, not by stage, so the checkpoint loads with another number
-        of stages, data-parallel size or ZeRO stage. Returns the checkpoint directory."""
-        if self.tensor_size > 1:
-            raise _zeal.CheckpointError("save_checkpoint: pipelines with tensor-parallel layers cannot be saved yet "
-                                        "(each tensor rank's engine would write the same stage part)")
+        """Every rank calls it. Each stage's engine (each tensor rank's, in 3D) saves one part,
+        <save_dir>/<tag>/stage<s> or stage<s>-tensor<t>, sharded over its data group; the tag is
+        published whole (zeal.checkpoint.save_parts). Parameters are named by layer, not by stage,
+        and tensor-parallel slices carry their place in the full tensor, so the checkpoint loads at
+        another number of stages, tensor-parallel size, data-parallel size or ZeRO stage. Returns
+        the checkpoint directory."""
+        from .checkpoint import save_parts
+
+        def part(stage, tensor):
+            return f"stage{stage}" if self.tensor_size == 1 else f"stage{stage}-tensor{tensor}"
+
         tag = tag or f"global_step{self.global_steps}"
-        root = os.path.join(save_dir, tag)
-        world = self.module.world
-        client = json.dumps(client_state or {})
-        self._core.save_checkpoint(root, f"stage{self.stage_id}", client, [], False)
-        world.barrier(self.timeout_s).wait()
-        if world.rank == 0:
-            parts = [f"stage{s}" for s in range(self.num_stages)]
-            _zeal.write_text_atomically(os.path.join(root, "pipeline.json"),
-                                        json.dumps({"stages": self.num_stages, "parts": parts}))
-            if save_latest:
-                _zeal.write_text_atomically(os.path.join(save_dir, "latest"), tag + "\n")
-        world.barrier(self.timeout_s).wait()
-        return root
+        parts = [part(s, t) for s in range(self.num_stages) for t in range(self.tensor_size)]
+        layout = {"pipe": self.num_stages, "tensor": self.tensor_size, "data": self.data_comm.size}
+        return save_parts(self._core, self.module.world, save_dir, tag, part(self.stage_id, self.tensor_index), parts,
+                          layout, json.dumps(client_state or {}), [], save_latest)
 
     def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True,
                         load_module_only=False):
-        """Loads a checkpoint saved by save_checkpoint, whatever its number of stages, data-parallel
-        size and ZeRO stage. Returns (checkpoint directory, client_state)."""
-        from .checkpoint import pipeline_parts
+        """Loads a checkpoint saved by save_checkpoint (or by a plain engine, when the names match),
+        whatever its layout. Returns (checkpoint directory, client_state)."""
+        from .checkpoint import checkpoint_parts, parts_of
 
-        parts = pipeline_parts(load_dir, tag)
-        if parts is None:
-            raise _zeal.CheckpointError(f"{load_dir} (tag {tag or 'latest'}) holds no pipeline checkpoint "
-                                        "(no pipeline.json)")
+        parts = parts_of(load_dir, tag)
         _, client = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
                                                      load_module_only)
-        return os.path.dirname(parts[0]), json.loads(client) if client else {}
+        root = os.path.dirname(parts[0]) if checkpoint_parts(load_dir, tag) else parts[0]
+        return root, json.loads(client) if client else {}
 
     # --- the executor ---
     def _neighbour(self, chunk, step):

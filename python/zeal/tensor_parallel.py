@@ -10,7 +10,9 @@ backward, as in Megatron-LM.
 Initialisation: every layer builds its full weight with torch's own initialisation from the
 current RNG state, the same on every rank of the group, and keeps its slice: a model built under
 the same seed is the single-process model, cut. Sharded parameters carry `tensor_parallel = True`
-(`partition_dim` says along which dim); replicated ones (RowParallelLinear's bias, and every
+(`partition_dim` says along which dim, `partition_offset` where the slice starts, `full_shape`
+the whole tensor's shape: checkpoints save each slice under the full parameter's name with that
+place, and load at any tensor-parallel size); replicated ones (RowParallelLinear's bias, and every
 ordinary layer beside them) do not, and count in the gradient norm on the group's first rank only.
 
 The group is any Zeal communicator: `make_groups(tensor=2)` cuts the world into tensor groups of
@@ -105,7 +107,16 @@ def _shard(full, dim, group):
     piece = full.narrow(dim, group.rank * size, size).detach().clone()
     param = torch.nn.Parameter(piece)
     param.tensor_parallel, param.partition_dim = True, dim
+    param.partition_offset, param.full_shape = group.rank * size, tuple(full.shape)
     return param
+
+
+def split_of(param):
+    """Where a parameter's slice sits in its full tensor, for checkpoints that move between
+    tensor-parallel sizes (include/zeal/checkpoint/checkpoint.h); None for a whole parameter."""
+    if not getattr(param, "tensor_parallel", False):
+        return None
+    return {"dim": param.partition_dim, "offset": param.partition_offset, "full_shape": list(param.full_shape)}
 
 
 class _Layer(torch.nn.Module):

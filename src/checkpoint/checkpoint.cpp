@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <algorithm>
 #include <sstream>
 
 #include <ATen/ops/empty.h>
@@ -64,7 +65,12 @@ void write_text_atomically(const std::string& path, const std::string& text) {
 
 void write_manifest(const std::string& path, const Manifest& m) {
   json params = json::array();
-  for (const ParamInfo& p : m.params) params.push_back({{"name", p.name}, {"shape", p.shape}, {"numel", p.numel}});
+  for (const ParamInfo& p : m.params) {
+    json entry = {{"name", p.name}, {"shape", p.shape}, {"numel", p.numel}};
+    if (p.split.split())
+      entry["split"] = {{"dim", p.split.dim}, {"offset", p.split.offset}, {"full_shape", p.split.full_shape}};
+    params.push_back(entry);
+  }
   json ranks = json::array();
   for (const auto& frags : m.fragments) {
     json list = json::array();
@@ -108,9 +114,23 @@ Manifest read_manifest(const std::string& path) {
     m.model_dtype = doc.at("model_dtype").get<std::string>();
     m.optimizer = doc.at("optimizer").get<std::string>();
     m.state_names = doc.at("optimizer_state").get<std::vector<std::string>>();
-    for (const json& p : doc.at("parameters"))
-      m.params.push_back({p.at("name").get<std::string>(), p.at("shape").get<std::vector<int64_t>>(),
-                          p.at("numel").get<int64_t>()});
+    for (const json& p : doc.at("parameters")) {
+      ParamInfo info{p.at("name").get<std::string>(), p.at("shape").get<std::vector<int64_t>>(),
+                     p.at("numel").get<int64_t>(), {}};
+      if (p.contains("split")) {
+        const json& sp = p.at("split");
+        info.split = {sp.at("dim").get<int64_t>(), sp.at("offset").get<int64_t>(),
+                      sp.at("full_shape").get<std::vector<int64_t>>()};
+        const TensorSplit& t = info.split;
+        bool ok = t.dim >= 0 && t.dim < static_cast<int64_t>(info.shape.size()) &&
+                  t.full_shape.size() == info.shape.size() && t.offset >= 0 &&
+                  t.offset + info.shape[t.dim] <= t.full_shape[t.dim];
+        for (size_t d = 0; ok && d < info.shape.size(); ++d)
+          ok = static_cast<int64_t>(d) == t.dim || info.shape[d] == t.full_shape[d];
+        if (!ok) throw bad("the tensor-parallel split of parameter '" + info.name + "' does not fit its shape");
+      }
+      m.params.push_back(std::move(info));
+    }
     for (const json& r : doc.at("ranks")) {
       std::vector<zero::Fragment> frags;
       for (const json& f : r.at("fragments")) {
@@ -192,32 +212,172 @@ void CheckpointReader::read(const std::string& what, int64_t param, int64_t begi
     throw CheckpointError("checkpoint " + dir_ + " lacks elements of '" + manifest_.params[param].name + "' (" + what + ")");
 }
 
+std::vector<SliceRun> slice_runs(const std::vector<int64_t>& full_shape, int64_t dim, int64_t target_offset,
+                                 int64_t target_size, const std::vector<std::pair<int64_t, int64_t>>& saved,
+                                 int64_t begin, int64_t end) {
+  ZEAL_INTERNAL_ASSERT(dim >= 0 && dim < static_cast<int64_t>(full_shape.size()), "bad split dim");
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= full_shape[d];
+  for (size_t d = dim + 1; d < full_shape.size(); ++d) inner *= full_shape[d];
+  const int64_t target_end = target_offset + target_size;
+  ZEAL_INTERNAL_ASSERT(target_offset >= 0 && target_end <= full_shape[dim], "target slice outside the tensor");
+  ZEAL_INTERNAL_ASSERT(0 <= begin && begin <= end && end <= outer * target_size * inner, "range outside the slice");
+  std::vector<SliceRun> runs;
+  if (begin == end) return runs;
+
+  // Rows [j, j_end) of the target come from saved slice `piece`: the first slice holding row j,
+  // up to where it ends or an earlier slice takes over.
+  struct Segment {
+    int64_t j, j_end;
+    size_t piece;
+  };
+  std::vector<Segment> segments;
+  for (int64_t j = target_offset; j < target_end;) {
+    size_t p = 0;
+    while (p < saved.size() && !(saved[p].first <= j && j < saved[p].first + saved[p].second)) ++p;
+    if (p == saved.size()) throw CheckpointError("row " + std::to_string(j) + " of dim " + std::to_string(dim) +
+                                                 " is in no saved slice");
+    int64_t j_end = std::min(target_end, saved[p].first + saved[p].second);
+    for (size_t q = 0; q < p; ++q)
+      if (saved[q].first > j) j_end = std::min(j_end, saved[q].first);
+    segments.push_back({j, j_end, p});
+    j = j_end;
+  }
+  const int64_t row = target_size * inner;  // elements of one outer index in the target
+  for (int64_t o = begin / row; o <= (end - 1) / row; ++o) {
+    for (const Segment& s : segments) {
+      const int64_t local = o * row + (s.j - target_offset) * inner;
+      const int64_t length = (s.j_end - s.j) * inner;
+      const int64_t lo = std::max(local, begin), hi = std::min(local + length, end);
+      if (lo >= hi) continue;
+      const auto [offset, size] = saved[s.piece];
+      const int64_t from = o * size * inner + (s.j - offset) * inner + (lo - local);
+      SliceRun run{s.piece, from, lo - begin, hi - lo};
+      if (!runs.empty()) {
+        SliceRun& last = runs.back();
+        if (last.piece == run.piece && last.saved_begin + last.length == run.saved_begin &&
+            last.local_begin + last.length == run.local_begin) {
+          last.length += run.length;
+          continue;
+        }
+      }
+      runs.push_back(run);
+    }
+  }
+  return runs;
+}
+
+ParameterSource::ParameterSource(const std::string& name, const std::vector<Piece>& pieces,
+                                 const std::vector<int64_t>& target_shape, const TensorSplit& target_split) {
+  ZEAL_INTERNAL_ASSERT(!pieces.empty(), "a parameter source needs a saved copy");
+  full_shape_ = target_split.split() ? target_split.full_shape : target_shape;
+  auto info = [](const Piece& p) -> const ParamInfo& { return p.reader->manifest().params[p.index]; };
+  auto full_of = [](const ParamInfo& i) { return i.split.split() ? i.split.full_shape : i.shape; };
+  auto where = [&](const Piece& p) { return p.reader->dir(); };
+  for (const Piece& p : pieces) {
+    const ParamInfo& i = info(p);
+    if (full_of(i) != full_shape_)
+      throw CheckpointError("parameter '" + name + "' has " + (i.split.split() || target_split.split() ? "full " : "") +
+                            "shape " + c10::str(c10::IntArrayRef(full_of(i))) + " in checkpoint " + where(p) +
+                            " but " + c10::str(c10::IntArrayRef(full_shape_)) + " in the model");
+  }
+  // A whole saved copy serves any target; else the saved slices, which must share one dim.
+  const Piece* whole = nullptr;
+  for (const Piece& p : pieces)
+    if (!info(p).split.split()) {
+      whole = &p;
+      break;
+    }
+  std::vector<int64_t> shape = full_shape_.empty() ? std::vector<int64_t>{1} : full_shape_;  // a scalar as one row
+  if (whole) {
+    dim_ = target_split.split() ? target_split.dim : 0;
+    pieces_ = {*whole};
+    saved_ = {{0, shape[dim_]}};
+  } else {
+    dim_ = info(pieces.front()).split.dim;
+    for (const Piece& p : pieces) {
+      const ParamInfo& i = info(p);
+      if (i.split.dim != dim_)
+        throw CheckpointError("the saved slices of parameter '" + name + "' are cut along dims " +
+                              std::to_string(dim_) + " and " + std::to_string(i.split.dim) + " (" + where(p) + ")");
+      std::pair<int64_t, int64_t> box{i.split.offset, i.shape[dim_]};
+      if (std::find(saved_.begin(), saved_.end(), box) != saved_.end()) continue;  // a tied copy
+      saved_.push_back(box);
+      pieces_.push_back(p);
+    }
+    if (target_split.split() && target_split.dim != dim_)
+      throw CheckpointError("parameter '" + name + "' is cut along dim " + std::to_string(dim_) +
+                            " in the checkpoint but along dim " + std::to_string(target_split.dim) +
+                            " in the model; a checkpoint moves between tensor-parallel sizes, not between split dims");
+    std::vector<std::pair<int64_t, int64_t>> sorted = saved_;
+    std::sort(sorted.begin(), sorted.end());
+    int64_t covered = 0;
+    for (const auto& [offset, size] : sorted)
+      if (offset <= covered) covered = std::max(covered, offset + size);
+    if (covered < shape[dim_])
+      throw CheckpointError("the checkpoint's slices of parameter '" + name + "' cover rows [0, " +
+                            std::to_string(covered) + ") of the " + std::to_string(shape[dim_]) + " along dim " +
+                            std::to_string(dim_) + " (a tensor-parallel part is missing from " +
+                            where(pieces.front()) + "?)");
+  }
+  if (target_split.split()) {
+    ZEAL_CHECK_AS(CheckpointError,
+                  target_shape.size() == full_shape_.size() && target_split.offset >= 0 &&
+                      target_split.offset + target_shape[dim_] <= full_shape_[dim_],
+                  "parameter '", name, "': its slice does not fit its full shape");
+    target_offset_ = target_split.offset;
+    target_size_ = target_shape[dim_];
+  } else {
+    target_offset_ = 0;
+    target_size_ = shape[dim_];
+  }
+  run_shape_ = shape;
+}
+
+void ParameterSource::read(const std::string& what, int64_t begin, int64_t end, at::Tensor& out) const {
+  for (const SliceRun& r : slice_runs(run_shape_, dim_, target_offset_, target_size_, saved_, begin, end)) {
+    at::Tensor piece = out.slice(0, r.local_begin, r.local_begin + r.length);
+    pieces_[r.piece].reader->read(what, pieces_[r.piece].index, r.saved_begin, r.saved_begin + r.length, piece);
+  }
+}
+
 void to_fp32(const std::string& checkpoint_dir, const std::string& out_path) {
   to_fp32_parts({checkpoint_dir}, out_path);
 }
 
+WholeParameters::WholeParameters(const std::vector<std::string>& dirs) {
+  ZEAL_CHECK_AS(CheckpointError, !dirs.empty(), "no checkpoint directory given");
+  for (const std::string& d : dirs) readers_.push_back(std::make_unique<CheckpointReader>(d));
+  std::map<std::string, std::vector<ParameterSource::Piece>> pieces;
+  for (const auto& reader : readers_) {
+    const Manifest& m = reader->manifest();
+    for (size_t i = 0; i < m.params.size(); ++i) {
+      auto [it, fresh] = pieces.try_emplace(m.params[i].name);
+      if (fresh) names_.push_back(m.params[i].name);
+      it->second.push_back({reader.get(), static_cast<int64_t>(i)});
+    }
+  }
+  for (const std::string& name : names_) {
+    const std::vector<ParameterSource::Piece>& p = pieces.at(name);
+    const ParamInfo& first = p.front().reader->manifest().params[p.front().index];
+    sources_.emplace_back(name, p, first.split.split() ? first.split.full_shape : first.shape, TensorSplit{});
+  }
+}
+
+at::Tensor WholeParameters::read(size_t i) const {
+  at::Tensor out = at::empty({c10::multiply_integers(shape(i))}, at::TensorOptions().dtype(at::kFloat));
+  sources_[i].read("master", 0, out.numel(), out);
+  return out.view(shape(i));
+}
+
 void to_fp32_parts(const std::vector<std::string>& dirs, const std::string& out_path) {
-  ZEAL_CHECK_AS(CheckpointError, !dirs.empty(), "zeal-to-fp32: no checkpoint directory given");
-  // Every parameter once, from the first part that holds it (a tied module is in several).
-  std::vector<std::unique_ptr<CheckpointReader>> readers;
-  for (const std::string& d : dirs) readers.push_back(std::make_unique<CheckpointReader>(d));
-  struct Entry {
-    size_t reader;
-    int64_t index;
-  };
-  std::vector<Entry> entries;
-  std::set<std::string> seen;
+  WholeParameters params(dirs);
   json header = json::object();
   int64_t offset = 0;
-  for (size_t r = 0; r < readers.size(); ++r) {
-    const Manifest& m = readers[r]->manifest();
-    for (size_t i = 0; i < m.params.size(); ++i) {
-      const ParamInfo& p = m.params[i];
-      if (!seen.insert(p.name).second) continue;
-      header[p.name] = {{"dtype", "F32"}, {"shape", p.shape}, {"data_offsets", {offset, offset + p.numel * 4}}};
-      offset += p.numel * 4;
-      entries.push_back({r, static_cast<int64_t>(i)});
-    }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t bytes = c10::multiply_integers(params.shape(i)) * 4;
+    header[params.name(i)] = {{"dtype", "F32"}, {"shape", params.shape(i)}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
   }
   header["__metadata__"] = {{"format", "pt"}, {"source", "zeal-to-fp32"}};
   std::string text = header.dump();
@@ -228,10 +388,8 @@ void to_fp32_parts(const std::vector<std::string>& dirs, const std::string& out_
   uint64_t length = text.size();
   for (int i = 0; i < 8; ++i) out.put(static_cast<char>((length >> (8 * i)) & 0xff));
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const Entry& e : entries) {  // one parameter in memory at a time, in header order
-    const ParamInfo& p = readers[e.reader]->manifest().params[e.index];
-    at::Tensor buffer = at::empty({p.numel}, at::TensorOptions().dtype(at::kFloat));
-    readers[e.reader]->read("master", e.index, 0, p.numel, buffer);
+  for (size_t i = 0; i < params.size(); ++i) {  // one parameter in memory at a time, in offset order
+    at::Tensor buffer = params.read(i);
     out.write(static_cast<const char*>(buffer.data_ptr()), static_cast<std::streamsize>(buffer.nbytes()));
   }
   out.close();

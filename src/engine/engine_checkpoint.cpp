@@ -1,6 +1,7 @@
 // Engine::save_checkpoint / load_checkpoint: the engine's state in and out of the checkpoint
-// format of checkpoint/checkpoint.h. Loading works at any world size and stage: each rank asks
-// the reader for exactly the parameter elements its own fragment table says it owns.
+// format of checkpoint/checkpoint.h. Loading works at any world size, stage and tensor-parallel
+// size: each rank asks for exactly the parameter elements its own fragment table says it owns,
+// of its own slice (Note [Moving between tensor-parallel sizes]).
 #include <filesystem>
 
 #include <ATen/ATen.h>
@@ -82,7 +83,7 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
       m.model_dtype = c10::toString(model_dtype_);
       m.optimizer = optimizer_->name();
       m.state_names = optimizer_->state_names();
-      for (size_t i = 0; i < params_.size(); ++i) m.params.push_back({names_[i], shapes_[i], layout_.numels[i]});
+      for (size_t i = 0; i < params_.size(); ++i) m.params.push_back({names_[i], shapes_[i], layout_.numels[i], splits_[i]});
       for (int r = 0; r < world_->size(); ++r)
         m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(layout_, layout_.owned(r, partitioned_))
                                                      : std::vector<zero::Fragment>{});
@@ -175,29 +176,25 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
   const std::string dir = dirs.front();
   const checkpoint::Manifest& m = readers.front()->manifest();
 
-  // Match parameters by name, then check shapes: a mismatch is an error, never a silent skip.
-  struct Saved {
-    size_t reader;
-    int64_t index;
-  };
-  std::vector<Saved> saved(params_.size());
+  // Every saved copy of each parameter by name, across the parts (a tensor-parallel parameter's
+  // slices are in several); ParameterSource checks the shapes and reads this rank's slice.
+  std::vector<checkpoint::ParameterSource> sources;
   for (size_t i = 0; i < params_.size(); ++i) {
-    int64_t s = -1;
-    size_t r = 0;
-    for (; r < readers.size() && s < 0; ++r) s = readers[r]->find_param(names_[i]);
-    --r;
+    std::vector<checkpoint::ParameterSource::Piece> pieces;
+    for (const auto& reader : readers) {
+      int64_t s = reader->find_param(names_[i]);
+      if (s < 0) continue;
+      const checkpoint::Manifest& mr = reader->manifest();
+      ZEAL_CHECK_AS(CheckpointError, mr.optimizer == m.optimizer && mr.state_names == m.state_names, "checkpoint ",
+                    reader->dir(), " holds ", mr.optimizer, " state and ", dir, " ", m.optimizer,
+                    ": the parts do not belong together");
+      pieces.push_back({reader.get(), s});
+    }
     const std::string where = dirs.size() == 1 ? "checkpoint " + dir : "the " + std::to_string(dirs.size()) +
                                                                           " parts of checkpoint " + dir + " ...";
-    ZEAL_CHECK_AS(CheckpointError, s >= 0, where, " has no parameter '", names_[i], "' (", m.params.size(),
+    ZEAL_CHECK_AS(CheckpointError, !pieces.empty(), where, " has no parameter '", names_[i], "' (", m.params.size(),
                   " parameters in its first part; is it from another model?)");
-    const checkpoint::Manifest& mr = readers[r]->manifest();
-    ZEAL_CHECK_AS(CheckpointError, mr.params[s].numel == layout_.numels[i] && mr.params[s].shape == shapes_[i],
-                  "parameter '", names_[i], "' has shape ", c10::IntArrayRef(mr.params[s].shape), " in checkpoint ",
-                  readers[r]->dir(), " but ", c10::IntArrayRef(shapes_[i]), " in the model");
-    ZEAL_CHECK_AS(CheckpointError, mr.optimizer == m.optimizer && mr.state_names == m.state_names, "checkpoint ",
-                  readers[r]->dir(), " holds ", mr.optimizer, " state and ", dir, " ", m.optimizer,
-                  ": the parts do not belong together");
-    saved[i] = {r, s};
+    sources.emplace_back(names_[i], pieces, shapes_[i], splits_[i]);
   }
   const bool optimizer_too = load_optimizer_states && !load_module_only;
   if (optimizer_too)
@@ -210,13 +207,12 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
   auto fill = [&](const std::string& what, at::Tensor& target) {
     for (const zero::Fragment& f : mine) {
       at::Tensor piece = target.slice(0, f.local, f.local + (f.end - f.begin));
-      checkpoint::CheckpointReader& reader = *readers[saved[f.param].reader];
-      const int64_t index = saved[f.param].index;
+      const checkpoint::ParameterSource& source = sources[f.param];
       if (piece.is_contiguous() && piece.device().is_cpu()) {
-        reader.read(what, index, f.begin, f.end, piece);
+        source.read(what, f.begin, f.end, piece);
       } else {
         at::Tensor host = at::empty({f.end - f.begin}, at::TensorOptions().dtype(at::kFloat));
-        reader.read(what, index, f.begin, f.end, host);
+        source.read(what, f.begin, f.end, host);
         piece.copy_(host);
       }
     }

@@ -126,30 +126,38 @@ def test_pipeline_config_errors():
     ((4, 2, ["--gas", 2, "--zero", 1]), (4, 1, ["--gas", 1, "--zero", 2])),  # (2, 2) ZeRO-1 -> (1, 4) ZeRO-2
     ((4, 2, ["--gas", 2, "--zero", 1]), (3, 3, ["--gas", 4])),           # -> (3, 1), ZeRO 0
     ((4, 2, ["--gas", 2, "--zero", 1]), (2, 2, ["--gas", 4, "--chunks", 2])),  # -> interleaved, 2 x 2 chunks
+    # 3D, (pipe, tensor, data): the issue's two moves, and tensor 2 -> 4 with ZeRO 0 -> 2
+    ((4, 2, ["--tensor", 2, "--gas", 4]), (4, 1, ["--gas", 1])),                 # (2, 2, 1) -> (1, 1, 4)
+    ((4, 1, ["--tensor", 2, "--gas", 2]), (4, 2, ["--gas", 2])),                 # (1, 2, 2) -> (2, 1, 2)
+    ((4, 2, ["--tensor", 2, "--gas", 4]), (4, 1, ["--tensor", 4, "--gas", 4, "--zero", 2])),  # -> (1, 4, 1)
+    ((8, 2, ["--tensor", 2, "--gas", 2, "--zero", 1]),                          # (2, 2, 2) ZeRO-1 ->
+     (4, 2, ["--tensor", 2, "--gas", 4, "--chunks", 2])),                      # (2, 2, 1) interleaved
 ])
 def test_pipeline_checkpoint_moves_between_layouts(tmp_path, saved, loaded):
-    # Saved after 6 steps at one (pipe, data, ZeRO) layout, loaded at another with the same global
-    # batch, 4 more steps: every loss after the move and the final weights equal the uninterrupted
-    # torch run's (1e-5). Parameters are named by layer, not by stage; each stage's part reshards
-    # over its data group as any Zeal checkpoint does.
+    # Saved after 6 steps at one (pipe, tensor, data, ZeRO) layout, loaded at another with the same
+    # global batch, 4 more steps: every loss after the move and the final weights equal the
+    # uninterrupted torch run's (1e-5), optimizer state included. Parameters are named by layer,
+    # not by stage; each part reshards over its data group as any Zeal checkpoint does, and
+    # tensor-parallel slices are cut anew from the saved ones.
     ranks, stages, args = saved
     proc = run_mpi(ranks, "pipe_train.py", "--stages", stages, *args, "--save_at", 6, "--save_dir", tmp_path,
                    timeout=240)
     assert proc.stdout.count("SAVED step 6") == ranks, proc.stdout + proc.stderr
     ranks, stages, args = loaded
-    _pipe(ranks, stages, "--load", tmp_path, *args)
+    _pipe(ranks, stages, "--load", tmp_path, *args, timeout=400)
 
 
-def test_zeal_to_fp32_reads_a_pipeline_checkpoint(tmp_path):
-    # The stages' parts together give every parameter once, under its layer name, equal to the
-    # single-process model after the same 6 steps.
+@pytest.mark.parametrize("args", [["--gas", 2, "--zero", 1], ["--tensor", 2, "--gas", 4]])
+def test_zeal_to_fp32_reads_a_pipeline_checkpoint(tmp_path, args):
+    # The parts together (stages; stages x tensor ranks) give every parameter once, whole, under
+    # its layer name, equal to the single-process model after the same 6 steps.
     import sys
 
     from conftest import RANKS
     from zeal.checkpoint import to_fp32_file, to_fp32_state_dict
 
-    proc = run_mpi(4, "pipe_train.py", "--stages", 2, "--gas", 2, "--zero", 1, "--save_at", 6,
-                   "--save_dir", tmp_path / "ckpt", timeout=240)
+    proc = run_mpi(4, "pipe_train.py", "--stages", 2, *args, "--save_at", 6, "--save_dir", tmp_path / "ckpt",
+                   timeout=240)
     assert proc.stdout.count("SAVED step 6") == 4, proc.stdout + proc.stderr
     sys.path.insert(0, str(RANKS))
     import pipe_train

@@ -34,3 +34,68 @@ def test_demo_gpt_tensor_parallel_variant_matches_the_full_gpt(ranks, tensor, ar
     # vocabulary-parallel embedding, head and cross-entropy), trains like that GPT in one process.
     proc = run_mpi(ranks, "gpt_tp.py", "--tensor", tensor, *args, timeout=240)
     assert proc.stdout.count("GPT-TP-OK") == ranks, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("loaded", [
+    (4, ["--tensor", 2, "--micro", 4]),                      # the same layout
+    (4, ["--tensor", 4, "--micro", 8]),                      # tensor 2 x data 2 -> tensor 4
+    (2, ["--tensor", 2, "--micro", 8, "--zero", 1]),         # -> tensor 2 x data 1, ZeRO-1
+    (4, ["--tensor", 1, "--micro", 2, "--zero", 2]),         # -> data 4 (tensor-parallel layers of size 1), ZeRO-2
+    (4, ["--tensor", 1, "--micro", 2, "--plain"]),           # -> plain torch layers over data 4
+    (1, ["--tensor", 1, "--micro", 8, "--plain"]),           # -> one plain process
+])
+def test_checkpoints_move_between_tensor_parallel_sizes(tmp_path, loaded):
+    # Saved after 6 steps at tensor 2 x data 2 (one part per tensor rank, each slice recorded with
+    # its place in the full tensor), loaded at another layout with the same global batch of 8: the
+    # 4 steps after the move and the final shards follow the uninterrupted torch run (1e-5), so the
+    # AdamW moments moved with the weights. No conversion step.
+    proc = run_mpi(4, "tp_train.py", "--tensor", 2, "--save_at", 6, "--save_dir", tmp_path, timeout=240)
+    assert proc.stdout.count("SAVED step 6") == 4, proc.stdout + proc.stderr
+    ranks, args = loaded
+    proc = run_mpi(ranks, "tp_train.py", "--load", tmp_path, *args, timeout=240)
+    assert proc.stdout.count("TP-OK") == ranks, proc.stdout + proc.stderr
+
+
+def test_zeal_to_fp32_joins_tensor_parallel_slices(tmp_path):
+    # The consolidated weights of a tensor 4 checkpoint are the single-process model's after the
+    # same 6 steps; a checkpoint missing a tensor part is refused, naming the parameter.
+    import json
+    import sys
+
+    import torch
+
+    from conftest import RANKS
+    from zeal import _zeal
+    from zeal.checkpoint import to_fp32_file, to_fp32_state_dict
+
+    proc = run_mpi(4, "tp_train.py", "--tensor", 4, "--micro", 8, "--save_at", 6, "--save_dir", tmp_path / "ckpt",
+                   timeout=240)
+    assert proc.stdout.count("SAVED step 6") == 4, proc.stdout + proc.stderr
+    sys.path.insert(0, str(RANKS))
+    import tp_train
+
+    torch.manual_seed(7)
+    ref = tp_train.Model()
+    opt = torch.optim.AdamW(ref.parameters(), lr=tp_train.LR, weight_decay=tp_train.WD)
+    for step in range(6):
+        opt.zero_grad()
+        ref(*tp_train.batch(step, 8)).backward()
+        opt.step()
+    want = dict(ref.named_parameters())
+    got = to_fp32_state_dict(tmp_path / "ckpt")
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert got[name].shape == w.shape, name
+        assert ((got[name] - w.detach()).abs().max() / w.detach().abs().max()).item() <= 1e-5, name
+    to_fp32_file(tmp_path / "ckpt", tmp_path / "model.safetensors")
+    written = _zeal.read_safetensors(str(tmp_path / "model.safetensors"))
+    for name in want:
+        assert torch.equal(written[name], got[name]), name
+
+    parts = tmp_path / "ckpt" / "global_step6" / "parts.json"
+    meta = json.loads(parts.read_text())
+    meta["parts"].remove("tensor2")
+    parts.write_text(json.dumps(meta))
+    with pytest.raises(_zeal.CheckpointError, match=r"slices of parameter 'embed.weight' cover rows \[0, 16\) of "
+                                                    r"the 32 along dim 0"):
+        to_fp32_state_dict(tmp_path / "ckpt")

@@ -13,6 +13,12 @@
 // every saved rank. A reader assembles any element range of any parameter from the fragments,
 // so a checkpoint loads under any world size and stage. Every tensor carries a CRC32.
 //
+// A checkpoint may come in parts, one directory each under the tag (a pipeline stage, a tensor
+// rank: zeal.checkpoint writes <tag>/parts.json naming them). A parameter cut by tensor
+// parallelism is saved by each tensor rank under its full name with its TensorSplit: the dim it
+// is cut along and where its slice starts. ParameterSource reads any slice of the full tensor
+// from whatever slices were saved (Note [Moving between tensor-parallel sizes]).
+//
 // Note [Atomic checkpoints]: all ranks write into <save_dir>/.tmp-<tag>; after a barrier rank 0
 // writes the manifest there, renames the directory to <tag> and only then replaces `latest`. A
 // crash at any point leaves `latest` naming the previous complete checkpoint.
@@ -36,10 +42,20 @@ constexpr int kVersion = 1;
 constexpr const char* kManifestName = "zeal_checkpoint.json";
 constexpr const char* kExtraName = "module_extra.safetensors";
 
+// Where a tensor-parallel slice sits in its full tensor: indices [offset, offset + shape[dim])
+// along dim; every other dim whole. dim < 0: the tensor is whole.
+struct TensorSplit {
+  int64_t dim = -1;
+  int64_t offset = 0;
+  std::vector<int64_t> full_shape;
+  bool split() const { return dim >= 0; }
+};
+
 struct ParamInfo {
   std::string name;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;  // of the saved tensor (the slice, when split)
   int64_t numel = 0;
+  TensorSplit split;
 };
 
 struct Manifest {
@@ -81,11 +97,76 @@ class CheckpointReader {
   std::map<std::string, int64_t> name_index_;
 };
 
+// Note [Moving between tensor-parallel sizes]: a slice is cut along one dim d, so viewed as
+// (outer, n, inner) -- outer the product of the dims before d, inner of those after -- the full
+// tensor is (outer, N, inner) and slice element (o, j, k) is full element (o, offset + j, k). For
+// each outer index o, the rows a target slice shares with a saved slice are one contiguous run in
+// both flat orders; a target element range is a list of such runs (runs that continue each other
+// in both are merged, so an unchanged layout reads whole fragments). Slices of every tensor size
+// dividing N are contiguous in the full tensor, which is why Zeal's layers cut q, k and v as
+// separate column-parallel layers rather than one fused, head-interleaved weight.
+
+// One copy: `length` elements from flat index saved_begin of saved slice `piece` to flat index
+// local_begin (relative to the requested range) of the target.
+struct SliceRun {
+  size_t piece;
+  int64_t saved_begin;
+  int64_t local_begin;
+  int64_t length;
+};
+// The runs that fill elements [begin, end) of a target slice [target_offset, + target_size) of a
+// tensor of full_shape cut along dim, from saved slices (offset, size) along the same dim that
+// cover [0, full_shape[dim]) (overlaps allowed; the first holding slice wins). Pure; tested alone.
+std::vector<SliceRun> slice_runs(const std::vector<int64_t>& full_shape, int64_t dim, int64_t target_offset,
+                                 int64_t target_size, const std::vector<std::pair<int64_t, int64_t>>& saved,
+                                 int64_t begin, int64_t end);
+
+// Every saved copy of one parameter across the parts of a checkpoint, read as the target tensor
+// (a slice, or the whole) wants it. The constructor checks that the copies agree on the full
+// shape and the split dim and cover the tensor, with errors naming the parameter.
+class ParameterSource {
+ public:
+  struct Piece {
+    CheckpointReader* reader;
+    int64_t index;  // the parameter's index in that reader's manifest
+  };
+  ParameterSource(const std::string& name, const std::vector<Piece>& pieces, const std::vector<int64_t>& target_shape,
+                  const TensorSplit& target_split);
+  // Elements [begin, end) of the target's flat order into out (fp32, contiguous CPU).
+  void read(const std::string& what, int64_t begin, int64_t end, at::Tensor& out) const;
+  const std::vector<int64_t>& full_shape() const { return full_shape_; }
+
+ private:
+  std::vector<Piece> pieces_;                      // the slices used, in the order of saved_
+  std::vector<std::pair<int64_t, int64_t>> saved_;  // (offset, size) along dim_
+  std::vector<int64_t> full_shape_;
+  std::vector<int64_t> run_shape_;  // full_shape_, a scalar as {1}
+  int64_t dim_ = 0;  // the dim the runs are computed along (0 when nothing is split)
+  int64_t target_offset_ = 0, target_size_ = 0;
+};
+
+// The parameters of a checkpoint's parts (pipeline stages, tensor ranks), each whole: a tied
+// module's copies and a tensor-parallel parameter's slices come together under its name, in the
+// order of first appearance.
+class WholeParameters {
+ public:
+  explicit WholeParameters(const std::vector<std::string>& dirs);
+  size_t size() const { return names_.size(); }
+  const std::string& name(size_t i) const { return names_[i]; }
+  const std::vector<int64_t>& shape(size_t i) const { return sources_[i].full_shape(); }
+  at::Tensor read(size_t i) const;  // fp32 master weights, full shape
+
+ private:
+  std::vector<std::unique_ptr<CheckpointReader>> readers_;
+  std::vector<std::string> names_;
+  std::vector<ParameterSource> sources_;
+};
+
 // Writes a consolidated fp32 state dict (parameter name -> full tensor) to `out_path` as
 // safetensors, one parameter at a time: peak memory is about the largest parameter.
 void to_fp32(const std::string& checkpoint_dir, const std::string& out_path);
-// The same over the parts of one checkpoint (pipeline stages): each parameter once, from the first
-// part that holds it.
+// The same over the parts of one checkpoint (pipeline stages, tensor ranks): each parameter once,
+// whole (tensor-parallel slices joined).
 void to_fp32_parts(const std::vector<std::string>& dirs, const std::string& out_path);
 
 // Crash-safe directory helpers.

@@ -23,6 +23,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "zeal/checkpoint/checkpoint.h"
 #include "zeal/comm/comms_logger.h"
 #include "zeal/comm/communicator.h"
 #include "zeal/comm/compressed.h"
@@ -45,6 +46,9 @@ struct ParamGroupSpec {
   std::vector<std::vector<int64_t>> full_shapes;
   std::vector<at::Tensor> chunks;
   std::vector<std::string> names;  // optional, parallel to params: for checkpoints and messages
+  // Optional, parallel to params: where a tensor-parallel slice sits in its full tensor, so that a
+  // checkpoint loads at another tensor-parallel size (checkpoint.h).
+  std::vector<checkpoint::TensorSplit> splits;
   std::optional<double> lr;
   std::optional<double> weight_decay;
   std::optional<std::array<double, 2>> betas;
@@ -183,6 +187,7 @@ class Engine {
   std::vector<at::Tensor> params_;
   std::vector<std::string> names_;
   std::vector<std::vector<int64_t>> shapes_;
+  std::vector<checkpoint::TensorSplit> splits_;  // parallel to names_
   at::Tensor flat_params_;  // model dtype; the parameters are views into it (stages 0-2)
   at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it (stages 0, 1)
   at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
