@@ -1,6 +1,6 @@
 """Reading Zeal checkpoints outside training: the consolidated fp32 weights.
 
-The format is described in include/zeal/checkpoint/checkpoint.h and docs/checkpoints.md: a
+The format is described in include/zeal/checkpoint/checkpoint.h and docs/architecture.md (Checkpoints): a
 directory per tag with a JSON manifest and one safetensors shard per rank, or, for pipeline and
 tensor parallelism, one such directory per part and a parts.json naming them; nothing is pickled.
 """

@@ -99,3 +99,19 @@ def test_zeal_to_fp32_joins_tensor_parallel_slices(tmp_path):
     with pytest.raises(_zeal.CheckpointError, match=r"slices of parameter 'embed.weight' cover rows \[0, 16\) of "
                                                     r"the 32 along dim 0"):
         to_fp32_state_dict(tmp_path / "ckpt")
+
+
+def test_a_rank_killed_while_saving_parts_keeps_the_previous_checkpoint(tmp_path):
+    # ZeRO-1, so every rank writes a shard. Rank 3 (tensor rank 1, data rank 1) dies half-way
+    # through its shard of the step-6 save: the other ranks stop with an error, `latest` still
+    # names step 4, no step-6 directory appears, and step 4 resumes into the uninterrupted torch
+    # run (at tensor 4).
+    proc = run_mpi(4, "tp_train.py", "--tensor", 2, "--zero", 1, "--save_at", 4, 6, "--save_dir", tmp_path, "--kill",
+                   "3:shard_half", "--timeout", 10, timeout=240, check=False)
+    assert proc.returncode != 0
+    assert proc.stdout.count("SAVED step 4") == 4, proc.stdout + proc.stderr
+    assert "SAVED step 6" not in proc.stdout
+    assert (tmp_path / "latest").read_text().strip() == "global_step4"
+    assert not (tmp_path / "global_step6").exists()
+    proc = run_mpi(4, "tp_train.py", "--load", tmp_path, "--tensor", 4, "--micro", 8, timeout=240)
+    assert proc.stdout.count("TP-OK") == 4, proc.stdout + proc.stderr

@@ -5,6 +5,8 @@ and every final shard must match the single-process model's (fp32: 1e-5 relative
 --load, a run saves and a later one, at another layout, resumes: its losses and shards still follow
 the uninterrupted torch run."""
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,9 +59,12 @@ def main():
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--clip", type=float, default=0.0)
-    ap.add_argument("--save_at", type=int, default=0, help="save a checkpoint after this many steps, then stop")
+    ap.add_argument("--save_at", type=int, nargs="*", default=[],
+                    help="save a checkpoint after each of these many steps; stop after the last")
+    ap.add_argument("--kill", default="", help="RANK:POINT: that rank dies at that point of the last save")
     ap.add_argument("--save_dir", default="")
     ap.add_argument("--load", default="", help="resume from this checkpoint directory (its latest tag)")
+    ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--plain", action="store_true", help="train the torch layers (no tensor group) on every rank")
     args = ap.parse_args()
     world = zeal.world()
@@ -68,7 +73,7 @@ def main():
     model = Model(None if args.plain else tp_group)
     torch.manual_seed(7)
     ref = Model()
-    config = {"train_micro_batch_size_per_gpu": args.micro, "steps_per_print": 1000, "comms_timeout_s": 60,
+    config = {"train_micro_batch_size_per_gpu": args.micro, "steps_per_print": 1000, "comms_timeout_s": args.timeout,
               "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
               "zero_optimization": {"stage": args.zero, "reduce_bucket_size": 300}, "gradient_clipping": args.clip}
     engine, *_ = zeal.initialize(model=model, config=config, data_parallel_group=dp_group)
@@ -104,10 +109,17 @@ def main():
         dp_group.all_reduce(mean, "sum").wait()
         got = mean.item() / dp
         assert abs(got - want.item()) <= 1e-5 * abs(want.item()), (step, got, want.item())
-        if args.save_at and engine.global_steps == args.save_at:
+        if engine.global_steps in args.save_at:
+            last = engine.global_steps == max(args.save_at)
+            if last and args.kill:
+                who, point = args.kill.split(":")
+                if int(who) == world.rank:
+                    engine._core.set_checkpoint_fault_hook(
+                        lambda where: where == point and os.kill(os.getpid(), signal.SIGKILL))
             engine.save_checkpoint(args.save_dir, client_state={"next_step": engine.global_steps})
             print(f"SAVED step {engine.global_steps}", flush=True)
-            return
+            if last:
+                return
     for (name, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
         if getattr(p, "tensor_parallel", False):
             size = p.shape[p.partition_dim]
