@@ -316,8 +316,6 @@ class PipelineEngine:
 
     def eval_batch(self, data_iter):
         """The mean loss over gradient_accumulation_steps micro-batches, forward only."""
-        if self.chunks > 1:
-            raise NotImplementedError("eval_batch with chunks_per_stage > 1 is not supported yet")
         self.module.eval()
         with torch.no_grad():
             return self._run("inference", data_iter, train=False)

@@ -111,13 +111,20 @@ std::vector<Instruction> make_schedule(ScheduleKind kind, const ScheduleSpec& s)
   ZEAL_CHECK(s.stage >= 0 && s.stage < s.stages, "pipeline schedule: stage ", s.stage, " is outside 0..", s.stages - 1);
   ZEAL_CHECK(s.micro_batches >= 1, "pipeline schedule: micro_batches must be >= 1, got ", s.micro_batches);
   ZEAL_CHECK(s.chunks >= 1, "pipeline schedule: chunks must be >= 1, got ", s.chunks);
-  ZEAL_CHECK(kind == ScheduleKind::kInterleaved || s.chunks == 1, "pipeline schedule ", to_string(kind),
-             " has one chunk per stage, got ", s.chunks, " (interleaved schedules take several)");
+  ZEAL_CHECK(kind == ScheduleKind::kInterleaved || kind == ScheduleKind::kInference || s.chunks == 1,
+             "pipeline schedule ", to_string(kind), " has one chunk per stage, got ", s.chunks,
+             " (interleaved and inference schedules take several)");
   Builder b(s);
   const int p = s.stages, m = s.micro_batches;
   switch (kind) {
     case ScheduleKind::kInference:
-      for (int i = 0; i < m; ++i) b.forward({i, 0});
+      if (s.chunks == 1) {
+        for (int i = 0; i < m; ++i) b.forward({i, 0});
+      } else {  // the interleaved schedule's forwards alone, in its order
+        ZEAL_CHECK(m % p == 0, "interleaved inference schedule: micro_batches (", m,
+                   ") must be a multiple of the number of stages (", p, ")");
+        for (int k = 0; k < m * s.chunks; ++k) b.forward(interleaved_unit(s, k, true));
+      }
       return b.finish(false);
     case ScheduleKind::kFillDrain:
       for (int i = 0; i < m; ++i) b.forward({i, 0});

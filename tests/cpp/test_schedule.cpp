@@ -40,6 +40,9 @@ TEST(Schedule, FillDrainAndInference) {
   EXPECT_EQ(schedule(ScheduleKind::kFillDrain, 2, 1, 3),
             "L0 RA0 F0 L1 RA1 F1 L2 RA2 F2 B0 SG0 B1 SG1 B2 SG2 RED STEP");
   EXPECT_EQ(schedule(ScheduleKind::kInference, 2, 1, 2), "L0 RA0 F0 L1 RA1 F1");
+  // Over chunks (an interleaved model's eval): the interleaved forwards in their order.
+  EXPECT_EQ(schedule(ScheduleKind::kInference, 2, 0, 2, 2), "L0 F0 SA0 L1 F1 SA1 RA0.1 F0.1 SA0.1 RA1.1 F1.1 SA1.1");
+  EXPECT_EQ(schedule(ScheduleKind::kInference, 2, 1, 2, 2), "RA0 F0 SA0 RA1 F1 SA1 L0.1 RA0.1 F0.1 L1.1 RA1.1 F1.1");
 }
 
 // Interleaved, 2 stages x 2 chunks, 4 micro-batches (Megatron-LM's order): groups of p micro-batches
@@ -65,8 +68,9 @@ TEST(Schedule, PropertiesOverManyShapes) {
       for (ScheduleKind kind : {ScheduleKind::kInference, ScheduleKind::kFillDrain, ScheduleKind::kOneFOneB,
                                 ScheduleKind::kInterleaved}) {
         for (int v : {1, 2, 3}) {
-          if ((kind == ScheduleKind::kInterleaved) != (v > 1)) continue;
-          if (kind == ScheduleKind::kInterleaved && m % p != 0) continue;
+          if (kind != ScheduleKind::kInterleaved && kind != ScheduleKind::kInference && v > 1) continue;
+          if (kind == ScheduleKind::kInterleaved && v == 1) continue;
+          if (v > 1 && m % p != 0) continue;
           const std::string where = std::string(to_string(kind)) + " p=" + std::to_string(p) + " m=" +
                                     std::to_string(m) + " v=" + std::to_string(v);
           for (int s = 0; s < p; ++s) {

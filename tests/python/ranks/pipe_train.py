@@ -1,6 +1,7 @@
 """One rank of a pipeline-parallel run (zeal.pipe) against a single-process torch run of the same
-layers, seeds, data and optimizer: every step's loss and, at the end, every stage's parameters
-must agree (fp32: 1e-5 relative). Prints PIPE-OK from every rank that checked."""
+layers, seeds, data and optimizer: every step's loss, then eval_batch's loss on a fresh batch, and
+at the end every stage's parameters must agree (fp32: 1e-5 relative). Prints PIPE-OK from every
+rank that checked."""
 import argparse
 import sys
 from pathlib import Path
@@ -117,6 +118,15 @@ def main():
             engine.save_checkpoint(args.save_dir, client_state={"next_step": engine.global_steps})
             print(f"SAVED step {engine.global_steps}", flush=True)
             return
+    # eval_batch on a fresh batch: forwards only (the interleaved order with chunks), the mean loss
+    # of the trained model, and no change to the weights (checked below).
+    x, y = common.global_batch(args.steps, batch)
+    rows = [common.micro_slice(args.steps, k, data_index, data_size, args.micro) for k in range(args.gas)]
+    got_eval = engine.eval_batch(iter([(x[r], y[r]) for r in rows])).double().reshape(1)
+    engine.data_comm.all_reduce(got_eval, "sum").wait()
+    with torch.no_grad():
+        want_eval = common.loss_fn(torch.nn.Sequential(*want_params)(x), y).item()
+    assert abs(got_eval.item() / data_size - want_eval) <= 1e-5 * abs(want_eval), (got_eval.item(), want_eval)
     want = [p for begin, end in module.chunk_layers for layer in want_params[begin:end]
             if isinstance(layer, torch.nn.Module) for p in layer.parameters()]
     got = list(module.parameters())
