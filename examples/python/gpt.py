@@ -53,16 +53,23 @@ class GPT(nn.Module):
 class TensorParallelBlock(nn.Module):
     """A Block cut over a tensor group (zeal.tensor_parallel): each rank holds heads / t of the
     attention heads (their q, k, v rows and proj columns) and 4 width / t of the MLP; one
-    all-reduce after attention and one after the MLP, forward and backward."""
+    all-reduce after attention and one after the MLP, forward and backward. sequence_parallel: x is
+    this rank's part of the sequence; the LayerNorms and residual adds work on it, and the
+    all-reduces become all-gathers before q, k, v and the MLP and reduce-scatters after."""
 
-    def __init__(self, block, group):
+    def __init__(self, block, group, sequence_parallel=False):
         super().__init__()
         from zeal import tensor_parallel as tp
 
         if block.heads % group.size:
             raise ValueError(f"{block.heads} heads cannot be split over a tensor group of {group.size}")
         self.group, self.heads = group, block.heads // group.size
+        self.sequence_parallel = sequence_parallel
         self.ln1, self.ln2 = block.ln1, block.ln2
+        sp = {"sequence_parallel": sequence_parallel}
+        if sequence_parallel:
+            tp.sequence_parallel_parameters(self.ln1, group)
+            tp.sequence_parallel_parameters(self.ln2, group)
         width = block.qkv.in_features
         qkv = []
         for part in range(3):  # q, k and v separately, each split by heads
@@ -72,15 +79,18 @@ class TensorParallelBlock(nn.Module):
                 full.bias.copy_(block.qkv.bias[part * width:(part + 1) * width])
             qkv.append(tp.ColumnParallelLinear.from_full(full, group, gather_output=False))
         self.q, self.k, self.v = qkv
-        self.proj = tp.RowParallelLinear.from_full(block.proj, group, input_is_parallel=True)
-        self.up = tp.ColumnParallelLinear.from_full(block.mlp[0], group, gather_output=False)
-        self.down = tp.RowParallelLinear.from_full(block.mlp[2], group, input_is_parallel=True)
+        self.proj = tp.RowParallelLinear.from_full(block.proj, group, input_is_parallel=True, **sp)
+        self.up = tp.ColumnParallelLinear.from_full(block.mlp[0], group, gather_output=False, **sp)
+        self.down = tp.RowParallelLinear.from_full(block.mlp[2], group, input_is_parallel=True, **sp)
 
     def forward(self, x):
         from zeal import tensor_parallel as tp
 
-        b, t, _ = x.shape
-        h = tp.copy_to_tensor_region(self.ln1(x), self.group)  # one gradient all-reduce for q, k, v
+        if self.sequence_parallel:  # the whole sequence for attention; gradients reduce-scattered
+            h = tp.gather_from_sequence_region(self.ln1(x), self.group)
+        else:
+            h = tp.copy_to_tensor_region(self.ln1(x), self.group)  # one gradient all-reduce for q, k, v
+        b, t, _ = h.shape
         q, k, v = (F.linear(h, m.weight, m.bias) for m in (self.q, self.k, self.v))
         q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -91,24 +101,34 @@ class TensorParallelBlock(nn.Module):
 class TensorParallelGPT(nn.Module):
     """The demo GPT cut over a tensor group: a vocabulary-parallel embedding and head (the logits
     never gathered: vocabulary-parallel cross-entropy), TensorParallelBlocks. Built from a full GPT
-    (the same on every rank of the group, e.g. the same seed), so it computes what that GPT does."""
+    (the same on every rank of the group, e.g. the same seed), so it computes what that GPT does.
+    sequence_parallel: between the tensor-parallel layers each rank keeps its part of the sequence
+    (Megatron-LM's sequence parallelism); the sequence length must divide by the group size."""
 
-    def __init__(self, gpt, group):
+    def __init__(self, gpt, group, sequence_parallel=False):
         super().__init__()
         from zeal import tensor_parallel as tp
 
-        self.group = group
-        self.tok = tp.VocabParallelEmbedding.from_full(gpt.tok, group)
+        self.group, self.sequence_parallel = group, sequence_parallel
+        sp = {"sequence_parallel": sequence_parallel}
+        self.tok = tp.VocabParallelEmbedding.from_full(gpt.tok, group, **sp)
         self.pos = gpt.pos
-        self.blocks = nn.Sequential(*[TensorParallelBlock(b, group) for b in gpt.blocks])
+        self.blocks = nn.Sequential(*[TensorParallelBlock(b, group, sequence_parallel) for b in gpt.blocks])
         self.ln = gpt.ln
-        self.head = tp.ColumnParallelLinear.from_full(gpt.head, group, gather_output=False)
+        self.head = tp.ColumnParallelLinear.from_full(gpt.head, group, gather_output=False, **sp)
+        if sequence_parallel:
+            tp.sequence_parallel_parameters(self.pos, group)
+            tp.sequence_parallel_parameters(self.ln, group)
 
     def forward(self, idx, targets):
         from zeal import tensor_parallel as tp
 
         t = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        first, count = 0, t
+        if self.sequence_parallel:  # this rank's positions
+            count = t // self.group.size
+            first = self.group.rank * count
+        x = self.tok(idx) + self.pos(torch.arange(first, first + count, device=idx.device))
         logits = self.head(self.ln(self.blocks(x)))
         return tp.vocab_parallel_cross_entropy(logits, targets, self.group).mean()
 

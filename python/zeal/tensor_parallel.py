@@ -7,6 +7,16 @@ forward, identity backward), and split against gather along the last dim. A Colu
 followed by a RowParallelLinear (input_is_parallel=True) costs one all-reduce forward and one
 backward, as in Megatron-LM.
 
+Sequence parallelism (Megatron-LM's, optional per layer): between a RowParallelLinear and the next
+ColumnParallelLinear the activations are the same on every rank, so the LayerNorms and residual
+adds there can work on each rank's part of the sequence instead. RowParallelLinear(...,
+sequence_parallel=True) reduce-scatters along the sequence dim instead of all-reducing, and
+ColumnParallelLinear(..., sequence_parallel=True) all-gathers the sequence first (its backward
+reduce-scatters): the same bytes on the wire as the all-reduces, and 1/t of the activation memory
+in the region. Parameters used inside the region (the LayerNorms', the row-parallel bias) see only
+their rank's tokens, so sequence_parallel_parameters() hooks their gradients to be summed over the
+group. Dropout inside the region would need a per-rank RNG stream; it is not provided.
+
 Initialisation: every layer builds its full weight with torch's own initialisation from the
 current RNG state, the same on every rank of the group, and keeps its slice: a model built under
 the same seed is the single-process model, cut. Sharded parameters carry `tensor_parallel = True`
@@ -59,6 +69,32 @@ def _split_last(x, group):
     return x[..., group.rank * size:(group.rank + 1) * size].contiguous()
 
 
+def _seq_first(x, dim):
+    return (x.transpose(0, dim) if dim else x).contiguous()
+
+
+def _gather_seq(x, group, dim):
+    x = _seq_first(x, dim)
+    out = torch.empty((group.size, *x.shape), dtype=x.dtype)
+    group.all_gather(out, x).wait()
+    out = out.reshape(group.size * x.shape[0], *x.shape[1:])
+    return out.transpose(0, dim) if dim else out
+
+
+def _reduce_scatter_seq(x, group, dim):
+    _check_divides("the sequence length", x.shape[dim], group)
+    x = _seq_first(x, dim)
+    out = torch.empty((x.shape[0] // group.size, *x.shape[1:]), dtype=x.dtype)
+    group.reduce_scatter(out, x, "sum").wait()
+    return out.transpose(0, dim) if dim else out
+
+
+def _split_seq(x, group, dim):
+    _check_divides("the sequence length", x.shape[dim], group)
+    size = x.shape[dim] // group.size
+    return x.narrow(dim, group.rank * size, size).contiguous()
+
+
 class _Copy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -102,6 +138,74 @@ class _Split(torch.autograd.Function):
         return _gather_last(grad, ctx.group), None
 
 
+class _ScatterToSequence(torch.autograd.Function):
+    """This rank's part of the sequence forward; the parts gathered backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split_seq(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    """All-gather of the sequence forward; reduce-scatter of the gradient backward (each rank's
+    gradient of the whole sequence is a partial sum: it came through that rank's weight slice)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather_seq(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    """Sum of the partial products, each rank keeping its part of the sequence, forward; the
+    gradient's parts gathered backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter_seq(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group, ctx.dim), None, None
+
+
+def scatter_to_sequence_region(x, group, seq_dim=1):
+    """Enter a sequence-parallel region from a replicated tensor: each rank keeps its part of
+    dim seq_dim (gathered again backward)."""
+    return _ScatterToSequence.apply(x, group, seq_dim)
+
+
+def gather_from_sequence_region(x, group, seq_dim=1):
+    """Leave a sequence-parallel region: the whole sequence on every rank (forward all-gather,
+    backward reduce-scatter, for input to tensor-parallel work)."""
+    return _GatherFromSequence.apply(x, group, seq_dim)
+
+
+def sequence_parallel_parameters(module, group):
+    """Marks module's parameters as used inside a sequence-parallel region (a LayerNorm applied to
+    each rank's part of the sequence): each rank's gradient covers only its tokens, so a hook sums
+    it over the group as it is computed, and every rank holds the same replicated parameter."""
+    for p in module.parameters():
+        _sum_gradient_over(p, group)
+    return module
+
+
+def _sum_gradient_over(param, group):
+    if not getattr(param, "sequence_parallel", False):
+        param.sequence_parallel = True
+        param.register_hook(lambda grad: _all_reduce(grad, group))
+
+
 def _shard(full, dim, group):
     size = full.shape[dim] // group.size
     piece = full.narrow(dim, group.rank * size, size).detach().clone()
@@ -130,9 +234,11 @@ def _check_divides(what, n, group):
 
 class ColumnParallelLinear(_Layer):
     """y = x W^T + b with W's rows (the output features) split over the group. gather_output:
-    all-gather y (else each rank keeps its slice, for a RowParallelLinear to take)."""
+    all-gather y (else each rank keeps its slice, for a RowParallelLinear to take).
+    sequence_parallel: x is this rank's part of the sequence (dim seq_dim), all-gathered here."""
 
-    def __init__(self, in_features, out_features, bias=True, gather_output=True, group=None):
+    def __init__(self, in_features, out_features, bias=True, gather_output=True, group=None,
+                 sequence_parallel=False, seq_dim=1):
         super().__init__()
         self.group = group or _zeal.world()
         _check_divides("ColumnParallelLinear out_features", out_features, self.group)
@@ -140,17 +246,23 @@ class ColumnParallelLinear(_Layer):
         self.weight = _shard(full.weight, 0, self.group)
         self.bias = _shard(full.bias, 0, self.group) if bias else None
         self.gather_output = gather_output
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
 
     def forward(self, x):
-        y = F.linear(_Copy.apply(x, self.group), self.weight, self.bias)
+        if self.sequence_parallel:
+            x = _GatherFromSequence.apply(x, self.group, self.seq_dim)
+        else:
+            x = _Copy.apply(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
         return _Gather.apply(y, self.group) if self.gather_output else y
 
     @classmethod
-    def from_full(cls, linear, group, gather_output=True):
+    def from_full(cls, linear, group, gather_output=True, sequence_parallel=False, seq_dim=1):
         """This rank's slice of an existing torch.nn.Linear (the same on every rank of the group)."""
         layer = cls.__new__(cls)
         _Layer.__init__(layer)
         layer.group, layer.gather_output = group, gather_output
+        layer.sequence_parallel, layer.seq_dim = sequence_parallel, seq_dim
         _check_divides("ColumnParallelLinear out_features", linear.out_features, group)
         layer.weight = _shard(linear.weight, 0, group)
         layer.bias = _shard(linear.bias, 0, group) if linear.bias is not None else None
@@ -160,9 +272,12 @@ class ColumnParallelLinear(_Layer):
 class RowParallelLinear(_Layer):
     """y = x W^T + b with W's columns (the input features) split over the group; the partial
     products are all-reduced, then the (replicated) bias is added. input_is_parallel: x is already
-    this rank's slice (a ColumnParallelLinear's output without gathering)."""
+    this rank's slice (a ColumnParallelLinear's output without gathering). sequence_parallel: the
+    partial products are reduce-scattered instead, each rank keeping its part of the sequence (dim
+    seq_dim), and the bias's gradient is summed over the group."""
 
-    def __init__(self, in_features, out_features, bias=True, input_is_parallel=False, group=None):
+    def __init__(self, in_features, out_features, bias=True, input_is_parallel=False, group=None,
+                 sequence_parallel=False, seq_dim=1):
         super().__init__()
         self.group = group or _zeal.world()
         _check_divides("RowParallelLinear in_features", in_features, self.group)
@@ -170,15 +285,25 @@ class RowParallelLinear(_Layer):
         self.weight = _shard(full.weight, 1, self.group)
         self.bias = torch.nn.Parameter(full.bias.detach().clone()) if bias else None
         self.input_is_parallel = input_is_parallel
+        self._sequence(sequence_parallel, seq_dim)
+
+    def _sequence(self, sequence_parallel, seq_dim):
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        if sequence_parallel and self.bias is not None:
+            _sum_gradient_over(self.bias, self.group)
 
     def forward(self, x):
         if not self.input_is_parallel:
             x = _Split.apply(x, self.group)
-        y = _Reduce.apply(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = _ReduceScatterToSequence.apply(y, self.group, self.seq_dim)
+        else:
+            y = _Reduce.apply(y, self.group)
         return y + self.bias if self.bias is not None else y
 
     @classmethod
-    def from_full(cls, linear, group, input_is_parallel=False):
+    def from_full(cls, linear, group, input_is_parallel=False, sequence_parallel=False, seq_dim=1):
         """This rank's slice of an existing torch.nn.Linear (the same on every rank of the group)."""
         layer = cls.__new__(cls)
         _Layer.__init__(layer)
@@ -186,16 +311,19 @@ class RowParallelLinear(_Layer):
         _check_divides("RowParallelLinear in_features", linear.in_features, group)
         layer.weight = _shard(linear.weight, 1, group)
         layer.bias = torch.nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        layer._sequence(sequence_parallel, seq_dim)
         return layer
 
 
 class VocabParallelEmbedding(_Layer):
     """An embedding whose rows (the vocabulary) are split over the group: each rank looks up the
-    ids in its range, zeros the rest, and the results are all-reduced."""
+    ids in its range, zeros the rest, and the results are all-reduced (sequence_parallel:
+    reduce-scattered along seq_dim, entering a sequence-parallel region)."""
 
-    def __init__(self, num_embeddings, embedding_dim, group=None):
+    def __init__(self, num_embeddings, embedding_dim, group=None, sequence_parallel=False, seq_dim=1):
         super().__init__()
         self.group = group or _zeal.world()
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         _check_divides("VocabParallelEmbedding num_embeddings", num_embeddings, self.group)
         full = torch.nn.Embedding(num_embeddings, embedding_dim)
         self.weight = _shard(full.weight, 0, self.group)
@@ -203,11 +331,12 @@ class VocabParallelEmbedding(_Layer):
         self.vocab_end = self.vocab_start + self.weight.shape[0]
 
     @classmethod
-    def from_full(cls, embedding, group):
+    def from_full(cls, embedding, group, sequence_parallel=False, seq_dim=1):
         """This rank's rows of an existing torch.nn.Embedding (the same on every rank of the group)."""
         layer = cls.__new__(cls)
         _Layer.__init__(layer)
         layer.group = group
+        layer.sequence_parallel, layer.seq_dim = sequence_parallel, seq_dim
         _check_divides("VocabParallelEmbedding num_embeddings", embedding.num_embeddings, group)
         layer.weight = _shard(embedding.weight, 0, group)
         layer.vocab_start = group.rank * layer.weight.shape[0]
@@ -218,6 +347,8 @@ class VocabParallelEmbedding(_Layer):
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:  # the sum, each rank keeping its part of the sequence
+            return _ReduceScatterToSequence.apply(out, self.group, self.seq_dim)
         return _Reduce.apply(out, self.group)
 
 

@@ -28,7 +28,23 @@ def test_clipping_uses_the_whole_model_s_norm(ranks, tensor):
     assert proc.stdout.count("TP-OK") == ranks, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("ranks,tensor,args", [(2, 2, []), (4, 2, []), (4, 4, ["--clip", 0.5])])
+@pytest.mark.parametrize("ranks,tensor,args", [
+    (2, 2, []),
+    (4, 4, []),
+    (4, 2, ["--zero", 1, "--clip", 0.5]),
+])
+def test_sequence_parallel_regions_match_torch(ranks, tensor, args):
+    # The embedding reduce-scatters over the sequence, the LayerNorm and residual work on each
+    # rank's part of it, the column-parallel layers all-gather it and the row-parallel one
+    # reduce-scatters: the same losses, norms and weights as one torch process (1e-5). Without the
+    # hook that sums the LayerNorm's gradients over the group, step 1 is already off by 6e-4.
+    proc = run_mpi(ranks, "tp_train.py", "--tensor", tensor, "--sequence_parallel", *args, timeout=240)
+    assert proc.stdout.count("TP-OK") == ranks, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ranks,tensor,args", [(2, 2, []), (4, 2, []), (4, 4, ["--clip", 0.5]),
+                                               (2, 2, ["--sequence_parallel"]),
+                                               (4, 4, ["--sequence_parallel", "--clip", 0.5])])
 def test_demo_gpt_tensor_parallel_variant_matches_the_full_gpt(ranks, tensor, args):
     # examples/python/gpt.py's TensorParallelGPT, cut from a full GPT (heads and MLP split, the
     # vocabulary-parallel embedding, head and cross-entropy), trains like that GPT in one process.

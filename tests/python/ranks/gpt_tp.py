@@ -21,13 +21,14 @@ def main():
     ap.add_argument("--tensor", type=int, required=True)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--clip", type=float, default=0.0)
+    ap.add_argument("--sequence_parallel", action="store_true")
     args = ap.parse_args()
     world = zeal.world()
     tp_group, dp_group, _ = tp.make_groups(args.tensor, world)
     torch.manual_seed(3)
     full = gpt.GPT(VOCAB, block=BLOCK, width=32, layers=2, heads=4)
     ref = copy.deepcopy(full)
-    model = gpt.TensorParallelGPT(full, tp_group)
+    model = gpt.TensorParallelGPT(full, tp_group, sequence_parallel=args.sequence_parallel)
     config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 1000, "comms_timeout_s": 60,
               "gradient_clipping": args.clip, "optimizer": {"type": "AdamW", "params": {"lr": LR}}}
     engine, *_ = zeal.initialize(model=model, config=config, data_parallel_group=dp_group)

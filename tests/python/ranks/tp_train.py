@@ -16,26 +16,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 import zeal  # noqa: E402
 from zeal import tensor_parallel as tp  # noqa: E402
 
-VOCAB, DIM, HIDDEN, SEQ, LR, WD = 32, 16, 64, 6, 1e-2, 0.01
+VOCAB, DIM, HIDDEN, SEQ, LR, WD = 32, 16, 64, 8, 1e-2, 0.01
 
 
 class Model(torch.nn.Module):
     """The same layers whole (group=None, plain torch) or tensor-parallel (a group)."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, sequence_parallel=False):
         super().__init__()
         self.group = group
+        sp = {"sequence_parallel": sequence_parallel}
         if group is None:
             self.embed = torch.nn.Embedding(VOCAB, DIM)
             self.up = torch.nn.Linear(DIM, HIDDEN)
             self.down = torch.nn.Linear(HIDDEN, DIM)
             self.head = torch.nn.Linear(DIM, VOCAB)
         else:
-            self.embed = tp.VocabParallelEmbedding(VOCAB, DIM, group=group)
-            self.up = tp.ColumnParallelLinear(DIM, HIDDEN, gather_output=False, group=group)
-            self.down = tp.RowParallelLinear(HIDDEN, DIM, input_is_parallel=True, group=group)
-            self.head = tp.ColumnParallelLinear(DIM, VOCAB, gather_output=False, group=group)
+            self.embed = tp.VocabParallelEmbedding(VOCAB, DIM, group=group, **sp)
+            self.up = tp.ColumnParallelLinear(DIM, HIDDEN, gather_output=False, group=group, **sp)
+            self.down = tp.RowParallelLinear(HIDDEN, DIM, input_is_parallel=True, group=group, **sp)
+            self.head = tp.ColumnParallelLinear(DIM, VOCAB, gather_output=False, group=group, **sp)
         self.norm = torch.nn.LayerNorm(DIM)
+        if sequence_parallel:  # the norm and the residual add work on each rank's part of the sequence
+            tp.sequence_parallel_parameters(self.norm, group)
 
     def forward(self, ids, targets):
         h = self.embed(ids)
@@ -65,12 +68,14 @@ def main():
     ap.add_argument("--save_dir", default="")
     ap.add_argument("--load", default="", help="resume from this checkpoint directory (its latest tag)")
     ap.add_argument("--timeout", type=float, default=60)
+    ap.add_argument("--sequence_parallel", action="store_true",
+                    help="the norm and residual between the MLP and the head on each rank's part of the sequence")
     ap.add_argument("--plain", action="store_true", help="train the torch layers (no tensor group) on every rank")
     args = ap.parse_args()
     world = zeal.world()
     tp_group, dp_group, topology = tp.make_groups(args.tensor, world)
     torch.manual_seed(7)
-    model = Model(None if args.plain else tp_group)
+    model = Model(None if args.plain else tp_group, args.sequence_parallel)
     torch.manual_seed(7)
     ref = Model()
     config = {"train_micro_batch_size_per_gpu": args.micro, "steps_per_print": 1000, "comms_timeout_s": args.timeout,
