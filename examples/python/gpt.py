@@ -120,7 +120,7 @@ class TensorParallelGPT(nn.Module):
             tp.sequence_parallel_parameters(self.pos, group)
             tp.sequence_parallel_parameters(self.ln, group)
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets=None):
         from zeal import tensor_parallel as tp
 
         t = idx.shape[1]
@@ -130,6 +130,8 @@ class TensorParallelGPT(nn.Module):
             first = self.group.rank * count
         x = self.tok(idx) + self.pos(torch.arange(first, first + count, device=idx.device))
         logits = self.head(self.ln(self.blocks(x)))
+        if targets is None:  # the whole vocabulary's logits on every rank (sampling)
+            return tp.gather_from_tensor_region(logits, self.group)
         return tp.vocab_parallel_cross_entropy(logits, targets, self.group).mean()
 
 

@@ -1,6 +1,8 @@
-"""The demo: a small GPT trained data parallel with Zeal.
+"""The demo: a small GPT trained data parallel with Zeal (with --tensor T, tensor parallel over
+groups of T ranks and data parallel across them).
 
     zeal --num_procs 2 examples/python/train_gpt.py --config configs/gpt_dp.json --out out/demo
+    zeal --num_procs 4 examples/python/train_gpt.py --config configs/gpt_dp.json --tensor 2
 
 Rank 0 prints a line per step (loss, tokens/s), and at the end writes OUT/loss.csv and
 OUT/loss.png (the loss curve) and a sample of generated text.
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt import GPT, CharDataset, corpus_text  # noqa: E402
+from gpt import GPT, CharDataset, TensorParallelGPT, corpus_text  # noqa: E402
 
 import zeal  # noqa: E402
 
@@ -49,7 +51,7 @@ def sample(model, dataset, prompt="The ", length=200):
     torch.manual_seed(1)  # the same text on every rank
     idx = torch.tensor([[dataset.stoi.get(c, 0) for c in prompt]], device=device)
     for _ in range(length):
-        logits = model(idx[:, -dataset.block:])[:, -1, :].float()
+        logits = model(idx[:, -dataset.block:])[:, -1, :len(dataset.chars)].float()  # without vocab padding
         nxt = torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1)
         idx = torch.cat([idx, nxt], dim=1)
     model.train()
@@ -64,6 +66,8 @@ def main():
     ap.add_argument("--save_dir", default=None,
                     help="checkpoint here every --save_every steps and at the end; resume from it if it has one")
     ap.add_argument("--save_every", type=int, default=100)
+    ap.add_argument("--tensor", type=int, default=1,
+                    help="tensor-parallel size: the model cut over groups of this many ranks (TensorParallelGPT)")
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal / deepspeed launchers")
     args = ap.parse_args()
 
@@ -78,8 +82,17 @@ def main():
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    model = GPT(len(dataset.chars), block=block).to(device)
-    engine, _, loader, _ = zeal.initialize(model=model, training_data=dataset, config=config)
+    groups = {}
+    if args.tensor > 1:  # the vocabulary padded to a multiple of the tensor size, as Megatron-LM does
+        from zeal import tensor_parallel as tp
+
+        tp_group, dp_group, _ = tp.make_groups(args.tensor)
+        vocab = -(-len(dataset.chars) // args.tensor) * args.tensor
+        model = TensorParallelGPT(GPT(vocab, block=block), tp_group).to(device)
+        groups = {"data_parallel_group": dp_group}
+    else:
+        model = GPT(len(dataset.chars), block=block).to(device)
+    engine, _, loader, _ = zeal.initialize(model=model, training_data=dataset, config=config, **groups)
     rank = engine.global_rank
     tokens_per_step = engine.train_batch_size() * block
     epoch = 0
@@ -91,8 +104,9 @@ def main():
                 print(f"demo: resumed from {path} at step {engine.global_steps}", flush=True)
     if rank == 0:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
-        print(f"demo: {n_params / 1e6:.2f}M parameters on {device}, {len(dataset.data) / 1e3:.0f}K characters, vocab {len(dataset.chars)}, "
-              f"{engine.world_size} ranks, global batch {engine.train_batch_size()} x {block} tokens, {steps} steps, "
+        layout = f"tensor {args.tensor} x data {engine.dp_world_size}" if args.tensor > 1 else "data parallel"
+        print(f"demo: {n_params / 1e6:.2f}M parameters per rank on {device}, {len(dataset.data) / 1e3:.0f}K characters, "
+              f"vocab {len(dataset.chars)}, {engine.world_size} ranks ({layout}), global batch {engine.train_batch_size()} x {block} tokens, {steps} steps, "
               f"ZeRO stage {config.get('zero_optimization', {}).get('stage', 0)}", flush=True)
     rows, step = [], engine.global_steps
     start = last = time.perf_counter()

@@ -150,7 +150,7 @@ class ZealEngine(torch.nn.Module):
             from .checkpoint import save_parts
 
             save_parts(self._core, _zeal.world(), str(save_dir), str(tag), f"tensor{tensor.rank}",
-                       [f"tensor{t}" for t in range(tensor.size)], {"tensor": tensor.size, "data": self.world_size},
+                       [f"tensor{t}" for t in range(tensor.size)], {"tensor": tensor.size, "data": self.dp_world_size},
                        client_json, extra, save_latest)
         return True
 
@@ -244,14 +244,16 @@ class ZealEngine(torch.nn.Module):
 
     @property
     def global_rank(self):
-        return self._core.rank
+        """This rank in the whole world (with a data_parallel_group, not its rank in that group)."""
+        return _zeal.world().rank
 
     @property
     def world_size(self):
-        return self._core.world_size
+        return _zeal.world().size
 
     @property
     def dp_world_size(self):
+        """The ranks that hold replicas of this rank's parameters (the data-parallel group)."""
         return self._core.world_size
 
 

@@ -51,6 +51,12 @@ def copy_to_tensor_region(x, group):
     return _Copy.apply(x, group)
 
 
+def gather_from_tensor_region(x, group):
+    """All-gather along the last dim forward (each rank's slice, e.g. of the vocabulary, joined);
+    this rank's slice of the gradient backward."""
+    return _Gather.apply(x, group)
+
+
 def _all_reduce(x, group):
     x = x.contiguous().clone()
     group.all_reduce(x, "sum").wait()
