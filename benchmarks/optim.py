@@ -19,8 +19,9 @@ At 1e9 parameters the buffers take 16 GB; torch's foreach AdamW allocates tempor
 full size on top and is left out from 5e8 parameters on (--foreach_limit).
 
 --device cuda compares Zeal's multi-tensor FusedAdam with torch's fused and foreach AdamW on the
-GPU, against the device-to-device copy bandwidth (8 bytes per element) as the roofline. This mode
-has not yet run on a GPU in this project (no machine so far had one).
+GPU, against the device-to-device copy bandwidth (8 bytes per element) as the roofline. Measured
+on an H100 (docs/benchmarks.md); there, run it with --foreach_limit 2e9 (80 GB holds foreach's
+temporaries).
 """
 import argparse
 import statistics
@@ -55,8 +56,9 @@ def torch_adam(b, **kind):
     p = torch.nn.Parameter(b.p)  # shares b.p's storage
     p.grad = b.g
     opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.01, **kind)
-    step_dtype = torch.float32
-    opt.state[p] = {"step": torch.zeros((), dtype=step_dtype) if kind.get("fused") else torch.tensor(0.0),
+    # torch's fused kernel keeps the step count beside the parameters on a GPU; foreach keeps it on the CPU.
+    step_device = p.device if kind.get("fused") and p.is_cuda else "cpu"
+    opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=step_device),
                     "exp_avg": b.m, "exp_avg_sq": b.v}
     return opt.step
 
@@ -97,10 +99,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6])
     ap.add_argument("--repeats", type=int, default=40, help="timed steps of each implementation")
-    ap.add_argument("--foreach_limit", type=float, default=5e8, help="skip torch foreach AdamW from this size")
+    ap.add_argument("--foreach_limit", type=float, default=5e8, help="skip torch foreach AdamW from this size (its temporaries)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: Zeal's FusedAdam against torch's fused and foreach AdamW and the device copy "
-                         "bandwidth (not yet run on a GPU in this project)")
+                         "bandwidth")
     ap.add_argument("--out", default="out/bench/optim.json")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -154,7 +156,7 @@ def main():
                 samples[name].append(time.perf_counter() - start)
         times = {name: statistics.median(s) for name, s in samples.items()}
         bw = max(roof[name][1] * n / t for name, t in times.items() if name in roof)
-        fastest_torch = min(t for k, t in times.items() if k.startswith("torch"))
+        fastest_torch = min((t for k, t in times.items() if k.startswith("torch")), default=None)
         deepspeed = times.get("DeepSpeedCPUAdam")
         for name, t in times.items():
             if name in roof:
@@ -164,10 +166,11 @@ def main():
                 continue
             gbps = BYTES_PER_PARAM * n / t / 1e9
             results.append({"impl": name, "params": n, "seconds": t, "params_per_s": n / t, "gbps": gbps,
-                            "fraction_of_roofline": gbps * 1e9 / bw, "vs_fastest_torch": fastest_torch / t,
+                            "fraction_of_roofline": gbps * 1e9 / bw,
+                            "vs_fastest_torch": fastest_torch / t if fastest_torch else None,
                             "vs_deepspeed": deepspeed / t if deepspeed else None})
             rows.append([f"{n / 1e6:.0f}M", name, f"{n / t / 1e6:.0f}", f"{gbps:.1f}", f"{gbps * 1e9 / bw:.2f}",
-                         f"{fastest_torch / t:.2f}", f"{deepspeed / t:.2f}" if deepspeed else ""])
+                         f"{fastest_torch / t:.2f}" if fastest_torch else "", f"{deepspeed / t:.2f}" if deepspeed else ""])
         del steps, b
     where = (torch.cuda.get_device_name(0) if gpu else
              f"the CPU ({torch.get_num_threads()} threads; Zeal kernel: {zeal.optim.CPUAdam.isa()})")

@@ -72,25 +72,25 @@ GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::Flat
   for (size_t i = 0; i < params.size(); ++i) {
     auto accumulator = torch::autograd::impl::grad_accumulator(params[i]);
     ZEAL_INTERNAL_ASSERT(accumulator, "parameter ", i, " has no gradient accumulator");
-    hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+    uintptr_t key = accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
         [this, i](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
           on_grad_ready(i);
           return outputs;
-        })));
+        }));
     if (hooks_.before_accumulate)
       accumulator->add_pre_hook(std::make_unique<BeforeAccumulate>([this, i] { hooks_.before_accumulate(i); }));
-    accumulators_.push_back(std::move(accumulator));
+    unhooks_.push_back([accumulator, key] {
+      accumulator->del_post_hook(key);
+      auto& pre = accumulator->pre_hooks();
+      pre.erase(std::remove_if(pre.begin(), pre.end(),
+                               [](const auto& h) { return dynamic_cast<BeforeAccumulate*>(h.get()) != nullptr; }),
+                pre.end());
+    });
   }
 }
 
 GradReducer::~GradReducer() {
-  for (size_t i = 0; i < accumulators_.size(); ++i) {
-    accumulators_[i]->del_post_hook(hook_keys_[i]);
-    auto& pre = accumulators_[i]->pre_hooks();
-    pre.erase(std::remove_if(pre.begin(), pre.end(),
-                             [](const auto& h) { return dynamic_cast<BeforeAccumulate*>(h.get()) != nullptr; }),
-              pre.end());
-  }
+  for (auto& unhook : unhooks_) unhook();
   for (auto& b : buckets_) {
     if (b.work && !b.work->is_completed()) {
       try {

@@ -97,8 +97,10 @@ class GradReducer {
   bool partitioned_ = false;
   std::vector<size_t> bucket_of_param_;
   std::vector<char> param_ready_;
-  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators_;
-  std::vector<uintptr_t> hook_keys_;
+  // One per hooked parameter: removes this reducer's hooks from its gradient accumulator (which the
+  // closure keeps alive). A closure, because torch changed the accumulator's pointer type (shared_ptr
+  // up to 2.11, intrusive_ptr in 2.13), and Zeal builds against both (the GPU machine has 2.11).
+  std::vector<std::function<void()>> unhooks_;
   size_t next_to_launch_ = 0;
   bool reducing_ = false;
   bool boundary_ = false;  // this backward ends an accumulation

@@ -40,11 +40,14 @@ def loss_fn(out, y):
     return torch.nn.functional.mse_loss(out.float(), y.float())
 
 
-def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, optimizer="adamw", gas=1):
+def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, optimizer="adamw", gas=1, device="cpu",
+                  loss_scale=1.0):
     """Single-process torch: AdamW (or SGD with momentum 0.9) on fp32 master weights, the model in `dtype`.
     With gas > 1 each step accumulates .grad (in `dtype`, as plain torch does) over gas equal
-    blocks of the global batch, the blocks Zeal's micro steps cover."""
-    model = make_model()
+    blocks of the global batch, the blocks Zeal's micro steps cover. A loss_scale multiplies the loss
+    before backward and divides the fp32 gradients after (static fp16 loss scaling). Returns the
+    weights on the CPU."""
+    model = make_model().to(device)
     master = [p.detach().clone().float() for p in model.parameters()]
     model.to(dtype)
     for p, m in zip(model.parameters(), master):
@@ -61,20 +64,21 @@ def reference_run(steps, batch, lr, weight_decay, clip, dtype=torch.float32, opt
         opt = torch.optim.AdamW(master_params, lr=lr, weight_decay=weight_decay)
     for step in range(steps):
         x, y = global_batch(step, batch)
+        x, y = x.to(device), y.to(device)
         model.zero_grad()
         block = batch // gas
         for k in range(gas):
             rows = slice(k * block, (k + 1) * block)
-            (loss_fn(model(x[rows].to(dtype)), y[rows]) / gas).backward()
+            (loss_fn(model(x[rows].to(dtype)), y[rows]) * loss_scale / gas).backward()
         for p, m in zip(model.parameters(), master_params):
-            m.grad = p.grad.float()
+            m.grad = p.grad.float() / loss_scale
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(master_params, clip)
         opt.step()
         with torch.no_grad():
             for p, m in zip(model.parameters(), master_params):
                 p.copy_(m.to(dtype))
-    return [m.detach().clone() for m in master_params]
+    return [m.detach().cpu() for m in master_params]
 
 
 class Lamb(torch.optim.Optimizer):

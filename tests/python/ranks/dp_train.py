@@ -1,6 +1,7 @@
 """One rank of a data-parallel run through zeal.initialize; rank 0 saves the final parameters
 (and the master copy under bf16/fp16) to OUT."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import zeal  # noqa: E402
+
+
+def engine_local_rank():
+    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
 
 
 def main():
@@ -45,6 +53,7 @@ def main():
     ap.add_argument("--local_step_scaler", type=int, default=8, help="ZeroOneAdam's local_step_scaler")
     ap.add_argument("--local_step_clipper", type=int, default=4, help="ZeroOneAdam's local_step_clipper")
     ap.add_argument("--teacher", action="store_true", help="learnable targets (common.teacher_batch)")
+    ap.add_argument("--device", default="cpu", help="where the model and batches live (cuda: one GPU per rank)")
     args = ap.parse_args()
 
     config = {
@@ -106,6 +115,11 @@ def main():
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left a parameter whole"
     else:
         model = common.make_model()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", engine_local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        model.to(device)
     engine, _, _, _ = zeal.initialize(model=model, config=config)
     rank, world = engine.global_rank, engine.world_size
     assert engine.train_batch_size() == args.micro * args.gas * world
@@ -115,7 +129,7 @@ def main():
         for k in range(args.gas):
             rows = common.micro_slice(step, k, rank, world, args.micro)
             dtype = next(model.parameters()).dtype
-            loss = common.loss_fn(engine(x[rows].to(dtype)), y[rows])
+            loss = common.loss_fn(engine(x[rows].to(device, dtype)), y[rows].to(device))
             if k == 0:
                 losses.append(0.0)
             losses[-1] += loss.item() / args.gas
@@ -141,10 +155,11 @@ def main():
     assert torch.equal(hi, lo) or not synced, "replicas diverged"
     if rank == 0:
         core = engine._core
-        torch.save({"params": [p.detach().float().clone() for p in model.parameters()],
+        torch.save({"params": [p.detach().float().cpu() for p in model.parameters()],
                     "buckets": core.num_buckets, "flat_numel": core.flat_numel, "master_numel": core.master_numel,
                     "grad_shard_numel": core.grad_shard_numel, "world": world,
-                    "peak_live": peak_live, "master_device": core.master_device, "losses": losses}, args.out)
+                    "peak_live": peak_live, "master_device": core.master_device, "losses": losses,
+                    "param_device": str(next(model.parameters()).device)}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""fp16 training on 2 ranks with overflows injected on rank 1 only: both ranks must skip the same
+"""fp16 training on 2 ranks with overflows injected on rank 1 only (--inject_rank): both ranks must skip the same
 steps (the all-reduce spreads the inf), leave the weights untouched on a skipped step, and follow
 DeepSpeed's loss-scale trajectory. Rank 0 writes the trajectory to OUT as JSON."""
 import argparse
@@ -19,6 +19,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--inject_rank", type=int, default=1, help="the rank whose loss becomes inf on the overflow steps")
+    ap.add_argument("--device", default="cpu", help="cuda: the model on this rank's GPU (the CUDA unscale and check)")
     args = ap.parse_args()
     config = {
         "train_micro_batch_size_per_gpu": 4,
@@ -29,15 +31,15 @@ def main():
         "comms_timeout_s": 60,
         "zero_optimization": {"stage": args.stage, "reduce_bucket_size": 200},
     }
-    model = common.make_model()
+    model = common.make_model().to(args.device)
     engine, optimizer, _, _ = zeal.initialize(model=model, config=config)
     rank = engine.global_rank
     trajectory = []
     for step in range(12):
         x, y = common.global_batch(step, 8)
         rows = common.micro_slice(step, 0, rank, engine.world_size, 4)
-        loss = common.loss_fn(engine(x[rows].half()), y[rows])
-        if rank == 1 and step in OVERFLOW_STEPS:
+        loss = common.loss_fn(engine(x[rows].to(args.device).half()), y[rows].to(args.device))
+        if rank == args.inject_rank and step in OVERFLOW_STEPS:
             loss = loss * float("inf")
         before = [p.detach().clone() for p in model.parameters()]
         engine.backward(loss)
