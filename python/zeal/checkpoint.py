@@ -41,9 +41,21 @@ def checkpoint_parts(checkpoint_dir, tag=None):
         return [os.path.join(root, part) for part in json.load(f)["parts"]]
 
 
+def checkpoint_location(checkpoint_dir, tag=None):
+    """(the tag directory, the directories of its parts): a checkpoint in parts has its parts, one
+    of one part is its own only part."""
+    import os
+
+    parts = checkpoint_parts(checkpoint_dir, tag)
+    if parts:
+        return os.path.dirname(parts[0]), parts
+    root = _resolve(checkpoint_dir, tag)
+    return root, [root]
+
+
 def parts_of(checkpoint_dir, tag=None):
     """The directories of one checkpoint: its parts, or the tag directory itself."""
-    return checkpoint_parts(checkpoint_dir, tag) or [_resolve(checkpoint_dir, tag)]
+    return checkpoint_location(checkpoint_dir, tag)[1]
 
 
 def save_parts(core, world, save_dir, tag, part, parts, layout, client_json, extra, save_latest):

@@ -163,17 +163,11 @@ class ZealEngine(torch.nn.Module):
             raise _zeal.ConfigError("load_checkpoint: custom_load_fn is not supported")
         import os
 
-        from .checkpoint import checkpoint_parts
+        from .checkpoint import checkpoint_location
 
         if tag is None and not os.path.exists(os.path.join(str(load_dir), "latest")):
             return None, None
-        tag = None if tag is None else str(tag)
-        parts = checkpoint_parts(str(load_dir), tag)  # pipeline stages, tensor ranks
-        if parts:
-            path = os.path.dirname(parts[0])
-        else:
-            path = _zeal.resolve_checkpoint(str(load_dir), tag or "")
-            parts = [path]
+        path, parts = checkpoint_location(str(load_dir), None if tag is None else str(tag))  # parts: tensor ranks
         _, client_json = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
                                                           load_module_only)
         extra = _zeal.read_safetensors(os.path.join(parts[0], "module_extra.safetensors"))

@@ -343,12 +343,11 @@ class PipelineEngine:
                         load_module_only=False):
         """Loads a checkpoint saved by save_checkpoint (or by a plain engine, when the names match),
         whatever its layout. Returns (checkpoint directory, client_state)."""
-        from .checkpoint import checkpoint_parts, parts_of
+        from .checkpoint import checkpoint_location
 
-        parts = parts_of(load_dir, tag)
+        root, parts = checkpoint_location(load_dir, tag)
         _, client = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
                                                      load_module_only)
-        root = os.path.dirname(parts[0]) if checkpoint_parts(load_dir, tag) else parts[0]
         return root, json.loads(client) if client else {}
 
     # --- the executor ---
