@@ -65,7 +65,7 @@ def _all_reduce(x, group):
 
 def _gather_last(x, group):
     x = x.contiguous()
-    out = torch.empty((group.size, *x.shape), dtype=x.dtype)
+    out = x.new_empty((group.size, *x.shape))
     group.all_gather(out, x).wait()
     return torch.cat(out.unbind(0), dim=-1)
 
@@ -81,7 +81,7 @@ def _seq_first(x, dim):
 
 def _gather_seq(x, group, dim):
     x = _seq_first(x, dim)
-    out = torch.empty((group.size, *x.shape), dtype=x.dtype)
+    out = x.new_empty((group.size, *x.shape))
     group.all_gather(out, x).wait()
     out = out.reshape(group.size * x.shape[0], *x.shape[1:])
     return out.transpose(0, dim) if dim else out
@@ -90,7 +90,7 @@ def _gather_seq(x, group, dim):
 def _reduce_scatter_seq(x, group, dim):
     _check_divides("the sequence length", x.shape[dim], group)
     x = _seq_first(x, dim)
-    out = torch.empty((x.shape[0] // group.size, *x.shape[1:]), dtype=x.dtype)
+    out = x.new_empty((x.shape[0] // group.size, *x.shape[1:]))
     group.reduce_scatter(out, x, "sum").wait()
     return out.transpose(0, dim) if dim else out
 
