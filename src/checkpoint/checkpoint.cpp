@@ -271,13 +271,12 @@ ParameterSource::ParameterSource(const std::string& name, const std::vector<Piec
   ZEAL_INTERNAL_ASSERT(!pieces.empty(), "a parameter source needs a saved copy");
   full_shape_ = target_split.split() ? target_split.full_shape : target_shape;
   auto info = [](const Piece& p) -> const ParamInfo& { return p.reader->manifest().params[p.index]; };
-  auto full_of = [](const ParamInfo& i) { return i.split.split() ? i.split.full_shape : i.shape; };
   auto where = [&](const Piece& p) { return p.reader->dir(); };
   for (const Piece& p : pieces) {
     const ParamInfo& i = info(p);
-    if (full_of(i) != full_shape_)
+    if (i.full_shape() != full_shape_)
       throw CheckpointError("parameter '" + name + "' has " + (i.split.split() || target_split.split() ? "full " : "") +
-                            "shape " + c10::str(c10::IntArrayRef(full_of(i))) + " in checkpoint " + where(p) +
+                            "shape " + c10::str(c10::IntArrayRef(i.full_shape())) + " in checkpoint " + where(p) +
                             " but " + c10::str(c10::IntArrayRef(full_shape_)) + " in the model");
   }
   // A whole saved copy serves any target; else the saved slices, which must share one dim.
@@ -359,7 +358,7 @@ WholeParameters::WholeParameters(const std::vector<std::string>& dirs) {
   for (const std::string& name : names_) {
     const std::vector<ParameterSource::Piece>& p = pieces.at(name);
     const ParamInfo& first = p.front().reader->manifest().params[p.front().index];
-    sources_.emplace_back(name, p, first.split.split() ? first.split.full_shape : first.shape, TensorSplit{});
+    sources_.emplace_back(name, p, first.full_shape(), TensorSplit{});
   }
 }
 

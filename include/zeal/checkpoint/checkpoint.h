@@ -56,6 +56,8 @@ struct ParamInfo {
   std::vector<int64_t> shape;  // of the saved tensor (the slice, when split)
   int64_t numel = 0;
   TensorSplit split;
+  // The whole parameter's shape: the split's, else the saved tensor's own.
+  const std::vector<int64_t>& full_shape() const { return split.split() ? split.full_shape : shape; }
 };
 
 struct Manifest {
