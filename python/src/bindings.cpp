@@ -8,6 +8,8 @@
 #include <ATen/ops/empty.h>
 
 #include "zeal/checkpoint/checkpoint.h"
+#include "zeal/checkpoint/integrity.h"
+#include "zeal/core/json.h"
 #include "zeal/comm/compressed.h"
 #include "zeal/comm/world.h"
 #include "zeal/core/config.h"
@@ -297,6 +299,30 @@ PYBIND11_MODULE(_zeal, m) {
   m.def("resolve_checkpoint", &checkpoint::resolve_tag, py::arg("save_dir"), py::arg("tag") = "");
   m.def("write_text_atomically", &checkpoint::write_text_atomically, py::arg("path"), py::arg("text"),
         "Write a small file through a temporary name, fsynced, then renamed over `path`.");
+  m.def("read_latest", &checkpoint::read_latest, py::arg("save_dir"),
+        "The tag that <save_dir>/latest names (CheckpointError if it is missing, not a regular file or not a tag).");
+  m.def("write_sealed_json",
+        [](const std::string& path, const std::string& text) {
+          nlohmann::json doc;
+          JsonProblem problem;
+          ZEAL_CHECK_AS(CheckpointError, parse_json(text, doc, problem), "write_sealed_json: ", problem.describe());
+          checkpoint::write_text_atomically(path, checkpoint::seal_json(std::move(doc)));
+        },
+        py::arg("path"), py::arg("text"), "Write a JSON manifest with its checksum, atomically.");
+  m.def("read_sealed_json",
+        [](const std::string& path) { return checkpoint::read_sealed_json(path).dump(); }, py::arg("path"),
+        "A checkpoint manifest's JSON text, its checksum verified (and removed) when it has one.");
+  m.def("read_checkpoint_extra",
+        [](const std::string& dir) {
+          auto reader = checkpoint::open_extra(dir);
+          py::dict out;
+          for (const auto& [name, entry] : reader->entries()) {
+            reader->verify(name);
+            out[py::str(name)] = reader->read_all(name);
+          }
+          return out;
+        },
+        py::arg("dir"), "The module state (buffers, frozen parameters) of checkpoint directory dir, checked.");
   m.def("read_safetensors",
         [](const std::string& path) {
           checkpoint::SafetensorsReader reader(path);

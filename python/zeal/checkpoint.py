@@ -31,14 +31,17 @@ def checkpoint_parts(checkpoint_dir, tag=None):
 
     root = checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag)
     latest = os.path.join(checkpoint_dir, "latest")
-    if tag is None and not os.path.exists(os.path.join(root, PARTS_FILE)) and os.path.exists(latest):
-        with open(latest) as f:
-            root = os.path.join(checkpoint_dir, f.read().strip())
+    if tag is None and not os.path.exists(os.path.join(root, PARTS_FILE)) and os.path.lexists(latest):
+        root = os.path.join(checkpoint_dir, _zeal.read_latest(checkpoint_dir))
     meta = os.path.join(root, PARTS_FILE)
-    if not os.path.exists(meta):
+    if not os.path.lexists(meta):
         return None
-    with open(meta) as f:
-        return [os.path.join(root, part) for part in json.load(f)["parts"]]
+    doc = json.loads(_zeal.read_sealed_json(meta))  # checksum verified (Note [Checkpoint integrity])
+    parts = doc.get("parts") if isinstance(doc, dict) else None
+    if not isinstance(parts, list) or not parts or not all(
+            isinstance(p, str) and p and "/" not in p and not p.startswith(".") for p in parts):
+        raise _zeal.CheckpointError(f"{meta} is invalid: 'parts' must be a list of part directory names")
+    return [os.path.join(root, part) for part in parts]
 
 
 def checkpoint_location(checkpoint_dir, tag=None):
@@ -95,8 +98,9 @@ def save_parts(core, world, save_dir, tag, part, parts, layout, client_json, ext
     agree(error, f"writing part {part}")
     if world.rank == 0:
         try:
-            _zeal.write_text_atomically(os.path.join(tmp, PARTS_FILE),
-                                        json.dumps({"parts": parts, "layout": layout}, indent=1))
+            _zeal.write_sealed_json(os.path.join(tmp, PARTS_FILE),
+                                    json.dumps({"format": "zeal-checkpoint-parts", "version": 2, "parts": parts,
+                                                "layout": layout}))
             old = os.path.join(save_dir, f".old-{tag}")
             shutil.rmtree(old, ignore_errors=True)
             if os.path.exists(root):
@@ -134,8 +138,7 @@ def to_fp32_file(checkpoint_dir, out_path, tag=None):
 
 
 def client_state(checkpoint_dir, tag=None):
-    with open(f"{parts_of(checkpoint_dir, tag)[0]}/zeal_checkpoint.json") as f:
-        return json.load(f)["client_state"]
+    return json.loads(_zeal.read_sealed_json(f"{parts_of(checkpoint_dir, tag)[0]}/zeal_checkpoint.json"))["client_state"]
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@ The C++ engine owns the training state; the model's parameters become views into
 buffers. This module only adapts arguments, times forward, and builds the data loader.
 """
 import json
+import os
 import time
 
 import torch
@@ -136,11 +137,14 @@ class ZealEngine(torch.nn.Module):
         """Every rank writes its shard; returns True as DeepSpeed does. client_state must be JSON-serialisable
         (checkpoints never pickle). With tensor-parallel layers each tensor rank's engine saves one
         part, <tag>/tensor<t>, its slices recorded with their place in the full tensors."""
+        _check_save_dir(save_dir)
         if tag is None:
             tag = f"global_step{self.global_steps}"
         try:
             client_json = json.dumps(client_state or {})
-        except TypeError as e:
+        except RecursionError:
+            raise _zeal.CheckpointError("client_state is nested too deeply to save") from None
+        except (TypeError, ValueError) as e:
             raise _zeal.CheckpointError(f"client_state must be JSON-serialisable (Zeal checkpoints never pickle): {e}")
         extra = [] if self._core.rank != 0 else sorted(self._extra_state(exclude_frozen_parameters).items())
         tensor = self._tensor_group
@@ -165,12 +169,12 @@ class ZealEngine(torch.nn.Module):
 
         from .checkpoint import checkpoint_location
 
-        if tag is None and not os.path.exists(os.path.join(str(load_dir), "latest")):
+        if tag is None and not os.path.lexists(os.path.join(str(load_dir), "latest")):
             return None, None
         path, parts = checkpoint_location(str(load_dir), None if tag is None else str(tag))  # parts: tensor ranks
         _, client_json = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
                                                           load_module_only)
-        extra = _zeal.read_safetensors(os.path.join(parts[0], "module_extra.safetensors"))
+        extra = _zeal.read_checkpoint_extra(parts[0])
         if extra:
             own = self._extra_state()
             missing = sorted(n for n in set(own) - set(extra) if not isinstance(own[n], torch.nn.Parameter))
@@ -327,3 +331,10 @@ def initialize(
                                     core.world_size, collate_fn)
     scheduler = ZealLRScheduler(core) if "scheduler" in cfg else None
     return engine, ZealOptimizer(core), loader, scheduler
+
+
+def _check_save_dir(save_dir):
+    """DeepSpeed's save_checkpoint needs a directory: None or "" would save into './None' or the
+    working directory."""
+    if save_dir is None or not isinstance(save_dir, (str, os.PathLike)) or not str(save_dir):
+        raise ValueError(f"save_checkpoint: save_dir must name a directory, got {save_dir!r}")

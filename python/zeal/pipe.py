@@ -329,6 +329,9 @@ class PipelineEngine:
         another number of stages, tensor-parallel size, data-parallel size or ZeRO stage. Returns
         the checkpoint directory."""
         from .checkpoint import save_parts
+        from .engine import _check_save_dir
+
+        _check_save_dir(save_dir)
 
         def part(stage, tensor):
             return f"stage{stage}" if self.tensor_size == 1 else f"stage{stage}-tensor{tensor}"

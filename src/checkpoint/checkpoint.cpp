@@ -9,13 +9,18 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <cmath>
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include <ATen/ops/empty.h>
 #include <nlohmann/json.hpp>
 
+#include "zeal/checkpoint/integrity.h"
 #include "zeal/core/error.h"
+#include "zeal/core/json.h"
+#include "zeal/core/logging.h"
 
 namespace zeal::checkpoint {
 namespace fs = std::filesystem;
@@ -62,6 +67,20 @@ void write_text_atomically(const std::string& path, const std::string& text) {
   fsync_dir(fs::path(path).parent_path().string());
 }
 
+std::map<std::string, std::string> shard_metadata(const std::string& save_id, const std::string& part, int rank,
+                                                  int world_size) {
+  return {{"format", kFormat},
+          {"save_id", save_id},
+          {"part", part},
+          {"rank", std::to_string(rank)},
+          {"world_size", std::to_string(world_size)}};
+}
+
+FileSeal seal_of(const std::string& path) {
+  SafetensorsReader reader(path);
+  return {reader.file_size(), reader.header_digest()};
+}
+
 void write_manifest(const std::string& path, const Manifest& m) {
   json params = json::array();
   for (const ParamInfo& p : m.params) {
@@ -71,14 +90,19 @@ void write_manifest(const std::string& path, const Manifest& m) {
     params.push_back(entry);
   }
   json ranks = json::array();
-  for (const auto& frags : m.fragments) {
+  for (size_t r = 0; r < m.fragments.size(); ++r) {
+    const auto& frags = m.fragments[r];
     json list = json::array();
     for (const zero::Fragment& f : frags) list.push_back({f.param, f.begin, f.end, f.local});
-    ranks.push_back({{"file", frags.empty() ? "" : shard_file_name(static_cast<int>(ranks.size()))},
-                     {"fragments", list}});
+    json entry = {{"file", frags.empty() ? "" : shard_file_name(static_cast<int>(r))}, {"fragments", list}};
+    if (r < m.shard_seals.size() && !frags.empty())
+      entry["seal"] = {{"bytes", m.shard_seals[r].bytes}, {"header_xxh64", m.shard_seals[r].header_digest}};
+    ranks.push_back(entry);
   }
   json doc = {{"format", kFormat},
               {"version", kVersion},
+              {"save_id", m.save_id},
+              {"part", m.part},
               {"zero_stage", m.stage},
               {"world_size", m.world_size},
               {"model_dtype", m.model_dtype},
@@ -87,35 +111,106 @@ void write_manifest(const std::string& path, const Manifest& m) {
               {"parameters", params},
               {"fragment_columns", {"param", "begin", "end", "local"}},
               {"ranks", ranks},
+              {"extra", {{"bytes", m.extra_seal.bytes}, {"header_xxh64", m.extra_seal.header_digest}}},
               {"engine", json::parse(m.engine_state)},
               {"client_state", json::parse(m.client_state)}};
-  write_text_atomically(path, doc.dump(1));
+  write_text_atomically(path, seal_json(std::move(doc)));
 }
 
+namespace {
+
+// The engine counters a checkpoint restores, each a non-negative integer, consistent with each
+// other: a step can be skipped (fp16 overflow) only once it happened, and neither the optimizer
+// nor the LR schedule can have stepped more often than the engine.
+void validate_engine_state(const json& e, const std::function<CheckpointError(const std::string&)>& bad) {
+  if (!e.is_object()) throw bad("'engine' is not an object");
+  auto count = [&](const char* key) -> int64_t {
+    auto it = e.find(key);
+    if (it == e.end()) throw bad(std::string("'engine.") + key + "' is missing");
+    if (!it->is_number_integer() || it->get<int64_t>() < 0)
+      throw bad(std::string("'engine.") + key + "' must be an integer >= 0, got " + json_preview(*it));
+    return it->get<int64_t>();
+  };
+  const int64_t steps = count("global_steps"), skipped = count("skipped_steps");
+  count("global_samples");
+  const int64_t micro = count("micro_steps"), scheduler = count("scheduler_iteration"),
+                optimizer = count("optimizer_steps");
+  if (skipped > steps) throw bad("'engine.skipped_steps' (" + std::to_string(skipped) + ") exceeds 'engine.global_steps' (" + std::to_string(steps) + ")");
+  if (micro < steps) throw bad("'engine.micro_steps' (" + std::to_string(micro) + ") is below 'engine.global_steps' (" + std::to_string(steps) + ")");
+  if (scheduler > steps) throw bad("'engine.scheduler_iteration' (" + std::to_string(scheduler) + ") exceeds 'engine.global_steps' (" + std::to_string(steps) + ")");
+  if (optimizer > steps) throw bad("'engine.optimizer_steps' (" + std::to_string(optimizer) + ") exceeds 'engine.global_steps' (" + std::to_string(steps) + ")");
+  auto ls = e.find("loss_scaler");
+  if (ls == e.end() || !ls->is_object()) throw bad("'engine.loss_scaler' is missing");
+  auto number = [&](const char* key, bool integer, double low) {
+    auto it = ls->find(key);
+    if (it == ls->end() || !it->is_number() || (integer && !it->is_number_integer()) || !(it->get<double>() >= low) ||
+        !std::isfinite(it->get<double>()))
+      throw bad(std::string("'engine.loss_scaler.") + key + "' must be a " + (integer ? "integer" : "number") +
+                " >= " + json_preview(json(low)) + ", got " + (it == ls->end() ? "nothing" : json_preview(*it)));
+  };
+  number("scale", false, 0.0);
+  number("current_hysteresis", true, 0);
+  number("iteration", true, 0);
+  number("last_overflow_iteration", true, -1);
+  if (auto sc = e.find("optimizer_scalars"); sc != e.end()) {
+    if (!sc->is_object()) throw bad("'engine.optimizer_scalars' is not an object");
+    for (auto it = sc->begin(); it != sc->end(); ++it) {
+      if (!it->is_array()) throw bad("'engine.optimizer_scalars." + it.key() + "' is not a list");
+      for (const json& v : *it)
+        if (!v.is_number()) throw bad("'engine.optimizer_scalars." + it.key() + "' holds a non-number");
+    }
+  }
+}
+
+}  // namespace
+
 Manifest read_manifest(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw CheckpointError("no checkpoint manifest at " + path + " (not a Zeal checkpoint, or an incomplete save)");
-  std::stringstream text;
-  text << in.rdbuf();
-  json doc = json::parse(text.str(), nullptr, false);
   auto bad = [&](const std::string& what) -> CheckpointError {
     return CheckpointError("checkpoint manifest " + path + " is invalid: " + what);
   };
-  if (!doc.is_object()) throw bad("not a JSON object (corrupted?)");
-  if (doc.value("format", "") != kFormat) throw bad("format is not '" + std::string(kFormat) + "'");
-  if (doc.value("version", 0) != kVersion)
-    throw bad("format version " + std::to_string(doc.value("version", 0)) + ", this Zeal reads version " +
-              std::to_string(kVersion));
-  Manifest m;
+  bool sealed = false;
+  json doc;
   try {
+    doc = read_sealed_json(path, &sealed);
+  } catch (const CheckpointError& e) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0)
+      throw CheckpointError("no checkpoint manifest at " + path + " (not a Zeal checkpoint, or an incomplete save)");
+    throw;
+  }
+  if (doc.value("format", json()) != kFormat) throw bad("format is not '" + std::string(kFormat) + "'");
+  const json version = doc.value("version", json());
+  if (!version.is_number_integer() || version.get<int64_t>() < 1 || version.get<int64_t>() > kVersion)
+    throw bad("format version " + json_preview(version) + "; this Zeal reads versions 1 to " + std::to_string(kVersion) +
+              (version.is_number_integer() && version.get<int64_t>() > kVersion ? " (saved by a newer Zeal: upgrade)" : ""));
+  Manifest m;
+  m.version = version.get<int64_t>();
+  if (m.version >= 2 && !sealed) throw bad("it has no checksum (a version 2 manifest always has one: edited?)");
+  try {
+    if (m.version >= 2) {
+      m.save_id = doc.at("save_id").get<std::string>();
+      m.part = doc.at("part").get<std::string>();
+      if (m.save_id.empty()) throw bad("'save_id' is empty");
+    }
     m.stage = doc.at("zero_stage").get<int64_t>();
     m.world_size = doc.at("world_size").get<int64_t>();
+    if (m.stage < 0 || m.stage > 3) throw bad("'zero_stage' " + std::to_string(m.stage) + " is not 0-3");
+    if (m.world_size < 1) throw bad("'world_size' " + std::to_string(m.world_size) + " is below 1");
     m.model_dtype = doc.at("model_dtype").get<std::string>();
     m.optimizer = doc.at("optimizer").get<std::string>();
     m.state_names = doc.at("optimizer_state").get<std::vector<std::string>>();
     for (const json& p : doc.at("parameters")) {
       ParamInfo info{p.at("name").get<std::string>(), p.at("shape").get<std::vector<int64_t>>(),
                      p.at("numel").get<int64_t>(), {}};
+      int64_t numel = 1;
+      for (int64_t d : info.shape) {
+        if (d < 0 || (d > 0 && numel > (int64_t{1} << 50) / d))
+          throw bad("parameter '" + info.name + "' has an impossible shape " + p.at("shape").dump());
+        numel *= d;
+      }
+      if (numel != info.numel)
+        throw bad("parameter '" + info.name + "' records " + std::to_string(info.numel) + " elements for shape " +
+                  p.at("shape").dump());
       if (p.contains("split")) {
         const json& sp = p.at("split");
         info.split = {sp.at("dim").get<int64_t>(), sp.at("offset").get<int64_t>(),
@@ -135,42 +230,91 @@ Manifest read_manifest(const std::string& path) {
       for (const json& f : r.at("fragments")) {
         zero::Fragment fr{f.at(0).get<int64_t>(), f.at(1).get<int64_t>(), f.at(2).get<int64_t>(), f.at(3).get<int64_t>()};
         if (fr.param < 0 || fr.param >= static_cast<int64_t>(m.params.size()) || fr.begin < 0 || fr.end <= fr.begin ||
-            fr.end > m.params[fr.param].numel || fr.local < 0)
+            fr.end > m.params[fr.param].numel || fr.local < 0 || fr.local > (int64_t{1} << 50))
           throw bad("a fragment of rank " + std::to_string(m.fragments.size()) + " is out of range");
         frags.push_back(fr);
       }
+      FileSeal seal;
+      if (m.version >= 2 && !frags.empty()) {
+        const json& s = r.at("seal");
+        seal = {s.at("bytes").get<int64_t>(), s.at("header_xxh64").get<std::string>()};
+      }
       m.fragments.push_back(std::move(frags));
+      m.shard_seals.push_back(seal);
     }
+    if (m.version >= 2) {
+      const json& e = doc.at("extra");
+      m.extra_seal = {e.at("bytes").get<int64_t>(), e.at("header_xxh64").get<std::string>()};
+    }
+    validate_engine_state(doc.at("engine"), bad);
     m.engine_state = doc.at("engine").dump();
     m.client_state = doc.at("client_state").dump();
   } catch (const json::exception& e) {
+    // A key missing or of the wrong type: nlohmann's message names the key ("key 'x' not found").
     throw bad(e.what());
   }
   if (static_cast<int64_t>(m.fragments.size()) != m.world_size)
     throw bad("lists " + std::to_string(m.fragments.size()) + " ranks for a world of " + std::to_string(m.world_size));
-  // Every element of every parameter must be held by some rank.
-  std::vector<int64_t> covered(m.params.size(), 0);
-  for (const auto& frags : m.fragments)
-    for (const zero::Fragment& f : frags) covered[f.param] += f.end - f.begin;
-  for (size_t p = 0; p < m.params.size(); ++p)
-    if (covered[p] < m.params[p].numel)
-      throw bad("parameter '" + m.params[p].name + "' is only partly covered by the fragment table");
+  // The fragment table as a whole: every element of every parameter held exactly once, and no
+  // two fragments of one rank sharing local elements.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> spans(m.params.size());
+  for (size_t r = 0; r < m.fragments.size(); ++r) {
+    std::vector<std::pair<int64_t, int64_t>> local;
+    for (const zero::Fragment& f : m.fragments[r]) {
+      spans[f.param].push_back({f.begin, f.end});
+      local.push_back({f.local, f.local + (f.end - f.begin)});
+    }
+    std::sort(local.begin(), local.end());
+    for (size_t i = 1; i < local.size(); ++i)
+      if (local[i].first < local[i - 1].second)
+        throw bad("two fragments of rank " + std::to_string(r) + " overlap at local element " +
+                  std::to_string(local[i].first));
+  }
+  for (size_t p = 0; p < m.params.size(); ++p) {
+    std::sort(spans[p].begin(), spans[p].end());
+    int64_t next = 0;
+    for (const auto& [begin, end] : spans[p]) {
+      if (begin < next)
+        throw bad("parameter '" + m.params[p].name + "' has elements [" + std::to_string(begin) + ", " +
+                  std::to_string(std::min(end, next)) + ") in two fragments");
+      if (begin > next) break;
+      next = end;
+    }
+    if (next != m.params[p].numel)
+      throw bad("parameter '" + m.params[p].name + "' is only partly covered by the fragment table (elements [0, " +
+                std::to_string(next) + ") of " + std::to_string(m.params[p].numel) + " in order)");
+  }
   return m;
+}
+
+std::unique_ptr<SafetensorsReader> open_extra(const std::string& dir) {
+  Manifest m = read_manifest((fs::path(dir) / kManifestName).string());
+  auto reader = std::make_unique<SafetensorsReader>((fs::path(dir) / kExtraName).string());
+  if (m.version >= 2) {
+    const auto& meta = reader->metadata();
+    auto get = [&](const char* key) {
+      auto it = meta.find(key);
+      return it == meta.end() ? std::string("(none)") : it->second;
+    };
+    if (get("save_id") != m.save_id)
+      throw CheckpointError(reader->path() + " belongs to save " + get("save_id") + ", not to this checkpoint's " +
+                            m.save_id + " (a file from another checkpoint?)");
+    if (reader->file_size() != m.extra_seal.bytes || reader->header_digest() != m.extra_seal.header_digest)
+      throw CheckpointError(reader->path() + " is not the file its manifest recorded (size or header changed)");
+  }
+  return reader;
 }
 
 std::string resolve_tag(const std::string& save_dir, const std::string& tag) {
   if (!tag.empty()) return (fs::path(save_dir) / tag).string();
-  std::ifstream in(fs::path(save_dir) / "latest");
-  if (!in) throw CheckpointError("no 'latest' file in " + save_dir + ": no complete checkpoint was saved there; pass a tag");
-  std::string name;
-  std::getline(in, name);
-  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
-  if (name.empty()) throw CheckpointError(save_dir + "/latest is empty");
-  return (fs::path(save_dir) / name).string();
+  return (fs::path(save_dir) / read_latest(save_dir)).string();
 }
 
 CheckpointReader::CheckpointReader(std::string dir) : dir_(std::move(dir)) {
   manifest_ = read_manifest((fs::path(dir_) / kManifestName).string());
+  if (manifest_.version < 2)
+    log("checkpoint", LogLevel::kWarn, "checkpoint ", dir_, " is of format version ", manifest_.version,
+        ": it loads, but without the manifest checksum and shard seals of version 2 (save it again to add them)");
   by_param_.resize(manifest_.params.size());
   for (size_t r = 0; r < manifest_.fragments.size(); ++r)
     for (const zero::Fragment& f : manifest_.fragments[r]) by_param_[f.param].push_back({r, f});
@@ -185,11 +329,45 @@ int64_t CheckpointReader::find_param(const std::string& name) const {
 
 SafetensorsReader& CheckpointReader::shard(size_t rank) {
   if (!shards_[rank]) {
-    auto reader = std::make_unique<SafetensorsReader>((fs::path(dir_) / shard_file_name(static_cast<int>(rank))).string());
-    auto it = reader->metadata().find("rank");
-    if (it == reader->metadata().end() || it->second != std::to_string(rank))
-      throw CheckpointError(dir_ + "/" + shard_file_name(static_cast<int>(rank)) + " does not belong to rank " +
-                            std::to_string(rank) + " of this checkpoint (mixed-up files?)");
+    const std::string path = (fs::path(dir_) / shard_file_name(static_cast<int>(rank))).string();
+    auto reader = std::make_unique<SafetensorsReader>(path);
+    const auto& meta = reader->metadata();
+    auto get = [&](const char* key) {
+      auto it = meta.find(key);
+      return it == meta.end() ? std::string("(none)") : it->second;
+    };
+    if (get("rank") != std::to_string(rank))
+      throw CheckpointError(path + " does not belong to rank " + std::to_string(rank) + " of this checkpoint (it says rank " +
+                            get("rank") + "; mixed-up files?)");
+    if (manifest_.version >= 2) {
+      if (get("save_id") != manifest_.save_id)
+        throw CheckpointError(path + " belongs to save " + get("save_id") + ", not to this checkpoint's save " +
+                              manifest_.save_id + " (a shard copied from another checkpoint?)");
+      if (get("part") != manifest_.part || get("world_size") != std::to_string(manifest_.world_size))
+        throw CheckpointError(path + " was saved as rank " + get("rank") + " of " + get("world_size") + " in part '" +
+                              get("part") + "', but the manifest is part '" + manifest_.part + "' of " +
+                              std::to_string(manifest_.world_size) + " ranks");
+      const FileSeal& seal = manifest_.shard_seals[rank];
+      if (reader->file_size() != seal.bytes)
+        throw CheckpointError(path + " has " + std::to_string(reader->file_size()) + " bytes; the manifest recorded " +
+                              std::to_string(seal.bytes) + " (truncated or replaced)");
+      if (reader->header_digest() != seal.header_digest)
+        throw CheckpointError(path + ": its header differs from the one the manifest recorded (xxh64 " +
+                              reader->header_digest() + ", recorded " + seal.header_digest + "): edited or replaced");
+    }
+    // Every tensor the fragments index must be there, fp32, flat, and long enough.
+    int64_t needed = 0;
+    for (const zero::Fragment& f : manifest_.fragments[rank]) needed = std::max(needed, f.local + (f.end - f.begin));
+    std::vector<std::string> names{"master"};
+    names.insert(names.end(), manifest_.state_names.begin(), manifest_.state_names.end());
+    for (const std::string& name : names) {
+      if (!reader->has(name)) throw CheckpointError(path + " has no tensor '" + name + "' (the manifest lists it)");
+      const TensorEntry& e = reader->entry(name);
+      if (e.dtype != "F32" || e.shape.size() != 1 || e.numel() < needed)
+        throw CheckpointError(path + ": tensor '" + name + "' is " + e.dtype + " of " + std::to_string(e.numel()) +
+                              " elements in " + std::to_string(e.shape.size()) +
+                              " dims; the manifest needs F32, flat, of at least " + std::to_string(needed));
+    }
     shards_[rank] = std::move(reader);
   }
   return *shards_[rank];

@@ -11,7 +11,9 @@
 #include <ATen/ops/empty.h>
 #include <nlohmann/json.hpp>
 
+#include "zeal/checkpoint/integrity.h"
 #include "zeal/core/error.h"
+#include "zeal/core/json.h"
 
 namespace zeal::checkpoint {
 namespace {
@@ -88,10 +90,11 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
     int64_t bytes = static_cast<int64_t>(t.nbytes());
     header[name] = {{"dtype", safetensors_dtype(t.scalar_type())}, {"shape", t.sizes().vec()},
                     {"data_offsets", {offset, offset + bytes}}};
-    meta["crc32:" + name] = std::to_string(crc_of(t));
+    meta["crc32:" + name] = std::to_string(offset) + ":" + std::to_string(offset + bytes) + ":" + std::to_string(crc_of(t));
     offset += bytes;
     host.push_back(std::move(t));
   }
+  meta["data_bytes"] = std::to_string(offset);
   header["__metadata__"] = meta;
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // align the data section
@@ -130,11 +133,18 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 }
 
 SafetensorsReader::SafetensorsReader(std::string path) : path_(std::move(path)) {
-  fd_ = ::open(path_.c_str(), O_RDONLY);
+  // O_NONBLOCK: a FIFO in a shard's place must not block the load (regular files ignore it).
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd_ < 0) throw CheckpointError("cannot open " + path_ + ": " + errno_text());
   struct stat st {};
-  ::fstat(fd_, &st);
+  if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd_);
+    fd_ = -1;
+    throw CheckpointError(path_ + " is not a regular file (" + (S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a special file") +
+                          "); a checkpoint holds regular files only");
+  }
   const int64_t file_size = st.st_size;
+  file_size_ = file_size;
   auto bad = [&](const std::string& what) {
     ::close(fd_);
     fd_ = -1;
@@ -149,7 +159,10 @@ SafetensorsReader::SafetensorsReader(std::string path) : path_(std::move(path)) 
         " bytes (truncated?)");
   std::string text(length, '\0');
   if (::pread(fd_, text.data(), length, 8) != static_cast<ssize_t>(length)) bad("cannot read the header");
-  json header = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  header_digest_ = digest_hex(text);
+  json header;
+  JsonProblem problem;
+  if (!parse_json(text, header, problem)) bad("its header is not valid JSON " + problem.describe() + " (corrupted?)");
   if (!header.is_object()) bad("the header is not a JSON object (corrupted?)");
   data_start_ = 8 + static_cast<int64_t>(length);
   const int64_t data_size = file_size - data_start_;
@@ -184,6 +197,10 @@ SafetensorsReader::SafetensorsReader(std::string path) : path_(std::move(path)) 
           std::to_string(data_size) + " bytes (truncated)");
     entries_[it.key()] = entry;
   }
+  auto recorded = metadata_.find("data_bytes");
+  if (recorded != metadata_.end() && recorded->second != std::to_string(data_size))
+    bad("its data section has " + std::to_string(data_size) + " bytes but the header records " + recorded->second +
+        " (truncated, or bytes appended?)");
 }
 
 SafetensorsReader::~SafetensorsReader() {
@@ -198,9 +215,15 @@ const TensorEntry& SafetensorsReader::entry(const std::string& name) const {
 
 void SafetensorsReader::read(const std::string& name, int64_t begin, int64_t end, at::Tensor& out) const {
   const TensorEntry& e = entry(name);
-  ZEAL_INTERNAL_ASSERT(begin >= 0 && end >= begin && end <= e.numel(), "range out of the tensor");
-  ZEAL_INTERNAL_ASSERT(out.is_contiguous() && out.device().is_cpu() && out.numel() == end - begin &&
-                           out.scalar_type() == scalar_type_of(e.dtype),
+  // The range and dtype come from a checkpoint's tables, so a mismatch is the file's fault.
+  if (!(begin >= 0 && end >= begin && end <= e.numel()))
+    throw CheckpointError(path_ + ": elements [" + std::to_string(begin) + ", " + std::to_string(end) + ") of '" + name +
+                          "' are asked for, but it has " + std::to_string(e.numel()) +
+                          " (the manifest does not match this shard)");
+  if (out.scalar_type() != scalar_type_of(e.dtype))
+    throw CheckpointError(path_ + ": tensor '" + name + "' is " + e.dtype + ", expected " +
+                          safetensors_dtype(out.scalar_type()));
+  ZEAL_INTERNAL_ASSERT(out.is_contiguous() && out.device().is_cpu() && out.numel() == end - begin,
                        "read target does not match ", name);
   const int64_t es = e.element_size();
   char* dst = static_cast<char*>(out.data_ptr());
@@ -228,6 +251,15 @@ void SafetensorsReader::verify(const std::string& name) const {
   if (it == metadata_.end()) throw CheckpointError(path_ + ": tensor '" + name + "' has no checksum");
   // Streamed in blocks, so verifying never holds a whole tensor.
   const TensorEntry& e = entry(name);
+  // Version 2 keys the checksum by the tensor's byte range as well as its name.
+  std::string expected = it->second;
+  if (size_t colon = expected.rfind(':'); colon != std::string::npos) {
+    if (expected.substr(0, colon) != std::to_string(e.begin) + ":" + std::to_string(e.end))
+      throw CheckpointError(path_ + ": tensor '" + name + "' sits at bytes [" + std::to_string(e.begin) + ", " +
+                            std::to_string(e.end) + ") but its checksum was taken at " + expected.substr(0, colon) +
+                            " (the header was edited)");
+    expected = expected.substr(colon + 1);
+  }
   std::vector<char> block(std::min<int64_t>(e.end - e.begin, 64 << 20));
   uLong crc = crc32(0L, Z_NULL, 0);
   for (int64_t pos = e.begin; pos < e.end;) {
@@ -238,7 +270,7 @@ void SafetensorsReader::verify(const std::string& name) const {
     crc = crc32(crc, reinterpret_cast<const Bytef*>(block.data()), static_cast<uInt>(r));
     pos += r;
   }
-  if (std::to_string(static_cast<uint32_t>(crc)) != it->second)
+  if (std::to_string(static_cast<uint32_t>(crc)) != expected)
     throw CheckpointError(path_ + ": tensor '" + name + "' fails its CRC32 check (the file is corrupted)");
   verified_[name] = true;
 }

@@ -2,13 +2,16 @@
 // format of checkpoint/checkpoint.h. Loading works at any world size, stage and tensor-parallel
 // size: each rank asks for exactly the parameter elements its own fragment table says it owns,
 // of its own slice (Note [Moving between tensor-parallel sizes]).
+#include <cstring>
 #include <filesystem>
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
 #include "zeal/checkpoint/checkpoint.h"
+#include "zeal/checkpoint/integrity.h"
 #include "zeal/core/error.h"
+#include "zeal/core/json.h"
 #include "zeal/core/logging.h"
 #include "zeal/engine/engine.h"
 
@@ -31,10 +34,21 @@ void agree_or_throw(const comm::CommunicatorPtr& world, const std::string& local
 std::string Engine::save_checkpoint(const std::string& save_dir, const std::string& tag,
                                     const std::string& client_state_json,
                                     const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
+  ZEAL_CHECK(!save_dir.empty(), "save_checkpoint: save_dir is empty; name the directory to save into");
   ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
                 "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
-  json client = json::parse(client_state_json, nullptr, false);
-  ZEAL_CHECK_AS(CheckpointError, !client.is_discarded(), "client_state is not valid JSON");
+  json client;
+  JsonProblem problem;
+  ZEAL_CHECK_AS(CheckpointError, parse_json(client_state_json, client, problem), "client_state cannot be saved: ",
+                problem.describe());
+  // One identity for the whole save, in every shard (Note [Checkpoint integrity]).
+  at::Tensor id = at::zeros({32}, at::TensorOptions().dtype(at::kByte));
+  if (world_->rank() == 0) {
+    std::string fresh = checkpoint::new_save_id();
+    std::memcpy(id.data_ptr(), fresh.data(), 32);
+  }
+  if (world_->size() > 1) world_->broadcast(id, {0})->wait();
+  const std::string save_id(static_cast<const char*>(id.data_ptr()), 32);
   const std::string final_dir = (fs::path(save_dir) / tag).string();
   const std::string tmp_dir = (fs::path(save_dir) / (".tmp-" + tag)).string();
   const int rank = world_->rank();
@@ -68,7 +82,7 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
         if (fault_hook_ && point == "half") fault_hook_("shard_half");
       };
       checkpoint::write_safetensors((fs::path(tmp_dir) / checkpoint::shard_file_name(rank)).string(), tensors,
-                                    {{"rank", std::to_string(rank)}, {"format", checkpoint::kFormat}}, progress);
+                                    checkpoint::shard_metadata(save_id, tag, rank, world_->size()), progress);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -78,15 +92,21 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   if (rank == 0) {
     try {
       checkpoint::Manifest m;
+      m.save_id = save_id;
+      m.part = tag;
       m.stage = stage_;
       m.world_size = world_->size();
       m.model_dtype = c10::toString(model_dtype_);
       m.optimizer = optimizer_->name();
       m.state_names = optimizer_->state_names();
       for (size_t i = 0; i < params_.size(); ++i) m.params.push_back({names_[i], shapes_[i], layout_.numels[i], splits_[i]});
-      for (int r = 0; r < world_->size(); ++r)
+      for (int r = 0; r < world_->size(); ++r) {
         m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(layout_, layout_.owned(r, partitioned_))
                                                      : std::vector<zero::Fragment>{});
+        m.shard_seals.push_back(m.fragments.back().empty() ? checkpoint::FileSeal{}
+                                                           : checkpoint::seal_of((fs::path(tmp_dir) /
+                                                                                  checkpoint::shard_file_name(r)).string()));
+      }
       optim::LossScaler::State s = scaler_.state();
       json engine = {{"global_steps", global_steps_},
                      {"global_samples", global_samples_},
@@ -103,7 +123,9 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
                        {"last_overflow_iteration", s.last_overflow_iteration}}}};
       m.engine_state = engine.dump();
       m.client_state = client.dump();
-      checkpoint::write_safetensors((fs::path(tmp_dir) / checkpoint::kExtraName).string(), extra, {{"rank", "0"}});
+      const std::string extra_path = (fs::path(tmp_dir) / checkpoint::kExtraName).string();
+      checkpoint::write_safetensors(extra_path, extra, checkpoint::shard_metadata(save_id, tag, 0, world_->size()));
+      m.extra_seal = checkpoint::seal_of(extra_path);
       checkpoint::write_manifest((fs::path(tmp_dir) / checkpoint::kManifestName).string(), m);
       checkpoint::fsync_dir(tmp_dir);
       if (fault_hook_) fault_hook_("before_publish");

@@ -126,10 +126,10 @@ def test_corrupted_truncated_and_mismatched_checkpoints_are_rejected(tmp_path):
     shard.write_bytes(good)
     # A model of another shape: named parameter, both shapes.
     manifest = ckpt / "global_step2" / "zeal_checkpoint.json"
-    text = manifest.read_text()
-    manifest.write_text(text.replace('"format": "zeal-checkpoint"', '"format": "other"'))
+    text = zeal._zeal.read_sealed_json(str(manifest))  # edits resealed: the checks behind the checksum
+    zeal._zeal.write_sealed_json(str(manifest), text.replace('"format":"zeal-checkpoint"', '"format":"other"'))
     assert "format is not 'zeal-checkpoint'" in load_error()
-    manifest.write_text(text.replace('"0.weight"', '"0.weights"'))
+    zeal._zeal.write_sealed_json(str(manifest), text.replace('"0.weight"', '"0.weights"'))
     assert "has no parameter '0.weight'" in load_error()
 
 

@@ -38,7 +38,9 @@
 namespace zeal::checkpoint {
 
 constexpr const char* kFormat = "zeal-checkpoint";
-constexpr int kVersion = 1;
+// 2: manifests sealed with a checksum, shards tied to their save (Note [Checkpoint integrity]
+// in checkpoint/integrity.h). Version 1 still loads.
+constexpr int kVersion = 2;
 constexpr const char* kManifestName = "zeal_checkpoint.json";
 constexpr const char* kExtraName = "module_extra.safetensors";
 
@@ -60,21 +62,42 @@ struct ParamInfo {
   const std::vector<int64_t>& full_shape() const { return split.split() ? split.full_shape : shape; }
 };
 
+// What the manifest records of one file it names, so that no other file can stand in for it.
+struct FileSeal {
+  int64_t bytes = 0;          // the file's size
+  std::string header_digest;  // xxh64 of its safetensors header bytes; empty: no file (or version 1)
+};
+
 struct Manifest {
+  int64_t version = kVersion;
+  std::string save_id;  // version 2: the save's identity, also in every shard's metadata
+  std::string part;     // version 2: the tag or part name it was saved under, also in every shard
   int64_t stage = 0;
   int64_t world_size = 1;
   std::string model_dtype;
   std::string optimizer;
   std::vector<ParamInfo> params;
   std::vector<std::vector<zero::Fragment>> fragments;  // per saved rank (empty: that rank wrote no shard)
+  std::vector<FileSeal> shard_seals;                   // per saved rank, as fragments (version 2)
+  FileSeal extra_seal;                                 // module_extra.safetensors (version 2)
   std::vector<std::string> state_names;                // optimizer state tensors in each shard
   std::string engine_state;                            // JSON object: counters, loss scaler, scheduler
   std::string client_state;                            // JSON, the user's
 };
 
 std::string shard_file_name(int rank);
+// The metadata every shard of a save carries (version 2): its place in the save.
+std::map<std::string, std::string> shard_metadata(const std::string& save_id, const std::string& part, int rank,
+                                                  int world_size);
+// The seal of a written safetensors file (its size and header digest), for the manifest.
+FileSeal seal_of(const std::string& path);
 void write_manifest(const std::string& path, const Manifest& manifest);
-Manifest read_manifest(const std::string& path);  // validates; throws CheckpointError
+// Validates the whole manifest before anything is read: its checksum, the fragment table (each
+// parameter covered exactly once, each rank's local ranges disjoint) and the engine counters.
+// Throws CheckpointError naming the file.
+Manifest read_manifest(const std::string& path);
+// Opens module_extra.safetensors of checkpoint dir `dir`, checked against its manifest.
+std::unique_ptr<SafetensorsReader> open_extra(const std::string& dir);
 
 // The directory of `tag` under save_dir; an empty tag means the one `latest` names.
 std::string resolve_tag(const std::string& save_dir, const std::string& tag);

@@ -29,7 +29,8 @@ const char* safetensors_dtype(at::ScalarType t);
 at::ScalarType scalar_type_of(const std::string& safetensors_dtype);  // throws CheckpointError
 
 // Writes `tensors` (contiguous, CPU or not) to `path`, then fsyncs it. A CRC32 of every tensor's
-// bytes goes into the metadata as "crc32:<name>". `progress` (may be empty) is called with
+// bytes goes into the metadata as "crc32:<name>" = "<begin>:<end>:<crc>" (keyed by the tensor's
+// byte range too, so entries cannot trade places), and the data section's length as "data_bytes". `progress` (may be empty) is called with
 // "half" once half the data bytes are written (the fault-injection point of the tests).
 void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata,
@@ -37,7 +38,8 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 
 class SafetensorsReader {
  public:
-  // Validates the header and that the file holds every byte it promises; throws CheckpointError.
+  // Validates the header and that the file holds every byte it promises (exactly, when it records
+  // data_bytes); opens regular files only; throws CheckpointError naming the file.
   explicit SafetensorsReader(std::string path);
   ~SafetensorsReader();
   SafetensorsReader(const SafetensorsReader&) = delete;
@@ -46,6 +48,9 @@ class SafetensorsReader {
   const std::map<std::string, TensorEntry>& entries() const { return entries_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const TensorEntry& entry(const std::string& name) const;
+  const std::string& path() const { return path_; }
+  int64_t file_size() const { return file_size_; }
+  const std::string& header_digest() const { return header_digest_; }  // xxh64 of the header bytes
   bool has(const std::string& name) const { return entries_.count(name) != 0; }
 
   // Elements [begin, end) of tensor `name` (flattened) into `out`, a contiguous CPU tensor of the
@@ -59,6 +64,8 @@ class SafetensorsReader {
   std::string path_;
   int fd_ = -1;
   int64_t data_start_ = 0;
+  int64_t file_size_ = 0;
+  std::string header_digest_;
   std::map<std::string, TensorEntry> entries_;
   std::map<std::string, std::string> metadata_;
   mutable std::map<std::string, bool> verified_;
