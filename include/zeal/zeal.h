@@ -72,7 +72,7 @@ TrainingEngine<ModuleType> initialize(std::shared_ptr<ModuleType> module, Config
   ZEAL_CHECK_AS(ConfigError, config.zero_optimization.stage < 3,
                 "config key 'zero_optimization.stage': stage 3 is not supported by the C++ API yet (it gathers "
                 "parameters in module hooks, which libtorch modules lack); use stages 0-2 from C++ or stage 3 from Python");
-  auto world = comm::world(comm::Timeout(static_cast<int64_t>(config.comms_timeout_s * 1000.0)));
+  auto world = comm::world(comm::Timeout(static_cast<int64_t>(config.comms_timeout_s * 1000.0)));  // sets the default
   switch (config.precision()) {
     case Precision::kFp16: module->to(at::kHalf); break;
     case Precision::kBf16: module->to(at::kBFloat16); break;

@@ -12,6 +12,10 @@
 #include "zeal/core/json.h"
 #include "zeal/comm/compressed.h"
 #include "zeal/comm/world.h"
+#include "zeal/features.h"
+#if ZEAL_WITH_MPI
+#include "zeal/comm/mpi_backend.h"
+#endif
 #include "zeal/core/config.h"
 #include "zeal/core/error.h"
 #include "zeal/engine/engine.h"
@@ -213,8 +217,17 @@ PYBIND11_MODULE(_zeal, m) {
         "In place: the error-compensated 1-bit average of `tensor` over the ranks (zeal/comm/compressed.h).");
   m.def("compressed_all_reduce_bytes", &comm::compressed_all_reduce_bytes, py::arg("numel"), py::arg("world"));
 
-  m.def("world", [](double timeout_s) { return comm::world(to_timeout(timeout_s)); }, py::arg("timeout_s") = 300.0,
-        "The process's world communicator (created on first call).");
+  m.def("world", [](double timeout_s) { return comm::world(to_timeout(timeout_s)); }, py::arg("timeout_s") = 0.0,
+        "The process's world communicator (created on first call); a timeout_s > 0 sets the process's "
+        "default collective timeout (Note [One comms timeout]).");
+  m.def("set_default_timeout", [](double timeout_s) { comm::set_default_timeout(to_timeout(timeout_s)); },
+        py::arg("timeout_s"), "The deadline of every collective that names none (comms_timeout_s).");
+  m.def("default_timeout_s", [] { return comm::default_timeout().count() / 1000.0; });
+  m.attr("DEFAULT_COMMS_TIMEOUT_S") = kDefaultCommsTimeoutS;
+#if ZEAL_WITH_MPI
+  m.def("inject_dropped_collective", &comm::inject_dropped_collective, py::arg("group_prefix"), py::arg("after"),
+        "Test hook: this process silently drops one collective (Note [Injected collective faults]).");
+#endif
   m.def("shutdown", &comm::shutdown, py::call_guard<py::gil_scoped_release>());
 #if ZEAL_WITH_CUDA
   m.def("fused_adam_step",
@@ -244,9 +257,9 @@ PYBIND11_MODULE(_zeal, m) {
   m.def("nccl_world",
         [](int device, double timeout_s) {
           auto host = comm::world(to_timeout(timeout_s));
-          return comm::nccl_world(host, device, to_timeout(timeout_s));
+          return comm::nccl_world(host, device, comm::default_timeout());
         },
-        py::arg("device"), py::arg("timeout_s") = 300.0,
+        py::arg("device"), py::arg("timeout_s") = 0.0,
         "A communicator over the world's ranks for tensors on CUDA device `device` (NCCL).");
 #endif
 
@@ -348,7 +361,8 @@ PYBIND11_MODULE(_zeal, m) {
              Config config = Config::from_string(config_json);
              auto specs = to_groups(groups);
              comm::Timeout timeout = to_timeout(config.comms_timeout_s);
-             comm::CommunicatorPtr world = data_group ? data_group : comm::world(timeout);
+             comm::set_default_timeout(timeout);  // every MPI group, whenever cut (Note [One comms timeout])
+             comm::CommunicatorPtr world = data_group ? data_group : comm::world();
              // Device parameters train over NCCL, host parameters over MPI.
              for (auto& spec : specs) {
                if (spec.params.empty() || !spec.params.front().is_cuda()) continue;

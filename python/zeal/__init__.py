@@ -31,9 +31,11 @@ __all__ = [
 ]
 
 
-def world(timeout_s: float = 300.0):
-    """The process's world communicator (MPI), created on first call."""
-    return _zeal.world(timeout_s)
+def world(timeout_s: float = None):
+    """The process's world communicator (MPI), created on first call. timeout_s, when given, sets
+    the deadline of every collective that names none (default _zeal.DEFAULT_COMMS_TIMEOUT_S; an
+    engine's comms_timeout_s sets it too)."""
+    return _zeal.world(timeout_s or 0.0)
 
 
 def _shutdown_at_exit():

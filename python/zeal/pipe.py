@@ -254,7 +254,8 @@ class PipelineEngine:
             raise _zeal.ConfigError(f"config key 'pipeline.schedule': {json.dumps(self.schedule_kind)} with a "
                                     f"PipelineModule of chunks_per_stage={self.chunks} (interleaved needs more than one "
                                     "chunk per stage, the others exactly one)")
-        self.timeout_s = float(self.config.get("comms_timeout_s", 300))
+        self.timeout_s = float(self.config.get("comms_timeout_s", _zeal.DEFAULT_COMMS_TIMEOUT_S))
+        _zeal.set_default_timeout(self.timeout_s)  # the groups cut above follow it (Note [One comms timeout])
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")

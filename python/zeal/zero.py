@@ -201,6 +201,13 @@ class Init:
         self.enabled = enabled
         self.dtype = dtype
         self._patched = []
+        cfg = config_dict_or_path if config_dict_or_path is not None else config
+        if cfg is not None:
+            # The gathers below honour the config's comms_timeout_s (Note [One comms timeout]).
+            from .config import load_config
+            timeout = load_config(cfg).get("comms_timeout_s")
+            if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+                _zeal.set_default_timeout(float(timeout))
         if module is not None and enabled:
             self._partition_module(module)
 

@@ -16,6 +16,15 @@
 //     number to every peer on a private duplicate of the group's communicator. On a timeout the
 //     watchdog drains those messages: the peers whose last announced number is below the op's are
 //     the ranks that did not arrive, and the TimeoutError names them.
+//     Note [Collective signatures]: the announcement is the op's whole signature (sequence
+//     number, op, reduce op, dtype, element count, root, call site), not only its number. After
+//     a collective returns, the rank waits (within the op's deadline) for every peer's signature
+//     of the same number and compares; while it is blocked inside MPI, the watchdog compares
+//     whatever signatures have arrived. Ranks that disagree (one skipped a collective, issued
+//     another op or another size) fail the op at once on every rank with a CommError that shows
+//     each rank's signature side by side, and the communicator is marked broken. The cost is
+//     the announcements already sent plus a short poll for peers' ones, which arrive with the
+//     collective's own traffic (benchmarks/allreduce.py measures it).
 //  5. Note [Broken communicators]: an MPI op that timed out cannot be cancelled, so its
 //     communicator is marked broken; ops queued or started on it afterwards fail at once with
 //     CommError, and shutdown skips MPI_Finalize (which could wait on the lost op forever).
@@ -30,8 +39,11 @@
 
 #include <atomic>
 #include <climits>
+#include <algorithm>
+#include <cstring>
 #include <deque>
 #include <functional>
+#include <map>
 #include <thread>
 
 #include "cpu/half_reduce.h"
@@ -60,6 +72,47 @@ std::string mpi_error_string(int code) {
   } while (0)
 
 // State shared by a communicator and its ops.
+// The signature of one collective, as it travels to every peer (plain bytes).
+struct Signature {
+  static constexpr size_t kSiteChars = 48;
+  uint64_t seq = 0;
+  int64_t count = -1;  // elements; -1 for a barrier
+  int32_t op = -1;     // index into kOpNames
+  int32_t reduce = -1;  // ReduceOp, or -1
+  int32_t dtype = -1;  // at::ScalarType, or -1
+  int32_t root = -1;
+  char site[kSiteChars] = {};
+
+  bool same_as(const Signature& o) const {
+    return seq == o.seq && count == o.count && op == o.op && reduce == o.reduce && dtype == o.dtype && root == o.root &&
+           std::strncmp(site, o.site, kSiteChars) == 0;
+  }
+  std::string describe() const;
+};
+
+const char* const kOpNames[] = {"all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier"};
+
+int op_code(const std::string& name) {
+  for (int i = 0; i < static_cast<int>(sizeof(kOpNames) / sizeof(kOpNames[0])); ++i)
+    if (name == kOpNames[i]) return i;
+  return -1;
+}
+
+std::string Signature::describe() const {
+  std::string out = (op >= 0 && op < 7 ? kOpNames[op] : "op?") + std::string(" #") + std::to_string(seq) + " (";
+  std::string site_text(site, strnlen(site, kSiteChars));
+  if (!site_text.empty()) out += site_text + ", ";
+  if (count >= 0) {
+    out += std::to_string(count) + " x " +
+           (dtype >= 0 ? std::string(c10::toString(static_cast<at::ScalarType>(dtype))) : std::string("?"));
+  } else {
+    out += "no data";
+  }
+  if (reduce >= 0) out += std::string(", ") + to_string(static_cast<ReduceOp>(reduce));
+  if (root >= 0) out += ", root " + std::to_string(root);
+  return out + ")";
+}
+
 struct GroupState {
   MPI_Comm comm = MPI_COMM_NULL;
   MPI_Comm arrival_comm = MPI_COMM_NULL;
@@ -72,6 +125,7 @@ struct GroupState {
   std::string broken_reason;
   std::mutex arrival_mutex;            // guards the probe-and-receive of announcements
   std::vector<uint64_t> last_arrived;  // highest sequence number announced by each group rank
+  std::vector<std::map<uint64_t, Signature>> announced;  // each group rank's recent signatures
   uint64_t next_seq = 0;               // assigned under the runtime's queue lock
 
   std::string broken_message() {
@@ -85,6 +139,7 @@ struct Op {
   std::string op_name;
   std::shared_ptr<GroupState> group;
   uint64_t seq = 0;
+  Signature signature;  // seq filled at submit
   bool point_to_point = false;  // started non-blocking and polled; names its peer on timeout
   int peer = -1;
   std::function<void()> run;                        // collectives and setup calls: blocking
@@ -92,6 +147,7 @@ struct Op {
   std::function<void()> on_success;
   WorkPtr work;
   Clock::time_point deadline;
+  Clock::time_point started;  // when the progress thread took it
   MPI_Request request = MPI_REQUEST_NULL;
   std::atomic<bool> settled{false};
 
@@ -106,8 +162,30 @@ struct Op {
 
 struct PendingSend {
   MPI_Request request;
-  std::shared_ptr<uint64_t> value;
+  std::shared_ptr<Signature> value;
 };
+
+// Note [Injected collective faults]: a test hook (c10d's fault-injection tests do the same through
+// virtual hooks): the next matching collective this process issues is silently dropped, exactly
+// what a rank whose code skipped one call does. Used only by the fault tests.
+struct InjectedFault {
+  std::mutex mutex;
+  std::string group_prefix;
+  int64_t countdown = -1;  // collectives on matching groups to let through before the dropped one
+};
+InjectedFault& injected_fault() {
+  static InjectedFault fault;
+  return fault;
+}
+
+// Whether this op is the one to drop (counts it down otherwise).
+bool drop_injected(const GroupState& g) {
+  InjectedFault& f = injected_fault();
+  std::lock_guard<std::mutex> lock(f.mutex);
+  if (f.countdown < 0 || g.size <= 1 || g.name.rfind(f.group_prefix, 0) != 0) return false;
+  if (f.countdown-- > 0) return false;
+  return true;
+}
 
 class MpiRuntime {
  public:
@@ -117,9 +195,17 @@ class MpiRuntime {
   }
 
   void submit(std::shared_ptr<Op> op) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     ZEAL_CHECK_AS(CommError, running_, "collectives were shut down; ", op->op_name, " cannot run");
+    if (!op->point_to_point && drop_injected(*op->group)) {
+      lock.unlock();
+      log("comm", LogLevel::kWarn, "fault injection: dropping ", op->op_name, " on group ", op->group->name);
+      release_tensors(*op);
+      op->settle(nullptr);
+      return;
+    }
     op->seq = ++op->group->next_seq;
+    op->signature.seq = op->seq;
     op->description = op->op_name + " #" + std::to_string(op->seq) + " on group " + op->group->name + op->description;
     queue_.push_back(std::move(op));
     cv_.notify_all();
@@ -211,12 +297,89 @@ class MpiRuntime {
 
   void announce(const Op& op) {
     GroupState& g = *op.group;
+    auto value = std::make_shared<Signature>(op.signature);
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) continue;
-      PendingSend send{MPI_REQUEST_NULL, std::make_shared<uint64_t>(op.seq)};
-      MPI_CHECK(MPI_Isend(send.value.get(), 1, MPI_UINT64_T, peer, kArrivalTag, g.arrival_comm, &send.request));
+      PendingSend send{MPI_REQUEST_NULL, value};
+      MPI_CHECK(MPI_Isend(value.get(), sizeof(Signature), MPI_BYTE, peer, kArrivalTag, g.arrival_comm, &send.request));
       sends_.push_back(std::move(send));
     }
+  }
+
+  // Compares the peers' signatures for op.seq with the op's own. Returns the mismatch message,
+  // or "" when every peer that announced op.seq agrees; *all_arrived says whether every one did.
+  std::string compare_signatures(Op& op, bool* all_arrived) {
+    GroupState& g = *op.group;
+    drain_arrivals(g);
+    std::lock_guard<std::mutex> lock(g.arrival_mutex);
+    bool disagree = false, complete = true;
+    for (int peer = 0; peer < g.size; ++peer) {
+      if (peer == g.rank) continue;
+      auto it = g.announced[peer].find(op.seq);
+      if (it == g.announced[peer].end()) {
+        complete = false;
+      } else if (!it->second.same_as(op.signature)) {
+        disagree = true;
+      }
+    }
+    if (all_arrived) *all_arrived = complete;
+    if (!disagree) return "";
+    // Ranks side by side, grouped by signature, the smallest group (the divergent one) first.
+    std::vector<std::pair<Signature, std::vector<int>>> groups;
+    for (int peer = 0; peer < g.size; ++peer) {
+      const Signature* sig = nullptr;
+      if (peer == g.rank) {
+        sig = &op.signature;
+      } else if (auto it = g.announced[peer].find(op.seq); it != g.announced[peer].end()) {
+        sig = &it->second;
+      }
+      if (!sig) continue;
+      auto same = std::find_if(groups.begin(), groups.end(), [&](const auto& e) { return e.first.same_as(*sig); });
+      if (same == groups.end()) {
+        groups.push_back({*sig, {peer}});
+      } else {
+        same->second.push_back(peer);
+      }
+    }
+    std::stable_sort(groups.begin(), groups.end(),
+                     [](const auto& a, const auto& b) { return a.second.size() < b.second.size(); });
+    auto list = [&](const std::vector<int>& ranks, bool world) {
+      std::string out;
+      for (int r : ranks) out += (out.empty() ? "" : ", ") + std::to_string(world ? g.world_ranks[r] : r);
+      return out;
+    };
+    std::string message = "collective mismatch on group " + g.name + ": the ranks disagree about op #" +
+                          std::to_string(op.seq) + ":";
+    for (size_t i = 0; i < groups.size(); ++i) {
+      const auto& ranks = groups[i].second;
+      message += std::string(i ? ";" : "") + (ranks.size() == 1 ? " rank " : " ranks ") + list(ranks, false) +
+                 " (world " + list(ranks, true) + ") " + (ranks.size() == 1 ? "is" : "are") + " at " +
+                 groups[i].first.describe();
+    }
+    // The divergent ranks: the smallest group, when it is the only one of its size.
+    if (groups.size() >= 2 && groups[0].second.size() < groups[1].second.size())
+      message += " [diverged: world ranks " + list(groups[0].second, true) + "]";
+    else
+      message += " [diverged: world ranks " + list(groups[0].second, true) + " or " + list(groups[1].second, true) + "]";
+    message += " (a rank skipped, reordered or resized a collective; this rank is " + std::to_string(g.rank) + ")";
+    return message;
+  }
+
+  // After a collective returned: every peer's signature for it must arrive and agree.
+  void verify_signatures(Op& op) {
+    for (int spins = 0;; ++spins) {
+      bool all = false;
+      std::string mismatch = compare_signatures(op, &all);
+      if (!mismatch.empty()) throw CommError(mismatch);
+      if (all || op.settled.load()) return;  // settled: the watchdog timed it out meanwhile
+      if (spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+  void fail_mismatch(Op& op, const std::string& message) {
+    if (op.settled.load()) return;
+    mark_broken(*op.group, message);
+    if (op.settle(std::make_exception_ptr(CommError(message)))) log("comm", LogLevel::kError, message);
   }
 
   // Reads every arrival announcement waiting for this group (either thread).
@@ -228,9 +391,13 @@ class MpiRuntime {
       MPI_Status status;
       MPI_Iprobe(MPI_ANY_SOURCE, kArrivalTag, g.arrival_comm, &flag, &status);
       if (!flag) return;
-      uint64_t value = 0;
-      MPI_Recv(&value, 1, MPI_UINT64_T, status.MPI_SOURCE, kArrivalTag, g.arrival_comm, MPI_STATUS_IGNORE);
-      g.last_arrived[status.MPI_SOURCE] = std::max(g.last_arrived[status.MPI_SOURCE], value);
+      Signature value;
+      MPI_Recv(&value, sizeof(Signature), MPI_BYTE, status.MPI_SOURCE, kArrivalTag, g.arrival_comm, MPI_STATUS_IGNORE);
+      const int peer = status.MPI_SOURCE;
+      g.last_arrived[peer] = std::max(g.last_arrived[peer], value.seq);
+      auto& recent = g.announced[peer];
+      recent[value.seq] = value;
+      while (recent.size() > 1024) recent.erase(recent.begin());  // a peer far ahead: keep the newest
     }
   }
 
@@ -240,13 +407,20 @@ class MpiRuntime {
     if (!op.point_to_point) {
       drain_arrivals(g);
       std::lock_guard<std::mutex> lock(g.arrival_mutex);
+      std::string last_seen;
       for (int peer = 0; peer < g.size; ++peer) {
         if (peer == g.rank || g.last_arrived[peer] >= op.seq) continue;
         group_ranks += (group_ranks.empty() ? "" : ", ") + std::to_string(peer);
         world_ranks += (world_ranks.empty() ? "" : ", ") + std::to_string(g.world_ranks[peer]);
+        // Where it was last seen on this group, beside this rank's own signature.
+        const auto& recent = g.announced[peer];
+        last_seen += "; rank " + std::to_string(peer) + " was last at " +
+                     (recent.empty() ? std::string("no op of this group") : recent.rbegin()->second.describe());
       }
       if (group_ranks.empty())
         return "every rank of the group arrived but the op did not complete (mismatched collectives, or a rank failed inside the op)";
+      return "ranks that did not arrive: [" + group_ranks + "] (world ranks [" + world_ranks + "]); this rank is at " +
+             op.signature.describe() + last_seen;
     } else {
       group_ranks = std::to_string(op.peer);
       world_ranks = std::to_string(g.world_ranks[op.peer]);
@@ -307,6 +481,26 @@ class MpiRuntime {
       }
       if (g && g->size > 1) announce(*op);
       op->run();
+      if (g && g->size > 1) verify_signatures(*op);
+    } catch (const CommError& e) {
+      // An MPI error inside a mismatched collective (truncation, say) is reported as the mismatch.
+      std::string message = e.what();
+      if (g && g->size > 1 && message.rfind("collective mismatch", 0) != 0) {
+        for (int i = 0; i < 200 && message.rfind("collective mismatch", 0) != 0; ++i) {
+          bool all = false;
+          std::string mismatch = compare_signatures(*op, &all);
+          if (!mismatch.empty()) message = mismatch;
+          if (all) break;
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+      }
+      release_tensors(*op);
+      if (message.rfind("collective mismatch", 0) == 0) {
+        fail_mismatch(*op, message);
+      } else {
+        op->settle(std::current_exception());
+      }
+      return;
     } catch (...) {
       release_tensors(*op);
       op->settle(std::current_exception());
@@ -356,6 +550,7 @@ class MpiRuntime {
         if (!queue_.empty()) {
           op = queue_.front();
           queue_.pop_front();
+          op->started = Clock::now();
           current_ = op;
         }
       }
@@ -424,8 +619,19 @@ class MpiRuntime {
       for (auto& op : queue_)
         if (now >= op->deadline) queued_expired.push_back(op);
       std::shared_ptr<Op> blocker = current_;
-      if (expired.empty() && queued_expired.empty()) continue;
+      // A collective blocked inside MPI: compare the signatures that have arrived (Note
+      // [Collective signatures]); a mismatch fails it now rather than at its deadline.
+      std::shared_ptr<Op> running = (current_ && !current_->point_to_point && current_->group &&
+                                     current_->group->size > 1 && !current_->settled.load() &&
+                                     now - current_->started >= std::chrono::milliseconds(20))
+                                        ? current_
+                                        : nullptr;
+      if (expired.empty() && queued_expired.empty() && !running) continue;
       lock.unlock();  // MPI calls and logging below must not hold the queue lock
+      if (running) {
+        std::string mismatch = compare_signatures(*running, nullptr);
+        if (!mismatch.empty()) fail_mismatch(*running, mismatch);
+      }
       for (auto& op : expired)
         if (!op->settled.load()) time_out(*op, missing_ranks(*op));
       for (auto& op : queued_expired) {
@@ -480,13 +686,17 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     static const std::string kName = "mpi";
     return kName;
   }
-  Timeout default_timeout() const override { return default_timeout_; }
+  // Zero: the process-wide default (comm::default_timeout()), looked up when each op starts, so
+  // a group cut before the engine read comms_timeout_s still follows it.
+  Timeout default_timeout() const override {
+    return default_timeout_.count() > 0 ? default_timeout_ : ::zeal::comm::default_timeout();
+  }
 
   WorkPtr all_reduce(at::Tensor& tensor, const AllReduceOptions& opts) override {
     check_tensor(tensor, "all_reduce", "tensor");
     check_reduce(tensor, opts.op, "all_reduce");
     MPI_Op mpi_op = MpiRuntime::instance().reduce_op(tensor.scalar_type(), opts.op);
-    auto op = make_op("all_reduce", tensor, opts.timeout);
+    auto op = make_op("all_reduce", tensor, opts.timeout, opts.site, static_cast<int>(opts.op));
     MPI_Comm comm = group_->comm;
     op->run = [tensor, mpi_op, comm] {
       MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), mpi_op,
@@ -500,7 +710,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     check_chunks(input, "input", output, "output", "reduce_scatter");
     check_reduce(input, opts.op, "reduce_scatter");
     MPI_Op mpi_op = MpiRuntime::instance().reduce_op(input.scalar_type(), opts.op);
-    auto op = make_op("reduce_scatter", input, opts.timeout);
+    auto op = make_op("reduce_scatter", input, opts.timeout, opts.site, static_cast<int>(opts.op));
     MPI_Comm comm = group_->comm;
     op->run = [output, input, mpi_op, comm] {
       MPI_CHECK(MPI_Reduce_scatter_block(input.data_ptr(), output.data_ptr(), count(output),
@@ -512,7 +722,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
 
   WorkPtr all_gather(at::Tensor& output, const at::Tensor& input, const AllGatherOptions& opts) override {
     check_chunks(output, "output", input, "input", "all_gather");
-    auto op = make_op("all_gather", input, opts.timeout);
+    auto op = make_op("all_gather", input, opts.timeout, opts.site);
     MPI_Comm comm = group_->comm;
     op->run = [output, input, comm] {
       MPI_Datatype dt = mpi_dtype(input.scalar_type());
@@ -524,7 +734,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   WorkPtr broadcast(at::Tensor& tensor, const BroadcastOptions& opts) override {
     check_tensor(tensor, "broadcast", "tensor");
     check_root(opts.root, "broadcast");
-    auto op = make_op("broadcast", tensor, opts.timeout);
+    auto op = make_op("broadcast", tensor, opts.timeout, opts.site, -1, opts.root);
     MPI_Comm comm = group_->comm;
     op->run = [tensor, root = opts.root, comm] {
       MPI_CHECK(MPI_Bcast(tensor.data_ptr(), count(tensor), mpi_dtype(tensor.scalar_type()), root, comm));
@@ -537,7 +747,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     check_root(opts.root, "reduce");
     check_reduce(tensor, opts.op, "reduce");
     MPI_Op mpi_op = MpiRuntime::instance().reduce_op(tensor.scalar_type(), opts.op);
-    auto op = make_op("reduce", tensor, opts.timeout);
+    auto op = make_op("reduce", tensor, opts.timeout, opts.site, static_cast<int>(opts.op), opts.root);
     MPI_Comm comm = group_->comm;
     bool is_root = opts.root == rank();
     // Non-roots reduce from a copy so their own tensor stays as it was.
@@ -557,7 +767,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     ZEAL_CHECK_AS(CommError, input.numel() == output.numel() && input.numel() % size() == 0,
                   "all_to_all: input and output need the same number of elements, divisible by the group size ",
                   size(), "; got input ", input.numel(), " and output ", output.numel());
-    auto op = make_op("all_to_all", input, opts.timeout);
+    auto op = make_op("all_to_all", input, opts.timeout, opts.site);
     MPI_Comm comm = group_->comm;
     int chunk = static_cast<int>(input.numel() / size());
     op->run = [output, input, chunk, comm] {
@@ -594,7 +804,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   }
 
   WorkPtr barrier(const BarrierOptions& opts) override {
-    auto op = make_op("barrier", at::Tensor(), opts.timeout);
+    auto op = make_op("barrier", at::Tensor(), opts.timeout, opts.site);
     MPI_Comm comm = group_->comm;
     op->run = [comm] { MPI_CHECK(MPI_Barrier(comm)); };
     return submit(op);
@@ -626,6 +836,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
                          " ranks, expected ", ranks.size(), " (did every rank pass a consistent group?)");
     for (int r : ranks) child->world_ranks.push_back(parent->world_ranks[r]);
     child->last_arrived.assign(child->size, 0);
+    child->announced.assign(child->size, {});
     if (MpiRuntime::instance().dynamic()) MpiRuntime::instance().register_dynamic(child);
     return std::make_shared<MpiCommunicator>(child, default_timeout_);
   }
@@ -633,13 +844,22 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
   static int count(const at::Tensor& t) { return static_cast<int>(t.numel()); }
 
  private:
-  std::shared_ptr<Op> make_op(const std::string& name, const at::Tensor& t, Timeout timeout) {
+  std::shared_ptr<Op> make_op(const std::string& name, const at::Tensor& t, Timeout timeout,
+                              const std::string& site = {}, int reduce = -1, int root = -1) {
     auto op = std::make_shared<Op>();
     op->op_name = name;
     op->group = group_;
     if (t.defined())
-      op->description = " (" + std::to_string(t.numel()) + " x " + std::string(c10::toString(t.scalar_type())) + ")";
-    op->deadline = Clock::now() + (timeout.count() > 0 ? timeout : default_timeout_);
+      op->description = " (" + std::string(site.empty() ? "" : site + ", ") + std::to_string(t.numel()) + " x " +
+                        std::string(c10::toString(t.scalar_type())) + ")";
+    op->deadline = Clock::now() + (timeout.count() > 0 ? timeout : default_timeout());
+    Signature& sig = op->signature;
+    sig.op = op_code(name);
+    sig.count = t.defined() ? t.numel() : -1;
+    sig.dtype = t.defined() ? static_cast<int32_t>(t.scalar_type()) : -1;
+    sig.reduce = reduce;
+    sig.root = root;
+    std::strncpy(sig.site, site.c_str(), Signature::kSiteChars - 1);
     return op;
   }
 
@@ -715,6 +935,7 @@ CommunicatorPtr make_world(MPI_Comm base, Timeout default_timeout, bool dynamic)
   runtime.set_world_rank(group->rank);
   for (int r = 0; r < group->size; ++r) group->world_ranks.push_back(r);
   group->last_arrived.assign(group->size, 0);
+  group->announced.assign(group->size, {});
   if (dynamic) {
     runtime.register_dynamic(group);
   }
@@ -728,12 +949,20 @@ CommunicatorPtr mpi_world(Timeout default_timeout) { return make_world(MPI_COMM_
 
 CommunicatorPtr mpi_world_rendezvous(const RankInfo& info, Timeout default_timeout) {
   auto& rendezvous = rendezvous_holder();
-  rendezvous = std::make_unique<Rendezvous>(info, default_timeout);  // before MPI_Init
+  // before MPI_Init; Timeout{0} means the process default (Note [One comms timeout])
+  rendezvous = std::make_unique<Rendezvous>(info, default_timeout.count() > 0 ? default_timeout : comm::default_timeout());
   MPI_Comm base = MPI_COMM_NULL;
   MpiRuntime::instance().run_sync([&] {
     base = MPI_Comm_f2c(static_cast<MPI_Fint>(reinterpret_cast<intptr_t>(rendezvous->form_world())));
   });
   return make_world(base, default_timeout, true);
+}
+
+void inject_dropped_collective(const std::string& group_prefix, int64_t after) {
+  InjectedFault& f = injected_fault();
+  std::lock_guard<std::mutex> lock(f.mutex);
+  f.group_prefix = group_prefix;
+  f.countdown = after;
 }
 
 void mpi_shutdown() {

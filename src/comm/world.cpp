@@ -1,6 +1,9 @@
 #include "zeal/comm/world.h"
 
+#include "zeal/core/config.h"
+
 #include <cstdlib>
+#include <atomic>
 #include <mutex>
 #include <string>
 
@@ -58,14 +61,29 @@ RankInfo detect_rank_info() {
   return info;
 }
 
-CommunicatorPtr world(Timeout default_timeout) {
+namespace {
+std::atomic<int64_t>& default_timeout_ms() {
+  static std::atomic<int64_t> ms{static_cast<int64_t>(kDefaultCommsTimeoutS * 1000.0)};
+  return ms;
+}
+}  // namespace
+
+Timeout default_timeout() { return Timeout(default_timeout_ms().load()); }
+
+void set_default_timeout(Timeout timeout) {
+  ZEAL_CHECK_AS(ConfigError, timeout.count() > 0, "comms_timeout_s must be > 0");
+  default_timeout_ms().store(timeout.count());
+}
+
+CommunicatorPtr world(Timeout timeout) {
+  if (timeout.count() > 0) set_default_timeout(timeout);
   WorldHolder& h = holder();
   std::lock_guard<std::mutex> lock(h.mutex);
   if (h.world) return h.world;
   RankInfo info = detect_rank_info();
 #if ZEAL_WITH_MPI
-  h.world = (!info.under_mpi && info.world_size > 1) ? mpi_world_rendezvous(info, default_timeout)
-                                                     : mpi_world(default_timeout);
+  // Timeout{0}: the communicators follow the process default (Note [One comms timeout]).
+  h.world = (!info.under_mpi && info.world_size > 1) ? mpi_world_rendezvous(info, Timeout{0}) : mpi_world(Timeout{0});
 #else
   throw CommError("this Zeal build has no MPI backend (ZEAL_WITH_MPI=OFF)");
 #endif

@@ -102,6 +102,7 @@ GradReducer::~GradReducer() {
 }
 
 void GradReducer::prepare(bool reduce) {
+  ++round_;
   boundary_ = reduce;
   reducing_ = partitioned_ || (reduce && comm_->size() > 1);
   if (!reducing_) return;
@@ -160,6 +161,8 @@ void GradReducer::launch_ready_buckets() {
 }
 
 void GradReducer::launch(GradBucket& bucket) {
+  // The call site in each rank's signature: a rank that skips a bucket or a round is named at once.
+  const std::string site = "grad bucket " + std::to_string(&bucket - buckets_.data()) + " round " + std::to_string(round_);
   if (partitioned_) {
     if (!bucket.comm_buffer.defined())  // no parameter of this bucket got a gradient
       bucket.comm_buffer = at::zeros({bucket.end - bucket.begin}, grad_shard_.options().dtype(comm_dtype_));
@@ -167,7 +170,7 @@ void GradReducer::launch(GradBucket& bucket) {
     if (comm_->size() == 1) return;  // the staging buffer is the whole (only) chunk
     int64_t chunk = (bucket.end - bucket.begin) / comm_->size();
     bucket.comm_output = at::empty({chunk}, bucket.comm_buffer.options());
-    bucket.work = comm_->reduce_scatter(bucket.comm_output, bucket.comm_buffer, {comm::ReduceOp::kSum});
+    bucket.work = comm_->reduce_scatter(bucket.comm_output, bucket.comm_buffer, {comm::ReduceOp::kSum, {}, site});
     return;
   }
   at::Tensor grads = flat_grads_.slice(0, bucket.begin, bucket.end);
@@ -185,9 +188,9 @@ void GradReducer::launch(GradBucket& bucket) {
       bucket.comm_output = at::empty({chunk}, out.options().dtype(comm_dtype_));
       out = bucket.comm_output;
     }
-    bucket.work = comm_->reduce_scatter(out, payload, {comm::ReduceOp::kSum});
+    bucket.work = comm_->reduce_scatter(out, payload, {comm::ReduceOp::kSum, {}, site});
   } else {
-    bucket.work = comm_->all_reduce(payload, {comm::ReduceOp::kSum});
+    bucket.work = comm_->all_reduce(payload, {comm::ReduceOp::kSum, {}, site});
   }
 }
 

@@ -26,29 +26,38 @@ using Timeout = std::chrono::milliseconds;
 enum class ReduceOp { kSum, kAvg, kMax, kMin };
 const char* to_string(ReduceOp op);
 
-// A zero timeout in any options struct means "the communicator's default".
+// A zero timeout in any options struct means "the communicator's default". `site` names the call
+// site in the caller's words ("grad bucket 3 round 12"): it is part of the op's signature, which
+// the ranks compare (Note [Collective signatures] in mpi_backend.cpp), so two ops that happen to
+// have the same kind and size but come from different places are not mistaken for one another.
 struct AllReduceOptions {
   ReduceOp op = ReduceOp::kSum;
   Timeout timeout{0};
+  std::string site;
 };
 struct ReduceScatterOptions {
   ReduceOp op = ReduceOp::kSum;
   Timeout timeout{0};
+  std::string site;
 };
 struct AllGatherOptions {
   Timeout timeout{0};
+  std::string site;
 };
 struct BroadcastOptions {
   int root = 0;
   Timeout timeout{0};
+  std::string site;
 };
 struct ReduceOptions {
   int root = 0;
   ReduceOp op = ReduceOp::kSum;
   Timeout timeout{0};
+  std::string site;
 };
 struct AllToAllOptions {
   Timeout timeout{0};
+  std::string site;
 };
 struct SendRecvOptions {
   int tag = 0;
@@ -56,6 +65,7 @@ struct SendRecvOptions {
 };
 struct BarrierOptions {
   Timeout timeout{0};
+  std::string site;
 };
 
 // The handle of one asynchronous op. Completed exactly once, with or without an error.

@@ -13,4 +13,9 @@ CommunicatorPtr mpi_world(Timeout default_timeout);
 CommunicatorPtr mpi_world_rendezvous(const RankInfo& info, Timeout default_timeout);
 void mpi_shutdown();
 
+// Test hook (Note [Injected collective faults] in mpi_backend.cpp): this process silently drops
+// one collective, the first on a group whose name starts with group_prefix (of more than one
+// rank) after `after` others on such groups.
+void inject_dropped_collective(const std::string& group_prefix, int64_t after);
+
 }  // namespace zeal::comm

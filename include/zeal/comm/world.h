@@ -24,11 +24,18 @@ struct RankInfo {
 // Reads OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}, else RANK/WORLD_SIZE/LOCAL_RANK.
 RankInfo detect_rank_info();
 
-// The process-wide world communicator, created on first call (later calls return the same one;
-// a different default_timeout on a later call changes nothing). Throws CommError when the
-// launch variables describe a world this build cannot join, TimeoutError when ranks of it
-// never arrive.
-CommunicatorPtr world(Timeout default_timeout);
+// Note [One comms timeout]: every MPI communicator of the process (the world and every group
+// split from it, whenever cut) bounds an op that names no timeout of its own by this process-wide
+// default, read when the op starts. It begins at kDefaultCommsTimeoutS (zeal/core/config.h); the
+// engine, zeal.zero.Init and the pipeline set it from the config's comms_timeout_s, so groups
+// cut before the config was read follow it too.
+Timeout default_timeout();
+void set_default_timeout(Timeout timeout);  // > 0
+
+// The process-wide world communicator, created on first call (later calls return the same one).
+// A non-zero timeout sets the process default first. Throws CommError when the launch variables
+// describe a world this build cannot join, TimeoutError when ranks of it never arrive.
+CommunicatorPtr world(Timeout default_timeout = Timeout{0});
 
 // Ends the process's collectives: stops the progress thread and finalizes MPI unless a
 // communicator broke (then finalize could block on the op that never completed).

@@ -167,6 +167,10 @@ struct BatchSizes {
   int64_t gradient_accumulation_steps;
 };
 
+// The default deadline of every collective, in seconds: the one place it is written (the comm
+// layer's process-wide default starts from it; comms_timeout_s overrides it).
+constexpr double kDefaultCommsTimeoutS = 300.0;
+
 struct Config {
   std::optional<int64_t> train_batch_size;
   std::optional<int64_t> train_micro_batch_size_per_gpu;
@@ -184,7 +188,7 @@ struct Config {
   CommDtype communication_data_type = CommDtype::kDefault;
   bool prescale_gradients = false;
   double gradient_predivide_factor = 1.0;
-  double comms_timeout_s = 300.0;  // Zeal's own key: every blocking collective wait is bounded by it
+  double comms_timeout_s = kDefaultCommsTimeoutS;  // Zeal's own key: every blocking collective wait is bounded by it
 
   static Config from_json(const nlohmann::json& json);
   static Config from_string(const std::string& text);

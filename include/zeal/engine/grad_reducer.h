@@ -102,6 +102,7 @@ class GradReducer {
   // up to 2.11, intrusive_ptr in 2.13), and Zeal builds against both (the GPU machine has 2.11).
   std::vector<std::function<void()>> unhooks_;
   size_t next_to_launch_ = 0;
+  int64_t round_ = 0;  // backward passes prepared: part of each bucket's call site
   bool reducing_ = false;
   bool boundary_ = false;  // this backward ends an accumulation
   BucketFinal bucket_final_;
