@@ -115,6 +115,8 @@ PYBIND11_MODULE(_zeal, m) {
 
   m.def("validate_config", [](const std::string& text) { Config::from_string(text); },
         "Parse and validate a JSON config; raises ConfigError naming the bad key.");
+  m.def("check_config_text", [](const py::bytes& data) { Config::parse_text(std::string(data)); }, py::arg("data"),
+        "Raises ConfigError if the config's bytes are not strict JSON (Config::parse_text).");
   m.def("resolve_batch", [](const std::string& text, int64_t dp) {
     BatchSizes b = Config::from_string(text).resolve_batch(dp);
     return py::make_tuple(b.train_batch_size, b.micro_batch_size, b.gradient_accumulation_steps);
@@ -224,6 +226,7 @@ PYBIND11_MODULE(_zeal, m) {
         py::arg("timeout_s"), "The deadline of every collective that names none (comms_timeout_s).");
   m.def("default_timeout_s", [] { return comm::default_timeout().count() / 1000.0; });
   m.attr("DEFAULT_COMMS_TIMEOUT_S") = kDefaultCommsTimeoutS;
+  m.attr("MAX_JSON_DEPTH") = kMaxJsonDepth;
 #if ZEAL_WITH_MPI
   m.def("inject_dropped_collective", &comm::inject_dropped_collective, py::arg("group_prefix"), py::arg("after"),
         "Test hook: this process silently drops one collective (Note [Injected collective faults]).");

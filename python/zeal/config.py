@@ -2,6 +2,7 @@
 import json
 import os
 
+from . import _zeal
 from ._zeal import ConfigError
 
 
@@ -19,22 +20,30 @@ def load_config(config=None, args=None, config_params=None):
     if isinstance(config, (str, os.PathLike)):
         text = str(config)
         if os.path.isfile(text):
-            with open(text, encoding="utf-8") as f:
-                try:
-                    return json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"config file '{text}' is not valid JSON: {e}") from None
-        if text.lstrip().startswith("{"):
+            with open(text, "rb") as f:  # bytes: ill-formed UTF-8 is the parser's ConfigError, with its offset
+                data = f.read()
             try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config string is not valid JSON: {e}") from None
+                return _parse(data)
+            except ConfigError as e:
+                raise ConfigError(f"config file '{text}': {e}") from None
+        if text.lstrip().startswith("{"):
+            return _parse(text.encode("utf-8", "surrogatepass"))
         raise ConfigError(f"config file '{text}' does not exist")
     raise ConfigError(f"config must be a path, a JSON string or a dict, got {type(config).__name__}")
 
 
+def _parse(data: bytes) -> dict:
+    """The C++ parser (Config::parse_text) judges the bytes first: duplicate keys, NaN, NUL bytes,
+    ill-formed UTF-8 and nesting are refused there with the key path and byte offset; only text it
+    accepted (bounded depth) reaches Python's json module."""
+    _zeal.check_config_text(data)
+    return json.loads(data.decode("utf-8"))
+
+
 def to_json(config: dict) -> str:
     try:
-        return json.dumps(config)
+        return json.dumps(config)  # NaN/Infinity pass through: the C++ parser names their key
+    except RecursionError:
+        raise ConfigError(f"config is nested deeper than {_zeal.MAX_JSON_DEPTH} levels") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config holds a value that is not JSON: {e}") from None

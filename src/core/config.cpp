@@ -4,6 +4,7 @@
 #include "zeal/core/config.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <fstream>
 #include <set>
@@ -13,16 +14,22 @@
 #include <nlohmann/json.hpp>
 
 #include "zeal/core/error.h"
+#include "zeal/core/json.h"
 
 namespace zeal {
 namespace {
 
 using json = nlohmann::json;
 
-std::string show(const json& value) {
-  std::string text = value.dump();
-  if (text.size() > 60) text = text.substr(0, 57) + "...";
-  return text + " (" + value.type_name() + ")";
+// Short and bounded whatever the value (json_preview never dumps a huge or deep value whole).
+std::string show(const json& value) { return json_preview(value) + " (" + value.type_name() + ")"; }
+
+// A key for a message: at most 80 bytes, cut on a UTF-8 boundary.
+std::string clip_key(const std::string& key) {
+  if (key.size() <= 80) return key;
+  size_t cut = 80;
+  while (cut > 0 && (static_cast<unsigned char>(key[cut]) & 0xC0) == 0x80) --cut;
+  return key.substr(0, cut) + "... (" + std::to_string(key.size()) + " bytes)";
 }
 
 size_t edit_distance(const std::string& a, const std::string& b) {
@@ -47,6 +54,9 @@ bool iequals(const std::string& a, const std::string& b) {
 }
 
 std::string did_you_mean(const std::string& key, const std::vector<std::string>& candidates) {
+  // No known key is longer than ~45 characters: a longer one is no typo of any, and the edit
+  // distance (quadratic) of a megabyte key would take seconds.
+  if (key.size() > 64) return "";
   std::string best;
   size_t best_distance = std::max<size_t>(2, key.size() / 3) + 1;
   for (const auto& candidate : candidates) {
@@ -141,7 +151,7 @@ class Reader {
   void finish() {
     for (auto it = object_.begin(); it != object_.end(); ++it) {
       if (std::find(known_.begin(), known_.end(), it.key()) != known_.end()) continue;
-      throw ConfigError("unknown config key '" + path(it.key()) + "'" + did_you_mean(it.key(), known_));
+      throw ConfigError("unknown config key '" + path(clip_key(it.key())) + "'" + did_you_mean(it.key(), known_));
     }
   }
 
@@ -151,7 +161,9 @@ class Reader {
 
  private:
   int64_t to_int(const std::string& key, const json& v, int64_t min_value) {
-    std::string expected = "an integer >= " + std::to_string(min_value);
+    // The real limit: a 64-bit signed integer.
+    std::string expected = "an integer >= " + std::to_string(min_value) + " (at most 9223372036854775807)";
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) fail(key, expected, v);
     if (v.is_number_integer()) {
       int64_t value = v.get<int64_t>();
       if (value < min_value) fail(key, expected, v);
@@ -161,7 +173,7 @@ class Reader {
     if (v.is_number_float()) {
       double value = v.get<double>();
       if (std::isfinite(value) && std::floor(value) == value && value >= static_cast<double>(min_value) &&
-          value < 9.2e18)
+          value < 0x1p63)
         return static_cast<int64_t>(value);
     }
     fail(key, expected, v);
@@ -482,7 +494,7 @@ void parse_comms_logger(const json& node, CommsLoggerConfig& out) {
       const bool known = op.is_string() && std::find(ops.begin(), ops.end(), op.get<std::string>()) != ops.end();
       if (!known)
         throw ConfigError("config key 'comms_logger.prof_ops': expected op names (all_reduce, reduce_scatter, "
-                          "all_gather, broadcast, reduce, all_to_all, send, recv, barrier), got " + op.dump() +
+                          "all_gather, broadcast, reduce, all_to_all, send, recv, barrier), got " + show(op) +
                           (op.is_string() ? did_you_mean(op.get<std::string>(), ops) : std::string()));
       out.prof_ops.push_back(op.get<std::string>());
     }
@@ -584,18 +596,24 @@ Config Config::from_json(const json& root) {
   return c;
 }
 
-Config Config::from_string(const std::string& text) {
+Config Config::from_string(const std::string& text) { return from_json(parse_text(text)); }
+
+json Config::parse_text(const std::string& text) {
+  // One bounded pass (zeal/core/json.h): depth, duplicate keys, NUL bytes and ill-formed UTF-8
+  // are refused with the byte offset and the key path.
   json root;
-  try {
-    root = json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw ConfigError(std::string("config is not valid JSON: ") + e.what());
+  JsonProblem problem;
+  if (!parse_json(text, root, problem)) {
+    if (problem.what.rfind("duplicate key", 0) == 0)
+      throw ConfigError("config key '" + clip_key(problem.key_path) + "' appears twice (duplicate keys are rejected, as "
+                        "DeepSpeed does; which value was meant is ambiguous)");
+    throw ConfigError("config is not valid JSON " + problem.describe());
   }
-  return from_json(root);
+  return root;
 }
 
 Config Config::from_file(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw ConfigError("config file '" + path + "' cannot be opened");
   std::stringstream buffer;
   buffer << in.rdbuf();

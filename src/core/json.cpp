@@ -1,5 +1,6 @@
 #include "zeal/core/json.h"
 
+#include <cctype>
 #include <cstring>
 #include <vector>
 
@@ -11,8 +12,8 @@ using json = nlohmann::json;
 // Builds the document on an explicit stack (no recursion), refusing duplicate keys and depth.
 class StrictHandler : public nlohmann::json_sax<json> {
  public:
-  StrictHandler(json& root, JsonProblem& problem, int max_depth)
-      : root_(root), problem_(problem), max_depth_(max_depth) {}
+  StrictHandler(json& root, JsonProblem& problem, int max_depth, std::string_view text)
+      : root_(root), problem_(problem), max_depth_(max_depth), text_(text) {}
 
   bool null() override { return put(json(nullptr)); }
   bool boolean(bool v) override { return put(json(v)); }
@@ -43,10 +44,17 @@ class StrictHandler : public nlohmann::json_sax<json> {
     // "[json.exception.parse_error.101] parse error at line 1, column 5: syntax error while parsing value - ..."
     auto dash = what.find(" - ");
     std::string reason = dash == std::string::npos ? what : what.substr(dash + 3);
+    // "...; last read: '<raw bytes>'" may hold ill-formed UTF-8, which no message may carry.
+    if (size_t last = reason.find("; last read:"); last != std::string::npos) reason.resize(last);
     std::string token = last_token.size() > 40 ? last_token.substr(0, 40) + "..." : last_token;
-    if (token == "NaN" || token == "Infinity" || token == "-Infinity" || token.rfind("NaN", 0) == 0 ||
-        token.rfind("Inf", 0) == 0 || token.rfind("-Inf", 0) == 0)
-      reason = "'" + token + "' is not a JSON number (JSON has no NaN or Infinity)";
+    std::string_view at = position > 0 && position - 1 < text_.size() ? text_.substr(position - 1) : std::string_view();
+    // The lexer stops a few bytes into the literal: look back to where it starts.
+    size_t from = position > 0 ? position - 1 : 0;
+    while (from > 0 && std::isalpha(static_cast<unsigned char>(text_[from - 1]))) --from;
+    at = from < text_.size() ? text_.substr(from) : std::string_view();
+    if (token.rfind("N", 0) == 0 || token.rfind("I", 0) == 0 || token.rfind("-I", 0) == 0 || at.rfind("NaN", 0) == 0 ||
+        at.rfind("Infinity", 0) == 0 || at.rfind("nan", 0) == 0 || at.rfind("inf", 0) == 0)
+      reason = "NaN and Infinity are not JSON numbers (write a finite number)";
     set(reason, position > 0 ? position - 1 : 0);
     return false;
   }
@@ -66,7 +74,7 @@ class StrictHandler : public nlohmann::json_sax<json> {
         if (f.key.empty() && &f == &stack_.back()) break;
         p += (p.empty() ? "" : ".") + (f.key.size() > 60 ? f.key.substr(0, 60) + "..." : f.key);
       } else {
-        p += "[" + std::to_string(f.value->size()) + "]";
+        p += "[" + std::to_string(f.value->empty() ? 0 : f.value->size() - 1) + "]";
       }
     }
     return p;
@@ -78,6 +86,7 @@ class StrictHandler : public nlohmann::json_sax<json> {
     problem_.what = what;
     problem_.byte = byte;
     problem_.key_path = path();
+    if (problem_.key_path.size() > 120) problem_.key_path = problem_.key_path.substr(0, 117) + "...";
   }
 
   bool fail(const std::string& what) {
@@ -118,6 +127,7 @@ class StrictHandler : public nlohmann::json_sax<json> {
   json& root_;
   JsonProblem& problem_;
   int max_depth_;
+  std::string_view text_;
   std::vector<Frame> stack_;
   bool failed_ = false;
   size_t byte_ = JsonProblem::kUnknownByte;
@@ -137,7 +147,7 @@ bool parse_json(std::string_view text, json& out, JsonProblem& problem, int max_
   const void* nul = std::memchr(text.data(), '\0', text.size());
   std::string_view head = nul ? text.substr(0, static_cast<const char*>(nul) - text.data()) : text;
   out = json();
-  StrictHandler handler(out, problem, max_depth);
+  StrictHandler handler(out, problem, max_depth, head);
   bool ok = json::sax_parse(head.begin(), head.end(), &handler, json::input_format_t::json, /*strict=*/true);
   if (!ok) {
     if (!handler.failed()) problem = {"not valid JSON", 0, {}};

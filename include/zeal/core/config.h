@@ -192,6 +192,10 @@ struct Config {
 
   static Config from_json(const nlohmann::json& json);
   static Config from_string(const std::string& text);
+  // The text as JSON, strictly (no duplicate keys, NaN, NUL bytes or ill-formed UTF-8; bounded
+  // depth), or ConfigError with the byte offset and key path. from_string and Python's
+  // zeal.config use it, so every config takes this one path.
+  static nlohmann::json parse_text(const std::string& text);
   static Config from_file(const std::string& path);
 
   Precision precision() const;
