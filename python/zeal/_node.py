@@ -64,6 +64,7 @@ def main(argv=None):
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
+        stopping.signum = signum
         stopping.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -94,7 +95,7 @@ def main(argv=None):
         if stopping.is_set():
             stop(children)
             print(f"zeal: node {args.node_rank} ({host}): stopped its ranks on request", file=sys.stderr, flush=True)
-            return 130
+            return 128 + getattr(stopping, "signum", signal.SIGINT)  # 130 Ctrl-C, 143 SIGTERM, 129 hang-up
         done = [(i, c.returncode) for i, c in enumerate(children) if c.poll() is not None]
         failed = [(i, rc) for i, rc in done if rc != 0]
         if failed:

@@ -261,8 +261,10 @@ class Job:
         while True:
             if interrupted.is_set():
                 self.stop()
-                print("zeal: interrupted; every rank was stopped", file=sys.stderr, flush=True)
-                return 130
+                signum = getattr(interrupted, "signum", signal.SIGINT)
+                print(f"zeal: {signal.Signals(signum).name} received; every rank was stopped", file=sys.stderr,
+                      flush=True)
+                return 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
             with self.lock:
                 failure = self.markers[0] if self.markers else None
             if failure:
@@ -364,8 +366,13 @@ def main(argv=None):
     if args.launcher == "pdsh":
         run_env.setdefault("PDSH_RCMD_TYPE", "ssh")  # pdsh's own default is rsh
     interrupted = threading.Event()
+
+    def on_signal(signum, _frame):
+        interrupted.signum = signum
+        interrupted.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.set())
+        signal.signal(sig, on_signal)
     job = Job(commands, run_env, plan, stdin_pipe=args.launcher == "ssh")
     return job.run(interrupted)
 

@@ -177,16 +177,17 @@ def test_a_failing_or_killed_rank_stops_every_rank(how, code, message):
     assert survivors(tag) == []
 
 
-def test_ctrl_c_stops_every_rank():
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_every_rank(sig, code):
     tag = f"zealtag{uuid.uuid4().hex[:8]}"
     launcher = subprocess.Popen([shutil.which("zeal"), "--num_procs", "2", str(PROBE), "--sleep", "60", "--tag", tag],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=local_mpi_env())
     deadline = time.monotonic() + 60
     while len(survivors(tag)) < 4 and time.monotonic() < deadline:  # launcher, mpirun and both ranks are up
         time.sleep(0.2)
-    launcher.send_signal(signal.SIGINT)
+    launcher.send_signal(sig)
     _, err = launcher.communicate(timeout=30)
-    assert launcher.returncode == 130 and "interrupted; every rank was stopped" in err
+    assert launcher.returncode == code and f"{sig.name} received; every rank was stopped" in err, err
     assert survivors(tag) == []
 
 
