@@ -32,7 +32,7 @@ def checkpoint_parts(checkpoint_dir, tag=None):
     root = checkpoint_dir if tag is None else os.path.join(checkpoint_dir, tag)
     latest = os.path.join(checkpoint_dir, "latest")
     if tag is None and not os.path.exists(os.path.join(root, PARTS_FILE)) and os.path.lexists(latest):
-        root = os.path.join(checkpoint_dir, _zeal.read_latest(checkpoint_dir))
+        root = os.path.join(checkpoint_dir, _zeal.read_latest(str(checkpoint_dir)))
     meta = os.path.join(root, PARTS_FILE)
     if not os.path.lexists(meta):
         return None
