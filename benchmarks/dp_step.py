@@ -31,13 +31,15 @@ def rank_main(impl, steps, micro, clip):
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randint(0, vocab, (micro, block), generator=g), torch.randint(0, vocab, (micro, block), generator=g))
                for _ in range(4)]
-    if impl == "zeal":
+    if impl.startswith("zeal"):
         import zeal
 
         config = {"train_micro_batch_size_per_gpu": micro, "gradient_clipping": clip, "steps_per_print": 10**9,
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
                   "zero_optimization": {"stage": 0, "reduce_bucket_size": 500000}}
         engine, *_ = zeal.initialize(model=model, config=config)
+        if impl == "zeal_nosig":  # the cost of Note [Collective signatures]: the same run without the check
+            zeal._zeal.set_signature_checks(False)
         from harness import zeal_step_and_sync
 
         step, sync = zeal_step_and_sync(engine)
@@ -88,10 +90,10 @@ def main():
 
     from harness import json_lines, mpirun, print_table, write_json
 
-    runs = {"zeal": [], "ddp": []}
+    runs = {"zeal": [], "zeal_nosig": [], "ddp": []}
     port = 29611
     for r in range(args.rounds):
-        for impl in ("ddp", "zeal"):
+        for impl in ("ddp", "zeal", "zeal_nosig"):
             os.environ["BENCH_PORT"] = str(port + r)
             out = mpirun(args.ranks, sys.executable, __file__, "--rank_impl", impl, "--steps", args.steps,
                          "--micro", args.micro)
@@ -107,9 +109,11 @@ def main():
     ratio = summary["zeal"]["median_step_ms"] / summary["ddp"]["median_step_ms"]
     print_table(f"data-parallel step, demo GPT (3.2M params), {args.ranks} ranks, micro batch {args.micro} x 128 tokens",
                 ["impl", "median ms", "p10 ms", "p90 ms", "tokens/s"], rows)
+    check = summary["zeal"]["median_step_ms"] / summary["zeal_nosig"]["median_step_ms"] - 1
     print(f"zeal / ddp step time: {ratio:.3f}  (below 1 means Zeal is faster)")
+    print(f"collective signature check: {check * 100:+.2f}% of the step (zeal against zeal_nosig)")
     write_json(args.out, {"benchmark": "dp_step", "ranks": args.ranks, "micro": args.micro, "summary": summary,
-                          "zeal_over_ddp": ratio, "times_s": runs})
+                          "zeal_over_ddp": ratio, "signature_check_fraction": check, "times_s": runs})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include "zeal/comm/mpi_backend.h"
 #include "zeal/comm/world.h"
 
 namespace {
@@ -55,13 +56,19 @@ int main(int argc, char** argv) {
     // Warm up both paths, then alternate so drift in machine load hits both alike.
     time_raw(t.data_ptr<float>(), count, 2, raw);
     time_zeal(*world, t, 2);
-    double raw_s = 1e30, zeal_s = 1e30;
+    // "zeal" checks collective signatures (always on in training); "zeal_nosig" measures without
+    // the check, to show its cost (Note [Collective signatures]).
+    double raw_s = 1e30, zeal_s = 1e30, nosig_s = 1e30;
     for (int round = 0; round < 3; ++round) {
       raw_s = std::min(raw_s, time_raw(t.data_ptr<float>(), count, iters, raw));
       zeal_s = std::min(zeal_s, time_zeal(*world, t, iters));
+      zeal::comm::set_signature_checks(false);
+      nosig_s = std::min(nosig_s, time_zeal(*world, t, iters));
+      zeal::comm::set_signature_checks(true);
     }
     if (world->rank() == 0) {
-      for (auto [name, seconds] : {std::pair<const char*, double>{"mpi", raw_s}, {"zeal", zeal_s}}) {
+      for (auto [name, seconds] :
+           {std::pair<const char*, double>{"mpi", raw_s}, {"zeal", zeal_s}, {"zeal_nosig", nosig_s}}) {
         double algbw = bytes / seconds / 1e9;
         std::printf("{\"impl\": \"%s\", \"ranks\": %d, \"bytes\": %zu, \"iters\": %d, \"time_us\": %.3f, "
                     "\"algbw_GBps\": %.4f, \"busbw_GBps\": %.4f}\n",

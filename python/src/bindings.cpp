@@ -83,6 +83,27 @@ zero::ParamPartition* stage3(engine::Engine& e) {
   return p;
 }
 
+
+std::unique_ptr<engine::Engine> make_engine(const py::list& groups, Config config, comm::CommunicatorPtr data_group) {
+  auto specs = to_groups(groups);
+  comm::Timeout timeout = to_timeout(config.comms_timeout_s);
+  comm::set_default_timeout(timeout);  // every MPI group, whenever cut (Note [One comms timeout])
+  comm::CommunicatorPtr world = data_group ? data_group : comm::world();
+  // Device parameters train over NCCL, host parameters over MPI.
+  for (auto& spec : specs) {
+    if (spec.params.empty() || !spec.params.front().is_cuda()) continue;
+#if ZEAL_WITH_CUDA
+    world = comm::nccl_world(world, spec.params.front().get_device(), timeout);
+#else
+    throw Error("parameters on " + spec.params.front().device().str() +
+                " need the nccl backend, and this Zeal was built without CUDA");
+#endif
+    break;
+  }
+  // Construction runs collectives; other threads may need the GIL meanwhile.
+  py::gil_scoped_release nogil;
+  return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world);
+}
 }  // namespace
 
 PYBIND11_MODULE(_zeal, m) {
@@ -113,8 +134,11 @@ PYBIND11_MODULE(_zeal, m) {
   py::register_exception<IoError>(m, "IoError", py::make_tuple(error, py::handle(PyExc_OSError)));
   py::register_exception<CheckpointError>(m, "CheckpointError", error.ptr());
 
-  m.def("validate_config", [](const std::string& text) { Config::from_string(text); },
-        "Parse and validate a JSON config; raises ConfigError naming the bad key.");
+  // The parsed config travels to the Engine as an object: a config is parsed once (Config::parse_text).
+  py::class_<Config>(m, "Config", "A parsed, validated config (zeal/core/config.h).")
+      .def_readonly("comms_timeout_s", &Config::comms_timeout_s);
+  m.def("validate_config", [](const std::string& text) { return Config::from_string(text); },
+        "Parse and validate a JSON config; returns it for the Engine, or raises ConfigError naming the bad key.");
   m.def("check_config_text", [](const py::bytes& data) { Config::parse_text(std::string(data)); }, py::arg("data"),
         "Raises ConfigError if the config's bytes are not strict JSON (Config::parse_text).");
   m.def("resolve_batch", [](const std::string& text, int64_t dp) {
@@ -186,12 +210,22 @@ PYBIND11_MODULE(_zeal, m) {
       .def("group_of", &comm::Topology::group_of)
       .def("group_index", &comm::Topology::group_index);
 
+  py::enum_<parallel::Op>(m, "PipeOp", "A pipeline instruction (zeal/parallel/schedule.h).")
+      .value("LoadMicroBatch", parallel::Op::kLoadMicroBatch)
+      .value("RecvActivation", parallel::Op::kRecvActivation)
+      .value("Forward", parallel::Op::kForward)
+      .value("SendActivation", parallel::Op::kSendActivation)
+      .value("RecvGrad", parallel::Op::kRecvGrad)
+      .value("Backward", parallel::Op::kBackward)
+      .value("SendGrad", parallel::Op::kSendGrad)
+      .value("ReduceGrads", parallel::Op::kReduceGrads)
+      .value("OptimizerStep", parallel::Op::kOptimizerStep);
   m.def("pipeline_schedule",
         [](const std::string& kind, int stages, int stage, int micro_batches, int chunks) {
           py::list out;
           for (const parallel::Instruction& in : parallel::make_schedule(
                    parallel::schedule_kind_from_string(kind), {stages, stage, micro_batches, chunks}))
-            out.append(py::make_tuple(parallel::to_string(in.op), in.micro_batch, in.chunk));
+            out.append(py::make_tuple(in.op, in.micro_batch, in.chunk));
           return out;
         },
         py::arg("kind"), py::arg("stages"), py::arg("stage"), py::arg("micro_batches"), py::arg("chunks") = 1,
@@ -230,6 +264,8 @@ PYBIND11_MODULE(_zeal, m) {
 #if ZEAL_WITH_MPI
   m.def("inject_dropped_collective", &comm::inject_dropped_collective, py::arg("group_prefix"), py::arg("after"),
         "Test hook: this process silently drops one collective (Note [Injected collective faults]).");
+  m.def("set_signature_checks", &comm::set_signature_checks, py::arg("on"),
+        "Benchmarks only: compare collective signatures across ranks (on by default).");
 #endif
   m.def("shutdown", &comm::shutdown, py::call_guard<py::gil_scoped_release>());
 #if ZEAL_WITH_CUDA
@@ -361,27 +397,11 @@ PYBIND11_MODULE(_zeal, m) {
 
   py::class_<engine::Engine>(m, "Engine")
       .def(py::init([](const py::list& groups, const std::string& config_json, comm::CommunicatorPtr data_group) {
-             Config config = Config::from_string(config_json);
-             auto specs = to_groups(groups);
-             comm::Timeout timeout = to_timeout(config.comms_timeout_s);
-             comm::set_default_timeout(timeout);  // every MPI group, whenever cut (Note [One comms timeout])
-             comm::CommunicatorPtr world = data_group ? data_group : comm::world();
-             // Device parameters train over NCCL, host parameters over MPI.
-             for (auto& spec : specs) {
-               if (spec.params.empty() || !spec.params.front().is_cuda()) continue;
-#if ZEAL_WITH_CUDA
-               world = comm::nccl_world(world, spec.params.front().get_device(), timeout);
-#else
-               throw Error("parameters on " + spec.params.front().device().str() +
-                           " need the nccl backend, and this Zeal was built without CUDA");
-#endif
-               break;
-             }
-             // Construction runs collectives; other threads may need the GIL meanwhile.
-             py::gil_scoped_release nogil;
-             return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world);
+             return make_engine(groups, Config::from_string(config_json), std::move(data_group));
            }),
            py::arg("param_groups"), py::arg("config_json"), py::arg("data_group") = nullptr)
+      .def(py::init(&make_engine), py::arg("param_groups"), py::arg("config"), py::arg("data_group") = nullptr)
+
       .def("backward", &engine::Engine::backward, py::call_guard<py::gil_scoped_release>())
       .def("backward_from", &engine::Engine::backward_from, py::arg("outputs"), py::arg("output_grads"),
            py::call_guard<py::gil_scoped_release>())

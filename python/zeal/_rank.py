@@ -14,6 +14,30 @@ import traceback
 
 FAILURE_MARKER = "ZEAL-RANK-FAILED"
 
+# What a failed collective says about whose fault it was (messages of src/comm/mpi_backend.cpp:
+# Note [Collective signatures]). The launcher's final line names that rank, not the reporter.
+_DIVERGED = re.compile(r"collective mismatch on group (\S+): the ranks disagree about op #(\d+):.*"
+                       r"\[diverged: world ranks ([\d, ]+?)(?: or ([\d, ]+))?\]")
+_MISSING = re.compile(r"(\w+ #\d+ on group \S+) .*?ranks that did not arrive: \[[\d, ]*\] "
+                      r"\(world ranks \[([\d, ]+)\]\)")
+
+
+def culprit(message):
+    """'world rank 1 diverged at op #12 on group world' or 'world rank 2 never arrived at all_reduce
+    #3 on group world' from a collective's error message; None when it names no culprit."""
+    m = _DIVERGED.search(message)
+    if m:
+        group, op, first, second = m.groups()
+        who = f"world rank {first}" if "," not in first else f"world ranks {first}"
+        if second:
+            who = f"world ranks {first} or {second}"
+        return f"{who} diverged at op #{op} on group {group}"
+    m = _MISSING.search(message)
+    if m:
+        op, ranks = m.groups()
+        return f"world rank{'s' if ',' in ranks else ''} {ranks} never arrived at {op}"
+    return None
+
 
 def _export_rank_variables():
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE (and torchrun's LOCAL_WORLD_SIZE) from whichever
@@ -64,7 +88,7 @@ class _PrefixedFd:
         self.thread.join(timeout=5)
 
 
-def _finish(code, streams, marker_fd):
+def _finish(code, streams, marker_fd, blame=None):
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -73,7 +97,10 @@ def _finish(code, streams, marker_fd):
     for s in streams:
         s.close()
     if code != 0:
-        os.write(marker_fd, f"{FAILURE_MARKER} rank {os.environ['RANK']} exit code {code}\n".encode())
+        line = f"{FAILURE_MARKER} rank {os.environ['RANK']} exit code {code}"
+        if blame:
+            line += f" culprit {blame}"
+        os.write(marker_fd, (line + "\n").encode())
     os._exit(code)
 
 
@@ -104,6 +131,7 @@ def main():
         _finish(2, streams, marker_fd)
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     code = 0
+    blame = None
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
@@ -112,14 +140,15 @@ def main():
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except BaseException:  # noqa: B902 - any failure of the user's script is this rank's failure
+    except BaseException as e:  # noqa: B902 - any failure of the user's script is this rank's failure
         traceback.print_exc()
         code = 1
+        blame = culprit(str(e).replace("\n", " "))
     if code == 0:
         zeal = sys.modules.get("zeal")
         if zeal is not None:
             zeal._zeal.shutdown()
-    _finish(code, streams, marker_fd)
+    _finish(code, streams, marker_fd, blame)
 
 
 if __name__ == "__main__":

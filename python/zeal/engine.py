@@ -291,26 +291,27 @@ def initialize(
 
     if isinstance(model, PipelineModule):
         stage_cfg = {k: v for k, v in cfg.items() if k != "pipeline"}
-        _zeal.validate_config(to_json(stage_cfg))
+        parsed = _zeal.validate_config(to_json(stage_cfg))  # serialised once, parsed once: the engine takes it
         if cfg.get("zero_optimization", {}).get("stage", 0) > 2:
             raise _zeal.ConfigError("config key 'zero_optimization.stage': pipeline parallelism works with ZeRO "
                                     f"stage 0, 1 or 2, got {cfg['zero_optimization']['stage']}")
         precision = _precision(cfg)
         if precision in _DTYPES:
             model.to(_DTYPES[precision])
-        engine = PipelineEngine(model, {**stage_cfg, "pipeline": cfg.get("pipeline", {})})
+        engine = PipelineEngine(model, {**stage_cfg, "pipeline": cfg.get("pipeline", {})}, parsed_config=parsed)
         return engine, ZealOptimizer(engine._core), None, ZealLRScheduler(engine._core) if "scheduler" in cfg else None
     if "pipeline" in cfg:
         raise _zeal.ConfigError("config key 'pipeline': pipeline parallelism needs the model to be a "
                                 "zeal.pipe.PipelineModule")
-    text = to_json(cfg)
-    _zeal.validate_config(text)  # fail on a bad config before touching the model
+    # Serialised once and parsed once (Config::parse_text): a bad config fails here, before the
+    # model is touched, and the engine takes the parsed config as it is.
+    parsed = _zeal.validate_config(to_json(cfg))
 
     precision = _precision(cfg)
     dtype = _DTYPES.get(precision, torch.float32)
     if precision in _DTYPES:
         model.to(dtype)
-    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), text, data_parallel_group)
+    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), parsed, data_parallel_group)
     if model_parallel_group is None:
         model_parallel_group = next((m.group for m in model.modules() if getattr(m, "tensor_parallel_layer", False)),
                                     None)

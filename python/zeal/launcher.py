@@ -34,8 +34,12 @@ import time
 from . import hosts as hostlib
 from ._rank import FAILURE_MARKER
 
-_MARKER = re.compile(re.escape(FAILURE_MARKER) + r" rank (\d+) exit code (-?\d+)")
+_MARKER = re.compile(re.escape(FAILURE_MARKER) + r" rank (\d+) exit code (-?\d+)(?: culprit (.+))?")
 _MPI_RANK = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]|process rank (\d+) with PID")
+_MPI_RULE = re.compile(r"^-{20,}\s*$")
+_MPI_AFTERMATH = re.compile(r"^\[[^\]]+:\d+\] \d+ more process(es)? ha(s|ve) sent help message|"
+                            r"^\[[^\]]+:\d+\] Set MCA parameter|mpirun: Forwarding signal|"
+                            r"^mpirun (noticed|detected)")
 FORWARD_PREFIXES = ("NCCL", "PYTHON", "UCX", "OMPI", "ZEAL")
 DEFAULT_HOSTFILE = "/job/hostfile"  # DeepSpeed's default location
 LAUNCHERS = ("local", "openmpi", "ssh", "pdsh", "slurm")
@@ -208,19 +212,45 @@ class Job:
                 self.pumps.append(t)
 
     def _pump(self, src, dst):
+        # mpirun's own reports come as blocks between lines of dashes. Once a rank has failed they
+        # repeat what Zeal's last line says in a crash's words ("Primary job terminated normally,
+        # but ...", "exited on signal 15"): those are read for the rank they name and dropped, so
+        # Zeal's message stays the last and only one. Blocks before any failure pass through.
+        block = None
         for line in src:
             marker = _MARKER.search(line)
             if marker:
                 with self.lock:
-                    self.markers.append((int(marker.group(1)), int(marker.group(2))))
+                    self.markers.append((int(marker.group(1)), int(marker.group(2)), marker.group(3)))
                 continue
-            if not line.startswith("[rank"):
+            own = line.startswith("[rank")
+            if not own:
                 named = _MPI_RANK.search(line)
                 if named:
                     with self.lock:
                         self.mpi_named.append(int(named.group(1) or named.group(2)))
+            if not own and _MPI_RULE.match(line):
+                if block is None:
+                    block = [line]
+                    continue
+                block.append(line)
+                line, block = "".join(block), None
+                if self.failing():
+                    continue
+            elif block is not None:
+                block.append(line)
+                continue
+            elif not own and self.failing() and _MPI_AFTERMATH.search(line):
+                continue
             dst.write(line)
             dst.flush()
+        if block and not self.failing():
+            dst.write("".join(block))
+            dst.flush()
+
+    def failing(self):
+        with self.lock:
+            return bool(self.markers) or any(p.poll() not in (None, 0) for p in self.procs)
 
     def host_of(self, rank):
         for n in self.plan.nodes:
@@ -268,6 +298,7 @@ class Job:
             with self.lock:
                 failure = self.markers[0] if self.markers else None
             if failure:
+                time.sleep(0.3)  # the other ranks' reports of the same fault, one may name its culprit
                 break
             codes = [p.poll() for p in self.procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
@@ -294,7 +325,17 @@ class Job:
                 who = f"the launch on {self.labels[index]}"
             print(f"zeal: {who} failed (exit code {code}); every rank was stopped", file=sys.stderr, flush=True)
             return code if code > 0 else 1
-        rank, code = failure
+        with self.lock:
+            blamed = next((m for m in self.markers if m[2]), None)
+        if blamed:
+            # A collective's error names whose fault it was: say that, not which rank noticed first.
+            rank, code, blame = blamed
+            who = re.match(r"world ranks? ([\d, ]+?)(?: or |\s[a-z])", blame)
+            first = int(who.group(1).split(",")[0]) if who else rank
+            print(f"zeal: {blame} (rank {first} on {self.host_of(first)}; reported by rank {rank}, exit code {code}); "
+                  "every rank was stopped", file=sys.stderr, flush=True)
+            return code or 1
+        rank, code, _ = failure
         print(f"zeal: rank {rank} on {self.host_of(rank)} failed with exit code {code}; every rank was stopped",
               file=sys.stderr, flush=True)
         return code or 1

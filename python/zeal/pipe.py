@@ -232,7 +232,7 @@ class PipelineEngine:
     pipeline.schedule: "1f1b" (the default), "fill_drain", or "interleaved" (the default for a
     PipelineModule with chunks_per_stage > 1)."""
 
-    def __init__(self, module, config, model_parameters=None):
+    def __init__(self, module, config, model_parameters=None, parsed_config=None):
         self.module = module
         self.config = dict(config)
         topology, world = module.topology, module.world
@@ -259,11 +259,14 @@ class PipelineEngine:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")
+        self.device = params[0].device  # received activations and gradients are allocated here
         names = [n for n, p in zip(module.parameter_names(), module.parameters()) if p.requires_grad]
         from .tensor_parallel import split_of
 
         groups = [{"params": params, "names": names, "splits": [split_of(p) for p in params]}]
-        self._core = _zeal.Engine(groups, json.dumps(self.config), self.data_comm)
+        # The config zeal.initialize parsed (without its pipeline section), else this one's.
+        parsed = parsed_config if parsed_config is not None else _zeal.validate_config(json.dumps(self.config))
+        self._core = _zeal.Engine(groups, parsed, self.data_comm)
         # The norm is the whole model's: summed over the ranks of this data index (every stage and,
         # in 3D, every tensor shard), with a tensor group's replicas counted on its first rank.
         data_index = data_group.index(rank)
@@ -361,65 +364,27 @@ class PipelineEngine:
         return self.pipe_group[(chunk * p + self.stage_id + step) % p]
 
     def _run(self, kind, data_iter, train):
+        """Executes this stage's instruction list (zeal/parallel/schedule.h), one handler per
+        PipeOp: an instruction without a handler is a Zeal bug and raises, never passes silently."""
         m, p, v = self.micro_batches, self.num_stages, self.chunks
-        last_vs = p * v - 1
-        inputs, outputs, labels, losses, grads = {}, {}, {}, {}, {}
-        schedule = _zeal.pipeline_schedule(kind, p, self.stage_id, m, v)
-        started, busy, pipelined = time.perf_counter(), 0.0, None
-        backwards_left = sum(1 for op, _, _ in schedule if op == "Backward")
-        loaded = {}
-        for op, mb, chunk in schedule:
-            vs = chunk * p + self.stage_id
-            key = (mb, chunk)
-            if op == "LoadMicroBatch":
-                if mb not in loaded:  # one item per micro-batch, whichever chunks use it
-                    loaded[mb] = next(data_iter)
-                x, y = loaded[mb]
-                if vs == 0:
-                    inputs[key] = x
-                if vs == last_vs:
-                    labels[mb] = y
-            elif op == "RecvActivation":
-                x = self._recv(_ACTIVATION, chunk, self._neighbour(chunk, -1))
-                inputs[key] = x.requires_grad_(train and x.is_floating_point())
-            elif op == "Forward":
-                t0 = time.perf_counter()
-                out = self.module(inputs[key], chunk)
-                if vs == last_vs:
-                    if self.module.loss_fn is None:
-                        raise ValueError("the last pipeline stage needs PipelineModule(loss_fn=...)")
-                    out = self.module.loss_fn(out, labels.pop(mb))
-                    losses[mb] = out.detach()
-                outputs[key] = out
-                if not train:
-                    inputs.pop(key)
-                busy += time.perf_counter() - t0
-            elif op == "SendActivation":
-                out = outputs[key] if train else outputs.pop(key)
-                self._send(out.detach(), _ACTIVATION, chunk, self._neighbour(chunk, +1))
-            elif op == "RecvGrad":
-                grads[key] = self._recv(_GRADIENT, chunk, self._neighbour(chunk, +1))
-            elif op == "Backward":
-                backwards_left -= 1
-                # The accumulation ends with this stage's last backward, whatever its micro-batch.
-                self._core.set_boundary_override(1 if backwards_left == 0 else 0)
-                out = outputs.pop(key)
-                t0 = time.perf_counter()
-                if vs == last_vs:
-                    self._core.backward(out)
-                else:
-                    self._core.backward_from([out], [grads.pop(key)])
-                busy += time.perf_counter() - t0
-                if vs == 0:
-                    inputs.pop(key)
-            elif op == "SendGrad":
-                self._send(inputs.pop(key).grad, _GRADIENT, chunk, self._neighbour(chunk, -1))
-            elif op == "OptimizerStep":
-                pipelined = time.perf_counter() - started
-                self._sum_tied_gradients()
-                self._core.set_boundary_override(1)
-                self._core.step()
-                self._core.set_boundary_override(-1)
+        run = _Execution(self, train, _zeal.pipeline_schedule(kind, p, self.stage_id, m, v), data_iter)
+        handlers = {
+            _zeal.PipeOp.LoadMicroBatch: run.load_micro_batch,
+            _zeal.PipeOp.RecvActivation: run.recv_activation,
+            _zeal.PipeOp.Forward: run.forward,
+            _zeal.PipeOp.SendActivation: run.send_activation,
+            _zeal.PipeOp.RecvGrad: run.recv_grad,
+            _zeal.PipeOp.Backward: run.backward,
+            _zeal.PipeOp.SendGrad: run.send_grad,
+            _zeal.PipeOp.ReduceGrads: run.reduce_grads,
+            _zeal.PipeOp.OptimizerStep: run.optimizer_step,
+        }
+        for op, mb, chunk in run.schedule:
+            handler = handlers.get(op)
+            if handler is None:
+                raise _zeal.InternalError(f"pipeline stage {self.stage_id}: no handler for instruction {op!r}")
+            handler(mb, chunk)
+        started, busy, pipelined, losses = run.started, run.busy, run.pipelined, run.losses
         self._finish_sends()
         # For bubble measurements: the time this stage spent computing (forward and backward) and the
         # time from the batch's start to its optimizer step (the whole batch for eval).
@@ -466,7 +431,7 @@ class PipelineEngine:
             dtype, ndim = _DTYPES[int(meta[0])], int(meta[1])
             self._shapes[key] = (tuple(int(d) for d in meta[2:2 + ndim]), dtype)
         shape, dtype = self._shapes[key]
-        buffer = torch.empty(shape, dtype=dtype)
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)  # where this stage's activations live
         world.recv(buffer, src, kind, self.timeout_s).wait()
         return buffer
 
@@ -482,3 +447,91 @@ class PipelineEngine:
         for work, _tensor in self._pending:
             work.wait()
         self._pending.clear()
+
+
+class _Execution:
+    """One batch's state while a stage executes its instructions: the tensors in flight by
+    (micro-batch, chunk), and the measurements. Each method is one PipeOp."""
+
+    def __init__(self, engine, train, schedule, data_iter):
+        self.e, self.train, self.schedule, self.data_iter = engine, train, schedule, data_iter
+        self.last_vs = engine.num_stages * engine.chunks - 1
+        self.inputs, self.outputs, self.labels, self.losses, self.grads, self.loaded = {}, {}, {}, {}, {}, {}
+        self.backwards_left = sum(1 for op, _, _ in schedule if op == _zeal.PipeOp.Backward)
+        self.reduced = False
+        self.started, self.busy, self.pipelined = time.perf_counter(), 0.0, None
+
+    def vs(self, chunk):
+        return chunk * self.e.num_stages + self.e.stage_id
+
+    def load_micro_batch(self, mb, chunk):
+        if mb not in self.loaded:  # one item per micro-batch, whichever chunks use it
+            self.loaded[mb] = next(self.data_iter)
+        x, y = self.loaded[mb]
+        if self.vs(chunk) == 0:
+            self.inputs[(mb, chunk)] = x
+        if self.vs(chunk) == self.last_vs:
+            self.labels[mb] = y
+
+    def recv_activation(self, mb, chunk):
+        x = self.e._recv(_ACTIVATION, chunk, self.e._neighbour(chunk, -1))
+        self.inputs[(mb, chunk)] = x.requires_grad_(self.train and x.is_floating_point())
+
+    def forward(self, mb, chunk):
+        key = (mb, chunk)
+        t0 = time.perf_counter()
+        out = self.e.module(self.inputs[key], chunk)
+        if self.vs(chunk) == self.last_vs:
+            if self.e.module.loss_fn is None:
+                raise ValueError("the last pipeline stage needs PipelineModule(loss_fn=...)")
+            out = self.e.module.loss_fn(out, self.labels.pop(mb))
+            self.losses[mb] = out.detach()
+        self.outputs[key] = out
+        if not self.train:
+            self.inputs.pop(key)
+        self.busy += time.perf_counter() - t0
+
+    def send_activation(self, mb, chunk):
+        key = (mb, chunk)
+        out = self.outputs[key] if self.train else self.outputs.pop(key)
+        self.e._send(out.detach(), _ACTIVATION, chunk, self.e._neighbour(chunk, +1))
+
+    def recv_grad(self, mb, chunk):
+        self.grads[(mb, chunk)] = self.e._recv(_GRADIENT, chunk, self.e._neighbour(chunk, +1))
+
+    def backward(self, mb, chunk):
+        key = (mb, chunk)
+        self.backwards_left -= 1
+        # The accumulation ends with this stage's last backward, whatever its micro-batch: the
+        # engine's bucketed data-parallel reduction overlaps that backward and is complete when it
+        # returns (ReduceGrads checks it).
+        self.e._core.set_boundary_override(1 if self.backwards_left == 0 else 0)
+        out = self.outputs.pop(key)
+        t0 = time.perf_counter()
+        if self.vs(chunk) == self.last_vs:
+            self.e._core.backward(out)
+        else:
+            self.e._core.backward_from([out], [self.grads.pop(key)])
+        self.busy += time.perf_counter() - t0
+        if self.vs(chunk) == 0:
+            self.inputs.pop(key)
+
+    def send_grad(self, mb, chunk):
+        self.e._send(self.inputs.pop((mb, chunk)).grad, _GRADIENT, chunk, self.e._neighbour(chunk, -1))
+
+    def reduce_grads(self, mb, chunk):
+        # The data-parallel reduction finished inside the last backward (overlapped with it); the
+        # tied weights' gradients are summed across their stages here, once per batch.
+        if self.backwards_left != 0:
+            raise _zeal.InternalError(f"pipeline stage {self.e.stage_id}: ReduceGrads before the stage's last "
+                                      f"backward ({self.backwards_left} left)")
+        self.e._sum_tied_gradients()
+        self.reduced = True
+
+    def optimizer_step(self, mb, chunk):
+        if not self.reduced:
+            raise _zeal.InternalError(f"pipeline stage {self.e.stage_id}: OptimizerStep before ReduceGrads")
+        self.pipelined = time.perf_counter() - self.started
+        self.e._core.set_boundary_override(1)
+        self.e._core.step()
+        self.e._core.set_boundary_override(-1)

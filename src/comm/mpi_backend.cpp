@@ -48,6 +48,7 @@
 
 #include "cpu/half_reduce.h"
 #include "rendezvous.h"
+#include "signature.h"
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 
@@ -72,47 +73,6 @@ std::string mpi_error_string(int code) {
   } while (0)
 
 // State shared by a communicator and its ops.
-// The signature of one collective, as it travels to every peer (plain bytes).
-struct Signature {
-  static constexpr size_t kSiteChars = 48;
-  uint64_t seq = 0;
-  int64_t count = -1;  // elements; -1 for a barrier
-  int32_t op = -1;     // index into kOpNames
-  int32_t reduce = -1;  // ReduceOp, or -1
-  int32_t dtype = -1;  // at::ScalarType, or -1
-  int32_t root = -1;
-  char site[kSiteChars] = {};
-
-  bool same_as(const Signature& o) const {
-    return seq == o.seq && count == o.count && op == o.op && reduce == o.reduce && dtype == o.dtype && root == o.root &&
-           std::strncmp(site, o.site, kSiteChars) == 0;
-  }
-  std::string describe() const;
-};
-
-const char* const kOpNames[] = {"all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all", "barrier"};
-
-int op_code(const std::string& name) {
-  for (int i = 0; i < static_cast<int>(sizeof(kOpNames) / sizeof(kOpNames[0])); ++i)
-    if (name == kOpNames[i]) return i;
-  return -1;
-}
-
-std::string Signature::describe() const {
-  std::string out = (op >= 0 && op < 7 ? kOpNames[op] : "op?") + std::string(" #") + std::to_string(seq) + " (";
-  std::string site_text(site, strnlen(site, kSiteChars));
-  if (!site_text.empty()) out += site_text + ", ";
-  if (count >= 0) {
-    out += std::to_string(count) + " x " +
-           (dtype >= 0 ? std::string(c10::toString(static_cast<at::ScalarType>(dtype))) : std::string("?"));
-  } else {
-    out += "no data";
-  }
-  if (reduce >= 0) out += std::string(", ") + to_string(static_cast<ReduceOp>(reduce));
-  if (root >= 0) out += ", root " + std::to_string(root);
-  return out + ")";
-}
-
 struct GroupState {
   MPI_Comm comm = MPI_COMM_NULL;
   MPI_Comm arrival_comm = MPI_COMM_NULL;
@@ -126,6 +86,7 @@ struct GroupState {
   std::mutex arrival_mutex;            // guards the probe-and-receive of announcements
   std::vector<uint64_t> last_arrived;  // highest sequence number announced by each group rank
   std::vector<std::map<uint64_t, Signature>> announced;  // each group rank's recent signatures
+  std::map<uint64_t, Signature> unverified;  // own signatures of completed ops not every peer confirmed yet
   uint64_t next_seq = 0;               // assigned under the runtime's queue lock
 
   std::string broken_message() {
@@ -176,6 +137,12 @@ struct InjectedFault {
 InjectedFault& injected_fault() {
   static InjectedFault fault;
   return fault;
+}
+
+// Note [Collective signatures]: on unless a benchmark turns the comparison off to measure its cost.
+std::atomic<bool>& signatures_checked() {
+  static std::atomic<bool> on{true};
+  return on;
 }
 
 // Whether this op is the one to drop (counts it down otherwise).
@@ -324,49 +291,37 @@ class MpiRuntime {
     }
     if (all_arrived) *all_arrived = complete;
     if (!disagree) return "";
-    // Ranks side by side, grouped by signature, the smallest group (the divergent one) first.
-    std::vector<std::pair<Signature, std::vector<int>>> groups;
+    std::vector<const Signature*> known(g.size, nullptr);
     for (int peer = 0; peer < g.size; ++peer) {
-      const Signature* sig = nullptr;
       if (peer == g.rank) {
-        sig = &op.signature;
+        known[peer] = &op.signature;
       } else if (auto it = g.announced[peer].find(op.seq); it != g.announced[peer].end()) {
-        sig = &it->second;
-      }
-      if (!sig) continue;
-      auto same = std::find_if(groups.begin(), groups.end(), [&](const auto& e) { return e.first.same_as(*sig); });
-      if (same == groups.end()) {
-        groups.push_back({*sig, {peer}});
-      } else {
-        same->second.push_back(peer);
+        known[peer] = &it->second;
       }
     }
-    std::stable_sort(groups.begin(), groups.end(),
-                     [](const auto& a, const auto& b) { return a.second.size() < b.second.size(); });
-    auto list = [&](const std::vector<int>& ranks, bool world) {
-      std::string out;
-      for (int r : ranks) out += (out.empty() ? "" : ", ") + std::to_string(world ? g.world_ranks[r] : r);
-      return out;
-    };
-    std::string message = "collective mismatch on group " + g.name + ": the ranks disagree about op #" +
-                          std::to_string(op.seq) + ":";
-    for (size_t i = 0; i < groups.size(); ++i) {
-      const auto& ranks = groups[i].second;
-      message += std::string(i ? ";" : "") + (ranks.size() == 1 ? " rank " : " ranks ") + list(ranks, false) +
-                 " (world " + list(ranks, true) + ") " + (ranks.size() == 1 ? "is" : "are") + " at " +
-                 groups[i].first.describe();
-    }
-    // The divergent ranks: the smallest group, when it is the only one of its size.
-    if (groups.size() >= 2 && groups[0].second.size() < groups[1].second.size())
-      message += " [diverged: world ranks " + list(groups[0].second, true) + "]";
-    else
-      message += " [diverged: world ranks " + list(groups[0].second, true) + " or " + list(groups[1].second, true) + "]";
-    message += " (a rank skipped, reordered or resized a collective; this rank is " + std::to_string(g.rank) + ")";
-    return message;
+    return describe_mismatch(g.name, op.seq, g.rank, known, g.world_ranks);
   }
 
-  // After a collective returned: every peer's signature for it must arrive and agree.
+  // After a collective returned: every peer's signature for it must arrive and agree. An op whose
+  // completion means every rank entered it (all_reduce, reduce_scatter, all_gather, all_to_all,
+  // barrier, reduce at its root) waits for them: they were sent before each peer entered. A
+  // broadcast, or a reduce off its root, can complete before another peer arrives, and that peer
+  // may first need this rank in a later op: waiting there could deadlock, so what has not arrived
+  // is checked as it arrives (drain_arrivals), and a late mismatch breaks the group.
   void verify_signatures(Op& op) {
+    const bool everyone_entered = op.op_name != "broadcast" && (op.op_name != "reduce" || op.signature.root == op.group->rank);
+    if (!everyone_entered) {
+      bool all = false;
+      std::string mismatch = compare_signatures(op, &all);
+      if (!mismatch.empty()) throw CommError(mismatch);
+      if (!all) {
+        std::lock_guard<std::mutex> lock(op.group->arrival_mutex);
+        auto& pending = op.group->unverified;
+        pending[op.seq] = op.signature;
+        while (pending.size() > 1024) pending.erase(pending.begin());
+      }
+      return;
+    }
     for (int spins = 0;; ++spins) {
       bool all = false;
       std::string mismatch = compare_signatures(op, &all);
@@ -398,6 +353,19 @@ class MpiRuntime {
       auto& recent = g.announced[peer];
       recent[value.seq] = value;
       while (recent.size() > 1024) recent.erase(recent.begin());  // a peer far ahead: keep the newest
+      // A late signature of an op this rank completed without waiting for it (see verify_signatures).
+      auto own = g.unverified.find(value.seq);
+      if (own != g.unverified.end() && !own->second.same_as(value)) {
+        std::vector<const Signature*> known(g.size, nullptr);
+        known[g.rank] = &own->second;
+        for (int r = 0; r < g.size; ++r)
+          if (r != g.rank)
+            if (auto it = g.announced[r].find(value.seq); it != g.announced[r].end()) known[r] = &it->second;
+        std::string message = describe_mismatch(g.name, value.seq, g.rank, known, g.world_ranks);
+        g.unverified.erase(own);
+        mark_broken(g, message);
+        log("comm", LogLevel::kError, message);
+      }
     }
   }
 
@@ -481,7 +449,7 @@ class MpiRuntime {
       }
       if (g && g->size > 1) announce(*op);
       op->run();
-      if (g && g->size > 1) verify_signatures(*op);
+      if (g && g->size > 1 && signatures_checked().load(std::memory_order_relaxed)) verify_signatures(*op);
     } catch (const CommError& e) {
       // An MPI error inside a mismatched collective (truncation, say) is reported as the mismatch.
       std::string message = e.what();
@@ -621,7 +589,8 @@ class MpiRuntime {
       std::shared_ptr<Op> blocker = current_;
       // A collective blocked inside MPI: compare the signatures that have arrived (Note
       // [Collective signatures]); a mismatch fails it now rather than at its deadline.
-      std::shared_ptr<Op> running = (current_ && !current_->point_to_point && current_->group &&
+      std::shared_ptr<Op> running = (signatures_checked().load(std::memory_order_relaxed) && current_ &&
+                                     !current_->point_to_point && current_->group &&
                                      current_->group->size > 1 && !current_->settled.load() &&
                                      now - current_->started >= std::chrono::milliseconds(20))
                                         ? current_
@@ -853,13 +822,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
       op->description = " (" + std::string(site.empty() ? "" : site + ", ") + std::to_string(t.numel()) + " x " +
                         std::string(c10::toString(t.scalar_type())) + ")";
     op->deadline = Clock::now() + (timeout.count() > 0 ? timeout : default_timeout());
-    Signature& sig = op->signature;
-    sig.op = op_code(name);
-    sig.count = t.defined() ? t.numel() : -1;
-    sig.dtype = t.defined() ? static_cast<int32_t>(t.scalar_type()) : -1;
-    sig.reduce = reduce;
-    sig.root = root;
-    std::strncpy(sig.site, site.c_str(), Signature::kSiteChars - 1);
+    op->signature = Signature::of(name, t, site, reduce, root);
     return op;
   }
 
@@ -964,6 +927,8 @@ void inject_dropped_collective(const std::string& group_prefix, int64_t after) {
   f.group_prefix = group_prefix;
   f.countdown = after;
 }
+
+void set_signature_checks(bool on) { signatures_checked().store(on); }
 
 void mpi_shutdown() {
   MpiRuntime::instance().shutdown();

@@ -489,6 +489,8 @@ void Engine::stage_bucket_on_host(int64_t flat_begin, int64_t flat_end, int64_t 
 at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
   std::vector<at::Tensor> pieces;
   for (const zero::OwnedRange& o : owned_) pieces.push_back(flat.slice(0, o.flat_begin, o.flat_end));
+  // A rank can own nothing: a model of zero-element parameters, or more ranks than elements.
+  if (pieces.empty()) return at::empty({0}, flat.options());
   return at::cat(pieces);
 }
 

@@ -139,3 +139,24 @@ def test_steps_per_print_logs_loss_lr_scale_and_throughput(capfd):
     assert [line.split("step ")[1].split(" ")[0] for line in lines] == ["2", "4"], err
     assert all("| lr 1.000e-02 | loss scale 1 |" in line and "samples/s" in line for line in lines)
     assert sum("time (ms) forward" in line and "backward" in line for line in err.splitlines()) == 2
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_model_whose_only_parameter_is_empty_trains_at_every_stage(stage):
+    # Before: ZeRO-1/2 failed inside torch.cat on an empty list while stage 3 accepted the model.
+    class Empty(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(0))
+
+        def forward(self, x):
+            return x.sum() + self.w.sum()
+
+    engine, *_ = zeal.initialize(model=Empty(), config={
+        "train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": stage}})
+    for _ in range(2):
+        loss = engine(torch.ones(2, 3, requires_grad=True))
+        engine.backward(loss)
+        engine.step()
+    assert engine.global_steps == 2 and engine.module.w.numel() == 0

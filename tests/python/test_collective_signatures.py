@@ -30,10 +30,12 @@ def test_divergent_rank_is_named_with_both_signatures(world, mode, fault):
     assert results, out
     for rank, line in results.items():
         if "TimeoutError" in line and mode == "pipe":
-            # A rank that dropped a collective on one group while its peer waits on another (the
-            # pipeline's groups cross) is a wait, not a disagreement within one group: the timeout
-            # names the rank that never arrived and where each was.
-            assert "did not arrive" in line and "this rank is at" in line and "was last at" in line, line
+            # A rank that dropped a collective on one group while its peer waits on another group or
+            # on an activation (the pipeline's groups and messages cross) is a wait, not a
+            # disagreement within one group: the timeout, within one timeout, names the rank that
+            # never arrived (and, for a collective, where each was last seen).
+            assert re.search(r"did not arrive: \[\d+\] \(world ranks \[\d+\]\)", line), line
+            assert "recv" in line or "was last at" in line, line
             continue
         assert "collective mismatch" in line, line
         waited = float(re.search(r"after ([\d.]+)s", line).group(1))
@@ -46,3 +48,30 @@ def test_divergent_rank_is_named_with_both_signatures(world, mode, fault):
         assert any(f"[diverged: world ranks {faulty}]" in line for line in results.values()), results
     # The rank that detected first made every other leave too: nothing waited for a late timeout.
     assert elapsed < 60, out
+
+
+def test_culprit_is_read_from_the_messages():
+    from zeal._rank import culprit
+
+    mismatch = ("collective mismatch on group world: the ranks disagree about op #12: rank 3 (world 3) is at "
+                "broadcast #12 (8 x Float, root 0); ranks 0, 1, 2 (world 0, 1, 2) are at all_reduce #12 (8 x Float, "
+                "sum) [diverged: world ranks 3] (a rank skipped, reordered or resized a collective; this rank is 0)")
+    assert culprit(mismatch) == "world rank 3 diverged at op #12 on group world"
+    tie = mismatch.replace("[diverged: world ranks 3]", "[diverged: world ranks 0 or 1]")
+    assert culprit(tie) == "world ranks 0 or 1 diverged at op #12 on group world"
+    timeout = ("all_reduce #1 on group world (16 x Float) timed out on rank 0 of group world (world rank 0); ranks "
+               "that did not arrive: [2] (world ranks [2]); this rank is at all_reduce #1 (16 x Float, sum)")
+    assert culprit(timeout) == "world rank 2 never arrived at all_reduce #1 on group world"
+    assert culprit("ValueError: something else") is None
+
+
+def test_launcher_final_line_names_the_divergent_rank():
+    from conftest import RANKS, run_launcher
+
+    proc = run_launcher(4, RANKS / "collective_fault.py", "--mode", "dp", "--fault", "op", "--faulty", 3,
+                        "--timeout", TIMEOUT, "--reraise", timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0
+    assert last.startswith("zeal: world rank 3 diverged at op #") and "every rank was stopped" in last, proc.stderr
+    # mpirun's own crash-worded report after the failure is dropped: Zeal's message is the last word.
+    assert "Primary job" not in proc.stderr and "mpirun detected" not in proc.stderr, proc.stderr

@@ -10,11 +10,12 @@ from zeal.pipe import LayerSpec, partition_balanced, partition_layers, partition
 
 def test_schedule_binding_gives_one_stage_s_instructions():
     got = _zeal.pipeline_schedule("1f1b", 2, 0, 3)
-    assert [op for op, _, _ in got] == ["LoadMicroBatch", "Forward", "SendActivation",
+    assert all(isinstance(op, _zeal.PipeOp) for op, _, _ in got)
+    assert [op.name for op, _, _ in got] == ["LoadMicroBatch", "Forward", "SendActivation",
                                         "LoadMicroBatch", "Forward", "SendActivation", "RecvGrad", "Backward",
                                         "LoadMicroBatch", "Forward", "SendActivation", "RecvGrad", "Backward",
                                         "RecvGrad", "Backward", "ReduceGrads", "OptimizerStep"]
-    assert [mb for op, mb, _ in got if op == "Backward"] == [0, 1, 2]
+    assert [mb for op, mb, _ in got if op == _zeal.PipeOp.Backward] == [0, 1, 2]
     with pytest.raises(_zeal.Error, match="multiple of the number of stages"):
         _zeal.pipeline_schedule("interleaved", 4, 0, 6, 2)
 

@@ -112,6 +112,10 @@ def test_zeal_to_fp32_joins_tensor_parallel_slices(tmp_path):
     meta = json.loads(parts.read_text())
     meta["parts"].remove("tensor2")
     parts.write_text(json.dumps(meta))
+    with pytest.raises(_zeal.CheckpointError, match="parts.json fails its checksum"):  # an edit is refused
+        to_fp32_state_dict(tmp_path / "ckpt")
+    meta.pop("checksum")
+    _zeal.write_sealed_json(str(parts), json.dumps(meta))  # resealed: the coverage check behind it still holds
     with pytest.raises(_zeal.CheckpointError, match=r"slices of parameter 'embed.weight' cover rows \[0, 16\) of "
                                                     r"the 32 along dim 0"):
         to_fp32_state_dict(tmp_path / "ckpt")

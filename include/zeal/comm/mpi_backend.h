@@ -18,4 +18,8 @@ void mpi_shutdown();
 // rank) after `after` others on such groups.
 void inject_dropped_collective(const std::string& group_prefix, int64_t after);
 
+// Turns the signature comparison off (the announcements still go out): for benchmarks that measure
+// what the check costs, never for training (Note [Collective signatures]).
+void set_signature_checks(bool on);
+
 }  // namespace zeal::comm

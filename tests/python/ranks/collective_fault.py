@@ -23,6 +23,8 @@ ap.add_argument("--fault", choices=["skip", "size", "op"], required=True)
 ap.add_argument("--faulty", type=int, default=1)
 ap.add_argument("--timeout", type=float, default=5)
 ap.add_argument("--steps", type=int, default=6)
+ap.add_argument("--reraise", action="store_true", help="leave with the error (as a user's script would)")
+ap.add_argument("--local_rank", type=int, default=0, help="passed by the zeal launcher, as by deepspeed")
 args = ap.parse_args()
 
 world = zeal.world()
@@ -101,6 +103,9 @@ try:
 except zeal.CommError as e:
     waited = time.monotonic() - start if start else -1
     print(f"RESULT rank {rank} after {waited:.2f}s {type(e).__name__}: {e}", flush=True)
+    if args.reraise:
+        time.sleep(0.5)
+        raise
 sys.stdout.flush()
 time.sleep(1.0)  # let every rank print before the first to leave makes mpirun stop the rest
 os._exit(0)
