@@ -164,6 +164,9 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("size", &comm::Communicator::size)
       .def_property_readonly("name", &comm::Communicator::name)
       .def_property_readonly("backend", &comm::Communicator::backend_name)
+      .def_property_readonly(
+          "timeout_s", [](const comm::Communicator& c) { return c.default_timeout().count() / 1000.0; },
+          "The deadline of an op that names none (Note [One comms timeout]).")
       .def("all_reduce",
            [](comm::Communicator& c, at::Tensor t, const std::string& op, double timeout_s) {
              return c.all_reduce(t, {to_reduce_op(op), to_timeout(timeout_s)});

@@ -160,3 +160,19 @@ def test_model_whose_only_parameter_is_empty_trains_at_every_stage(stage):
         engine.backward(loss)
         engine.step()
     assert engine.global_steps == 2 and engine.module.w.numel() == 0
+
+
+def test_comms_timeout_reaches_groups_cut_before_the_engine():
+    # Tensor-parallel and pipeline set-ups cut their groups before any config is read; the
+    # engine's comms_timeout_s must still bound their ops (Note [One comms timeout]).
+    world = zeal.world()
+    early = world.split([0], "tensor")
+    try:
+        zeal.initialize(model=torch.nn.Linear(4, 2), config={
+            "train_batch_size": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "comms_timeout_s": 7})
+        assert early.timeout_s == 7.0 and world.timeout_s == 7.0
+        zeal.initialize(model=torch.nn.Linear(4, 2), config={
+            "train_batch_size": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+        assert early.timeout_s == zeal._zeal.DEFAULT_COMMS_TIMEOUT_S == 300.0  # the one default
+    finally:
+        zeal._zeal.set_default_timeout(zeal._zeal.DEFAULT_COMMS_TIMEOUT_S)
