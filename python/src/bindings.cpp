@@ -84,6 +84,17 @@ zero::ParamPartition* stage3(engine::Engine& e) {
 }
 
 
+// Every tensor of a safetensors file by name, each checked against its CRC32 (when it has one,
+// unless require_checksums).
+py::dict tensors_of(const checkpoint::SafetensorsReader& reader, bool require_checksums) {
+  py::dict out;
+  for (const auto& [name, entry] : reader.entries()) {
+    if (require_checksums || reader.metadata().count("crc32:" + name)) reader.verify(name);
+    out[py::str(name)] = reader.read_all(name);
+  }
+  return out;
+}
+
 std::unique_ptr<engine::Engine> make_engine(const py::list& groups, Config config, comm::CommunicatorPtr data_group) {
   auto specs = to_groups(groups);
   comm::Timeout timeout = to_timeout(config.comms_timeout_s);
@@ -369,24 +380,12 @@ PYBIND11_MODULE(_zeal, m) {
         "A checkpoint manifest's JSON text, its checksum verified (and removed) when it has one.");
   m.def("read_checkpoint_extra",
         [](const std::string& dir) {
-          auto reader = checkpoint::open_extra(dir);
-          py::dict out;
-          for (const auto& [name, entry] : reader->entries()) {
-            reader->verify(name);
-            out[py::str(name)] = reader->read_all(name);
-          }
-          return out;
+          return tensors_of(*checkpoint::open_extra(dir), /*require_checksums=*/true);
         },
         py::arg("dir"), "The module state (buffers, frozen parameters) of checkpoint directory dir, checked.");
   m.def("read_safetensors",
         [](const std::string& path) {
-          checkpoint::SafetensorsReader reader(path);
-          py::dict out;
-          for (const auto& [name, entry] : reader.entries()) {
-            if (reader.metadata().count("crc32:" + name)) reader.verify(name);
-            out[py::str(name)] = reader.read_all(name);
-          }
-          return out;
+          return tensors_of(checkpoint::SafetensorsReader(path), /*require_checksums=*/false);
         },
         py::arg("path"), "Read every tensor of a safetensors file (checksums verified when present).");
   m.def("checkpoint_read_parameters",

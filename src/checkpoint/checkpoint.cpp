@@ -287,21 +287,42 @@ Manifest read_manifest(const std::string& path) {
   return m;
 }
 
+namespace {
+
+// That a file the manifest names is the one it recorded (version 2): the same save, the place it
+// was written for (rank, part, world size), its size and its header (Note [Checkpoint integrity]).
+void check_sealed(const SafetensorsReader& file, const Manifest& m, int64_t rank, const FileSeal& seal) {
+  const auto& meta = file.metadata();
+  auto get = [&](const char* key) {
+    auto it = meta.find(key);
+    return it == meta.end() ? std::string("(none)") : it->second;
+  };
+  const std::string& path = file.path();
+  if (get("rank") != std::to_string(rank))
+    throw CheckpointError(path + " does not belong to rank " + std::to_string(rank) + " of this checkpoint (it says rank " +
+                          get("rank") + "; mixed-up files?)");
+  if (m.version < 2) return;
+  if (get("save_id") != m.save_id)
+    throw CheckpointError(path + " belongs to save " + get("save_id") + ", not to this checkpoint's save " + m.save_id +
+                          " (a shard copied from another checkpoint?)");
+  if (get("part") != m.part || get("world_size") != std::to_string(m.world_size))
+    throw CheckpointError(path + " was saved as rank " + get("rank") + " of " + get("world_size") + " in part '" +
+                          get("part") + "', but the manifest is part '" + m.part + "' of " +
+                          std::to_string(m.world_size) + " ranks");
+  if (file.file_size() != seal.bytes)
+    throw CheckpointError(path + " has " + std::to_string(file.file_size()) + " bytes; the manifest recorded " +
+                          std::to_string(seal.bytes) + " (truncated or replaced)");
+  if (file.header_digest() != seal.header_digest)
+    throw CheckpointError(path + ": its header differs from the one the manifest recorded (xxh64 " +
+                          file.header_digest() + ", recorded " + seal.header_digest + "): edited or replaced");
+}
+
+}  // namespace
+
 std::unique_ptr<SafetensorsReader> open_extra(const std::string& dir) {
   Manifest m = read_manifest((fs::path(dir) / kManifestName).string());
   auto reader = std::make_unique<SafetensorsReader>((fs::path(dir) / kExtraName).string());
-  if (m.version >= 2) {
-    const auto& meta = reader->metadata();
-    auto get = [&](const char* key) {
-      auto it = meta.find(key);
-      return it == meta.end() ? std::string("(none)") : it->second;
-    };
-    if (get("save_id") != m.save_id)
-      throw CheckpointError(reader->path() + " belongs to save " + get("save_id") + ", not to this checkpoint's " +
-                            m.save_id + " (a file from another checkpoint?)");
-    if (reader->file_size() != m.extra_seal.bytes || reader->header_digest() != m.extra_seal.header_digest)
-      throw CheckpointError(reader->path() + " is not the file its manifest recorded (size or header changed)");
-  }
+  check_sealed(*reader, m, 0, m.extra_seal);  // rank 0 writes it
   return reader;
 }
 
@@ -331,30 +352,8 @@ SafetensorsReader& CheckpointReader::shard(size_t rank) {
   if (!shards_[rank]) {
     const std::string path = (fs::path(dir_) / shard_file_name(static_cast<int>(rank))).string();
     auto reader = std::make_unique<SafetensorsReader>(path);
-    const auto& meta = reader->metadata();
-    auto get = [&](const char* key) {
-      auto it = meta.find(key);
-      return it == meta.end() ? std::string("(none)") : it->second;
-    };
-    if (get("rank") != std::to_string(rank))
-      throw CheckpointError(path + " does not belong to rank " + std::to_string(rank) + " of this checkpoint (it says rank " +
-                            get("rank") + "; mixed-up files?)");
-    if (manifest_.version >= 2) {
-      if (get("save_id") != manifest_.save_id)
-        throw CheckpointError(path + " belongs to save " + get("save_id") + ", not to this checkpoint's save " +
-                              manifest_.save_id + " (a shard copied from another checkpoint?)");
-      if (get("part") != manifest_.part || get("world_size") != std::to_string(manifest_.world_size))
-        throw CheckpointError(path + " was saved as rank " + get("rank") + " of " + get("world_size") + " in part '" +
-                              get("part") + "', but the manifest is part '" + manifest_.part + "' of " +
-                              std::to_string(manifest_.world_size) + " ranks");
-      const FileSeal& seal = manifest_.shard_seals[rank];
-      if (reader->file_size() != seal.bytes)
-        throw CheckpointError(path + " has " + std::to_string(reader->file_size()) + " bytes; the manifest recorded " +
-                              std::to_string(seal.bytes) + " (truncated or replaced)");
-      if (reader->header_digest() != seal.header_digest)
-        throw CheckpointError(path + ": its header differs from the one the manifest recorded (xxh64 " +
-                              reader->header_digest() + ", recorded " + seal.header_digest + "): edited or replaced");
-    }
+    check_sealed(*reader, manifest_, static_cast<int64_t>(rank),
+                 manifest_.version >= 2 ? manifest_.shard_seals[rank] : FileSeal{});
     // Every tensor the fragments index must be there, fp32, flat, and long enough.
     int64_t needed = 0;
     for (const zero::Fragment& f : manifest_.fragments[rank]) needed = std::max(needed, f.local + (f.end - f.begin));

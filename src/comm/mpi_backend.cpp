@@ -291,15 +291,21 @@ class MpiRuntime {
     }
     if (all_arrived) *all_arrived = complete;
     if (!disagree) return "";
+    return mismatch_message(g, op.signature);
+  }
+
+  // The mismatch message for op `own.seq`: this rank's signature beside every peer's that arrived.
+  // Called with g.arrival_mutex held.
+  static std::string mismatch_message(const GroupState& g, const Signature& own) {
     std::vector<const Signature*> known(g.size, nullptr);
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) {
-        known[peer] = &op.signature;
-      } else if (auto it = g.announced[peer].find(op.seq); it != g.announced[peer].end()) {
+        known[peer] = &own;
+      } else if (auto it = g.announced[peer].find(own.seq); it != g.announced[peer].end()) {
         known[peer] = &it->second;
       }
     }
-    return describe_mismatch(g.name, op.seq, g.rank, known, g.world_ranks);
+    return describe_mismatch(g.name, own.seq, g.rank, known, g.world_ranks);
   }
 
   // After a collective returned: every peer's signature for it must arrive and agree. An op whose
@@ -356,12 +362,7 @@ class MpiRuntime {
       // A late signature of an op this rank completed without waiting for it (see verify_signatures).
       auto own = g.unverified.find(value.seq);
       if (own != g.unverified.end() && !own->second.same_as(value)) {
-        std::vector<const Signature*> known(g.size, nullptr);
-        known[g.rank] = &own->second;
-        for (int r = 0; r < g.size; ++r)
-          if (r != g.rank)
-            if (auto it = g.announced[r].find(value.seq); it != g.announced[r].end()) known[r] = &it->second;
-        std::string message = describe_mismatch(g.name, value.seq, g.rank, known, g.world_ranks);
+        std::string message = mismatch_message(g, own->second);
         g.unverified.erase(own);
         mark_broken(g, message);
         log("comm", LogLevel::kError, message);

@@ -238,7 +238,7 @@ class NcclCommunicator : public Communicator {
   template <typename Fn>
   WorkPtr enqueue(Signature sig, std::vector<at::Tensor> tensors, Timeout timeout, Fn&& launch) {
     const bool collective = sig.op >= 0;
-    const std::string op = collective ? sig.describe().substr(0, sig.describe().find(' ')) : std::string(sig.site);
+    const std::string op = collective ? sig.op_name() : sig.site;
     ZEAL_CHECK_AS(CommError, !broken_, op, " on group ", name_, " cannot run: ", broken_reason_);
     sig.seq = ++seq_;
     std::string description = op + " #" + std::to_string(sig.seq) + " on group " + name_ + " (nccl)";

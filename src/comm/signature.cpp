@@ -29,8 +29,10 @@ Signature Signature::of(const std::string& op_name, const at::Tensor& tensor, co
   return sig;
 }
 
+const char* Signature::op_name() const { return op >= 0 && op < kOps ? kOpNames[op] : "op?"; }
+
 std::string Signature::describe() const {
-  std::string out = (op >= 0 && op < kOps ? kOpNames[op] : "op?") + std::string(" #") + std::to_string(seq) + " (";
+  std::string out = op_name() + std::string(" #") + std::to_string(seq) + " (";
   std::string site_text(site, strnlen(site, kSiteChars));
   if (!site_text.empty()) out += site_text + ", ";
   if (count >= 0) {

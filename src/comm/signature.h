@@ -32,6 +32,7 @@ struct Signature {
     return seq == o.seq && count == o.count && op == o.op && reduce == o.reduce && dtype == o.dtype &&
            root == o.root && std::strncmp(site, o.site, kSiteChars) == 0;
   }
+  const char* op_name() const;  // "reduce_scatter"; "op?" for no collective
   // "reduce_scatter #12 (grad bucket 1 round 3, 144 x Float, sum)"
   std::string describe() const;
 };

@@ -47,11 +47,10 @@ class StrictHandler : public nlohmann::json_sax<json> {
     // "...; last read: '<raw bytes>'" may hold ill-formed UTF-8, which no message may carry.
     if (size_t last = reason.find("; last read:"); last != std::string::npos) reason.resize(last);
     std::string token = last_token.size() > 40 ? last_token.substr(0, 40) + "..." : last_token;
-    std::string_view at = position > 0 && position - 1 < text_.size() ? text_.substr(position - 1) : std::string_view();
     // The lexer stops a few bytes into the literal: look back to where it starts.
     size_t from = position > 0 ? position - 1 : 0;
     while (from > 0 && std::isalpha(static_cast<unsigned char>(text_[from - 1]))) --from;
-    at = from < text_.size() ? text_.substr(from) : std::string_view();
+    std::string_view at = from < text_.size() ? text_.substr(from) : std::string_view();
     if (token.rfind("N", 0) == 0 || token.rfind("I", 0) == 0 || token.rfind("-I", 0) == 0 || at.rfind("NaN", 0) == 0 ||
         at.rfind("Infinity", 0) == 0 || at.rfind("nan", 0) == 0 || at.rfind("inf", 0) == 0)
       reason = "NaN and Infinity are not JSON numbers (write a finite number)";
