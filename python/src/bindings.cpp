@@ -20,6 +20,7 @@
 #include "zeal/core/error.h"
 #include "zeal/engine/engine.h"
 #include "zeal/optim/cpu_optim.h"
+#include "zeal/optim/client_optimizer.h"
 #include "zeal/parallel/schedule.h"
 #include "zeal/comm/topology.h"
 #include "zeal/features.h"
@@ -95,8 +96,44 @@ py::dict tensors_of(const checkpoint::SafetensorsReader& reader, bool require_ch
   return out;
 }
 
-std::unique_ptr<engine::Engine> make_engine(const py::list& groups, Config config, comm::CommunicatorPtr data_group) {
+// The user's optimizer (python/zeal/client_optim.py adapts a torch.optim.Optimizer to these calls).
+// The engine calls them from its step with the GIL released: each takes the GIL, and the Python
+// object is held through a shared_ptr whose deleter takes it too, so copies never touch refcounts.
+std::unique_ptr<optim::Optimizer> client_optimizer(const py::object& adapter) {
+  if (adapter.is_none()) return nullptr;
+  std::shared_ptr<py::object> held(new py::object(adapter), [](py::object* o) {
+    py::gil_scoped_acquire gil;
+    delete o;
+  });
+  optim::ClientCallbacks c;
+  c.name = py::str(adapter.attr("name"));
+  c.update = [held](at::Tensor& params, const at::Tensor& grads, const std::vector<optim::ParamGroup>&) {
+    py::gil_scoped_acquire gil;
+    held->attr("update")(params, grads);
+  };
+  c.state_names = [held] {
+    py::gil_scoped_acquire gil;
+    return held->attr("state_names")().cast<std::vector<std::string>>();
+  };
+  c.state = [held](const std::string& name) {
+    py::gil_scoped_acquire gil;
+    return held->attr("state")(name).cast<at::Tensor>();
+  };
+  c.scalars = [held] {
+    py::gil_scoped_acquire gil;
+    return held->attr("scalars")().cast<std::map<std::string, std::vector<double>>>();
+  };
+  c.restore_scalars = [held](const std::map<std::string, std::vector<double>>& saved) {
+    py::gil_scoped_acquire gil;
+    held->attr("restore_scalars")(saved);
+  };
+  return std::make_unique<optim::ClientOptimizer>(std::move(c));
+}
+
+std::unique_ptr<engine::Engine> make_engine(const py::list& groups, Config config, comm::CommunicatorPtr data_group,
+                                            const py::object& client) {
   auto specs = to_groups(groups);
+  auto optimizer = client_optimizer(client);
   comm::Timeout timeout = to_timeout(config.comms_timeout_s);
   comm::set_default_timeout(timeout);  // every MPI group, whenever cut (Note [One comms timeout])
   comm::CommunicatorPtr world = data_group ? data_group : comm::world();
@@ -113,13 +150,15 @@ std::unique_ptr<engine::Engine> make_engine(const py::list& groups, Config confi
   }
   // Construction runs collectives; other threads may need the GIL meanwhile.
   py::gil_scoped_release nogil;
-  return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world);
+  return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world, std::move(optimizer));
 }
 }  // namespace
 
 PYBIND11_MODULE(_zeal, m) {
   m.doc() = "Zeal's C++ core";
   m.attr("__version__") = ZEAL_VERSION;
+  m.attr("__git_hash__") = ZEAL_GIT_HASH;
+  m.attr("__git_branch__") = ZEAL_GIT_BRANCH;
   m.attr("with_cuda") = static_cast<bool>(ZEAL_WITH_CUDA);
   m.def("build_info", [] {
     py::dict d;
@@ -147,11 +186,20 @@ PYBIND11_MODULE(_zeal, m) {
 
   // The parsed config travels to the Engine as an object: a config is parsed once (Config::parse_text).
   py::class_<Config>(m, "Config", "A parsed, validated config (zeal/core/config.h).")
-      .def_readonly("comms_timeout_s", &Config::comms_timeout_s);
+      .def_readonly("comms_timeout_s", &Config::comms_timeout_s)
+      .def_readonly("steps_per_print", &Config::steps_per_print)
+      .def_readonly("gradient_clipping", &Config::gradient_clipping);
   m.def("validate_config", [](const std::string& text) { return Config::from_string(text); },
         "Parse and validate a JSON config; returns it for the Engine, or raises ConfigError naming the bad key.");
   m.def("check_config_text", [](const py::bytes& data) { Config::parse_text(std::string(data)); }, py::arg("data"),
-        "Raises ConfigError if the config's bytes are not strict JSON (Config::parse_text).");
+        "Raises ConfigError if the config's bytes are not a config's JSON (Config::parse_text).");
+  m.def("normalize_config_text", [](const py::bytes& data) {
+          std::string text(data);
+          Config::parse_text(text);  // refuses with the byte offset and key path
+          return py::str(relax_config_json(text, /*mark_infinity=*/false));  // Python's json reads Infinity
+        }, py::arg("data"),
+        "The config's bytes checked (Config::parse_text) and returned as JSON Python's json module reads: comments "
+        "and trailing commas blanked.");
   m.def("resolve_batch", [](const std::string& text, int64_t dp) {
     BatchSizes b = Config::from_string(text).resolve_batch(dp);
     return py::make_tuple(b.train_batch_size, b.micro_batch_size, b.gradient_accumulation_steps);
@@ -399,12 +447,18 @@ PYBIND11_MODULE(_zeal, m) {
 
   py::class_<engine::Engine>(m, "Engine")
       .def(py::init([](const py::list& groups, const std::string& config_json, comm::CommunicatorPtr data_group) {
-             return make_engine(groups, Config::from_string(config_json), std::move(data_group));
+             return make_engine(groups, Config::from_string(config_json), std::move(data_group), py::none());
            }),
            py::arg("param_groups"), py::arg("config_json"), py::arg("data_group") = nullptr)
-      .def(py::init(&make_engine), py::arg("param_groups"), py::arg("config"), py::arg("data_group") = nullptr)
+      .def(py::init(&make_engine), py::arg("param_groups"), py::arg("config"), py::arg("data_group") = nullptr,
+           py::arg("client_optimizer") = py::none())
 
-      .def("backward", &engine::Engine::backward, py::call_guard<py::gil_scoped_release>())
+      .def("backward", &engine::Engine::backward, py::arg("loss"), py::arg("retain_graph") = false,
+           py::arg("scale_wrt_gas") = true, py::call_guard<py::gil_scoped_release>())
+      .def("full_value", &engine::Engine::full_value, py::arg("index"), py::arg("what"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_full_value", &engine::Engine::set_full_value, py::arg("index"), py::arg("what"), py::arg("value"),
+           py::call_guard<py::gil_scoped_release>())
       .def("backward_from", &engine::Engine::backward_from, py::arg("outputs"), py::arg("output_grads"),
            py::call_guard<py::gil_scoped_release>())
       .def("set_model_parallel_group", &engine::Engine::set_model_parallel_group, py::arg("group"),
@@ -414,12 +468,24 @@ PYBIND11_MODULE(_zeal, m) {
       .def("zero_grad", &engine::Engine::zero_grad)
       .def("is_gradient_accumulation_boundary", &engine::Engine::is_gradient_accumulation_boundary)
       .def("get_lr", &engine::Engine::get_lr)
+      .def("set_lr", &engine::Engine::set_lr, py::arg("lrs"))
+      .def("get_mom", &engine::Engine::get_mom)
+      .def("segments", &engine::Engine::segments)
+      .def_property_readonly("optimizer_name", [](engine::Engine& e) { return std::string(e.optimizer().name()); })
+      .def_property_readonly("optimizer_steps", [](engine::Engine& e) { return e.optimizer().steps_taken(); })
+      .def("optimizer_state_names", [](engine::Engine& e) { return e.optimizer().state_names(); })
+      .def("optimizer_state", [](engine::Engine& e, const std::string& name) {
+        ZEAL_CHECK(!e.swapper(), "the optimizer state of this engine lives in NVMe swap files");
+        return e.optimizer().state(name);  // this rank's elements, sharing storage
+      }, py::arg("name"))
       .def("add_forward_time", &engine::Engine::add_forward_time)
       .def_property_readonly("global_steps", &engine::Engine::global_steps)
       .def_property_readonly("global_samples", &engine::Engine::global_samples)
       .def_property_readonly("micro_steps", &engine::Engine::micro_steps)
       .def_property_readonly("skipped_steps", &engine::Engine::skipped_steps)
       .def_property_readonly("loss_scale", &engine::Engine::loss_scale)
+      .def_property_readonly("dynamic_loss_scale", &engine::Engine::dynamic_loss_scale)
+      .def_property_readonly("last_step_overflow", &engine::Engine::last_step_overflow)
       .def_property_readonly("last_grad_norm", &engine::Engine::last_grad_norm)
       .def_property_readonly("num_buckets", &engine::Engine::num_buckets)
       .def_property_readonly("zero_stage", &engine::Engine::stage)

@@ -3,6 +3,7 @@
 The C++ engine owns the training state; the model's parameters become views into its flat
 buffers. This module only adapts arguments, times forward, and builds the data loader.
 """
+import collections
 import json
 import os
 import time
@@ -46,25 +47,107 @@ def _param_groups(model, model_parameters, dtype):
     return groups
 
 
-class ZealOptimizer:
-    """What initialize returns as the optimizer: a view of the engine's optimizer state."""
+class ZealOptimizer(torch.optim.Optimizer):
+    """What initialize returns as the optimizer: a torch.optim.Optimizer over the engine's optimizer,
+    so torch and Hugging Face LR schedulers drive it as they drive any other. param_groups are the
+    dicts the step reads: with a config 'optimizer' section, Zeal's (one per group, the model's
+    parameters under "params"); with optimizer= in initialize, the user's own. A value written to
+    group["lr"] takes effect at the next step (engine.step() hands it to the engine first).
 
-    def __init__(self, core):
+    The engine steps it: call engine.step(), not optimizer.step()."""
+
+    def __init__(self, core, param_groups, client=None):
+        # Optimizer.__init__ would register the parameters again; set what torch's hooks and
+        # schedulers read instead.
         self._core = core
+        self._client = client
+        self.defaults = dict(client.optimizer.defaults) if client else \
+            {k: v for k, v in param_groups[0].items() if k != "params"}
+        self.param_groups = client.optimizer.param_groups if client else param_groups
+        self.state = client.optimizer.state if client else collections.defaultdict(dict)
+        self._optimizer_step_pre_hooks = collections.OrderedDict()
+        self._optimizer_step_post_hooks = collections.OrderedDict()
+        self._optimizer_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_state_dict_post_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
+        self._zero_grad_profile_name = "Optimizer.zero_grad#ZealOptimizer.zero_grad"
+
+    def __getstate__(self):
+        raise TypeError("ZealOptimizer is a view of the engine's optimizer and cannot be pickled; save with "
+                        "engine.save_checkpoint")
+
+    def __repr__(self):
+        return f"ZealOptimizer({self._core.optimizer_name}, {len(self.param_groups)} groups)"
 
     @property
-    def param_groups(self):
-        return [{"lr": lr} for lr in self._core.get_lr()]
+    def optimizer(self):
+        """The optimizer under the wrapper (DeepSpeed's .optimizer): the user's torch optimizer, or this."""
+        return self._client.optimizer if self._client else self
 
+    def step(self, closure=None):
+        raise RuntimeError("ZealOptimizer is stepped by the engine: call engine.step() (it unscales, clips, "
+                           "steps the optimizer and the LR schedule)")
+
+    def zero_grad(self, set_to_none=True):
+        self._core.zero_grad()
+
+    # fp16 loss scaling, with DeepSpeed's names.
     @property
     def loss_scale(self):
         return self._core.loss_scale
 
     cur_scale = loss_scale
 
+    @property
+    def overflow(self):
+        """Whether the last optimizer step was skipped for an fp16 gradient overflow."""
+        return self._core.last_step_overflow
+
+    @property
+    def loss_scale_config(self):
+        """DeepSpeed's LossScaleConfig: dynamic or static scaling and its current scale."""
+        return _LossScaleConfig(self._core)
+
+    def state_dict(self):
+        """This rank's optimizer state (its ZeRO partition, as DeepSpeed's ZeRO optimizers give):
+        the user's optimizer's own state_dict for a client optimizer; else the engine's state tensors
+        by name, its step count and the groups' hyperparameters."""
+        if self._client:
+            return self._client.optimizer.state_dict()
+        core = self._core
+        return {"optimizer": core.optimizer_name, "steps": core.optimizer_steps,
+                "state": {n: core.optimizer_state(n).clone() for n in core.optimizer_state_names()},
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                "loss_scale": core.loss_scale}
+
+    def load_state_dict(self, state_dict):
+        if self._client:
+            return self._client.optimizer.load_state_dict(state_dict)
+        core = self._core
+        if state_dict.get("optimizer") != core.optimizer_name:
+            raise ValueError(f"load_state_dict: the state is of {state_dict.get('optimizer')!r}, this engine's "
+                             f"optimizer is {core.optimizer_name!r}")
+        for name, value in state_dict["state"].items():
+            target = core.optimizer_state(name)
+            if target.shape != value.shape:
+                raise ValueError(f"load_state_dict: state {name!r} has {value.numel()} elements, this rank holds "
+                                 f"{target.numel()} (saved at another world size or ZeRO stage? use checkpoints)")
+            target.copy_(value)
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+
+
+class _LossScaleConfig:
+    def __init__(self, core):
+        self.dynamic_loss_scale = core.dynamic_loss_scale
+        self.cur_scale = core.loss_scale
+        self.use_grad_scaling = core.model_dtype == "Half"
+
 
 class ZealLRScheduler:
-    """What initialize returns as the scheduler; the engine steps it after each applied step."""
+    """What initialize returns for the config's 'scheduler' section; the engine steps it after each
+    applied optimizer step (as DeepSpeed's engine does)."""
 
     def __init__(self, core):
         self._core = core
@@ -74,14 +157,204 @@ class ZealLRScheduler:
 
     get_last_lr = get_lr
 
+    def get_mom(self):
+        """Per group: beta1 (momentum for SGD), what OneCycle's cycle_momentum moves."""
+        return self._core.get_mom()
 
-class ZealEngine(torch.nn.Module):
+    @property
+    def last_batch_iteration(self):
+        return self._core.global_steps - self._core.skipped_steps - 1
+
+    def state_dict(self):
+        return {"last_batch_iteration": self.last_batch_iteration}
+
+    def load_state_dict(self, state_dict):
+        """The schedule's position is the engine's step count: it comes back with load_checkpoint."""
+        if state_dict.get("last_batch_iteration") != self.last_batch_iteration:
+            raise ValueError("the config scheduler follows the engine's step count; restore it with "
+                             "engine.load_checkpoint")
+
+
+class EngineAPI:
+    """DeepSpeed's engine queries and properties, over self._core (the C++ engine), self._config (the
+    config dict), self.optimizer and self.lr_scheduler: one definition for ZealEngine and
+    PipelineEngine. docs/compatibility.md lists each against DeepSpeed's."""
+
+    # --- batch and step accounting ---
+    def train_batch_size(self):
+        return self._core.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self):
+        return self._core.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self):
+        return self._core.gradient_accumulation_steps
+
+    def get_batch_info(self):
+        return self.train_batch_size(), self.train_micro_batch_size_per_gpu(), self.gradient_accumulation_steps()
+
+    @property
+    def global_steps(self):
+        return self._core.global_steps
+
+    @property
+    def global_samples(self):
+        return self._core.global_samples
+
+    @property
+    def micro_steps(self):
+        return self._core.micro_steps
+
+    @property
+    def skipped_steps(self):
+        return self._core.skipped_steps
+
+    def is_gradient_accumulation_boundary(self):
+        return self._core.is_gradient_accumulation_boundary()
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        """Overrides the boundary (DeepSpeed's, for callers that run their own accumulation): True
+        makes the next backward reduce and the next step apply, False holds both."""
+        self._core.set_boundary_override(1 if is_boundary else 0)
+
+    def was_step_applied(self):
+        """Whether the latest step() updated the parameters: False between accumulation boundaries
+        and on an fp16 overflow."""
+        return getattr(self, "_step_applied", False)
+
+    def get_global_grad_norm(self):
+        """The unscaled global gradient norm of the last applied step; None when the engine computed
+        none (fp32 or bf16 without gradient_clipping, where the step needs no norm)."""
+        if self.global_steps == 0 or not self._needs_norm():
+            return None
+        return self._core.last_grad_norm
+
+    def _needs_norm(self):
+        return self.fp16_enabled() or self.gradient_clipping() > 0
+
+    # --- learning rate and momentum (read from the optimizer's groups, as DeepSpeed's) ---
+    def get_lr(self):
+        return [group.get("lr", 0.0) for group in self.optimizer.param_groups]
+
+    def get_mom(self):
+        name = self.optimizer_name() or ""
+        if name.lower() in ("sgd", "rmsprop"):
+            return [group.get("momentum", 0.0) for group in self.optimizer.param_groups]
+        return [group.get("betas") for group in self.optimizer.param_groups]
+
+    # --- config queries ---
+    def optimizer_name(self):
+        if getattr(self, "_client_optimizer", None) is not None:
+            return type(self._client_optimizer).__name__
+        opt = self._config.get("optimizer")
+        return opt.get("type").lower() if isinstance(opt, dict) and isinstance(opt.get("type"), str) else None
+
+    def optimizer_params(self):
+        return (self._config.get("optimizer") or {}).get("params")
+
+    def scheduler_name(self):
+        return (self._config.get("scheduler") or {}).get("type")
+
+    def scheduler_params(self):
+        return (self._config.get("scheduler") or {}).get("params")
+
+    def fp16_enabled(self):
+        return bool((self._config.get("fp16") or {}).get("enabled", False))
+
+    def bfloat16_enabled(self):
+        return any(bool((self._config.get(k) or {}).get("enabled", False)) for k in ("bf16", "bfloat16"))
+
+    def amp_enabled(self):
+        return False
+
+    def fp16_auto_cast(self):
+        return False
+
+    def dynamic_loss_scale(self):
+        return self._core.dynamic_loss_scale
+
+    def gradient_clipping(self):
+        return float(self._config.get("gradient_clipping", 0.0))
+
+    def steps_per_print(self):
+        return self._core.steps_per_print
+
+    def wall_clock_breakdown(self):
+        return self._core.wall_clock_breakdown
+
+    def zero_optimization(self):
+        return self.zero_optimization_stage() > 0
+
+    def zero_optimization_stage(self):
+        return self._core.zero_stage
+
+    def zero_optimization_partition_gradients(self):
+        return self.zero_optimization_stage() >= 2
+
+    def zero_optimization_partition_weights(self):
+        return self.zero_optimization_stage() >= 3
+
+    def zero_allow_untested_optimizer(self):
+        return bool(self._config.get("zero_allow_untested_optimizer", False))
+
+    def zero_force_ds_cpu_optimizer(self):
+        return bool(self._config.get("zero_force_ds_cpu_optimizer", True))
+
+    def zero_cpu_offload(self):
+        zero = self._config.get("zero_optimization")
+        zero = zero if isinstance(zero, dict) else {}
+        off = zero.get("offload_optimizer") or {}
+        return str(off.get("device", "none")).lower() == "cpu" or zero.get("cpu_offload") is True
+
+    def get_data_types(self):
+        dtype = torch.float16 if self.fp16_enabled() else torch.bfloat16 if self.bfloat16_enabled() else torch.float32
+        return dtype, dtype
+
+    @property
+    def communication_data_type(self):
+        name = self._config.get("communication_data_type")
+        names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bfp16": torch.bfloat16}
+        return names[name] if name else self.get_data_types()[0]
+
+    # --- ranks and device ---
+    @property
+    def global_rank(self):
+        """This rank in the whole world (with a data_parallel_group, not its rank in that group)."""
+        return _zeal.world().rank
+
+    @property
+    def world_size(self):
+        return _zeal.world().size
+
+    @property
+    def dp_world_size(self):
+        """The ranks that hold replicas of this rank's parameters (the data-parallel group)."""
+        return self._core.world_size
+
+    @property
+    def local_rank(self):
+        from . import comm
+
+        return comm.get_local_rank()
+
+
+class ZealEngine(EngineAPI, torch.nn.Module):
     """Wraps the user's module. `engine(*args)` runs forward; backward() and step() as DeepSpeed."""
 
-    def __init__(self, module: torch.nn.Module, core):
+    def __init__(self, module: torch.nn.Module, core, config=None, optimizer=None, lr_scheduler=None,
+                 client_optimizer=None, client_lr_scheduler=None, training_dataloader=None):
         super().__init__()
         self.module = module
         self._core = core
+        self._config = dict(config or {})
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self._client_optimizer = client_optimizer
+        self._client_lr_scheduler = client_lr_scheduler  # stepped after each applied step
+        self.training_dataloader = training_dataloader
+        self._step_applied = False
+        fp16 = self._config.get("fp16") or {}
+        self._auto_cast = bool(fp16.get("enabled", False) and fp16.get("auto_cast", False))
         self._stage3 = None
         self._tensor_group = None  # the tensor-parallel group, when the model has sharded layers
         if core.zero_stage == 3:
@@ -94,9 +367,35 @@ class ZealEngine(torch.nn.Module):
                     if hasattr(p, attr):
                         delattr(p, attr)
             self._stage3 = Stage3Hooks(module, core)
+        for i, p in enumerate(core.parameters):  # zeal.utils.safe_get_full_* find the engine through it
+            p._zeal_owner = (core, i)
+
+    def __getattr__(self, name):
+        # As DeepSpeed's engine: an attribute the engine lacks is looked up on the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "module" in modules and name != "module":
+                return getattr(modules["module"], name)
+            raise
+
+    @property
+    def device(self):
+        return self._core.parameters[0].device
+
+    @property
+    def basic_optimizer(self):
+        return self._client_optimizer if self._client_optimizer is not None else self.optimizer
+
+    @property
+    def loss_scale(self):
+        return self._core.loss_scale
 
     def forward(self, *args, **kwargs):
         start = time.perf_counter()
+        if self._auto_cast:  # fp16.auto_cast: floating inputs to fp16, as DeepSpeed's engine
+            args, kwargs = _to_half(args), _to_half(kwargs)
         if self._stage3 is None:
             out = self.module(*args, **kwargs)
         else:
@@ -105,20 +404,43 @@ class ZealEngine(torch.nn.Module):
         self._core.add_forward_time(time.perf_counter() - start)
         return out
 
-    def backward(self, loss):
+    def backward(self, loss, retain_graph=False, scale_wrt_gas=True):
+        """Scaled backward with the gradient reduction; returns the loss divided by
+        gradient_accumulation_steps (scale_wrt_gas) or the loss itself, as DeepSpeed's."""
         if self._stage3 is not None:
             self._stage3.begin_backward()
-            self._core.backward(loss)
+            self._core.backward(loss, retain_graph, scale_wrt_gas)
             self._stage3.end_backward()
         else:
-            self._core.backward(loss)
-        return loss
+            self._core.backward(loss, retain_graph, scale_wrt_gas)
+        return loss / self.gradient_accumulation_steps() if scale_wrt_gas else loss
 
-    def step(self):
-        self._core.step()
+    def step(self, lr_kwargs=None):
+        """On the accumulation boundary: the optimizer step (with the learning rates now in the
+        optimizer's param_groups), then the LR schedule; between boundaries it only counts."""
+        core = self._core
+        boundary = core.is_gradient_accumulation_boundary()
+        groups = self.optimizer.param_groups
+        if boundary:
+            core.set_lr([float(g["lr"]) for g in groups])
+        skipped = core.skipped_steps
+        core.step()
+        self._step_applied = boundary and core.skipped_steps == skipped
+        if boundary:
+            _pull_lr(core, groups)  # a config scheduler moved them
+            if self._step_applied and self._client_lr_scheduler is not None:
+                try:
+                    self._client_lr_scheduler.step(**(lr_kwargs or {}))
+                except TypeError:  # DeepSpeed's fallback for schedulers that take the sample count
+                    self._client_lr_scheduler.step(self.train_batch_size())
 
     def zero_grad(self):
         self._core.zero_grad()
+
+    def empty_partition_cache(self):
+        """ZeRO-3: release every gathered parameter (DeepSpeed's; a no-op below stage 3)."""
+        if self._stage3 is not None:
+            self._stage3.release_all()
 
     # --- checkpoints (DeepSpeed's signatures) ---------------------------------------------------
     def _extra_state(self, exclude_frozen_parameters=False):
@@ -186,9 +508,6 @@ class ZealEngine(torch.nn.Module):
                         own[name].copy_(value)
         return path, json.loads(client_json)
 
-    def is_gradient_accumulation_boundary(self):
-        return self._core.is_gradient_accumulation_boundary()
-
     def comms_log_summary(self, show=True):
         """comms_logger: {op: {"calls": n, "bytes": b}} for this rank since initialize (message
         bytes: each call's input tensor). With show, rank 0 also prints a table. Empty when the
@@ -207,52 +526,6 @@ class ZealEngine(torch.nn.Module):
     def skipped_comm_rounds(self):
         """Steps on which the optimizer communicated nothing (0/1 Adam's local steps)."""
         return self._core.skipped_comm_rounds
-
-    def get_lr(self):
-        return self._core.get_lr()
-
-    def train_batch_size(self):
-        return self._core.train_batch_size
-
-    def train_micro_batch_size_per_gpu(self):
-        return self._core.train_micro_batch_size_per_gpu
-
-    def gradient_accumulation_steps(self):
-        return self._core.gradient_accumulation_steps
-
-    @property
-    def global_steps(self):
-        return self._core.global_steps
-
-    @property
-    def global_samples(self):
-        return self._core.global_samples
-
-    @property
-    def micro_steps(self):
-        return self._core.micro_steps
-
-    @property
-    def skipped_steps(self):
-        return self._core.skipped_steps
-
-    @property
-    def loss_scale(self):
-        return self._core.loss_scale
-
-    @property
-    def global_rank(self):
-        """This rank in the whole world (with a data_parallel_group, not its rank in that group)."""
-        return _zeal.world().rank
-
-    @property
-    def world_size(self):
-        return _zeal.world().size
-
-    @property
-    def dp_world_size(self):
-        """The ranks that hold replicas of this rank's parameters (the data-parallel group)."""
-        return self._core.world_size
 
 
 def initialize(
@@ -278,18 +551,17 @@ def initialize(
     model's tensor-parallel layers by default), across which gradient norms are summed."""
     if model is None:
         raise _zeal.ConfigError("initialize needs model=")
-    if optimizer is not None:
-        raise _zeal.ConfigError("passing a torch optimizer object is not supported yet; "
-                                "configure it under config key 'optimizer'")
-    if lr_scheduler is not None:
-        raise _zeal.ConfigError("passing a scheduler object is not supported yet; "
-                                "configure it under config key 'scheduler'")
     if mpu is not None:
-        raise _zeal.ConfigError("mpu= (model parallelism) is not supported yet")
+        raise _zeal.ConfigError("initialize: mpu= (a Megatron-style model-parallel unit over torch.distributed groups) "
+                                "is not supported; pass data_parallel_group= and model_parallel_group= "
+                                "(zeal.tensor_parallel.make_groups), or use a zeal.pipe.PipelineModule")
     cfg = load_config(config, args, config_params)
     from .pipe import PipelineEngine, PipelineModule
 
     if isinstance(model, PipelineModule):
+        if optimizer is not None or lr_scheduler is not None:
+            raise _zeal.ConfigError("initialize: optimizer= and lr_scheduler= with a PipelineModule are not supported "
+                                    "yet; configure config keys 'optimizer' and 'scheduler'")
         stage_cfg = {k: v for k, v in cfg.items() if k != "pipeline"}
         parsed = _zeal.validate_config(to_json(stage_cfg))  # serialised once, parsed once: the engine takes it
         if cfg.get("zero_optimization", {}).get("stage", 0) > 2:
@@ -298,8 +570,9 @@ def initialize(
         precision = _precision(cfg)
         if precision in _DTYPES:
             model.to(_DTYPES[precision])
-        engine = PipelineEngine(model, {**stage_cfg, "pipeline": cfg.get("pipeline", {})}, parsed_config=parsed)
-        return engine, ZealOptimizer(engine._core), None, ZealLRScheduler(engine._core) if "scheduler" in cfg else None
+        engine = PipelineEngine(model, {**stage_cfg, "pipeline": cfg.get("pipeline", {})}, parsed_config=parsed,
+                                training_data=training_data, collate_fn=collate_fn)
+        return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
     if "pipeline" in cfg:
         raise _zeal.ConfigError("config key 'pipeline': pipeline parallelism needs the model to be a "
                                 "zeal.pipe.PipelineModule")
@@ -309,9 +582,27 @@ def initialize(
 
     precision = _precision(cfg)
     dtype = _DTYPES.get(precision, torch.float32)
+    client = torch_optimizer = None
+    if optimizer is not None:
+        from . import client_optim
+
+        if "optimizer" in cfg:  # DeepSpeed's rule: the client optimizer is used, the section ignored
+            import warnings
+
+            warnings.warn("initialize: the config has an 'optimizer' section and optimizer= is used (as DeepSpeed "
+                          "does); the section is ignored")
+            cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
+            parsed = _zeal.validate_config(to_json(cfg))
+        torch_optimizer = client_optim.build(optimizer, list(model.parameters()) if model_parameters is None
+                                             else list(model_parameters))
+        client_optim.check_allowed(torch_optimizer, cfg)
+        model_parameters = client_optim.engine_groups(torch_optimizer)
+        client = client_optim.ClientAdapter(torch_optimizer)
     if precision in _DTYPES:
         model.to(dtype)
-    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), parsed, data_parallel_group)
+    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), parsed, data_parallel_group, client)
+    if client is not None:
+        client.bind(core)
     if model_parallel_group is None:
         model_parallel_group = next((m.group for m in model.modules() if getattr(m, "tensor_parallel_layer", False)),
                                     None)
@@ -320,18 +611,73 @@ def initialize(
         uncounted = [] if model_parallel_group.rank == 0 else \
             [p for p in model.parameters() if p.requires_grad and not getattr(p, "tensor_parallel", False)]
         core.set_model_parallel_group(model_parallel_group, uncounted)
-    engine = ZealEngine(model, core)
-    if model_parallel_group is not None and model_parallel_group.size > 1:
-        engine._tensor_group = model_parallel_group
 
+    zeal_optimizer = ZealOptimizer(core, _optimizer_groups(core, model, model_parameters), client)
+    _pull_lr(core, zeal_optimizer.param_groups)
+    scheduler, client_scheduler = _lr_scheduler(cfg, core, zeal_optimizer, lr_scheduler)
     loader = None
     if training_data is not None:
         from .data import distributed_loader
 
         loader = distributed_loader(training_data, core.train_micro_batch_size_per_gpu, core.rank,
                                     core.world_size, collate_fn)
-    scheduler = ZealLRScheduler(core) if "scheduler" in cfg else None
-    return engine, ZealOptimizer(core), loader, scheduler
+    engine = ZealEngine(model, core, cfg, zeal_optimizer, scheduler, torch_optimizer, client_scheduler, loader)
+    if model_parallel_group is not None and model_parallel_group.size > 1:
+        engine._tensor_group = model_parallel_group
+    return engine, zeal_optimizer, loader, scheduler
+
+
+def _to_half(value):
+    if torch.is_tensor(value):
+        return value.half() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_half(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_half(v) for k, v in value.items()}
+    return value
+
+
+def _optimizer_groups(core, model, model_parameters):
+    """The param_groups of Zeal's own optimizer: the model's parameters of each group, with the
+    group's hyperparameters (the engine's learning rates; the config's or the group's others)."""
+    params = list(model.parameters() if model_parameters is None else model_parameters)
+    if not params or not isinstance(params[0], dict):
+        params = [{"params": params}]
+    lrs = core.get_lr()
+    moms = core.get_mom()
+    groups = []
+    for g, (spec, lr) in enumerate(zip(params, lrs)):
+        group = {k: v for k, v in spec.items() if k != "params"}
+        group.update(params=[p for p in spec["params"] if p.requires_grad], lr=lr)
+        group.setdefault("betas", (moms[g], 0.999) if "betas" not in spec else spec["betas"])
+        groups.append(group)
+    return groups
+
+
+def _pull_lr(core, groups):
+    for group, lr in zip(groups, core.get_lr()):
+        group["lr"] = lr
+
+
+def _lr_scheduler(cfg, core, optimizer, client):
+    """DeepSpeed's choice: the config's scheduler section wins (the engine steps it); else the user's
+    scheduler (an object, or a callable given the optimizer), stepped by engine.step() after each
+    applied step. Returns (what initialize returns, what the engine steps itself)."""
+    if "scheduler" in cfg:
+        if client is not None:
+            import warnings
+
+            warnings.warn("initialize: both a config 'scheduler' and lr_scheduler= were given; the config's is "
+                          "used, as DeepSpeed does")
+        return ZealLRScheduler(core), None
+    if client is None:
+        return None, None
+    if not hasattr(client, "step") and callable(client):
+        client = client(optimizer.optimizer)
+    if not hasattr(client, "step"):
+        raise _zeal.ConfigError(f"initialize: lr_scheduler= must be an LR scheduler or a callable that builds one "
+                                f"from the optimizer, got {type(client).__name__}")
+    return client, client
 
 
 def _check_save_dir(save_dir):

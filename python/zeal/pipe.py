@@ -21,6 +21,7 @@ import time
 import torch
 
 from . import _zeal
+from .engine import EngineAPI
 
 # Message kinds: the tag of a point-to-point message (shape messages: _SHAPE + kind).
 _ACTIVATION, _GRADIENT, _SHAPE = 0, 1, 2
@@ -226,15 +227,107 @@ class PipelineModule(torch.nn.Module):
         return x
 
 
-class PipelineEngine:
+class PipelineParallelGrid:
+    """DeepSpeed's PipelineParallelGrid (engine.grid, engine.mpu) over a PipelineModule's topology:
+    the ranks, axis coordinates and groups pipeline scripts ask for (to pick their data shard, for
+    example). Groups are Zeal communicators. "Model parallel" is every axis but data (pipe x
+    tensor), "slice parallel" the tensor axis, as in DeepSpeed."""
+
+    def __init__(self, topology, rank, pipe_comm, data_comm, model_comm):
+        self._topo = topology
+        self.global_rank = rank
+        self.world_size = topology.world_size
+        self.pipe_parallel_size = topology.axis_size("pipe")
+        self.data_parallel_size = topology.axis_size("data")
+        try:
+            self.slice_parallel_size = topology.axis_size("tensor")
+        except _zeal.Error:
+            self.slice_parallel_size = 1
+        self.model_parallel_size = self.slice_parallel_size
+        self.pp_group = topology.group_of("pipe", rank)
+        self.dp_group = topology.group_of("data", rank)
+        self.stage_id = self.pp_group.index(rank)
+        self.data_parallel_id = self.dp_group.index(rank)
+        self.is_first_stage = self.stage_id == 0
+        self.is_last_stage = self.stage_id == self.pipe_parallel_size - 1
+        self._pipe_comm, self._data_comm, self._model_comm = pipe_comm, data_comm, model_comm
+
+    def topology(self):
+        return self._topo
+
+    def get_global_rank(self):
+        return self.global_rank
+
+    def get_stage_id(self):
+        return self.stage_id
+
+    def get_pipe_parallel_rank(self):
+        return self.stage_id
+
+    get_pipeline_model_parallel_rank = get_pipe_parallel_rank
+
+    def get_pipe_parallel_world_size(self):
+        return self.pipe_parallel_size
+
+    get_pipeline_model_parallel_world_size = get_pipe_parallel_world_size
+
+    def get_pipe_parallel_group(self):
+        return self._pipe_comm
+
+    def get_data_parallel_id(self):
+        return self.data_parallel_id
+
+    def get_data_parallel_rank(self):
+        return self.data_parallel_id
+
+    def get_data_parallel_world_size(self):
+        return self.data_parallel_size
+
+    def get_data_parallel_group(self):
+        return self._data_comm
+
+    def get_data_parallel_group_ranks(self):
+        return list(self.dp_group)
+
+    def get_model_parallel_rank(self):
+        return self._model_comm.rank
+
+    def get_model_parallel_world_size(self):
+        return self._model_comm.size
+
+    def get_model_parallel_group(self):
+        return self._model_comm
+
+    def get_slice_parallel_rank(self):
+        try:
+            group = self._topo.group_of("tensor", self.global_rank)
+        except _zeal.Error:
+            return 0
+        return group.index(self.global_rank)
+
+    get_tensor_model_parallel_rank = get_slice_parallel_rank
+
+    def get_slice_parallel_world_size(self):
+        return self.slice_parallel_size
+
+    get_tensor_model_parallel_world_size = get_slice_parallel_world_size
+
+    def stage_to_global(self, stage_id, **kwargs):
+        """The global rank at pipeline stage stage_id with this rank's other coordinates."""
+        return self.pp_group[stage_id]
+
+
+class PipelineEngine(EngineAPI):
     """What zeal.initialize returns for a PipelineModule: train_batch / eval_batch over one global
     batch of gradient_accumulation_steps micro-batches, with the schedule of config key
     pipeline.schedule: "1f1b" (the default), "fill_drain", or "interleaved" (the default for a
     PipelineModule with chunks_per_stage > 1)."""
 
-    def __init__(self, module, config, model_parameters=None, parsed_config=None):
+    def __init__(self, module, config, model_parameters=None, parsed_config=None, training_data=None,
+                 collate_fn=None):
         self.module = module
         self.config = dict(config)
+        self._config = self.config
         topology, world = module.topology, module.world
         rank = world.rank
         self.stage_id, self.num_stages = module.stage_id, module.num_stages
@@ -259,7 +352,7 @@ class PipelineEngine:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"pipeline stage {self.stage_id} has no trainable parameters")
-        self.device = params[0].device  # received activations and gradients are allocated here
+        self.device_ = params[0].device  # received activations and gradients are allocated here
         names = [n for n, p in zip(module.parameter_names(), module.parameters()) if p.requires_grad]
         from .tensor_parallel import split_of
 
@@ -297,6 +390,28 @@ class PipelineEngine:
                                     "with ZeRO stage 0 or 1 (their gradients are summed whole before the step)")
         self._core.set_model_parallel_group(self.model_comm, uncounted)
         self.micro_batches = self._core.gradient_accumulation_steps
+        self.micro_batch_size = self._core.train_micro_batch_size_per_gpu
+        self.grid = PipelineParallelGrid(topology, rank, self.pipe_comm, self.data_comm, self.model_comm)
+        self.mpu = self.grid
+        from .engine import ZealLRScheduler, ZealOptimizer, _optimizer_groups, _pull_lr
+
+        self.optimizer = ZealOptimizer(self._core, _optimizer_groups(self._core, module, params))
+        _pull_lr(self._core, self.optimizer.param_groups)
+        self.lr_scheduler = ZealLRScheduler(self._core) if "scheduler" in self.config else None
+        self._step_applied = False
+        # training_data (DeepSpeed's): the first and last stages read it, each data-parallel index
+        # its own shard, in order, forever; train_batch() without data_iter takes the next batch.
+        self.training_dataloader, self.data_iterator = None, None
+        if training_data is not None:
+            from .data import distributed_loader
+            from .utils import RepeatingLoader
+
+            loader = distributed_loader(training_data, self.micro_batch_size, self.grid.get_data_parallel_rank(),
+                                        self.grid.get_data_parallel_world_size(), collate_fn, shuffle=False)
+            if self.is_first_stage() or self.is_last_stage():
+                self.set_dataloader(RepeatingLoader(loader))
+            else:
+                self.training_dataloader = loader
         self._shapes = {}  # ("send" | "recv", kind) -> (shape, dtype), from the first message
         self._pending = []  # (Work, tensor) of sends in flight
         self._loopback = {_ACTIVATION: collections.deque(), _GRADIENT: collections.deque()}
@@ -308,15 +423,57 @@ class PipelineEngine:
     def is_last_stage(self):
         return self.stage_id == self.num_stages - 1
 
+    def get_pipeline_parallel_rank(self):
+        return self.stage_id
+
     @property
-    def global_steps(self):
-        return self._core.global_steps
+    def global_rank(self):
+        return self.module.world.rank
+
+    @property
+    def world_size(self):
+        return self.module.world.size
+
+    @property
+    def device(self):
+        return self.device_
+
+    def set_dataloader(self, loader):
+        """The first and last stages read their micro-batches from `loader` (DeepSpeed's)."""
+        if self.is_first_stage() or self.is_last_stage():
+            self.training_dataloader = loader
+            self.data_iterator = iter(loader)
+
+    def set_dataiterator(self, iterator):
+        if self.is_first_stage() or self.is_last_stage():
+            self.training_dataloader = None
+            self.data_iterator = iterator
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("Only train_batch() is accessible in pipeline mode (as in DeepSpeed)")
+
+    backward = step = forward
 
     def train_batch(self, data_iter=None):
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss
-        (on every stage)."""
+        (on every stage). data_iter: where the first and last stages take micro-batches from (else
+        the loader of initialize's training_data)."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError("train_batch() requires gradients enabled; use eval_batch() instead")
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        if self.data_iterator is None and (self.is_first_stage() or self.is_last_stage()):
+            raise ValueError("train_batch() needs data: pass data_iter=, or training_data= to initialize")
         self.module.train()
-        return self._run(self.schedule_kind, data_iter, train=True)
+        core = self._core
+        core.set_lr([float(g["lr"]) for g in self.optimizer.param_groups])
+        skipped = core.skipped_steps
+        loss = self._run(self.schedule_kind, self.data_iterator, train=True)
+        self._step_applied = core.skipped_steps == skipped
+        from .engine import _pull_lr
+
+        _pull_lr(core, self.optimizer.param_groups)
+        return loss
 
     def eval_batch(self, data_iter):
         """The mean loss over gradient_accumulation_steps micro-batches, forward only."""
@@ -431,7 +588,7 @@ class PipelineEngine:
             dtype, ndim = _DTYPES[int(meta[0])], int(meta[1])
             self._shapes[key] = (tuple(int(d) for d in meta[2:2 + ndim]), dtype)
         shape, dtype = self._shapes[key]
-        buffer = torch.empty(shape, dtype=dtype, device=self.device)  # where this stage's activations live
+        buffer = torch.empty(shape, dtype=dtype, device=self.device_)  # where this stage's activations live
         world.recv(buffer, src, kind, self.timeout_s).wait()
         return buffer
 
@@ -480,7 +637,10 @@ class _Execution:
     def forward(self, mb, chunk):
         key = (mb, chunk)
         t0 = time.perf_counter()
-        out = self.e.module(self.inputs[key], chunk)
+        x = self.inputs[key]
+        if torch.is_tensor(x) and x.requires_grad and x.is_leaf:
+            x = x.clone()  # the received activation keeps its .grad; a first layer may work in place
+        out = self.e.module(x, chunk)
         if self.vs(chunk) == self.last_vs:
             if self.e.module.loss_fn is None:
                 raise ValueError("the last pipeline stage needs PipelineModule(loss_fn=...)")

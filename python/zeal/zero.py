@@ -52,6 +52,12 @@ class Stage3Hooks:
         for h in self.handles:
             h.remove()
 
+    def release_all(self):
+        """Releases every gathered parameter but the persistent ones (engine.empty_partition_cache)."""
+        live = [i for i in range(len(self.numel)) if self.core.is_live(i) and not self.core.is_persistent(i)]
+        if live:
+            self.core.release_params(live)
+
     # --- forward -------------------------------------------------------------------------------
     def _pre(self, module, args):
         if self.depth == 0:

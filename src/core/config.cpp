@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <limits>
 #include <cmath>
 #include <fstream>
 #include <set>
@@ -15,6 +16,7 @@
 
 #include "zeal/core/error.h"
 #include "zeal/core/json.h"
+#include "zeal/core/logging.h"
 
 namespace zeal {
 namespace {
@@ -89,6 +91,10 @@ class Reader {
   }
 
   const json& raw(const std::string& key) { return object_.at(key); }
+  const json* raw_or_null(const std::string& key) const {
+    auto it = object_.find(key);
+    return it == object_.end() ? nullptr : &*it;
+  }
   std::string path(const std::string& key) const { return join_path(path_, key); }
 
   void read_bool(const std::string& key, bool& out) {
@@ -145,6 +151,57 @@ class Reader {
         throw ConfigError("config key '" + path(key) + "' is not supported yet" + when +
                           "; remove it to run with this Zeal version");
     }
+  }
+
+  // The top level, as DeepSpeed's: a key it does not know is ignored with a warning, unless it is
+  // a likely typo of a known key (then it is an error with the did-you-mean).
+  void finish_top_level() {
+    for (auto it = object_.begin(); it != object_.end(); ++it) {
+      if (std::find(known_.begin(), known_.end(), it.key()) != known_.end()) continue;
+      std::string hint = did_you_mean(it.key(), known_);
+      if (!hint.empty()) throw ConfigError("unknown config key '" + clip_key(it.key()) + "'" + hint);
+      log("config", LogLevel::kWarn, "config key '", clip_key(it.key()),
+          "' is not a DeepSpeed or Zeal key; ignored (as DeepSpeed ignores unknown top-level keys)");
+    }
+  }
+
+  // A section for a DeepSpeed feature this Zeal does not implement: accepted while switched off
+  // (absent, false, null, or "enabled": false), "not supported yet" when on. `on_when_present`:
+  // sections DeepSpeed switches on by being there (no "enabled" key).
+  void feature_off(const std::string& key, bool on_when_present = false) {
+    if (!has(key)) return;
+    const json& v = raw(key);
+    if (v.is_boolean() && !v.get<bool>()) return;
+    if (v.is_object() && !on_when_present) {
+      const auto e = v.find("enabled");
+      if (e == v.end() || e->is_null()) return;
+      if (!e->is_boolean()) fail(key + ".enabled", "a boolean (true or false)", *e);
+      if (!e->get<bool>()) return;
+      throw ConfigError("config key '" + path(key) + ".enabled': " + key +
+                        " is not supported yet; set it to false or remove the section to run with this Zeal version");
+    }
+    throw ConfigError("config key '" + path(key) + "': " + key +
+                      " is not supported yet; remove it to run with this Zeal version");
+  }
+
+  // A key DeepSpeed has whose `value_off` (its default or an off value) Zeal matches; any other
+  // value is "not supported yet".
+  void only_value(const std::string& key, const json& value_off, const std::string& what = "") {
+    if (!has(key)) return;
+    if (raw(key) == value_off) return;
+    throw ConfigError("config key '" + path(key) + "': " + json_preview(value_off) + " is what this Zeal version " +
+                      "supports, got " + show(raw(key)) + (what.empty() ? "" : " (" + what + ")"));
+  }
+
+  // Keys accepted with any value of the right kind: they tune what Zeal does another way or not at all.
+  void accept_bool(const std::vector<std::string>& keys) {
+    for (const auto& key : keys) {
+      bool ignored = false;
+      read_bool(key, ignored);
+    }
+  }
+  void accept_any(const std::vector<std::string>& keys) {
+    for (const auto& key : keys) (void)has(key);
   }
 
   // Any key never asked for is unknown.
@@ -250,6 +307,10 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
       p.read_number("eps", out.eps, 0.0, /*exclusive=*/true);
       p.read_bool("bias_correction", out.bias_correction);
       if (out.type == OptimizerType::kAdam) p.read_bool("adam_w_mode", out.adam_w_mode);
+      if (out.type == OptimizerType::kAdamW) {  // DeepSpeed's AdamW is decoupled whatever adam_w_mode says
+        bool ignored = true;
+        p.read_bool("adam_w_mode", ignored);
+      }
       if (out.compressed()) {
         if (out.type == OptimizerType::kZeroOneAdam) {
           p.read_int("var_freeze_step", out.var_freeze_step, 1);
@@ -294,6 +355,9 @@ void parse_optimizer(const json& node, OptimizerConfig& out) {
       } else {
         bool torch_adam = false;
         p.read_bool("torch_adam", torch_adam);  // accepted: Zeal has one Adam implementation
+        if (p.has("max_grad_norm"))  // DeepSpeed refuses it the same way
+          throw ConfigError("config key 'optimizer.params.max_grad_norm': not an optimizer parameter; clip with the "
+                            "top-level 'gradient_clipping' key");
       }
       bool amsgrad = false;
       p.read_bool("amsgrad", amsgrad);
@@ -324,7 +388,10 @@ void parse_scheduler(const json& node, SchedulerConfig& out) {
     case SchedulerType::kWarmupLR:
     case SchedulerType::kWarmupDecayLR:
     case SchedulerType::kWarmupCosineLR: {
-      p.read_int("warmup_num_steps", out.warmup_num_steps, 1);
+      // DeepSpeed reads 0 and 1 as 2 (the log warmup needs log(n) > 0); null is an error there too.
+      if (const json* w = p.raw_or_null("warmup_num_steps"); w && w->is_null())
+        throw ConfigError("config key 'scheduler.params.warmup_num_steps': expected an integer >= 0, got null");
+      p.read_int("warmup_num_steps", out.warmup_num_steps, 0);
       out.warmup_log = p.read_choice("warmup_type", {"log", "linear"}, "log") == "log";
       if (out.type == SchedulerType::kWarmupCosineLR) {
         p.read_number("warmup_min_ratio", out.warmup_min_ratio, 0.0);
@@ -349,7 +416,7 @@ void parse_scheduler(const json& node, SchedulerConfig& out) {
       p.read_number("cycle_max_lr", out.cycle_max_lr, 0.0);
       p.read_number("decay_lr_rate", out.decay_lr_rate, 0.0);
       p.read_number("cycle_first_step_size", out.cycle_first_step_size, 0.0, true);
-      p.read_number("cycle_second_step_size", out.cycle_second_step_size, 0.0, true);
+      p.read_number("cycle_second_step_size", out.cycle_second_step_size, 0.0);  // 0: the lr only rises
       p.read_int("cycle_first_stair_count", out.cycle_first_stair_count, 0);
       p.read_int("cycle_second_stair_count", out.cycle_second_stair_count, 0);
       p.read_number("decay_step_size", out.decay_step_size, 0.0);
@@ -382,7 +449,8 @@ void parse_fp16(const json& node, Fp16Config& out) {
   r.read_number("min_loss_scale", out.min_loss_scale, 0.0, true);
   if (out.initial_scale_power > 64)
     r.fail("initial_scale_power", "an integer in [0, 64]", r.raw("initial_scale_power"));
-  r.reject_not_yet({"auto_cast", "fp16_master_weights_and_grads"}, "");
+  r.accept_bool({"auto_cast"});  // zeal.engine casts forward's floating inputs to fp16
+  r.only_value("fp16_master_weights_and_grads", false, "Zeal keeps fp32 master weights");
   r.finish();
 }
 
@@ -405,16 +473,39 @@ std::string read_nvme_path(Reader& o, OffloadDevice device) {
   return path;
 }
 
-void parse_zero(const json& node, ZeroConfig& out) {
+void parse_zero(const json& given, ZeroConfig& out) {
+  // DeepSpeed's legacy forms: "zero_optimization": true (stage 1) or false; cpu_offload and
+  // cpu_offload_param, its old names for offload_optimizer and offload_param with device "cpu".
+  json node = given.is_boolean() ? json{{"stage", given.get<bool>() ? 1 : 0}} : given;
+  if (node.is_object()) {
+    for (const auto& [legacy, modern] : {std::pair<std::string, std::string>{"cpu_offload", "offload_optimizer"},
+                                         {"cpu_offload_param", "offload_param"}}) {
+      auto it = node.find(legacy);
+      if (it == node.end() || it->is_null()) continue;
+      if (!it->is_boolean())
+        throw ConfigError("config key 'zero_optimization." + legacy + "': expected a boolean (true or false), got " +
+                          show(*it));
+      const bool on = it->get<bool>();
+      if (on && node.contains(modern) && !node.at(modern).is_null())
+        throw ConfigError("config keys 'zero_optimization." + legacy + "' and 'zero_optimization." + modern +
+                          "' are both set; " + legacy + " is DeepSpeed's old name for " + modern +
+                          " with device \"cpu\": keep " + modern);
+      if (on) node[modern] = json{{"device", "cpu"}};
+    }
+  }
   Reader r(node, "zero_optimization");
+  r.accept_bool({"cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory"});  // folded in above
   r.read_int("stage", out.stage, 0);
   if (out.stage > 3) r.fail("stage", "an integer in [0, 3]", r.raw("stage"));
-  r.read_int("reduce_bucket_size", out.reduce_bucket_size, 1);
+  // DeepSpeed allows 0: every gradient reduced on its own (a bucket per parameter, Zeal's 1).
+  r.read_int("reduce_bucket_size", out.reduce_bucket_size, 0);
+  out.reduce_bucket_size = std::max<int64_t>(1, out.reduce_bucket_size);
   r.read_bool("reduce_scatter", out.reduce_scatter);
   r.read_bool("overlap_comm", out.overlap_comm);
   r.read_bool("contiguous_gradients", out.contiguous_gradients);
   r.read_bool("allgather_partitions", out.allgather_partitions);
-  r.read_int("allgather_bucket_size", out.allgather_bucket_size, 1);
+  r.read_int("allgather_bucket_size", out.allgather_bucket_size, 0);
+  out.allgather_bucket_size = std::max<int64_t>(1, out.allgather_bucket_size);
   // Stage 3 keys, under DeepSpeed's names and their stage3_-prefixed aliases.
   auto read_alias = [&](const std::string& name, int64_t& out, int64_t min_value) {
     r.read_int(name, out, min_value);
@@ -429,7 +520,8 @@ void parse_zero(const json& node, ZeroConfig& out) {
   r.read_bool("stage3_gather_16bit_weights_on_model_save", out.gather_16bit_weights_on_model_save);
   r.read_bool("stage3_gather_fp16_weights_on_model_save", out.gather_16bit_weights_on_model_save);
   r.read_bool("ignore_unused_parameters", out.ignore_unused_parameters);
-  r.read_int("sub_group_size", out.sub_group_size, 1);
+  r.read_int("sub_group_size", out.sub_group_size, 0);
+  if (out.sub_group_size == 0) out.sub_group_size = ZeroConfig{}.sub_group_size;  // DeepSpeed: no grouping limit
   r.read_bool("round_robin_gradients", out.round_robin_gradients);
   r.read_bool("elastic_checkpoint", out.elastic_checkpoint);
   r.read_bool("load_from_fp32_weights", out.load_from_fp32_weights);
@@ -451,6 +543,8 @@ void parse_zero(const json& node, ZeroConfig& out) {
     bool fast_init = false;  // accepted: Zeal's swap files are always written once at start
     o.read_bool("fast_init", fast_init);
     o.read_bool("pipeline_read", off.pipeline_read);
+    o.only_value("super_offload", false, "SuperOffload is not supported yet");
+    o.accept_any({"cpuadam_cores_perc"});  // accepted: Zeal's CPU optimizer uses the OpenMP threads it is given
     o.read_bool("pipeline_write", off.pipeline_write);
     off.nvme_path = read_nvme_path(o, off.device);
     o.finish();
@@ -472,10 +566,22 @@ void parse_zero(const json& node, ZeroConfig& out) {
       throw ConfigError("config key '" + o.path("device") + "': offloading parameters needs ZeRO stage 3 "
                         "(zero_optimization.stage is " + std::to_string(out.stage) + ")");
   }
-  r.reject_not_yet({"cpu_offload", "zero_hpz_partition_size",
-                    "zero_quantized_weights", "zero_quantized_gradients", "mics_shard_size",
-                    "memory_efficient_linear", "use_multi_rank_bucket_allreduce"},
-                   " (offload and quantized/hierarchical ZeRO come later)");
+  // ZeRO++, MiCS and ZenFlow: accepted switched off (DeepSpeed's defaults), refused when on.
+  r.only_value("zero_hpz_partition_size", 1, "ZeRO++ hierarchical partitioning is not supported yet");
+  r.only_value("zero_quantized_weights", false, "ZeRO++ quantized weights are not supported yet");
+  r.only_value("zero_quantized_nontrainable_weights", false, "ZeRO++ quantized weights are not supported yet");
+  r.only_value("zero_quantized_gradients", false, "ZeRO++ quantized gradients are not supported yet");
+  r.only_value("zeropp_loco_param", nullptr, "ZeRO++ LoCo is not supported yet");
+  r.only_value("mics_shard_size", -1, "MiCS is not supported yet");
+  r.only_value("mics_hierarchical_params_gather", false, "MiCS is not supported yet");
+  r.only_value("legacy_stage1", false, "DeepSpeed removed it too");
+  r.feature_off("zenflow", /*on_when_present=*/true);
+  // Tuning knobs of DeepSpeed's own implementation, accepted: Zeal's ZeRO does not need them.
+  r.accept_bool({"memory_efficient_linear", "use_multi_rank_bucket_allreduce", "use_all_reduce_for_fetch_params",
+                 "stage3_use_all_reduce_for_fetch_params", "allgather_sequential", "stage3_allgather_sequential",
+                 "pipeline_loading_checkpoint", "override_module_apply", "log_trace_cache_warnings",
+                 "enable_sanity_checks", "save_muon_momentum_buffer_in_memory"});
+  r.accept_any({"module_granularity_threshold", "stage3_module_granularity_threshold", "leaf_module"});
   r.finish();
 }
 
@@ -564,11 +670,21 @@ Config Config::from_json(const json& root) {
     if (!r.has(key)) continue;
     Reader b(r.raw(key), key);
     b.read_bool("enabled", c.bf16);
-    b.reject_not_yet({"immediate_grad_update", "check_grad_overflow"}, "");
+    b.only_value("immediate_grad_update", false, "Zeal accumulates bf16 gradients in its flat buffer");
+    b.accept_bool({"check_grad_overflow"});  // accepted: bf16 has fp32's range; Zeal's norm is checked when clipping
+    b.only_value("bf16_master_weights_and_grads", false, "Zeal keeps fp32 master weights");
+    b.only_value("bf16_optimizer_states", false, "Zeal keeps fp32 optimizer state");
     b.finish();
   }
   r.read_number("gradient_clipping", c.gradient_clipping, 0.0);
-  r.read_int("steps_per_print", c.steps_per_print, 1);
+  // Accelerate writes steps_per_print: Infinity (never print); 1e5 and the like arrive as floats.
+  if (const json* v = r.raw_or_null("steps_per_print"); v && v->is_number_float() && std::isinf(v->get<double>()) &&
+                                                         v->get<double>() > 0) {
+    (void)r.has("steps_per_print");
+    c.steps_per_print = INT64_MAX;
+  } else {
+    r.read_int("steps_per_print", c.steps_per_print, 1);
+  }
   r.read_bool("wall_clock_breakdown", c.wall_clock_breakdown);
   if (r.has("zero_optimization")) parse_zero(r.raw("zero_optimization"), c.zero_optimization);
   std::string comm = r.read_choice("communication_data_type", {"fp32", "fp16", "bf16", "bfp16"}, "");
@@ -581,15 +697,63 @@ Config Config::from_json(const json& root) {
   r.read_number("comms_timeout_s", c.comms_timeout_s, 0.0, true);
   if (r.has("aio")) parse_aio(r.raw("aio"), c.aio);
   if (r.has("comms_logger")) parse_comms_logger(r.raw("comms_logger"), c.comms_logger);
-  r.reject_not_yet({"pipeline", "tensor_parallel", "activation_checkpointing", "checkpoint", "amp",
-                    "flops_profiler", "sparse_attention", "compression_training", "data_efficiency",
-                    "curriculum_learning", "elasticity", "autotuning", "tensorboard", "wandb",
-                    "csv_monitor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-                    "gradient_accumulation_dtype", "sparse_gradients", "memory_breakdown", "dump_state",
-                    "seq_parallel_communication_data_type", "nebula", "moe", "disable_allgather",
-                    "dataloader_drop_last", "data_types", "hybrid_engine", "weight_quantization"},
-                   "");
-  r.finish();
+  // The client-optimizer rules (python/zeal/client_optim.py applies them, as DeepSpeed's engine).
+  r.accept_bool({"zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"});
+  // Read elsewhere: "pipeline" by zeal.pipe (a PipelineModule), "activation_checkpointing" by the
+  // model's own checkpointing calls, "checkpoint" settings of DeepSpeed's checkpoint writer (Zeal's
+  // checkpoints are always validated and atomic), and debugging or logging switches.
+  r.accept_any({"pipeline", "activation_checkpointing", "checkpoint", "timers", "log_level", "vocabulary_size",
+                "allgather_size", "seq_parallel_communication_data_type"});
+  r.accept_bool({"memory_breakdown", "dump_state", "managed_gradient_accumulation"});
+  r.only_value("dataloader_drop_last", false, "Zeal's loader keeps the last partial batch");
+  r.only_value("sparse_gradients", false, "sparse gradients are not supported yet");
+  r.accept_bool({"disable_allgather"});  // parsed and unused by DeepSpeed too
+  r.only_value("graph_harvesting", false, "CUDA graph harvesting is not supported yet");
+  r.only_value("use_data_before_expert_parallelism", false, "expert parallelism is not supported yet");
+  r.only_value("gradient_allreduce_op", "mean", "Zeal averages gradients over the data-parallel ranks");
+  r.only_value("sequence_parallel_size", 1, "sequence parallelism is not supported yet");
+  if (r.has("data_types")) {  // gradients accumulate in the model's dtype, as DeepSpeed's default
+    Reader d(r.raw("data_types"), "data_types");
+    const std::string model = c.fp16.enabled ? "fp16" : c.bf16 ? "bf16" : "fp32";
+    for (const char* key : {"grad_accum_dtype", "param_dtype", "buffer_dtype"}) {
+      if (!d.has(key)) continue;
+      const json& v = d.raw(key);
+      std::string given = v.is_string() ? v.get<std::string>() : "";
+      for (const auto& [alias, name] : {std::pair<std::string, std::string>{"float32", "fp32"}, {"float", "fp32"},
+                                        {"torch.float32", "fp32"}, {"float16", "fp16"}, {"half", "fp16"},
+                                        {"torch.float16", "fp16"}, {"bfloat16", "bf16"}, {"torch.bfloat16", "bf16"}})
+        if (given == alias) given = name;
+      if (given != model)
+        throw ConfigError("config key 'data_types." + std::string(key) + "': " + model +
+                          " (the model's dtype) is what this Zeal version supports, got " + show(v));
+    }
+    d.finish();
+  }
+  // DeepSpeed features this Zeal version lacks: accepted while off, "not supported yet" when on.
+  for (const char* key : {"tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "autotuning",
+                          "elasticity", "progressive_layer_drop", "hybrid_engine", "data_efficiency",
+                          "curriculum_learning", "nebula", "amp", "torch_autocast", "eigenvalue", "expert_parallel"})
+    r.feature_off(key);
+  for (const char* key : {"sparse_attention", "datastates_ckpt", "weight_quantization"})
+    r.feature_off(key, /*on_when_present=*/true);
+  if (r.has("compression_training") && r.raw("compression_training").dump().find("\"enabled\":true") != std::string::npos)
+    throw ConfigError("config key 'compression_training': compression training is not supported yet; switch every "
+                      "technique's enabled off or remove the section");
+  if (r.has("quantize_training") && r.raw("quantize_training").dump().find("\"enabled\":true") != std::string::npos)
+    throw ConfigError("config key 'quantize_training': MoQ quantized training is not supported yet; remove the section");
+  if (r.has("compile")) {
+    const json& v = r.raw("compile");
+    if (v.is_object() && v.value("deepcompile", false) == true)
+      throw ConfigError("config key 'compile.deepcompile': DeepCompile is not supported yet; set it to false");
+  }
+  if (r.has("tensor_parallel")) {
+    const json& v = r.raw("tensor_parallel");
+    if (v.is_object() && v.contains("autotp_size") && v.at("autotp_size").is_number() &&
+        v.at("autotp_size").get<double>() > 1)
+      throw ConfigError("config key 'tensor_parallel.autotp_size': automatic tensor parallelism is not supported yet; "
+                        "use zeal.tensor_parallel's layers (docs/tensor_parallel.md)");
+  }
+  r.finish_top_level();
   if (c.fp16.enabled && c.bf16)
     throw ConfigError("config keys 'fp16.enabled' and 'bf16.enabled' are both true: choose one precision");
   check_compressed_optimizer(c);
@@ -603,11 +767,20 @@ json Config::parse_text(const std::string& text) {
   // are refused with the byte offset and the key path.
   json root;
   JsonProblem problem;
-  if (!parse_json(text, root, problem)) {
+  if (!parse_json(relax_config_json(text), root, problem)) {
     if (problem.what.rfind("duplicate key", 0) == 0)
       throw ConfigError("config key '" + clip_key(problem.key_path) + "' appears twice (duplicate keys are rejected, as "
                         "DeepSpeed does; which value was meant is ambiguous)");
     throw ConfigError("config is not valid JSON " + problem.describe());
+  }
+  // Infinity was read as the marker string (relax_config_json): +inf again, wherever it stands.
+  std::vector<json*> stack{&root};
+  while (!stack.empty()) {
+    json* v = stack.back();
+    stack.pop_back();
+    if (v->is_string() && v->get_ref<const std::string&>() == "\xE2\x88\x9E") *v = std::numeric_limits<double>::infinity();
+    if (v->is_structured())
+      for (auto& child : *v) stack.push_back(&child);
   }
   return root;
 }

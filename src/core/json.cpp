@@ -1,6 +1,7 @@
 #include "zeal/core/json.h"
 
 #include <cctype>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -164,8 +165,66 @@ bool parse_json(std::string_view text, json& out, JsonProblem& problem, int max_
   return true;
 }
 
+std::string relax_config_json(std::string_view text, bool mark_infinity) {
+  // One pass with a small state machine; every change keeps the length, so byte offsets in later
+  // messages still point into the user's file.
+  std::string out(text);
+  const size_t n = out.size();
+  size_t i = 0;
+  size_t last_comma = std::string::npos;  // an unquoted comma with only blanks and comments since
+  auto blank = [&](size_t from, size_t to) {
+    for (size_t k = from; k < to && k < n; ++k)
+      if (out[k] != '\n' && out[k] != '\r') out[k] = ' ';
+  };
+  while (i < n) {
+    const char c = out[i];
+    if (c == '"') {  // a string: skip to its closing quote, past escapes
+      last_comma = std::string::npos;
+      for (++i; i < n && out[i] != '"'; ++i)
+        if (out[i] == '\\') ++i;
+      ++i;
+      continue;
+    }
+    if (c == '#' || (c == '/' && i + 1 < n && out[i + 1] == '/')) {  // a line comment
+      size_t end = out.find('\n', i);
+      if (end == std::string::npos) end = n;
+      blank(i, end);
+      i = end;
+      continue;
+    }
+    if (c == '/' && i + 1 < n && out[i + 1] == '*') {  // a block comment (unterminated: left for the parser)
+      size_t end = out.find("*/", i + 2);
+      if (end == std::string::npos) break;
+      blank(i, end + 2);
+      i = end + 2;
+      continue;
+    }
+    if (c == ',') {
+      last_comma = i;
+      ++i;
+      continue;
+    }
+    if ((c == '}' || c == ']') && last_comma != std::string::npos) {
+      out[last_comma] = ' ';  // a trailing comma
+      last_comma = std::string::npos;
+      ++i;
+      continue;
+    }
+    if (c == 'I' && mark_infinity && out.compare(i, 8, "Infinity") == 0) {
+      out.replace(i, 8, kInfinityMarker);
+      last_comma = std::string::npos;
+      i += 8;
+      continue;
+    }
+    if (!std::isspace(static_cast<unsigned char>(c))) last_comma = std::string::npos;
+    ++i;
+  }
+  return out;
+}
+
 std::string json_preview(const json& value, size_t max_chars) {
   std::string text;
+  if (value.is_number_float() && std::isinf(value.get<double>())) return value.get<double>() > 0 ? "Infinity" : "-Infinity";
   if (value.is_string()) {
     const std::string& s = value.get_ref<const std::string&>();
     text = json(s.size() > max_chars ? s.substr(0, max_chars) : s).dump(-1, ' ', false, json::error_handler_t::replace);

@@ -35,7 +35,8 @@ at::ScalarType dtype_for(Precision p) {
 
 }  // namespace
 
-Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::CommunicatorPtr world)
+Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::CommunicatorPtr world,
+               std::unique_ptr<optim::Optimizer> client_optimizer)
     : config_(std::move(config)), world_(std::move(world)) {
   ZEAL_CHECK_AS(ConfigError, world_, "the engine needs a communicator");
   if (config_.comms_logger.enabled) {
@@ -45,9 +46,19 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     world_ = std::make_shared<comm::CountingCommunicator>(world_, ops, c.verbose);
   }
   batch_ = config_.resolve_batch(world_->size());
-  ZEAL_CHECK_AS(ConfigError, config_.optimizer.present,
-                "config key 'optimizer': expected an optimizer section (Adam, AdamW or SGD); passing a torch optimizer "
-                "object is not supported yet");
+  // DeepSpeed's rule: the config's optimizer section or the optimizer passed to initialize, not both.
+  ZEAL_CHECK_AS(ConfigError, !(config_.optimizer.present && client_optimizer),
+                "config key 'optimizer': the config names an optimizer and initialize was also given one "
+                "(optimizer=); keep one of them");
+  ZEAL_CHECK_AS(ConfigError, config_.optimizer.present || client_optimizer,
+                "config key 'optimizer': no optimizer to train with: add an 'optimizer' section (type Adam, AdamW, "
+                "SGD, Lamb, Adagrad, OneBitAdam, ZeroOneAdam or OneBitLamb) or pass optimizer= to initialize "
+                "(a torch.optim.Optimizer, or a callable that builds one from the parameters)");
+  ZEAL_CHECK_AS(ConfigError,
+                !client_optimizer || config_.zero_optimization.offload_optimizer.device != OffloadDevice::kNvme,
+                "config key 'zero_optimization.offload_optimizer.device': \"nvme\" swaps the optimizer state in "
+                "sub-groups, which a client optimizer (optimizer= in initialize) cannot do; use device \"cpu\" or a "
+                "config 'optimizer' section");
   model_dtype_ = dtype_for(config_.precision());
   check_offload_config();
 
@@ -149,8 +160,9 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   // Allocated at the first step: construction already holds the model's own weights beside the shard.
   if (offload && !(device_.is_cpu() && model_dtype_ == at::kFloat)) host_grads_options_ = host;
   const int64_t sub_group = nvme ? std::max<int64_t>(1, std::min(config_.zero_optimization.sub_group_size, shard)) : shard;
-  optimizer_ = optim::make_optimizer(config_.optimizer, sub_group, offload ? at::Device(at::kCPU) : device_,
-                                     static_cast<int64_t>(params_.size()), partitioned_);
+  optimizer_ = client_optimizer ? std::move(client_optimizer)
+                               : optim::make_optimizer(config_.optimizer, sub_group, offload ? at::Device(at::kCPU) : device_,
+                                                       static_cast<int64_t>(params_.size()), partitioned_);
   if (nvme) {
     init_swap(shard);
   } else if (offload && model_dtype_ != at::kFloat) {
@@ -260,7 +272,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
   }
   stage3_shard_.reset();
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
-  scaler_ = optim::LossScaler(config_.fp16);
+  scaler_ = optim::LossScaler(config_.fp16, stage_ >= 1);
   apply_lr(-1);
 
   int64_t n_params = 0;
@@ -352,14 +364,14 @@ bool Engine::is_gradient_accumulation_boundary() const {
   return (micro_steps_ + 1) % batch_.gradient_accumulation_steps == 0;
 }
 
-void Engine::backward(const at::Tensor& loss) {
+void Engine::backward(const at::Tensor& loss, bool retain_graph, bool scale_wrt_gas) {
   ZEAL_CHECK(loss.defined() && loss.numel() == 1, "backward expects a scalar loss, got a tensor of ",
              loss.defined() ? loss.numel() : 0, " elements");
   ZEAL_CHECK(loss.requires_grad(), "backward got a loss that does not require grad (was forward run under no_grad?)");
   loss_sum_ += loss.detach().to(at::kDouble).item<double>();
   ++loss_count_;
-  double factor = scaler_.scale() / static_cast<double>(batch_.gradient_accumulation_steps);
-  run_backward({loss}, {at::full_like(loss, factor, loss.options().requires_grad(false))});
+  double factor = scaler_.scale() / (scale_wrt_gas ? static_cast<double>(batch_.gradient_accumulation_steps) : 1.0);
+  run_backward({loss}, {at::full_like(loss, factor, loss.options().requires_grad(false))}, retain_graph);
 }
 
 void Engine::backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads) {
@@ -371,13 +383,14 @@ void Engine::backward_from(const std::vector<at::Tensor>& outputs, const std::ve
   run_backward(outputs, output_grads);
 }
 
-void Engine::run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads) {
+void Engine::run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads,
+                          bool retain_graph) {
   auto start = Clock::now();
   bool boundary = is_gradient_accumulation_boundary();
   if (boundary) staged_buckets_ = 0;
   // 1-bit Adam past its freeze step reduces the momentum (compressed), not the gradients.
   reducer_->prepare(boundary && !optimizer_->local_gradients());
-  torch::autograd::backward(outputs, output_grads);
+  torch::autograd::backward(outputs, output_grads, retain_graph);
   if (partition_) partition_->end_backward();
   if (boundary || reducer_->partitioned()) reducer_->finish();
   backward_seconds_ += seconds_since(start);
@@ -429,6 +442,7 @@ void Engine::step() {
     all_reduce_sum(any);
     overflow = any.item<double>() > 0.0;
   }
+  last_step_overflow_ = overflow;
   if (overflow) {
     ++skipped_steps_;
     double before = scaler_.scale();
@@ -709,6 +723,86 @@ void Engine::release_swapped(bool write_back) {
 std::vector<double> Engine::get_lr() const {
   std::vector<double> out;
   for (const auto& g : groups_) out.push_back(g.lr);
+  return out;
+}
+
+at::Tensor Engine::value_source(const std::string& what, bool& local) {
+  ZEAL_CHECK(what == "grad" || (!swapper_ && master_.defined()), "the fp32 master weights and optimizer state of this "
+             "engine live in NVMe swap files; read them from a checkpoint (zeal.checkpoint.to_fp32_state_dict)");
+  if (what == "grad") {
+    local = !flat_grads_.defined();  // stages 0, 1: the whole flat gradient; 2, 3: this rank's shard
+    return local ? grad_shard_ : flat_grads_;
+  }
+  local = true;  // master and state cover the owned elements (all of them below stage 1)
+  if (what == "fp32") return master_;
+  const std::vector<std::string> names = optimizer_->state_names();
+  if (std::find(names.begin(), names.end(), what) == names.end()) {
+    std::string list;
+    for (const std::string& n : names) list += (list.empty() ? "" : ", ") + n;
+    ZEAL_CHECK(false, "the optimizer (", optimizer_->name(), ") has no state '", what, "'; it has ",
+               list.empty() ? std::string("none yet") : list);
+  }
+  return optimizer_->state(what);
+}
+
+at::Tensor Engine::full_value(size_t i, const std::string& what) {
+  ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
+  bool local = false;
+  at::Tensor source = value_source(what, local);
+  const int64_t numel = layout_.numels[i];
+  if (!local) return source.slice(0, layout_.offsets[i], layout_.offsets[i] + numel).to(at::kFloat).reshape(shapes_[i]);
+  at::Tensor whole = at::zeros({numel}, at::TensorOptions().dtype(at::kFloat).device(source.device()));
+  for (const zero::Fragment& f : fragments())
+    if (f.param == static_cast<int64_t>(i))
+      whole.slice(0, f.begin, f.end).copy_(source.slice(0, f.local, f.local + (f.end - f.begin)));
+  // Each element is one rank's value plus zeros: the sum is exact.
+  if (partitioned_ && world_->size() > 1) all_reduce_sum(whole);
+  return whole.reshape(shapes_[i]);
+}
+
+void Engine::set_full_value(size_t i, const std::string& what, const at::Tensor& value) {
+  ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
+  ZEAL_CHECK(what != "grad", "gradients are set by backward, not set_full_value");
+  ZEAL_CHECK(value.numel() == layout_.numels[i], "parameter '", names_[i], "' has ", layout_.numels[i],
+             " elements, the value given has ", value.numel());
+  bool local = false;
+  at::Tensor target = value_source(what, local);
+  const at::Tensor flat = value.detach().reshape({-1}).to(target.options());
+  for (const zero::Fragment& f : fragments())
+    if (f.param == static_cast<int64_t>(i))
+      target.slice(0, f.local, f.local + (f.end - f.begin)).copy_(flat.slice(0, f.begin, f.end));
+  if (what != "fp32") return;
+  if (partition_) {
+    // Stage 3 gathers the parameter from its shard: the owned chunks take the new values too.
+    for (const zero::Fragment& f : fragments())
+      if (f.param == static_cast<int64_t>(i)) partition_->write_shard(f.local, master_.slice(0, f.local, f.local + (f.end - f.begin)));
+    partition_->refresh();
+    return;
+  }
+  publish_parameters(master_);
+}
+
+void Engine::set_lr(const std::vector<double>& lrs) {
+  ZEAL_CHECK(lrs.size() == groups_.size(), "set_lr got ", lrs.size(), " learning rates for ", groups_.size(),
+             " parameter groups");
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    ZEAL_CHECK(std::isfinite(lrs[g]) && lrs[g] >= 0.0, "set_lr: group ", g, " learning rate must be a finite number "
+               ">= 0, got ", lrs[g]);
+    groups_[g].lr = lrs[g];
+  }
+}
+
+std::vector<double> Engine::get_mom() const {
+  std::vector<double> out;
+  const bool sgd = config_.optimizer.present && config_.optimizer.type == OptimizerType::kSgd;
+  for (const optim::ParamGroup& g : groups_) out.push_back(sgd ? g.momentum : g.betas[0]);
+  return out;
+}
+
+std::vector<std::array<int64_t, 3>> Engine::segments() const {
+  std::vector<std::array<int64_t, 3>> out;
+  for (size_t k = 0; k < segments_.size(); ++k)
+    out.push_back({static_cast<int64_t>(segment_group_[k]), segments_[k].begin, segments_[k].end});
   return out;
 }
 

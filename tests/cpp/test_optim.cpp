@@ -13,14 +13,14 @@ using namespace zeal;
 
 namespace {
 
-optim::LossScaler dynamic_scaler(int power, int window, int hysteresis, double min_scale = 1.0) {
+optim::LossScaler dynamic_scaler(int power, int window, int hysteresis, double min_scale = 1.0, bool zero = true) {
   Fp16Config c;
   c.enabled = true;
   c.initial_scale_power = power;
   c.loss_scale_window = window;
   c.hysteresis = hysteresis;
   c.min_loss_scale = min_scale;
-  return optim::LossScaler(c);
+  return optim::LossScaler(c, zero);
 }
 
 }  // namespace
@@ -28,13 +28,36 @@ optim::LossScaler dynamic_scaler(int power, int window, int hysteresis, double m
 TEST(LossScaler, DoublesAfterWindowHalvesOnOverflow) {
   auto s = dynamic_scaler(4, 3, 1);
   EXPECT_EQ(s.scale(), 16.0);
-  // DeepSpeed counts the first clean iteration as a window boundary: iteration 0 - (-1) = 1.
-  std::vector<bool> overflow = {false, false, false, true, false, false, false, true, true};
-  std::vector<double> want = {16, 16, 32, 16, 16, 16, 32, 16, 8};
+  // DeepSpeed counts the clean steps since the overflow without the current one
+  // (stable_interval = iteration - last_overflow - 1): the scale grows at 3, 6, ... of them.
+  std::vector<bool> overflow = {false, false, false, false, true, false, false, false, false, true};
+  std::vector<double> want = {16, 16, 16, 32, 16, 16, 16, 16, 32, 16};
   for (size_t i = 0; i < overflow.size(); ++i) {
     s.update(overflow[i]);
     EXPECT_EQ(s.scale(), want[i]) << "after update " << i;
   }
+}
+
+TEST(LossScaler, DeepSpeedWindowTwoFromTwoToTheEight) {
+  // DeepSpeed's tests/unit/runtime/half_precision/test_dynamic_loss_scale.py: window 2 from 2^8.
+  auto s = dynamic_scaler(8, 2, 2);
+  std::vector<double> after;
+  for (int i = 0; i < 6; ++i) {
+    s.update(false);
+    after.push_back(s.scale());
+  }
+  EXPECT_EQ(after, (std::vector<double>{256, 256, 512, 512, 1024, 1024}));
+}
+
+TEST(LossScaler, WithoutZeroNoHysteresisAndNoErrorAtMinimum) {
+  // DeepSpeed's FP16_Optimizer: every overflow halves, down to min_loss_scale, and never raises.
+  auto s = dynamic_scaler(3, 1000, 2, 2.0, /*zero=*/false);
+  s.update(true);
+  EXPECT_EQ(s.scale(), 4.0);
+  s.update(true);
+  EXPECT_EQ(s.scale(), 2.0);
+  EXPECT_NO_THROW(s.update(true));
+  EXPECT_EQ(s.scale(), 2.0);
 }
 
 TEST(LossScaler, HysteresisAbsorbsOverflows) {
@@ -55,7 +78,7 @@ TEST(LossScaler, MinimumAndStatic) {
   Fp16Config c;
   c.enabled = true;
   c.loss_scale = 128;
-  optim::LossScaler fixed(c);
+  optim::LossScaler fixed(c, true);
   fixed.update(true);
   EXPECT_EQ(fixed.scale(), 128.0);
   EXPECT_FALSE(fixed.dynamic());

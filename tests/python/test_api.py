@@ -114,10 +114,23 @@ def test_config_from_file_and_json_string(tmp_path):
     assert engine.train_batch_size() == 8
 
 
-def test_client_optimizer_is_refused_clearly():
+def test_client_optimizer_wins_over_the_config_section_with_a_warning():
+    # DeepSpeed uses the optimizer passed to initialize and ignores the config's section.
     model = mlp()
-    with pytest.raises(zeal.ConfigError, match="torch optimizer object is not supported yet"):
-        zeal.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=dict(BASE))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="optimizer= is used"):
+        engine, optimizer, *_ = zeal.initialize(model=model, optimizer=sgd, config=dict(BASE))
+    assert optimizer.optimizer is sgd and engine.optimizer_name() == "SGD"
+    assert optimizer.param_groups is sgd.param_groups and optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_no_optimizer_anywhere_is_a_clear_error():
+    cfg = {k: v for k, v in BASE.items() if k != "optimizer"}
+    with pytest.raises(zeal.ConfigError) as e:
+        zeal.initialize(model=mlp(), config=cfg)
+    message = str(e.value)
+    assert "no optimizer to train with" in message and "optimizer= to initialize" in message
+    assert "torch optimizer object" not in message and "OneBitLamb" in message
 
 
 def test_error_classes_map_to_python_kinds():

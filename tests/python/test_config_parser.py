@@ -65,7 +65,8 @@ def test_deep_python_dict_is_a_config_error():
 
 def test_ten_megabyte_unknown_key_answers_in_under_a_second():
     start = time.monotonic()
-    message = check(b'{"' + b"k" * 10_000_000 + b'": 1}')
+    # Inside a section (where unknown keys are errors, as in DeepSpeed's checked sections).
+    message = check(b'{"zero_optimization": {"' + b"k" * 10_000_000 + b'": 1}}')
     assert time.monotonic() - start < 1.0
     assert "unknown config key" in message and "10000000 bytes" in message
 
@@ -104,3 +105,41 @@ def test_fuzzed_shipped_configs_never_crash_or_hang():
             assert "'" in message or "byte" in message, message
     print(f"fuzz: {counts} in {time.monotonic() - start:.1f}s")
     assert counts["rejected"] > 0
+
+
+def test_unknown_top_level_key_is_ignored_with_a_warning_unless_a_typo(capfd):
+    # DeepSpeed ignores keys it does not know at the top level; Zeal does too, loudly, and a key
+    # that looks like a misspelt one is still an error.
+    assert check(b'{"train_batch_size": 4, "_comment": "from LLaMA-Factory", "cuda_visible_devices": "0"}') is None
+    assert "'_comment' is not a DeepSpeed or Zeal key; ignored" in capfd.readouterr().err
+    assert "did you mean 'gradient_clipping'" in check(b'{"train_batch_size": 4, "gradient_cliping": 1.0}')
+
+
+def test_hjson_comments_trailing_commas_and_infinity_as_deepspeed_reads_files(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_bytes(b'# a comment\n{\n  "train_batch_size": 8, // eight\n  /* block */ "steps_per_print": Infinity,\n'
+                     b'  "zero_optimization": {"stage": 1,},\n}\n')
+    cfg = load_config(str(path))
+    assert cfg == {"train_batch_size": 8, "steps_per_print": float("inf"), "zero_optimization": {"stage": 1}}
+    assert zeal._zeal.validate_config(json.dumps(cfg)).steps_per_print == 2**63 - 1  # never prints
+    # Byte offsets still point into the file as written.
+    path.write_bytes(b'{"train_batch_size": 8, // c\n "x": tru}')
+    with pytest.raises(zeal.ConfigError, match="byte 3[4-9]"):
+        load_config(str(path))
+
+
+def test_base64_and_legacy_argument_sources():
+    import argparse
+    import base64
+
+    text = base64.b64encode(b'{"train_batch_size": 16}').decode()
+    assert load_config(text) == {"train_batch_size": 16}
+    parser = zeal.add_config_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--deepscale_config", text])
+    assert args.deepspeed is False and load_config(args=args) == {"train_batch_size": 16}
+    assert load_config(config_params={"train_batch_size": 2}) == {"train_batch_size": 2}
+    args = parser.parse_args(["--deepspeed_config", text, "--deepscale_config", text])
+    with pytest.raises(zeal.ConfigError, match="deepscale_config"):
+        load_config(args=args)
+    with pytest.raises(zeal.ConfigError, match="given twice"):
+        load_config({"train_batch_size": 2}, args=parser.parse_args(["--deepspeed_config", text]))

@@ -32,6 +32,15 @@ struct JsonProblem {
 // UTF-8), a NUL byte, a duplicate key, nesting deeper than max_depth, or content after the value.
 bool parse_json(std::string_view text, nlohmann::json& out, JsonProblem& problem, int max_depth = kMaxJsonDepth);
 
+// DeepSpeed reads config files with hjson; the parts of it real configs use are JSON plus comments
+// (#, //, /* */), trailing commas and Infinity. This returns the text with comments and trailing
+// commas blanked, every byte offset kept, for parse_json to read strictly; with mark_infinity, a
+// bare Infinity becomes the string kInfinityMarker (JSON has no infinite number; Config::parse_text
+// turns the marker back into +inf). Other hjson syntax (quoteless strings and keys, optional
+// commas) stays a parse error.
+inline constexpr char kInfinityMarker[] = "\"\xE2\x88\x9E\"   ";  // "∞" and 3 blanks: 8 bytes, as Infinity
+std::string relax_config_json(std::string_view text, bool mark_infinity = true);
+
 // A value for an error message: short, single-line, never recursive beyond what parse_json
 // allows (containers are summarised by size past max_chars).
 std::string json_preview(const nlohmann::json& value, size_t max_chars = 60);

@@ -57,12 +57,17 @@ struct ParamGroupSpec {
 
 class Engine {
  public:
-  Engine(std::vector<ParamGroupSpec> groups, Config config, comm::CommunicatorPtr world);
+  // client_optimizer: the optimizer the user passed to initialize (optim/client_optimizer.h), used
+  // in place of the config's optimizer section (which must then be absent).
+  Engine(std::vector<ParamGroupSpec> groups, Config config, comm::CommunicatorPtr world,
+         std::unique_ptr<optim::Optimizer> client_optimizer = nullptr);
   ~Engine();
 
   // Backward of loss * loss_scale / gradient_accumulation_steps; on the accumulation boundary
   // it returns with the gradients averaged over the data-parallel ranks.
-  void backward(const at::Tensor& loss);
+  // retain_graph and scale_wrt_gas as in DeepSpeed's engine.backward: keep the autograd graph, and
+  // divide the loss by gradient_accumulation_steps (true) or not.
+  void backward(const at::Tensor& loss, bool retain_graph = false, bool scale_wrt_gas = true);
   // Backward from outputs whose gradients arrived from elsewhere (the next pipeline stage), already
   // scaled: the same accounting as backward(loss) (accumulation boundary, reduction), no rescaling.
   void backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads);
@@ -83,7 +88,16 @@ class Engine {
   int64_t micro_steps() const { return micro_steps_; }
   int64_t skipped_steps() const { return skipped_steps_; }
   std::vector<double> get_lr() const;
+  // Per group: what a torch LR scheduler wrote into the optimizer's param_groups (DeepSpeed's
+  // optimizer reads group["lr"] at each step). A config scheduler sets them again at its next step.
+  void set_lr(const std::vector<double>& lrs);
+  // Per group: beta1, or the momentum for SGD (what DeepSpeed's OneCycle cycles; lr_scheduler.get_mom()).
+  std::vector<double> get_mom() const;
+  // The optimizer's segments in local (owned, fp32 master) coordinates: {group, begin, end}.
+  std::vector<std::array<int64_t, 3>> segments() const;
   double loss_scale() const { return scaler_.scale(); }
+  bool dynamic_loss_scale() const { return scaler_.dynamic(); }
+  bool last_step_overflow() const { return last_step_overflow_; }  // the last boundary step was skipped
   double last_grad_norm() const { return last_grad_norm_; }
   const BatchSizes& batch() const { return batch_; }
   const Config& config() const { return config_; }
@@ -96,6 +110,7 @@ class Engine {
   // Where the master weights live: a device name, or "nvme" when they are swapped to files.
   std::string master_location() const { return swapper_ ? "nvme" : master_.device().str(); }
   offload::OptimizerSwapper* swapper() { return swapper_.get(); }  // NVMe offload only, else null
+  optim::Optimizer& optimizer() { return *optimizer_; }
   int64_t grad_shard_numel() const { return grad_shard_.defined() ? grad_shard_.numel() : 0; }
   // comms_logger: calls and message bytes per op since the engine was made (empty when off).
   std::map<std::string, comm::OpCount> comms_counts() const;
@@ -113,6 +128,14 @@ class Engine {
   std::vector<zero::Fragment> fragments() const { return zero::fragments(layout_, owned_); }
   const at::Tensor& grad_shard() const { return grad_shard_; }
   const at::Tensor& master() const { return master_; }
+  // ZeRO debugging (DeepSpeed's safe_get_full_grad / _fp32_param / _optimizer_state): parameter i's
+  // whole `what` as fp32 of its shape, on every rank. what: "grad" (the reduced gradient, between
+  // backward on the accumulation boundary and step), "fp32" (the master weights) or an optimizer
+  // state name. Collective over the data-parallel ranks when the value is partitioned.
+  at::Tensor full_value(size_t i, const std::string& what);
+  // The inverse for "fp32" and state names: every rank passes the same whole value and keeps its
+  // owned part; "fp32" also updates the model's parameter (collective, as publishing is).
+  void set_full_value(size_t i, const std::string& what, const at::Tensor& value);
   // Stage 3: a live parameter's value was changed alike on every rank; take it into shard and master.
   void absorb_parameter(size_t i);
 
@@ -152,7 +175,10 @@ class Engine {
   // Unscales grads in place (by inv_scale) and returns the L2 norm of the result over all ranks.
   // grads: local (owned) coordinates when `partitioned`, flat ones otherwise.
   double global_norm(const at::Tensor& grads, double inv_scale, bool partitioned);
-  void run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads);
+  void run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads,
+                    bool retain_graph = false);
+  // The local tensor holding `what` (full_value) and whether it is in local (owned) coordinates.
+  at::Tensor value_source(const std::string& what, bool& local);
   // The whole flat buffer from every rank's owned values of it (a sum all-reduce over zeros).
   at::Tensor gather_whole(const at::Tensor& local);
   void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
@@ -224,6 +250,7 @@ class Engine {
   int64_t skipped_steps_ = 0;
   int64_t scheduler_iteration_ = -1;
   double last_grad_norm_ = 0.0;
+  bool last_step_overflow_ = false;
 
   // logging
   double loss_sum_ = 0.0;

@@ -1,7 +1,11 @@
-// fp16 loss scaling with DeepSpeed's semantics. Dynamic: the scale starts at
-// 2^initial_scale_power, halves on an overflow once `hysteresis` overflows have been absorbed
-// (never below min_loss_scale; an overflow at the minimum is an error), and doubles after
-// loss_scale_window consecutive clean steps. Static: a fixed loss_scale. bf16/fp32: 1, never updated.
+// fp16 loss scaling with DeepSpeed's semantics (deepspeed/runtime/fp16/loss_scaler.py). Dynamic: the
+// scale starts at 2^initial_scale_power and doubles when the clean steps since the last overflow,
+// not counting the current one, are a positive multiple of loss_scale_window (the first growth
+// after window + 1 clean steps). Under ZeRO (DeepSpeed's DynamicLossScaler) an overflow halves the
+// scale once `hysteresis` overflows have been absorbed, never below min_loss_scale, and an
+// overflow at the minimum is an error; without ZeRO (DeepSpeed's FP16_Optimizer) every overflow
+// halves it, down to min_loss_scale, and hysteresis is not used. Static: a fixed loss_scale.
+// bf16/fp32: 1, never updated.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +17,8 @@ namespace zeal::optim {
 class LossScaler {
  public:
   LossScaler() = default;
-  explicit LossScaler(const Fp16Config& config);
+  // zero: the engine partitions (ZeRO stage >= 1), which selects DeepSpeed's ZeRO behaviour.
+  LossScaler(const Fp16Config& config, bool zero);
 
   double scale() const { return scale_; }
   bool dynamic() const { return dynamic_; }
@@ -37,6 +42,7 @@ class LossScaler {
 
  private:
   bool dynamic_ = false;
+  bool zero_ = false;
   double scale_ = 1.0;
   double min_scale_ = 1.0;
   int64_t window_ = 1000;

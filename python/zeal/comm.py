@@ -1,0 +1,207 @@
+"""DeepSpeed's deepspeed.comm over Zeal's communicators (MPI for host tensors): the functions
+training scripts call on torch tensors. `group` is a zeal Communicator (zeal.comm.new_group, or
+one Zeal gave you); None means the world.
+
+Every op goes through the Communicator, so it carries a signature and a deadline (Note
+[Collective signatures], Note [One comms timeout]): a rank that skips one is named, not waited for.
+async_op=True returns the Work handle (wait() / is_completed()), else None after the op is done.
+"""
+import enum
+import os
+from datetime import timedelta
+
+import torch
+
+from . import _zeal
+
+
+class ReduceOp(enum.Enum):
+    """DeepSpeed's values; Zeal's communicators reduce SUM, AVG, MIN and MAX."""
+    SUM = 0
+    PRODUCT = 1
+    MIN = 2
+    MAX = 3
+    BAND = 4
+    BOR = 5
+    BXOR = 6
+    AVG = 7
+    UNUSED = 8
+
+
+_OPS = {ReduceOp.SUM: "sum", ReduceOp.AVG: "avg", ReduceOp.MIN: "min", ReduceOp.MAX: "max"}
+
+
+def _op(op):
+    if isinstance(op, str):
+        return op.lower()
+    if isinstance(op, ReduceOp) and op in _OPS:
+        return _OPS[op]
+    name = getattr(op, "name", None) or str(op)  # torch.distributed.ReduceOp.SUM and the like
+    name = name.rsplit(".", 1)[-1].lower()
+    if name in _OPS.values():
+        return name
+    raise _zeal.CommError(f"reduce op {op!r}: Zeal's communicators reduce with SUM, AVG, MIN or MAX")
+
+
+def _group(group):
+    return _zeal.world() if group is None else group
+
+
+def _done(work, async_op):
+    if async_op:
+        return work
+    work.wait()
+    return None
+
+
+def init_distributed(dist_backend=None, auto_mpi_discovery=True, distributed_port=29500, verbose=True,
+                     timeout=None, init_method=None, dist_init_required=None, config=None, rank=-1, world_size=-1):
+    """Starts (or finds) the MPI world. Zeal's ranks come from mpirun or the zeal launcher, so the
+    backend, port and init_method arguments are accepted and unused; timeout (a timedelta or
+    seconds) becomes the default deadline of every collective."""
+    if dist_backend not in (None, "mpi", "nccl", "gloo", "ccl"):
+        raise _zeal.ConfigError(f"init_distributed: dist_backend {dist_backend!r} is not one Zeal has "
+                                "(MPI for host tensors, NCCL for device tensors, chosen per tensor)")
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    world = _zeal.world(float(seconds or 0.0))
+    if seconds:
+        _zeal.set_default_timeout(float(seconds))
+    if world_size not in (-1, None) and world_size != world.size:
+        raise _zeal.ConfigError(f"init_distributed: world_size={world_size}, but this job has {world.size} ranks")
+    if rank not in (-1, None) and rank != world.rank:
+        raise _zeal.ConfigError(f"init_distributed: rank={rank}, but this process is rank {world.rank}")
+
+
+def is_initialized():
+    """True: Zeal's MPI world is started on first use, so it is always available in a rank."""
+    return True
+
+
+def is_available():
+    return True
+
+
+def get_rank(group=None):
+    return _group(group).rank
+
+
+def get_world_size(group=None):
+    return _group(group).size
+
+
+def get_local_rank():
+    """This rank's index on its node: LOCAL_RANK (the zeal launcher and torchrun set it), else Open
+    MPI's OMPI_COMM_WORLD_LOCAL_RANK, else 0."""
+    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def get_world_group():
+    return _zeal.world()
+
+
+def new_group(ranks):
+    """A communicator over `ranks` (global ranks); collective over the world, as torch's new_group."""
+    ranks = list(ranks)
+    return _zeal.world().split(ranks, "group:" + ",".join(map(str, ranks)))
+
+
+def barrier(group=None, async_op=False, device_ids=None):
+    return _done(_group(group).barrier(), async_op)
+
+
+def all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False):
+    return _done(_group(group).all_reduce(tensor, _op(op)), async_op)
+
+
+def inference_all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False):
+    return all_reduce(tensor, op, group, async_op)
+
+
+def broadcast(tensor, src, group=None, async_op=False):
+    """src is a global rank, as in torch.distributed."""
+    g = _group(group)
+    root = src if group is None else _group_rank(g, src)
+    return _done(g.broadcast(tensor, root), async_op)
+
+
+def _group_rank(group, global_rank):
+    ranks = group_ranks(group)
+    if global_rank not in ranks:
+        raise _zeal.CommError(f"rank {global_rank} is not in group {group.name} (ranks {ranks})")
+    return ranks.index(global_rank)
+
+
+def group_ranks(group):
+    """The global ranks of a group, in its order."""
+    g = _group(group)
+    mine = torch.tensor([_zeal.world().rank], dtype=torch.int64)
+    out = torch.empty(g.size, dtype=torch.int64)
+    g.all_gather(out, mine).wait()
+    return out.tolist()
+
+
+def get_all_ranks_from_group(group=None):
+    return group_ranks(group)
+
+
+def get_global_rank(group=None, group_rank=0):
+    return group_ranks(group)[group_rank]
+
+
+def all_gather_into_tensor(output_tensor, tensor, group=None, async_op=False):
+    return _done(_group(group).all_gather(output_tensor, tensor), async_op)
+
+
+allgather_fn = all_gather_into_tensor
+
+
+def all_gather(tensor_list, tensor, group=None, async_op=False):
+    g = _group(group)
+    if len(tensor_list) != g.size:
+        raise _zeal.CommError(f"all_gather: tensor_list has {len(tensor_list)} tensors for a group of {g.size}")
+    flat = torch.empty((g.size * tensor.numel(),), dtype=tensor.dtype, device=tensor.device)
+    g.all_gather(flat, tensor.reshape(-1)).wait()
+    for i, out in enumerate(tensor_list):
+        out.copy_(flat[i * tensor.numel():(i + 1) * tensor.numel()].view_as(out))
+    return None
+
+
+def reduce_scatter_tensor(output_tensor, tensor, op=ReduceOp.SUM, group=None, async_op=False):
+    return _done(_group(group).reduce_scatter(output_tensor, tensor, _op(op)), async_op)
+
+
+reduce_scatter_fn = reduce_scatter_tensor
+
+
+def reduce(tensor, dst, op=ReduceOp.SUM, group=None, async_op=False):
+    """Every rank ends with the reduction (an all-reduce); dst's value is the one DeepSpeed defines."""
+    return all_reduce(tensor, op, group, async_op)
+
+
+def send(tensor, dst, group=None, tag=0):
+    _group(group).send(tensor, dst, tag).wait()
+
+
+def recv(tensor, src=None, group=None, tag=0):
+    if src is None:
+        raise _zeal.CommError("recv: Zeal's point-to-point receive needs src (no receive from any rank)")
+    _group(group).recv(tensor, src, tag).wait()
+    return src
+
+
+def isend(tensor, dst, group=None, tag=0):
+    return _group(group).send(tensor, dst, tag)
+
+
+def irecv(tensor, src=None, group=None, tag=0):
+    if src is None:
+        raise _zeal.CommError("irecv: Zeal's point-to-point receive needs src")
+    return _group(group).recv(tensor, src, tag)
+
+
+def log_summary(show_straggler=False, return_dict=False):
+    """DeepSpeed's comms summary: Zeal counts per engine (engine.comms_log_summary())."""
+    return {} if return_dict else None

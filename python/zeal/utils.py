@@ -1,0 +1,86 @@
+"""DeepSpeed's deepspeed.utils for Zeal engines: the ZeRO debugging API (full values of a
+parameter's gradient, fp32 master weights and optimizer state, at every ZeRO stage), the
+RepeatingLoader and set_random_seed.
+
+The full-value functions are collective over the parameter's data-parallel ranks when the value
+is partitioned (ZeRO stage >= 1 for weights and state, >= 2 for gradients): every rank calls them
+for the same parameter, as with DeepSpeed's. Gradients are available between backward on the
+accumulation boundary and step (step consumes them).
+"""
+import random
+
+import torch
+
+from . import _zeal
+
+
+def _owner(param):
+    owner = getattr(param, "_zeal_owner", None)
+    if owner is None:
+        raise _zeal.Error("this tensor is not a parameter a Zeal engine trains (pass one of the model's "
+                          "parameters after zeal.initialize; frozen parameters have no engine state)")
+    return owner
+
+
+def safe_get_full_grad(param):
+    """The whole, reduced gradient of `param` (fp32); param.grad itself when the engine keeps it
+    whole (ZeRO stage 0 and 1)."""
+    if param.grad is not None:
+        return param.grad
+    core, i = _owner(param)
+    return core.full_value(i, "grad")
+
+
+def safe_get_full_fp32_param(param):
+    """The whole fp32 master value of `param`."""
+    core, i = _owner(param)
+    return core.full_value(i, "fp32")
+
+
+def safe_set_full_fp32_param(param, value):
+    """Sets the fp32 master value of `param` (and the model's parameter) to `value`, which every
+    rank passes alike. Collective."""
+    core, i = _owner(param)
+    core.set_full_value(i, "fp32", value)
+
+
+def safe_get_full_optimizer_state(param, optim_state_key):
+    """The whole optimizer state `optim_state_key` (e.g. "exp_avg", "exp_avg_sq") of `param`."""
+    core, i = _owner(param)
+    return core.full_value(i, optim_state_key)
+
+
+def safe_set_full_optimizer_state(param, value, optim_state_key):
+    core, i = _owner(param)
+    core.set_full_value(i, optim_state_key, value)
+
+
+class RepeatingLoader:
+    """Iterates a loader forever, starting it again when it runs out (DeepSpeed's, for
+    PipelineEngine.train_batch(data_iter=...))."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.data_iter = iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.data_iter)
+        except StopIteration:
+            self.data_iter = iter(self.loader)
+            return next(self.data_iter)
+
+
+def set_random_seed(seed):
+    """Seeds Python's, NumPy's (when installed) and torch's generators, as DeepSpeed's."""
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    torch.manual_seed(seed % 2**63)
