@@ -58,6 +58,7 @@ std::vector<engine::ParamGroupSpec> to_groups(const py::list& groups) {
     if (group.contains("betas")) spec.betas = group["betas"].cast<std::array<double, 2>>();
     if (group.contains("eps")) spec.eps = group["eps"].cast<double>();
     if (group.contains("names")) spec.names = group["names"].cast<std::vector<std::string>>();
+    if (group.contains("aliases")) spec.aliases = group["aliases"].cast<std::vector<std::vector<std::string>>>();
     if (group.contains("splits")) {
       for (const auto& item : group["splits"].cast<py::list>()) {
         checkpoint::TensorSplit split;

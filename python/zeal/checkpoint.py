@@ -46,9 +46,11 @@ def checkpoint_parts(checkpoint_dir, tag=None):
 
 def checkpoint_location(checkpoint_dir, tag=None):
     """(the tag directory, the directories of its parts): a checkpoint in parts has its parts, one
-    of one part is its own only part."""
+    of one part is its own only part. Paths may be str or os.PathLike."""
     import os
 
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    tag = None if tag is None else str(tag)
     parts = checkpoint_parts(checkpoint_dir, tag)
     if parts:
         return os.path.dirname(parts[0]), parts

@@ -37,9 +37,15 @@ def _param_groups(model, model_parameters, dtype):
         groups = [{"params": params}]
     from .tensor_parallel import split_of
 
-    names = {id(p): n for n, p in model.named_parameters()}
+    names, aliases = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):  # a tied weight: one tensor, several names
+        if id(p) in names:
+            aliases.setdefault(id(p), []).append(n)
+        else:
+            names[id(p)] = n
     for g in groups:
         g["names"] = [names.get(id(p), "") for p in g["params"]]
+        g["aliases"] = [aliases.get(id(p), []) for p in g["params"]]
         g["splits"] = [split_of(p) for p in g["params"]]
         if any(hasattr(p, "_zeal_chunk") for p in g["params"]):  # partitioned by zeal.zero.Init
             g["full_shapes"] = [list(getattr(p, "_zeal_full_shape", p.shape)) for p in g["params"]]
@@ -173,6 +179,11 @@ class ZealLRScheduler:
         if state_dict.get("last_batch_iteration") != self.last_batch_iteration:
             raise ValueError("the config scheduler follows the engine's step count; restore it with "
                              "engine.load_checkpoint")
+
+
+# The key under which a checkpoint's client_state carries the user's optimizer hyperparameters and
+# scheduler state (ZealEngine._client_objects_state); load_checkpoint removes it again.
+_CLIENT_KEY = "__zeal_client_objects__"
 
 
 class EngineAPI:
@@ -462,8 +473,11 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         _check_save_dir(save_dir)
         if tag is None:
             tag = f"global_step{self.global_steps}"
+        client_state = dict(client_state or {})
+        if self._client_optimizer is not None or self._client_lr_scheduler is not None:
+            client_state[_CLIENT_KEY] = self._client_objects_state()
         try:
-            client_json = json.dumps(client_state or {})
+            client_json = json.dumps(client_state)
         except RecursionError:
             raise _zeal.CheckpointError("client_state is nested too deeply to save") from None
         except (TypeError, ValueError) as e:
@@ -506,7 +520,39 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                 for name, value in extra.items():
                     if name in own:
                         own[name].copy_(value)
-        return path, json.loads(client_json)
+        client_state = json.loads(client_json)
+        saved = client_state.pop(_CLIENT_KEY, None)
+        if saved is not None and not load_module_only:
+            if load_optimizer_states and self._client_optimizer is not None:
+                for group, hyper in zip(self.optimizer.param_groups, saved.get("param_groups", [])):
+                    group.update({k: tuple(v) if k == "betas" else v for k, v in hyper.items()})
+            if load_lr_scheduler_states and self._client_lr_scheduler is not None and saved.get("lr_scheduler"):
+                self._client_lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if self._client_optimizer is None or isinstance(self.lr_scheduler, ZealLRScheduler):
+            _pull_lr(self._core, self.optimizer.param_groups)  # the engine's schedule came back with the step count
+        return path, client_state
+
+    def _client_objects_state(self):
+        """What a checkpoint keeps of the user's optimizer and scheduler beyond the state tensors the
+        engine saves: the groups' hyperparameters and the scheduler's state_dict, as JSON."""
+        def plain(value):
+            return isinstance(value, (int, float, str, bool, type(None))) or (
+                isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value))
+
+        out = {}
+        if self._client_optimizer is not None:
+            out["param_groups"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()
+                                    if k != "params" and plain(v)} for g in self.optimizer.param_groups]
+        if self._client_lr_scheduler is not None:
+            state = self._client_lr_scheduler.state_dict()
+            try:
+                json.dumps(state)
+            except (TypeError, ValueError) as e:
+                name = type(self._client_lr_scheduler).__name__
+                raise _zeal.CheckpointError(f"the lr_scheduler passed to initialize ({name}) has a state_dict that is "
+                                            f"not JSON ({e}); Zeal checkpoints never pickle") from None
+            out["lr_scheduler"] = state
+        return out
 
     def comms_log_summary(self, show=True):
         """comms_logger: {op: {"calls": n, "bytes": b}} for this rank since initialize (message

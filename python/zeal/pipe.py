@@ -512,6 +512,9 @@ class PipelineEngine(EngineAPI):
         root, parts = checkpoint_location(load_dir, tag)
         _, client = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
                                                      load_module_only)
+        from .engine import _pull_lr
+
+        _pull_lr(self._core, self.optimizer.param_groups)  # the schedule came back with the step count
         return root, json.loads(client) if client else {}
 
     # --- the executor ---

@@ -87,6 +87,7 @@ void write_manifest(const std::string& path, const Manifest& m) {
     json entry = {{"name", p.name}, {"shape", p.shape}, {"numel", p.numel}};
     if (p.split.split())
       entry["split"] = {{"dim", p.split.dim}, {"offset", p.split.offset}, {"full_shape", p.split.full_shape}};
+    if (!p.aliases.empty()) entry["aliases"] = p.aliases;
     params.push_back(entry);
   }
   json ranks = json::array();
@@ -211,6 +212,7 @@ Manifest read_manifest(const std::string& path) {
       if (numel != info.numel)
         throw bad("parameter '" + info.name + "' records " + std::to_string(info.numel) + " elements for shape " +
                   p.at("shape").dump());
+      if (p.contains("aliases")) info.aliases = p.at("aliases").get<std::vector<std::string>>();
       if (p.contains("split")) {
         const json& sp = p.at("split");
         info.split = {sp.at("dim").get<int64_t>(), sp.at("offset").get<int64_t>(),
@@ -532,10 +534,18 @@ WholeParameters::WholeParameters(const std::vector<std::string>& dirs) {
       it->second.push_back({reader.get(), static_cast<int64_t>(i)});
     }
   }
-  for (const std::string& name : names_) {
+  const std::vector<std::string> canonical = std::move(names_);
+  names_.clear();
+  for (const std::string& name : canonical) {
+    names_.push_back(name);
     const std::vector<ParameterSource::Piece>& p = pieces.at(name);
     const ParamInfo& first = p.front().reader->manifest().params[p.front().index];
     sources_.emplace_back(name, p, first.full_shape(), TensorSplit{});
+    for (const std::string& alias : first.aliases) {  // a tied weight's other names read the same pieces
+      if (pieces.count(alias)) continue;
+      names_.push_back(alias);
+      sources_.emplace_back(alias, p, first.full_shape(), TensorSplit{});
+    }
   }
 }
 

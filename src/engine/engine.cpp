@@ -87,6 +87,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
       names_.push_back(std::move(name));
       shapes_.push_back(pre_partitioned ? spec.full_shapes[k] : p.sizes().vec());
       splits_.push_back(k < spec.splits.size() ? spec.splits[k] : checkpoint::TensorSplit{});
+      aliases_.push_back(k < spec.aliases.size() ? spec.aliases[k] : std::vector<std::string>{});
       given_chunks.push_back(pre_partitioned ? spec.chunks[k] : at::Tensor());
       group_of_param.push_back(g);
     }

@@ -99,7 +99,8 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
       m.model_dtype = c10::toString(model_dtype_);
       m.optimizer = optimizer_->name();
       m.state_names = optimizer_->state_names();
-      for (size_t i = 0; i < params_.size(); ++i) m.params.push_back({names_[i], shapes_[i], layout_.numels[i], splits_[i]});
+      for (size_t i = 0; i < params_.size(); ++i)
+        m.params.push_back({names_[i], shapes_[i], layout_.numels[i], splits_[i], aliases_[i]});
       for (int r = 0; r < world_->size(); ++r) {
         m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(layout_, layout_.owned(r, partitioned_))
                                                      : std::vector<zero::Fragment>{});

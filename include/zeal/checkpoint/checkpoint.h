@@ -58,6 +58,9 @@ struct ParamInfo {
   std::vector<int64_t> shape;  // of the saved tensor (the slice, when split)
   int64_t numel = 0;
   TensorSplit split;
+  // The parameter's other names in the module's state_dict (tied weights: one tensor, two names);
+  // the fp32 export writes it under each, so load_state_dict(strict=True) finds them all.
+  std::vector<std::string> aliases;
   // The whole parameter's shape: the split's, else the saved tensor's own.
   const std::vector<int64_t>& full_shape() const { return split.split() ? split.full_shape : shape; }
 };

@@ -46,6 +46,7 @@ struct ParamGroupSpec {
   std::vector<std::vector<int64_t>> full_shapes;
   std::vector<at::Tensor> chunks;
   std::vector<std::string> names;  // optional, parallel to params: for checkpoints and messages
+  std::vector<std::vector<std::string>> aliases;  // optional, parallel to params: tied weights' other names
   // Optional, parallel to params: where a tensor-parallel slice sits in its full tensor, so that a
   // checkpoint loads at another tensor-parallel size (checkpoint.h).
   std::vector<checkpoint::TensorSplit> splits;
@@ -214,6 +215,7 @@ class Engine {
   std::vector<std::string> names_;
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<checkpoint::TensorSplit> splits_;  // parallel to names_
+  std::vector<std::vector<std::string>> aliases_;  // parallel to names_ (ParamGroupSpec::aliases)
   at::Tensor flat_params_;  // model dtype; the parameters are views into it (stages 0-2)
   at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it (stages 0, 1)
   at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)

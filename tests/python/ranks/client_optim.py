@@ -113,24 +113,24 @@ def run_case(kind, stage, world, rank, ref):
 
 
 def resume_case(world, rank, stage):
-    """A checkpoint of the user's AdamW state: 3 steps, save, 3 more; a new engine loads and runs
-    the same 3: both end alike."""
+    """A checkpoint of the user's AdamW state and LambdaLR position: 3 steps, save, 3 more; a new
+    engine loads and runs the same 3: both end alike (the moments, the step count and the learning
+    rate all came back)."""
     def build():
         model = common.make_model()
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
                   "zero_optimization": {"stage": stage}, "steps_per_print": 1000}
-        engine, *_ = zeal.initialize(model=model, optimizer=opt, config=config)
+        engine, *_ = zeal.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
         return engine, model
 
-    directory = torch.tensor([0], dtype=torch.int64)
     tmp = tempfile.mkdtemp(prefix="zeal-client-") if rank == 0 else ""
     name = torch.zeros(256, dtype=torch.uint8)
     if rank == 0:
         name[:len(tmp)] = torch.tensor(list(tmp.encode()), dtype=torch.uint8)
     zeal.world().broadcast(name, 0).wait()
     tmp = bytes(name[name != 0].tolist()).decode()
-    del directory
     engine, model = build()
     train(engine, world, rank, 3)
     engine.save_checkpoint(tmp, tag="t")
@@ -139,6 +139,7 @@ def resume_case(world, rank, stage):
     engine2, model2 = build()
     engine2.load_checkpoint(tmp, tag="t")
     check(engine2.global_steps == 3, f"resumed engine at step {engine2.global_steps}, expected 3")
+    check(abs(engine2.get_lr()[0] - 0.01 * schedule(3)) < 1e-12, f"resumed lr {engine2.get_lr()[0]}")
     train(engine2, world, rank, 3, start=3)
     got = [safe_get_full_fp32_param(p) for p in model2.parameters()]
     worst = max(rel(g, w) for g, w in zip(got, want))
