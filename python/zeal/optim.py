@@ -16,12 +16,14 @@ import torch
 from . import _zeal
 
 
-def _check_params(name, param_groups):
+def _check_params(name, param_groups, low_precision=False):
     for group in param_groups:
         for p in group["params"]:
             if p.device.type != "cpu":
                 raise _zeal.Error(f"{name} got a parameter on {p.device}; it updates CPU tensors "
                                   "(device parameters need a device optimizer)")
+            if low_precision and p.dtype in (torch.bfloat16, torch.float16):
+                continue
             if p.dtype != torch.float32:
                 raise _zeal.Error(f"{name} got a parameter of dtype {p.dtype}; it keeps float32 parameters "
                                   "and states (keep an fp32 master copy)")
@@ -40,11 +42,11 @@ def _grads(name, group):
 
 
 def _moments(state, p):
-    """Adam-style state, created zero on first use; advances the step count."""
+    """Adam-style state in fp32, created zero on first use; advances the step count."""
     if not state:
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
     state["step"] += 1
     return state
 
@@ -68,8 +70,12 @@ class _PerTensorOptimizer(torch.optim.Optimizer):
 
 
 class CPUAdam(_PerTensorOptimizer):
+    """DeepSpeed's DeepSpeedCPUAdam. fp32_optimizer_states (True, DeepSpeed's default): bf16 or fp16
+    parameters are updated with fp32 moments, each step computed in fp32 and rounded back to the
+    parameter's dtype; False keeps the moments in the parameters' dtype, which is not supported yet."""
+
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, adamw_mode=True):
+                 amsgrad=False, adamw_mode=True, fp32_optimizer_states=True):
         if amsgrad:
             raise _zeal.ConfigError("CPUAdam: amsgrad is not supported")
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -78,7 +84,12 @@ class CPUAdam(_PerTensorOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, adamw_mode=adamw_mode)
         super().__init__(params, defaults)
-        _check_params("CPUAdam", self.param_groups)
+        if not fp32_optimizer_states and any(p.dtype in (torch.bfloat16, torch.float16)
+                                             for g in self.param_groups for p in g["params"]):
+            raise _zeal.ConfigError("CPUAdam: fp32_optimizer_states=False (moments in the parameters' bf16/fp16) is "
+                                    "not supported yet; keep the default True")
+        _check_params("CPUAdam", self.param_groups, low_precision=True)
+        self.fp32_optimizer_states = fp32_optimizer_states
 
     @staticmethod
     def isa():
@@ -88,9 +99,12 @@ class CPUAdam(_PerTensorOptimizer):
     def _update(self, p, grad, group):
         state = _moments(self.state[p], p)
         beta1, beta2 = group["betas"]
-        _zeal.cpu_adam_step(p.data, grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2,
+        work = p.data if p.dtype == torch.float32 else p.data.float()  # bf16/fp16: the step in fp32
+        _zeal.cpu_adam_step(work, grad.float(), state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2,
                             group["eps"], group["weight_decay"], group["adamw_mode"], group["bias_correction"],
                             int(state["step"].item()))
+        if work is not p.data:
+            p.data.copy_(work)
 
 
 class CPUAdagrad(_PerTensorOptimizer):

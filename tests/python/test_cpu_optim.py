@@ -216,3 +216,26 @@ def test_every_instruction_set_and_the_16bit_copy_variant_agree_bitwise():
     assert len(results) >= 3
     for key, got in results.items():
         assert all(torch.equal(a, b) for a, b in zip(got, reference)), key
+
+
+def test_cpu_adam_fp32_optimizer_states_with_bf16_parameters():
+    # DeepSpeed's DeepSpeedCPUAdam(fp32_optimizer_states=True): fp32 moments, each step computed in
+    # fp32 from the bf16 value and rounded back. The reference does exactly that with torch's AdamW.
+    torch.manual_seed(0)
+    start = torch.randn(64)
+    p = torch.nn.Parameter(start.to(torch.bfloat16))
+    ours = zeal.optim.CPUAdam([p], lr=1e-2, weight_decay=0.01, fp32_optimizer_states=True)
+    ref_p = torch.nn.Parameter(start.to(torch.bfloat16).float())
+    ref = torch.optim.AdamW([ref_p], lr=1e-2, weight_decay=0.01)
+    for step in range(5):
+        grad = torch.randn(64)
+        p.grad = grad.to(torch.bfloat16)
+        ref_p.grad = p.grad.float()
+        ours.step()
+        ref.step()
+        with torch.no_grad():
+            ref_p.copy_(ref_p.to(torch.bfloat16).float())  # the bf16 rounding of each step
+        assert p.dtype == torch.bfloat16 and ours.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.allclose(p.float(), ref_p, rtol=0, atol=1e-6), step
+    with pytest.raises(zeal.ConfigError, match="fp32_optimizer_states=False"):
+        zeal.optim.CPUAdam([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], fp32_optimizer_states=False)
