@@ -597,5 +597,6 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("master", &engine::Engine::master)
       .def_property_readonly("param_shard", [](engine::Engine& e) { return stage3(e)->shard(); })
       .def_property_readonly("rank", [](const engine::Engine& e) { return e.world()->rank(); })
+      .def_property_readonly("backend", [](const engine::Engine& e) { return e.world()->backend_name(); })
       .def_property_readonly("world_size", [](const engine::Engine& e) { return e.world()->size(); });
 }

@@ -205,3 +205,13 @@ def irecv(tensor, src=None, group=None, tag=0):
 def log_summary(show_straggler=False, return_dict=False):
     """DeepSpeed's comms summary: Zeal counts per engine (engine.comms_log_summary())."""
     return {} if return_dict else None
+
+
+def monitored_barrier(group=None, timeout=None, wait_all_ranks=False):
+    """A barrier; Zeal's every collective is monitored (a rank that does not arrive is named)."""
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else (timeout or 0.0)
+    _group(group).barrier(float(seconds)).wait()
+
+
+def destroy_process_group(group=None):
+    """Accepted for scripts that end with it: Zeal finalises MPI when the process exits."""

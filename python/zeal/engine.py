@@ -327,6 +327,90 @@ class EngineAPI:
         names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bfp16": torch.bfloat16}
         return names[name] if name else self.get_data_types()[0]
 
+    def get_type(self):
+        return [group.get("type") for group in self.optimizer.param_groups]
+
+    def checkpoint_tag_validation_enabled(self):
+        return str(_config_value(self._config, ["checkpoint.tag_validation"], "Warn")).lower() != "ignore"
+
+    def checkpoint_tag_validation_fail(self):
+        return str(_config_value(self._config, ["checkpoint.tag_validation"], "Warn")).lower() == "fail"
+
+    def get_wall_clock_timers(self):
+        """Zeal logs its forward / backward / step times with wall_clock_breakdown; no timer objects."""
+        return {}
+
+    @property
+    def is_compiled(self):
+        return False
+
+    @property
+    def dist_backend(self):
+        return self._core.backend
+
+    def destroy(self):
+        """Accepted: the engine's buffers go when it is garbage-collected."""
+
+    def postscale_gradients(self):
+        return not bool(self._config.get("prescale_gradients", False))
+
+    def zero_use_cpu_optimizer(self):
+        return self._core.master_device in ("cpu", "nvme") and self.zero_optimization_stage() > 0 and (
+            self.zero_cpu_offload() or self._core.master_device == "nvme")
+
+    def zero_nvme_offload_optimizer(self):
+        return self._core.master_device == "nvme"
+
+    def initial_dynamic_scale(self):
+        return 2 ** int((self._config.get("fp16") or {}).get("initial_scale_power", 16))
+
+    def dynamic_loss_scale_args(self):
+        fp16 = self._config.get("fp16") or {}
+        if not fp16.get("enabled", False) or fp16.get("loss_scale", 0) != 0:
+            return None
+        return {"init_scale": self.initial_dynamic_scale(), "scale_window": fp16.get("loss_scale_window", 1000),
+                "delayed_shift": fp16.get("hysteresis", 2), "consecutive_hysteresis":
+                    fp16.get("consecutive_hysteresis", False), "min_scale": fp16.get("min_loss_scale", 1)}
+
+    def get_data_parallel_rank(self):
+        return self._core.rank
+
+    def get_model_parallel_rank(self):
+        group = getattr(self, "_tensor_group", None)
+        return group.rank if group is not None else 0
+
+    get_tensor_parallel_rank = get_model_parallel_rank
+
+    @property
+    def mp_world_size(self):
+        group = getattr(self, "_tensor_group", None)
+        return group.size if group is not None else 1
+
+    def scale(self, loss):
+        """The loss times the current loss scale, for a manual `engine.scale(loss).backward()`."""
+        return loss * self._core.loss_scale
+
+    @staticmethod
+    def is_map_style_dataset(obj):
+        return hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+    @staticmethod
+    def is_iterable_style_dataset(obj):
+        return isinstance(obj, torch.utils.data.IterableDataset)
+
+    def deepspeed_io(self, dataset, batch_size=None, route=None, pin_memory=True, data_sampler=None, collate_fn=None,
+                     num_local_io_workers=None):
+        """A loader over `dataset` that gives this data-parallel rank its share, in micro-batches."""
+        from .data import distributed_loader
+
+        if not (self.is_map_style_dataset(dataset) or self.is_iterable_style_dataset(dataset)):
+            raise ValueError("Training data must be a torch Dataset")
+        if data_sampler is not None:
+            return torch.utils.data.DataLoader(dataset, batch_size=batch_size or self.train_micro_batch_size_per_gpu(),
+                                               sampler=data_sampler, collate_fn=collate_fn)
+        return distributed_loader(dataset, batch_size or self.train_micro_batch_size_per_gpu(), self._core.rank,
+                                  self._core.world_size, collate_fn)
+
     # --- ranks and device ---
     @property
     def global_rank(self):
@@ -349,6 +433,141 @@ class EngineAPI:
         return comm.get_local_rank()
 
 
+# DeepSpeed's config queries that read one config value: name -> (key paths, first found wins;
+# DeepSpeed's default). Features Zeal lacks report their off value, which is what Zeal runs.
+_CONFIG_QUERIES = {
+    "zero_reduce_scatter": (["zero_optimization.reduce_scatter"], True),
+    "zero_overlap_comm": (["zero_optimization.overlap_comm"], True),
+    "zero_contiguous_gradients": (["zero_optimization.contiguous_gradients"], True),
+    "zero_round_robin_gradients": (["zero_optimization.round_robin_gradients"], False),
+    "zero_allgather_partitions": (["zero_optimization.allgather_partitions"], True),
+    "zero_load_from_fp32_weights": (["zero_optimization.load_from_fp32_weights"], True),
+    "zero_elastic_checkpoint": (["zero_optimization.elastic_checkpoint"], False),
+    "zero_ignore_unused_parameters": (["zero_optimization.ignore_unused_parameters"], True),
+    "zero_gather_16bit_weights_on_model_save": (["zero_optimization.gather_16bit_weights_on_model_save",
+                                                 "zero_optimization.stage3_gather_16bit_weights_on_model_save",
+                                                 "zero_optimization.stage3_gather_fp16_weights_on_model_save"], False),
+    "zero_reduce_bucket_size": (["zero_optimization.reduce_bucket_size"], 500000000),
+    "zero_allgather_bucket_size": (["zero_optimization.allgather_bucket_size"], 500000000),
+    "zero_sub_group_size": (["zero_optimization.sub_group_size"], 1000000000),
+    "zero_max_live_parameters": (["zero_optimization.max_live_parameters",
+                                  "zero_optimization.stage3_max_live_parameters"], 1000000000),
+    "zero_max_reuse_distance": (["zero_optimization.max_reuse_distance",
+                                 "zero_optimization.stage3_max_reuse_distance"], 1000000000),
+    "zero_prefetch_bucket_size": (["zero_optimization.prefetch_bucket_size",
+                                   "zero_optimization.stage3_prefetch_bucket_size"], 50000000),
+    "zero_param_persistence_threshold": (["zero_optimization.param_persistence_threshold",
+                                          "zero_optimization.stage3_param_persistence_threshold"], 100000),
+    "zero_model_persistence_threshold": (["zero_optimization.model_persistence_threshold",
+                                          "zero_optimization.stage3_model_persistence_threshold"], 2**63 - 1),
+    "zero_module_granularity_threshold": (["zero_optimization.module_granularity_threshold",
+                                           "zero_optimization.stage3_module_granularity_threshold"], 0),
+    "zero_hpz_partition_size": (["zero_optimization.zero_hpz_partition_size"], 1),
+    "zero_quantized_weights": (["zero_optimization.zero_quantized_weights"], False),
+    "zero_quantized_nontrainable_weights": (["zero_optimization.zero_quantized_nontrainable_weights"], False),
+    "zero_quantized_gradients": (["zero_optimization.zero_quantized_gradients"], False),
+    "zeropp_loco_param": (["zero_optimization.zeropp_loco_param"], None),
+    "mics_shard_size": (["zero_optimization.mics_shard_size"], -1),
+    "zero_multi_rank_bucket_allreduce": (["zero_optimization.use_multi_rank_bucket_allreduce"], True),
+    "zero_allgather_sequential": (["zero_optimization.allgather_sequential",
+                                   "zero_optimization.stage3_allgather_sequential"], False),
+    "zero_log_trace_cache_warnings": (["zero_optimization.log_trace_cache_warnings"], False),
+    "zero_save_muon_momentum_buffer_in_memory": (["zero_optimization.save_muon_momentum_buffer_in_memory"], False),
+    "zero_legacy_stage1": (["zero_optimization.legacy_stage1"], False),
+    "zero_grad_hooks": (["zero_optimization.grad_hooks"], True),
+    "is_sanity_checks_enabled": (["zero_optimization.enable_sanity_checks"], False),
+    "zero_offload_optimizer": (["zero_optimization.offload_optimizer"], None),
+    "zero_offload_param": (["zero_optimization.offload_param"], None),
+    "zero_partial_offload": (["zero_optimization.offload_optimizer.ratio"], 1.0),
+    "super_offload": (["zero_optimization.offload_optimizer.super_offload"], False),
+    "cpuadam_cores_perc": (["zero_optimization.offload_optimizer.cpuadam_cores_perc"], 0.8),
+    "zenflow_config": (["zero_optimization.zenflow"], None),
+    "gradient_predivide_factor": (["gradient_predivide_factor"], 1.0),
+    "memory_breakdown": (["memory_breakdown"], False),
+    "dump_state": (["dump_state"], False),
+    "log_level": (["log_level"], None),
+    "sparse_gradients_enabled": (["sparse_gradients"], False),
+    "dataloader_drop_last": (["dataloader_drop_last"], False),
+    "graph_harvesting": (["graph_harvesting"], False),
+    "managed_gradient_accumulation": (["managed_gradient_accumulation"], True),
+    "optimizer_legacy_fusion": (["optimizer.legacy_fusion"], False),
+    "fp16_master_weights_and_gradients": (["fp16.fp16_master_weights_and_grads"], False),
+    "bf16_master_weights_and_gradients": (["bf16.bf16_master_weights_and_grads"], False),
+    "bf16_optimizer_states": (["bf16.bf16_optimizer_states"], False),
+    "torch_autocast_enabled": (["torch_autocast.enabled"], False),
+    "torch_autocast_dtype": (["torch_autocast.dtype"], None),
+    "torch_autocast_lower_precision_safe_modules": (["torch_autocast.lower_precision_safe_modules"], None),
+    "amp_params": (["amp"], None),
+    "pld_enabled": (["progressive_layer_drop.enabled"], False),
+    "pld_params": (["progressive_layer_drop"], None),
+    "eigenvalue_enabled": (["quantize_training.eigenvalue.enabled"], False),
+    "flops_profiler_enabled": (["flops_profiler.enabled"], False),
+    "autotuning_enabled": (["autotuning.enabled"], False),
+    "elasticity_enabled": (["elasticity.enabled"], False),
+    "data_efficiency_enabled": (["data_efficiency.enabled"], False),
+    "data_efficiency_config": (["data_efficiency"], None),
+    "curriculum_enabled_legacy": (["curriculum_learning.enabled"], False),
+    "curriculum_params_legacy": (["curriculum_learning"], None),
+    "random_ltd_enabled": (["data_efficiency.data_routing.random_ltd.enabled"], False),
+    "tensor_parallel_config": (["tensor_parallel"], None),
+    "autotp_size": (["tensor_parallel.autotp_size"], 0),
+    "use_node_local_storage": (["checkpoint.use_node_local_storage"], False),
+    "load_universal_checkpoint": (["checkpoint.load_universal"], False),
+    "aio_config": (["aio"], None),
+    "is_deepcompile_enabled": (["compile.deepcompile"], False),
+    "pld_theta": (["progressive_layer_drop.theta"], 1.0),
+    "pld_gamma": (["progressive_layer_drop.gamma"], 0.001),
+    "flops_profiler_recompute_fwd_factor": (["flops_profiler.recompute_fwd_factor"], 0.0),
+    "flops_profiler_profile_step": (["flops_profiler.profile_step"], 1),
+    "flops_profiler_module_depth": (["flops_profiler.module_depth"], -1),
+    "flops_profiler_top_modules": (["flops_profiler.top_modules"], 1),
+    "flops_profiler_detailed": (["flops_profiler.detailed"], True),
+    "flops_profiler_output_file": (["flops_profiler.output_file"], None),
+    "autotuning_start_profile_step": (["autotuning.start_profile_step"], 3),
+    "autotuning_end_profile_step": (["autotuning.end_profile_step"], 5),
+    "autotuning_metric_path": (["autotuning.metric_path"], None),
+    "autotuning_model_info_path": (["autotuning.model_info_path"], None),
+    "autotuning_metric": (["autotuning.metric"], "throughput"),
+    "autotuning_profile_model_info": (["autotuning.model_info.profile"], False),
+    "checkpoint_serialization_enabled": (["checkpoint.checkpoint_serialization"], True),
+    "checkpoint_writer_enabled": (["checkpoint.writer"], None),
+    "data_sampling_enabled": (["data_efficiency.data_sampling.enabled"], False),
+    "data_sampling_config": (["data_efficiency.data_sampling"], None),
+    "curriculum_learning_enabled": (["data_efficiency.data_sampling.curriculum_learning.enabled"], False),
+    "curriculum_learning_config": (["data_efficiency.data_sampling.curriculum_learning"], None),
+    "random_ltd_config": (["data_efficiency.data_routing.random_ltd"], None),
+    "swap_tensor_config": (["zero_optimization.offload_optimizer"], None),
+    "quantize_training": (["quantize_training"], None),
+}
+
+
+def _config_value(config, paths, default):
+    for path in paths:
+        node, found = config, True
+        for key in path.split("."):
+            if isinstance(node, dict) and key in node and node[key] is not None:
+                node = node[key]
+            else:
+                found = False
+                break
+        if found:
+            return node
+    return default
+
+
+def _make_query(name, paths, default):
+    def query(self):
+        return _config_value(self._config, paths, default)
+
+    query.__name__ = name
+    query.__doc__ = f"DeepSpeed's {name}(): config {paths[0]} (default {default!r})."
+    return query
+
+
+for _name, (_paths, _default) in _CONFIG_QUERIES.items():
+    setattr(EngineAPI, _name, _make_query(_name, _paths, _default))
+
+
 class ZealEngine(EngineAPI, torch.nn.Module):
     """Wraps the user's module. `engine(*args)` runs forward; backward() and step() as DeepSpeed."""
 
@@ -358,6 +577,7 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         self.module = module
         self._core = core
         self._config = dict(config or {})
+        self.config = self._config  # DeepSpeed's engine.config: the config as a dict
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self._client_optimizer = client_optimizer
@@ -378,8 +598,16 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                     if hasattr(p, attr):
                         delattr(p, attr)
             self._stage3 = Stage3Hooks(module, core)
-        for i, p in enumerate(core.parameters):  # zeal.utils.safe_get_full_* find the engine through it
-            p._zeal_owner = (core, i)
+        import weakref
+
+        # zeal.utils.safe_get_full_* find the engine through it; weak, so the model does not keep
+        # the engine (and its buffers and swap files) alive.
+        for i, p in enumerate(core.parameters):
+            p._zeal_owner = (weakref.ref(core), i)
+
+    @property
+    def enable_backward_allreduce(self):
+        return True
 
     def __getattr__(self, name):
         # As DeepSpeed's engine: an attribute the engine lacks is looked up on the wrapped module.
@@ -447,6 +675,52 @@ class ZealEngine(EngineAPI, torch.nn.Module):
 
     def zero_grad(self):
         self._core.zero_grad()
+
+    def no_sync(self):
+        """Backwards inside accumulate this rank's gradients without reducing them (DeepSpeed's; ZeRO
+        stage 0 or 1); the first backward after it on the boundary reduces them all."""
+        import contextlib
+
+        if self.zero_optimization_stage() >= 2:
+            raise RuntimeError(f"no_sync is for ZeRO stage 0 or 1 (stage {self.zero_optimization_stage()} "
+                               "reduces gradients in every backward), as in DeepSpeed")
+
+        @contextlib.contextmanager
+        def held():
+            self._core.set_boundary_override(0)
+            try:
+                yield
+            finally:
+                self._core.set_boundary_override(-1)
+
+        return held()
+
+    def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
+        """The module's state_dict in its training dtype, whole, written by rank 0 with torch.save
+        (DeepSpeed's). At ZeRO stage 3 it gathers the parameters (every rank calls it) and, as
+        DeepSpeed, only when zero_optimization.stage3_gather_16bit_weights_on_model_save is true;
+        otherwise it writes nothing and returns False."""
+        if self.zero_optimization_stage() == 3 and not self.zero_gather_16bit_weights_on_model_save():
+            import warnings
+
+            warnings.warn("save_16bit_model: not saved; set zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                          "to gather ZeRO-3 parameters (or use zeal-to-fp32 on a checkpoint)")
+            return False
+        state = {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            owner = getattr(t, "_zeal_owner", None)
+            if exclude_frozen_parameters and isinstance(t, torch.nn.Parameter) and not t.requires_grad:
+                continue
+            if owner is not None and self.zero_optimization_stage() == 3:
+                state[name] = self._core.full_value(owner[1], "fp32").to(t.dtype)
+            else:
+                state[name] = t.detach().clone()
+        if self.global_rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            torch.save(state, os.path.join(save_dir, save_filename))
+        return True
+
+    save_fp16_model = save_16bit_model
 
     def empty_partition_cache(self):
         """ZeRO-3: release every gathered parameter (DeepSpeed's; a no-op below stage 3)."""
@@ -581,15 +855,19 @@ def initialize(
     model_parameters=None,
     training_data=None,
     lr_scheduler=None,
+    distributed_port=29500,
     mpu=None,
     dist_init_required=None,
     collate_fn=None,
     config=None,
+    mesh_param=None,
     config_params=None,
     data_parallel_group=None,
     model_parallel_group=None,
 ):
     """DeepSpeed's initialize: returns (engine, optimizer, training_dataloader, lr_scheduler).
+    distributed_port and dist_init_required are accepted and unused (ranks come from mpirun or the
+    zeal launcher).
 
     Zeal's tensor-parallel arguments (zeal.tensor_parallel.make_groups gives both groups):
     data_parallel_group, the ranks that hold replicas of this rank's parameters (the world by
@@ -597,6 +875,8 @@ def initialize(
     model's tensor-parallel layers by default), across which gradient norms are summed."""
     if model is None:
         raise _zeal.ConfigError("initialize needs model=")
+    if mesh_param is not None:
+        raise _zeal.ConfigError("initialize: mesh_param= (a data x sequence parallel mesh) is not supported yet")
     if mpu is not None:
         raise _zeal.ConfigError("initialize: mpu= (a Megatron-style model-parallel unit over torch.distributed groups) "
                                 "is not supported; pass data_parallel_group= and model_parallel_group= "

@@ -399,6 +399,7 @@ class PipelineEngine(EngineAPI):
         _pull_lr(self._core, self.optimizer.param_groups)
         self.lr_scheduler = ZealLRScheduler(self._core) if "scheduler" in self.config else None
         self._step_applied = False
+        self.batch_fn = None
         # training_data (DeepSpeed's): the first and last stages read it, each data-parallel index
         # its own shard, in order, forever; train_batch() without data_iter takes the next batch.
         self.training_dataloader, self.data_iterator = None, None
@@ -425,6 +426,42 @@ class PipelineEngine(EngineAPI):
 
     def get_pipeline_parallel_rank(self):
         return self.stage_id
+
+    @property
+    def prev_stage(self):
+        return self.stage_id - 1
+
+    @property
+    def next_stage(self):
+        return self.stage_id + 1
+
+    @property
+    def is_pipe_parallel(self):
+        return self.num_stages > 1
+
+    @property
+    def is_data_parallel(self):
+        return self.grid.get_data_parallel_world_size() > 1
+
+    @property
+    def is_model_parallel(self):
+        return self.grid.get_slice_parallel_world_size() > 1
+
+    @property
+    def loss_model(self):
+        return self.module.loss_fn
+
+    @property
+    def enable_backward_allreduce(self):
+        return False  # the pipeline reduces after its last backward, as DeepSpeed's
+
+    def set_batch_fn(self, fn):
+        """fn(batch) post-processes every batch the first and last stages load (DeepSpeed's)."""
+        self.batch_fn = fn
+
+    def reset_activation_shape(self):
+        """Forget the activation and gradient shapes learnt from the first batch (DeepSpeed's)."""
+        self._shapes = {}
 
     @property
     def global_rank(self):
@@ -626,7 +663,8 @@ class _Execution:
 
     def load_micro_batch(self, mb, chunk):
         if mb not in self.loaded:  # one item per micro-batch, whichever chunks use it
-            self.loaded[mb] = next(self.data_iter)
+            batch = next(self.data_iter)
+            self.loaded[mb] = self.e.batch_fn(batch) if self.e.batch_fn is not None else batch
         x, y = self.loaded[mb]
         if self.vs(chunk) == 0:
             self.inputs[(mb, chunk)] = x

@@ -7,11 +7,28 @@ is partitioned (ZeRO stage >= 1 for weights and state, >= 2 for gradients): ever
 for the same parameter, as with DeepSpeed's. Gradients are available between backward on the
 accumulation boundary and step (step consumes them).
 """
+import logging
 import random
 
 import torch
 
 from . import _zeal
+
+logger = logging.getLogger("zeal")
+if not logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def log_dist(message, ranks=None, level=logging.INFO):
+    """Logs on the listed ranks (DeepSpeed's: [-1] means every rank; None or [] means none)."""
+    ranks = ranks or []
+    my_rank = _zeal.world().rank
+    if ranks and (ranks[0] == -1 or my_rank in set(ranks)):
+        logger.log(level, f"[Rank {my_rank}] {message}")
 
 
 def _owner(param):
@@ -19,7 +36,10 @@ def _owner(param):
     if owner is None:
         raise _zeal.Error("this tensor is not a parameter a Zeal engine trains (pass one of the model's "
                           "parameters after zeal.initialize; frozen parameters have no engine state)")
-    return owner
+    core = owner[0]()
+    if core is None:
+        raise _zeal.Error("the engine that trained this parameter no longer exists")
+    return core, owner[1]
 
 
 def safe_get_full_grad(param):

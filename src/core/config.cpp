@@ -702,8 +702,11 @@ Config Config::from_json(const json& root) {
   // Read elsewhere: "pipeline" by zeal.pipe (a PipelineModule), "activation_checkpointing" by the
   // model's own checkpointing calls, "checkpoint" settings of DeepSpeed's checkpoint writer (Zeal's
   // checkpoints are always validated and atomic), and debugging or logging switches.
-  r.accept_any({"pipeline", "activation_checkpointing", "checkpoint", "timers", "log_level", "vocabulary_size",
+  r.accept_any({"activation_checkpointing", "checkpoint", "timers", "log_level", "vocabulary_size",
                 "allgather_size", "seq_parallel_communication_data_type"});
+  if (r.has("pipeline"))  // zeal.pipe reads it and hands the engine of each stage the config without it
+    throw ConfigError("config key 'pipeline': pipeline parallelism needs the model to be a zeal.pipe.PipelineModule "
+                      "(Python), which takes this section");
   r.accept_bool({"memory_breakdown", "dump_state", "managed_gradient_accumulation"});
   r.only_value("dataloader_drop_last", false, "Zeal's loader keeps the last partial batch");
   r.only_value("sparse_gradients", false, "sparse gradients are not supported yet");

@@ -43,6 +43,17 @@ TEST(Config, ParsesDeepSpeedKeys) {
   EXPECT_EQ(c.steps_per_print, 5);
 }
 
+TEST(Config, DeepSpeedFileSyntaxAndValues) {
+  // hjson as real configs use it: comments, trailing commas, Infinity (steps_per_print: never).
+  Config c = Config::from_string("# c\n{\"train_batch_size\": 8, // c\n /* c */ \"steps_per_print\": Infinity,\n"
+                                 " \"zero_optimization\": {\"stage\": 2, \"cpu_offload\": true, \"sub_group_size\": 0,},}");
+  EXPECT_EQ(c.steps_per_print, INT64_MAX);
+  EXPECT_EQ(c.zero_optimization.offload_optimizer.device, zeal::OffloadDevice::kCpu);
+  EXPECT_EQ(c.zero_optimization.sub_group_size, 1000000000);
+  Config z = Config::from_string(R"({"train_batch_size": 8, "zero_optimization": true, "_comment": "ignored"})");
+  EXPECT_EQ(z.zero_optimization.stage, 1);
+}
+
 TEST(Config, Defaults) {
   Config c = Config::from_string(R"({"train_micro_batch_size_per_gpu": 4})");
   EXPECT_EQ(c.precision(), zeal::Precision::kFp32);
@@ -121,13 +132,16 @@ INSTANTIATE_TEST_SUITE_P(
                   {"'zero_optimization.offload_optimizer.ratio'", "other than 1.0"}},
         BadConfig{R"({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}})",
                   {"'zero_optimization.offload_optimizer.device'", "\"cpu\""}},
-        BadConfig{R"({"pipeline": {"stages": 2}})", {"'pipeline'", "not supported yet"}},
+        BadConfig{R"({"pipeline": {"stages": 2}})", {"'pipeline'", "PipelineModule"}},
         BadConfig{R"({"scheduler": {"type": "WarmupDecayLR", "params": {}}})", {"'scheduler.params.total_num_steps'"}},
         BadConfig{R"({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cosine"}}})", {"'scheduler.params.warmup_type'", "\"log\", \"linear\""}},
         BadConfig{R"({"communication_data_type": "int8"})", {"'communication_data_type'", "\"fp32\""}},
         BadConfig{R"({"gradient_clipping": -0.5})", {"'gradient_clipping'", ">= 0"}},
         BadConfig{R"({"steps_per_print": 2.5})", {"'steps_per_print'", "integer"}},
-        BadConfig{R"({"train_batch_size": 8,})", {"not valid JSON"}},
+        BadConfig{R"({"train_batch_size": 8,,})", {"not valid JSON"}},
+        BadConfig{R"({"train_batch_size": 8, "zero_optimization": {"stage": 1, "cpu_offload": "yes"}})",
+                  {"'zero_optimization.cpu_offload'", "boolean"}},
+        BadConfig{R"({"train_batch_size": 8, "wandb": {"enabled": true}})", {"'wandb.enabled'", "not supported yet"}},
         BadConfig{R"([1, 2])", {"expected an object"}}));
 
 TEST(Config, MissingFile) {

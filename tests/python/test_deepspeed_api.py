@@ -190,3 +190,51 @@ def test_tied_weights_keep_both_names_in_the_fp32_export(tmp_path):
     out = tmp_path / "model.safetensors"
     deepspeed.checkpoint.to_fp32_file(tmp_path, out)
     assert set(deepspeed._zeal.read_safetensors(str(out))) == set(model.state_dict())
+
+
+def test_config_queries_report_deepspeed_values():
+    cfg = dict(CFG, zero_optimization={"stage": 3, "stage3_prefetch_bucket_size": 1234, "reduce_scatter": False,
+                                       "stage3_gather_16bit_weights_on_model_save": True},
+               fp16={"enabled": True, "initial_scale_power": 10, "loss_scale_window": 50})
+    engine, *_ = deepspeed.initialize(model=mlp(), config=cfg)
+    assert engine.zero_prefetch_bucket_size() == 1234 and engine.zero_reduce_scatter() is False
+    assert engine.zero_max_live_parameters() == 1000000000 and engine.zero_quantized_weights() is False
+    assert engine.zero_gather_16bit_weights_on_model_save() is True and engine.pld_enabled() is False
+    assert engine.initial_dynamic_scale() == 1024
+    assert engine.dynamic_loss_scale_args() == {"init_scale": 1024, "scale_window": 50, "delayed_shift": 2,
+                                                "consecutive_hysteresis": False, "min_scale": 1}
+    assert engine.postscale_gradients() and not engine.zero_use_cpu_optimizer() and engine.mp_world_size == 1
+    x = torch.randn(4, 6).half()
+    assert torch.allclose(engine.scale(engine(x).float().sum()), engine(x).float().sum() * 1024)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_save_16bit_model(tmp_path, stage):
+    zero = {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True}
+    model = mlp(tie=True)
+    engine, *_ = deepspeed.initialize(model=model, config=dict(CFG, bf16={"enabled": True}, zero_optimization=zero))
+    assert engine.save_16bit_model(tmp_path) is True
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert set(state) == set(model.state_dict()) and all(v.dtype == torch.bfloat16 for v in state.values())
+    assert state["0.weight"].shape == (6, 6)
+    torch.manual_seed(0)
+    want = torch.nn.Linear(6, 6).weight.to(torch.bfloat16)
+    assert torch.equal(state["0.weight"], want)
+    engine2, *_ = deepspeed.initialize(model=mlp(), config=dict(CFG, zero_optimization={"stage": 3}))
+    with pytest.warns(UserWarning, match="not saved"):
+        assert engine2.save_16bit_model(tmp_path / "no") is False
+
+
+def test_no_sync_accumulates_without_reducing_then_reduces():
+    engine, *_ = deepspeed.initialize(model=mlp(), config=dict(CFG))
+    x = torch.randn(4, 6)
+    with engine.no_sync():
+        assert not engine.is_gradient_accumulation_boundary()
+        engine.backward(engine(x).pow(2).mean())
+    assert engine.is_gradient_accumulation_boundary()
+    engine.backward(engine(x).pow(2).mean())
+    engine.step()
+    assert engine.global_steps == 1 and engine.was_step_applied()
+    engine3, *_ = deepspeed.initialize(model=mlp(), config=dict(CFG, zero_optimization={"stage": 2}))
+    with pytest.raises(RuntimeError, match="ZeRO stage 0 or 1"):
+        engine3.no_sync()
