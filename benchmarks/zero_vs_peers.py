@@ -8,6 +8,10 @@ RSS just before the model is built, max over ranks).
     torch FSDP2 fully_shard (~ stage 3)                   gloo
     DeepSpeed stage 1, 2, 3 (DS_ACCELERATOR=cpu)          gloo, torch AdamW
 
+With --client, Zeal's own AdamW (config section, its SIMD kernel) against the user's
+torch.optim.AdamW passed to initialize (the client-optimizer path: the update runs torch's AdamW
+over this rank's fp32 partition) and torch's peers, at stages 1-3.
+
 With --offload, ZeRO-Offload instead (offload_optimizer {device: cpu}) at stages 1-3: Zeal
 without offload, Zeal with it, and DeepSpeed with it (its DeepSpeedCPUAdam, which it builds on
 first use).
@@ -15,6 +19,7 @@ first use).
     scripts/install-bench-deps     # DeepSpeed, pinned (optional; its rows are skipped without it)
     python benchmarks/zero_vs_peers.py --ranks 2 --steps 20 --out out/bench/zero_vs_peers.json
     python benchmarks/zero_vs_peers.py --ranks 2 --steps 20 --offload --out out/bench/offload.json
+    python benchmarks/zero_vs_peers.py --ranks 2 --steps 20 --client --out out/bench/client_optimizer.json
 """
 import argparse
 import importlib.util
@@ -97,7 +102,11 @@ def rank_main(impl, stage, steps, micro, clip):
         if variant == "nvme":
             config["zero_optimization"]["sub_group_size"] = int(os.environ.get("BENCH_SUB_GROUP", "1000000"))
             config["aio"] = aio
-        engine, *_ = zeal.initialize(model=model, config=config)
+        client = None
+        if variant == "client":  # the user's torch AdamW, passed to initialize
+            del config["optimizer"]
+            client = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+        engine, *_ = zeal.initialize(model=model, config=config, optimizer=client)
         from harness import zeal_step_and_sync
 
         step, sync = zeal_step_and_sync(engine)
@@ -169,6 +178,9 @@ PLAN = [("zeal", 1), ("zero_redundancy", 1), ("deepspeed", 1),
         ("zeal", 2), ("deepspeed", 2),
         ("zeal", 3), ("fsdp2", 3), ("deepspeed", 3)]
 OFFLOAD_PLAN = [(impl, stage) for stage in (1, 2, 3) for impl in ("zeal+offload", "zeal", "deepspeed+offload")]
+CLIENT_PLAN = [("zeal", 1), ("zeal+client", 1), ("zero_redundancy", 1), ("deepspeed", 1),
+               ("zeal", 2), ("zeal+client", 2), ("deepspeed", 2),
+               ("zeal", 3), ("zeal+client", 3), ("fsdp2", 3), ("deepspeed", 3)]
 
 
 def main():
@@ -180,6 +192,7 @@ def main():
     ap.add_argument("--out", default="out/bench/zero_vs_peers.json")
     ap.add_argument("--only", nargs="*", default=None, help="implementations to run, e.g. zeal deepspeed")
     ap.add_argument("--offload", action="store_true", help="ZeRO-Offload (optimizer on the CPU) instead")
+    ap.add_argument("--client", action="store_true", help="Zeal's AdamW against the user's torch AdamW (client path)")
     ap.add_argument("--rank_impl", help=argparse.SUPPRESS)
     ap.add_argument("--rank_stage", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,10 +200,10 @@ def main():
         rank_main(args.rank_impl, args.rank_stage, args.steps, args.micro, clip=1.0)
         return
 
-    plan = OFFLOAD_PLAN if args.offload else PLAN
+    plan = OFFLOAD_PLAN if args.offload else CLIENT_PLAN if args.client else PLAN
     title = (f"ZeRO{'-Offload' if args.offload else ''} vs peers: demo GPT (3.2M params), {args.ranks} ranks, "
              f"micro batch {args.micro} x {BLOCK} tokens, fp32 AdamW, CPU")
-    run_plan(plan, args, title, "zero_vs_peers", __file__)
+    run_plan(plan, args, title, "client_optimizer" if args.client else "zero_vs_peers", __file__)
 
 
 def run_plan(plan, args, title, name, script):

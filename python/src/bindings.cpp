@@ -471,6 +471,12 @@ PYBIND11_MODULE(_zeal, m) {
       .def("get_lr", &engine::Engine::get_lr)
       .def("set_lr", &engine::Engine::set_lr, py::arg("lrs"))
       .def("get_mom", &engine::Engine::get_mom)
+      .def_property_readonly("cycles_momentum", &engine::Engine::cycles_momentum)
+      .def("get_betas", [](const engine::Engine& e) {
+        std::vector<std::pair<double, double>> out;
+        for (const auto& b : e.group_betas()) out.push_back({b[0], b[1]});
+        return out;
+      })
       .def("segments", &engine::Engine::segments)
       .def_property_readonly("optimizer_name", [](engine::Engine& e) { return std::string(e.optimizer().name()); })
       .def_property_readonly("optimizer_steps", [](engine::Engine& e) { return e.optimizer().steps_taken(); })

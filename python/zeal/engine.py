@@ -164,8 +164,11 @@ class ZealLRScheduler:
     get_last_lr = get_lr
 
     def get_mom(self):
-        """Per group: beta1 (momentum for SGD), what OneCycle's cycle_momentum moves."""
-        return self._core.get_mom()
+        """DeepSpeed's OneCycle.get_mom(): per group the betas (momentum, 0.99) while it cycles
+        momentum, else None."""
+        if not self._core.cycles_momentum:
+            return None
+        return [tuple(b) for b in self._core.get_betas()]
 
     @property
     def last_batch_iteration(self):
@@ -803,7 +806,7 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             if load_lr_scheduler_states and self._client_lr_scheduler is not None and saved.get("lr_scheduler"):
                 self._client_lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if self._client_optimizer is None or isinstance(self.lr_scheduler, ZealLRScheduler):
-            _pull_lr(self._core, self.optimizer.param_groups)  # the engine's schedule came back with the step count
+            _pull_lr(self._core, self.optimizer.param_groups)  # back with the step count
         return path, client_state
 
     def _client_objects_state(self):
@@ -981,8 +984,13 @@ def _optimizer_groups(core, model, model_parameters):
 
 
 def _pull_lr(core, groups):
-    for group, lr in zip(groups, core.get_lr()):
+    """The engine's learning rates into the optimizer's groups (a config scheduler moved them); when
+    the schedule cycles momentum (OneCycle), its betas too, into the groups that have betas."""
+    momentum = core.cycles_momentum
+    for group, lr, betas in zip(groups, core.get_lr(), core.get_betas()):
         group["lr"] = lr
+        if momentum and "betas" in group:
+            group["betas"] = tuple(betas)
 
 
 def _lr_scheduler(cfg, core, optimizer, client):

@@ -811,8 +811,9 @@ void Engine::apply_lr(int64_t iteration) {
   if (!schedule_) return;
   for (size_t g = 0; g < groups_.size(); ++g) {
     groups_[g].lr = schedule_->lr(iteration, base_lrs_[g]);
+    // DeepSpeed's OneCycle writes betas = (momentum, 0.99) while it cycles momentum.
     if (auto beta1 = schedule_->beta1(iteration); beta1 && config_.optimizer.type != OptimizerType::kSgd)
-      groups_[g].betas[0] = *beta1;
+      groups_[g].betas = {*beta1, 0.99};
   }
 }
 

@@ -102,7 +102,10 @@ def test_onecycle_momentum_and_scheduler_view():
         engine.backward(engine(torch.randn(4, 6)).pow(2).mean())
         engine.step()
         moms.append(scheduler.get_mom()[0])
-    assert moms[0] > moms[1] > moms[2] >= 0.85  # momentum cycles down while the lr rises
+        assert optimizer.param_groups[0]["betas"] == moms[-1]
+    # DeepSpeed's OneCycle: betas (momentum, 0.99), the momentum cycling down while the lr rises.
+    assert all(m[1] == 0.99 for m in moms)
+    assert moms[0][0] > moms[1][0] > moms[2][0] >= 0.85
     assert scheduler.get_lr() == engine.get_lr() == [g["lr"] for g in optimizer.param_groups]
     assert scheduler.state_dict() == {"last_batch_iteration": 2}
 

@@ -21,12 +21,17 @@ def test_cifar_style_script_learns_and_resumes(tmp_path):
     assert loaded == after
 
 
-def test_pipeline_style_script_learns_and_resumes(tmp_path):
-    proc = run_launcher(2, EXAMPLES / "pipeline_style.py", "--deepspeed_config", CONFIG,
+import pytest
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_pipeline_style_script_learns_and_resumes(tmp_path, ranks):
+    # 4 ranks: 2 stages x 2 data-parallel, each data rank reading its own shard of training_data.
+    proc = run_launcher(ranks, EXAMPLES / "pipeline_style.py", "--deepspeed_config", CONFIG,
                         "--pipeline-parallel-size", "2", "--checkpoint_dir", tmp_path / "ckpt")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "2 stages x 1 data-parallel" in out
+    assert f"2 stages x {ranks // 2} data-parallel" in out
     first, last = map(float, re.search(r"first loss ([\d.]+), last loss ([\d.]+)", out).groups())
     assert last < 0.3 * first
     got, want = re.search(r"loaded at step 40: eval loss ([\d.]+) \(before saving ([\d.]+)\)", out).groups()

@@ -94,6 +94,15 @@ class Engine {
   void set_lr(const std::vector<double>& lrs);
   // Per group: beta1, or the momentum for SGD (what DeepSpeed's OneCycle cycles; lr_scheduler.get_mom()).
   std::vector<double> get_mom() const;
+  // Whether the schedule moves the optimizer's betas (DeepSpeed's OneCycle with cycle_momentum).
+  bool cycles_momentum() const {
+    return schedule_ && schedule_->beta1(0).has_value() && config_.optimizer.type != OptimizerType::kSgd;
+  }
+  std::vector<std::array<double, 2>> group_betas() const {
+    std::vector<std::array<double, 2>> out;
+    for (const optim::ParamGroup& g : groups_) out.push_back(g.betas);
+    return out;
+  }
   // The optimizer's segments in local (owned, fp32 master) coordinates: {group, begin, end}.
   std::vector<std::array<int64_t, 3>> segments() const;
   double loss_scale() const { return scaler_.scale(); }
