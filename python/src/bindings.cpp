@@ -186,10 +186,40 @@ PYBIND11_MODULE(_zeal, m) {
   py::register_exception<CheckpointError>(m, "CheckpointError", error.ptr());
 
   // The parsed config travels to the Engine as an object: a config is parsed once (Config::parse_text).
+  // What the engine's DeepSpeed-style queries read (python/zeal/engine.py EngineAPI): the parsed
+  // values with their defaults, so the defaults are written once, in config.h.
+  py::class_<ZeroConfig>(m, "ZeroConfig", "zero_optimization, parsed (zeal/core/config.h).")
+      .def_readonly("stage", &ZeroConfig::stage)
+      .def_readonly("reduce_bucket_size", &ZeroConfig::reduce_bucket_size)
+      .def_readonly("reduce_scatter", &ZeroConfig::reduce_scatter)
+      .def_readonly("overlap_comm", &ZeroConfig::overlap_comm)
+      .def_readonly("contiguous_gradients", &ZeroConfig::contiguous_gradients)
+      .def_readonly("allgather_partitions", &ZeroConfig::allgather_partitions)
+      .def_readonly("allgather_bucket_size", &ZeroConfig::allgather_bucket_size)
+      .def_readonly("prefetch_bucket_size", &ZeroConfig::prefetch_bucket_size)
+      .def_readonly("param_persistence_threshold", &ZeroConfig::param_persistence_threshold)
+      .def_readonly("max_live_parameters", &ZeroConfig::max_live_parameters)
+      .def_readonly("max_reuse_distance", &ZeroConfig::max_reuse_distance)
+      .def_readonly("model_persistence_threshold", &ZeroConfig::model_persistence_threshold)
+      .def_readonly("gather_16bit_weights_on_model_save", &ZeroConfig::gather_16bit_weights_on_model_save)
+      .def_readonly("ignore_unused_parameters", &ZeroConfig::ignore_unused_parameters)
+      .def_readonly("sub_group_size", &ZeroConfig::sub_group_size)
+      .def_readonly("round_robin_gradients", &ZeroConfig::round_robin_gradients)
+      .def_readonly("elastic_checkpoint", &ZeroConfig::elastic_checkpoint)
+      .def_readonly("load_from_fp32_weights", &ZeroConfig::load_from_fp32_weights)
+      .def_property_readonly("offload_optimizer_device", [](const ZeroConfig& z) {
+        return z.offload_optimizer.device == OffloadDevice::kCpu ? "cpu" : z.offload_optimizer.device == OffloadDevice::kNvme ? "nvme" : "none";
+      });
   py::class_<Config>(m, "Config", "A parsed, validated config (zeal/core/config.h).")
       .def_readonly("comms_timeout_s", &Config::comms_timeout_s)
       .def_readonly("steps_per_print", &Config::steps_per_print)
-      .def_readonly("gradient_clipping", &Config::gradient_clipping);
+      .def_readonly("gradient_clipping", &Config::gradient_clipping)
+      .def_readonly("gradient_predivide_factor", &Config::gradient_predivide_factor)
+      .def_readonly("prescale_gradients", &Config::prescale_gradients)
+      .def_readonly("wall_clock_breakdown", &Config::wall_clock_breakdown)
+      .def_readonly("zero_optimization", &Config::zero_optimization)
+      .def_property_readonly("fp16_enabled", [](const Config& c) { return c.precision() == Precision::kFp16; })
+      .def_property_readonly("bf16_enabled", [](const Config& c) { return c.precision() == Precision::kBf16; });
   m.def("validate_config", [](const std::string& text) { return Config::from_string(text); },
         "Parse and validate a JSON config; returns it for the Engine, or raises ConfigError naming the bad key.");
   m.def("check_config_text", [](const py::bytes& data) { Config::parse_text(std::string(data)); }, py::arg("data"),
@@ -494,6 +524,7 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("dynamic_loss_scale", &engine::Engine::dynamic_loss_scale)
       .def_property_readonly("last_step_overflow", &engine::Engine::last_step_overflow)
       .def_property_readonly("last_grad_norm", &engine::Engine::last_grad_norm)
+      .def_property_readonly("computes_grad_norm", &engine::Engine::computes_grad_norm)
       .def_property_readonly("num_buckets", &engine::Engine::num_buckets)
       .def_property_readonly("zero_stage", &engine::Engine::stage)
       .def_property_readonly("flat_numel", &engine::Engine::flat_numel)
@@ -512,6 +543,7 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("skipped_comm_rounds", &engine::Engine::skipped_comm_rounds)
       .def_property_readonly("grad_shard_numel", &engine::Engine::grad_shard_numel)
       .def_property_readonly("model_dtype", [](const engine::Engine& e) { return std::string(c10::toString(e.model_dtype())); })
+      .def_property_readonly("config", [](const engine::Engine& e) { return e.config(); }, "The parsed config (a copy).")
       .def_property_readonly("train_batch_size", [](const engine::Engine& e) { return e.batch().train_batch_size; })
       .def_property_readonly("train_micro_batch_size_per_gpu", [](const engine::Engine& e) { return e.batch().micro_batch_size; })
       .def_property_readonly("gradient_accumulation_steps", [](const engine::Engine& e) { return e.batch().gradient_accumulation_steps; })

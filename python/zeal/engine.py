@@ -4,6 +4,7 @@ The C++ engine owns the training state; the model's parameters become views into
 buffers. This module only adapts arguments, times forward, and builds the data loader.
 """
 import collections
+import functools
 import json
 import os
 import time
@@ -13,16 +14,9 @@ import torch
 from . import _zeal
 from .config import load_config, to_json
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _precision(config: dict):
-    if config.get("fp16", {}).get("enabled", False):
-        return "fp16"
-    for key in ("bf16", "bfloat16"):
-        if config.get(key, {}).get("enabled", False):
-            return "bf16"
-    return "fp32"
+def _model_dtype(parsed):
+    """The dtype the model trains in, from the parsed config (fp16, bf16 or fp32)."""
+    return torch.float16 if parsed.fp16_enabled else torch.bfloat16 if parsed.bf16_enabled else torch.float32
 
 
 def _param_groups(model, model_parameters, dtype):
@@ -226,6 +220,20 @@ class EngineAPI:
     def is_gradient_accumulation_boundary(self):
         return self._core.is_gradient_accumulation_boundary()
 
+    def _optimizer_step(self, run, boundary=True):
+        """run() steps the engine; on a boundary the learning rates now in the optimizer's groups
+        (a torch or Hugging Face scheduler writes them there) go to the engine first, and what a
+        config scheduler set comes back after. Records was_step_applied(). Returns run()'s result."""
+        core, groups = self._core, self.optimizer.param_groups
+        if boundary:
+            core.set_lr([float(g["lr"]) for g in groups])
+        skipped = core.skipped_steps
+        result = run()
+        self._step_applied = boundary and core.skipped_steps == skipped
+        if boundary:
+            _pull_lr(core, groups)
+        return result
+
     def set_gradient_accumulation_boundary(self, is_boundary):
         """Overrides the boundary (DeepSpeed's, for callers that run their own accumulation): True
         makes the next backward reduce and the next step apply, False holds both."""
@@ -239,12 +247,9 @@ class EngineAPI:
     def get_global_grad_norm(self):
         """The unscaled global gradient norm of the last applied step; None when the engine computed
         none (fp32 or bf16 without gradient_clipping, where the step needs no norm)."""
-        if self.global_steps == 0 or not self._needs_norm():
+        if self.global_steps == 0 or not self._core.computes_grad_norm:
             return None
         return self._core.last_grad_norm
-
-    def _needs_norm(self):
-        return self.fp16_enabled() or self.gradient_clipping() > 0
 
     # --- learning rate and momentum (read from the optimizer's groups, as DeepSpeed's) ---
     def get_lr(self):
@@ -272,11 +277,16 @@ class EngineAPI:
     def scheduler_params(self):
         return (self._config.get("scheduler") or {}).get("params")
 
+    @functools.cached_property
+    def _parsed(self):
+        """The engine's parsed config (one copy, read by the queries below)."""
+        return self._core.config
+
     def fp16_enabled(self):
-        return bool((self._config.get("fp16") or {}).get("enabled", False))
+        return self._parsed.fp16_enabled
 
     def bfloat16_enabled(self):
-        return any(bool((self._config.get(k) or {}).get("enabled", False)) for k in ("bf16", "bfloat16"))
+        return self._parsed.bf16_enabled
 
     def amp_enabled(self):
         return False
@@ -288,7 +298,10 @@ class EngineAPI:
         return self._core.dynamic_loss_scale
 
     def gradient_clipping(self):
-        return float(self._config.get("gradient_clipping", 0.0))
+        return self._parsed.gradient_clipping
+
+    def gradient_predivide_factor(self):
+        return self._parsed.gradient_predivide_factor
 
     def steps_per_print(self):
         return self._core.steps_per_print
@@ -315,10 +328,7 @@ class EngineAPI:
         return bool(self._config.get("zero_force_ds_cpu_optimizer", True))
 
     def zero_cpu_offload(self):
-        zero = self._config.get("zero_optimization")
-        zero = zero if isinstance(zero, dict) else {}
-        off = zero.get("offload_optimizer") or {}
-        return str(off.get("device", "none")).lower() == "cpu" or zero.get("cpu_offload") is True
+        return self._parsed.zero_optimization.offload_optimizer_device == "cpu"
 
     def get_data_types(self):
         dtype = torch.float16 if self.fp16_enabled() else torch.bfloat16 if self.bfloat16_enabled() else torch.float32
@@ -355,14 +365,13 @@ class EngineAPI:
         """Accepted: the engine's buffers go when it is garbage-collected."""
 
     def postscale_gradients(self):
-        return not bool(self._config.get("prescale_gradients", False))
+        return not self._parsed.prescale_gradients
 
     def zero_use_cpu_optimizer(self):
-        return self._core.master_device in ("cpu", "nvme") and self.zero_optimization_stage() > 0 and (
-            self.zero_cpu_offload() or self._core.master_device == "nvme")
+        return self._parsed.zero_optimization.offload_optimizer_device in ("cpu", "nvme")
 
     def zero_nvme_offload_optimizer(self):
-        return self._core.master_device == "nvme"
+        return self._parsed.zero_optimization.offload_optimizer_device == "nvme"
 
     def initial_dynamic_scale(self):
         return 2 ** int((self._config.get("fp16") or {}).get("initial_scale_power", 16))
@@ -436,33 +445,24 @@ class EngineAPI:
         return comm.get_local_rank()
 
 
-# DeepSpeed's config queries that read one config value: name -> (key paths, first found wins;
-# DeepSpeed's default). Features Zeal lacks report their off value, which is what Zeal runs.
+# DeepSpeed's config queries over what Zeal implements read the parsed config (config.h holds the
+# defaults and the aliases): name -> zero_optimization field.
+_ZERO_QUERIES = {
+    "zero_reduce_scatter": "reduce_scatter", "zero_overlap_comm": "overlap_comm",
+    "zero_contiguous_gradients": "contiguous_gradients", "zero_round_robin_gradients": "round_robin_gradients",
+    "zero_allgather_partitions": "allgather_partitions", "zero_load_from_fp32_weights": "load_from_fp32_weights",
+    "zero_elastic_checkpoint": "elastic_checkpoint", "zero_ignore_unused_parameters": "ignore_unused_parameters",
+    "zero_gather_16bit_weights_on_model_save": "gather_16bit_weights_on_model_save",
+    "zero_reduce_bucket_size": "reduce_bucket_size", "zero_allgather_bucket_size": "allgather_bucket_size",
+    "zero_sub_group_size": "sub_group_size", "zero_max_live_parameters": "max_live_parameters",
+    "zero_max_reuse_distance": "max_reuse_distance", "zero_prefetch_bucket_size": "prefetch_bucket_size",
+    "zero_param_persistence_threshold": "param_persistence_threshold",
+    "zero_model_persistence_threshold": "model_persistence_threshold",
+}
+
+# The queries over keys of features Zeal does not implement (so no parsed field holds them): name ->
+# (key paths, first found wins; DeepSpeed's default). They report the off value Zeal runs with.
 _CONFIG_QUERIES = {
-    "zero_reduce_scatter": (["zero_optimization.reduce_scatter"], True),
-    "zero_overlap_comm": (["zero_optimization.overlap_comm"], True),
-    "zero_contiguous_gradients": (["zero_optimization.contiguous_gradients"], True),
-    "zero_round_robin_gradients": (["zero_optimization.round_robin_gradients"], False),
-    "zero_allgather_partitions": (["zero_optimization.allgather_partitions"], True),
-    "zero_load_from_fp32_weights": (["zero_optimization.load_from_fp32_weights"], True),
-    "zero_elastic_checkpoint": (["zero_optimization.elastic_checkpoint"], False),
-    "zero_ignore_unused_parameters": (["zero_optimization.ignore_unused_parameters"], True),
-    "zero_gather_16bit_weights_on_model_save": (["zero_optimization.gather_16bit_weights_on_model_save",
-                                                 "zero_optimization.stage3_gather_16bit_weights_on_model_save",
-                                                 "zero_optimization.stage3_gather_fp16_weights_on_model_save"], False),
-    "zero_reduce_bucket_size": (["zero_optimization.reduce_bucket_size"], 500000000),
-    "zero_allgather_bucket_size": (["zero_optimization.allgather_bucket_size"], 500000000),
-    "zero_sub_group_size": (["zero_optimization.sub_group_size"], 1000000000),
-    "zero_max_live_parameters": (["zero_optimization.max_live_parameters",
-                                  "zero_optimization.stage3_max_live_parameters"], 1000000000),
-    "zero_max_reuse_distance": (["zero_optimization.max_reuse_distance",
-                                 "zero_optimization.stage3_max_reuse_distance"], 1000000000),
-    "zero_prefetch_bucket_size": (["zero_optimization.prefetch_bucket_size",
-                                   "zero_optimization.stage3_prefetch_bucket_size"], 50000000),
-    "zero_param_persistence_threshold": (["zero_optimization.param_persistence_threshold",
-                                          "zero_optimization.stage3_param_persistence_threshold"], 100000),
-    "zero_model_persistence_threshold": (["zero_optimization.model_persistence_threshold",
-                                          "zero_optimization.stage3_model_persistence_threshold"], 2**63 - 1),
     "zero_module_granularity_threshold": (["zero_optimization.module_granularity_threshold",
                                            "zero_optimization.stage3_module_granularity_threshold"], 0),
     "zero_hpz_partition_size": (["zero_optimization.zero_hpz_partition_size"], 1),
@@ -485,7 +485,6 @@ _CONFIG_QUERIES = {
     "super_offload": (["zero_optimization.offload_optimizer.super_offload"], False),
     "cpuadam_cores_perc": (["zero_optimization.offload_optimizer.cpuadam_cores_perc"], 0.8),
     "zenflow_config": (["zero_optimization.zenflow"], None),
-    "gradient_predivide_factor": (["gradient_predivide_factor"], 1.0),
     "memory_breakdown": (["memory_breakdown"], False),
     "dump_state": (["dump_state"], False),
     "log_level": (["log_level"], None),
@@ -567,8 +566,19 @@ def _make_query(name, paths, default):
     return query
 
 
+def _make_zero_query(name, field):
+    def query(self):
+        return getattr(self._parsed.zero_optimization, field)
+
+    query.__name__ = name
+    query.__doc__ = f"DeepSpeed's {name}(): zero_optimization.{field}, as parsed."
+    return query
+
+
 for _name, (_paths, _default) in _CONFIG_QUERIES.items():
     setattr(EngineAPI, _name, _make_query(_name, _paths, _default))
+for _name, _field in _ZERO_QUERIES.items():
+    setattr(EngineAPI, _name, _make_zero_query(_name, _field))
 
 
 class ZealEngine(EngineAPI, torch.nn.Module):
@@ -660,16 +670,9 @@ class ZealEngine(EngineAPI, torch.nn.Module):
     def step(self, lr_kwargs=None):
         """On the accumulation boundary: the optimizer step (with the learning rates now in the
         optimizer's param_groups), then the LR schedule; between boundaries it only counts."""
-        core = self._core
-        boundary = core.is_gradient_accumulation_boundary()
-        groups = self.optimizer.param_groups
+        boundary = self._core.is_gradient_accumulation_boundary()
+        self._optimizer_step(self._core.step, boundary)
         if boundary:
-            core.set_lr([float(g["lr"]) for g in groups])
-        skipped = core.skipped_steps
-        core.step()
-        self._step_applied = boundary and core.skipped_steps == skipped
-        if boundary:
-            _pull_lr(core, groups)  # a config scheduler moved them
             if self._step_applied and self._client_lr_scheduler is not None:
                 try:
                     self._client_lr_scheduler.step(**(lr_kwargs or {}))
@@ -896,38 +899,35 @@ def initialize(
         if cfg.get("zero_optimization", {}).get("stage", 0) > 2:
             raise _zeal.ConfigError("config key 'zero_optimization.stage': pipeline parallelism works with ZeRO "
                                     f"stage 0, 1 or 2, got {cfg['zero_optimization']['stage']}")
-        precision = _precision(cfg)
-        if precision in _DTYPES:
-            model.to(_DTYPES[precision])
+        if _model_dtype(parsed) != torch.float32:
+            model.to(_model_dtype(parsed))
         engine = PipelineEngine(model, {**stage_cfg, "pipeline": cfg.get("pipeline", {})}, parsed_config=parsed,
                                 training_data=training_data, collate_fn=collate_fn)
         return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
     if "pipeline" in cfg:
         raise _zeal.ConfigError("config key 'pipeline': pipeline parallelism needs the model to be a "
                                 "zeal.pipe.PipelineModule")
+    if optimizer is not None and "optimizer" in cfg:  # DeepSpeed's rule: the client optimizer is used
+        import warnings
+
+        warnings.warn("initialize: the config has an 'optimizer' section and optimizer= is used (as DeepSpeed "
+                      "does); the section is ignored")
+        cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
     # Serialised once and parsed once (Config::parse_text): a bad config fails here, before the
     # model is touched, and the engine takes the parsed config as it is.
     parsed = _zeal.validate_config(to_json(cfg))
 
-    precision = _precision(cfg)
-    dtype = _DTYPES.get(precision, torch.float32)
+    dtype = _model_dtype(parsed)
     client = torch_optimizer = None
     if optimizer is not None:
         from . import client_optim
 
-        if "optimizer" in cfg:  # DeepSpeed's rule: the client optimizer is used, the section ignored
-            import warnings
-
-            warnings.warn("initialize: the config has an 'optimizer' section and optimizer= is used (as DeepSpeed "
-                          "does); the section is ignored")
-            cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
-            parsed = _zeal.validate_config(to_json(cfg))
         torch_optimizer = client_optim.build(optimizer, list(model.parameters()) if model_parameters is None
                                              else list(model_parameters))
         client_optim.check_allowed(torch_optimizer, cfg)
         model_parameters = client_optim.engine_groups(torch_optimizer)
         client = client_optim.ClientAdapter(torch_optimizer)
-    if precision in _DTYPES:
+    if dtype != torch.float32:
         model.to(dtype)
     core = _zeal.Engine(_param_groups(model, model_parameters, dtype), parsed, data_parallel_group, client)
     if client is not None:

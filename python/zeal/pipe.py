@@ -502,15 +502,7 @@ class PipelineEngine(EngineAPI):
         if self.data_iterator is None and (self.is_first_stage() or self.is_last_stage()):
             raise ValueError("train_batch() needs data: pass data_iter=, or training_data= to initialize")
         self.module.train()
-        core = self._core
-        core.set_lr([float(g["lr"]) for g in self.optimizer.param_groups])
-        skipped = core.skipped_steps
-        loss = self._run(self.schedule_kind, self.data_iterator, train=True)
-        self._step_applied = core.skipped_steps == skipped
-        from .engine import _pull_lr
-
-        _pull_lr(core, self.optimizer.param_groups)
-        return loss
+        return self._optimizer_step(lambda: self._run(self.schedule_kind, self.data_iterator, train=True))
 
     def eval_batch(self, data_iter):
         """The mean loss over gradient_accumulation_steps micro-batches, forward only."""

@@ -429,9 +429,8 @@ void Engine::step() {
 
   // The precision path in one pass (optim/cpu_optim.h): unscale, and the norm that clipping needs
   // and whose non-finiteness is fp16's overflow.
-  bool need_norm = config_.precision() == Precision::kFp16 || config_.gradient_clipping > 0.0;
   bool overflow = false;
-  if (need_norm) {
+  if (computes_grad_norm()) {
     last_grad_norm_ = global_norm(grads, 1.0 / scaler_.scale(), partitioned_ && !flat_step);
     overflow = config_.precision() == Precision::kFp16 && !std::isfinite(last_grad_norm_);
   } else if (scaler_.scale() != 1.0) {

@@ -109,6 +109,10 @@ class Engine {
   bool dynamic_loss_scale() const { return scaler_.dynamic(); }
   bool last_step_overflow() const { return last_step_overflow_; }  // the last boundary step was skipped
   double last_grad_norm() const { return last_grad_norm_; }
+  // Whether a step computes the global gradient norm: fp16 (its overflow check) or clipping need it.
+  bool computes_grad_norm() const {
+    return config_.precision() == Precision::kFp16 || config_.gradient_clipping > 0.0;
+  }
   const BatchSizes& batch() const { return batch_; }
   const Config& config() const { return config_; }
   const comm::CommunicatorPtr& world() const { return world_; }
