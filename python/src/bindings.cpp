@@ -354,6 +354,7 @@ PYBIND11_MODULE(_zeal, m) {
   m.def("default_timeout_s", [] { return comm::default_timeout().count() / 1000.0; });
   m.attr("DEFAULT_COMMS_TIMEOUT_S") = kDefaultCommsTimeoutS;
   m.attr("MAX_JSON_DEPTH") = kMaxJsonDepth;
+  m.attr("LR_SCHEDULES") = py::cast(scheduler_names());
 #if ZEAL_WITH_MPI
   m.def("inject_dropped_collective", &comm::inject_dropped_collective, py::arg("group_prefix"), py::arg("after"),
         "Test hook: this process silently drops one collective (Note [Injected collective faults]).");

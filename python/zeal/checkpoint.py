@@ -8,6 +8,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from . import _zeal
 
 
@@ -141,6 +143,18 @@ def to_fp32_file(checkpoint_dir, out_path, tag=None):
 
 def client_state(checkpoint_dir, tag=None):
     return json.loads(_zeal.read_sealed_json(f"{parts_of(checkpoint_dir, tag)[0]}/zeal_checkpoint.json"))["client_state"]
+
+
+def clone_tensors_for_torch_save(item, device=torch.device("cpu")):
+    """DeepSpeed's: a copy of `item` (tensors in any nesting of lists, tuples and dicts) with every
+    tensor detached and copied to `device`, so torch.save writes only their own bytes."""
+    if torch.is_tensor(item):
+        return item.detach().clone() if item.device == torch.device(device) else item.detach().to(device)
+    if isinstance(item, (list, tuple)):
+        return type(item)(clone_tensors_for_torch_save(v, device) for v in item)
+    if isinstance(item, dict):
+        return type(item)((k, clone_tensors_for_torch_save(v, device)) for k, v in item.items())
+    return item
 
 
 def main(argv=None):

@@ -56,9 +56,11 @@ def _done(work, async_op):
 
 def init_distributed(dist_backend=None, auto_mpi_discovery=True, distributed_port=29500, verbose=True,
                      timeout=None, init_method=None, dist_init_required=None, config=None, rank=-1, world_size=-1):
-    """Starts (or finds) the MPI world. Zeal's ranks come from mpirun or the zeal launcher, so the
-    backend, port and init_method arguments are accepted and unused; timeout (a timedelta or
-    seconds) becomes the default deadline of every collective."""
+    """Starts (or finds) the MPI world, and beside it a torch.distributed (gloo) process group over
+    the same ranks, as DeepSpeed's does, for code that calls torch.distributed directly (the
+    Hugging Face Trainer, Accelerate, user scripts). Zeal's ranks come from mpirun, torchrun or the
+    zeal launcher, so the backend, port and init_method arguments are accepted and unused; timeout
+    (a timedelta or seconds) becomes the default deadline of every collective."""
     if dist_backend not in (None, "mpi", "nccl", "gloo", "ccl"):
         raise _zeal.ConfigError(f"init_distributed: dist_backend {dist_backend!r} is not one Zeal has "
                                 "(MPI for host tensors, NCCL for device tensors, chosen per tensor)")
@@ -70,11 +72,49 @@ def init_distributed(dist_backend=None, auto_mpi_discovery=True, distributed_por
         raise _zeal.ConfigError(f"init_distributed: world_size={world_size}, but this job has {world.size} ranks")
     if rank not in (-1, None) and rank != world.rank:
         raise _zeal.ConfigError(f"init_distributed: rank={rank}, but this process is rank {world.rank}")
+    if dist_init_required is not False:
+        _start_torch_distributed(world, seconds or _zeal.default_timeout_s())
+    if dist_backend is None:
+        from .as_deepspeed import adopt_accelerate_cpu_state
+
+        adopt_accelerate_cpu_state()
+
+
+def _start_torch_distributed(world, timeout_s):
+    """Note [torch.distributed beside Zeal's world]: Zeal's collectives run on its own MPI world;
+    torch.distributed gets a gloo group over the same ranks in the same order, for libraries that
+    use it directly. Rank 0 hosts a fresh store on a free port and tells the others the port over
+    the MPI world, so it never collides with a launcher's store on MASTER_PORT."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != world.size or dist.get_rank() != world.rank:
+            raise _zeal.CommError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
+                                  f"{dist.get_world_size()}, but Zeal's world makes this rank {world.rank} of "
+                                  f"{world.size}")
+        return
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = torch.zeros(1, dtype=torch.int64)
+    store = None
+    if world.rank == 0:
+        store = dist.TCPStore(host, 0, world.size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+        port[0] = store.port
+    if world.size > 1:
+        world.broadcast(port, 0).wait()
+        if world.rank != 0:
+            store = dist.TCPStore(host, int(port.item()), world.size, is_master=False,
+                                  timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", store=dist.PrefixStore("zeal-torch", store), rank=world.rank,
+                            world_size=world.size, timeout=timedelta(seconds=timeout_s))
 
 
 def is_initialized():
-    """True: Zeal's MPI world is started on first use, so it is always available in a rank."""
-    return True
+    """Whether init_distributed has run (torch.distributed is up beside Zeal's world). Zeal's own
+    MPI world starts on first use either way."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_available():
@@ -214,4 +254,9 @@ def monitored_barrier(group=None, timeout=None, wait_all_ranks=False):
 
 
 def destroy_process_group(group=None):
-    """Accepted for scripts that end with it: Zeal finalises MPI when the process exits."""
+    """Ends the torch.distributed group init_distributed started; Zeal finalises MPI when the
+    process exits."""
+    import torch.distributed as dist
+
+    if group is None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

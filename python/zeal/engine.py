@@ -355,7 +355,7 @@ class EngineAPI:
 
     @property
     def is_compiled(self):
-        return False
+        return getattr(self, "_compiled", False)
 
     @property
     def dist_backend(self):
@@ -674,6 +674,10 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         self._optimizer_step(self._core.step, boundary)
         if boundary:
             if self._step_applied and self._client_lr_scheduler is not None:
+                # torch's schedulers check that their optimizer stepped first; the engine's step is it
+                scheduled = getattr(self._client_lr_scheduler, "optimizer", None)
+                if scheduled is not None:
+                    scheduled._opt_called = True
                 try:
                     self._client_lr_scheduler.step(**(lr_kwargs or {}))
                 except TypeError:  # DeepSpeed's fallback for schedulers that take the sample count
@@ -712,19 +716,48 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             warnings.warn("save_16bit_model: not saved; set zero_optimization.stage3_gather_16bit_weights_on_model_save "
                           "to gather ZeRO-3 parameters (or use zeal-to-fp32 on a checkpoint)")
             return False
-        state = {}
-        for name, t in self.module.state_dict(keep_vars=True).items():
-            owner = getattr(t, "_zeal_owner", None)
-            if exclude_frozen_parameters and isinstance(t, torch.nn.Parameter) and not t.requires_grad:
-                continue
-            if owner is not None and self.zero_optimization_stage() == 3:
-                state[name] = self._core.full_value(owner[1], "fp32").to(t.dtype)
-            else:
-                state[name] = t.detach().clone()
+        state = self._consolidated_16bit_state(exclude_frozen_parameters)
         if self.global_rank == 0:
             os.makedirs(save_dir, exist_ok=True)
             torch.save(state, os.path.join(save_dir, save_filename))
         return True
+
+    def _consolidated_16bit_state(self, exclude_frozen_parameters=False):
+        """The module's state_dict whole, in its training dtype, on the CPU; at ZeRO-3 every rank
+        gathers (collective). Parameters shared under two names stay one tensor."""
+        state, seen = collections.OrderedDict(), {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            if exclude_frozen_parameters and isinstance(t, torch.nn.Parameter) and not t.requires_grad:
+                continue
+            if id(t) in seen:
+                state[name] = state[seen[id(t)]]
+                continue
+            seen[id(t)] = name
+            owner = getattr(t, "_zeal_owner", None)
+            if owner is not None and self.zero_optimization_stage() == 3:
+                state[name] = self._core.full_value(owner[1], "fp32").to(t.dtype).cpu()
+            else:
+                state[name] = t.detach().to("cpu", copy=True)
+        return state
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+        """DeepSpeed's: at ZeRO stage 3 the whole module state_dict in its training dtype, on the
+        CPU, on global rank 0 and None on the others. Every rank calls it."""
+        if self.zero_optimization_stage() != 3:
+            raise ValueError("_zero3_consolidated_16bit_state_dict is for ZeRO stage 3 "
+                             f"(this engine runs stage {self.zero_optimization_stage()})")
+        state = self._consolidated_16bit_state(exclude_frozen_parameters)
+        return state if self.global_rank == 0 else None
+
+    def compile(self, backend=None, compile_kwargs=None, schedule=None, compiled_autograd_enabled=False):
+        """DeepSpeed's engine.compile: the wrapped module compiled in place with torch.compile."""
+        if schedule is not None or compiled_autograd_enabled:
+            raise _zeal.ConfigError("engine.compile: schedule and compiled_autograd_enabled are not supported")
+        kwargs = dict(compile_kwargs or {})
+        if backend is not None:
+            kwargs["backend"] = backend
+        self.module.compile(**kwargs)
+        self._compiled = True
 
     save_fp16_model = save_16bit_model
 
@@ -802,13 +835,18 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                         own[name].copy_(value)
         client_state = json.loads(client_json)
         saved = client_state.pop(_CLIENT_KEY, None)
+        groups_restored = False
         if saved is not None and not load_module_only:
-            if load_optimizer_states and self._client_optimizer is not None:
+            # The groups' hyperparameters are the user's optimizer's state, and where the user's
+            # scheduler moves them (a torch scheduler keeps the current lr only in the groups), its too.
+            if (load_optimizer_states and self._client_optimizer is not None) or (
+                    load_lr_scheduler_states and self._client_lr_scheduler is not None):
                 for group, hyper in zip(self.optimizer.param_groups, saved.get("param_groups", [])):
                     group.update({k: tuple(v) if k == "betas" else v for k, v in hyper.items()})
+                    groups_restored = True
             if load_lr_scheduler_states and self._client_lr_scheduler is not None and saved.get("lr_scheduler"):
                 self._client_lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        if self._client_optimizer is None or isinstance(self.lr_scheduler, ZealLRScheduler):
+        if not groups_restored or isinstance(self.lr_scheduler, ZealLRScheduler):
             _pull_lr(self._core, self.optimizer.param_groups)  # back with the step count
         return path, client_state
 
@@ -820,7 +858,7 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                 isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value))
 
         out = {}
-        if self._client_optimizer is not None:
+        if self._client_optimizer is not None or self._client_lr_scheduler is not None:
             out["param_groups"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()
                                     if k != "params" and plain(v)} for g in self.optimizer.param_groups]
         if self._client_lr_scheduler is not None:

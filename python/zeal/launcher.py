@@ -34,6 +34,10 @@ import time
 from . import hosts as hostlib
 from ._rank import FAILURE_MARKER
 
+# DeepSpeed's name for the file of environment lines its multi-node launcher exports (Accelerate
+# imports it; Zeal's launcher forwards the environment through mpirun instead).
+DEEPSPEED_ENVIRONMENT_NAME = os.getenv("DS_ENV_FILE", ".deepspeed_env")
+
 _MARKER = re.compile(re.escape(FAILURE_MARKER) + r" rank (\d+) exit code (-?\d+)(?: culprit (.+))?")
 _MPI_RANK = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]|process rank (\d+) with PID")
 _MPI_RULE = re.compile(r"^-{20,}\s*$")

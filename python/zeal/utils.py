@@ -104,3 +104,47 @@ def set_random_seed(seed):
     except ImportError:
         pass
     torch.manual_seed(seed % 2**63)
+
+
+# --- ZeRO-3 leaf modules (DeepSpeed's set_z3_leaf_modules) --------------------------------------
+# A leaf module's parameters, its descendants' included, are gathered together when it starts and
+# released when it ends; its submodules get no hooks of their own. For modules whose forward does
+# not call every submodule every time (a Mixture-of-Experts layer routes tokens to some experts),
+# so the ranks still gather the same parameters in the same order.
+
+def set_z3_leaf_modules(model, leaf_module_classes):
+    """Marks every submodule of `model` whose class is in leaf_module_classes (classes or class
+    names) as a ZeRO-3 leaf; returns the marked modules. Call it before initialize."""
+    wanted = list(leaf_module_classes)
+    marked = []
+    for module in model.modules():
+        if any((isinstance(c, type) and isinstance(module, c)) or type(module).__name__ == c for c in wanted):
+            module._z3_leaf = True
+            for p in module.parameters():
+                p.ds_z3_leaf_module = module
+            marked.append(module)
+    if not marked:
+        raise ValueError(f"set_z3_leaf_modules: no module of {wanted} in the model")
+    return marked
+
+
+def unset_z3_leaf_modules(model, leaf_module_classes):
+    unmarked = []
+    for module in model.modules():
+        if getattr(module, "_z3_leaf", False) and any(
+                (isinstance(c, type) and isinstance(module, c)) or type(module).__name__ == c for c in leaf_module_classes):
+            module._z3_leaf = False
+            unmarked.append(module)
+    return unmarked
+
+
+def z3_leaf_module(module):
+    return getattr(module, "_z3_leaf", False)
+
+
+def get_z3_leaf_modules(model):
+    return [m for m in model.modules() if z3_leaf_module(m)]
+
+
+def z3_leaf_parameter(param):
+    return getattr(param, "ds_z3_leaf_module", None) is not None

@@ -41,9 +41,18 @@ class Stage3Hooks:
         self.bw_trace, self.bw_recording, self.bw_position, self.bw_trusted = [], [], 0, False
         self.handles = []
         self.module_params = {}
+        inside_leaf = set()  # submodules of a ZeRO-3 leaf (zeal.utils.set_z3_leaf_modules): no hooks
         for m in module.modules():
-            own = [self.index[id(p)] for p in m.parameters(recurse=False) if id(p) in self.index]
-            own += [self.index[id(p)] for p in getattr(m, "_zeal_external_params", []) if id(p) in self.index]
+            if m in inside_leaf:
+                continue
+            leaf = getattr(m, "_z3_leaf", False)
+            params = m.parameters(recurse=leaf)
+            own = [self.index[id(p)] for p in params if id(p) in self.index]
+            subtree = m.modules() if leaf else (m,)
+            for sub in subtree:
+                own += [self.index[id(p)] for p in getattr(sub, "_zeal_external_params", []) if id(p) in self.index]
+                if sub is not m:
+                    inside_leaf.add(sub)
             self.module_params[m] = tuple(sorted(set(own)))
             self.handles.append(m.register_forward_pre_hook(self._pre))
             self.handles.append(m.register_forward_hook(self._post))
@@ -165,12 +174,49 @@ class Stage3Hooks:
 def register_external_parameter(module, parameter):
     """Gather `parameter` around `module`'s forward too (a parameter of another module that this
     module's forward uses directly, as DeepSpeed's register_external_parameter)."""
+    if not isinstance(parameter, torch.nn.Parameter):
+        raise RuntimeError("register_external_parameter: the parameter must be a torch.nn.Parameter "
+                           f"(got {type(parameter).__name__})")
     if not hasattr(module, "_zeal_external_params"):
         module._zeal_external_params = []
     module._zeal_external_params.append(parameter)
 
 
 # --- zero.Init ---------------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+
+from .accelerator import get_accelerator  # noqa: E402,F401  (DeepSpeed's partition_parameters has it)
+
+_ds_ids = itertools.count()
+_orig_torch_arange = torch.arange  # DeepSpeed's name for the constructor before any wrapping
+
+
+def zero_wrapper_for_fp_tensor_constructor(fn, target_fp_dtype, target_device=None):
+    """DeepSpeed's: `fn` (a torch tensor constructor) made to put floating tensors in
+    target_fp_dtype on target_device. zero.Init builds parameters with torch's own constructors, so
+    Zeal never installs it; transformers wraps it around model construction and needs it here."""
+    def wrapped(*args, **kwargs):
+        if kwargs.get("device") is None and target_device is not None:
+            kwargs["device"] = target_device
+        tensor = fn(*args, **kwargs)
+        if tensor.is_floating_point() and target_fp_dtype is not None:
+            tensor = tensor.to(target_fp_dtype)
+        return tensor
+
+    return wrapped
+
+
+def _config_dtype(cfg):
+    """The parameter dtype a config trains in (bf16.enabled, fp16.enabled, else fp32), as DeepSpeed's
+    zero.Init reads it. A value that is not plainly true (Hugging Face's unfilled "auto") is off."""
+    if not isinstance(cfg, dict):
+        return None
+    for key, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+        section = cfg.get(key)
+        if isinstance(section, dict) and section.get("enabled") is True:
+            return dtype
+    return None
 
 def _partition_parameter(param, comm):
     """Replace a whole parameter by this rank's chunk of rank 0's value (kept on the parameter)."""
@@ -185,6 +231,7 @@ def _partition_parameter(param, comm):
     param._zeal_chunk = full[rank * c:(rank + 1) * c].clone()
     param.ds_shape = param._zeal_full_shape  # DeepSpeed's attribute names
     param.ds_numel = numel
+    param.ds_id = next(_ds_ids)
     param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
@@ -209,9 +256,13 @@ class Init:
         self._patched = []
         cfg = config_dict_or_path if config_dict_or_path is not None else config
         if cfg is not None:
-            # The gathers below honour the config's comms_timeout_s (Note [One comms timeout]).
+            # The gathers below honour the config's comms_timeout_s (Note [One comms timeout]). Only
+            # these keys are read: a config Hugging Face has not finished filling ("auto") is fine.
             from .config import load_config
-            timeout = load_config(cfg).get("comms_timeout_s")
+            cfg = load_config(cfg)
+            if self.dtype is None:
+                self.dtype = _config_dtype(cfg)
+            timeout = cfg.get("comms_timeout_s")
             if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
                 _zeal.set_default_timeout(float(timeout))
         if module is not None and enabled:
@@ -266,14 +317,24 @@ class Init:
 
 class GatheredParameters:
     """Gather partitioned parameters whole for the duration of the block. With modifier_rank set,
-    that rank's values are broadcast on exit and re-partitioned (e.g. custom initialisation)."""
+    that rank's values are broadcast on exit and re-partitioned (e.g. custom initialisation).
+
+    `params` is one tensor or any iterable of them; entries that are not partitioned (None, buffers,
+    plain parameters) are passed over, and with none left the block does nothing, as DeepSpeed's.
+    Blocks may nest over the same parameters (transformers' weight initialisation does): an inner
+    block finds them gathered and, on exit, only broadcasts modifier_rank's values; the outermost
+    block re-partitions."""
 
     def __init__(self, params, modifier_rank=None, fwd_module=None, enabled=True):
-        if isinstance(params, torch.Tensor):
+        if isinstance(params, torch.Tensor) or params is None:
             params = [params]
-        self.params = [p for p in params if hasattr(p, "_zeal_chunk") or hasattr(p, "_zeal_engine")]
+        self.params = [p for p in params
+                       if isinstance(p, torch.Tensor) and (hasattr(p, "_zeal_chunk") or hasattr(p, "_zeal_engine"))]
         self.modifier_rank = modifier_rank
-        self.enabled = enabled
+        self.enabled = enabled and bool(self.params)
+        if fwd_module is not None:
+            for p in self.params:
+                register_external_parameter(fwd_module, p)
 
     def __enter__(self):
         if not self.enabled:
@@ -281,6 +342,10 @@ class GatheredParameters:
         from . import world
         comm = world()
         for p in self.params:
+            depth = getattr(p, "_zeal_gather_depth", 0)
+            p._zeal_gather_depth = depth + 1
+            if depth:
+                continue  # an outer block holds it whole
             if hasattr(p, "_zeal_engine"):
                 p._zeal_engine.fetch_params([p._zeal_index])
             else:
@@ -302,21 +367,35 @@ class GatheredParameters:
         from . import world
         comm = world()
         for p in self.params:
-            if hasattr(p, "_zeal_engine"):
-                core, i = p._zeal_engine, p._zeal_index
-                if self.modifier_rank is not None:
-                    full = core.full_param(i)
+            p._zeal_gather_depth -= 1
+            engine = getattr(p, "_zeal_engine", None)
+            if self.modifier_rank is not None:
+                # Every rank takes modifier_rank's values now; the outermost block keeps them.
+                if engine is not None:
+                    full = engine.full_param(p._zeal_index)
                     if comm.size > 1:
                         comm.broadcast(full, self.modifier_rank).wait()
-                    core.absorb_parameter(i)
-                core.release_params([i])
-            else:
-                if self.modifier_rank is not None:
-                    c = p._zeal_chunk.numel()
-                    full = torch.zeros(c * comm.size, dtype=p.dtype, device=p.device)
+                else:
+                    full = torch.zeros(p._zeal_chunk.numel() * comm.size, dtype=p.dtype, device=p.device)
                     full[:p.numel()].copy_(p.detach().reshape(-1))
                     if comm.size > 1:
                         comm.broadcast(full, self.modifier_rank).wait()
+                    with torch.no_grad():
+                        p.data.copy_(full[:p.numel()].view(p._zeal_full_shape))
+                p._zeal_gather_modified = True
+            if p._zeal_gather_depth:
+                continue
+            modified = getattr(p, "_zeal_gather_modified", False)
+            p._zeal_gather_modified = False
+            if engine is not None:
+                if modified:
+                    engine.absorb_parameter(p._zeal_index)
+                engine.release_params([p._zeal_index])
+            else:
+                if modified:
+                    c = p._zeal_chunk.numel()
+                    full = torch.zeros(c * comm.size, dtype=p.dtype, device=p.device)
+                    full[:p.numel()].copy_(p.detach().reshape(-1))
                     p._zeal_chunk = full[comm.rank * c:(comm.rank + 1) * c].clone()
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         return False

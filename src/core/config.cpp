@@ -24,7 +24,15 @@ namespace {
 using json = nlohmann::json;
 
 // Short and bounded whatever the value (json_preview never dumps a huge or deep value whole).
-std::string show(const json& value) { return json_preview(value) + " (" + value.type_name() + ")"; }
+std::string show(const json& value) {
+  // Hugging Face's placeholder: the Trainer and Accelerate replace it before DeepSpeed (or Zeal)
+  // sees the config, so one that arrives here was never filled (docs/huggingface.md).
+  if (value.is_string() && value.get<std::string>() == "auto")
+    return "\"auto\" (a placeholder the Hugging Face Trainer or Accelerate fills in from their own "
+           "arguments; this key reached Zeal unfilled: give it a value, or let the Trainer/Accelerate "
+           "prepare the config)";
+  return json_preview(value) + " (" + value.type_name() + ")";
+}
 
 // A key for a message: at most 80 bytes, cut on a UTF-8 boundary.
 std::string clip_key(const std::string& key) {
@@ -372,7 +380,7 @@ void parse_scheduler(const json& node, SchedulerConfig& out) {
   Reader r(node, "scheduler");
   out.present = true;
   if (!r.has("type")) throw ConfigError("config key 'scheduler.type': expected a string naming the scheduler, got nothing");
-  std::string type = r.read_choice("type", {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest"}, "");
+  std::string type = r.read_choice("type", scheduler_names(), "");
   out.type = type == "WarmupLR"         ? SchedulerType::kWarmupLR
              : type == "WarmupDecayLR"  ? SchedulerType::kWarmupDecayLR
              : type == "WarmupCosineLR" ? SchedulerType::kWarmupCosineLR
@@ -856,6 +864,14 @@ const char* to_string(OptimizerType type) {
     case OptimizerType::kOneBitLamb: return "OneBitLamb";
   }
   return "?";
+}
+
+std::vector<std::string> scheduler_names() {
+  std::vector<std::string> names;
+  for (auto type : {SchedulerType::kWarmupLR, SchedulerType::kWarmupDecayLR, SchedulerType::kWarmupCosineLR,
+                    SchedulerType::kOneCycle, SchedulerType::kLRRangeTest})
+    names.emplace_back(to_string(type));
+  return names;
 }
 
 const char* to_string(SchedulerType type) {

@@ -206,5 +206,7 @@ struct Config {
 
 const char* to_string(OptimizerType type);
 const char* to_string(SchedulerType type);
+// The config's scheduler.type values, in SchedulerType's order (DeepSpeed's VALID_LR_SCHEDULES).
+std::vector<std::string> scheduler_names();
 
 }  // namespace zeal

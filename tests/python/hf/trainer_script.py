@@ -1,0 +1,68 @@
+"""A plain Hugging Face Trainer script, written as its users write them and not changed for Zeal:
+a tiny GPT-2 built from a config (no download), random tokens, `--deepspeed ds_config.json` to
+train under DeepSpeed (which `zeal-deepspeed install` makes Zeal). It writes the loss curve of
+this run to --out (rank 0) so the suite can compare runs.
+
+    torchrun --nproc_per_node 2 trainer_script.py --output_dir OUT --deepspeed ds.json --max_steps 6
+    torchrun --nproc_per_node 2 trainer_script.py --output_dir OUT --use_cpu --max_steps 6   # DDP
+"""
+import json
+import sys
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainerCallback,
+                          TrainingArguments)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n, seq, vocab, seed=1234):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class LossLog(TrainerCallback):
+    def __init__(self):
+        self.losses, self.grad_norms = [], []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+            self.grad_norms.append(logs.get("grad_norm"))
+
+
+def main():
+    argv = sys.argv[1:]
+    out = None
+    if "--out" in argv:
+        i = argv.index("--out")
+        out = argv[i + 1]
+        del argv[i:i + 2]
+    resume = None
+    if "--resume" in argv:
+        i = argv.index("--resume")
+        resume = argv[i + 1]
+        del argv[i:i + 2]
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
+    torch.manual_seed(args.seed)
+    config = GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    log = LossLog()
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64, 16, config.vocab_size),
+                      callbacks=[log])
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir + "/final")
+    if trainer.is_world_process_zero() and out:
+        with open(out, "w") as f:
+            json.dump({"losses": log.losses, "grad_norms": log.grad_norms,
+                       "global_step": trainer.state.global_step}, f)
+
+
+if __name__ == "__main__":
+    main()
