@@ -218,6 +218,17 @@ PYBIND11_MODULE(_zeal, m) {
       .def_readonly("prescale_gradients", &Config::prescale_gradients)
       .def_readonly("wall_clock_breakdown", &Config::wall_clock_breakdown)
       .def_readonly("zero_optimization", &Config::zero_optimization)
+      .def_property_readonly("monitors", [](const Config& c) {
+        // The enabled monitor sections, for python/zeal/monitor.py: {name: {key: value}}.
+        py::dict out;
+        for (auto [name, m] : {std::pair<const char*, const MonitorConfig*>{"tensorboard", &c.tensorboard},
+                               {"csv_monitor", &c.csv_monitor}})
+          if (m->enabled) out[name] = py::dict(py::arg("output_path") = m->output_path, py::arg("job_name") = m->job_name);
+        if (c.wandb.enabled)
+          out["wandb"] = py::dict(py::arg("team") = c.wandb.team, py::arg("group") = c.wandb.group,
+                                  py::arg("project") = c.wandb.project);
+        return out;
+      })
       .def_property_readonly("fp16_enabled", [](const Config& c) { return c.precision() == Precision::kFp16; })
       .def_property_readonly("bf16_enabled", [](const Config& c) { return c.precision() == Precision::kBf16; });
   m.def("validate_config", [](const std::string& text) { return Config::from_string(text); },
@@ -517,6 +528,11 @@ PYBIND11_MODULE(_zeal, m) {
         return e.optimizer().state(name);  // this rank's elements, sharing storage
       }, py::arg("name"))
       .def("add_forward_time", &engine::Engine::add_forward_time)
+      .def_property_readonly("last_step_record", [](const engine::Engine& e) {
+        const auto& r = e.last_step_record();
+        return py::dict(py::arg("loss") = r.loss, py::arg("losses") = r.losses, py::arg("forward_ms") = r.forward_ms,
+                        py::arg("backward_ms") = r.backward_ms, py::arg("step_ms") = r.step_ms);
+      })
       .def_property_readonly("global_steps", &engine::Engine::global_steps)
       .def_property_readonly("global_samples", &engine::Engine::global_samples)
       .def_property_readonly("micro_steps", &engine::Engine::micro_steps)

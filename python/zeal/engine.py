@@ -362,7 +362,10 @@ class EngineAPI:
         return self._core.backend
 
     def destroy(self):
-        """Accepted: the engine's buffers go when it is garbage-collected."""
+        """Closes the monitors' writers; the engine's buffers go when it is garbage-collected."""
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()
 
     def postscale_gradients(self):
         return not self._parsed.prescale_gradients
@@ -597,6 +600,9 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         self._client_lr_scheduler = client_lr_scheduler  # stepped after each applied step
         self.training_dataloader = training_dataloader
         self._step_applied = False
+        from .monitor import MonitorMaster
+
+        self.monitor = MonitorMaster(core.config.monitors, core.rank)
         fp16 = self._config.get("fp16") or {}
         self._auto_cast = bool(fp16.get("enabled", False) and fp16.get("auto_cast", False))
         self._stage3 = None
@@ -672,6 +678,10 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         optimizer's param_groups), then the LR schedule; between boundaries it only counts."""
         boundary = self._core.is_gradient_accumulation_boundary()
         self._optimizer_step(self._core.step, boundary)
+        if boundary and self.monitor.monitors:  # rank 0, a monitor on: DeepSpeed's Train/Samples events
+            from .monitor import step_events
+
+            self.monitor.write_events(step_events(self._core, self.get_lr()[0], self.wall_clock_breakdown()))
         if boundary:
             if self._step_applied and self._client_lr_scheduler is not None:
                 # torch's schedulers check that their optimizer stepped first; the engine's step is it

@@ -112,6 +112,14 @@ class Reader {
     out = v.get<bool>();
   }
 
+  // A string; null keeps the default (DeepSpeed's Optional[str] keys).
+  void read_string(const std::string& key, std::string& out) {
+    if (!has(key) || raw(key).is_null()) return;
+    const json& v = raw(key);
+    if (!v.is_string()) fail(key, "a string", v);
+    out = v.get<std::string>();
+  }
+
   void read_int(const std::string& key, int64_t& out, int64_t min_value) {
     if (!has(key)) return;
     out = to_int(key, raw(key), min_value);
@@ -593,6 +601,23 @@ void parse_zero(const json& given, ZeroConfig& out) {
   r.finish();
 }
 
+void parse_monitor(const json& node, const std::string& section, MonitorConfig& out) {
+  Reader r(node, section);
+  r.read_bool("enabled", out.enabled);
+  r.read_string("output_path", out.output_path);
+  r.read_string("job_name", out.job_name);
+  r.finish();
+}
+
+void parse_wandb(const json& node, WandbConfig& out) {
+  Reader r(node, "wandb");
+  r.read_bool("enabled", out.enabled);
+  r.read_string("team", out.team);
+  r.read_string("group", out.group);
+  r.read_string("project", out.project);
+  r.finish();
+}
+
 void parse_comms_logger(const json& node, CommsLoggerConfig& out) {
   Reader r(node, "comms_logger");
   r.read_bool("enabled", out.enabled);
@@ -741,7 +766,10 @@ Config Config::from_json(const json& root) {
     d.finish();
   }
   // DeepSpeed features this Zeal version lacks: accepted while off, "not supported yet" when on.
-  for (const char* key : {"tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "autotuning",
+  if (r.has("tensorboard")) parse_monitor(r.raw("tensorboard"), "tensorboard", c.tensorboard);
+  if (r.has("csv_monitor")) parse_monitor(r.raw("csv_monitor"), "csv_monitor", c.csv_monitor);
+  if (r.has("wandb")) parse_wandb(r.raw("wandb"), c.wandb);
+  for (const char* key : {"comet", "flops_profiler", "autotuning",
                           "elasticity", "progressive_layer_drop", "hybrid_engine", "data_efficiency",
                           "curriculum_learning", "nebula", "amp", "torch_autocast", "eigenvalue", "expert_parallel"})
     r.feature_off(key);

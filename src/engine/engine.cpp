@@ -369,8 +369,11 @@ void Engine::backward(const at::Tensor& loss, bool retain_graph, bool scale_wrt_
   ZEAL_CHECK(loss.defined() && loss.numel() == 1, "backward expects a scalar loss, got a tensor of ",
              loss.defined() ? loss.numel() : 0, " elements");
   ZEAL_CHECK(loss.requires_grad(), "backward got a loss that does not require grad (was forward run under no_grad?)");
-  loss_sum_ += loss.detach().to(at::kDouble).item<double>();
+  const double value = loss.detach().to(at::kDouble).item<double>();
+  loss_sum_ += value;
   ++loss_count_;
+  pending_step_.loss += value;
+  ++pending_step_.losses;
   double factor = scaler_.scale() / (scale_wrt_gas ? static_cast<double>(batch_.gradient_accumulation_steps) : 1.0);
   run_backward({loss}, {at::full_like(loss, factor, loss.options().requires_grad(false))}, retain_graph);
 }
@@ -394,7 +397,9 @@ void Engine::run_backward(const std::vector<at::Tensor>& outputs, const std::vec
   torch::autograd::backward(outputs, output_grads, retain_graph);
   if (partition_) partition_->end_backward();
   if (boundary || reducer_->partitioned()) reducer_->finish();
-  backward_seconds_ += seconds_since(start);
+  const double backward_s = seconds_since(start);
+  backward_seconds_ += backward_s;
+  pending_step_.backward_ms += backward_s * 1e3;
 }
 
 void Engine::step() {
@@ -476,7 +481,12 @@ void Engine::step() {
   ++micro_steps_;
   ++global_steps_;
   global_samples_ += batch_.train_batch_size;
-  step_seconds_ += seconds_since(start);
+  const double step_s = seconds_since(start);
+  step_seconds_ += step_s;
+  pending_step_.step_ms += step_s * 1e3;
+  if (pending_step_.losses) pending_step_.loss /= static_cast<double>(pending_step_.losses);
+  last_step_ = pending_step_;
+  pending_step_ = StepRecord{};
   if (global_steps_ % config_.steps_per_print == 0) log_step();
 }
 

@@ -123,11 +123,15 @@ def rel_diff(got, want):
     return max(abs(g - w) / max(abs(w), 1e-12) for g, w in zip(got, want))
 
 
+# The references run with the shim on the path too: Accelerate imports `deepspeed` for isinstance
+# checks even on its DDP path, and a real DeepSpeed installed beside (for the benchmarks) hangs
+# that import at 2 ranks on this machine; no DeepSpeed code runs on the DDP path either way.
+
 @pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory):
+def ddp_reference(tmp_path_factory, shim):
     """The Trainer script without DeepSpeed: torch DDP over gloo on 2 ranks."""
     tmp = tmp_path_factory.mktemp("ddp")
-    result, _ = trainer_run(tmp, "ddp")
+    result, _ = trainer_run(tmp, "ddp", shim_dir=shim)
     assert len(result["losses"]) == 6
     return result
 
@@ -206,7 +210,12 @@ def test_unfilled_auto_names_the_key_and_who_fills_it():
 
 # --- transformers' Trainer ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage,optimizer,launcher", [(2, True, "torchrun"), (3, False, "zeal")])
+@pytest.mark.parametrize("stage,optimizer,launcher", [
+    (2, True, "torchrun"), (3, False, "zeal"),
+    # the slow tier: the other stages, and each launcher with each optimizer source
+    pytest.param(0, True, "zeal", marks=pytest.mark.slow), pytest.param(0, False, "torchrun", marks=pytest.mark.slow),
+    pytest.param(1, True, "torchrun", marks=pytest.mark.slow), pytest.param(1, False, "zeal", marks=pytest.mark.slow),
+    pytest.param(2, False, "zeal", marks=pytest.mark.slow), pytest.param(3, True, "torchrun", marks=pytest.mark.slow)])
 def test_trainer_matches_ddp_resumes_and_saves(tmp_path, shim, ddp_reference, stage, optimizer, launcher):
     """The unmodified Trainer script with transformers-style "auto" configs: the loss curve equals
     DDP's; resuming from the step-3 checkpoint reproduces steps 4-6; save_model writes weights
@@ -249,3 +258,61 @@ def test_trainer_config_scheduler_and_offload_train(tmp_path, shim):
     # t = 0..5: a log warmup min + (max - min) * ln(t + 1) / ln(2) for t < 2, then max * (6 - t) / (6 - 2).
     want = [0.0, 1e-3] + [1e-3 * (6 - t) / 4 for t in range(2, 6)]
     assert max(abs(a - b) for a, b in zip(lrs, want)) <= 1e-12 and len(lrs) == 6, (lrs, want)
+
+
+# --- Accelerate ----------------------------------------------------------------------------------
+
+ACCELERATE_CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                     "gradient_clipping": 0.0, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+
+
+def accelerate_config(stage):
+    cfg = dict(ACCELERATE_CONFIG, zero_optimization={"stage": stage, "reduce_bucket_size": "auto"})
+    if stage == 3:
+        cfg["zero_optimization"].update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def accelerate_reference(tmp_path_factory, shim):
+    """The Accelerate script without DeepSpeed: DDP over gloo on 2 CPU ranks (ACCELERATE_USE_CPU)."""
+    tmp = tmp_path_factory.mktemp("acc_ddp")
+    out = tmp / "ddp.json"
+    env = _env(shim)
+    env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(HF / "accelerate_script.py"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return json.loads(out.read_text())
+
+
+def test_accelerate_with_a_deepspeed_plugin_matches_ddp(tmp_path, shim, accelerate_reference):
+    """Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=...)) with the user's torch AdamW and
+    linear schedule, ZeRO-2, under torchrun: every micro-step's loss equals DDP's."""
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps(accelerate_config(2)))
+    out = tmp_path / "zeal.json"
+    run_script(HF / "accelerate_script.py", ["--deepspeed", cfg, "--out", out], "torchrun", shim)
+    got = json.loads(out.read_text())
+    assert got["updates"] == 6 and len(got["losses"]) == len(accelerate_reference["losses"]) == 12
+    assert rel_diff(got["losses"], accelerate_reference["losses"]) <= 1e-5, (got, accelerate_reference)
+
+
+def test_accelerate_launch_with_a_deepspeed_config_file_matches_ddp(tmp_path, shim, accelerate_reference):
+    """`accelerate launch --config_file` naming distributed_type DEEPSPEED and a ZeRO-3 config file
+    (zero3_init_flag on), the script unchanged: the losses equal DDP's."""
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps(accelerate_config(3)))
+    port = _free_port()
+    (tmp_path / "accelerate.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
+        f"  deepspeed_config_file: {cfg}\n  zero3_init_flag: true\nmachine_rank: 0\nmain_training_function: main\n"
+        f"num_machines: 1\nnum_processes: 2\nmain_process_port: {port}\nuse_cpu: false\n")
+    out = tmp_path / "zeal.json"
+    cmd = [shutil.which("accelerate"), "launch", "--config_file", str(tmp_path / "accelerate.yaml"),
+           str(HF / "accelerate_script.py"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=_env(shim))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    got = json.loads(out.read_text())
+    assert rel_diff(got["losses"], accelerate_reference["losses"]) <= 1e-5, (got, accelerate_reference)

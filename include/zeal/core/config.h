@@ -151,6 +151,21 @@ struct ZeroConfig {
   bool load_from_fp32_weights = true;
 };
 
+// tensorboard and csv_monitor: the training events (DeepSpeed's names) rank 0 writes under
+// output_path/job_name (python/zeal/monitor.py).
+struct MonitorConfig {
+  bool enabled = false;
+  std::string output_path;  // "" is the working directory
+  std::string job_name = "DeepSpeedJobName";
+};
+
+// wandb: the same events through Weights & Biases (wandb.init(project, group, entity=team)).
+struct WandbConfig {
+  bool enabled = false;
+  std::string team, group;  // "" is wandb's own default
+  std::string project = "deepspeed";
+};
+
 // comms_logger: count every collective's calls and message bytes (comm/comms_logger.h).
 struct CommsLoggerConfig {
   bool enabled = false;
@@ -185,6 +200,8 @@ struct Config {
   ZeroConfig zero_optimization;
   AioConfig aio;
   CommsLoggerConfig comms_logger;
+  MonitorConfig tensorboard, csv_monitor;
+  WandbConfig wandb;
   CommDtype communication_data_type = CommDtype::kDefault;
   bool prescale_gradients = false;
   double gradient_predivide_factor = 1.0;

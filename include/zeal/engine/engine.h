@@ -171,7 +171,19 @@ class Engine {
   void set_checkpoint_fault_hook(std::function<void(const std::string&)> hook) { fault_hook_ = std::move(hook); }
 
   // Time the caller spent in forward, for wall_clock_breakdown.
-  void add_forward_time(double seconds) { forward_seconds_ += seconds; }
+  void add_forward_time(double seconds) {
+    forward_seconds_ += seconds;
+    pending_step_.forward_ms += seconds * 1e3;
+  }
+  // What the latest applied-or-skipped step took: the mean of the losses backward got since the
+  // step before, and the forward / backward / step times (ms) summed over its micro-batches. The
+  // monitors (python/zeal/monitor.py) write these as DeepSpeed's Train/Samples events.
+  struct StepRecord {
+    double loss = 0.0;
+    int64_t losses = 0;
+    double forward_ms = 0.0, backward_ms = 0.0, step_ms = 0.0;
+  };
+  const StepRecord& last_step_record() const { return last_step_; }
 
  private:
   // The load itself, agreed across ranks; `locate` names the directories (it may throw: a missing
@@ -271,6 +283,7 @@ class Engine {
   double loss_sum_ = 0.0;
   int64_t loss_count_ = 0;
   double forward_seconds_ = 0.0, backward_seconds_ = 0.0, step_seconds_ = 0.0;
+  StepRecord pending_step_, last_step_;
   std::chrono::steady_clock::time_point last_log_time_;
   int64_t last_log_samples_ = 0;
 };

@@ -1,0 +1,1 @@
+"""DeepSpeed's deepspeed.profiling for Zeal: the FLOPs profiler (zeal.profiling.flops_profiler)."""
