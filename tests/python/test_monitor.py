@@ -15,9 +15,17 @@ TIMES = ["Train/Samples/elapsed_time_ms_forward", "Train/Samples/elapsed_time_ms
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_monitors_write_deepspeeds_events_on_rank_0(tmp_path, precision):
+def test_monitors_write_deepspeeds_events_on_rank_0(tmp_path, precision, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    try:
+        import wandb  # noqa: F401
+        with_wandb = True
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+        monkeypatch.setenv("WANDB_SILENT", "true")
+    except ImportError:
+        with_wandb = False
     run_mpi(2, "monitor_train.py", tmp_path, precision)
     expect = json.loads((tmp_path / "expect.json").read_text())
     assert [e["step"] for e in expect] == [8 * (i + 1) for i in range(5)]  # global_samples, batch 8
@@ -39,6 +47,14 @@ def test_monitors_write_deepspeeds_events_on_rank_0(tmp_path, precision):
     assert lrs == sorted(lrs) and lrs[0] < lrs[-1]  # the warmup moves it
     for tag in TIMES:
         assert all(e.value > 0 for e in events.Scalars(tag)), tag
+
+    if with_wandb:  # an offline run, written by rank 0 alone; its records hold every event name
+        runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1, runs
+        data = runs[0].read_bytes()
+        for tag in set(want) | set(TIMES):
+            assert tag.encode() in data, tag
+        assert b"zeal-monitor-test" in data
 
     csv_dir = tmp_path / "csv" / "run1"
     names = {p.name for p in csv_dir.iterdir()}

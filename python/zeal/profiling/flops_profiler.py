@@ -197,6 +197,13 @@ def _norm_with_weight(weight_index):
     return rule
 
 
+def _prod_float(values):
+    n = 1.0
+    for v in values:
+        n *= v
+    return n
+
+
 def _interpolate(input, size=None, scale_factor=None, *args, **kwargs):
     lead = input.numel() // _prod(input.shape[2:]) if input.dim() > 2 else input.numel()
     if size is not None:
@@ -207,13 +214,6 @@ def _interpolate(input, size=None, scale_factor=None, *args, **kwargs):
     if isinstance(scale_factor, (tuple, list)):
         return int(input.numel() * _prod_float(scale_factor)), 0
     return int(input.numel() * scale_factor ** (input.dim() - 2)), 0
-
-
-def _prod_float(values):
-    n = 1.0
-    for v in values:
-        n *= v
-    return n
 
 
 def _nothing(*args, **kwargs):
