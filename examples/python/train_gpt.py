@@ -108,6 +108,22 @@ def main():
         print(f"demo: {n_params / 1e6:.2f}M parameters per rank on {device}, {len(dataset.data) / 1e3:.0f}K characters, "
               f"vocab {len(dataset.chars)}, {engine.world_size} ranks ({layout}), global batch {engine.train_batch_size()} x {block} tokens, {steps} steps, "
               f"ZeRO stage {config.get('zero_optimization', {}).get('stage', 0)}", flush=True)
+    # The model's FLOPs: one micro-batch forward under the FLOPs profiler (every rank runs it: at
+    # ZeRO-3 the forward gathers), training ~ 3x forward (backward is twice the forward's work).
+    from zeal.profiling.flops_profiler import FlopsProfiler
+
+    x0, y0 = next(iter(loader))
+    profiler = FlopsProfiler(engine.module)
+    profiler.start_profile()
+    with torch.no_grad():
+        engine(x0.to(device), y0.to(device))
+    profiler.stop_profile()
+    flops_per_step = 3 * profiler.get_total_flops() * engine.gradient_accumulation_steps()  # per rank
+    profiler.end_profile()
+    peak = _peak_flops(device, config)
+    if rank == 0:
+        print(f"demo: {flops_per_step / engine.gradient_accumulation_steps() / 3 / 1e9:.3f} GFLOPs per micro-batch "
+              f"forward (FLOPs profiler), {flops_per_step / 1e9:.2f} GFLOPs per step per rank", flush=True)
     rows, step = [], engine.global_steps
     start = last = time.perf_counter()
     while step < steps:
@@ -121,12 +137,15 @@ def main():
             step = engine.global_steps
             now = time.perf_counter()
             rate = tokens_per_step / (now - last)
+            tflops = flops_per_step / (now - last) / 1e12
             last = now
-            rows.append({"step": step, "loss": loss.item(), "lr": engine.get_lr()[0], "tokens_per_s": rate})
+            rows.append({"step": step, "loss": loss.item(), "lr": engine.get_lr()[0], "tokens_per_s": rate,
+                         "tflops_per_rank": tflops})
             if rank == 0:
                 bar = "#" * int(30 * step / steps)
+                mfu = f" | MFU {100 * tflops * 1e12 / peak:.1f}%" if peak and tflops else ""
                 print(f"step {step:4d}/{steps} [{bar:<30}] loss {loss.item():.4f} | lr {engine.get_lr()[0]:.2e} | "
-                      f"{rate:,.0f} tokens/s", flush=True)
+                      f"{rate:,.0f} tokens/s | {tflops:.3f} TFLOPS/rank{mfu}", flush=True)
             if args.save_dir and (step % args.save_every == 0 or step >= steps):
                 engine.save_checkpoint(args.save_dir, client_state={"epoch": epoch})
             if step >= steps:
@@ -154,6 +173,18 @@ def main():
               f"{len(rows) * tokens_per_step / elapsed:,.0f} tokens/s overall", flush=True)
         print(f"demo: wrote {out / 'loss.csv'}, {out / 'loss.png'}, {out / 'sample.txt'}", flush=True)
         print("demo: sample: " + text.replace("\n", " ")[:160], flush=True)
+
+
+def _peak_flops(device, config):
+    """Dense bf16/fp16 tensor-core peak of the GPU, for MFU; None on the CPU or an unknown GPU."""
+    if not str(device).startswith("cuda") or not (config.get("bf16", {}).get("enabled") or
+                                                  config.get("fp16", {}).get("enabled")):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)):
+        if key in name:
+            return peak
+    return None
 
 
 if __name__ == "__main__":

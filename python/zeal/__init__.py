@@ -16,7 +16,8 @@ from . import _zeal
 from ._zeal import CheckpointError, CommError, ConfigError, Error, InternalError, IoError, TimeoutError
 from .engine import ZealEngine, initialize
 from . import checkpoint, optim, pipe, tensor_parallel, zero  # noqa: E402  (zeal.checkpoint, ...)
-from . import accelerator, checkpointing, comm, utils  # noqa: E402
+from . import accelerator, checkpointing, comm, profiling, utils  # noqa: E402
+from .profiling import flops_profiler  # noqa: E402,F401  (zeal.profiling.flops_profiler)
 from . import memory  # noqa: E402
 from .memory import estimate_memory  # noqa: E402
 from .accelerator import get_accelerator  # noqa: E402

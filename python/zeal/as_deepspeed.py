@@ -62,6 +62,8 @@ MODULES = {
     "deepspeed.ops.lamb": {"FusedLamb": "zeal.optim:FusedLamb"},
     "deepspeed.checkpoint": {},
     "deepspeed.checkpoint.utils": {"clone_tensors_for_torch_save": "zeal.checkpoint:clone_tensors_for_torch_save"},
+    "deepspeed.profiling": {},
+    "deepspeed.profiling.flops_profiler": "zeal.profiling.flops_profiler",
     "deepspeed.launcher": {},
     "deepspeed.launcher.runner": {"DEEPSPEED_ENVIRONMENT_NAME": "zeal.launcher:DEEPSPEED_ENVIRONMENT_NAME"},
 }
@@ -116,7 +118,7 @@ def bind(name, namespace):
             setattr(owner, leaf, module)
     namespace.update({leaf: made[f"deepspeed.{leaf}"] for leaf in ("comm", "zero", "utils", "ops", "runtime",
                                                                    "accelerator", "checkpoint", "pipe",
-                                                                   "checkpointing")})
+                                                                   "checkpointing", "profiling")})
 
 
 # --- Accelerate on a host with no accelerator ----------------------------------------------------

@@ -603,6 +603,8 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         from .monitor import MonitorMaster
 
         self.monitor = MonitorMaster(core.config.monitors, core.rank)
+        self._flops = core.config.flops_profiler if core.rank == 0 else None
+        self.flops_profiler = None
         fp16 = self._config.get("fp16") or {}
         self._auto_cast = bool(fp16.get("enabled", False) and fp16.get("auto_cast", False))
         self._stage3 = None
@@ -651,6 +653,13 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         return self._core.loss_scale
 
     def forward(self, *args, **kwargs):
+        profiling = (self._flops is not None and self.flops_profiler is None
+                     and self.global_steps == self._flops["profile_step"])
+        if profiling:  # rank 0 profiles the first forward of step profile_step (one micro-batch)
+            from .profiling.flops_profiler import FlopsProfiler
+
+            self.flops_profiler = FlopsProfiler(self.module, self, self._flops["recompute_fwd_factor"])
+            self.flops_profiler.start_profile()
         start = time.perf_counter()
         if self._auto_cast:  # fp16.auto_cast: floating inputs to fp16, as DeepSpeed's engine
             args, kwargs = _to_half(args), _to_half(kwargs)
@@ -660,6 +669,8 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             with self._stage3.saved_tensors():
                 out = self.module(*args, **kwargs)
         self._core.add_forward_time(time.perf_counter() - start)
+        if profiling:
+            self.flops_profiler.stop_profile()
         return out
 
     def backward(self, loss, retain_graph=False, scale_wrt_gas=True):
@@ -678,6 +689,14 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         optimizer's param_groups), then the LR schedule; between boundaries it only counts."""
         boundary = self._core.is_gradient_accumulation_boundary()
         self._optimizer_step(self._core.step, boundary)
+        if boundary and self.flops_profiler is not None and self._flops is not None:
+            record, f = self._core.last_step_record, self._flops
+            self.flops_profiler.print_model_profile(
+                profile_step=f["profile_step"], module_depth=f["module_depth"], top_modules=f["top_modules"],
+                detailed=f["detailed"], output_file=f["output_file"] or None, fwd_latency=record["forward_ms"] / 1e3,
+                bwd_latency=record["backward_ms"] / 1e3, step_latency=record["step_ms"] / 1e3)
+            self.flops_profiler.end_profile()
+            self._flops = None  # once
         if boundary and self.monitor.monitors:  # rank 0, a monitor on: DeepSpeed's Train/Samples events
             from .monitor import step_events
 

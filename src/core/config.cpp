@@ -618,6 +618,18 @@ void parse_wandb(const json& node, WandbConfig& out) {
   r.finish();
 }
 
+void parse_flops_profiler(const json& node, FlopsProfilerConfig& out) {
+  Reader r(node, "flops_profiler");
+  r.read_bool("enabled", out.enabled);
+  r.read_number("recompute_fwd_factor", out.recompute_fwd_factor, 0.0);
+  r.read_int("profile_step", out.profile_step, 0);
+  r.read_int("module_depth", out.module_depth, -1);
+  r.read_int("top_modules", out.top_modules, 1);
+  r.read_bool("detailed", out.detailed);
+  r.read_string("output_file", out.output_file);
+  r.finish();
+}
+
 void parse_comms_logger(const json& node, CommsLoggerConfig& out) {
   Reader r(node, "comms_logger");
   r.read_bool("enabled", out.enabled);
@@ -769,7 +781,8 @@ Config Config::from_json(const json& root) {
   if (r.has("tensorboard")) parse_monitor(r.raw("tensorboard"), "tensorboard", c.tensorboard);
   if (r.has("csv_monitor")) parse_monitor(r.raw("csv_monitor"), "csv_monitor", c.csv_monitor);
   if (r.has("wandb")) parse_wandb(r.raw("wandb"), c.wandb);
-  for (const char* key : {"comet", "flops_profiler", "autotuning",
+  if (r.has("flops_profiler")) parse_flops_profiler(r.raw("flops_profiler"), c.flops_profiler);
+  for (const char* key : {"comet", "autotuning",
                           "elasticity", "progressive_layer_drop", "hybrid_engine", "data_efficiency",
                           "curriculum_learning", "nebula", "amp", "torch_autocast", "eigenvalue", "expert_parallel"})
     r.feature_off(key);

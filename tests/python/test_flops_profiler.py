@@ -2,7 +2,8 @@
 count equals torch's FlopCounterMode on a small GPT-like model, module by module; the other ops
 follow DeepSpeed's rules; get_model_profile's numbers; the printout's labels; and torch's own
 functions are back after end_profile, also when the profiled forward raises."""
-import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-try:
-    from zeal.profiling import flops_profiler as fp
-except ImportError:  # the installed zeal predates the module: load it from the source tree
-    _path = Path(__file__).resolve().parents[2] / "python" / "zeal" / "profiling" / "flops_profiler.py"
-    _spec = importlib.util.spec_from_file_location("zeal_flops_profiler", _path)
-    fp = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(fp)
+from zeal.profiling import flops_profiler as fp
 
 VOCAB, DIM, HEADS, SEQ, BATCH = 11, 8, 2, 5, 2
 
@@ -301,3 +296,56 @@ def test_torch_functions_are_restored():
     with pytest.raises(RuntimeError, match="forward failed"):
         fp.get_model_profile(model, input_shape=(2, 3), warm_up=0)
     assert_unpatched(before, model)
+
+
+def _demo_gpt():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "python"))
+    from gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab=40, block=16, width=32, layers=2, heads=4)
+
+
+def test_the_demo_gpt_counts_as_flop_counter_mode():
+    """examples/python/gpt.py's model: the profiler's Linear + attention matmul + embedding FLOPs
+    equal FlopCounterMode's total for the same forward."""
+    model = _demo_gpt()
+    x = torch.randint(0, 40, (2, 16))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    prof = fp.FlopsProfiler(model)
+    prof.start_profile()
+    with sdpa_kernel(SDPBackend.MATH):
+        model(x)
+    prof.stop_profile()
+    assert prof.get_total_matmul_flops() == counter.get_total_flops() > 0
+    prof.end_profile()
+
+
+def test_the_engine_prints_the_profile_at_profile_step(tmp_path):
+    """The config's flops_profiler section: the engine profiles the first forward of step
+    profile_step and writes DeepSpeed's report to output_file, once."""
+    import zeal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
+    out = tmp_path / "profile.txt"
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "flops_profiler": {"enabled": True, "profile_step": 2, "module_depth": -1, "top_modules": 1,
+                                 "detailed": True, "output_file": str(out)}}
+    engine, _, _, _ = zeal.initialize(model=model, model_parameters=model.parameters(), config=config)
+    for step in range(4):
+        for _ in range(2):
+            loss = engine(torch.randn(4, 12)).square().mean()
+            engine.backward(loss)
+            engine.step()
+        assert out.exists() == (step >= 2), step
+    text = out.read_text()
+    macs = 4 * (12 * 20 + 20 * 3)
+    assert "Profile Summary at step 2" in text and "fwd MACs per GPU:" in text, text
+    lines = {l.split(":")[0]: l.split(":", 1)[1].strip() for l in text.splitlines() if ":" in l}
+    assert lines["fwd MACs per GPU"] == fp.macs_to_string(macs), text
+    assert lines["fwd flops per GPU"] == fp.number_to_string(2 * macs).strip(), text
+    assert lines["params per GPU"] == "323", text
+    assert engine.flops_profiler is not None and not fp._saved  # torch's functions are back

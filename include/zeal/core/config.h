@@ -166,6 +166,18 @@ struct WandbConfig {
   std::string project = "deepspeed";
 };
 
+// flops_profiler: rank 0 profiles the forwards of step profile_step and prints DeepSpeed's report
+// (python/zeal/profiling/flops_profiler.py).
+struct FlopsProfilerConfig {
+  bool enabled = false;
+  double recompute_fwd_factor = 0.0;
+  int64_t profile_step = 1;
+  int64_t module_depth = -1;
+  int64_t top_modules = 1;
+  bool detailed = true;
+  std::string output_file;  // "" prints to stdout
+};
+
 // comms_logger: count every collective's calls and message bytes (comm/comms_logger.h).
 struct CommsLoggerConfig {
   bool enabled = false;
@@ -202,6 +214,7 @@ struct Config {
   CommsLoggerConfig comms_logger;
   MonitorConfig tensorboard, csv_monitor;
   WandbConfig wandb;
+  FlopsProfilerConfig flops_profiler;
   CommDtype communication_data_type = CommDtype::kDefault;
   bool prescale_gradients = false;
   double gradient_predivide_factor = 1.0;
