@@ -219,13 +219,12 @@ PYBIND11_MODULE(_zeal, m) {
       .def_readonly("wall_clock_breakdown", &Config::wall_clock_breakdown)
       .def_readonly("zero_optimization", &Config::zero_optimization)
       .def_property_readonly("flops_profiler", [](const Config& c) {
-        // None when off, else the section's values (python/zeal/profiling/flops_profiler.py).
+        // The section's values (python/zeal/profiling/flops_profiler.py and the engine's queries).
         const auto& f = c.flops_profiler;
-        if (!f.enabled) return py::object(py::none());
-        return py::object(py::dict(py::arg("recompute_fwd_factor") = f.recompute_fwd_factor,
-                                   py::arg("profile_step") = f.profile_step, py::arg("module_depth") = f.module_depth,
-                                   py::arg("top_modules") = f.top_modules, py::arg("detailed") = f.detailed,
-                                   py::arg("output_file") = f.output_file));
+        return py::dict(py::arg("enabled") = f.enabled, py::arg("recompute_fwd_factor") = f.recompute_fwd_factor,
+                        py::arg("profile_step") = f.profile_step, py::arg("module_depth") = f.module_depth,
+                        py::arg("top_modules") = f.top_modules, py::arg("detailed") = f.detailed,
+                        py::arg("output_file") = f.output_file);
       })
       .def_property_readonly("monitors", [](const Config& c) {
         // The enabled monitor sections, for python/zeal/monitor.py: {name: {key: value}}.

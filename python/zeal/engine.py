@@ -506,7 +506,6 @@ _CONFIG_QUERIES = {
     "pld_enabled": (["progressive_layer_drop.enabled"], False),
     "pld_params": (["progressive_layer_drop"], None),
     "eigenvalue_enabled": (["quantize_training.eigenvalue.enabled"], False),
-    "flops_profiler_enabled": (["flops_profiler.enabled"], False),
     "autotuning_enabled": (["autotuning.enabled"], False),
     "elasticity_enabled": (["elasticity.enabled"], False),
     "data_efficiency_enabled": (["data_efficiency.enabled"], False),
@@ -522,12 +521,6 @@ _CONFIG_QUERIES = {
     "is_deepcompile_enabled": (["compile.deepcompile"], False),
     "pld_theta": (["progressive_layer_drop.theta"], 1.0),
     "pld_gamma": (["progressive_layer_drop.gamma"], 0.001),
-    "flops_profiler_recompute_fwd_factor": (["flops_profiler.recompute_fwd_factor"], 0.0),
-    "flops_profiler_profile_step": (["flops_profiler.profile_step"], 1),
-    "flops_profiler_module_depth": (["flops_profiler.module_depth"], -1),
-    "flops_profiler_top_modules": (["flops_profiler.top_modules"], 1),
-    "flops_profiler_detailed": (["flops_profiler.detailed"], True),
-    "flops_profiler_output_file": (["flops_profiler.output_file"], None),
     "autotuning_start_profile_step": (["autotuning.start_profile_step"], 3),
     "autotuning_end_profile_step": (["autotuning.end_profile_step"], 5),
     "autotuning_metric_path": (["autotuning.metric_path"], None),
@@ -584,6 +577,21 @@ for _name, _field in _ZERO_QUERIES.items():
     setattr(EngineAPI, _name, _make_zero_query(_name, _field))
 
 
+def _make_profiler_query(key):
+    def query(self):
+        value = self._parsed.flops_profiler[key]
+        return None if key == "output_file" and value == "" else value
+
+    query.__name__ = f"flops_profiler_{key}"
+    query.__doc__ = f"The parsed config's flops_profiler.{key} (DeepSpeed's query)."
+    return query
+
+
+for _key in ("enabled", "recompute_fwd_factor", "profile_step", "module_depth", "top_modules", "detailed",
+             "output_file"):
+    setattr(EngineAPI, f"flops_profiler_{_key}", _make_profiler_query(_key))
+
+
 class ZealEngine(EngineAPI, torch.nn.Module):
     """Wraps the user's module. `engine(*args)` runs forward; backward() and step() as DeepSpeed."""
 
@@ -603,7 +611,8 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         from .monitor import MonitorMaster
 
         self.monitor = MonitorMaster(core.config.monitors, core.rank)
-        self._flops = core.config.flops_profiler if core.rank == 0 else None
+        profiler = core.config.flops_profiler
+        self._flops = profiler if core.rank == 0 and profiler["enabled"] else None
         self.flops_profiler = None
         fp16 = self._config.get("fp16") or {}
         self._auto_cast = bool(fp16.get("enabled", False) and fp16.get("auto_cast", False))

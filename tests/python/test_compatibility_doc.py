@@ -10,7 +10,8 @@ from zeal.engine import ZealEngine
 from zeal.pipe import PipelineEngine
 
 # Set in __init__ rather than on the class.
-INSTANCE = {"ZealEngine": {"module", "optimizer", "lr_scheduler", "training_dataloader", "config", "__call__", "mpu"},
+INSTANCE = {"ZealEngine": {"module", "optimizer", "lr_scheduler", "training_dataloader", "config", "__call__", "mpu",
+                           "monitor", "flops_profiler"},
             "PipelineEngine": {"module", "optimizer", "lr_scheduler", "training_dataloader", "config", "grid", "mpu",
                                "num_stages", "stage_id", "micro_batches", "micro_batch_size", "data_iterator"}}
 

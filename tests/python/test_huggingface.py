@@ -245,6 +245,24 @@ def test_trainer_matches_ddp_resumes_and_saves(tmp_path, shim, ddp_reference, st
         assert torch.equal(state[name], want), name
 
 
+def test_from_pretrained_under_zero3_builds_in_zero_init_and_trains_as_ddp(tmp_path, shim):
+    """TrainingArguments with a ZeRO-3 config first, then from_pretrained: transformers builds the
+    model inside deepspeed.zero.Init (from a config still holding "auto"), loads the weights
+    through GatheredParameters on rank 0, and the Trainer trains it: the losses equal DDP's from
+    the same saved weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    saved = tmp_path / "pretrained"
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(saved)
+    ddp, _ = trainer_run(tmp_path, "ddp_pre", None, "torchrun", shim, extra=["--init_from", saved])
+    got, _ = trainer_run(tmp_path, "z3_pre", ds_config(3, optimizer=False), "zeal", shim,
+                         extra=["--init_from", saved])
+    assert rel_diff(got["losses"], ddp["losses"]) <= 1e-5, (got["losses"], ddp["losses"])
+
+
 def test_trainer_config_scheduler_and_offload_train(tmp_path, shim):
     """A config with its own WarmupDecayLR scheduler ("auto" steps from the Trainer) and the
     optimizer offloaded to the CPU: trains, the learning rate follows DeepSpeed's WarmupDecayLR."""

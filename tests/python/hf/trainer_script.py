@@ -7,6 +7,7 @@ this run to --out (rank 0) so the suite can compare runs.
     torchrun --nproc_per_node 2 trainer_script.py --output_dir OUT --use_cpu --max_steps 6   # DDP
 """
 import json
+import resource
 import sys
 
 import torch
@@ -48,20 +49,32 @@ def main():
         i = argv.index("--resume")
         resume = argv[i + 1]
         del argv[i:i + 2]
+    init_from = None  # a saved model to start from (from_pretrained: under ZeRO-3, inside zero.Init)
+    if "--init_from" in argv:
+        i = argv.index("--init_from")
+        init_from = argv[i + 1]
+        del argv[i:i + 2]
+    size = {"n_embd": 32, "n_layer": 2, "seq": 16}  # the benchmark (benchmarks/hf_trainer.py) asks for more
+    for key in list(size):
+        if f"--{key}" in argv:
+            i = argv.index(f"--{key}")
+            size[key] = int(argv[i + 1])
+            del argv[i:i + 2]
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config)
+    config = GPT2Config(vocab_size=96, n_positions=size["seq"], n_embd=size["n_embd"], n_layer=size["n_layer"],
+                        n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel.from_pretrained(init_from) if init_from else GPT2LMHeadModel(config)
     log = LossLog()
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64, 16, config.vocab_size),
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64, size["seq"], config.vocab_size),
                       callbacks=[log])
-    trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.train(resume_from_checkpoint=resume).metrics
     trainer.save_model(args.output_dir + "/final")
     if trainer.is_world_process_zero() and out:
         with open(out, "w") as f:
-            json.dump({"losses": log.losses, "grad_norms": log.grad_norms,
-                       "global_step": trainer.state.global_step}, f)
+            json.dump({"losses": log.losses, "grad_norms": log.grad_norms, "global_step": trainer.state.global_step,
+                       "train_runtime": metrics["train_runtime"],
+                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 
 
 if __name__ == "__main__":
