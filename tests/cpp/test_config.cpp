@@ -141,7 +141,12 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfig{R"({"train_batch_size": 8,,})", {"not valid JSON"}},
         BadConfig{R"({"train_batch_size": 8, "zero_optimization": {"stage": 1, "cpu_offload": "yes"}})",
                   {"'zero_optimization.cpu_offload'", "boolean"}},
-        BadConfig{R"({"train_batch_size": 8, "wandb": {"enabled": true}})", {"'wandb.enabled'", "not supported yet"}},
+        BadConfig{R"({"train_batch_size": 8, "comet": {"enabled": true}})", {"'comet.enabled'", "not supported yet"}},
+        BadConfig{R"({"train_batch_size": 8, "tensorboard": {"enabled": true, "job_name": 3}})",
+                  {"'tensorboard.job_name'", "a string", "3"}},
+        BadConfig{R"({"train_batch_size": 8, "flops_profiler": {"enabled": true, "top_modules": 0}})",
+                  {"'flops_profiler.top_modules'", ">= 1", "0"}},
+        BadConfig{R"({"train_batch_size": "auto"})", {"'train_batch_size'", "Hugging Face Trainer or Accelerate"}},
         BadConfig{R"([1, 2])", {"expected an object"}}));
 
 TEST(Config, MissingFile) {

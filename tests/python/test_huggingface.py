@@ -170,6 +170,38 @@ print("SHIM OK", v)
     assert proc.returncode == 0 and "SHIM OK" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_compatibility_table_of_the_hugging_face_path_matches_the_shim(shim):
+    """docs/compatibility.md's Hugging Face table: every name marked supported resolves under
+    `deepspeed.` through the shim, and every "not yet" does not."""
+    import re
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "compatibility.md").read_text()
+    start = text.index("### The Hugging Face path")
+    section = text[start:text.find("\n#", start + 4)]
+    found = re.findall(r"^\| `([^`]+)` \| ([^|]+) \|$", section, flags=re.M)
+    header = re.search(r": (\d+) of (\d+) supported", section)
+    assert len(found) == int(header.group(2)) and sum(s.startswith("yes") for _, s in found) == int(header.group(1))
+    code = f"""
+import importlib, deepspeed
+rows = {[(n, s.startswith("yes")) for n, s in found]!r}
+wrong = []
+for name, want in rows:
+    obj, ok = deepspeed, True
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            ok = False
+            break
+        obj = getattr(obj, part)
+    if ok != want:
+        wrong.append(name)
+print("WRONG", wrong)
+"""
+    proc = _python(shim, code)
+    assert proc.returncode == 0 and "WRONG []" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_shim_refuses_to_shadow_real_deepspeed_unless_forced_and_uninstalls_cleanly(tmp_path):
     # A stand-in for a real DeepSpeed installation, found on PYTHONPATH.
     real = tmp_path / "real"
