@@ -254,10 +254,8 @@ class _Kept:
             host = torch.empty(data.shape, dtype=data.dtype, pin_memory=torch.cuda.is_available())
             host.copy_(data, non_blocking=True)
             data = host
-        elif self.group is None and not _settings.cpu:
-            data = x.detach()  # a reference: nothing copied
-        self.data = data
-        self.place = "host" if data.device.type == "cpu" and (_settings.cpu or self.device.type == "cpu") else "device"
+        self.data = data  # whole and on its device: a reference to the input, nothing copied
+        self.place = "host" if data.device.type == "cpu" else "device"
         self.bytes = data.numel() * data.element_size()
         _held[self.place] += self.bytes
 
