@@ -706,10 +706,6 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                 bwd_latency=record["backward_ms"] / 1e3, step_latency=record["step_ms"] / 1e3)
             self.flops_profiler.end_profile()
             self._flops = None  # once
-        if boundary and self.monitor.monitors:  # rank 0, a monitor on: DeepSpeed's Train/Samples events
-            from .monitor import step_events
-
-            self.monitor.write_events(step_events(self._core, self.get_lr()[0], self.wall_clock_breakdown()))
         if boundary:
             if self._step_applied and self._client_lr_scheduler is not None:
                 # torch's schedulers check that their optimizer stepped first; the engine's step is it
@@ -720,6 +716,10 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                     self._client_lr_scheduler.step(**(lr_kwargs or {}))
                 except TypeError:  # DeepSpeed's fallback for schedulers that take the sample count
                     self._client_lr_scheduler.step(self.train_batch_size())
+            if self.monitor.monitors:  # rank 0, a monitor on: DeepSpeed's Train/Samples events, the lr
+                from .monitor import step_events  # the schedule has moved to, as DeepSpeed writes it
+
+                self.monitor.write_events(step_events(self._core, self.get_lr()[0], self.wall_clock_breakdown()))
 
     def zero_grad(self):
         self._core.zero_grad()

@@ -2,7 +2,7 @@
 optimizer step, rank 0 writes the step's events under DeepSpeed's names, x = global_samples:
 
     Train/Samples/train_loss   the mean of the losses backward got since the previous step (rank 0's)
-    Train/Samples/lr           the first parameter group's learning rate
+    Train/Samples/lr           the first parameter group's learning rate, after the schedule moved it
     Train/Samples/loss_scale   fp16 only
     Train/Samples/elapsed_time_ms_{forward,backward,step}   with wall_clock_breakdown, summed
                                                             over the step's micro-batches

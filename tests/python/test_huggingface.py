@@ -332,7 +332,19 @@ def accelerate_reference(tmp_path_factory, shim):
     env["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(HF / "accelerate_script.py"), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    # The reference (plain torch DDP, no Zeal) once hung in one of ~6 runs of this file, undiagnosed:
+    # it gets a deadline and one more try, and the hang is reported.
+    for attempt in (1, 2):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+            break
+        except subprocess.TimeoutExpired as e:
+            if attempt == 2:
+                raise
+            import warnings
+
+            warnings.warn(f"the DDP reference hung; trying once more: {str(e.stderr or '')[-2000:]}")
+            cmd[cmd.index("--master_port") + 1] = str(_free_port())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     return json.loads(out.read_text())
 
