@@ -610,8 +610,8 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         self._step_applied = False
         from .monitor import MonitorMaster
 
-        self.monitor = MonitorMaster(core.config.monitors, core.rank)
-        profiler = core.config.flops_profiler
+        self.monitor = MonitorMaster(self._parsed.monitors, core.rank)
+        profiler = self._parsed.flops_profiler
         self._flops = profiler if core.rank == 0 and profiler["enabled"] else None
         self.flops_profiler = None
         fp16 = self._config.get("fp16") or {}
@@ -719,7 +719,8 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             if self.monitor.monitors:  # rank 0, a monitor on: DeepSpeed's Train/Samples events, the lr
                 from .monitor import step_events  # the schedule has moved to, as DeepSpeed writes it
 
-                self.monitor.write_events(step_events(self._core, self.get_lr()[0], self.wall_clock_breakdown()))
+                self.monitor.write_events(step_events(self._core, self.get_lr()[0], self.fp16_enabled(),
+                                                     self.wall_clock_breakdown()))
 
     def zero_grad(self):
         self._core.zero_grad()

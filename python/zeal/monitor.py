@@ -96,11 +96,11 @@ class MonitorMaster:
             monitor.close()
 
 
-def step_events(core, lr, wall_clock_breakdown):
+def step_events(core, lr, fp16, wall_clock_breakdown):
     """The events of the step the engine just took (Engine::last_step_record)."""
     record, x = core.last_step_record, core.global_samples
     events = [("Train/Samples/train_loss", record["loss"], x), ("Train/Samples/lr", lr, x)]
-    if core.config.fp16_enabled:
+    if fp16:
         events.append(("Train/Samples/loss_scale", core.loss_scale, x))
     if wall_clock_breakdown:
         events += [(f"Train/Samples/elapsed_time_ms_{part}", record[f"{part}_ms"], x)

@@ -39,27 +39,20 @@ class LossLog(TrainerCallback):
 
 def main():
     argv = sys.argv[1:]
-    out = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        out = argv[i + 1]
+
+    def take(name, default=None):
+        """This script's own option (the rest is TrainingArguments'), removed from argv."""
+        if f"--{name}" not in argv:
+            return default
+        i = argv.index(f"--{name}")
+        value = argv[i + 1]
         del argv[i:i + 2]
-    resume = None
-    if "--resume" in argv:
-        i = argv.index("--resume")
-        resume = argv[i + 1]
-        del argv[i:i + 2]
-    init_from = None  # a saved model to start from (from_pretrained: under ZeRO-3, inside zero.Init)
-    if "--init_from" in argv:
-        i = argv.index("--init_from")
-        init_from = argv[i + 1]
-        del argv[i:i + 2]
-    size = {"n_embd": 32, "n_layer": 2, "seq": 16}  # the benchmark (benchmarks/hf_trainer.py) asks for more
-    for key in list(size):
-        if f"--{key}" in argv:
-            i = argv.index(f"--{key}")
-            size[key] = int(argv[i + 1])
-            del argv[i:i + 2]
+        return value
+
+    out, resume = take("out"), take("resume")
+    init_from = take("init_from")  # a saved model to start from (from_pretrained: under ZeRO-3, inside zero.Init)
+    # the benchmark (benchmarks/hf_trainer.py) asks for a larger model
+    size = {key: int(take(key, default)) for key, default in (("n_embd", 32), ("n_layer", 2), ("seq", 16))}
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
     torch.manual_seed(args.seed)
     config = GPT2Config(vocab_size=96, n_positions=size["seq"], n_embd=size["n_embd"], n_layer=size["n_layer"],
