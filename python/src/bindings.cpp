@@ -21,8 +21,10 @@
 #include "zeal/engine/engine.h"
 #include "zeal/optim/cpu_optim.h"
 #include "zeal/optim/client_optimizer.h"
+#include "zeal/parallel/mesh.h"
+#include "zeal/parallel/placement.h"
+#include "zeal/parallel/process_groups.h"
 #include "zeal/parallel/schedule.h"
-#include "zeal/comm/topology.h"
 #include "zeal/features.h"
 #if ZEAL_WITH_CUDA
 #include "zeal/comm/nccl_backend.h"
@@ -67,6 +69,17 @@ std::vector<engine::ParamGroupSpec> to_groups(const py::list& groups) {
           split = {d["dim"].cast<int64_t>(), d["offset"].cast<int64_t>(), d["full_shape"].cast<std::vector<int64_t>>()};
         }
         spec.splits.push_back(std::move(split));
+      }
+    }
+    if (group.contains("placements")) {
+      for (const auto& item : group["placements"].cast<py::list>()) {
+        parallel::Placement placement;
+        if (!item.is_none()) {
+          auto d = item.cast<py::dict>();
+          if (d.contains("split")) placement.split = d["split"].cast<std::vector<std::string>>();
+          if (d.contains("tied_stages")) placement.tied_stages = d["tied_stages"].cast<std::vector<int>>();
+        }
+        spec.placements.push_back(std::move(placement));
       }
     }
     if (group.contains("full_shapes")) spec.full_shapes = group["full_shapes"].cast<std::vector<std::vector<int64_t>>>();
@@ -131,27 +144,15 @@ std::unique_ptr<optim::Optimizer> client_optimizer(const py::object& adapter) {
   return std::make_unique<optim::ClientOptimizer>(std::move(c));
 }
 
-std::unique_ptr<engine::Engine> make_engine(const py::list& groups, Config config, comm::CommunicatorPtr data_group,
-                                            const py::object& client) {
+std::unique_ptr<engine::Engine> make_engine(const py::list& groups, Config config,
+                                            std::shared_ptr<parallel::ProcessGroups> mesh, const py::object& client) {
   auto specs = to_groups(groups);
   auto optimizer = client_optimizer(client);
-  comm::Timeout timeout = to_timeout(config.comms_timeout_s);
-  comm::set_default_timeout(timeout);  // every MPI group, whenever cut (Note [One comms timeout])
-  comm::CommunicatorPtr world = data_group ? data_group : comm::world();
-  // Device parameters train over NCCL, host parameters over MPI.
-  for (auto& spec : specs) {
-    if (spec.params.empty() || !spec.params.front().is_cuda()) continue;
-#if ZEAL_WITH_CUDA
-    world = comm::nccl_world(world, spec.params.front().get_device(), timeout);
-#else
-    throw Error("parameters on " + spec.params.front().device().str() +
-                " need the nccl backend, and this Zeal was built without CUDA");
-#endif
-    break;
-  }
+  comm::set_default_timeout(to_timeout(config.comms_timeout_s));  // every MPI group, whenever cut (Note [One comms timeout])
   // Construction runs collectives; other threads may need the GIL meanwhile.
   py::gil_scoped_release nogil;
-  return std::make_unique<engine::Engine>(std::move(specs), std::move(config), world, std::move(optimizer));
+  if (!mesh) return std::make_unique<engine::Engine>(std::move(specs), std::move(config), comm::world(), std::move(optimizer));
+  return std::make_unique<engine::Engine>(std::move(specs), std::move(config), std::move(mesh), std::move(optimizer));
 }
 }  // namespace
 
@@ -308,19 +309,75 @@ PYBIND11_MODULE(_zeal, m) {
              return c.recv(t, src, {tag, to_timeout(timeout_s)});
            },
            py::arg("tensor"), py::arg("src"), py::arg("tag") = 0, py::arg("timeout_s") = 0.0)
+      .def("__eq__", [](const comm::CommunicatorPtr& a, const py::object& b) {
+        return py::isinstance<comm::Communicator>(b) && a.get() == b.cast<comm::CommunicatorPtr>().get();
+      })
+      .def("__hash__", [](const comm::CommunicatorPtr& a) { return std::hash<const void*>{}(a.get()); })
       .def("split", &comm::Communicator::split, py::arg("ranks"), py::arg("name"),
            py::call_guard<py::gil_scoped_release>(),
            "A communicator over `ranks` (global ranks, in that order); every rank of this one calls it.");
 
-  py::class_<comm::Topology>(m, "Topology", "Ranks on named axes, outermost first (zeal/comm/topology.h).")
-      .def(py::init<std::vector<std::pair<std::string, int>>>(), py::arg("axes"))
-      .def_property_readonly("world_size", &comm::Topology::world_size)
-      .def("axis_size", &comm::Topology::axis_size)
-      .def("coords", &comm::Topology::coords)
-      .def("rank_of", &comm::Topology::rank_of)
-      .def("groups", &comm::Topology::groups)
-      .def("group_of", &comm::Topology::group_of)
-      .def("group_index", &comm::Topology::group_index);
+  using Axes = std::vector<std::string>;
+  // An axis argument is a name or a list of names (a product of axes).
+  auto axes_arg = [](const py::object& axes) {
+    return py::isinstance<py::str>(axes) ? Axes{axes.cast<std::string>()} : axes.cast<Axes>();
+  };
+  py::class_<parallel::Mesh>(m, "Mesh",
+                             "Ranks on named axes, outermost first, the last fastest (zeal/parallel/mesh.h). Axis "
+                             "arguments take a name or a list of names (their product).")
+      .def(py::init([](const std::vector<std::pair<std::string, int>>& axes) {
+             std::vector<parallel::Mesh::Axis> out;
+             for (const auto& [name, size] : axes) out.push_back({name, size});
+             return parallel::Mesh(std::move(out));
+           }),
+           py::arg("axes"))
+      .def_static("with_sizes", &parallel::Mesh::with_sizes, py::arg("pipe") = 1, py::arg("data") = 1,
+                  py::arg("expert") = 1, py::arg("sequence") = 1, py::arg("tensor") = 1, py::arg("data_inner") = 1)
+      .def_property_readonly("world_size", &parallel::Mesh::world_size)
+      .def_property_readonly("axes",
+                             [](const parallel::Mesh& m) {
+                               std::vector<std::pair<std::string, int>> out;
+                               for (const auto& a : m.axes()) out.emplace_back(a.name, a.size);
+                               return out;
+                             })
+      .def("has_axis", &parallel::Mesh::has_axis)
+      .def("axis_size", &parallel::Mesh::axis_size)
+      .def("size_of", [=](const parallel::Mesh& m, const py::object& axes) { return m.size_of(axes_arg(axes)); })
+      .def("coords", &parallel::Mesh::coords)
+      .def("coord", &parallel::Mesh::coord, py::arg("rank"), py::arg("axis"))
+      .def("rank_of", &parallel::Mesh::rank_of)
+      .def("groups", [=](const parallel::Mesh& m, const py::object& axes) { return m.groups(axes_arg(axes)); })
+      .def("group_of", [=](const parallel::Mesh& m, const py::object& axes, int rank) {
+        return m.group_of(axes_arg(axes), rank);
+      })
+      .def("group_index", [=](const parallel::Mesh& m, const py::object& axes, int rank) {
+        return m.group_index(axes_arg(axes), rank);
+      })
+      .def("other_axes", [=](const parallel::Mesh& m, const py::object& axes) { return m.other_axes(axes_arg(axes)); })
+      .def("key", [=](const parallel::Mesh& m, const py::object& axes) { return m.key(axes_arg(axes)); })
+      .def("__eq__", &parallel::Mesh::operator==)
+      .def("__repr__", [](const parallel::Mesh& m) { return "Mesh(" + m.describe() + ")"; });
+
+  py::class_<parallel::ProcessGroups, std::shared_ptr<parallel::ProcessGroups>>(
+      m, "ProcessGroups", "The communicators of a mesh, each cut once (zeal/parallel/process_groups.h).")
+      .def(py::init<parallel::Mesh, comm::CommunicatorPtr>(), py::arg("mesh"), py::arg("world"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("mesh", &parallel::ProcessGroups::mesh)
+      .def_property_readonly("rank", &parallel::ProcessGroups::rank)
+      .def_property_readonly("world", &parallel::ProcessGroups::world)
+      .def("coord", &parallel::ProcessGroups::coord, py::arg("axis"))
+      .def("group", [=](const parallel::ProcessGroups& g, const py::object& axes) { return g.group(axes_arg(axes)); },
+           py::arg("axes"))
+      .def("axes_of",
+           [](const parallel::ProcessGroups& g, const comm::CommunicatorPtr& c) -> py::object {
+             const Axes* axes = g.axes_of(c.get());
+             return axes ? py::cast(*axes) : py::object(py::none());
+           })
+      .def("custom", &parallel::ProcessGroups::custom, py::arg("key"), py::arg("ranks"),
+           py::call_guard<py::gil_scoped_release>());
+  m.def("reduction_axes", [](const parallel::Mesh& mesh, const Axes& split) {
+    return parallel::reduction_axes(mesh, parallel::Placement{split, {}});
+  }, py::arg("mesh"), py::arg("split") = Axes{}, "The axes a parameter split over `split` reduces its gradient over.");
 
   py::enum_<parallel::Op>(m, "PipeOp", "A pipeline instruction (zeal/parallel/schedule.h).")
       .value("LoadMicroBatch", parallel::Op::kLoadMicroBatch)
@@ -497,11 +554,12 @@ PYBIND11_MODULE(_zeal, m) {
         py::arg("dirs"), "Every parameter of a checkpoint's parts as a whole fp32 tensor (slices joined).");
 
   py::class_<engine::Engine>(m, "Engine")
-      .def(py::init([](const py::list& groups, const std::string& config_json, comm::CommunicatorPtr data_group) {
-             return make_engine(groups, Config::from_string(config_json), std::move(data_group), py::none());
+      .def(py::init([](const py::list& groups, const std::string& config_json,
+                       std::shared_ptr<parallel::ProcessGroups> mesh) {
+             return make_engine(groups, Config::from_string(config_json), std::move(mesh), py::none());
            }),
-           py::arg("param_groups"), py::arg("config_json"), py::arg("data_group") = nullptr)
-      .def(py::init(&make_engine), py::arg("param_groups"), py::arg("config"), py::arg("data_group") = nullptr,
+           py::arg("param_groups"), py::arg("config_json"), py::arg("mesh") = nullptr)
+      .def(py::init(&make_engine), py::arg("param_groups"), py::arg("config"), py::arg("mesh") = nullptr,
            py::arg("client_optimizer") = py::none())
 
       .def("backward", &engine::Engine::backward, py::arg("loss"), py::arg("retain_graph") = false,
@@ -512,8 +570,8 @@ PYBIND11_MODULE(_zeal, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("backward_from", &engine::Engine::backward_from, py::arg("outputs"), py::arg("output_grads"),
            py::call_guard<py::gil_scoped_release>())
-      .def("set_model_parallel_group", &engine::Engine::set_model_parallel_group, py::arg("group"),
-           py::arg("uncounted") = std::vector<at::Tensor>{})
+      .def_property_readonly("mesh", &engine::Engine::mesh)
+      .def_property_readonly("reduction_axes", &engine::Engine::reduction_axes)
       .def("set_boundary_override", &engine::Engine::set_boundary_override, py::arg("boundary"))
       .def("step", &engine::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("zero_grad", &engine::Engine::zero_grad)

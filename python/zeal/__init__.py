@@ -15,7 +15,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links it)
 from . import _zeal
 from ._zeal import CheckpointError, CommError, ConfigError, Error, InternalError, IoError, TimeoutError
 from .engine import ZealEngine, initialize
-from . import checkpoint, optim, pipe, tensor_parallel, zero  # noqa: E402  (zeal.checkpoint, ...)
+from . import checkpoint, mesh, optim, pipe, tensor_parallel, zero  # noqa: E402  (zeal.checkpoint, ...)
 from . import accelerator, checkpointing, comm, profiling, utils  # noqa: E402
 from .profiling import flops_profiler  # noqa: E402,F401  (zeal.profiling.flops_profiler)
 from . import memory  # noqa: E402

@@ -19,6 +19,33 @@ def _model_dtype(parsed):
     return torch.float16 if parsed.fp16_enabled else torch.bfloat16 if parsed.bf16_enabled else torch.float32
 
 
+def _process_groups(model, data_parallel_group, model_parallel_group):
+    """The mesh the engine trains on: the one the given groups (or the model's tensor-parallel
+    layers' group) were cut from, else data parallelism over the world."""
+    from . import mesh
+
+    world = _zeal.world()
+    tensor_group = model_parallel_group or next(
+        (m.group for m in model.modules() if getattr(m, "tensor_parallel_layer", False)), None)
+    groups = None
+    if data_parallel_group is not None:
+        groups, axes = mesh.owner(data_parallel_group)
+        if groups is None or "tensor" in axes or "pipe" in axes:
+            raise _zeal.ConfigError("initialize: data_parallel_group= must be the data group of a Zeal mesh "
+                                    "(zeal.tensor_parallel.make_groups or zeal.mesh.build cut it)")
+    if tensor_group is not None and tensor_group.size > 1:
+        owner, axes = mesh.owner(tensor_group)
+        if groups is None and owner is not None and axes == ["tensor"]:
+            groups = owner
+        elif groups is None and tensor_group == world:
+            groups = mesh.build(tensor=world.size)
+        elif groups is None or owner is not groups or axes != ["tensor"]:
+            raise _zeal.ConfigError("initialize: the tensor-parallel group (model_parallel_group=, or the group the "
+                                    "model's tensor-parallel layers use) must be the tensor group of the mesh "
+                                    "data_parallel_group= came from (zeal.tensor_parallel.make_groups gives both)")
+    return groups if groups is not None else mesh.build()
+
+
 def _param_groups(model, model_parameters, dtype):
     params = list(model.parameters() if model_parameters is None else model_parameters)
     if params and isinstance(params[0], dict):
@@ -29,6 +56,7 @@ def _param_groups(model, model_parameters, dtype):
             groups.append(group)
     else:
         groups = [{"params": params}]
+    from . import mesh
     from .tensor_parallel import split_of
 
     names, aliases = {}, {}
@@ -41,6 +69,7 @@ def _param_groups(model, model_parameters, dtype):
         g["names"] = [names.get(id(p), "") for p in g["params"]]
         g["aliases"] = [aliases.get(id(p), []) for p in g["params"]]
         g["splits"] = [split_of(p) for p in g["params"]]
+        g["placements"] = [mesh.placement_of(p) for p in g["params"]]
         if any(hasattr(p, "_zeal_chunk") for p in g["params"]):  # partitioned by zeal.zero.Init
             g["full_shapes"] = [list(getattr(p, "_zeal_full_shape", p.shape)) for p in g["params"]]
             g["chunks"] = [p._zeal_chunk.to(dtype) if hasattr(p, "_zeal_chunk") else None for p in g["params"]]
@@ -955,7 +984,8 @@ def initialize(
     Zeal's tensor-parallel arguments (zeal.tensor_parallel.make_groups gives both groups):
     data_parallel_group, the ranks that hold replicas of this rank's parameters (the world by
     default); model_parallel_group, the ranks that hold the other shards (the tensor group of the
-    model's tensor-parallel layers by default), across which gradient norms are summed."""
+    model's tensor-parallel layers by default). Both must come from the job's mesh (zeal.mesh): the
+    engine takes the mesh they were cut from and derives every group from it."""
     if model is None:
         raise _zeal.ConfigError("initialize needs model=")
     if mesh_param is not None:
@@ -1006,17 +1036,10 @@ def initialize(
         client = client_optim.ClientAdapter(torch_optimizer)
     if dtype != torch.float32:
         model.to(dtype)
-    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), parsed, data_parallel_group, client)
+    groups = _process_groups(model, data_parallel_group, model_parallel_group)
+    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), parsed, groups, client)
     if client is not None:
         client.bind(core)
-    if model_parallel_group is None:
-        model_parallel_group = next((m.group for m in model.modules() if getattr(m, "tensor_parallel_layer", False)),
-                                    None)
-    if model_parallel_group is not None and model_parallel_group.size > 1:
-        # Parameters replicated across the tensor group count in the norm on its first rank only.
-        uncounted = [] if model_parallel_group.rank == 0 else \
-            [p for p in model.parameters() if p.requires_grad and not getattr(p, "tensor_parallel", False)]
-        core.set_model_parallel_group(model_parallel_group, uncounted)
 
     zeal_optimizer = ZealOptimizer(core, _optimizer_groups(core, model, model_parameters), client)
     _pull_lr(core, zeal_optimizer.param_groups)
@@ -1028,8 +1051,8 @@ def initialize(
         loader = distributed_loader(training_data, core.train_micro_batch_size_per_gpu, core.rank,
                                     core.world_size, collate_fn)
     engine = ZealEngine(model, core, cfg, zeal_optimizer, scheduler, torch_optimizer, client_scheduler, loader)
-    if model_parallel_group is not None and model_parallel_group.size > 1:
-        engine._tensor_group = model_parallel_group
+    if groups.mesh.axis_size("tensor") > 1:
+        engine._tensor_group = groups.group("tensor")
     return engine, zeal_optimizer, loader, scheduler
 
 

@@ -7,9 +7,10 @@ the batch ends); receives block. The schedules guarantee that along every channe
 receives come in the same order, so this cannot deadlock. The optimizer step, whose gradient norm
 is summed across the stages, comes after every stage has posted its last send.
 
-Layout: ranks form a grid (pipe, data), pipe outermost, as DeepSpeed's PipeDataParallelTopology:
-rank = stage * data_size + data_index. Each stage's parameters train in a Zeal engine over its
-data-parallel group; the stages exchange activations and gradients point to point.
+Layout: ranks form a mesh (pipe, data[, tensor]), pipe outermost, as DeepSpeed's
+PipeDataParallelTopology: rank = stage * data_size + data_index (zeal.mesh; every group below is
+cut from it once). Each stage's parameters train in a Zeal engine over its data-parallel group;
+the stages exchange activations and gradients point to point.
 """
 import collections
 import functools
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from . import _zeal
+from . import _zeal, mesh
 from .engine import EngineAPI
 
 # Message kinds: the tag of a point-to-point message (shape messages: _SHAPE + kind).
@@ -142,8 +143,9 @@ class PipelineModule(torch.nn.Module):
         if topology is None:
             if not num_stages or size % num_stages:
                 raise ValueError(f"PipelineModule: num_stages ({num_stages}) must divide the world size ({size})")
-            topology = _zeal.Topology([("pipe", num_stages), ("data", size // num_stages)])
-        self.topology = topology
+            topology = _zeal.Mesh.with_sizes(pipe=num_stages, data=size // num_stages)
+        self.topology = topology  # a zeal._zeal.Mesh (DeepSpeed's name for it)
+        self.process_groups = mesh.of(topology, world)  # collective: every rank builds the module
         self.world = world
         self.global_rank = world.rank
         self.num_stages = topology.axis_size("pipe")
@@ -239,10 +241,7 @@ class PipelineParallelGrid:
         self.world_size = topology.world_size
         self.pipe_parallel_size = topology.axis_size("pipe")
         self.data_parallel_size = topology.axis_size("data")
-        try:
-            self.slice_parallel_size = topology.axis_size("tensor")
-        except _zeal.Error:
-            self.slice_parallel_size = 1
+        self.slice_parallel_size = topology.axis_size("tensor")
         self.model_parallel_size = self.slice_parallel_size
         self.pp_group = topology.group_of("pipe", rank)
         self.dp_group = topology.group_of("data", rank)
@@ -333,9 +332,9 @@ class PipelineEngine(EngineAPI):
         self.stage_id, self.num_stages = module.stage_id, module.num_stages
         pipe_group = topology.group_of("pipe", rank)
         data_group = topology.group_of("data", rank)
-        # Every rank cuts both communicators (split is collective over the world).
-        self.pipe_comm = world.split(pipe_group, "pipe")
-        self.data_comm = world.split(data_group, "data")
+        groups = module.process_groups
+        self.pipe_comm = groups.group("pipe")
+        self.data_comm = groups.group("data")
         self.pipe_group = pipe_group
         self.chunks = module.chunks_per_stage
         pipeline = self.config.pop("pipeline", {}) or {}
@@ -356,39 +355,33 @@ class PipelineEngine(EngineAPI):
         names = [n for n, p in zip(module.parameter_names(), module.parameters()) if p.requires_grad]
         from .tensor_parallel import split_of
 
-        groups = [{"params": params, "names": names, "splits": [split_of(p) for p in params]}]
-        # The config zeal.initialize parsed (without its pipeline section), else this one's.
-        parsed = parsed_config if parsed_config is not None else _zeal.validate_config(json.dumps(self.config))
-        self._core = _zeal.Engine(groups, parsed, self.data_comm)
-        # The norm is the whole model's: summed over the ranks of this data index (every stage and,
-        # in 3D, every tensor shard), with a tensor group's replicas counted on its first rank.
-        data_index = data_group.index(rank)
-        model_group = [r for r in range(world.size) if topology.group_of("data", r).index(r) == data_index]
-        self.model_comm = world.split(model_group, "model")
-        self.tensor_index, self.tensor_size = 0, 1
-        try:
-            self.tensor_index = topology.group_of("tensor", rank).index(rank)
-            self.tensor_size = topology.axis_size("tensor")
-        except _zeal.Error:
-            pass  # no tensor axis
-        uncounted = [] if self.tensor_index == 0 else [p for p in params if not getattr(p, "tensor_parallel", False)]
         # Tied modules: one group per key of the ranks (this data replica, this shard) whose stages
         # hold it; every rank takes part in every split, alone where it holds none. Their gradients
-        # are summed before each step, and count in the norm on the first holding stage only.
+        # are summed before each step; the engine counts them in the norm on the first holding stage
+        # (their placement says which stages hold them: Note [Parameter placement]).
         self.tied_groups = {}
+        tied_stages = {}
         for key in sorted(module.tied_stages):
             stages = sorted(module.tied_stages[key])
             holders = [pipe_group[s] for s in stages] if self.stage_id in stages else [rank]
-            group = world.split(holders, f"tied:{key}")
+            group = groups.custom(f"tied:{key}:{','.join(map(str, holders))}", holders)
             if len(holders) > 1:
                 self.tied_groups[key] = group
-                if self.stage_id != stages[0]:
-                    uncounted += [p for p in module.tied_modules[key].parameters()
-                                  if p.requires_grad and not any(p is q for q in uncounted)]
+                for p in module.tied_modules[key].parameters():
+                    tied_stages.setdefault(id(p), stages)
         if self.tied_groups and self.config.get("zero_optimization", {}).get("stage", 0) > 1:
             raise _zeal.ConfigError("config key 'zero_optimization.stage': tied layers across pipeline stages work "
                                     "with ZeRO stage 0 or 1 (their gradients are summed whole before the step)")
-        self._core.set_model_parallel_group(self.model_comm, uncounted)
+        placements = [mesh.placement_of(p, tied_stages.get(id(p))) for p in params]
+        spec = [{"params": params, "names": names, "splits": [split_of(p) for p in params], "placements": placements}]
+        # The config zeal.initialize parsed (without its pipeline section), else this one's.
+        parsed = parsed_config if parsed_config is not None else _zeal.validate_config(json.dumps(self.config))
+        self._core = _zeal.Engine(spec, parsed, groups)
+        # The norm is the whole model's: the engine sums it over the ranks of this data index (every
+        # stage and, in 3D, every tensor shard: the mesh's complement of data).
+        self.model_comm = groups.group(topology.other_axes("data"))
+        self.tensor_index = topology.coord(rank, "tensor")
+        self.tensor_size = topology.axis_size("tensor")
         self.micro_batches = self._core.gradient_accumulation_steps
         self.micro_batch_size = self._core.train_micro_batch_size_per_gpu
         self.grid = PipelineParallelGrid(topology, rank, self.pipe_comm, self.data_comm, self.model_comm)

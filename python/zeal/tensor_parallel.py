@@ -26,24 +26,22 @@ place, and load at any tensor-parallel size); replicated ones (RowParallelLinear
 ordinary layer beside them) do not, and count in the gradient norm on the group's first rank only.
 
 The group is any Zeal communicator: `make_groups(tensor=2)` cuts the world into tensor groups of
-consecutive ranks and data groups across them (zeal/comm/topology.h, axes data x tensor).
+consecutive ranks and data groups across them (zeal.mesh: axes data x tensor).
 """
 import torch
 import torch.nn.functional as F
 
-from . import _zeal
+from . import _zeal, mesh
 
 
 def make_groups(tensor, world=None):
-    """(tensor group, data group, topology) for a grid of world.size / tensor data replicas of
-    `tensor` ranks each; every rank of the world calls it."""
+    """(tensor group, data group, mesh) for a grid of world.size / tensor data replicas of
+    `tensor` ranks each, cut once from the job's mesh (zeal.mesh); every rank of the world calls it."""
     world = world or _zeal.world()
     if tensor < 1 or world.size % tensor:
         raise ValueError(f"tensor-parallel size {tensor} must divide the world size {world.size}")
-    topology = _zeal.Topology([("data", world.size // tensor), ("tensor", tensor)])
-    tp = world.split(topology.group_of("tensor", world.rank), "tensor")
-    dp = world.split(topology.group_of("data", world.rank), "data")
-    return tp, dp, topology
+    groups = mesh.build(tensor=tensor, world=world)
+    return groups.group("tensor"), groups.group("data"), groups.mesh
 
 
 def copy_to_tensor_region(x, group):

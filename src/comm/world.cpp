@@ -8,6 +8,7 @@
 #include <string>
 
 #include "zeal/comm/mpi_backend.h"
+#include "zeal/comm/nccl_backend.h"
 #include "zeal/features.h"
 #if ZEAL_WITH_MPI
 #define OMPI_SKIP_MPICXX 1
@@ -124,6 +125,18 @@ std::string nccl_version() {
   return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." + std::to_string(code % 100);
 #else
   return "not built";
+#endif
+}
+
+// Note [Backend by device]: host tensors travel over MPI, device tensors over NCCL; the choice is
+// made here, once, for the engine, the bindings and the process groups alike.
+CommunicatorPtr for_device(const CommunicatorPtr& host, const c10::Device& device) {
+  ZEAL_CHECK_AS(CommError, host, "for_device needs a host communicator");
+  if (!device.is_cuda()) return host;
+#if ZEAL_WITH_CUDA
+  return nccl_world(host, device.has_index() ? device.index() : 0, default_timeout());
+#else
+  throw CommError("tensors on " + device.str() + " need the nccl backend, and this Zeal was built without CUDA");
 #endif
 }
 

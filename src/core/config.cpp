@@ -700,6 +700,26 @@ void check_compressed_optimizer(const Config& c) {
                       "set device \"none\"");
 }
 
+// NVMe offload swaps the master weights and the optimizer state a sub-group at a time (a config
+// without an optimizer section trains a client optimizer, which the engine refuses with NVMe).
+void check_nvme_offload(const Config& c) {
+  const OffloadOptimizerConfig& o = c.zero_optimization.offload_optimizer;
+  const OptimizerConfig& opt = c.optimizer;
+  if (o.device != OffloadDevice::kNvme || !opt.present) return;
+  if (opt.type == OptimizerType::kLamb)
+    throw ConfigError("config key 'zero_optimization.offload_optimizer.device': Lamb needs whole tensors for its "
+                      "per-tensor trust ratio, which NVMe offload swaps in sub-groups; use device \"cpu\" or another "
+                      "optimizer");
+  // The master weights, then the optimizer's state tensors.
+  const int64_t tensors = 1 + (opt.type == OptimizerType::kSgd       ? (opt.momentum != 0.0 ? 1 : 0)
+                               : opt.type == OptimizerType::kAdagrad ? 1
+                                                                     : 2);
+  if (o.buffer_count < tensors)
+    throw ConfigError("config key 'zero_optimization.offload_optimizer.buffer_count': expected at least " +
+                      std::to_string(tensors) + " (one buffer per swapped tensor of a sub-group: the master weights and the " +
+                      to_string(opt.type) + " state), got " + std::to_string(o.buffer_count));
+}
+
 }  // namespace
 
 Config Config::from_json(const json& root) {
@@ -809,6 +829,7 @@ Config Config::from_json(const json& root) {
   if (c.fp16.enabled && c.bf16)
     throw ConfigError("config keys 'fp16.enabled' and 'bf16.enabled' are both true: choose one precision");
   check_compressed_optimizer(c);
+  check_nvme_offload(c);
   return c;
 }
 

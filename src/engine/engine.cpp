@@ -37,15 +37,15 @@ at::ScalarType dtype_for(Precision p) {
 
 Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::CommunicatorPtr world,
                std::unique_ptr<optim::Optimizer> client_optimizer)
-    : config_(std::move(config)), world_(std::move(world)) {
-  ZEAL_CHECK_AS(ConfigError, world_, "the engine needs a communicator");
-  if (config_.comms_logger.enabled) {
-    const CommsLoggerConfig& c = config_.comms_logger;
-    std::set<std::string> ops;
-    if (!c.prof_all) ops.insert(c.prof_ops.begin(), c.prof_ops.end());
-    world_ = std::make_shared<comm::CountingCommunicator>(world_, ops, c.verbose);
-  }
-  batch_ = config_.resolve_batch(world_->size());
+    : Engine(std::move(specs), std::move(config),
+             world ? std::make_shared<parallel::ProcessGroups>(parallel::Mesh({{"data", world->size()}}), world)
+                   : nullptr,
+             std::move(client_optimizer)) {}
+
+Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr<parallel::ProcessGroups> mesh,
+               std::unique_ptr<optim::Optimizer> client_optimizer)
+    : config_(std::move(config)), mesh_(std::move(mesh)) {
+  ZEAL_CHECK_AS(ConfigError, mesh_, "the engine needs a communicator");
   // DeepSpeed's rule: the config's optimizer section or the optimizer passed to initialize, not both.
   ZEAL_CHECK_AS(ConfigError, !(config_.optimizer.present && client_optimizer),
                 "config key 'optimizer': the config names an optimizer and initialize was also given one "
@@ -60,12 +60,12 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
                 "sub-groups, which a client optimizer (optimizer= in initialize) cannot do; use device \"cpu\" or a "
                 "config 'optimizer' section");
   model_dtype_ = dtype_for(config_.precision());
-  check_offload_config();
 
   // Collect the trainable parameters group by group, skipping repeats (tied weights) and frozen ones.
   std::unordered_set<c10::TensorImpl*> seen;
   std::vector<size_t> group_of_param;
   std::vector<at::Tensor> given_chunks;  // zero::Init's chunks, parallel to params_
+  std::vector<parallel::Placement> placements;  // parallel to params_
   for (size_t g = 0; g < specs.size(); ++g) {
     const ParamGroupSpec& spec = specs[g];
     for (size_t k = 0; k < spec.params.size(); ++k) {
@@ -90,6 +90,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
       aliases_.push_back(k < spec.aliases.size() ? spec.aliases[k] : std::vector<std::string>{});
       given_chunks.push_back(pre_partitioned ? spec.chunks[k] : at::Tensor());
       group_of_param.push_back(g);
+      placements.push_back(k < spec.placements.size() ? spec.placements[k] : parallel::Placement{});
     }
     const OptimizerConfig& o = config_.optimizer;
     optim::ParamGroup group;
@@ -102,10 +103,8 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
     base_lrs_.push_back(group.lr);
   }
   ZEAL_CHECK(!params_.empty(), "the model has no trainable parameters");
-  const bool device_ok = device_.is_cpu() ? world_->backend_name() == "mpi" : world_->backend_name() == "nccl";
-  ZEAL_CHECK(device_ok || world_->size() == 1, "parameters on ", device_.str(), " need the ",
-             device_.is_cpu() ? "mpi" : "nccl", " backend, but the engine got a ", world_->backend_name(),
-             " communicator");
+  derive_groups(placements);
+  batch_ = config_.resolve_batch(world_->size());
 
   // The flat layout (zero/layout.h): reduction order, buckets padded to the data-parallel size.
   // Stage 3 gives every parameter a bucket of its own: the unit it is gathered and released in.
@@ -286,6 +285,31 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::Communica
 }
 
 Engine::~Engine() = default;
+
+void Engine::derive_groups(const std::vector<parallel::Placement>& placements) {
+  // Note [Parameter placement]: each parameter's reduction group and whether this rank counts it in
+  // the norm follow from its tags. One engine holds one sharded-state unit today, so its parameters
+  // must share a reduction group.
+  const parallel::Mesh& mesh = mesh_->mesh();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    std::vector<std::string> axes = parallel::reduction_axes(mesh, placements[i]);
+    if (i == 0) reduction_axes_ = axes;
+    ZEAL_CHECK(axes == reduction_axes_, "parameter '", names_[i], "' (", parallel::describe(placements[i]),
+               ") reduces its gradient over ", mesh.key(axes), " and parameter '", names_[0], "' over ",
+               mesh.key(reduction_axes_), ": one engine holds the parameters of one reduction group");
+    if (!parallel::counts_in_norm(mesh, mesh_->rank(), placements[i])) uncounted_params_.push_back(i);
+  }
+  // Host parameters reduce over MPI, device ones over NCCL (Note [Backend by device]).
+  world_ = mesh_->group_on(reduction_axes_, device_);
+  if (config_.comms_logger.enabled) {
+    const CommsLoggerConfig& c = config_.comms_logger;
+    std::set<std::string> ops;
+    if (!c.prof_all) ops.insert(c.prof_ops.begin(), c.prof_ops.end());
+    world_ = std::make_shared<comm::CountingCommunicator>(world_, ops, c.verbose);
+  }
+  const comm::CommunicatorPtr& rest = mesh_->group(mesh.other_axes(reduction_axes_));
+  if (rest->size() > 1) model_parallel_ = rest;
+}
 
 std::map<std::string, comm::OpCount> Engine::comms_counts() const {
   auto* counting = dynamic_cast<comm::CountingCommunicator*>(world_.get());
@@ -518,17 +542,6 @@ at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
   return at::cat(pieces);
 }
 
-void Engine::set_model_parallel_group(comm::CommunicatorPtr group, const std::vector<at::Tensor>& uncounted) {
-  model_parallel_ = std::move(group);
-  uncounted_params_.clear();
-  for (const at::Tensor& t : uncounted) {
-    size_t i = 0;
-    while (i < params_.size() && params_[i].unsafeGetTensorImpl() != t.unsafeGetTensorImpl()) ++i;
-    ZEAL_CHECK(i < params_.size(), "set_model_parallel_group: an uncounted tensor is not one of the engine's parameters");
-    uncounted_params_.push_back(i);
-  }
-}
-
 double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool partitioned) {
   double local = optim::unscale_and_sum_squares(grads, inv_scale);
   if (!uncounted_params_.empty()) {
@@ -629,24 +642,6 @@ void Engine::gather_published() {
     works.push_back(world_->all_gather(output, inputs.back(), {}));
   }
   for (auto& w : works) w->wait();
-}
-
-void Engine::check_offload_config() const {
-  // Before the engine touches the model: a refused config leaves the parameters as they were.
-  const OffloadOptimizerConfig& o = config_.zero_optimization.offload_optimizer;
-  if (o.device != OffloadDevice::kNvme) return;
-  const OptimizerConfig& opt = config_.optimizer;
-  ZEAL_CHECK_AS(ConfigError, opt.type != OptimizerType::kLamb,
-                "config key 'zero_optimization.offload_optimizer.device': Lamb needs whole tensors for its per-tensor "
-                "trust ratio, which NVMe offload swaps in sub-groups; use device \"cpu\" or another optimizer");
-  // The master weights, then the optimizer's state tensors.
-  const int64_t tensors = 1 + (opt.type == OptimizerType::kSgd       ? (opt.momentum != 0.0 ? 1 : 0)
-                               : opt.type == OptimizerType::kAdagrad ? 1
-                                                                     : 2);
-  ZEAL_CHECK_AS(ConfigError, o.buffer_count >= tensors,
-                "config key 'zero_optimization.offload_optimizer.buffer_count': expected at least ", tensors,
-                " (one buffer per swapped tensor of a sub-group: the master weights and the ", to_string(opt.type),
-                " state), got ", o.buffer_count);
 }
 
 void Engine::init_swap(int64_t shard) {

@@ -8,7 +8,8 @@
 
 #include <ATen/ATen.h>
 
-#include "zeal/comm/topology.h"
+#include "zeal/parallel/mesh.h"
+#include "zeal/parallel/process_groups.h"
 #include "zeal/comm/world.h"
 #include "zeal/core/error.h"
 
@@ -151,16 +152,40 @@ TEST(Comm, AsyncWorkOverlapsAndCompletes) {
   g_world->barrier({})->wait();
 }
 
-TEST(Comm, SubgroupsFromTopology) {
+TEST(Comm, SubgroupsFromMesh) {
   const int n = g_world->size();
   if (n % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
-  Topology topo({{"pair", n / 2}, {"data", 2}});
-  auto data = g_world->split(topo.group_of("data", g_world->rank()), "data");
+  zeal::parallel::Mesh topo({{"pipe", n / 2}, {"data", 2}});
+  auto data = g_world->split(topo.group_of({"data"}, g_world->rank()), "data");
   EXPECT_EQ(data->size(), 2);
   at::Tensor t = at::full({3}, static_cast<float>(g_world->rank()));
   data->all_reduce(t, {ReduceOp::kSum})->wait();
-  auto group = topo.group_of("data", g_world->rank());
+  auto group = topo.group_of({"data"}, g_world->rank());
   EXPECT_EQ(t[0].item<float>(), static_cast<float>(group[0] + group[1]));
+}
+
+TEST(Comm, ProcessGroupsCutEveryProductOnce) {
+  // Every group of a mesh sums the world ranks of exactly the ranks Mesh::group_of names, and
+  // asking again hands back the same communicator (cut once, shared).
+  const int n = g_world->size();
+  const bool even = n % 2 == 0;
+  zeal::parallel::Mesh mesh = even ? zeal::parallel::Mesh({{"data", n / 2}, {"tensor", 2}})
+                                   : zeal::parallel::Mesh({{"data", n}});
+  zeal::parallel::ProcessGroups groups(mesh, g_world);
+  for (const auto& axes : std::vector<std::vector<std::string>>{{}, {"data"}, {"tensor"}, {"tensor", "data"}, {"sequence"}}) {
+    const auto& group = groups.group(axes);
+    EXPECT_EQ(group.get(), groups.group(axes).get());
+    const std::vector<int> ranks = mesh.group_of(axes, g_world->rank());
+    ASSERT_EQ(group->size(), static_cast<int>(ranks.size())) << mesh.key(axes);
+    at::Tensor t = at::full({2}, static_cast<float>(g_world->rank()));
+    group->all_reduce(t, {ReduceOp::kSum})->wait();
+    float want = 0;
+    for (int r : ranks) want += static_cast<float>(r);
+    EXPECT_EQ(t[1].item<float>(), want) << mesh.key(axes);
+    ASSERT_NE(groups.axes_of(group.get()), nullptr);
+  }
+  EXPECT_EQ(groups.group({"data", "tensor"}).get(), g_world.get());  // the product of every axis is the world
+  EXPECT_EQ(groups.axes_of(nullptr), nullptr);
 }
 
 TEST(Comm, BadArgumentsRaise) {

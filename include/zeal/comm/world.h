@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include <c10/core/Device.h>
+
 #include "zeal/comm/communicator.h"
 
 namespace zeal::comm {
@@ -36,6 +38,11 @@ void set_default_timeout(Timeout timeout);  // > 0
 // A non-zero timeout sets the process default first. Throws CommError when the launch variables
 // describe a world this build cannot join, TimeoutError when ranks of it never arrive.
 CommunicatorPtr world(Timeout default_timeout = Timeout{0});
+
+// The communicator for tensors on `device` over the ranks of `host` (Note [Backend by device]):
+// `host` itself for CPU tensors (MPI), an NCCL communicator over the same ranks for a CUDA device
+// (collective over `host`). Throws CommError for a CUDA device in a build without CUDA.
+CommunicatorPtr for_device(const CommunicatorPtr& host, const c10::Device& device);
 
 // Ends the process's collectives: stops the progress thread and finalizes MPI unless a
 // communicator broke (then finalize could block on the op that never completed).

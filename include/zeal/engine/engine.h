@@ -33,6 +33,8 @@
 #include "zeal/optim/loss_scaler.h"
 #include "zeal/optim/lr_scheduler.h"
 #include "zeal/optim/optimizer.h"
+#include "zeal/parallel/placement.h"
+#include "zeal/parallel/process_groups.h"
 #include "zeal/zero/layout.h"
 #include "zeal/zero/param_partition.h"
 
@@ -50,6 +52,9 @@ struct ParamGroupSpec {
   // Optional, parallel to params: where a tensor-parallel slice sits in its full tensor, so that a
   // checkpoint loads at another tensor-parallel size (checkpoint.h).
   std::vector<checkpoint::TensorSplit> splits;
+  // Optional, parallel to params: where each lives on the mesh (Note [Parameter placement]);
+  // default replicated (a data-parallel weight).
+  std::vector<parallel::Placement> placements;
   std::optional<double> lr;
   std::optional<double> weight_decay;
   std::optional<std::array<double, 2>> betas;
@@ -58,8 +63,14 @@ struct ParamGroupSpec {
 
 class Engine {
  public:
-  // client_optimizer: the optimizer the user passed to initialize (optim/client_optimizer.h), used
-  // in place of the config's optimizer section (which must then be absent).
+  // mesh: the process groups of the job (parallel/process_groups.h). From each parameter's
+  // placement the engine derives the group its gradient is reduced and ZeRO-partitioned over and
+  // the ranks its norm is summed across; for parameters on a CUDA device it takes that group's NCCL
+  // twin. client_optimizer: the optimizer the user passed to initialize (optim/client_optimizer.h),
+  // used in place of the config's optimizer section (which must then be absent).
+  Engine(std::vector<ParamGroupSpec> groups, Config config, std::shared_ptr<parallel::ProcessGroups> mesh,
+         std::unique_ptr<optim::Optimizer> client_optimizer = nullptr);
+  // Plain data parallelism over the ranks of `world` (a host communicator): a mesh of one data axis.
   Engine(std::vector<ParamGroupSpec> groups, Config config, comm::CommunicatorPtr world,
          std::unique_ptr<optim::Optimizer> client_optimizer = nullptr);
   ~Engine();
@@ -72,11 +83,6 @@ class Engine {
   // Backward from outputs whose gradients arrived from elsewhere (the next pipeline stage), already
   // scaled: the same accounting as backward(loss) (accumulation boundary, reduction), no rescaling.
   void backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads);
-  // The ranks that hold the other parts of the model (pipeline stages, tensor-parallel shards):
-  // gradient norms, and with them clipping and fp16 overflow, are summed across them. `uncounted`:
-  // parameters this rank holds but another rank of the group counts (a tensor group's replicated
-  // parameters count on its first rank only). Set before the first step.
-  void set_model_parallel_group(comm::CommunicatorPtr group, const std::vector<at::Tensor>& uncounted = {});
   void step();
   void zero_grad();
 
@@ -115,7 +121,9 @@ class Engine {
   }
   const BatchSizes& batch() const { return batch_; }
   const Config& config() const { return config_; }
-  const comm::CommunicatorPtr& world() const { return world_; }
+  const comm::CommunicatorPtr& world() const { return world_; }  // the gradient-reduction group
+  const std::shared_ptr<parallel::ProcessGroups>& mesh() const { return mesh_; }
+  const std::vector<std::string>& reduction_axes() const { return reduction_axes_; }
   at::ScalarType model_dtype() const { return model_dtype_; }
   size_t num_buckets() const { return reducer_->num_buckets(); }
   int64_t stage() const { return stage_; }
@@ -194,6 +202,8 @@ class Engine {
   std::pair<std::string, std::string> load_checkpoint_local(const std::vector<std::string>& dirs,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only);
+  // From the parameters' placements: reduction_axes_, world_, model_parallel_, uncounted_params_.
+  void derive_groups(const std::vector<parallel::Placement>& placements);
   void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options, bool with_master);
   void apply_lr(int64_t iteration);
   void log_step();
@@ -221,7 +231,6 @@ class Engine {
   // NVMe offload (offload/optimizer_swapper.h): the swap files start as the model's weights and
   // the optimizer's initial state; the step visits them a sub-group at a time. A checkpoint
   // materialises master_ and the state in host memory for the length of the save or load.
-  void check_offload_config() const;
   void stage_bucket_on_host(int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end);
   void init_swap(int64_t shard);
   void step_swapped(const at::Tensor& grads);
@@ -229,10 +238,12 @@ class Engine {
   void release_swapped(bool write_back);
 
   Config config_;
-  comm::CommunicatorPtr world_;
-  comm::CommunicatorPtr model_parallel_;  // pipeline stages (set_model_parallel_group)
-  int boundary_override_ = -1;            // set_boundary_override
-  std::vector<size_t> uncounted_params_;  // set_model_parallel_group
+  std::shared_ptr<parallel::ProcessGroups> mesh_;
+  std::vector<std::string> reduction_axes_;  // every parameter's (Note [Parameter placement])
+  comm::CommunicatorPtr world_;              // the reduction group, on the parameters' device
+  comm::CommunicatorPtr model_parallel_;     // the complement: the other parts of one replica (null if none)
+  int boundary_override_ = -1;               // set_boundary_override
+  std::vector<size_t> uncounted_params_;     // held here, counted in the norm by another rank
   BatchSizes batch_;
   at::ScalarType model_dtype_;
   at::Device device_{at::kCPU};

@@ -77,9 +77,9 @@ def main():
     world = zeal.world()
     topology, tp_group = None, None
     if args.tensor > 1:
-        topology = zeal._zeal.Topology([("pipe", args.stages), ("data", world.size // (args.stages * args.tensor)),
+        topology = zeal._zeal.Mesh([("pipe", args.stages), ("data", world.size // (args.stages * args.tensor)),
                                         ("tensor", args.tensor)])
-        tp_group = world.split(topology.group_of("tensor", world.rank), "tensor")
+        tp_group = zeal.mesh.of(topology, world).group("tensor")
     module = PipelineModule(layers(tp_group), num_stages=args.stages, topology=topology, loss_fn=common.loss_fn,
                             partition_method=args.partition, activation_checkpoint_interval=args.checkpoint_interval,
                             chunks_per_stage=args.chunks)
