@@ -523,6 +523,7 @@ PYBIND11_MODULE(_zeal, m) {
         "Write a small file through a temporary name, fsynced, then renamed over `path`.");
   m.def("read_latest", &checkpoint::read_latest, py::arg("save_dir"),
         "The tag that <save_dir>/latest names (CheckpointError if it is missing, not a regular file or not a tag).");
+  m.attr("CHECKPOINT_PARTS_FILE") = checkpoint::kPartsName;
   m.def("write_sealed_json",
         [](const std::string& path, const std::string& text) {
           nlohmann::json doc;
@@ -573,6 +574,7 @@ PYBIND11_MODULE(_zeal, m) {
       .def_property_readonly("mesh", &engine::Engine::mesh)
       .def_property_readonly("reduction_axes", &engine::Engine::reduction_axes)
       .def("set_boundary_override", &engine::Engine::set_boundary_override, py::arg("boundary"))
+      .def("set_backwards_per_step", &engine::Engine::set_backwards_per_step, py::arg("n"))
       .def("step", &engine::Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("zero_grad", &engine::Engine::zero_grad)
       .def("is_gradient_accumulation_boundary", &engine::Engine::is_gradient_accumulation_boundary)
@@ -702,6 +704,9 @@ PYBIND11_MODULE(_zeal, m) {
            },
            py::arg("save_dir"), py::arg("tag"), py::arg("client_state_json"), py::arg("extra"),
            py::arg("save_latest") = true)
+      .def("save_checkpoint_part", &engine::Engine::save_checkpoint_part, py::arg("everyone"), py::arg("save_dir"),
+           py::arg("tag"), py::arg("part"), py::arg("parts"), py::arg("layout_json"), py::arg("client_state_json"),
+           py::arg("extra"), py::arg("save_latest") = true, py::call_guard<py::gil_scoped_release>())
       .def("load_checkpoint", &engine::Engine::load_checkpoint, py::arg("load_dir"), py::arg("tag"),
            py::arg("load_optimizer_states"), py::arg("load_lr_scheduler_states"), py::arg("load_module_only"),
            py::call_guard<py::gil_scoped_release>())

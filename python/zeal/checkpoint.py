@@ -22,7 +22,7 @@ def _resolve(checkpoint_dir, tag=None):
     return _zeal.resolve_checkpoint(checkpoint_dir, tag or "")
 
 
-PARTS_FILE = "parts.json"
+PARTS_FILE = _zeal.CHECKPOINT_PARTS_FILE  # "parts.json"
 
 
 def checkpoint_parts(checkpoint_dir, tag=None):
@@ -69,65 +69,10 @@ def save_parts(core, world, save_dir, tag, part, parts, layout, client_json, ext
     """Every rank of `world` calls it. A checkpoint in parts: each part is one engine's checkpoint
     (the ranks of its data group save it together), all under <save_dir>/.tmp-<tag>; when every
     part is complete rank 0 writes parts.json there, renames the directory to <tag> and then moves
-    `latest` (Note [Atomic checkpoints], one level up). A failure on any rank fails every rank."""
-    import os
-    import shutil
-
-    import torch
-
-    root = os.path.join(save_dir, tag)
-    tmp = os.path.join(save_dir, f".tmp-{tag}")
-
-    def agree(error, what):
-        flag = torch.tensor([1.0 if error else 0.0])
-        world.all_reduce(flag, "max").wait()
-        if error:
-            raise _zeal.CheckpointError(f"checkpoint save ({what}) failed on rank {world.rank}: {error}")
-        if flag.item() > 0:
-            raise _zeal.CheckpointError(f"checkpoint save ({what}) failed on another rank (see its error)")
-
-    error = None
-    if world.rank == 0:
-        try:
-            os.makedirs(save_dir, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a save that died
-            os.makedirs(tmp)
-        except OSError as e:
-            error = str(e)
-    agree(error, f"creating {tmp}")
-    try:
-        core.save_checkpoint(tmp, part, client_json, extra, False)
-    except _zeal.Error as e:
-        error = str(e)
-    agree(error, f"writing part {part}")
-    if world.rank == 0:
-        try:
-            _zeal.write_sealed_json(os.path.join(tmp, PARTS_FILE),
-                                    json.dumps({"format": "zeal-checkpoint-parts", "version": 2, "parts": parts,
-                                                "layout": layout}))
-            old = os.path.join(save_dir, f".old-{tag}")
-            shutil.rmtree(old, ignore_errors=True)
-            if os.path.exists(root):
-                os.rename(root, old)
-            os.rename(tmp, root)
-            _fsync_dir(save_dir)
-            if save_latest:
-                _zeal.write_text_atomically(os.path.join(save_dir, "latest"), tag + "\n")
-            shutil.rmtree(old, ignore_errors=True)
-        except (OSError, _zeal.Error) as e:
-            error = str(e)
-    agree(error, f"publishing {root}")
-    return root
-
-
-def _fsync_dir(path):
-    import os
-
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    `latest` (Note [Atomic checkpoints]; the protocol is the engine's, checkpoint/publish.h). A
+    failure on any rank fails every rank."""
+    return core.save_checkpoint_part(world, str(save_dir), str(tag), part, list(parts), json.dumps(layout),
+                                     client_json, extra, save_latest)
 
 
 def to_fp32_state_dict(checkpoint_dir, tag=None):

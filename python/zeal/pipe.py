@@ -639,7 +639,8 @@ class _Execution:
         self.e, self.train, self.schedule, self.data_iter = engine, train, schedule, data_iter
         self.last_vs = engine.num_stages * engine.chunks - 1
         self.inputs, self.outputs, self.labels, self.losses, self.grads, self.loaded = {}, {}, {}, {}, {}, {}
-        self.backwards_left = sum(1 for op, _, _ in schedule if op == _zeal.PipeOp.Backward)
+        if train:  # the engine counts them and ends the accumulation with the last (one owner)
+            engine._core.set_backwards_per_step(sum(1 for op, _, _ in schedule if op == _zeal.PipeOp.Backward))
         self.reduced = False
         self.started, self.busy, self.pipelined = time.perf_counter(), 0.0, None
 
@@ -687,11 +688,9 @@ class _Execution:
 
     def backward(self, mb, chunk):
         key = (mb, chunk)
-        self.backwards_left -= 1
         # The accumulation ends with this stage's last backward, whatever its micro-batch: the
-        # engine's bucketed data-parallel reduction overlaps that backward and is complete when it
-        # returns (ReduceGrads checks it).
-        self.e._core.set_boundary_override(1 if self.backwards_left == 0 else 0)
+        # engine counts the backwards (set_backwards_per_step), and its bucketed data-parallel
+        # reduction overlaps that last one and is complete when it returns (ReduceGrads checks it).
         out = self.outputs.pop(key)
         t0 = time.perf_counter()
         if self.vs(chunk) == self.last_vs:
@@ -708,9 +707,9 @@ class _Execution:
     def reduce_grads(self, mb, chunk):
         # The data-parallel reduction finished inside the last backward (overlapped with it); the
         # tied weights' gradients are summed across their stages here, once per batch.
-        if self.backwards_left != 0:
+        if not self.e._core.is_gradient_accumulation_boundary():
             raise _zeal.InternalError(f"pipeline stage {self.e.stage_id}: ReduceGrads before the stage's last "
-                                      f"backward ({self.backwards_left} left)")
+                                      "backward")
         self.e._sum_tied_gradients()
         self.reduced = True
 
@@ -718,6 +717,4 @@ class _Execution:
         if not self.reduced:
             raise _zeal.InternalError(f"pipeline stage {self.e.stage_id}: OptimizerStep before ReduceGrads")
         self.pipelined = time.perf_counter() - self.started
-        self.e._core.set_boundary_override(1)
         self.e._core.step()
-        self.e._core.set_boundary_override(-1)

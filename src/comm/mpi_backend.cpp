@@ -49,6 +49,7 @@
 #include "cpu/half_reduce.h"
 #include "rendezvous.h"
 #include "signature.h"
+#include "zeal/core/checks.h"
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 
@@ -57,20 +58,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr int kArrivalTag = 7001;
-
-std::string mpi_error_string(int code) {
-  char text[MPI_MAX_ERROR_STRING];
-  int length = 0;
-  MPI_Error_string(code, text, &length);
-  return std::string(text, length);
-}
-
-#define MPI_CHECK(call)                                                                      \
-  do {                                                                                       \
-    int mpi_check_code = (call);                                                             \
-    if (mpi_check_code != MPI_SUCCESS)                                                       \
-      throw ::zeal::CommError(std::string(#call) + " failed: " + mpi_error_string(mpi_check_code)); \
-  } while (0)
 
 // State shared by a communicator and its ops.
 struct GroupState {

@@ -29,6 +29,7 @@
 #include <ATen/ops/empty.h>
 
 #include "signature.h"
+#include "zeal/core/checks.h"
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 
@@ -36,20 +37,6 @@ namespace zeal::comm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-#define CUDA_CHECK(call)                                                                       \
-  do {                                                                                         \
-    cudaError_t cuda_check_err = (call);                                                       \
-    if (cuda_check_err != cudaSuccess)                                                         \
-      throw ::zeal::CommError(std::string(#call) + " failed: " + cudaGetErrorString(cuda_check_err)); \
-  } while (0)
-
-#define NCCL_CHECK(call)                                                                       \
-  do {                                                                                         \
-    ncclResult_t nccl_check_res = (call);                                                      \
-    if (nccl_check_res != ncclSuccess)                                                         \
-      throw ::zeal::CommError(std::string(#call) + " failed: " + ncclGetErrorString(nccl_check_res)); \
-  } while (0)
 
 ncclDataType_t nccl_dtype(at::ScalarType dtype) {
   switch (dtype) {

@@ -28,6 +28,7 @@
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "zeal/core/checks.h"
 #include "zeal/core/error.h"
 
 namespace zeal::comm {
@@ -45,16 +46,10 @@ bool is_loopback(const std::string& host) {
 std::vector<uint8_t> bytes(const std::string& s) { return {s.begin(), s.end()}; }
 std::string text(const std::vector<uint8_t>& b) { return {b.begin(), b.end()}; }
 
-#define RDV_MPI_CHECK(call)                                                            \
-  do {                                                                                 \
-    int rc_ = (call);                                                                  \
-    if (rc_ != MPI_SUCCESS) throw CommError(std::string("rendezvous: ") + #call + " failed"); \
-  } while (0)
-
 // Replaces `group` by its union with the other side of `inter`; the newcomer's side goes last.
 void merge_into(MPI_Comm& group, MPI_Comm inter, bool newcomer) {
   MPI_Comm merged;
-  RDV_MPI_CHECK(MPI_Intercomm_merge(inter, newcomer ? 1 : 0, &merged));
+  MPI_CHECK(MPI_Intercomm_merge(inter, newcomer ? 1 : 0, &merged));
   MPI_Comm_free(&inter);
   MPI_Comm_free(&group);
   group = merged;
@@ -156,22 +151,22 @@ void* Rendezvous::form_world() {
   wait_for_ranks("ready");
   char port[MPI_MAX_PORT_NAME] = {0};
   MPI_Comm group;
-  RDV_MPI_CHECK(MPI_Comm_dup(MPI_COMM_SELF, &group));
+  MPI_CHECK(MPI_Comm_dup(MPI_COMM_SELF, &group));
   if (info_.rank == 0) {
-    RDV_MPI_CHECK(MPI_Open_port(MPI_INFO_NULL, port));
+    MPI_CHECK(MPI_Open_port(MPI_INFO_NULL, port));
     store_->set(key("port"), bytes(port));
   } else {
     std::string published = text(store_->get(key("port")));
     published.copy(port, sizeof(port) - 1);
     store_->get(key("turn/" + std::to_string(info_.rank)));  // wait for this rank's turn
     MPI_Comm inter;
-    RDV_MPI_CHECK(MPI_Comm_connect(port, MPI_INFO_NULL, 0, group, &inter));
+    MPI_CHECK(MPI_Comm_connect(port, MPI_INFO_NULL, 0, group, &inter));
     merge_into(group, inter, /*newcomer=*/true);
   }
   for (int k = info_.rank + 1; k < info_.world_size; ++k) {
     if (info_.rank == 0) store_->set(key("turn/" + std::to_string(k)), bytes("go"));
     MPI_Comm inter;
-    RDV_MPI_CHECK(MPI_Comm_accept(port, MPI_INFO_NULL, 0, group, &inter));
+    MPI_CHECK(MPI_Comm_accept(port, MPI_INFO_NULL, 0, group, &inter));
     merge_into(group, inter, /*newcomer=*/false);
   }
   if (info_.rank == 0) MPI_Close_port(port);

@@ -386,7 +386,19 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
 
 bool Engine::is_gradient_accumulation_boundary() const {
   if (boundary_override_ >= 0) return boundary_override_ == 1;
+  if (backwards_per_step_ > 0) return backwards_in_step_ == backwards_per_step_;
   return (micro_steps_ + 1) % batch_.gradient_accumulation_steps == 0;
+}
+
+bool Engine::next_backward_is_boundary() const {
+  if (boundary_override_ < 0 && backwards_per_step_ > 0) return backwards_in_step_ + 1 == backwards_per_step_;
+  return is_gradient_accumulation_boundary();
+}
+
+void Engine::set_backwards_per_step(int64_t n) {
+  ZEAL_CHECK(n >= 0, "set_backwards_per_step: expected a count >= 0, got ", n);
+  backwards_per_step_ = n;
+  backwards_in_step_ = 0;  // a new batch (one that failed part way leaves nothing to count)
 }
 
 void Engine::backward(const at::Tensor& loss, bool retain_graph, bool scale_wrt_gas) {
@@ -414,7 +426,12 @@ void Engine::backward_from(const std::vector<at::Tensor>& outputs, const std::ve
 void Engine::run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads,
                           bool retain_graph) {
   auto start = Clock::now();
-  bool boundary = is_gradient_accumulation_boundary();
+  const bool boundary = next_backward_is_boundary();
+  if (backwards_per_step_ > 0) {
+    ZEAL_CHECK(backwards_in_step_ < backwards_per_step_, "backward: all ", backwards_per_step_,
+               " backwards of this step have run; call step() first");
+    ++backwards_in_step_;
+  }
   if (boundary) staged_buckets_ = 0;
   // 1-bit Adam past its freeze step reduces the momentum (compressed), not the gradients.
   reducer_->prepare(boundary && !optimizer_->local_gradients());
@@ -502,6 +519,7 @@ void Engine::step() {
   }
   if (grad_shard_.defined()) grad_shard_.zero_();
   if (flat_grads_.defined()) flat_grads_.zero_();
+  backwards_in_step_ = 0;
   ++micro_steps_;
   ++global_steps_;
   global_samples_ += batch_.train_batch_size;

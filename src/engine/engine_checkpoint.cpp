@@ -10,6 +10,7 @@
 
 #include "zeal/checkpoint/checkpoint.h"
 #include "zeal/checkpoint/integrity.h"
+#include "zeal/checkpoint/publish.h"
 #include "zeal/core/error.h"
 #include "zeal/core/json.h"
 #include "zeal/core/logging.h"
@@ -19,17 +20,7 @@ namespace zeal::engine {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-namespace {
-
-// Every rank learns whether any rank failed, so none waits on a barrier a failed rank never reaches.
-void agree_or_throw(const comm::CommunicatorPtr& world, const std::string& local_error, const std::string& what) {
-  at::Tensor flag = at::full({1}, local_error.empty() ? 0.0 : 1.0, at::TensorOptions().dtype(at::kFloat));
-  if (world->size() > 1) world->all_reduce(flag, {comm::ReduceOp::kMax})->wait();
-  if (!local_error.empty()) throw CheckpointError(what + " failed on rank " + std::to_string(world->rank()) + ": " + local_error);
-  if (flag.item<float>() > 0) throw CheckpointError(what + " failed on another rank (see its error)");
-}
-
-}  // namespace
+using checkpoint::agree_or_throw;
 
 std::string Engine::save_checkpoint(const std::string& save_dir, const std::string& tag,
                                     const std::string& client_state_json,
@@ -49,102 +40,98 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   }
   if (world_->size() > 1) world_->broadcast(id, {0})->wait();
   const std::string save_id(static_cast<const char*>(id.data_ptr()), 32);
-  const std::string final_dir = (fs::path(save_dir) / tag).string();
-  const std::string tmp_dir = (fs::path(save_dir) / (".tmp-" + tag)).string();
   const int rank = world_->rank();
-
-  std::string error;
-  if (rank == 0) {
-    try {
-      checkpoint::make_dirs(save_dir);
-      checkpoint::remove_tree(tmp_dir);  // a previous save that died
-      checkpoint::make_dirs(tmp_dir);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  agree_or_throw(world_, error, "checkpoint save (creating " + tmp_dir + ")");
+  checkpoint::AtomicSave save(world_, save_dir, tag);  // Note [Atomic checkpoints]
+  const std::string& tmp_dir = save.tmp_dir();
+  const std::string& final_dir = save.final_dir();
 
   // Each rank writes its own shard; below stage 1 every rank holds everything, so rank 0 alone does.
-  const bool writes = partitioned_ || rank == 0;
-  if (writes) {
-    try {
-      struct Release {  // NVMe offload: the swapped state in host memory only while it is written
-        Engine* engine;
-        ~Release() {
-          if (engine) engine->release_swapped(false);
-        }
-      } release{swapper_ ? this : nullptr};
-      if (swapper_) materialize_swapped();
-      std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", master_}};
-      for (const std::string& name : optimizer_->state_names()) tensors.push_back({name, optimizer_->state(name)});
-      auto progress = [this](const std::string& point) {
-        if (fault_hook_ && point == "half") fault_hook_("shard_half");
-      };
-      checkpoint::write_safetensors((fs::path(tmp_dir) / checkpoint::shard_file_name(rank)).string(), tensors,
-                                    checkpoint::shard_metadata(save_id, tag, rank, world_->size()), progress);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  agree_or_throw(world_, error, "checkpoint save (writing shards)");
-
-  if (rank == 0) {
-    try {
-      checkpoint::Manifest m;
-      m.save_id = save_id;
-      m.part = tag;
-      m.stage = stage_;
-      m.world_size = world_->size();
-      m.model_dtype = c10::toString(model_dtype_);
-      m.optimizer = optimizer_->name();
-      m.state_names = optimizer_->state_names();
-      for (size_t i = 0; i < params_.size(); ++i)
-        m.params.push_back({names_[i], shapes_[i], layout_.numels[i], splits_[i], aliases_[i]});
-      for (int r = 0; r < world_->size(); ++r) {
-        m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(layout_, layout_.owned(r, partitioned_))
-                                                     : std::vector<zero::Fragment>{});
-        m.shard_seals.push_back(m.fragments.back().empty() ? checkpoint::FileSeal{}
-                                                           : checkpoint::seal_of((fs::path(tmp_dir) /
-                                                                                  checkpoint::shard_file_name(r)).string()));
+  save.write("writing shards", partitioned_ || rank == 0, [&] {
+    struct Release {  // NVMe offload: the swapped state in host memory only while it is written
+      Engine* engine;
+      ~Release() {
+        if (engine) engine->release_swapped(false);
       }
-      optim::LossScaler::State s = scaler_.state();
-      json engine = {{"global_steps", global_steps_},
-                     {"global_samples", global_samples_},
-                     {"micro_steps", micro_steps_},
-                     {"skipped_steps", skipped_steps_},
-                     {"scheduler_iteration", scheduler_iteration_},
-                     {"optimizer_steps", optimizer_->steps_taken()},
-                     {"optimizer_scalars", optimizer_->scalars()},
-                     {"lr", get_lr()},
-                     {"loss_scaler",
-                      {{"scale", s.scale},
-                       {"current_hysteresis", s.current_hysteresis},
-                       {"iteration", s.iteration},
-                       {"last_overflow_iteration", s.last_overflow_iteration}}}};
-      m.engine_state = engine.dump();
-      m.client_state = client.dump();
-      const std::string extra_path = (fs::path(tmp_dir) / checkpoint::kExtraName).string();
-      checkpoint::write_safetensors(extra_path, extra, checkpoint::shard_metadata(save_id, tag, 0, world_->size()));
-      m.extra_seal = checkpoint::seal_of(extra_path);
-      checkpoint::write_manifest((fs::path(tmp_dir) / checkpoint::kManifestName).string(), m);
-      checkpoint::fsync_dir(tmp_dir);
-      if (fault_hook_) fault_hook_("before_publish");
-      // Publish: the complete directory takes the tag's name, then `latest` moves to it.
-      const std::string old_dir = (fs::path(save_dir) / (".old-" + tag)).string();
-      checkpoint::remove_tree(old_dir);
-      if (fs::exists(final_dir)) checkpoint::rename_path(final_dir, old_dir);
-      checkpoint::rename_path(tmp_dir, final_dir);
-      checkpoint::fsync_dir(save_dir);
-      if (save_latest) checkpoint::write_text_atomically((fs::path(save_dir) / "latest").string(), tag + "\n");
-      checkpoint::remove_tree(old_dir);
-    } catch (const std::exception& e) {
-      error = e.what();
+    } release{swapper_ ? this : nullptr};
+    if (swapper_) materialize_swapped();
+    std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", master_}};
+    for (const std::string& name : optimizer_->state_names()) tensors.push_back({name, optimizer_->state(name)});
+    auto progress = [this](const std::string& point) {
+      if (fault_hook_ && point == "half") fault_hook_("shard_half");
+    };
+    checkpoint::write_safetensors((fs::path(tmp_dir) / checkpoint::shard_file_name(rank)).string(), tensors,
+                                  checkpoint::shard_metadata(save_id, tag, rank, world_->size()), progress);
+  });
+
+  auto seal = [&] {
+    checkpoint::Manifest m;
+    m.save_id = save_id;
+    m.part = tag;
+    m.stage = stage_;
+    m.world_size = world_->size();
+    m.model_dtype = c10::toString(model_dtype_);
+    m.optimizer = optimizer_->name();
+    m.state_names = optimizer_->state_names();
+    for (size_t i = 0; i < params_.size(); ++i)
+      m.params.push_back({names_[i], shapes_[i], layout_.numels[i], splits_[i], aliases_[i]});
+    for (int r = 0; r < world_->size(); ++r) {
+      m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(layout_, layout_.owned(r, partitioned_))
+                                                   : std::vector<zero::Fragment>{});
+      m.shard_seals.push_back(m.fragments.back().empty() ? checkpoint::FileSeal{}
+                                                         : checkpoint::seal_of((fs::path(tmp_dir) /
+                                                                                checkpoint::shard_file_name(r)).string()));
     }
-  }
-  agree_or_throw(world_, error, "checkpoint save (publishing " + final_dir + ")");
+    optim::LossScaler::State s = scaler_.state();
+    json engine = {{"global_steps", global_steps_},
+                   {"global_samples", global_samples_},
+                   {"micro_steps", micro_steps_},
+                   {"skipped_steps", skipped_steps_},
+                   {"scheduler_iteration", scheduler_iteration_},
+                   {"optimizer_steps", optimizer_->steps_taken()},
+                   {"optimizer_scalars", optimizer_->scalars()},
+                   {"lr", get_lr()},
+                   {"loss_scaler",
+                    {{"scale", s.scale},
+                     {"current_hysteresis", s.current_hysteresis},
+                     {"iteration", s.iteration},
+                     {"last_overflow_iteration", s.last_overflow_iteration}}}};
+    m.engine_state = engine.dump();
+    m.client_state = client.dump();
+    const std::string extra_path = (fs::path(tmp_dir) / checkpoint::kExtraName).string();
+    checkpoint::write_safetensors(extra_path, extra, checkpoint::shard_metadata(save_id, tag, 0, world_->size()));
+    m.extra_seal = checkpoint::seal_of(extra_path);
+    checkpoint::write_manifest((fs::path(tmp_dir) / checkpoint::kManifestName).string(), m);
+  };
+  save.publish(save_latest, seal, [this] {
+    if (fault_hook_) fault_hook_("before_publish");
+  });
   log("engine", LogLevel::kInfo, "saved checkpoint ", final_dir, " (step ", global_steps_, ")");
   return final_dir;
+}
+
+std::string Engine::save_checkpoint_part(const comm::CommunicatorPtr& everyone, const std::string& save_dir,
+                                         const std::string& tag, const std::string& part,
+                                         const std::vector<std::string>& parts, const std::string& layout_json,
+                                         const std::string& client_state_json,
+                                         const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
+  ZEAL_CHECK(everyone, "save_checkpoint_part needs the communicator of every part's ranks");
+  ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
+                "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
+  json layout;
+  JsonProblem problem;
+  ZEAL_CHECK(parse_json(layout_json, layout, problem), "save_checkpoint_part: layout: ", problem.describe());
+  // The same protocol one level up (Note [Atomic checkpoints]): every part is itself a complete,
+  // published checkpoint inside the temporary directory before the whole is renamed.
+  checkpoint::AtomicSave save(everyone, save_dir, tag);
+  save.write("writing part " + part, true, [&] {
+    save_checkpoint(save.tmp_dir(), part, client_state_json, extra, /*save_latest=*/false);
+  });
+  save.publish(save_latest, [&] {
+    json doc = {{"format", "zeal-checkpoint-parts"}, {"version", 2}, {"parts", parts}, {"layout", layout}};
+    checkpoint::write_text_atomically((fs::path(save.tmp_dir()) / checkpoint::kPartsName).string(),
+                                      checkpoint::seal_json(std::move(doc)));
+  });
+  return save.final_dir();
 }
 
 std::pair<std::string, std::string> Engine::load_checkpoint(const std::string& load_dir, const std::string& tag,
@@ -174,7 +161,7 @@ std::pair<std::string, std::string> Engine::load_parts(const std::function<std::
     error = e.what();
   }
   if (!error.empty() && swapper_ && master_.defined()) release_swapped(false);  // the swap files are untouched
-  agree_or_throw(world_, error, "checkpoint load");
+  agree_or_throw(*world_, error, "checkpoint load");
   publish_parameters(master_);
   if (swapper_) release_swapped(true);
   // The compressed optimizers' error buffers are not saved: they start from zero after a load, as

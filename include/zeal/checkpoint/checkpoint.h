@@ -43,6 +43,7 @@ constexpr const char* kFormat = "zeal-checkpoint";
 constexpr int kVersion = 2;
 constexpr const char* kManifestName = "zeal_checkpoint.json";
 constexpr const char* kExtraName = "module_extra.safetensors";
+constexpr const char* kPartsName = "parts.json";  // a checkpoint in parts: names them (sealed JSON)
 
 // Where a tensor-parallel slice sits in its full tensor: indices [offset, offset + shape[dim])
 // along dim; every other dim whole. dim < 0: the tensor is whole.

@@ -71,9 +71,9 @@ std::string concat(const Args&... args) {
   } while (0)
 
 // ZEAL_CHECK_AS: the same with a chosen error type (ConfigError, CommError, ...).
-#define ZEAL_CHECK_AS(ErrorType, cond, ...)                                   \
-  do {                                                                        \
-    if (!(cond)) throw ErrorType(::zeal::detail::concat(__VA_ARGS__));        \
+#define ZEAL_CHECK_AS(ErrorType, cond, ...)                                                          \
+  do {                                                                                               \
+    if (!(cond)) throw ErrorType(::zeal::detail::concat(__VA_ARGS__, " (at ", __FILE__, ":", __LINE__, ")")); \
   } while (0)
 
 // ZEAL_INTERNAL_ASSERT: a bug in Zeal; always compiled in.

@@ -86,9 +86,15 @@ class Engine {
   void step();
   void zero_grad();
 
+  // Micro-batch accounting (the engine is its one owner): whether the current micro-batch ends the
+  // accumulation, i.e. whether step() applies. By default every micro-batch runs one backward and
+  // one step() call, and the gradient_accumulation_steps-th applies.
   bool is_gradient_accumulation_boundary() const;
-  // A pipeline executor runs more backwards per step than micro-batches (one per model chunk) and
-  // says itself which one ends the accumulation: 1 (this one), 0 (not this one), -1 (count, as usual).
+  // A pipeline stage runs `n` backwards (one per micro-batch and model chunk) and then one step():
+  // the n-th backward ends the accumulation and the step after it applies. 0: the default rule.
+  void set_backwards_per_step(int64_t n);
+  // DeepSpeed's set_gradient_accumulation_boundary and no_sync, for callers that run their own
+  // accumulation: 1 (a boundary), 0 (not one), -1 (back to counting).
   void set_boundary_override(int boundary) { boundary_override_ = boundary; }
   int64_t global_steps() const { return global_steps_; }
   int64_t global_samples() const { return global_samples_; }
@@ -166,6 +172,15 @@ class Engine {
   // (buffers, frozen parameters), written by rank 0. load returns (directory, client_state JSON).
   std::string save_checkpoint(const std::string& save_dir, const std::string& tag, const std::string& client_state_json,
                               const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest = true);
+  // One part of a checkpoint in parts (a pipeline stage, a tensor rank): this engine's data group
+  // saves <tag>/<part> and `everyone` (the ranks of every part) publishes <tag> with parts.json
+  // naming `parts` in order and recording `layout_json` (the parallel sizes). Collective over
+  // `everyone`; the same protocol as save_checkpoint (checkpoint/publish.h).
+  std::string save_checkpoint_part(const comm::CommunicatorPtr& everyone, const std::string& save_dir,
+                                   const std::string& tag, const std::string& part,
+                                   const std::vector<std::string>& parts, const std::string& layout_json,
+                                   const std::string& client_state_json,
+                                   const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest = true);
   std::pair<std::string, std::string> load_checkpoint(const std::string& load_dir, const std::string& tag,
                                                       bool load_optimizer_states, bool load_lr_scheduler_states,
                                                       bool load_module_only);
@@ -205,6 +220,7 @@ class Engine {
   // From the parameters' placements: reduction_axes_, world_, model_parallel_, uncounted_params_.
   void derive_groups(const std::vector<parallel::Placement>& placements);
   void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options, bool with_master);
+  bool next_backward_is_boundary() const;  // the rule as run_backward needs it (before counting)
   void apply_lr(int64_t iteration);
   void log_step();
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
@@ -243,6 +259,8 @@ class Engine {
   comm::CommunicatorPtr world_;              // the reduction group, on the parameters' device
   comm::CommunicatorPtr model_parallel_;     // the complement: the other parts of one replica (null if none)
   int boundary_override_ = -1;               // set_boundary_override
+  int64_t backwards_per_step_ = 0;           // set_backwards_per_step
+  int64_t backwards_in_step_ = 0;            // backwards since the last applied step (pipeline)
   std::vector<size_t> uncounted_params_;     // held here, counted in the norm by another rank
   BatchSizes batch_;
   at::ScalarType model_dtype_;
