@@ -14,6 +14,7 @@
 #include "zeal/core/logging.h"
 #include "zeal/optim/cpu_optim.h"
 #include "zeal/offload/optimizer_swapper.h"
+#include "zeal/zero/segments.h"
 
 namespace zeal::engine {
 namespace {
@@ -177,73 +178,25 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
         [this](at::Tensor& values) { comm::compressed_all_reduce(*world_, values, onebit_state_); },
         [this] { onebit_state_.reset(); });
   if (partitioned_) optimizer_->set_gatherer([this](const at::Tensor& local) { return gather_whole(local); });
-  // Replicated optimizer state at stage 1 (Note [Replicated momentum] in optim/optimizer.cpp): the
-  // segments in flat coordinates, owned pieces with both, other ranks' stretches with flat ones only.
-  const bool flat_state = partitioned_ && config_.optimizer.compressed();
-  auto cut_flat = [&](int64_t lo, int64_t hi, const optim::ParamGroup& like, size_t group) {
-    auto add = [&](int64_t flat_begin, int64_t flat_end, int64_t local_begin, bool owned) {
-      optim::ParamGroup segment = like;
-      segment.flat_begin = flat_begin;
-      segment.flat_end = flat_end;
-      segment.begin = owned ? local_begin : 0;
-      segment.end = owned ? local_begin + (flat_end - flat_begin) : 0;
-      flat_segments_.push_back(segment);
-      flat_segment_group_.push_back(group);
-    };
-    std::vector<zero::OwnedPiece> pieces = zero::owned_pieces_flat(owned_, lo, hi);
-    std::sort(pieces.begin(), pieces.end(),
-              [](const zero::OwnedPiece& a, const zero::OwnedPiece& b) { return a.flat_begin < b.flat_begin; });
-    int64_t cursor = lo;
-    for (const zero::OwnedPiece& piece : pieces) {
-      if (piece.flat_begin > cursor) add(cursor, piece.flat_begin, 0, false);
-      add(piece.flat_begin, piece.flat_begin + piece.size, piece.local_begin, true);
-      cursor = piece.flat_begin + piece.size;
-    }
-    if (cursor < hi) add(cursor, hi, 0, false);
-  };
-  if (optimizer_->per_tensor()) {
-    // One segment per owned piece of each parameter; a parameter's pieces may sit on several ranks,
-    // so the optimizer's per-tensor sums are added across them.
-    for (size_t i = 0; i < params_.size(); ++i) {
-      for (const zero::LocalRange& r :
-           zero::to_local(owned_, layout_.offsets[i], layout_.offsets[i] + layout_.numels[i])) {
-        optim::ParamGroup segment = groups_[group_of_param[i]];
-        segment.begin = r.local_begin;
-        segment.end = r.local_end;
-        segment.tensor = static_cast<int64_t>(i);
-        segments_.push_back(segment);
-        segment_group_.push_back(group_of_param[i]);
-      }
-      if (flat_state) {
-        optim::ParamGroup like = groups_[group_of_param[i]];
-        like.tensor = static_cast<int64_t>(i);
-        cut_flat(layout_.offsets[i], layout_.offsets[i] + layout_.numels[i], like, group_of_param[i]);
-      }
-    }
-    if (partitioned_ && world_->size() > 1) {
-      optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
-      optimizer_->set_max_reducer(
-          [this](at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kMax, *world_); });
-    }
-  } else {
-    // Each group's parameters occupy one flat range; its pieces in the owned ranges become the
-    // optimizer's segments.
-    for (size_t g = 0; g < groups_.size(); ++g) {
-      int64_t lo = total, hi = 0;
-      for (size_t i = 0; i < params_.size(); ++i) {
-        if (group_of_param[i] != g) continue;
-        lo = std::min(lo, layout_.offsets[i]);
-        hi = std::max(hi, layout_.offsets[i] + layout_.numels[i]);
-      }
-      for (const zero::LocalRange& r : zero::to_local(owned_, lo, hi)) {
-        optim::ParamGroup segment = groups_[g];
-        segment.begin = r.local_begin;
-        segment.end = r.local_end;
-        segments_.push_back(segment);
-        segment_group_.push_back(g);
-      }
-      if (flat_state) cut_flat(lo, hi, groups_[g], g);
-    }
+  // The optimizer's segments (zero/segments.h); with replicated optimizer state at stage 1 (Note
+  // [Replicated momentum] in optim/optimizer.cpp) also in flat coordinates.
+  zero::SegmentSpec segment_spec;
+  segment_spec.layout = &layout_;
+  segment_spec.owned = &owned_;
+  segment_spec.groups = groups_;
+  segment_spec.group_of_param = group_of_param;
+  segment_spec.per_tensor = optimizer_->per_tensor();
+  segment_spec.flat_state = partitioned_ && config_.optimizer.compressed();
+  zero::Segments segments = zero::build_segments(segment_spec);
+  segments_ = std::move(segments.local);
+  segment_group_ = std::move(segments.group_of);
+  flat_segments_ = std::move(segments.flat);
+  flat_segment_group_ = std::move(segments.flat_group_of);
+  if (optimizer_->per_tensor() && partitioned_ && world_->size() > 1) {
+    // A parameter's pieces may sit on several ranks: the optimizer's per-tensor sums add across them.
+    optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
+    optimizer_->set_max_reducer(
+        [this](at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kMax, *world_); });
   }
   if (reduce_scatter) grad_shard_ = at::zeros({shard}, options);
 

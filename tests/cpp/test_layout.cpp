@@ -5,6 +5,7 @@
 
 #include "zeal/core/error.h"
 #include "zeal/zero/layout.h"
+#include "zeal/zero/segments.h"
 
 using namespace zeal::zero;
 
@@ -118,4 +119,68 @@ TEST(Layout, OwnedPiecesCarryBothCoordinates) {
   EXPECT_EQ(by_local[1].local_begin, 4);
   EXPECT_EQ(by_local[1].size, 3);
   EXPECT_TRUE(zeal::zero::owned_pieces_local(owned, 10, 12).empty());
+}
+
+TEST(Segments, CoverEveryOwnedElementOnceWithItsGroup) {
+  // Seven parameters in two groups (0-3 and 4-6), every world size, stage 0 and partitioned,
+  // contiguous and per-tensor segments, with and without the flat-coordinate ones.
+  const std::vector<int64_t> numels{10, 1, 33, 7, 4, 100, 2};
+  const std::vector<size_t> group_of{0, 0, 0, 0, 1, 1, 1};
+  std::vector<zeal::optim::ParamGroup> groups(2);
+  groups[0].lr = 0.1;
+  groups[1].lr = 0.2;
+  for (int world : {1, 2, 3, 4})
+    for (bool partitioned : {false, true})
+      for (bool per_tensor : {false, true})
+        for (bool flat_state : {false, true}) {
+          FlatLayout l = make_flat_layout(numels, 16, world);
+          for (int rank = 0; rank < world; ++rank) {
+            const std::vector<OwnedRange> owned = l.owned(rank, partitioned);
+            SegmentSpec spec{&l, &owned, groups, group_of, per_tensor, flat_state};
+            Segments s = build_segments(spec);
+            ASSERT_EQ(s.local.size(), s.group_of.size());
+            // Which parameter each local element holds (-1: padding).
+            std::vector<int64_t> param_at(l.shard_size(partitioned), -1);
+            for (const OwnedRange& o : owned)
+              for (int64_t f = o.flat_begin; f < o.flat_end; ++f)
+                for (size_t i = 0; i < numels.size(); ++i)
+                  if (f >= l.offsets[i] && f < l.offsets[i] + numels[i]) param_at[o.local_begin + f - o.flat_begin] = i;
+            std::vector<int> hits(param_at.size(), 0);
+            for (size_t k = 0; k < s.local.size(); ++k) {
+              const auto& seg = s.local[k];
+              ASSERT_GE(seg.begin, 0);
+              ASSERT_LE(seg.end, static_cast<int64_t>(param_at.size()));
+              EXPECT_EQ(seg.lr, groups[s.group_of[k]].lr);
+              for (int64_t e = seg.begin; e < seg.end; ++e) {
+                ++hits[e];
+                if (param_at[e] >= 0) EXPECT_EQ(group_of[param_at[e]], s.group_of[k]);
+                if (per_tensor) EXPECT_EQ(seg.tensor, param_at[e]);
+              }
+            }
+            for (size_t e = 0; e < param_at.size(); ++e)
+              if (param_at[e] >= 0) EXPECT_EQ(hits[e], 1) << "world " << world << " rank " << rank << " element " << e;
+            for (int h : hits) EXPECT_LE(h, 1);
+            if (!flat_state) {
+              EXPECT_TRUE(s.flat.empty());
+              continue;
+            }
+            // The flat segments tile each group's (or parameter's) flat range, owned pieces mapped.
+            std::vector<int> flat_hits(l.total, 0);
+            for (size_t k = 0; k < s.flat.size(); ++k) {
+              const auto& seg = s.flat[k];
+              for (int64_t f = seg.flat_begin; f < seg.flat_end; ++f) ++flat_hits[f];
+              if (seg.end > seg.begin) {
+                EXPECT_EQ(seg.end - seg.begin, seg.flat_end - seg.flat_begin);
+                for (int64_t f = seg.flat_begin; f < seg.flat_end; ++f) {
+                  bool mapped = false;
+                  for (const OwnedRange& o : owned)
+                    if (f >= o.flat_begin && f < o.flat_end) mapped = o.local_begin + f - o.flat_begin == seg.begin + f - seg.flat_begin;
+                  EXPECT_TRUE(mapped);
+                }
+              }
+            }
+            for (size_t i = 0; i < numels.size(); ++i)
+              for (int64_t f = l.offsets[i]; f < l.offsets[i] + numels[i]; ++f) EXPECT_EQ(flat_hits[f], 1);
+          }
+        }
 }
