@@ -225,7 +225,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
   }
   stage3_shard_.reset();
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
-  scaler_ = optim::LossScaler(config_.fp16, stage_ >= 1);
+  precision_ = PrecisionPolicy(config_, stage_ >= 1);
   apply_lr(-1);
 
   int64_t n_params = 0;
@@ -363,7 +363,7 @@ void Engine::backward(const at::Tensor& loss, bool retain_graph, bool scale_wrt_
   ++loss_count_;
   pending_step_.loss += value;
   ++pending_step_.losses;
-  double factor = scaler_.scale() / (scale_wrt_gas ? static_cast<double>(batch_.gradient_accumulation_steps) : 1.0);
+  double factor = precision_.loss_scale() / (scale_wrt_gas ? static_cast<double>(batch_.gradient_accumulation_steps) : 1.0);
   run_backward({loss}, {at::full_like(loss, factor, loss.options().requires_grad(false))}, retain_graph);
 }
 
@@ -426,33 +426,27 @@ void Engine::step() {
     grads = grads.to(at::kFloat);
   }
 
-  // The precision path in one pass (optim/cpu_optim.h): unscale, and the norm that clipping needs
-  // and whose non-finiteness is fp16's overflow.
-  bool overflow = false;
-  if (computes_grad_norm()) {
-    last_grad_norm_ = global_norm(grads, 1.0 / scaler_.scale(), partitioned_ && !flat_step);
-    overflow = config_.precision() == Precision::kFp16 && !std::isfinite(last_grad_norm_);
-  } else if (scaler_.scale() != 1.0) {
-    grads.mul_(1.0 / scaler_.scale());
-  }
-  if (optimizer_->local_gradients() && config_.precision() == Precision::kFp16 && world_->size() > 1) {
-    // Local gradients overflow rank by rank: every rank must skip the step if any does.
-    at::Tensor any = at::full({1}, overflow ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble));
+  // The precision policy (engine/precision.h): unscale, the global norm, overflow, clipping.
+  const bool partitioned_grads = partitioned_ && !flat_step;
+  auto any_rank = [this](bool flag) {  // local gradients overflow rank by rank: all skip if any does
+    at::Tensor any = at::full({1}, flag ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble));
     all_reduce_sum(any);
-    overflow = any.item<double>() > 0.0;
-  }
+    return any.item<double>() > 0.0;
+  };
+  const PrecisionPolicy::Verdict verdict = precision_.judge(
+      grads, [&](at::Tensor& g, double inv_scale) { return global_sum_squares(g, inv_scale, partitioned_grads); },
+      optimizer_->local_gradients() && world_->size() > 1 ? std::function<bool(bool)>(any_rank) : nullptr);
+  if (precision_.computes_grad_norm()) last_grad_norm_ = verdict.grad_norm;
+  const bool overflow = verdict.overflow;
   last_step_overflow_ = overflow;
   if (overflow) {
     ++skipped_steps_;
-    double before = scaler_.scale();
-    scaler_.update(true);
+    double before = precision_.loss_scale();
+    precision_.update(true);
     log("engine", LogLevel::kInfo, "step ", global_steps_ + 1, ": fp16 gradient overflow, step skipped; loss scale ",
-        before, " -> ", scaler_.scale());
+        before, " -> ", precision_.loss_scale());
   } else {
-    if (config_.gradient_clipping > 0.0) {
-      double coef = config_.gradient_clipping / (last_grad_norm_ + 1e-6);
-      if (coef < 1.0) grads.mul_(coef);
-    }
+    precision_.clip(grads, last_grad_norm_);
     auto refresh = [this](std::vector<optim::ParamGroup>& segments, const std::vector<size_t>& group_of) {
       for (size_t k = 0; k < segments.size(); ++k) {  // the schedule may have moved lr and beta1
         segments[k].lr = groups_[group_of[k]].lr;
@@ -467,7 +461,7 @@ void Engine::step() {
       optimizer_->step(master_, grads, flat_step ? flat_segments_ : segments_);
       publish_parameters(optimizer_->writes_model_copy() ? host_model_copy_ : master_);
     }
-    scaler_.update(false);
+    precision_.update(false);
     apply_lr(++scheduler_iteration_);
   }
   if (grad_shard_.defined()) grad_shard_.zero_();
@@ -513,7 +507,7 @@ at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
   return at::cat(pieces);
 }
 
-double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool partitioned) {
+double Engine::global_sum_squares(const at::Tensor& grads, double inv_scale, bool partitioned) {
   double local = optim::unscale_and_sum_squares(grads, inv_scale);
   if (!uncounted_params_.empty()) {
     // Another rank of the model-parallel group counts these (already unscaled above).
@@ -542,7 +536,7 @@ double Engine::global_norm(const at::Tensor& grads, double inv_scale, bool parti
     all_reduce_values(t, comm::ReduceOp::kSum, *model_parallel_);
     sum_sq = t.item<double>();
   }
-  return std::sqrt(sum_sq);
+  return sum_sq;
 }
 
 at::Tensor Engine::gather_whole(const at::Tensor& local) {
@@ -797,7 +791,7 @@ void Engine::log_step() {
   double samples_per_s = elapsed > 0 ? static_cast<double>(global_samples_ - last_log_samples_) / elapsed : 0.0;
   double loss = loss_count_ ? loss_sum_ / static_cast<double>(loss_count_) : 0.0;
   log("engine", LogLevel::kInfo, "step ", global_steps_, " | loss ", format_number("%.4f", loss), " | lr ",
-      format_number("%.3e", groups_.front().lr), " | loss scale ", format_number("%g", scaler_.scale()), " | ",
+      format_number("%.3e", groups_.front().lr), " | loss scale ", format_number("%g", precision_.loss_scale()), " | ",
       format_number("%.1f", samples_per_s), " samples/s",
       skipped_steps_ ? " | skipped " + std::to_string(skipped_steps_) : std::string());
   if (config_.wall_clock_breakdown) {

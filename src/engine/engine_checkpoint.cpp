@@ -81,7 +81,7 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
                                                          : checkpoint::seal_of((fs::path(tmp_dir) /
                                                                                 checkpoint::shard_file_name(r)).string()));
     }
-    optim::LossScaler::State s = scaler_.state();
+    optim::LossScaler::State s = precision_.scaler().state();
     json engine = {{"global_steps", global_steps_},
                    {"global_samples", global_samples_},
                    {"micro_steps", micro_steps_},
@@ -236,7 +236,7 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
     if (engine.contains("optimizer_scalars"))
       optimizer_->restore_scalars(engine.at("optimizer_scalars").get<std::map<std::string, std::vector<double>>>());
     const json& s = engine.at("loss_scaler");
-    scaler_.restore({s.at("scale").get<double>(), s.at("current_hysteresis").get<int64_t>(),
+    precision_.scaler().restore({s.at("scale").get<double>(), s.at("current_hysteresis").get<int64_t>(),
                      s.at("iteration").get<int64_t>(), s.at("last_overflow_iteration").get<int64_t>()});
   }
   if (!load_module_only) {

@@ -29,6 +29,7 @@
 #include "zeal/comm/compressed.h"
 #include "zeal/core/config.h"
 #include "zeal/engine/grad_reducer.h"
+#include "zeal/engine/precision.h"
 #include "zeal/offload/optimizer_swapper.h"
 #include "zeal/optim/loss_scaler.h"
 #include "zeal/optim/lr_scheduler.h"
@@ -117,14 +118,12 @@ class Engine {
   }
   // The optimizer's segments in local (owned, fp32 master) coordinates: {group, begin, end}.
   std::vector<std::array<int64_t, 3>> segments() const;
-  double loss_scale() const { return scaler_.scale(); }
-  bool dynamic_loss_scale() const { return scaler_.dynamic(); }
+  double loss_scale() const { return precision_.loss_scale(); }
+  bool dynamic_loss_scale() const { return precision_.dynamic(); }
   bool last_step_overflow() const { return last_step_overflow_; }  // the last boundary step was skipped
   double last_grad_norm() const { return last_grad_norm_; }
   // Whether a step computes the global gradient norm: fp16 (its overflow check) or clipping need it.
-  bool computes_grad_norm() const {
-    return config_.precision() == Precision::kFp16 || config_.gradient_clipping > 0.0;
-  }
+  bool computes_grad_norm() const { return precision_.computes_grad_norm(); }
   const BatchSizes& batch() const { return batch_; }
   const Config& config() const { return config_; }
   const comm::CommunicatorPtr& world() const { return world_; }  // the gradient-reduction group
@@ -224,9 +223,10 @@ class Engine {
   void apply_lr(int64_t iteration);
   void log_step();
   at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
-  // Unscales grads in place (by inv_scale) and returns the L2 norm of the result over all ranks.
-  // grads: local (owned) coordinates when `partitioned`, flat ones otherwise.
-  double global_norm(const at::Tensor& grads, double inv_scale, bool partitioned);
+  // Unscales grads in place (by inv_scale) and returns the whole model's sum of squares of the
+  // result, each value once (Note [Parameter placement]). grads: local (owned) coordinates when
+  // `partitioned`, flat ones otherwise.
+  double global_sum_squares(const at::Tensor& grads, double inv_scale, bool partitioned);
   void run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads,
                     bool retain_graph = false);
   // The local tensor holding `what` (full_value) and whether it is in local (owned) coordinates.
@@ -297,7 +297,7 @@ class Engine {
   std::unique_ptr<GradReducer> reducer_;
   std::unique_ptr<optim::Optimizer> optimizer_;
   std::unique_ptr<optim::LrSchedule> schedule_;
-  optim::LossScaler scaler_;
+  PrecisionPolicy precision_;  // unscale, norm, overflow, clipping, loss scale
   std::function<void(const std::string&)> fault_hook_;
 
   int64_t micro_steps_ = 0;
