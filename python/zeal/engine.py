@@ -28,7 +28,9 @@ def _process_groups(model, data_parallel_group, model_parallel_group):
     tensor_group = model_parallel_group or next(
         (m.group for m in model.modules() if getattr(m, "tensor_parallel_layer", False)), None)
     groups = None
-    if data_parallel_group is not None:
+    if data_parallel_group is not None and data_parallel_group == world:
+        groups = mesh.build()  # data parallelism over the whole world
+    elif data_parallel_group is not None:
         groups, axes = mesh.owner(data_parallel_group)
         if groups is None or "tensor" in axes or "pipe" in axes:
             raise _zeal.ConfigError("initialize: data_parallel_group= must be the data group of a Zeal mesh "
