@@ -335,6 +335,10 @@ class PipelineEngine(EngineAPI):
         groups = module.process_groups
         self.pipe_comm = groups.group("pipe")
         self.data_comm = groups.group("data")
+        # The point-to-point messages get a communicator of their own (world ranks, world order):
+        # a mesh group may be the world itself (a mesh of one axis), and a send queued behind the
+        # step's norm all-reduce on the same communicator would wait for it on every stage.
+        self.p2p_comm = groups.custom("pipe:p2p", list(range(world.size)))
         self.pipe_group = pipe_group
         self.chunks = module.chunks_per_stage
         pipeline = self.config.pop("pipeline", {}) or {}
@@ -583,7 +587,7 @@ class PipelineEngine(EngineAPI):
     # precedes the first of each (kind, chunk). Along one channel each kind keeps its order.
     def _send(self, tensor, kind, chunk, dst):
         tensor = tensor.contiguous()
-        world = self.module.world
+        world = self.p2p_comm
         if dst == world.rank:  # one stage holding neighbouring chunks: no message, the same order
             self._loopback[kind].append(tensor.clone())
             return
@@ -601,7 +605,7 @@ class PipelineEngine(EngineAPI):
         self._pending.append((world.send(tensor, dst, kind, self.timeout_s), tensor))
 
     def _recv(self, kind, chunk, src):
-        world = self.module.world
+        world = self.p2p_comm
         if src == world.rank:
             return self._loopback[kind].popleft()
         key = ("recv", kind, chunk)
