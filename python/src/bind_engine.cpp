@@ -54,10 +54,39 @@ std::vector<engine::ParamGroupSpec> to_groups(const py::list& groups) {
   return out;
 }
 
+void need_stage3(const engine::Engine& e) {
+  if (e.stage() != 3) throw Error("this operation needs ZeRO stage 3; the engine runs stage " + std::to_string(e.stage()));
+}
+
+// The one partition of a one-unit engine (stage 3).
 zero::ParamPartition* stage3(engine::Engine& e) {
+  need_stage3(e);
   zero::ParamPartition* p = e.partition();
-  if (!p) throw Error("this operation needs ZeRO stage 3; the engine runs stage " + std::to_string(e.stage()));
+  if (!p) throw Error("this operation covers the parameters of one reduction group; this engine's reduce over " +
+                      std::to_string(e.units().size()));
   return p;
+}
+
+// Stage 3, parameter i (an engine index): its unit's partition and its index there (Note [Sharded-state units]).
+std::pair<zero::ParamPartition*, size_t> stage3_param(engine::Engine& e, size_t i) {
+  need_stage3(e);
+  if (i >= e.parameters().size())
+    throw Error("parameter index " + std::to_string(i) + " out of range (" + std::to_string(e.parameters().size()) +
+                " parameters)");
+  return {e.unit_of(i).partition.get(), e.index_in_unit(i)};
+}
+
+// Engine indices split by unit, each list in the given order, in unit order.
+std::vector<std::pair<zero::ParamPartition*, std::vector<size_t>>> stage3_by_unit(engine::Engine& e,
+                                                                                   const std::vector<size_t>& indices) {
+  std::vector<std::pair<zero::ParamPartition*, std::vector<size_t>>> out;
+  for (const auto& u : e.units()) out.push_back({u->partition.get(), {}});
+  for (size_t i : indices) {
+    auto [p, j] = stage3_param(e, i);
+    for (auto& entry : out)
+      if (entry.first == p) entry.second.push_back(j);
+  }
+  return out;
 }
 
 
@@ -128,6 +157,15 @@ void bind_engine(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("mesh", &engine::Engine::mesh)
       .def_property_readonly("reduction_axes", &engine::Engine::reduction_axes)
+      // The sharded-state units (Note [Sharded-state units]): (reduction axes, group size, engine
+      // indices of their parameters), in unit order.
+      .def_property_readonly("units",
+                             [](const engine::Engine& e) {
+                               py::list out;
+                               for (const auto& u : e.units())
+                                 out.append(py::make_tuple(u->axes, u->world->size(), u->members));
+                               return out;
+                             })
       .def("set_boundary_override", &engine::Engine::set_boundary_override, py::arg("boundary"))
       .def("set_backwards_per_step", &engine::Engine::set_backwards_per_step, py::arg("n"))
       .def("step", &engine::Engine::step, py::call_guard<py::gil_scoped_release>())
@@ -147,7 +185,9 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("optimizer_steps", [](engine::Engine& e) { return e.optimizer().steps_taken(); })
       .def("optimizer_state_names", [](engine::Engine& e) { return e.optimizer().state_names(); })
       .def("optimizer_state", [](engine::Engine& e, const std::string& name) {
-        ZEAL_CHECK(!e.swapper(), "the optimizer state of this engine lives in NVMe swap files");
+        ZEAL_CHECK(e.units().size() == 1, "optimizer_state covers one reduction group's shard; this engine's "
+                   "parameters reduce over ", e.units().size());
+        ZEAL_CHECK(!e.units().front()->swapper, "the optimizer state of this engine lives in NVMe swap files");
         return e.optimizer().state(name);  // this rank's elements, sharing storage
       }, py::arg("name"))
       .def("add_forward_time", &engine::Engine::add_forward_time)
@@ -207,48 +247,87 @@ void bind_engine(py::module_& m) {
         return d;
       })
       // Stage 3: gather / release parameters by engine index (python/zeal/zero.py drives these).
+      // Stage 3: gather / release parameters by engine index (python/zeal/zero.py drives these); each
+      // unit's partition gathers its own parameters over its own group.
       .def("fetch_params",
            [](engine::Engine& e, const std::vector<size_t>& indices) {
-             stage3(e)->fetch_checked(indices);
+             for (auto& [p, local] : stage3_by_unit(e, indices))
+               if (!local.empty()) p->fetch_checked(local);
            },
            py::call_guard<py::gil_scoped_release>())
       .def("prefetch_params",
            [](engine::Engine& e, const std::vector<size_t>& indices) {
-             auto* p = stage3(e);
-             for (size_t i : indices) p->fetch(i);
+             for (size_t i : indices) {
+               auto [p, j] = stage3_param(e, i);
+               p->fetch(j);
+             }
            },
            py::call_guard<py::gil_scoped_release>())
       .def("release_params",
            [](engine::Engine& e, const std::vector<size_t>& indices) {
-             auto* p = stage3(e);
-             for (size_t i : indices) p->release(i);
+             for (size_t i : indices) {
+               auto [p, j] = stage3_param(e, i);
+               p->release(j);
+             }
            },
            py::call_guard<py::gil_scoped_release>())
-      .def("end_forward", [](engine::Engine& e) { stage3(e)->end_forward(); },
+      .def("end_forward",
+           [](engine::Engine& e) {
+             need_stage3(e);
+             for (const auto& u : e.units()) u->partition->end_forward();
+           },
            py::call_guard<py::gil_scoped_release>())
-      .def("take_fallback_flag", [](engine::Engine& e) { return stage3(e)->take_fallback_flag(); })
-      .def_property_readonly("in_fallback", [](engine::Engine& e) { return stage3(e)->in_fallback(); })
-      .def("is_live", [](engine::Engine& e, size_t i) { return stage3(e)->live(i); })
-      .def("is_persistent", [](engine::Engine& e, size_t i) { return stage3(e)->persistent(i); })
-      .def("param_numel", [](engine::Engine& e, size_t i) { return stage3(e)->numel(i); })
-      .def_property_readonly("live_elements", [](engine::Engine& e) { return stage3(e)->live_elements(); })
-      .def_property_readonly("peak_live_elements", [](engine::Engine& e) { return stage3(e)->peak_live_elements(); })
+      .def("take_fallback_flag",
+           [](engine::Engine& e) {
+             need_stage3(e);
+             bool any = false;
+             for (const auto& u : e.units()) any = u->partition->take_fallback_flag() || any;
+             return any;
+           })
+      .def_property_readonly("in_fallback",
+                             [](engine::Engine& e) {
+                               need_stage3(e);
+                               bool any = false;
+                               for (const auto& u : e.units()) any = any || u->partition->in_fallback();
+                               return any;
+                             })
+      .def("is_live", [](engine::Engine& e, size_t i) { auto [p, j] = stage3_param(e, i); return p->live(j); })
+      .def("is_persistent", [](engine::Engine& e, size_t i) { auto [p, j] = stage3_param(e, i); return p->persistent(j); })
+      .def("param_numel", [](engine::Engine& e, size_t i) { auto [p, j] = stage3_param(e, i); return p->numel(j); })
+      .def_property_readonly("live_elements",
+                             [](engine::Engine& e) {
+                               need_stage3(e);
+                               int64_t n = 0;
+                               for (const auto& u : e.units()) n += u->partition->live_elements();
+                               return n;
+                             })
+      // With several units, the sum of each unit's peak (an upper bound on the peak of the sum).
+      .def_property_readonly("peak_live_elements",
+                             [](engine::Engine& e) {
+                               need_stage3(e);
+                               int64_t n = 0;
+                               for (const auto& u : e.units()) n += u->partition->peak_live_elements();
+                               return n;
+                             })
       .def("saved_param_index",
            [](engine::Engine& e, const at::Tensor& t) -> int64_t {
-             auto* p = e.partition();
-             if (!p || !t.has_storage()) return -1;
-             int64_t i = p->index_of_storage(t.storage().data());
-             if (i >= 0 && p->full(i).scalar_type() != t.scalar_type()) return -1;
-             return i;
+             if (e.stage() != 3 || !t.has_storage()) return -1;
+             for (const auto& u : e.units()) {
+               int64_t j = u->partition->index_of_storage(t.storage().data());
+               if (j < 0) continue;
+               if (u->partition->full(j).scalar_type() != t.scalar_type()) return -1;
+               return static_cast<int64_t>(u->members[j]);
+             }
+             return -1;
            })
       .def("full_param",
            [](engine::Engine& e, size_t i) {
-             auto* p = stage3(e);
+             auto [p, j] = stage3_param(e, i);
              {
                py::gil_scoped_release nogil;
-               p->fetch_checked({i});
+               p->fetch_checked({j});
              }
-             return p->full(i);
+             return p->full(j);
            })
       .def("absorb_parameter", &engine::Engine::absorb_parameter)
       .def("save_checkpoint",

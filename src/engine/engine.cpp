@@ -104,46 +104,77 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
     base_lrs_.push_back(group.lr);
   }
   ZEAL_CHECK(!params_.empty(), "the model has no trainable parameters");
-  derive_groups(placements);
-  batch_ = config_.resolve_batch(world_->size());
-
-  // The flat layout (zero/layout.h): reduction order, buckets padded to the data-parallel size.
-  // Stage 3 gives every parameter a bucket of its own: the unit it is gathered and released in.
-  std::vector<int64_t> numels;
-  for (const auto& shape : shapes_) numels.push_back(c10::multiply_integers(shape));
   stage_ = config_.zero_optimization.stage;
   partitioned_ = stage_ >= 1;
+  make_units(placements);
+  batch_ = config_.resolve_batch(world()->size());
+  ZEAL_CHECK_AS(ConfigError, units_.size() == 1 || !client_optimizer,
+                "the optimizer passed to initialize (optimizer=) steps one flat buffer, and this model's parameters "
+                "reduce over ", units_.size(), " groups (", mesh_->mesh().key(units_[0]->axes), ", ",
+                mesh_->mesh().key(units_[1]->axes), "); use a config 'optimizer' section");
+  // The step stages fp32 gradients on the host with ZeRO-Offload; a CPU model in fp32 already has them there.
+  const OffloadOptimizerConfig& offload_config = config_.zero_optimization.offload_optimizer;
+  if (offload_config.enabled && !(device_.is_cpu() && model_dtype_ == at::kFloat))
+    host_grads_options_ = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
+        offload_config.pin_memory && !device_.is_cpu());
+  for (auto& u : units_) build_unit(*u, given_chunks, group_of_param, std::move(client_optimizer));
+  if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
+  precision_ = PrecisionPolicy(config_, stage_ >= 1);
+  apply_lr(-1);
+
+  int64_t n_params = 0;
+  for (size_t i = 0; i < params_.size(); ++i) n_params += c10::multiply_integers(shapes_[i]);
+  std::string layout;
+  for (const auto& u : units_)
+    layout += (layout.empty() ? "" : ", ") + std::to_string(u->members.size()) + " over " +
+              mesh_->mesh().key(u->axes) + " (" + std::to_string(u->world->size()) + " ranks)";
+  log("engine", LogLevel::kInfo, n_params, " parameters in ", groups_.size(), " groups, ", num_buckets(),
+      " buckets; ZeRO stage ", stage_, "; precision ", c10::toString(model_dtype_), "; optimizer ", optimizer().name(),
+      "; batch ", batch_.train_batch_size, " = micro ", batch_.micro_batch_size, " x accumulation ",
+      batch_.gradient_accumulation_steps, " x data-parallel ", world()->size(),
+      units_.size() > 1 ? "; parameters reduce in " + std::to_string(units_.size()) + " units: " + layout : "");
+  last_log_time_ = Clock::now();
+}
+
+void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, const std::vector<size_t>& group_of_param,
+                        std::unique_ptr<optim::Optimizer> client_optimizer) {
+  // The flat layout (zero/layout.h): reduction order, buckets padded to the group's size.
+  // Stage 3 gives every parameter a bucket of its own: the unit it is gathered and released in.
+  std::vector<int64_t> numels;
+  for (const auto& shape : u.shapes) numels.push_back(c10::multiply_integers(shape));
   const bool reduce_scatter = stage_ == 3 || (stage_ == 2 && config_.zero_optimization.reduce_scatter);
-  layout_ = zero::make_flat_layout(numels, stage_ == 3 ? 1 : config_.zero_optimization.reduce_bucket_size,
-                                   world_->size());
-  owned_ = layout_.owned(world_->rank(), partitioned_);
-  const int64_t total = layout_.total;
-  const int64_t shard = layout_.shard_size(partitioned_);
+  u.layout = zero::make_flat_layout(numels, stage_ == 3 ? 1 : config_.zero_optimization.reduce_bucket_size,
+                                    u.world->size());
+  u.owned = u.layout.owned(u.world->rank(), partitioned_);
+  const int64_t total = u.layout.total;
+  const int64_t shard = u.shard_size();
   auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
 
   const OffloadOptimizerConfig& offload_config = config_.zero_optimization.offload_optimizer;
   const bool nvme = offload_config.device == OffloadDevice::kNvme;
   if (stage_ == 3) {
-    init_stage3(given_chunks, options, /*with_master=*/!nvme);
+    std::vector<at::Tensor> chunks;
+    for (size_t i : u.members) chunks.push_back(given_chunks[i]);
+    init_stage3(u, chunks, options, /*with_master=*/!nvme);
   } else {
     // One flat buffer per role; the user's tensors become views of it (set_data keeps the same
     // tensor objects, so Python and C++ callers see the change). Padding stays zero.
-    flat_params_ = at::zeros({total}, options);
-    if (!reduce_scatter) flat_grads_ = at::zeros({total}, options);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      at::Tensor& p = params_[i];
-      int64_t n = p.numel(), offset = layout_.offsets[i];
-      flat_params_.slice(0, offset, offset + n).copy_(p.detach().reshape({n}));
-      p.set_data(flat_params_.slice(0, offset, offset + n).view(p.sizes()));
-      if (flat_grads_.defined()) p.mutable_grad() = flat_grads_.slice(0, offset, offset + n).view(p.sizes());
+    u.flat_params = at::zeros({total}, options);
+    if (!reduce_scatter) u.flat_grads = at::zeros({total}, options);
+    for (size_t i = 0; i < u.params.size(); ++i) {
+      at::Tensor& p = u.params[i];
+      int64_t n = p.numel(), offset = u.layout.offsets[i];
+      u.flat_params.slice(0, offset, offset + n).copy_(p.detach().reshape({n}));
+      p.set_data(u.flat_params.slice(0, offset, offset + n).view(p.sizes()));
+      if (u.flat_grads.defined()) p.mutable_grad() = u.flat_grads.slice(0, offset, offset + n).view(p.sizes());
     }
-    // Every replica starts from rank 0's weights.
-    if (world_->size() > 1) world_->broadcast(flat_params_, {0})->wait();
+    // Every replica starts from the group's first rank's weights.
+    if (u.world->size() > 1) u.world->broadcast(u.flat_params, {0})->wait();
     // fp32 master weights and optimizer state cover this rank's owned elements only (all of them
     // below stage 1). NVMe offload keeps them in swap files instead (set up below).
     if (!nvme)
-      master_ = partitioned_ ? gather_owned(flat_params_).to(at::kFloat)
-                             : (model_dtype_ == at::kFloat ? flat_params_ : flat_params_.to(at::kFloat));
+      u.master = partitioned_ ? u.gather_owned(u.flat_params).to(at::kFloat)
+                              : (model_dtype_ == at::kFloat ? u.flat_params : u.flat_params.to(at::kFloat));
   }
   // ZeRO-Offload (zero_optimization.offload_optimizer): the fp32 master weights, the optimizer state
   // and a gradient staging buffer live in host memory and the step runs on the CPU kernels; with
@@ -152,65 +183,65 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
   const bool offload = offload_config.enabled;
   const auto host = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
       offload && offload_config.pin_memory && !device_.is_cpu());
-  if (offload && master_.defined()) {
-    at::Tensor on_host = at::empty({master_.numel()}, host);
-    on_host.copy_(master_);
-    master_ = on_host;
+  if (offload && u.master.defined()) {
+    at::Tensor on_host = at::empty({u.master.numel()}, host);
+    on_host.copy_(u.master);
+    u.master = on_host;
   }
-  // fp32 gradients on the host; a CPU model in fp32 already has them there.
-  // Allocated at the first step: construction already holds the model's own weights beside the shard.
-  if (offload && !(device_.is_cpu() && model_dtype_ == at::kFloat)) host_grads_options_ = host;
   const int64_t sub_group = nvme ? std::max<int64_t>(1, std::min(config_.zero_optimization.sub_group_size, shard)) : shard;
-  optimizer_ = client_optimizer ? std::move(client_optimizer)
-                               : optim::make_optimizer(config_.optimizer, sub_group, offload ? at::Device(at::kCPU) : device_,
-                                                       static_cast<int64_t>(params_.size()), partitioned_);
+  u.optimizer = client_optimizer ? std::move(client_optimizer)
+                                 : optim::make_optimizer(config_.optimizer, sub_group,
+                                                         offload ? at::Device(at::kCPU) : device_,
+                                                         static_cast<int64_t>(u.params.size()), partitioned_);
+  optim::Optimizer& optimizer = *u.optimizer;
   if (nvme) {
-    init_swap(shard);
+    init_swap(u);
   } else if (offload && model_dtype_ != at::kFloat) {
     // The step writes the fp16 / bf16 weights beside the fp32 ones where it can: half the bytes
     // to send back to the device, and no cast pass.
-    host_model_copy_ = at::empty({master_.numel()}, host.dtype(model_dtype_));
-    host_model_copy_.copy_(master_);  // elements no segment covers (padding) keep their values
-    optimizer_->set_model_copy(host_model_copy_);
+    u.host_model_copy = at::empty({u.master.numel()}, host.dtype(model_dtype_));
+    u.host_model_copy.copy_(u.master);  // elements no segment covers (padding) keep their values
+    optimizer.set_model_copy(u.host_model_copy);
   }
-  if (config_.optimizer.compressed() && world_->size() > 1)
-    optimizer_->set_compressed_averager(
-        [this](at::Tensor& values) { comm::compressed_all_reduce(*world_, values, onebit_state_); },
-        [this] { onebit_state_.reset(); });
-  if (partitioned_) optimizer_->set_gatherer([this](const at::Tensor& local) { return gather_whole(local); });
+  Unit* unit = &u;
+  if (config_.optimizer.compressed() && u.world->size() > 1)
+    optimizer.set_compressed_averager(
+        [unit](at::Tensor& values) { comm::compressed_all_reduce(*unit->world, values, unit->onebit_state); },
+        [unit] { unit->onebit_state.reset(); });
+  if (partitioned_) optimizer.set_gatherer([unit](const at::Tensor& local) { return unit->gather_whole(local); });
   // The optimizer's segments (zero/segments.h); with replicated optimizer state at stage 1 (Note
   // [Replicated momentum] in optim/optimizer.cpp) also in flat coordinates.
   zero::SegmentSpec segment_spec;
-  segment_spec.layout = &layout_;
-  segment_spec.owned = &owned_;
+  segment_spec.layout = &u.layout;
+  segment_spec.owned = &u.owned;
   segment_spec.groups = groups_;
-  segment_spec.group_of_param = group_of_param;
-  segment_spec.per_tensor = optimizer_->per_tensor();
+  for (size_t i : u.members) segment_spec.group_of_param.push_back(group_of_param[i]);
+  segment_spec.per_tensor = optimizer.per_tensor();
   segment_spec.flat_state = partitioned_ && config_.optimizer.compressed();
   zero::Segments segments = zero::build_segments(segment_spec);
-  segments_ = std::move(segments.local);
-  segment_group_ = std::move(segments.group_of);
-  flat_segments_ = std::move(segments.flat);
-  flat_segment_group_ = std::move(segments.flat_group_of);
-  if (optimizer_->per_tensor() && partitioned_ && world_->size() > 1) {
+  u.segments = std::move(segments.local);
+  u.segment_group = std::move(segments.group_of);
+  u.flat_segments = std::move(segments.flat);
+  u.flat_segment_group = std::move(segments.flat_group_of);
+  if (optimizer.per_tensor() && partitioned_ && u.world->size() > 1) {
     // A parameter's pieces may sit on several ranks: the optimizer's per-tensor sums add across them.
-    optimizer_->set_sum_reducer([this](at::Tensor& sums) { all_reduce_sum(sums); });
-    optimizer_->set_max_reducer(
-        [this](at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kMax, *world_); });
+    optimizer.set_sum_reducer([unit](at::Tensor& sums) { unit->all_reduce_sum(sums); });
+    optimizer.set_max_reducer(
+        [unit](at::Tensor& values) { unit->all_reduce(values, comm::ReduceOp::kMax, *unit->world); });
   }
-  if (reduce_scatter) grad_shard_ = at::zeros({shard}, options);
+  if (reduce_scatter) u.grad_shard = at::zeros({shard}, options);
 
   GradHooks hooks;
   if (stage_ == 3) {
-    hooks.before_accumulate = [this](size_t i) { partition_->shape_only(i); };
-    hooks.after_accumulate = [this](size_t i) { partition_->release(i); };
+    hooks.before_accumulate = [unit](size_t i) { unit->partition->shape_only(i); };
+    hooks.after_accumulate = [unit](size_t i) { unit->partition->release(i); };
   }
   // The reducer creates the gradient accumulators, which record each parameter's shape: so it
   // comes before stage 3 releases the parameters.
-  reducer_ = std::make_unique<GradReducer>(params_, layout_, flat_grads_, grad_shard_, world_, config_, hooks);
+  u.reducer = std::make_unique<GradReducer>(u.params, u.layout, u.flat_grads, u.grad_shard, u.world, config_, hooks);
   if (host_grads_options_)
-    reducer_->set_bucket_final([this](int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
-      stage_bucket_on_host(flat_begin, flat_end, shard_begin, shard_end);
+    u.reducer->set_bucket_final([this, unit](int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
+      stage_bucket_on_host(*unit, flat_begin, flat_end, shard_begin, shard_end);
     });
   if (stage_ == 3) {
     // offload_param: the shard in host memory, or in a swap file.
@@ -219,121 +250,170 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
     param_offload.host_shard = op.device == OffloadDevice::kCpu;
     if (op.device == OffloadDevice::kNvme) param_offload.nvme_path = op.nvme_path;
     param_offload.aio = config_.aio;
-    partition_ = std::make_unique<zero::ParamPartition>(params_, shapes_, layout_, stage3_shard_, world_,
-                                                        config_.zero_optimization.param_persistence_threshold,
-                                                        param_offload);
+    u.partition = std::make_unique<zero::ParamPartition>(u.params, u.shapes, u.layout, u.stage3_shard, u.world,
+                                                         config_.zero_optimization.param_persistence_threshold,
+                                                         param_offload);
   }
-  stage3_shard_.reset();
-  if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
-  precision_ = PrecisionPolicy(config_, stage_ >= 1);
-  apply_lr(-1);
-
-  int64_t n_params = 0;
-  for (int64_t n : numels) n_params += n;
-  log("engine", LogLevel::kInfo, n_params, " parameters in ", groups_.size(), " groups, ", reducer_->num_buckets(),
-      " buckets; ZeRO stage ", stage_, "; precision ", c10::toString(model_dtype_), "; optimizer ", optimizer_->name(), "; batch ",
-      batch_.train_batch_size, " = micro ", batch_.micro_batch_size, " x accumulation ",
-      batch_.gradient_accumulation_steps, " x data-parallel ", world_->size());
-  last_log_time_ = Clock::now();
+  u.stage3_shard.reset();
 }
 
 Engine::~Engine() = default;
 
-void Engine::derive_groups(const std::vector<parallel::Placement>& placements) {
+void Engine::make_units(const std::vector<parallel::Placement>& placements) {
   // Note [Parameter placement]: each parameter's reduction group and whether this rank counts it in
-  // the norm follow from its tags. One engine holds one sharded-state unit today, so its parameters
-  // must share a reduction group.
+  // the norm follow from its tags; Note [Sharded-state units]: parameters that share a reduction
+  // group share a unit. Every rank sees the same parameters in the same order with the same tags, so
+  // every rank makes the same units in the same order (their collectives pair up).
   const parallel::Mesh& mesh = mesh_->mesh();
   for (size_t i = 0; i < params_.size(); ++i) {
     std::vector<std::string> axes = parallel::reduction_axes(mesh, placements[i]);
-    if (i == 0) reduction_axes_ = axes;
-    ZEAL_CHECK(axes == reduction_axes_, "parameter '", names_[i], "' (", parallel::describe(placements[i]),
-               ") reduces its gradient over ", mesh.key(axes), " and parameter '", names_[0], "' over ",
-               mesh.key(reduction_axes_), ": one engine holds the parameters of one reduction group");
-    if (!parallel::counts_in_norm(mesh, mesh_->rank(), placements[i])) uncounted_params_.push_back(i);
+    size_t k = 0;
+    while (k < units_.size() && units_[k]->axes != axes) ++k;
+    if (k == units_.size()) {
+      // Host parameters reduce over MPI, device ones over NCCL (Note [Backend by device]).
+      comm::CommunicatorPtr world = mesh_->group_on(axes, device_);
+      if (config_.comms_logger.enabled) {
+        const CommsLoggerConfig& c = config_.comms_logger;
+        std::set<std::string> ops;
+        if (!c.prof_all) ops.insert(c.prof_ops.begin(), c.prof_ops.end());
+        world = std::make_shared<comm::CountingCommunicator>(world, ops, c.verbose);
+      }
+      const comm::CommunicatorPtr& rest = mesh_->group(mesh.other_axes(axes));
+      units_.push_back(std::make_unique<Unit>(axes, world, rest->size() > 1 ? rest : nullptr, model_dtype_, device_,
+                                              partitioned_));
+      if (units_[k]->world->size() > units_[primary_]->world->size()) primary_ = k;
+    }
+    Unit& u = *units_[k];
+    unit_of_.push_back(k);
+    index_in_unit_.push_back(u.members.size());
+    if (!parallel::counts_in_norm(mesh, mesh_->rank(), placements[i])) u.uncounted.push_back(u.members.size());
+    u.members.push_back(i);
+    u.params.push_back(params_[i]);
+    u.shapes.push_back(shapes_[i]);
   }
-  // Host parameters reduce over MPI, device ones over NCCL (Note [Backend by device]).
-  world_ = mesh_->group_on(reduction_axes_, device_);
-  if (config_.comms_logger.enabled) {
-    const CommsLoggerConfig& c = config_.comms_logger;
-    std::set<std::string> ops;
-    if (!c.prof_all) ops.insert(c.prof_ops.begin(), c.prof_ops.end());
-    world_ = std::make_shared<comm::CountingCommunicator>(world_, ops, c.verbose);
+}
+
+Unit& Engine::only_unit(const char* what) const {
+  if (units_.size() != 1) {
+    std::string groups;
+    for (const auto& u : units_) groups += (groups.empty() ? "" : ", ") + mesh_->mesh().key(u->axes);
+    ZEAL_CHECK(false, what, " covers the parameters of one reduction group; this engine's parameters reduce over ",
+               units_.size(), " (", groups, "), each unit with its own shard");
   }
-  const comm::CommunicatorPtr& rest = mesh_->group(mesh.other_axes(reduction_axes_));
-  if (rest->size() > 1) model_parallel_ = rest;
+  return *units_.front();
+}
+
+size_t Engine::num_buckets() const {
+  size_t n = 0;
+  for (const auto& u : units_) n += u->reducer->num_buckets();
+  return n;
+}
+
+int64_t Engine::flat_numel() const {
+  int64_t n = 0;
+  for (const auto& u : units_) n += u->layout.total;
+  return n;
+}
+
+int64_t Engine::master_numel() const {
+  int64_t n = 0;
+  for (const auto& u : units_) n += u->shard_size();
+  return n;
+}
+
+int64_t Engine::grad_shard_numel() const {
+  int64_t n = 0;
+  for (const auto& u : units_) n += u->grad_shard.defined() ? u->grad_shard.numel() : 0;
+  return n;
 }
 
 std::map<std::string, comm::OpCount> Engine::comms_counts() const {
-  auto* counting = dynamic_cast<comm::CountingCommunicator*>(world_.get());
-  return counting ? counting->counts() : std::map<std::string, comm::OpCount>{};
+  std::map<std::string, comm::OpCount> out;
+  for (const auto& u : units_) {
+    auto* counting = dynamic_cast<comm::CountingCommunicator*>(u->world.get());
+    if (!counting) continue;
+    for (const auto& [op, count] : counting->counts()) {
+      out[op].calls += count.calls;
+      out[op].bytes += count.bytes;
+    }
+  }
+  return out;
 }
 
-int64_t Engine::skipped_comm_rounds() const { return optimizer_->skipped_rounds(); }
+int64_t Engine::skipped_comm_rounds() const { return units_.front()->optimizer->skipped_rounds(); }
 
-void Engine::init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options,
+void Engine::init_stage3(Unit& u, const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options,
                          bool with_master) {
-  // This rank's chunk of every parameter, from zero::Init or cut from rank 0's full value.
-  at::Tensor shard = at::zeros({layout_.shard_size(true)}, options);
-  const int rank = world_->rank();
+  // This rank's chunk of every parameter, from zero::Init or cut from the group's first rank's value.
+  at::Tensor shard = at::zeros({u.layout.shard_size(true)}, options);
+  const int rank = u.world->rank(), size = u.world->size();
   int64_t local = 0;
-  for (const zero::Bucket& b : layout_.buckets) {
-    const int64_t c = b.chunk(world_->size());
+  for (const zero::Bucket& b : u.layout.buckets) {
+    const int64_t c = b.chunk(size);
     for (size_t i : b.params) {
-      if (layout_.numels[i] == 0) continue;
+      if (u.layout.numels[i] == 0) continue;
       at::Tensor mine = shard.slice(0, local, local + c);
       if (given_chunks[i].defined()) {
-        ZEAL_CHECK(given_chunks[i].numel() == c, "parameter '", names_[i], "' arrived with a chunk of ",
-                   given_chunks[i].numel(), " elements; a data-parallel size of ", world_->size(), " needs ", c,
+        ZEAL_CHECK(given_chunks[i].numel() == c, "parameter '", names_[u.members[i]], "' arrived with a chunk of ",
+                   given_chunks[i].numel(), " elements; a data-parallel size of ", size, " needs ", c,
                    " (was zeal.zero.Init run with another world?)");
         mine.copy_(given_chunks[i].reshape({-1}));
         continue;
       }
-      at::Tensor full = at::zeros({c * world_->size()}, options);
-      full.slice(0, 0, layout_.numels[i]).copy_(params_[i].detach().reshape({-1}));
-      if (world_->size() > 1) world_->broadcast(full, {0})->wait();
+      at::Tensor full = at::zeros({c * size}, options);
+      full.slice(0, 0, u.layout.numels[i]).copy_(u.params[i].detach().reshape({-1}));
+      if (size > 1) u.world->broadcast(full, {0})->wait();
       mine.copy_(full.slice(0, rank * c, (rank + 1) * c));
     }
     local += c;
   }
-  if (with_master) master_ = shard.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
-  stage3_shard_ = shard;
+  if (with_master) u.master = shard.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  u.stage3_shard = shard;
   // Parameters given whole still have their shape here, which the gradient accumulators record.
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (params_[i].numel() != layout_.numels[i]) params_[i].set_data(at::empty(shapes_[i], options));
+  for (size_t i = 0; i < u.params.size(); ++i)
+    if (u.params[i].numel() != u.layout.numels[i]) u.params[i].set_data(at::empty(u.shapes[i], options));
 }
 
 void Engine::absorb_parameter(size_t i) {
-  ZEAL_CHECK(partition_, "absorb_parameter is for ZeRO stage 3");
   ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
-  if (!swapper_) {
-    partition_->absorb(i, &master_);
+  Unit& u = unit_of(i);
+  const size_t j = index_in_unit(i);
+  ZEAL_CHECK(u.partition, "absorb_parameter is for ZeRO stage 3");
+  if (!u.swapper) {
+    u.partition->absorb(j, &u.master);
     return;
   }
   // The swapped master takes the chunk too: every sub-group it overlaps is read, patched, written.
-  partition_->absorb(i, nullptr);
-  const int64_t lo = partition_->chunk_begin(i), hi = lo + partition_->chunk_size(i);
-  const at::Tensor chunk = partition_->read_shard(lo, hi);
-  swapper_->for_each(
+  u.partition->absorb(j, nullptr);
+  const int64_t lo = u.partition->chunk_begin(j), hi = lo + u.partition->chunk_size(j);
+  const at::Tensor chunk = u.partition->read_shard(lo, hi);
+  offload::OptimizerSwapper& swapper = *u.swapper;
+  swapper.for_each(
       [&](int64_t k, std::vector<at::Tensor>& views) {
-        const int64_t b = std::max(lo, swapper_->begin(k)), e = std::min(hi, swapper_->end(k));
-        if (b < e) views[0].slice(0, b - swapper_->begin(k), e - swapper_->begin(k)).copy_(chunk.slice(0, b - lo, e - lo));
+        const int64_t b = std::max(lo, swapper.begin(k)), e = std::min(hi, swapper.end(k));
+        if (b < e) views[0].slice(0, b - swapper.begin(k), e - swapper.begin(k)).copy_(chunk.slice(0, b - lo, e - lo));
       },
       /*read=*/true, /*write_back=*/true);
 }
 
 std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
   auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : int64_t{0}; };
-  int64_t params = bytes(flat_params_) + bytes(host_model_copy_);
-  int64_t grads = bytes(flat_grads_) + bytes(grad_shard_) + bytes(host_grads_);
-  if (partition_) {
-    params = bytes(partition_->shard()) + bytes(host_model_copy_);
-    for (size_t i = 0; i < params_.size(); ++i)
-      if (partition_->live(i)) params += bytes(partition_->full(i));
+  int64_t params = 0, grads = 0, master = 0, optimizer = 0;
+  for (const auto& unit : units_) {
+    const Unit& u = *unit;
+    grads += bytes(u.flat_grads) + bytes(u.grad_shard) + bytes(u.host_grads);
+    params += bytes(u.host_model_copy);
+    if (u.partition) {
+      params += bytes(u.partition->shard());
+      for (size_t i = 0; i < u.params.size(); ++i)
+        if (u.partition->live(i)) params += bytes(u.partition->full(i));
+    } else {
+      params += bytes(u.flat_params);
+    }
+    master += (u.master.defined() && !u.master.is_same(u.flat_params)) ? bytes(u.master) : 0;
+    // NVMe offload: the host holds a few sub-groups of master weights and state, the rest is on disk.
+    optimizer += u.swapper ? u.swapper->host_buffer_bytes() : u.optimizer->state_bytes();
   }
-  int64_t master = (master_.defined() && !master_.is_same(flat_params_)) ? bytes(master_) : 0;
-  // NVMe offload: the host holds a few sub-groups of master weights and state, the rest is on disk.
-  int64_t optimizer = swapper_ ? swapper_->host_buffer_bytes() : optimizer_->state_bytes();
   return {{"params", params}, {"grads", grads}, {"master", master}, {"optimizer", optimizer}};
 }
 
@@ -385,12 +465,17 @@ void Engine::run_backward(const std::vector<at::Tensor>& outputs, const std::vec
                " backwards of this step have run; call step() first");
     ++backwards_in_step_;
   }
-  if (boundary) staged_buckets_ = 0;
-  // 1-bit Adam past its freeze step reduces the momentum (compressed), not the gradients.
-  reducer_->prepare(boundary && !optimizer_->local_gradients());
+  // One autograd pass fills every unit's buckets; each unit reduces over its own group.
+  for (auto& u : units_) {
+    if (boundary) u->staged_buckets = 0;
+    // 1-bit Adam past its freeze step reduces the momentum (compressed), not the gradients.
+    u->reducer->prepare(boundary && !u->optimizer->local_gradients());
+  }
   torch::autograd::backward(outputs, output_grads, retain_graph);
-  if (partition_) partition_->end_backward();
-  if (boundary || reducer_->partitioned()) reducer_->finish();
+  for (auto& u : units_) {
+    if (u->partition) u->partition->end_backward();
+    if (boundary || u->reducer->partitioned()) u->reducer->finish();
+  }
   const double backward_s = seconds_since(start);
   backward_seconds_ += backward_s;
   pending_step_.backward_ms += backward_s * 1e3;
@@ -402,40 +487,30 @@ void Engine::step() {
     return;
   }
   auto start = Clock::now();
-  // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
-  // (stage 2 reduce-scattered them into grad_shard_).
-  at::Tensor grads;
-  const bool flat_step = optimizer_->wants_flat_segments();
-  if (host_grads_options_ && staged_buckets_ == static_cast<int64_t>(reducer_->num_buckets())) {
-    grads = host_grads_;  // offload: staged on the host bucket by bucket as the reduction finished them
-    log("engine", LogLevel::kDebug, "step ", global_steps_ + 1, ": gradients staged on the host in ", staged_buckets_,
-        " buckets during backward");
-    if (device_.is_cuda()) (void)at::zeros({1}, at::TensorOptions().device(device_)).item<float>();
-    // (a blocking read on the same stream: the non-blocking bucket copies queued before it are done)
-  } else if (flat_step) {
-    grads = flat_grads_;  // replicated optimizer state (stage 1): this rank's whole, unreduced gradient
-  } else {
-    grads = grad_shard_.defined() ? grad_shard_ : (partitioned_ ? gather_owned(flat_grads_) : flat_grads_);
-  }
-  staged_buckets_ = 0;
-  if (host_grads_options_ && !grads.is_same(host_grads_)) {  // offload: to host fp32 in one copy
-    if (!host_grads_.defined()) host_grads_ = at::empty({grads.numel()}, *host_grads_options_);
-    host_grads_.copy_(grads);
-    grads = host_grads_;
-  } else if (grads.scalar_type() != at::kFloat) {
-    grads = grads.to(at::kFloat);
-  }
-
-  // The precision policy (engine/precision.h): unscale, the global norm, overflow, clipping.
+  // The precision policy (engine/precision.h): unscale, the global norm over every unit, overflow,
+  // clipping; then each unit's optimizer updates its own master weights.
+  const bool flat_step = optimizer().wants_flat_segments();
   const bool partitioned_grads = partitioned_ && !flat_step;
+  std::vector<at::Tensor> grads;
+  for (auto& u : units_) grads.push_back(step_gradients(*u, flat_step));
   auto any_rank = [this](bool flag) {  // local gradients overflow rank by rank: all skip if any does
     at::Tensor any = at::full({1}, flag ? 1.0 : 0.0, at::TensorOptions().dtype(at::kDouble));
-    all_reduce_sum(any);
+    for (auto& u : units_) u->all_reduce_sum(any);
     return any.item<double>() > 0.0;
   };
+  bool reduced_apart = false;  // whether some rank's gradients are its own (0/1 Adam's local steps)
+  for (auto& u : units_) reduced_apart = reduced_apart || (u->optimizer->local_gradients() && u->world->size() > 1);
   const PrecisionPolicy::Verdict verdict = precision_.judge(
-      grads, [&](at::Tensor& g, double inv_scale) { return global_sum_squares(g, inv_scale, partitioned_grads); },
-      optimizer_->local_gradients() && world_->size() > 1 ? std::function<bool(bool)>(any_rank) : nullptr);
+      [&](double inv_scale) {
+        double sum = 0.0;
+        for (size_t k = 0; k < units_.size(); ++k)
+          sum += units_[k]->global_sum_squares(grads[k], inv_scale, partitioned_grads);
+        return sum;
+      },
+      [&](double inv_scale) {
+        for (at::Tensor& g : grads) g.mul_(inv_scale);
+      },
+      reduced_apart ? std::function<bool(bool)>(any_rank) : nullptr);
   if (precision_.computes_grad_norm()) last_grad_norm_ = verdict.grad_norm;
   const bool overflow = verdict.overflow;
   last_step_overflow_ = overflow;
@@ -446,26 +521,28 @@ void Engine::step() {
     log("engine", LogLevel::kInfo, "step ", global_steps_ + 1, ": fp16 gradient overflow, step skipped; loss scale ",
         before, " -> ", precision_.loss_scale());
   } else {
-    precision_.clip(grads, last_grad_norm_);
     auto refresh = [this](std::vector<optim::ParamGroup>& segments, const std::vector<size_t>& group_of) {
       for (size_t k = 0; k < segments.size(); ++k) {  // the schedule may have moved lr and beta1
         segments[k].lr = groups_[group_of[k]].lr;
         segments[k].betas = groups_[group_of[k]].betas;
       }
     };
-    refresh(segments_, segment_group_);
-    refresh(flat_segments_, flat_segment_group_);
-    if (swapper_) {
-      step_swapped(grads);
-    } else {
-      optimizer_->step(master_, grads, flat_step ? flat_segments_ : segments_);
-      publish_parameters(optimizer_->writes_model_copy() ? host_model_copy_ : master_);
+    for (size_t k = 0; k < units_.size(); ++k) {
+      Unit& u = *units_[k];
+      precision_.clip(grads[k], last_grad_norm_);
+      refresh(u.segments, u.segment_group);
+      refresh(u.flat_segments, u.flat_segment_group);
+      if (u.swapper) {
+        step_swapped(u, grads[k]);
+      } else {
+        u.optimizer->step(u.master, grads[k], flat_step ? u.flat_segments : u.segments);
+        u.publish(u.optimizer->writes_model_copy() ? u.host_model_copy : u.master);
+      }
     }
     precision_.update(false);
     apply_lr(++scheduler_iteration_);
   }
-  if (grad_shard_.defined()) grad_shard_.zero_();
-  if (flat_grads_.defined()) flat_grads_.zero_();
+  zero_grad();
   backwards_in_step_ = 0;
   ++micro_steps_;
   ++global_steps_;
@@ -479,141 +556,60 @@ void Engine::step() {
   if (global_steps_ % config_.steps_per_print == 0) log_step();
 }
 
-void Engine::zero_grad() {
-  if (flat_grads_.defined()) flat_grads_.zero_();
-  if (grad_shard_.defined()) grad_shard_.zero_();
+at::Tensor Engine::step_gradients(Unit& u, bool flat_step) {
+  // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
+  // (stage 2 reduce-scattered them into grad_shard).
+  at::Tensor grads;
+  if (host_grads_options_ && u.staged_buckets == static_cast<int64_t>(u.reducer->num_buckets())) {
+    grads = u.host_grads;  // offload: staged on the host bucket by bucket as the reduction finished them
+    log("engine", LogLevel::kDebug, "step ", global_steps_ + 1, ": gradients staged on the host in ", u.staged_buckets,
+        " buckets during backward");
+    if (device_.is_cuda()) (void)at::zeros({1}, at::TensorOptions().device(device_)).item<float>();
+    // (a blocking read on the same stream: the non-blocking bucket copies queued before it are done)
+  } else if (flat_step) {
+    grads = u.flat_grads;  // replicated optimizer state (stage 1): this rank's whole, unreduced gradient
+  } else {
+    grads = u.grad_shard.defined() ? u.grad_shard : (partitioned_ ? u.gather_owned(u.flat_grads) : u.flat_grads);
+  }
+  u.staged_buckets = 0;
+  if (host_grads_options_ && !grads.is_same(u.host_grads)) {  // offload: to host fp32 in one copy
+    if (!u.host_grads.defined()) u.host_grads = at::empty({grads.numel()}, *host_grads_options_);
+    u.host_grads.copy_(grads);
+    grads = u.host_grads;
+  } else if (grads.scalar_type() != at::kFloat) {
+    grads = grads.to(at::kFloat);
+  }
+  return grads;
 }
 
-void Engine::stage_bucket_on_host(int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
+void Engine::zero_grad() {
+  for (auto& u : units_) {
+    if (u->flat_grads.defined()) u->flat_grads.zero_();
+    if (u->grad_shard.defined()) u->grad_shard.zero_();
+  }
+}
+
+void Engine::stage_bucket_on_host(Unit& u, int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
   // ZeRO-Offload: this bucket's final gradients (owned part) go to the host buffer now, while the
   // reduction of later buckets, and with reduce-scatter the rest of backward, goes on.
-  if (!host_grads_.defined()) host_grads_ = at::empty({layout_.shard_size(partitioned_)}, *host_grads_options_);
-  const bool async = device_.is_cuda() && host_grads_.is_pinned();
-  if (grad_shard_.defined()) {
-    host_grads_.slice(0, shard_begin, shard_end).copy_(grad_shard_.slice(0, shard_begin, shard_end), async);
+  if (!u.host_grads.defined()) u.host_grads = at::empty({u.shard_size()}, *host_grads_options_);
+  const bool async = device_.is_cuda() && u.host_grads.is_pinned();
+  if (u.grad_shard.defined()) {
+    u.host_grads.slice(0, shard_begin, shard_end).copy_(u.grad_shard.slice(0, shard_begin, shard_end), async);
   } else {
-    for (const zero::OwnedPiece& p : zero::owned_pieces_flat(owned_, flat_begin, flat_end))
-      host_grads_.slice(0, p.local_begin, p.local_begin + p.size)
-          .copy_(flat_grads_.slice(0, p.flat_begin, p.flat_begin + p.size), async);
+    for (const zero::OwnedPiece& p : zero::owned_pieces_flat(u.owned, flat_begin, flat_end))
+      u.host_grads.slice(0, p.local_begin, p.local_begin + p.size)
+          .copy_(u.flat_grads.slice(0, p.flat_begin, p.flat_begin + p.size), async);
   }
-  ++staged_buckets_;
+  ++u.staged_buckets;
 }
 
-at::Tensor Engine::gather_owned(const at::Tensor& flat) const {
-  std::vector<at::Tensor> pieces;
-  for (const zero::OwnedRange& o : owned_) pieces.push_back(flat.slice(0, o.flat_begin, o.flat_end));
-  // A rank can own nothing: a model of zero-element parameters, or more ranks than elements.
-  if (pieces.empty()) return at::empty({0}, flat.options());
-  return at::cat(pieces);
-}
-
-double Engine::global_sum_squares(const at::Tensor& grads, double inv_scale, bool partitioned) {
-  double local = optim::unscale_and_sum_squares(grads, inv_scale);
-  if (!uncounted_params_.empty()) {
-    // Another rank of the model-parallel group counts these (already unscaled above).
-    auto sum_sq_of = [](const at::Tensor& x) { return x.to(at::kDouble).pow(2).sum().item<double>(); };
-    for (size_t i : uncounted_params_) {
-      const int64_t b = layout_.offsets[i], e = b + layout_.numels[i];
-      if (!partitioned) {
-        local -= sum_sq_of(grads.slice(0, b, e));
-        continue;
-      }
-      for (const zero::OwnedPiece& p : zero::owned_pieces_flat(owned_, b, e))
-        local -= sum_sq_of(grads.slice(0, p.local_begin, p.local_begin + p.size));
-    }
-    local = std::max(local, 0.0);
-  }
-  double sum_sq = local;
-  if (partitioned && world_->size() > 1) {
-    // Each rank holds a disjoint part of the gradient: sum the squares across ranks.
-    at::Tensor t = at::full({1}, local, at::TensorOptions().dtype(at::kDouble).device(grads.device()));
-    all_reduce_sum(t);
-    sum_sq = t.item<double>();
-  }
-  if (model_parallel_ && model_parallel_->size() > 1) {
-    // Stages and shards hold disjoint parameters: the norm (and fp16's overflow) is the whole model's.
-    at::Tensor t = at::full({1}, sum_sq, at::TensorOptions().dtype(at::kDouble));
-    all_reduce_values(t, comm::ReduceOp::kSum, *model_parallel_);
-    sum_sq = t.item<double>();
-  }
-  return sum_sq;
-}
-
-at::Tensor Engine::gather_whole(const at::Tensor& local) {
-  at::Tensor whole = at::zeros({layout_.total}, local.options());
-  for (const zero::OwnedPiece& p : zero::owned_pieces_local(owned_, 0, local.numel()))
-    whole.slice(0, p.flat_begin, p.flat_begin + p.size).copy_(local.slice(0, p.local_begin, p.local_begin + p.size));
-  if (world_->size() > 1) all_reduce_sum(whole);  // exact: every element is one rank's value plus zeros
-  return whole;
-}
-
-void Engine::all_reduce_sum(at::Tensor& values) { all_reduce_values(values, comm::ReduceOp::kSum, *world_); }
-
-void Engine::all_reduce_values(at::Tensor& values, comm::ReduceOp op, comm::Communicator& group) {
-  // The MPI backend reduces host tensors and NCCL device tensors: values elsewhere (device values
-  // over MPI, offloaded host values over NCCL) take a round trip.
-  const bool mpi = group.backend_name() == "mpi";
-  const bool moved = mpi ? !values.device().is_cpu() : values.device() != device_;
-  at::Tensor buffer = !moved ? values : values.to(mpi ? at::Device(at::kCPU) : device_);
-  group.all_reduce(buffer, {op})->wait();
-  if (moved) values.copy_(buffer);
-}
-
-void Engine::publish_parameters(const at::Tensor& source) {
-  if (!partitioned_) {
-    if (model_dtype_ != at::kFloat) flat_params_.copy_(source);
-    return;
-  }
-  write_model_values(0, source);
-  gather_published();
-}
-
-void Engine::write_model_values(int64_t local_begin, const at::Tensor& values) {
-  const int64_t local_end = local_begin + values.numel();
-  if (partition_) {
-    partition_->write_shard(local_begin, values);
-    return;
-  }
-  for (const zero::OwnedPiece& p : zero::owned_pieces_local(owned_, local_begin, local_end))
-    flat_params_.slice(0, p.flat_begin, p.flat_begin + p.size)
-        .copy_(values.slice(0, p.local_begin - local_begin, p.local_begin - local_begin + p.size));
-}
-
-at::Tensor Engine::read_model_values(int64_t local_begin, int64_t local_end) {
-  if (stage3_shard_.defined()) return stage3_shard_.slice(0, local_begin, local_end).to(at::kFloat);
-  if (partition_) return partition_->read_shard(local_begin, local_end);
-  at::Tensor out = at::empty({local_end - local_begin}, at::TensorOptions().dtype(at::kFloat));
-  for (const zero::OwnedPiece& p : zero::owned_pieces_local(owned_, local_begin, local_end))
-    out.slice(0, p.local_begin - local_begin, p.local_begin - local_begin + p.size)
-        .copy_(flat_params_.slice(0, p.flat_begin, p.flat_begin + p.size));
-  return out;
-}
-
-void Engine::gather_published() {
-  if (partition_) {
-    partition_->refresh();
-    return;
-  }
-  if (world_->size() == 1) return;
-  // Every rank wrote its updated chunks: all-gather each bucket so every rank has all weights.
-  std::vector<comm::WorkPtr> works;
-  std::vector<at::Tensor> inputs;
-  size_t next_owned = 0;  // owned_ holds one range per non-empty bucket, in bucket order
-  for (const zero::Bucket& bucket : layout_.buckets) {
-    if (bucket.end == bucket.begin) continue;
-    const zero::OwnedRange& mine = owned_[next_owned++];
-    inputs.push_back(flat_params_.slice(0, mine.flat_begin, mine.flat_end).clone());
-    at::Tensor output = flat_params_.slice(0, bucket.begin, bucket.end);
-    works.push_back(world_->all_gather(output, inputs.back(), {}));
-  }
-  for (auto& w : works) w->wait();
-}
-
-void Engine::init_swap(int64_t shard) {
+void Engine::init_swap(Unit& u) {
+  optim::Optimizer& optimizer = *u.optimizer;
   if (config_.optimizer.type == OptimizerType::kSgd && config_.optimizer.momentum != 0.0)
-    optimizer_->state("momentum_buffer");  // allocated on first use otherwise, and so not yet named
+    optimizer.state("momentum_buffer");  // allocated on first use otherwise, and so not yet named
   std::vector<std::string> names{"master"};
-  for (const std::string& name : optimizer_->state_names()) names.push_back(name);
+  for (const std::string& name : optimizer.state_names()) names.push_back(name);
   const OffloadOptimizerConfig& o = config_.zero_optimization.offload_optimizer;
   offload::NvmeSwapConfig swap;
   swap.nvme_path = o.nvme_path;
@@ -622,30 +618,33 @@ void Engine::init_swap(int64_t shard) {
   swap.pipeline_read = o.pipeline_read;
   swap.pipeline_write = o.pipeline_write;
   swap.aio = config_.aio;
-  swapper_ = std::make_unique<offload::OptimizerSwapper>(swap, shard, names);
+  u.swapper = std::make_unique<offload::OptimizerSwapper>(swap, u.shard_size(), names);
+  offload::OptimizerSwapper& swapper = *u.swapper;
   // Every sub-group starts as the model's values (cast to fp32) and the optimizer's initial state,
   // which the optimizer built for one sub-group and is the same for every element.
-  swapper_->for_each(
+  swapper.for_each(
       [&](int64_t k, std::vector<at::Tensor>& views) {
-        views[0].copy_(read_model_values(swapper_->begin(k), swapper_->end(k)));
+        views[0].copy_(u.read_model_values(swapper.begin(k), swapper.end(k)));
         for (size_t j = 1; j < views.size(); ++j)
-          views[j].copy_(optimizer_->state(names[j]).slice(0, 0, views[j].numel()));
+          views[j].copy_(optimizer.state(names[j]).slice(0, 0, views[j].numel()));
       },
       /*read=*/false, /*write_back=*/true);
   // The step binds the state to the swap buffers; the optimizer's own allocation is not needed again.
-  for (size_t j = 1; j < names.size(); ++j) optimizer_->state(names[j]) = at::empty({0}, at::kFloat);
+  for (size_t j = 1; j < names.size(); ++j) optimizer.state(names[j]) = at::empty({0}, at::kFloat);
 }
 
-void Engine::step_swapped(const at::Tensor& grads) {
-  optimizer_->begin_step();
-  const std::vector<std::string>& names = swapper_->names();
+void Engine::step_swapped(Unit& u, const at::Tensor& grads) {
+  optim::Optimizer& optimizer = *u.optimizer;
+  offload::OptimizerSwapper& swapper = *u.swapper;
+  optimizer.begin_step();
+  const std::vector<std::string>& names = swapper.names();
   std::vector<optim::ParamGroup> local;
-  swapper_->for_each(
+  swapper.for_each(
       [&](int64_t k, std::vector<at::Tensor>& views) {
-        const int64_t b = swapper_->begin(k), e = swapper_->end(k);
-        for (size_t j = 1; j < views.size(); ++j) optimizer_->state(names[j]) = views[j];
+        const int64_t b = swapper.begin(k), e = swapper.end(k);
+        for (size_t j = 1; j < views.size(); ++j) optimizer.state(names[j]) = views[j];
         local.clear();  // the segments' pieces inside this sub-group, in its coordinates
-        for (const optim::ParamGroup& segment : segments_) {
+        for (const optim::ParamGroup& segment : u.segments) {
           const int64_t lo = std::max(segment.begin, b), hi = std::min(segment.end, e);
           if (lo >= hi) continue;
           optim::ParamGroup piece = segment;
@@ -654,40 +653,42 @@ void Engine::step_swapped(const at::Tensor& grads) {
           local.push_back(piece);
         }
         at::Tensor grads_k = grads.slice(0, b, e);
-        optimizer_->update(views[0], grads_k, local);
-        write_model_values(b, views[0]);
+        optimizer.update(views[0], grads_k, local);
+        u.write_model_values(b, views[0]);
       },
       /*read=*/true, /*write_back=*/true);
-  gather_published();
+  u.gather_published();
 }
 
-void Engine::materialize_swapped() {
-  const std::vector<std::string>& names = swapper_->names();
+void Engine::materialize_swapped(Unit& u) {
+  offload::OptimizerSwapper& swapper = *u.swapper;
+  const std::vector<std::string>& names = swapper.names();
   std::vector<at::Tensor> full;
   for (size_t j = 0; j < names.size(); ++j)
-    full.push_back(at::empty({swapper_->numel()}, at::TensorOptions().dtype(at::kFloat)));
-  swapper_->for_each(
+    full.push_back(at::empty({swapper.numel()}, at::TensorOptions().dtype(at::kFloat)));
+  swapper.for_each(
       [&](int64_t k, std::vector<at::Tensor>& views) {
-        for (size_t j = 0; j < names.size(); ++j) full[j].slice(0, swapper_->begin(k), swapper_->end(k)).copy_(views[j]);
+        for (size_t j = 0; j < names.size(); ++j) full[j].slice(0, swapper.begin(k), swapper.end(k)).copy_(views[j]);
       },
       /*read=*/true, /*write_back=*/false);
-  master_ = full[0];
-  for (size_t j = 1; j < names.size(); ++j) optimizer_->state(names[j]) = full[j];
+  u.master = full[0];
+  for (size_t j = 1; j < names.size(); ++j) u.optimizer->state(names[j]) = full[j];
 }
 
-void Engine::release_swapped(bool write_back) {
-  const std::vector<std::string>& names = swapper_->names();
+void Engine::release_swapped(Unit& u, bool write_back) {
+  offload::OptimizerSwapper& swapper = *u.swapper;
+  const std::vector<std::string>& names = swapper.names();
   if (write_back) {
-    swapper_->for_each(
+    swapper.for_each(
         [&](int64_t k, std::vector<at::Tensor>& views) {
-          const int64_t b = swapper_->begin(k), e = swapper_->end(k);
-          views[0].copy_(master_.slice(0, b, e));
-          for (size_t j = 1; j < names.size(); ++j) views[j].copy_(optimizer_->state(names[j]).slice(0, b, e));
+          const int64_t b = swapper.begin(k), e = swapper.end(k);
+          views[0].copy_(u.master.slice(0, b, e));
+          for (size_t j = 1; j < names.size(); ++j) views[j].copy_(u.optimizer->state(names[j]).slice(0, b, e));
         },
         /*read=*/false, /*write_back=*/true);
   }
-  master_ = at::Tensor();
-  for (size_t j = 1; j < names.size(); ++j) optimizer_->state(names[j]) = at::empty({0}, at::kFloat);
+  u.master = at::Tensor();
+  for (size_t j = 1; j < names.size(); ++j) u.optimizer->state(names[j]) = at::empty({0}, at::kFloat);
 }
 
 std::vector<double> Engine::get_lr() const {
@@ -696,60 +697,63 @@ std::vector<double> Engine::get_lr() const {
   return out;
 }
 
-at::Tensor Engine::value_source(const std::string& what, bool& local) {
-  ZEAL_CHECK(what == "grad" || (!swapper_ && master_.defined()), "the fp32 master weights and optimizer state of this "
-             "engine live in NVMe swap files; read them from a checkpoint (zeal.checkpoint.to_fp32_state_dict)");
+at::Tensor Engine::value_source(Unit& u, const std::string& what, bool& local) {
+  ZEAL_CHECK(what == "grad" || (!u.swapper && u.master.defined()), "the fp32 master weights and optimizer state of "
+             "this engine live in NVMe swap files; read them from a checkpoint (zeal.checkpoint.to_fp32_state_dict)");
   if (what == "grad") {
-    local = !flat_grads_.defined();  // stages 0, 1: the whole flat gradient; 2, 3: this rank's shard
-    return local ? grad_shard_ : flat_grads_;
+    local = !u.flat_grads.defined();  // stages 0, 1: the whole flat gradient; 2, 3: this rank's shard
+    return local ? u.grad_shard : u.flat_grads;
   }
   local = true;  // master and state cover the owned elements (all of them below stage 1)
-  if (what == "fp32") return master_;
-  const std::vector<std::string> names = optimizer_->state_names();
+  if (what == "fp32") return u.master;
+  const std::vector<std::string> names = u.optimizer->state_names();
   if (std::find(names.begin(), names.end(), what) == names.end()) {
     std::string list;
     for (const std::string& n : names) list += (list.empty() ? "" : ", ") + n;
-    ZEAL_CHECK(false, "the optimizer (", optimizer_->name(), ") has no state '", what, "'; it has ",
+    ZEAL_CHECK(false, "the optimizer (", u.optimizer->name(), ") has no state '", what, "'; it has ",
                list.empty() ? std::string("none yet") : list);
   }
-  return optimizer_->state(what);
+  return u.optimizer->state(what);
 }
 
 at::Tensor Engine::full_value(size_t i, const std::string& what) {
   ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
+  Unit& u = unit_of(i);
+  const int64_t j = static_cast<int64_t>(index_in_unit(i));
   bool local = false;
-  at::Tensor source = value_source(what, local);
-  const int64_t numel = layout_.numels[i];
-  if (!local) return source.slice(0, layout_.offsets[i], layout_.offsets[i] + numel).to(at::kFloat).reshape(shapes_[i]);
+  at::Tensor source = value_source(u, what, local);
+  const int64_t numel = u.layout.numels[j];
+  if (!local) return source.slice(0, u.layout.offsets[j], u.layout.offsets[j] + numel).to(at::kFloat).reshape(shapes_[i]);
   at::Tensor whole = at::zeros({numel}, at::TensorOptions().dtype(at::kFloat).device(source.device()));
-  for (const zero::Fragment& f : fragments())
-    if (f.param == static_cast<int64_t>(i))
-      whole.slice(0, f.begin, f.end).copy_(source.slice(0, f.local, f.local + (f.end - f.begin)));
+  for (const zero::Fragment& f : u.fragments())
+    if (f.param == j) whole.slice(0, f.begin, f.end).copy_(source.slice(0, f.local, f.local + (f.end - f.begin)));
   // Each element is one rank's value plus zeros: the sum is exact.
-  if (partitioned_ && world_->size() > 1) all_reduce_sum(whole);
+  if (partitioned_ && u.world->size() > 1) u.all_reduce_sum(whole);
   return whole.reshape(shapes_[i]);
 }
 
 void Engine::set_full_value(size_t i, const std::string& what, const at::Tensor& value) {
   ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
   ZEAL_CHECK(what != "grad", "gradients are set by backward, not set_full_value");
-  ZEAL_CHECK(value.numel() == layout_.numels[i], "parameter '", names_[i], "' has ", layout_.numels[i],
+  Unit& u = unit_of(i);
+  const int64_t j = static_cast<int64_t>(index_in_unit(i));
+  ZEAL_CHECK(value.numel() == u.layout.numels[j], "parameter '", names_[i], "' has ", u.layout.numels[j],
              " elements, the value given has ", value.numel());
   bool local = false;
-  at::Tensor target = value_source(what, local);
+  at::Tensor target = value_source(u, what, local);
   const at::Tensor flat = value.detach().reshape({-1}).to(target.options());
-  for (const zero::Fragment& f : fragments())
-    if (f.param == static_cast<int64_t>(i))
-      target.slice(0, f.local, f.local + (f.end - f.begin)).copy_(flat.slice(0, f.begin, f.end));
+  const std::vector<zero::Fragment> mine = u.fragments();
+  for (const zero::Fragment& f : mine)
+    if (f.param == j) target.slice(0, f.local, f.local + (f.end - f.begin)).copy_(flat.slice(0, f.begin, f.end));
   if (what != "fp32") return;
-  if (partition_) {
+  if (u.partition) {
     // Stage 3 gathers the parameter from its shard: the owned chunks take the new values too.
-    for (const zero::Fragment& f : fragments())
-      if (f.param == static_cast<int64_t>(i)) partition_->write_shard(f.local, master_.slice(0, f.local, f.local + (f.end - f.begin)));
-    partition_->refresh();
+    for (const zero::Fragment& f : mine)
+      if (f.param == j) u.partition->write_shard(f.local, u.master.slice(0, f.local, f.local + (f.end - f.begin)));
+    u.partition->refresh();
     return;
   }
-  publish_parameters(master_);
+  u.publish(u.master);
 }
 
 void Engine::set_lr(const std::vector<double>& lrs) {
@@ -770,9 +774,10 @@ std::vector<double> Engine::get_mom() const {
 }
 
 std::vector<std::array<int64_t, 3>> Engine::segments() const {
+  const Unit& u = only_unit("segments");
   std::vector<std::array<int64_t, 3>> out;
-  for (size_t k = 0; k < segments_.size(); ++k)
-    out.push_back({static_cast<int64_t>(segment_group_[k]), segments_[k].begin, segments_[k].end});
+  for (size_t k = 0; k < u.segments.size(); ++k)
+    out.push_back({static_cast<int64_t>(u.segment_group[k]), u.segments[k].begin, u.segments[k].end});
   return out;
 }
 

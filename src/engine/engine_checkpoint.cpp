@@ -32,16 +32,17 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   JsonProblem problem;
   ZEAL_CHECK_AS(CheckpointError, parse_json(client_state_json, client, problem), "client_state cannot be saved: ",
                 problem.describe());
+  Unit& u = only_unit("save_checkpoint");
   // One identity for the whole save, in every shard (Note [Checkpoint integrity]).
   at::Tensor id = at::zeros({32}, at::TensorOptions().dtype(at::kByte));
-  if (world_->rank() == 0) {
+  if (u.world->rank() == 0) {
     std::string fresh = checkpoint::new_save_id();
     std::memcpy(id.data_ptr(), fresh.data(), 32);
   }
-  if (world_->size() > 1) world_->broadcast(id, {0})->wait();
+  if (u.world->size() > 1) u.world->broadcast(id, {0})->wait();
   const std::string save_id(static_cast<const char*>(id.data_ptr()), 32);
-  const int rank = world_->rank();
-  checkpoint::AtomicSave save(world_, save_dir, tag);  // Note [Atomic checkpoints]
+  const int rank = u.world->rank();
+  checkpoint::AtomicSave save(u.world, save_dir, tag);  // Note [Atomic checkpoints]
   const std::string& tmp_dir = save.tmp_dir();
   const std::string& final_dir = save.final_dir();
 
@@ -49,18 +50,19 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   save.write("writing shards", partitioned_ || rank == 0, [&] {
     struct Release {  // NVMe offload: the swapped state in host memory only while it is written
       Engine* engine;
+      Unit* unit;
       ~Release() {
-        if (engine) engine->release_swapped(false);
+        if (unit) engine->release_swapped(*unit, false);
       }
-    } release{swapper_ ? this : nullptr};
-    if (swapper_) materialize_swapped();
-    std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", master_}};
-    for (const std::string& name : optimizer_->state_names()) tensors.push_back({name, optimizer_->state(name)});
+    } release{this, u.swapper ? &u : nullptr};
+    if (u.swapper) materialize_swapped(u);
+    std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", u.master}};
+    for (const std::string& name : u.optimizer->state_names()) tensors.push_back({name, u.optimizer->state(name)});
     auto progress = [this](const std::string& point) {
       if (fault_hook_ && point == "half") fault_hook_("shard_half");
     };
     checkpoint::write_safetensors((fs::path(tmp_dir) / checkpoint::shard_file_name(rank)).string(), tensors,
-                                  checkpoint::shard_metadata(save_id, tag, rank, world_->size()), progress);
+                                  checkpoint::shard_metadata(save_id, tag, rank, u.world->size()), progress);
   });
 
   auto seal = [&] {
@@ -68,14 +70,14 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
     m.save_id = save_id;
     m.part = tag;
     m.stage = stage_;
-    m.world_size = world_->size();
+    m.world_size = u.world->size();
     m.model_dtype = c10::toString(model_dtype_);
-    m.optimizer = optimizer_->name();
-    m.state_names = optimizer_->state_names();
+    m.optimizer = u.optimizer->name();
+    m.state_names = u.optimizer->state_names();
     for (size_t i = 0; i < params_.size(); ++i)
-      m.params.push_back({names_[i], shapes_[i], layout_.numels[i], splits_[i], aliases_[i]});
-    for (int r = 0; r < world_->size(); ++r) {
-      m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(layout_, layout_.owned(r, partitioned_))
+      m.params.push_back({names_[i], shapes_[i], u.layout.numels[i], splits_[i], aliases_[i]});
+    for (int r = 0; r < u.world->size(); ++r) {
+      m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(u.layout, u.layout.owned(r, partitioned_))
                                                    : std::vector<zero::Fragment>{});
       m.shard_seals.push_back(m.fragments.back().empty() ? checkpoint::FileSeal{}
                                                          : checkpoint::seal_of((fs::path(tmp_dir) /
@@ -87,8 +89,8 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
                    {"micro_steps", micro_steps_},
                    {"skipped_steps", skipped_steps_},
                    {"scheduler_iteration", scheduler_iteration_},
-                   {"optimizer_steps", optimizer_->steps_taken()},
-                   {"optimizer_scalars", optimizer_->scalars()},
+                   {"optimizer_steps", u.optimizer->steps_taken()},
+                   {"optimizer_scalars", u.optimizer->scalars()},
                    {"lr", get_lr()},
                    {"loss_scaler",
                     {{"scale", s.scale},
@@ -98,7 +100,7 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
     m.engine_state = engine.dump();
     m.client_state = client.dump();
     const std::string extra_path = (fs::path(tmp_dir) / checkpoint::kExtraName).string();
-    checkpoint::write_safetensors(extra_path, extra, checkpoint::shard_metadata(save_id, tag, 0, world_->size()));
+    checkpoint::write_safetensors(extra_path, extra, checkpoint::shard_metadata(save_id, tag, 0, u.world->size()));
     m.extra_seal = checkpoint::seal_of(extra_path);
     checkpoint::write_manifest((fs::path(tmp_dir) / checkpoint::kManifestName).string(), m);
   };
@@ -152,22 +154,23 @@ std::pair<std::string, std::string> Engine::load_parts(const std::function<std::
                                                        bool load_optimizer_states, bool load_lr_scheduler_states,
                                                        bool load_module_only) {
   // Any rank's failure fails every rank at once (no rank is left waiting in a collective).
+  Unit& u = only_unit("load_checkpoint");
   std::string error;
   std::pair<std::string, std::string> result;
   try {
-    if (swapper_) materialize_swapped();  // NVMe offload: loaded into host memory, then swapped out
+    if (u.swapper) materialize_swapped(u);  // NVMe offload: loaded into host memory, then swapped out
     result = load_checkpoint_local(locate(), load_optimizer_states, load_lr_scheduler_states, load_module_only);
   } catch (const std::exception& e) {
     error = e.what();
   }
-  if (!error.empty() && swapper_ && master_.defined()) release_swapped(false);  // the swap files are untouched
-  agree_or_throw(*world_, error, "checkpoint load");
-  publish_parameters(master_);
-  if (swapper_) release_swapped(true);
+  if (!error.empty() && u.swapper && u.master.defined()) release_swapped(u, false);  // the swap files are untouched
+  agree_or_throw(*u.world, error, "checkpoint load");
+  u.publish(u.master);
+  if (u.swapper) release_swapped(u, true);
   // The compressed optimizers' error buffers are not saved: they start from zero after a load, as
   // DeepSpeed's do (each rank's differ, and they would tie the checkpoint to its world size).
-  onebit_state_.reset();
-  if (master_.defined()) optimizer_->state_loaded(master_);
+  u.onebit_state.reset();
+  if (u.master.defined()) u.optimizer->state_loaded(u.master);
   zero_grad();
   log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
   return result;
@@ -181,6 +184,7 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
   // engine): every parameter is looked up by name in the parts in order; the first part holds the
   // counters every part shares.
   ZEAL_CHECK_AS(CheckpointError, !dirs.empty(), "load_checkpoint: no checkpoint directory given");
+  Unit& u = only_unit("load_checkpoint");
   std::vector<std::unique_ptr<checkpoint::CheckpointReader>> readers;
   for (const std::string& d : dirs) readers.push_back(std::make_unique<checkpoint::CheckpointReader>(d));
   const std::string dir = dirs.front();
@@ -208,12 +212,12 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
   }
   const bool optimizer_too = load_optimizer_states && !load_module_only;
   if (optimizer_too)
-    ZEAL_CHECK_AS(CheckpointError, m.optimizer == optimizer_->name(), "checkpoint ", dir, " holds ", m.optimizer,
-                  " state but the config's optimizer is ", optimizer_->name(),
+    ZEAL_CHECK_AS(CheckpointError, m.optimizer == u.optimizer->name(), "checkpoint ", dir, " holds ", m.optimizer,
+                  " state but the config's optimizer is ", u.optimizer->name(),
                   "; pass load_optimizer_states=False to load the weights only");
 
   // This rank's elements under the current layout, whatever layout wrote them.
-  const std::vector<zero::Fragment> mine = zero::fragments(layout_, owned_);
+  const std::vector<zero::Fragment> mine = zero::fragments(u.layout, u.owned);
   auto fill = [&](const std::string& what, at::Tensor& target) {
     for (const zero::Fragment& f : mine) {
       at::Tensor piece = target.slice(0, f.local, f.local + (f.end - f.begin));
@@ -227,14 +231,14 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
       }
     }
   };
-  fill("master", master_);
+  fill("master", u.master);
   json engine = json::parse(m.engine_state);
   if (optimizer_too) {
     // The model-dtype weights follow from the master weights (publish_parameters, by the caller).
-    for (const std::string& name : m.state_names) fill(name, optimizer_->state(name));
-    optimizer_->set_steps_taken(engine.at("optimizer_steps").get<int64_t>());
+    for (const std::string& name : m.state_names) fill(name, u.optimizer->state(name));
+    u.optimizer->set_steps_taken(engine.at("optimizer_steps").get<int64_t>());
     if (engine.contains("optimizer_scalars"))
-      optimizer_->restore_scalars(engine.at("optimizer_scalars").get<std::map<std::string, std::vector<double>>>());
+      u.optimizer->restore_scalars(engine.at("optimizer_scalars").get<std::map<std::string, std::vector<double>>>());
     const json& s = engine.at("loss_scaler");
     precision_.scaler().restore({s.at("scale").get<double>(), s.at("current_hysteresis").get<int64_t>(),
                      s.at("iteration").get<int64_t>(), s.at("last_overflow_iteration").get<int64_t>()});

@@ -135,9 +135,9 @@ def test_engine_backward_names_a_rank_that_skipped_it():
     assert time.monotonic() - start < 60
 
 
-def test_engines_take_their_groups_from_the_mesh_and_their_parameters_placement(run_ranks):
+def test_engines_take_their_groups_from_the_mesh_and_their_parameters_placement(run_ranks, tmp_path):
     # 4 ranks as data 2 x sequence 2: dense weights reduce over all four, weights split over
-    # sequence over their data pair with the norm summed across the halves, at ZeRO 0-3, each equal
-    # to torch; an engine with two reduction groups is refused by name (ranks/mesh_engine.py).
-    proc = run_ranks(4, "mesh_engine.py", timeout=400)
+    # sequence over their data pair with the norm summed across the halves, and one model with both
+    # (two sharded-state units in one engine), at ZeRO 0-3, each equal to torch (ranks/mesh_engine.py).
+    proc = run_ranks(4, "mesh_engine.py", "--tmp", str(tmp_path), timeout=400)
     assert proc.stdout.count("MESH-OK") == 4, proc.stdout + proc.stderr

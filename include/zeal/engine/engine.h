@@ -30,6 +30,7 @@
 #include "zeal/core/config.h"
 #include "zeal/engine/grad_reducer.h"
 #include "zeal/engine/precision.h"
+#include "zeal/engine/unit.h"
 #include "zeal/offload/optimizer_swapper.h"
 #include "zeal/optim/loss_scaler.h"
 #include "zeal/optim/lr_scheduler.h"
@@ -116,7 +117,8 @@ class Engine {
     for (const optim::ParamGroup& g : groups_) out.push_back(g.betas);
     return out;
   }
-  // The optimizer's segments in local (owned, fp32 master) coordinates: {group, begin, end}.
+  // The optimizer's segments in local (owned, fp32 master) coordinates: {group, begin, end}
+  // (one unit only: a client optimizer steps them).
   std::vector<std::array<int64_t, 3>> segments() const;
   double loss_scale() const { return precision_.loss_scale(); }
   bool dynamic_loss_scale() const { return precision_.dynamic(); }
@@ -126,19 +128,29 @@ class Engine {
   bool computes_grad_norm() const { return precision_.computes_grad_norm(); }
   const BatchSizes& batch() const { return batch_; }
   const Config& config() const { return config_; }
-  const comm::CommunicatorPtr& world() const { return world_; }  // the gradient-reduction group
+  // The data-parallel group of the batch: the largest unit's reduction group (the dense weights').
+  const comm::CommunicatorPtr& world() const { return primary().world; }
   const std::shared_ptr<parallel::ProcessGroups>& mesh() const { return mesh_; }
-  const std::vector<std::string>& reduction_axes() const { return reduction_axes_; }
+  const std::vector<std::string>& reduction_axes() const { return primary().axes; }
+  // The sharded-state units (Note [Sharded-state units]), one per reduction group, in the order
+  // their first parameters appear; and which unit holds parameter i, at which unit index.
+  const std::vector<std::unique_ptr<Unit>>& units() const { return units_; }
+  Unit& unit_of(size_t i) { return *units_[unit_of_.at(i)]; }
+  size_t index_in_unit(size_t i) const { return index_in_unit_.at(i); }
   at::ScalarType model_dtype() const { return model_dtype_; }
-  size_t num_buckets() const { return reducer_->num_buckets(); }
+  size_t num_buckets() const;
   int64_t stage() const { return stage_; }
-  int64_t flat_numel() const { return layout_.total; }    // padded flat buffer, every rank
-  int64_t master_numel() const { return layout_.shard_size(partitioned_); }  // fp32 master weights on this rank
+  int64_t flat_numel() const;    // padded flat buffers, every rank (all units)
+  int64_t master_numel() const;  // fp32 master weights on this rank (all units)
   // Where the master weights live: a device name, or "nvme" when they are swapped to files.
-  std::string master_location() const { return swapper_ ? "nvme" : master_.device().str(); }
-  offload::OptimizerSwapper* swapper() { return swapper_.get(); }  // NVMe offload only, else null
-  optim::Optimizer& optimizer() { return *optimizer_; }
-  int64_t grad_shard_numel() const { return grad_shard_.defined() ? grad_shard_.numel() : 0; }
+  std::string master_location() const {
+    const Unit& u = *units_.front();
+    return u.swapper ? "nvme" : u.master.device().str();
+  }
+  // The optimizer: every unit runs one of the same kind and settings, stepped together; this is the
+  // first unit's (its name, steps and state names are every unit's).
+  optim::Optimizer& optimizer() { return *units_.front()->optimizer; }
+  int64_t grad_shard_numel() const;
   // comms_logger: calls and message bytes per op since the engine was made (empty when off).
   std::map<std::string, comm::OpCount> comms_counts() const;
   // Communication rounds the optimizer skipped (0/1 Adam's local steps).
@@ -150,11 +162,13 @@ class Engine {
   const std::vector<at::Tensor>& parameters() const { return params_; }
   const std::vector<std::string>& parameter_names() const { return names_; }
   const std::vector<std::vector<int64_t>>& parameter_shapes() const { return shapes_; }
-  zero::ParamPartition* partition() { return partition_.get(); }  // stage 3 only, else null
-  // This rank's fragment table (zero/layout.h) and the shard buffers it indexes.
-  std::vector<zero::Fragment> fragments() const { return zero::fragments(layout_, owned_); }
-  const at::Tensor& grad_shard() const { return grad_shard_; }
-  const at::Tensor& master() const { return master_; }
+  // Stage 3 (else null): the partition of a one-unit engine; with several units, each unit's
+  // (unit_of / index_in_unit route a parameter to it).
+  zero::ParamPartition* partition() { return units_.size() == 1 ? units_.front()->partition.get() : nullptr; }
+  // This rank's fragment table (zero/layout.h) and the shard buffers it indexes (one unit only).
+  std::vector<zero::Fragment> fragments() const { return only_unit("fragments").fragments(); }
+  const at::Tensor& grad_shard() const { return only_unit("grad_shard").grad_shard; }
+  const at::Tensor& master() const { return only_unit("master").master; }
   // ZeRO debugging (DeepSpeed's safe_get_full_grad / _fp32_param / _optimizer_state): parameter i's
   // whole `what` as fp32 of its shape, on every rank. what: "grad" (the reduced gradient, between
   // backward on the accumulation boundary and step), "fp32" (the master weights) or an optimizer
@@ -216,52 +230,38 @@ class Engine {
   std::pair<std::string, std::string> load_checkpoint_local(const std::vector<std::string>& dirs,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only);
-  // From the parameters' placements: reduction_axes_, world_, model_parallel_, uncounted_params_.
-  void derive_groups(const std::vector<parallel::Placement>& placements);
-  void init_stage3(const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options, bool with_master);
+  // From the parameters' placements: the units, each with its reduction group, and the parameters in them.
+  void make_units(const std::vector<parallel::Placement>& placements);
+  // One unit's flat buffers, master weights, optimizer, reducer and partition.
+  void build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, const std::vector<size_t>& group_of_param,
+                  std::unique_ptr<optim::Optimizer> client_optimizer);
+  void init_stage3(Unit& u, const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options,
+                   bool with_master);
+  const Unit& primary() const { return *units_[primary_]; }
+  Unit& only_unit(const char* what) const;  // the one unit, or an error naming `what`
   bool next_backward_is_boundary() const;  // the rule as run_backward needs it (before counting)
   void apply_lr(int64_t iteration);
   void log_step();
-  at::Tensor gather_owned(const at::Tensor& flat) const;  // the owned ranges of a flat buffer, concatenated
-  // Unscales grads in place (by inv_scale) and returns the whole model's sum of squares of the
-  // result, each value once (Note [Parameter placement]). grads: local (owned) coordinates when
-  // `partitioned`, flat ones otherwise.
-  double global_sum_squares(const at::Tensor& grads, double inv_scale, bool partitioned);
+  // This unit's gradients for the step, in fp32 (staged on the host with offload).
+  at::Tensor step_gradients(Unit& u, bool flat_step);
   void run_backward(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads,
                     bool retain_graph = false);
-  // The local tensor holding `what` (full_value) and whether it is in local (owned) coordinates.
-  at::Tensor value_source(const std::string& what, bool& local);
-  // The whole flat buffer from every rank's owned values of it (a sum all-reduce over zeros).
-  at::Tensor gather_whole(const at::Tensor& local);
-  void all_reduce_sum(at::Tensor& values);  // over the data-parallel ranks, in place
-  void all_reduce_values(at::Tensor& values, comm::ReduceOp op, comm::Communicator& group);
-  // The updated weights (the fp32 master, or the model-dtype copy the optimizer wrote beside it)
-  // -> the model's parameters on every rank.
-  void publish_parameters(const at::Tensor& source);
-  // The two halves of publishing: this rank's updated values (fp32, owned coordinates from
-  // local_begin) into the model-dtype parameters it owns; then the collective that spreads them.
-  void write_model_values(int64_t local_begin, const at::Tensor& values);
-  void gather_published();
-  at::Tensor read_model_values(int64_t local_begin, int64_t local_end);  // owned, as fp32
-
+  // The local tensor of unit u holding `what` (full_value) and whether it is in local (owned) coordinates.
+  at::Tensor value_source(Unit& u, const std::string& what, bool& local);
   // NVMe offload (offload/optimizer_swapper.h): the swap files start as the model's weights and
   // the optimizer's initial state; the step visits them a sub-group at a time. A checkpoint
   // materialises master_ and the state in host memory for the length of the save or load.
-  void stage_bucket_on_host(int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end);
-  void init_swap(int64_t shard);
-  void step_swapped(const at::Tensor& grads);
-  void materialize_swapped();
-  void release_swapped(bool write_back);
+  void stage_bucket_on_host(Unit& u, int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end);
+  void init_swap(Unit& u);
+  void step_swapped(Unit& u, const at::Tensor& grads);
+  void materialize_swapped(Unit& u);
+  void release_swapped(Unit& u, bool write_back);
 
   Config config_;
   std::shared_ptr<parallel::ProcessGroups> mesh_;
-  std::vector<std::string> reduction_axes_;  // every parameter's (Note [Parameter placement])
-  comm::CommunicatorPtr world_;              // the reduction group, on the parameters' device
-  comm::CommunicatorPtr model_parallel_;     // the complement: the other parts of one replica (null if none)
   int boundary_override_ = -1;               // set_boundary_override
   int64_t backwards_per_step_ = 0;           // set_backwards_per_step
   int64_t backwards_in_step_ = 0;            // backwards since the last applied step (pipeline)
-  std::vector<size_t> uncounted_params_;     // held here, counted in the norm by another rank
   BatchSizes batch_;
   at::ScalarType model_dtype_;
   at::Device device_{at::kCPU};
@@ -270,32 +270,14 @@ class Engine {
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<checkpoint::TensorSplit> splits_;  // parallel to names_
   std::vector<std::vector<std::string>> aliases_;  // parallel to names_ (ParamGroupSpec::aliases)
-  at::Tensor flat_params_;  // model dtype; the parameters are views into it (stages 0-2)
-  at::Tensor flat_grads_;   // model dtype; the parameters' .grad are views into it (stages 0, 1)
-  at::Tensor master_;       // fp32 master weights of the owned elements (flat_params_ itself at stage 0, fp32)
-  at::Tensor host_grads_;   // offload_optimizer: this rank's gradients staged in host memory for the step
   std::optional<at::TensorOptions> host_grads_options_;  // set when the step stages gradients on the host
-  int64_t staged_buckets_ = 0;  // buckets stage_bucket_on_host copied in this boundary's backward
-  at::Tensor host_model_copy_;  // offload_optimizer with fp16/bf16: the step's model-dtype output
-  at::Tensor grad_shard_;   // stages 2, 3: this rank's reduce-scattered gradients
-  std::unique_ptr<offload::OptimizerSwapper> swapper_;  // offload_optimizer nvme
-  comm::OneBitState onebit_state_;  // OneBitAdam: the compressed all-reduce's error buffers
-  std::unique_ptr<zero::ParamPartition> partition_;  // stage 3
-  at::Tensor stage3_shard_;                          // handed to partition_ once the reducer exists
   int64_t stage_ = 0;
   bool partitioned_ = false;  // ZeRO stage >= 1: master weights and optimizer state cover owned chunks
-  zero::FlatLayout layout_;
-  std::vector<zero::OwnedRange> owned_;
+  std::vector<std::unique_ptr<Unit>> units_;  // Note [Sharded-state units]
+  size_t primary_ = 0;                        // the unit with the largest reduction group
+  std::vector<size_t> unit_of_, index_in_unit_;  // parallel to params_
   std::vector<optim::ParamGroup> groups_;     // the user's groups (lr, betas, ...)
-  std::vector<optim::ParamGroup> segments_;   // their pieces in local (owned) coordinates
-  std::vector<size_t> segment_group_;
-  // ZeRO stage 1 with replicated optimizer state (Note [Replicated momentum] in optim/optimizer.cpp):
-  // the groups' whole flat ranges, cut where this rank's ownership starts and ends.
-  std::vector<optim::ParamGroup> flat_segments_;
-  std::vector<size_t> flat_segment_group_;
   std::vector<double> base_lrs_;
-  std::unique_ptr<GradReducer> reducer_;
-  std::unique_ptr<optim::Optimizer> optimizer_;
   std::unique_ptr<optim::LrSchedule> schedule_;
   PrecisionPolicy precision_;  // unscale, norm, overflow, clipping, loss scale
   std::function<void(const std::string&)> fault_hook_;

@@ -36,7 +36,13 @@ class PrecisionPolicy {
   // rank's own, whose overflow every rank must agree on), or null when gradients are reduced.
   Verdict judge(at::Tensor& grads, const std::function<double(at::Tensor&, double)>& global_sum_squares,
                 const std::function<bool(bool)>& any_rank) const;
-  // Scales `grads` so that their norm is at most gradient_clipping (no-op without clipping).
+  // The same over gradients held in several buffers (one per sharded-state unit): sum_squares(inv_scale)
+  // unscales them all and returns the whole model's sum of squares; unscale(inv_scale) only unscales
+  // (when no norm is needed).
+  Verdict judge(const std::function<double(double)>& sum_squares, const std::function<void(double)>& unscale,
+                const std::function<bool(bool)>& any_rank) const;
+  // Scales `grads` so that their norm (the whole model's: grad_norm) is at most gradient_clipping
+  // (no-op without clipping).
   void clip(at::Tensor& grads, double grad_norm) const;
   // After the step: grows the scale after enough clean steps, shrinks it on overflow.
   void update(bool overflow) { scaler_.update(overflow); }

@@ -7,7 +7,9 @@ the mesh cuts, and engines whose reduction and norm groups come from their param
   as a tensor-parallel slice would be): gradients reduce over data only ({s, 2 + s}), and the
   gradient norm that clipping uses is summed over both halves (the complement of data). The
   reference is two torch models trained on their data pairs' batches, clipped by their joint norm.
-- mixed tags in one engine are refused, naming both groups.
+- mixed: one model with both (the first layer's weight split over sequence, the rest dense): two
+  sharded-state units in one engine, equal to torch with each gradient averaged over its own group
+  and clipped by the joint norm; its checkpoint is refused by name (not yet written per unit).
 Each at ZeRO 0-3, fp32, 1e-5 relative. Prints MESH-OK from every rank that checked everything."""
 import argparse
 import copy
@@ -70,6 +72,7 @@ def full_params(engine):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", default="0,1,2,3")
+    ap.add_argument("--tmp", required=True, help="a directory every rank sees")
     args = ap.parse_args()
     world = zeal.world()
     check(world.size == 4, "run on 4 ranks")
@@ -121,14 +124,58 @@ def main():
         for (name, want), got in zip(refs[seq].named_parameters(), full_params(engine)):
             close(got, want.detach(), f"stage {stage} split {name}")
 
-    # Two reduction groups in one engine: refused, naming both (the engine holds one unit today).
+        # Two reduction groups in one engine (Note [Sharded-state units]): the first layer's weight is
+        # split over sequence (sequence rank s holds its own W_s, reduced over data), the rest are
+        # dense (reduced over data*sequence). Reference: one torch model per sequence rank sharing
+        # every parameter but W_s, on all four ranks' batches; each gradient is the mean over its
+        # own reduction group (the dense ones over 4 ranks, W_s over its data pair), clipped by
+        # the norm of every distinct value once.
+        refs = [mlp(0), mlp(0)]
+        for name in ("0.bias", "2.weight", "2.bias"):
+            layer, attr = name.split(".")
+            setattr(refs[1][int(layer)], attr, getattr(refs[0][int(layer)], attr))
+        for s in range(2):
+            torch.manual_seed(20 + s)
+            refs[s][0].weight.data = torch.randn(12, 6) * 0.3
+        unique = [refs[0][0].weight, refs[1][0].weight, refs[0][0].bias, refs[0][2].weight, refs[0][2].bias]
+        opt = torch.optim.AdamW(unique, lr=LR, weight_decay=0.0)
+        for step in range(STEPS):
+            opt.zero_grad()
+            sum(loss_fn(refs[r % 2], *batch(step, r)) for r in range(4)).div(4).backward()
+            for s in range(2):
+                refs[s][0].weight.grad.mul_(2)  # the mean over 2 ranks, not a quarter of their sum
+            torch.nn.utils.clip_grad_norm_(unique, CLIP)
+            opt.step()
+        model = mlp(0)
+        torch.manual_seed(20 + seq)
+        model[0].weight.data = torch.randn(12, 6) * 0.3
+        model[0].weight.zeal_split_axes = ("sequence",)
+        engine = train(model, groups, stage)
+        units = engine._core.units
+        check([(axes, size) for axes, size, _ in units] == [(["data"], 2), (["data", "sequence"], 4)],
+              f"mixed: units {units}")
+        check(units[0][2] == [0] and units[1][2] == [1, 2, 3], f"mixed: unit members {units}")
+        check(engine._core.reduction_axes == ["data", "sequence"], "the batch's group is the dense weights'")
+        check(engine.train_batch_size() == MICRO * 4, f"mixed: train batch {engine.train_batch_size()}")
+        for (name, want), got in zip(refs[seq].named_parameters(), full_params(engine)):
+            close(got, want.detach(), f"stage {stage} mixed {name}")
+        if stage < 3:
+            # The live parameters are the published master values (views of each unit's flat buffer).
+            for (name, want), got in zip(refs[seq].named_parameters(), engine.module.parameters()):
+                close(got.detach(), want.detach(), f"stage {stage} mixed live {name}")
+
+    # A checkpoint of an engine with two units is refused (not written half), naming the reason.
     model = mlp(0)
     model[0].weight.zeal_split_axes = ("sequence",)
+    engine, *_ = zeal.initialize(model=model, config=config(0), data_parallel_group=groups.group("data"))
+    save_dir = Path(args.tmp) / "two-units"
     try:
-        zeal.initialize(model=model, config=config(0), data_parallel_group=groups.group("data"))
-        check(False, "mixed placements were accepted")
+        engine.save_checkpoint(str(save_dir), tag="t")
+        check(False, "a two-unit checkpoint was accepted")
     except zeal.Error as e:
-        check("reduces its gradient over data" in str(e) and "data*sequence" in str(e), f"message: {e}")
+        check("save_checkpoint covers the parameters of one reduction group" in str(e) and "data*sequence" in str(e),
+              f"message: {e}")
+    check(not (save_dir / "t").exists(), "a refused save left a checkpoint directory")
     print(f"MESH-OK rank {rank}", flush=True)
 
 
