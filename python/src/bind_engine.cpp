@@ -187,7 +187,7 @@ void bind_engine(py::module_& m) {
       .def("optimizer_state", [](engine::Engine& e, const std::string& name) {
         ZEAL_CHECK(e.units().size() == 1, "optimizer_state covers one reduction group's shard; this engine's "
                    "parameters reduce over ", e.units().size());
-        ZEAL_CHECK(!e.units().front()->swapper, "the optimizer state of this engine lives in NVMe swap files");
+        ZEAL_CHECK(!e.units().front()->store->swapper(), "the optimizer state of this engine lives in NVMe swap files");
         return e.optimizer().state(name);  // this rank's elements, sharing storage
       }, py::arg("name"))
       .def("add_forward_time", &engine::Engine::add_forward_time)
@@ -330,6 +330,12 @@ void bind_engine(py::module_& m) {
              return p->full(j);
            })
       .def("absorb_parameter", &engine::Engine::absorb_parameter)
+      // The (host) group parameter i is reduced and partitioned over: its unit's.
+      .def("param_group",
+           [](engine::Engine& e, size_t i) {
+             if (i >= e.parameters().size()) throw Error("parameter index " + std::to_string(i) + " out of range");
+             return e.mesh()->group(e.unit_of(i).axes);
+           })
       .def("save_checkpoint",
            [](engine::Engine& e, const std::string& dir, const std::string& tag, const std::string& client_json,
               const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {

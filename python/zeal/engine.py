@@ -48,6 +48,26 @@ def _process_groups(model, data_parallel_group, model_parallel_group):
     return groups if groups is not None else mesh.build()
 
 
+def _check_init_groups(param_groups, groups):
+    """A parameter zero.Init partitioned must have been cut over the group the engine will reduce and
+    partition it over (its placement's reduction group on this mesh): the same ranks, not only as many."""
+    from . import mesh
+
+    for g in param_groups:
+        for p, name, placement in zip(g["params"], g["names"], g["placements"]):
+            init_group = getattr(p, "_zeal_group", None)
+            if init_group is None:
+                continue
+            axes = _zeal.reduction_axes(groups.mesh, placement["split"])
+            want = list(groups.mesh.group_of(axes, groups.rank))
+            got = mesh.ranks_of(init_group)
+            if got != want:
+                raise _zeal.ConfigError(
+                    f"parameter '{name}' was partitioned by zeal.zero.Init over world ranks {got}, but the engine "
+                    f"reduces and partitions it over {'*'.join(axes) or 'no axis'} (world ranks {want}); pass that "
+                    "group as zero.Init(data_parallel_group=...)")
+
+
 def _param_groups(model, model_parameters, dtype):
     params = list(model.parameters() if model_parameters is None else model_parameters)
     if params and isinstance(params[0], dict):
@@ -655,7 +675,7 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             for i, (p, shape) in enumerate(zip(core.parameters, core.parameter_shapes)):
                 p._zeal_engine, p._zeal_index = core, i
                 p.ds_shape, p.ds_numel = tuple(shape), core.param_numel(i)
-                for attr in ("_zeal_chunk", "_zeal_full_shape"):
+                for attr in ("_zeal_chunk", "_zeal_full_shape", "_zeal_group"):
                     if hasattr(p, attr):
                         delattr(p, attr)
             self._stage3 = Stage3Hooks(module, core)
@@ -1039,7 +1059,9 @@ def initialize(
     if dtype != torch.float32:
         model.to(dtype)
     groups = _process_groups(model, data_parallel_group, model_parallel_group)
-    core = _zeal.Engine(_param_groups(model, model_parameters, dtype), parsed, groups, client)
+    param_groups = _param_groups(model, model_parameters, dtype)
+    _check_init_groups(param_groups, groups)
+    core = _zeal.Engine(param_groups, parsed, groups, client)
     if client is not None:
         client.bind(core)
 

@@ -55,6 +55,16 @@ def owner(group):
     return None, None
 
 
+def ranks_of(group):
+    """The world ranks of a communicator: the world's, or those of a group one of this process's
+    meshes cut; None for a communicator Zeal did not cut."""
+    world = _zeal.world()
+    if group == world:
+        return list(range(world.size))
+    groups, axes = owner(group)
+    return None if groups is None else list(groups.mesh.group_of(axes, groups.rank))
+
+
 def placement_of(param, tied_stages=None):
     """The engine's tag for a parameter: the axes it is split over, and the stages sharing a tied copy."""
     split = list(getattr(param, "zeal_split_axes", ()))

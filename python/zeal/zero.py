@@ -218,8 +218,32 @@ def _config_dtype(cfg):
             return dtype
     return None
 
+def _partition_group(data_parallel_group):
+    """The group zero.Init partitions over: the world, or a group one of this job's meshes cut (the
+    group the engine will reduce and partition those parameters over: zeal.mesh.build(...).group(...))."""
+    from . import mesh, world
+    if data_parallel_group is None:
+        return world()
+    if mesh.ranks_of(data_parallel_group) is None:
+        raise _zeal.ConfigError("zeal.zero.Init: data_parallel_group= must be the world or a group a Zeal mesh cut "
+                                "(zeal.mesh.build(...).group('data'), zeal.tensor_parallel.make_groups); got "
+                                f"{data_parallel_group!r}")
+    return data_parallel_group
+
+
+def _group_root(group, rank):
+    """A world rank's index in `group` (the root a broadcast over it names), or an error."""
+    from . import mesh
+    ranks = mesh.ranks_of(group)
+    if ranks is None or rank not in ranks:
+        raise _zeal.ConfigError(f"GatheredParameters: modifier_rank={rank} is not a rank of the group the parameter "
+                                f"is partitioned over (world ranks {ranks})")
+    return ranks.index(rank)
+
+
 def _partition_parameter(param, comm):
-    """Replace a whole parameter by this rank's chunk of rank 0's value (kept on the parameter)."""
+    """Replace a whole parameter by this rank's chunk of the group's first rank's value (kept on the
+    parameter, with the group)."""
     world, rank = comm.size, comm.rank
     numel = param.numel()
     c = _chunk(numel, world)
@@ -229,6 +253,7 @@ def _partition_parameter(param, comm):
         comm.broadcast(full, 0).wait()
     param._zeal_full_shape = tuple(param.shape)
     param._zeal_chunk = full[rank * c:(rank + 1) * c].clone()
+    param._zeal_group = comm
     param.ds_shape = param._zeal_full_shape  # DeepSpeed's attribute names
     param.ds_numel = numel
     param.ds_id = next(_ds_ids)
@@ -238,7 +263,9 @@ def _partition_parameter(param, comm):
 class Init:
     """Partition parameters as modules are constructed, so a model larger than one rank's memory
     can be built. Each module's parameters are whole only inside its own __init__; when it
-    returns they are cut to this rank's chunk (of rank 0's values). Use as a context manager:
+    returns they are cut to this rank's chunk (of the first rank's values) over data_parallel_group
+    (the world by default; on a mesh, the group the engine will reduce them over, which it checks).
+    Use as a context manager:
 
         with zeal.zero.Init(config_dict_or_path=config):
             model = MyModel()
@@ -248,9 +275,10 @@ class Init:
                  enabled=True, dtype=None, remote_device=None, pin_memory=False, mpu=None):
         if remote_device not in (None, "none"):
             raise _zeal.ConfigError("zeal.zero.Init: remote_device (offload) is not supported yet")
-        if data_parallel_group is not None or mpu is not None:
-            raise _zeal.ConfigError("zeal.zero.Init: data_parallel_group / mpu are not supported yet; "
-                                    "Zeal partitions over the world")
+        if mpu is not None:
+            raise _zeal.ConfigError("zeal.zero.Init: mpu is not supported; pass data_parallel_group= (a group a Zeal "
+                                    "mesh cut, e.g. zeal.mesh.build(sequence=2).group(['data', 'sequence']))")
+        self.group = _partition_group(data_parallel_group)
         self.enabled = enabled
         self.dtype = dtype
         self._patched = []
@@ -269,8 +297,7 @@ class Init:
             self._partition_module(module)
 
     def _partition_module(self, module):
-        from . import world
-        comm = world()
+        comm = self.group
         for p in module.parameters(recurse=False):
             if not hasattr(p, "_zeal_chunk") and p.numel() > 0:
                 if self.dtype is not None and p.is_floating_point():
@@ -339,8 +366,6 @@ class GatheredParameters:
     def __enter__(self):
         if not self.enabled:
             return self
-        from . import world
-        comm = world()
         for p in self.params:
             depth = getattr(p, "_zeal_gather_depth", 0)
             p._zeal_gather_depth = depth + 1
@@ -349,7 +374,7 @@ class GatheredParameters:
             if hasattr(p, "_zeal_engine"):
                 p._zeal_engine.fetch_params([p._zeal_index])
             else:
-                chunk = p._zeal_chunk
+                comm, chunk = p._zeal_group, p._zeal_chunk
                 full = torch.empty(chunk.numel() * comm.size, dtype=chunk.dtype, device=chunk.device)
                 if comm.size > 1:
                     comm.all_gather(full, chunk).wait()
@@ -364,22 +389,23 @@ class GatheredParameters:
     def __exit__(self, *exc):
         if not self.enabled:
             return False
-        from . import world
-        comm = world()
         for p in self.params:
             p._zeal_gather_depth -= 1
             engine = getattr(p, "_zeal_engine", None)
+            # The group the parameter is partitioned over: its engine unit's, or zero.Init's.
+            comm = engine.param_group(p._zeal_index) if engine is not None else p._zeal_group
             if self.modifier_rank is not None:
                 # Every rank takes modifier_rank's values now; the outermost block keeps them.
+                root = _group_root(comm, self.modifier_rank)
                 if engine is not None:
                     full = engine.full_param(p._zeal_index)
                     if comm.size > 1:
-                        comm.broadcast(full, self.modifier_rank).wait()
+                        comm.broadcast(full, root).wait()
                 else:
                     full = torch.zeros(p._zeal_chunk.numel() * comm.size, dtype=p.dtype, device=p.device)
                     full[:p.numel()].copy_(p.detach().reshape(-1))
                     if comm.size > 1:
-                        comm.broadcast(full, self.modifier_rank).wait()
+                        comm.broadcast(full, root).wait()
                     with torch.no_grad():
                         p.data.copy_(full[:p.numel()].view(p._zeal_full_shape))
                 p._zeal_gather_modified = True

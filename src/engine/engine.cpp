@@ -13,7 +13,6 @@
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 #include "zeal/optim/cpu_optim.h"
-#include "zeal/offload/optimizer_swapper.h"
 #include "zeal/zero/segments.h"
 
 namespace zeal::engine {
@@ -107,16 +106,11 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
   stage_ = config_.zero_optimization.stage;
   partitioned_ = stage_ >= 1;
   make_units(placements);
-  batch_ = config_.resolve_batch(world()->size());
+  batch_ = config_.resolve_batch(parallel::samples_group_size(mesh_->mesh()));  // Note [Samples per step]
   ZEAL_CHECK_AS(ConfigError, units_.size() == 1 || !client_optimizer,
                 "the optimizer passed to initialize (optimizer=) steps one flat buffer, and this model's parameters "
                 "reduce over ", units_.size(), " groups (", mesh_->mesh().key(units_[0]->axes), ", ",
                 mesh_->mesh().key(units_[1]->axes), "); use a config 'optimizer' section");
-  // The step stages fp32 gradients on the host with ZeRO-Offload; a CPU model in fp32 already has them there.
-  const OffloadOptimizerConfig& offload_config = config_.zero_optimization.offload_optimizer;
-  if (offload_config.enabled && !(device_.is_cpu() && model_dtype_ == at::kFloat))
-    host_grads_options_ = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
-        offload_config.pin_memory && !device_.is_cpu());
   for (auto& u : units_) build_unit(*u, given_chunks, group_of_param, std::move(client_optimizer));
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
   precision_ = PrecisionPolicy(config_, stage_ >= 1);
@@ -131,7 +125,7 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
   log("engine", LogLevel::kInfo, n_params, " parameters in ", groups_.size(), " groups, ", num_buckets(),
       " buckets; ZeRO stage ", stage_, "; precision ", c10::toString(model_dtype_), "; optimizer ", optimizer().name(),
       "; batch ", batch_.train_batch_size, " = micro ", batch_.micro_batch_size, " x accumulation ",
-      batch_.gradient_accumulation_steps, " x data-parallel ", world()->size(),
+      batch_.gradient_accumulation_steps, " x data-parallel ", parallel::samples_group_size(mesh_->mesh()),
       units_.size() > 1 ? "; parameters reduce in " + std::to_string(units_.size()) + " units: " + layout : "");
   last_log_time_ = Clock::now();
 }
@@ -150,8 +144,9 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
   const int64_t shard = u.shard_size();
   auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
 
-  const OffloadOptimizerConfig& offload_config = config_.zero_optimization.offload_optimizer;
-  const bool nvme = offload_config.device == OffloadDevice::kNvme;
+  u.store = std::make_unique<MasterStore>(config_, model_dtype_, device_);
+  MasterStore& store = *u.store;
+  const bool nvme = store.nvme();
   if (stage_ == 3) {
     std::vector<at::Tensor> chunks;
     for (size_t i : u.members) chunks.push_back(given_chunks[i]);
@@ -173,36 +168,19 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
     // fp32 master weights and optimizer state cover this rank's owned elements only (all of them
     // below stage 1). NVMe offload keeps them in swap files instead (set up below).
     if (!nvme)
-      u.master = partitioned_ ? u.gather_owned(u.flat_params).to(at::kFloat)
-                              : (model_dtype_ == at::kFloat ? u.flat_params : u.flat_params.to(at::kFloat));
+      store.place(partitioned_ ? u.gather_owned(u.flat_params).to(at::kFloat)
+                               : (model_dtype_ == at::kFloat ? u.flat_params : u.flat_params.to(at::kFloat)));
   }
-  // ZeRO-Offload (zero_optimization.offload_optimizer): the fp32 master weights, the optimizer state
-  // and a gradient staging buffer live in host memory and the step runs on the CPU kernels; with
-  // device "nvme" the master weights and the state live in swap files (offload/optimizer_swapper.h)
-  // and the step visits them a sub-group at a time.
-  const bool offload = offload_config.enabled;
-  const auto host = at::TensorOptions().dtype(at::kFloat).device(at::kCPU).pinned_memory(
-      offload && offload_config.pin_memory && !device_.is_cpu());
-  if (offload && u.master.defined()) {
-    at::Tensor on_host = at::empty({u.master.numel()}, host);
-    on_host.copy_(u.master);
-    u.master = on_host;
-  }
+  // The optimizer runs where the master weights live (Note [Master store]): with offload, on the CPU
+  // kernels, a sub-group at a time with NVMe.
+  const bool offload = store.offload();
   const int64_t sub_group = nvme ? std::max<int64_t>(1, std::min(config_.zero_optimization.sub_group_size, shard)) : shard;
   u.optimizer = client_optimizer ? std::move(client_optimizer)
                                  : optim::make_optimizer(config_.optimizer, sub_group,
                                                          offload ? at::Device(at::kCPU) : device_,
                                                          static_cast<int64_t>(u.params.size()), partitioned_);
   optim::Optimizer& optimizer = *u.optimizer;
-  if (nvme) {
-    init_swap(u);
-  } else if (offload && model_dtype_ != at::kFloat) {
-    // The step writes the fp16 / bf16 weights beside the fp32 ones where it can: half the bytes
-    // to send back to the device, and no cast pass.
-    u.host_model_copy = at::empty({u.master.numel()}, host.dtype(model_dtype_));
-    u.host_model_copy.copy_(u.master);  // elements no segment covers (padding) keep their values
-    optimizer.set_model_copy(u.host_model_copy);
-  }
+  store.bind(optimizer, shard, [&u](int64_t b, int64_t e) { return u.read_model_values(b, e); });
   Unit* unit = &u;
   if (config_.optimizer.compressed() && u.world->size() > 1)
     optimizer.set_compressed_averager(
@@ -239,7 +217,7 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
   // The reducer creates the gradient accumulators, which record each parameter's shape: so it
   // comes before stage 3 releases the parameters.
   u.reducer = std::make_unique<GradReducer>(u.params, u.layout, u.flat_grads, u.grad_shard, u.world, config_, hooks);
-  if (host_grads_options_)
+  if (store.stages_gradients())
     u.reducer->set_bucket_final([this, unit](int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
       stage_bucket_on_host(*unit, flat_begin, flat_end, shard_begin, shard_end);
     });
@@ -367,7 +345,7 @@ void Engine::init_stage3(Unit& u, const std::vector<at::Tensor>& given_chunks, c
     }
     local += c;
   }
-  if (with_master) u.master = shard.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  if (with_master) u.store->place(shard.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true));
   u.stage3_shard = shard;
   // Parameters given whole still have their shape here, which the gradient accumulators record.
   for (size_t i = 0; i < u.params.size(); ++i)
@@ -379,21 +357,14 @@ void Engine::absorb_parameter(size_t i) {
   Unit& u = unit_of(i);
   const size_t j = index_in_unit(i);
   ZEAL_CHECK(u.partition, "absorb_parameter is for ZeRO stage 3");
-  if (!u.swapper) {
-    u.partition->absorb(j, &u.master);
+  if (!u.store->swapper()) {
+    u.partition->absorb(j, &u.store->master());
     return;
   }
-  // The swapped master takes the chunk too: every sub-group it overlaps is read, patched, written.
+  // The swapped master takes the chunk too.
   u.partition->absorb(j, nullptr);
-  const int64_t lo = u.partition->chunk_begin(j), hi = lo + u.partition->chunk_size(j);
-  const at::Tensor chunk = u.partition->read_shard(lo, hi);
-  offload::OptimizerSwapper& swapper = *u.swapper;
-  swapper.for_each(
-      [&](int64_t k, std::vector<at::Tensor>& views) {
-        const int64_t b = std::max(lo, swapper.begin(k)), e = std::min(hi, swapper.end(k));
-        if (b < e) views[0].slice(0, b - swapper.begin(k), e - swapper.begin(k)).copy_(chunk.slice(0, b - lo, e - lo));
-      },
-      /*read=*/true, /*write_back=*/true);
+  const int64_t lo = u.partition->chunk_begin(j);
+  u.store->patch(lo, u.partition->read_shard(lo, lo + u.partition->chunk_size(j)));
 }
 
 std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
@@ -401,8 +372,8 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
   int64_t params = 0, grads = 0, master = 0, optimizer = 0;
   for (const auto& unit : units_) {
     const Unit& u = *unit;
-    grads += bytes(u.flat_grads) + bytes(u.grad_shard) + bytes(u.host_grads);
-    params += bytes(u.host_model_copy);
+    grads += bytes(u.flat_grads) + bytes(u.grad_shard) + u.store->grad_bytes();
+    params += u.store->model_copy_bytes();
     if (u.partition) {
       params += bytes(u.partition->shard());
       for (size_t i = 0; i < u.params.size(); ++i)
@@ -410,9 +381,8 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
     } else {
       params += bytes(u.flat_params);
     }
-    master += (u.master.defined() && !u.master.is_same(u.flat_params)) ? bytes(u.master) : 0;
-    // NVMe offload: the host holds a few sub-groups of master weights and state, the rest is on disk.
-    optimizer += u.swapper ? u.swapper->host_buffer_bytes() : u.optimizer->state_bytes();
+    master += u.store->master_bytes(u.flat_params);
+    optimizer += u.store->optimizer_bytes(*u.optimizer);
   }
   return {{"params", params}, {"grads", grads}, {"master", master}, {"optimizer", optimizer}};
 }
@@ -467,7 +437,7 @@ void Engine::run_backward(const std::vector<at::Tensor>& outputs, const std::vec
   }
   // One autograd pass fills every unit's buckets; each unit reduces over its own group.
   for (auto& u : units_) {
-    if (boundary) u->staged_buckets = 0;
+    if (boundary) u->store->begin_backward();
     // 1-bit Adam past its freeze step reduces the momentum (compressed), not the gradients.
     u->reducer->prepare(boundary && !u->optimizer->local_gradients());
   }
@@ -532,11 +502,13 @@ void Engine::step() {
       precision_.clip(grads[k], last_grad_norm_);
       refresh(u.segments, u.segment_group);
       refresh(u.flat_segments, u.flat_segment_group);
-      if (u.swapper) {
-        step_swapped(u, grads[k]);
+      const at::Tensor updated =
+          u.store->step(*u.optimizer, grads[k], flat_step ? u.flat_segments : u.segments,
+                        [&u](int64_t local_begin, const at::Tensor& values) { u.write_model_values(local_begin, values); });
+      if (updated.defined()) {
+        u.publish(updated);
       } else {
-        u.optimizer->step(u.master, grads[k], flat_step ? u.flat_segments : u.segments);
-        u.publish(u.optimizer->writes_model_copy() ? u.host_model_copy : u.master);
+        u.gather_published();  // NVMe: each sub-group was written as it was stepped
       }
     }
     precision_.update(false);
@@ -558,28 +530,13 @@ void Engine::step() {
 
 at::Tensor Engine::step_gradients(Unit& u, bool flat_step) {
   // This rank's gradients in fp32: all of them below stage 1, its owned chunks from stage 1 on
-  // (stage 2 reduce-scattered them into grad_shard).
-  at::Tensor grads;
-  if (host_grads_options_ && u.staged_buckets == static_cast<int64_t>(u.reducer->num_buckets())) {
-    grads = u.host_grads;  // offload: staged on the host bucket by bucket as the reduction finished them
-    log("engine", LogLevel::kDebug, "step ", global_steps_ + 1, ": gradients staged on the host in ", u.staged_buckets,
-        " buckets during backward");
-    if (device_.is_cuda()) (void)at::zeros({1}, at::TensorOptions().device(device_)).item<float>();
-    // (a blocking read on the same stream: the non-blocking bucket copies queued before it are done)
-  } else if (flat_step) {
-    grads = u.flat_grads;  // replicated optimizer state (stage 1): this rank's whole, unreduced gradient
-  } else {
-    grads = u.grad_shard.defined() ? u.grad_shard : (partitioned_ ? u.gather_owned(u.flat_grads) : u.flat_grads);
-  }
-  u.staged_buckets = 0;
-  if (host_grads_options_ && !grads.is_same(u.host_grads)) {  // offload: to host fp32 in one copy
-    if (!u.host_grads.defined()) u.host_grads = at::empty({grads.numel()}, *host_grads_options_);
-    u.host_grads.copy_(grads);
-    grads = u.host_grads;
-  } else if (grads.scalar_type() != at::kFloat) {
-    grads = grads.to(at::kFloat);
-  }
-  return grads;
+  // (stage 2 reduce-scattered them into grad_shard); with offload, staged on the host.
+  return u.store->step_gradients(
+      [&] {
+        if (flat_step) return u.flat_grads;  // replicated optimizer state (stage 1): the whole, unreduced gradient
+        return u.grad_shard.defined() ? u.grad_shard : (partitioned_ ? u.gather_owned(u.flat_grads) : u.flat_grads);
+      },
+      u.reducer->num_buckets());
 }
 
 void Engine::zero_grad() {
@@ -592,103 +549,14 @@ void Engine::zero_grad() {
 void Engine::stage_bucket_on_host(Unit& u, int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
   // ZeRO-Offload: this bucket's final gradients (owned part) go to the host buffer now, while the
   // reduction of later buckets, and with reduce-scatter the rest of backward, goes on.
-  if (!u.host_grads.defined()) u.host_grads = at::empty({u.shard_size()}, *host_grads_options_);
-  const bool async = device_.is_cuda() && u.host_grads.is_pinned();
+  MasterStore& store = *u.store;
   if (u.grad_shard.defined()) {
-    u.host_grads.slice(0, shard_begin, shard_end).copy_(u.grad_shard.slice(0, shard_begin, shard_end), async);
+    store.stage(u.shard_size(), shard_begin, u.grad_shard.slice(0, shard_begin, shard_end));
   } else {
     for (const zero::OwnedPiece& p : zero::owned_pieces_flat(u.owned, flat_begin, flat_end))
-      u.host_grads.slice(0, p.local_begin, p.local_begin + p.size)
-          .copy_(u.flat_grads.slice(0, p.flat_begin, p.flat_begin + p.size), async);
+      store.stage(u.shard_size(), p.local_begin, u.flat_grads.slice(0, p.flat_begin, p.flat_begin + p.size));
   }
-  ++u.staged_buckets;
-}
-
-void Engine::init_swap(Unit& u) {
-  optim::Optimizer& optimizer = *u.optimizer;
-  if (config_.optimizer.type == OptimizerType::kSgd && config_.optimizer.momentum != 0.0)
-    optimizer.state("momentum_buffer");  // allocated on first use otherwise, and so not yet named
-  std::vector<std::string> names{"master"};
-  for (const std::string& name : optimizer.state_names()) names.push_back(name);
-  const OffloadOptimizerConfig& o = config_.zero_optimization.offload_optimizer;
-  offload::NvmeSwapConfig swap;
-  swap.nvme_path = o.nvme_path;
-  swap.sub_group_size = config_.zero_optimization.sub_group_size;
-  swap.buffer_count = o.buffer_count;
-  swap.pipeline_read = o.pipeline_read;
-  swap.pipeline_write = o.pipeline_write;
-  swap.aio = config_.aio;
-  u.swapper = std::make_unique<offload::OptimizerSwapper>(swap, u.shard_size(), names);
-  offload::OptimizerSwapper& swapper = *u.swapper;
-  // Every sub-group starts as the model's values (cast to fp32) and the optimizer's initial state,
-  // which the optimizer built for one sub-group and is the same for every element.
-  swapper.for_each(
-      [&](int64_t k, std::vector<at::Tensor>& views) {
-        views[0].copy_(u.read_model_values(swapper.begin(k), swapper.end(k)));
-        for (size_t j = 1; j < views.size(); ++j)
-          views[j].copy_(optimizer.state(names[j]).slice(0, 0, views[j].numel()));
-      },
-      /*read=*/false, /*write_back=*/true);
-  // The step binds the state to the swap buffers; the optimizer's own allocation is not needed again.
-  for (size_t j = 1; j < names.size(); ++j) optimizer.state(names[j]) = at::empty({0}, at::kFloat);
-}
-
-void Engine::step_swapped(Unit& u, const at::Tensor& grads) {
-  optim::Optimizer& optimizer = *u.optimizer;
-  offload::OptimizerSwapper& swapper = *u.swapper;
-  optimizer.begin_step();
-  const std::vector<std::string>& names = swapper.names();
-  std::vector<optim::ParamGroup> local;
-  swapper.for_each(
-      [&](int64_t k, std::vector<at::Tensor>& views) {
-        const int64_t b = swapper.begin(k), e = swapper.end(k);
-        for (size_t j = 1; j < views.size(); ++j) optimizer.state(names[j]) = views[j];
-        local.clear();  // the segments' pieces inside this sub-group, in its coordinates
-        for (const optim::ParamGroup& segment : u.segments) {
-          const int64_t lo = std::max(segment.begin, b), hi = std::min(segment.end, e);
-          if (lo >= hi) continue;
-          optim::ParamGroup piece = segment;
-          piece.begin = lo - b;
-          piece.end = hi - b;
-          local.push_back(piece);
-        }
-        at::Tensor grads_k = grads.slice(0, b, e);
-        optimizer.update(views[0], grads_k, local);
-        u.write_model_values(b, views[0]);
-      },
-      /*read=*/true, /*write_back=*/true);
-  u.gather_published();
-}
-
-void Engine::materialize_swapped(Unit& u) {
-  offload::OptimizerSwapper& swapper = *u.swapper;
-  const std::vector<std::string>& names = swapper.names();
-  std::vector<at::Tensor> full;
-  for (size_t j = 0; j < names.size(); ++j)
-    full.push_back(at::empty({swapper.numel()}, at::TensorOptions().dtype(at::kFloat)));
-  swapper.for_each(
-      [&](int64_t k, std::vector<at::Tensor>& views) {
-        for (size_t j = 0; j < names.size(); ++j) full[j].slice(0, swapper.begin(k), swapper.end(k)).copy_(views[j]);
-      },
-      /*read=*/true, /*write_back=*/false);
-  u.master = full[0];
-  for (size_t j = 1; j < names.size(); ++j) u.optimizer->state(names[j]) = full[j];
-}
-
-void Engine::release_swapped(Unit& u, bool write_back) {
-  offload::OptimizerSwapper& swapper = *u.swapper;
-  const std::vector<std::string>& names = swapper.names();
-  if (write_back) {
-    swapper.for_each(
-        [&](int64_t k, std::vector<at::Tensor>& views) {
-          const int64_t b = swapper.begin(k), e = swapper.end(k);
-          views[0].copy_(u.master.slice(0, b, e));
-          for (size_t j = 1; j < names.size(); ++j) views[j].copy_(u.optimizer->state(names[j]).slice(0, b, e));
-        },
-        /*read=*/false, /*write_back=*/true);
-  }
-  u.master = at::Tensor();
-  for (size_t j = 1; j < names.size(); ++j) u.optimizer->state(names[j]) = at::empty({0}, at::kFloat);
+  store.bucket_staged();
 }
 
 std::vector<double> Engine::get_lr() const {
@@ -698,14 +566,14 @@ std::vector<double> Engine::get_lr() const {
 }
 
 at::Tensor Engine::value_source(Unit& u, const std::string& what, bool& local) {
-  ZEAL_CHECK(what == "grad" || (!u.swapper && u.master.defined()), "the fp32 master weights and optimizer state of "
+  ZEAL_CHECK(what == "grad" || (!u.store->swapper() && u.store->master().defined()), "the fp32 master weights and optimizer state of "
              "this engine live in NVMe swap files; read them from a checkpoint (zeal.checkpoint.to_fp32_state_dict)");
   if (what == "grad") {
     local = !u.flat_grads.defined();  // stages 0, 1: the whole flat gradient; 2, 3: this rank's shard
     return local ? u.grad_shard : u.flat_grads;
   }
   local = true;  // master and state cover the owned elements (all of them below stage 1)
-  if (what == "fp32") return u.master;
+  if (what == "fp32") return u.store->master();
   const std::vector<std::string> names = u.optimizer->state_names();
   if (std::find(names.begin(), names.end(), what) == names.end()) {
     std::string list;
@@ -749,11 +617,12 @@ void Engine::set_full_value(size_t i, const std::string& what, const at::Tensor&
   if (u.partition) {
     // Stage 3 gathers the parameter from its shard: the owned chunks take the new values too.
     for (const zero::Fragment& f : mine)
-      if (f.param == j) u.partition->write_shard(f.local, u.master.slice(0, f.local, f.local + (f.end - f.begin)));
+      if (f.param == j)
+        u.partition->write_shard(f.local, u.store->master().slice(0, f.local, f.local + (f.end - f.begin)));
     u.partition->refresh();
     return;
   }
-  u.publish(u.master);
+  u.publish(u.store->master());
 }
 
 void Engine::set_lr(const std::vector<double>& lrs) {

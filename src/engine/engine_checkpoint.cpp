@@ -49,14 +49,13 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   // Each rank writes its own shard; below stage 1 every rank holds everything, so rank 0 alone does.
   save.write("writing shards", partitioned_ || rank == 0, [&] {
     struct Release {  // NVMe offload: the swapped state in host memory only while it is written
-      Engine* engine;
       Unit* unit;
       ~Release() {
-        if (unit) engine->release_swapped(*unit, false);
+        if (unit) unit->store->release(*unit->optimizer, false);
       }
-    } release{this, u.swapper ? &u : nullptr};
-    if (u.swapper) materialize_swapped(u);
-    std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", u.master}};
+    } release{u.store->swapper() ? &u : nullptr};
+    if (u.store->swapper()) u.store->materialize(*u.optimizer);
+    std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", u.store->master()}};
     for (const std::string& name : u.optimizer->state_names()) tensors.push_back({name, u.optimizer->state(name)});
     auto progress = [this](const std::string& point) {
       if (fault_hook_ && point == "half") fault_hook_("shard_half");
@@ -158,19 +157,21 @@ std::pair<std::string, std::string> Engine::load_parts(const std::function<std::
   std::string error;
   std::pair<std::string, std::string> result;
   try {
-    if (u.swapper) materialize_swapped(u);  // NVMe offload: loaded into host memory, then swapped out
+    if (u.store->swapper()) u.store->materialize(*u.optimizer);  // NVMe offload: loaded into host memory, then swapped out
     result = load_checkpoint_local(locate(), load_optimizer_states, load_lr_scheduler_states, load_module_only);
   } catch (const std::exception& e) {
     error = e.what();
   }
-  if (!error.empty() && u.swapper && u.master.defined()) release_swapped(u, false);  // the swap files are untouched
+  const bool swapped = u.store->swapper() != nullptr;
+  if (!error.empty() && swapped && u.store->master().defined())
+    u.store->release(*u.optimizer, false);  // the swap files are untouched
   agree_or_throw(*u.world, error, "checkpoint load");
-  u.publish(u.master);
-  if (u.swapper) release_swapped(u, true);
+  u.publish(u.store->master());
+  if (swapped) u.store->release(*u.optimizer, true);
   // The compressed optimizers' error buffers are not saved: they start from zero after a load, as
   // DeepSpeed's do (each rank's differ, and they would tie the checkpoint to its world size).
   u.onebit_state.reset();
-  if (u.master.defined()) u.optimizer->state_loaded(u.master);
+  if (u.store->master().defined()) u.optimizer->state_loaded(u.store->master());
   zero_grad();
   log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
   return result;
@@ -231,7 +232,7 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
       }
     }
   };
-  fill("master", u.master);
+  fill("master", u.store->master());
   json engine = json::parse(m.engine_state);
   if (optimizer_too) {
     // The model-dtype weights follow from the master weights (publish_parameters, by the caller).

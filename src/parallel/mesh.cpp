@@ -129,10 +129,14 @@ std::vector<std::vector<int>> Mesh::groups(const std::vector<std::string>& axes)
 }
 
 int Mesh::group_index(const std::vector<std::string>& axes, int rank) const {
-  const int first = group_of(axes, rank).front();
+  // Groups are ordered by their first rank, which holds 0 on the group's axes and the rank's own
+  // coordinates elsewhere; strides shrink inward, so that order is the mixed-radix number of the
+  // coordinates on the other axes, outermost first.
+  (void)group_of(axes, rank);  // validates the axis names and the rank
+  const std::vector<int> c = coords(rank);
   int index = 0;
-  for (int r = 0; r < first; ++r)
-    if (group_of(axes, r).front() == r) ++index;
+  for (size_t i = 0; i < axes_.size(); ++i)
+    if (std::find(axes.begin(), axes.end(), axes_[i].name) == axes.end()) index = index * axes_[i].size + c[i];
   return index;
 }
 

@@ -18,6 +18,18 @@ const std::vector<std::string>& batch_axes() {
   return axes;
 }
 
+const std::vector<std::string>& sample_axes() {
+  static const std::vector<std::string> axes{"data", "data_inner", "expert"};
+  return axes;
+}
+
+int samples_group_size(const Mesh& mesh) {
+  int n = 1;
+  for (const Mesh::Axis& a : mesh.axes())
+    if (contains(sample_axes(), a.name)) n *= a.size;
+  return n;
+}
+
 std::vector<std::string> reduction_axes(const Mesh& mesh, const Placement& placement) {
   for (const std::string& a : placement.split) (void)mesh.axis_size(a);  // unknown names are an error
   std::vector<std::string> out;

@@ -172,3 +172,13 @@ TEST(Placement, ReductionGroupAndNormCounting) {
   EXPECT_EQ(tied_counters, 16 / 4);
   EXPECT_THROW(reduction_axes(m, Placement{{"model"}, {}}), zeal::Error);
 }
+
+TEST(Placement, SamplesPerStepCountOnlyTheAxesThatSeeDifferentSamples) {
+  // Note [Samples per step]: data, data_inner and expert ranks see different samples; sequence,
+  // tensor and pipe ranks share theirs.
+  using zeal::parallel::samples_group_size;
+  EXPECT_EQ(samples_group_size(Mesh({{"data", 4}})), 4);
+  EXPECT_EQ(samples_group_size(Mesh({{"pipe", 2}, {"data", 2}, {"sequence", 2}, {"tensor", 2}})), 2);
+  EXPECT_EQ(samples_group_size(Mesh({{"data", 2}, {"data_inner", 2}, {"expert", 2}, {"sequence", 3}})), 8);
+  EXPECT_EQ(samples_group_size(Mesh({{"tensor", 8}})), 1);
+}

@@ -143,10 +143,7 @@ class Engine {
   int64_t flat_numel() const;    // padded flat buffers, every rank (all units)
   int64_t master_numel() const;  // fp32 master weights on this rank (all units)
   // Where the master weights live: a device name, or "nvme" when they are swapped to files.
-  std::string master_location() const {
-    const Unit& u = *units_.front();
-    return u.swapper ? "nvme" : u.master.device().str();
-  }
+  std::string master_location() const { return units_.front()->store->location(); }
   // The optimizer: every unit runs one of the same kind and settings, stepped together; this is the
   // first unit's (its name, steps and state names are every unit's).
   optim::Optimizer& optimizer() { return *units_.front()->optimizer; }
@@ -168,7 +165,7 @@ class Engine {
   // This rank's fragment table (zero/layout.h) and the shard buffers it indexes (one unit only).
   std::vector<zero::Fragment> fragments() const { return only_unit("fragments").fragments(); }
   const at::Tensor& grad_shard() const { return only_unit("grad_shard").grad_shard; }
-  const at::Tensor& master() const { return only_unit("master").master; }
+  const at::Tensor& master() const { return only_unit("master").store->master(); }
   // ZeRO debugging (DeepSpeed's safe_get_full_grad / _fp32_param / _optimizer_state): parameter i's
   // whole `what` as fp32 of its shape, on every rank. what: "grad" (the reduced gradient, between
   // backward on the accumulation boundary and step), "fp32" (the master weights) or an optimizer
@@ -248,14 +245,8 @@ class Engine {
                     bool retain_graph = false);
   // The local tensor of unit u holding `what` (full_value) and whether it is in local (owned) coordinates.
   at::Tensor value_source(Unit& u, const std::string& what, bool& local);
-  // NVMe offload (offload/optimizer_swapper.h): the swap files start as the model's weights and
-  // the optimizer's initial state; the step visits them a sub-group at a time. A checkpoint
-  // materialises master_ and the state in host memory for the length of the save or load.
+  // ZeRO-Offload: a bucket's final gradients (owned part) to the master store's host buffer.
   void stage_bucket_on_host(Unit& u, int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end);
-  void init_swap(Unit& u);
-  void step_swapped(Unit& u, const at::Tensor& grads);
-  void materialize_swapped(Unit& u);
-  void release_swapped(Unit& u, bool write_back);
 
   Config config_;
   std::shared_ptr<parallel::ProcessGroups> mesh_;
@@ -270,7 +261,6 @@ class Engine {
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<checkpoint::TensorSplit> splits_;  // parallel to names_
   std::vector<std::vector<std::string>> aliases_;  // parallel to names_ (ParamGroupSpec::aliases)
-  std::optional<at::TensorOptions> host_grads_options_;  // set when the step stages gradients on the host
   int64_t stage_ = 0;
   bool partitioned_ = false;  // ZeRO stage >= 1: master weights and optimizer state cover owned chunks
   std::vector<std::unique_ptr<Unit>> units_;  // Note [Sharded-state units]

@@ -2,8 +2,9 @@
 // group (the mesh axes their gradients are averaged over, Note [Parameter placement]). A unit is
 // everything ZeRO keeps for its parameters over that one group: the flat layout padded to the
 // group's size, the flat model-dtype buffers the parameters are views of, the gradient reducer, the
-// stage-3 partition, the fp32 master copy and optimizer state of the elements this rank owns (on the
-// device, in pinned host memory, or in NVMe swap files) and the optimizer's segments over them.
+// stage-3 partition, the fp32 master copy and optimizer state of the elements this rank owns
+// (engine/master_store.h: on the device, in pinned host memory, or in NVMe swap files) and the
+// optimizer's segments over them.
 // Units share nothing but the engine: one autograd pass fills every unit's buckets, and the step
 // adds each unit's sum of squares into one norm before any unit updates. A model whose parameters
 // all reduce over one group (plain data parallelism, ZeRO, a pipeline stage, a tensor rank) has one
@@ -19,7 +20,7 @@
 #include "zeal/comm/communicator.h"
 #include "zeal/comm/compressed.h"
 #include "zeal/engine/grad_reducer.h"
-#include "zeal/offload/optimizer_swapper.h"
+#include "zeal/engine/master_store.h"
 #include "zeal/optim/optimizer.h"
 #include "zeal/zero/layout.h"
 #include "zeal/zero/param_partition.h"
@@ -51,13 +52,11 @@ class Unit {
   std::vector<zero::OwnedRange> owned;
   at::Tensor flat_params;      // model dtype; the parameters are views into it (stages 0-2)
   at::Tensor flat_grads;       // model dtype; the parameters' .grad are views into it (stages 0, 1)
-  at::Tensor master;           // fp32 master weights of the owned elements (flat_params itself at stage 0, fp32)
-  at::Tensor host_grads;       // offload_optimizer: this rank's gradients staged in host memory for the step
-  at::Tensor host_model_copy;  // offload_optimizer with fp16/bf16: the step's model-dtype output
   at::Tensor grad_shard;       // stages 2, 3: this rank's reduce-scattered gradients
   at::Tensor stage3_shard;     // handed to partition once the reducer exists
-  int64_t staged_buckets = 0;  // buckets staged on the host in this boundary's backward
-  std::unique_ptr<offload::OptimizerSwapper> swapper;  // offload_optimizer nvme
+  // fp32 master weights of the owned elements (flat_params itself at stage 0, fp32) and where they
+  // and the optimizer state live (Note [Master store]).
+  std::unique_ptr<MasterStore> store;
   comm::OneBitState onebit_state;                      // OneBitAdam: the compressed all-reduce's error buffers
   std::unique_ptr<zero::ParamPartition> partition;    // stage 3
   std::vector<optim::ParamGroup> segments;  // the user's groups' pieces in local (owned) coordinates

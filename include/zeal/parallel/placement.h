@@ -33,6 +33,13 @@ struct Placement {
 // data, data_inner, expert, sequence.
 const std::vector<std::string>& batch_axes();
 
+// Note [Samples per step]: the batch axes whose ranks see different samples: data, data_inner,
+// expert (the sequence ranks hold pieces of the same samples). Their product is the data-parallel
+// size of the batch arithmetic (train_batch_size = micro x accumulation x this), as DeepSpeed's
+// dp_world_size counts it when sequence parallelism is on.
+const std::vector<std::string>& sample_axes();
+int samples_group_size(const Mesh& mesh);
+
 // The axes its gradient is summed over (mesh order; size-1 axes left out): its replicated batch axes.
 std::vector<std::string> reduction_axes(const Mesh& mesh, const Placement& placement);
 

@@ -69,6 +69,20 @@ def full_params(engine):
     return [zeal.utils.safe_get_full_fp32_param(p) for p in engine.module.parameters()]
 
 
+def split_reference():
+    """Sequence rank s's model s, trained on its data pair's batches, clipped by the joint norm."""
+    refs = [mlp(10 + s) for s in range(2)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.0) for m in refs]
+    for step in range(STEPS):
+        for s in range(2):
+            opts[s].zero_grad()
+            sum(loss_fn(refs[s], *batch(step, 2 * d + s)) for d in range(2)).div(2).backward()
+        torch.nn.utils.clip_grad_norm_([p for m in refs for p in m.parameters()], CLIP)
+        for o in opts:
+            o.step()
+    return refs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", default="0,1,2,3")
@@ -107,15 +121,7 @@ def main():
 
         # split over sequence: sequence rank s holds model s; both trained on their data pair's
         # batches, clipped by the norm of the two together.
-        refs = [mlp(10 + s) for s in range(2)]
-        opts = [torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.0) for m in refs]
-        for step in range(STEPS):
-            for s in range(2):
-                opts[s].zero_grad()
-                sum(loss_fn(refs[s], *batch(step, 2 * d + s)) for d in range(2)).div(2).backward()
-            torch.nn.utils.clip_grad_norm_([p for m in refs for p in m.parameters()], CLIP)
-            for o in opts:
-                o.step()
+        refs = split_reference()
         model = mlp(10 + seq)
         for p in model.parameters():
             p.zeal_split_axes = ("sequence",)
@@ -156,13 +162,37 @@ def main():
               f"mixed: units {units}")
         check(units[0][2] == [0] and units[1][2] == [1, 2, 3], f"mixed: unit members {units}")
         check(engine._core.reduction_axes == ["data", "sequence"], "the batch's group is the dense weights'")
-        check(engine.train_batch_size() == MICRO * 4, f"mixed: train batch {engine.train_batch_size()}")
+        # Note [Samples per step]: the sequence ranks hold pieces of the same samples.
+        check(engine.train_batch_size() == MICRO * 2, f"mixed: train batch {engine.train_batch_size()}")
         for (name, want), got in zip(refs[seq].named_parameters(), full_params(engine)):
             close(got, want.detach(), f"stage {stage} mixed {name}")
         if stage < 3:
             # The live parameters are the published master values (views of each unit's flat buffer).
             for (name, want), got in zip(refs[seq].named_parameters(), engine.module.parameters()):
                 close(got.detach(), want.detach(), f"stage {stage} mixed live {name}")
+
+    # zero.Init partitions over the group it is given: the sequence-split model built under
+    # Init(data_parallel_group=data) trains at stage 3 equal to torch; built under Init over the
+    # world (all 4 ranks) its parameters are refused by name (chunks cut over the wrong ranks).
+    refs = split_reference()
+    with zeal.zero.Init(data_parallel_group=groups.group("data"), config_dict_or_path=config(3)):
+        model = mlp(10 + seq)
+    check(all(p.numel() == 0 for p in model.parameters()), "zero.Init left a parameter whole")
+    for p in model.parameters():
+        p.zeal_split_axes = ("sequence",)
+    engine = train(model, groups, 3)
+    for (name, want), got in zip(refs[seq].named_parameters(), full_params(engine)):
+        close(got, want.detach(), f"zero.Init over data, split {name}")
+    with zeal.zero.Init(config_dict_or_path=config(3)):
+        model = mlp(10 + seq)
+    for p in model.parameters():
+        p.zeal_split_axes = ("sequence",)
+    try:
+        zeal.initialize(model=model, config=config(3), data_parallel_group=groups.group("data"))
+        check(False, "chunks cut over the world were accepted for parameters reduced over data")
+    except zeal.Error as e:
+        check("was partitioned by zeal.zero.Init over world ranks [0, 1, 2, 3]" in str(e) and "'0.weight'" in str(e),
+              f"message: {e}")
 
     # A checkpoint of an engine with two units is refused (not written half), naming the reason.
     model = mlp(0)
