@@ -334,7 +334,7 @@ void Engine::init_stage3(Unit& u, const std::vector<at::Tensor>& given_chunks, c
       if (given_chunks[i].defined()) {
         ZEAL_CHECK(given_chunks[i].numel() == c, "parameter '", names_[u.members[i]], "' arrived with a chunk of ",
                    given_chunks[i].numel(), " elements; a data-parallel size of ", size, " needs ", c,
-                   " (was zeal.zero.Init run with another world?)");
+                   " (was zeal.zero.Init run over another group?)");
         mine.copy_(given_chunks[i].reshape({-1}));
         continue;
       }

@@ -332,8 +332,9 @@ def accelerate_reference(tmp_path_factory, shim):
     env["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(HF / "accelerate_script.py"), "--out", str(out)]
-    # The reference (plain torch DDP, no Zeal) once hung in one of ~6 runs of this file, undiagnosed:
-    # it gets a deadline and one more try, and the hang is reported.
+    # The reference (plain torch DDP, no Zeal) could hang at exit in torch's gloo teardown (a GIL
+    # deadlock, accelerate_script.py); the script now leaves without it. It keeps a deadline and one
+    # more try, and a hang is reported.
     for attempt in (1, 2):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)

@@ -5,6 +5,8 @@ from `--deepspeed CONFIG` (Accelerator(deepspeed_plugin=DeepSpeedPlugin(...))) o
 """
 import argparse
 import json
+import sys
+import os
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
@@ -49,7 +51,17 @@ def main():
     if accelerator.is_main_process:
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "updates": updates}, f)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.state.deepspeed_plugin is not None:
+        return
+    # The DDP reference leaves without the interpreter's teardown: under DDP over gloo torch can
+    # deadlock there: freeing the DDP Reducer (GIL held) drops the last reference to the gloo process
+    # group, whose destructor joins its worker thread, while that thread is freeing a finished
+    # all-gather's tensors and waits for the GIL (seen with gdb in a hung reference, torch 2.13).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

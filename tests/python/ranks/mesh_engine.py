@@ -9,7 +9,10 @@ the mesh cuts, and engines whose reduction and norm groups come from their param
   reference is two torch models trained on their data pairs' batches, clipped by their joint norm.
 - mixed: one model with both (the first layer's weight split over sequence, the rest dense): two
   sharded-state units in one engine, equal to torch with each gradient averaged over its own group
-  and clipped by the joint norm; its checkpoint is refused by name (not yet written per unit).
+  and clipped by the joint norm; the same on a data x expert mesh with the weight tagged as an
+  expert's; its checkpoint is refused by name (not yet written per unit).
+- zero.Init over the data group partitions the split model as the engine does; over the world it
+  is refused by parameter name.
 Each at ZeRO 0-3, fp32, 1e-5 relative. Prints MESH-OK from every rank that checked everything."""
 import argparse
 import copy
@@ -83,6 +86,28 @@ def split_reference():
     return refs
 
 
+def mixed_reference():
+    """Models 0 and 1 sharing every parameter but the first weight W_s, trained on all four ranks'
+    batches (rank r uses model r % 2); W_s's gradient is the mean over its pair, the others' over all."""
+    refs = [mlp(0), mlp(0)]
+    for name in ("0.bias", "2.weight", "2.bias"):
+        layer, attr = name.split(".")
+        setattr(refs[1][int(layer)], attr, getattr(refs[0][int(layer)], attr))
+    for s in range(2):
+        torch.manual_seed(20 + s)
+        refs[s][0].weight.data = torch.randn(12, 6) * 0.3
+    unique = [refs[0][0].weight, refs[1][0].weight, refs[0][0].bias, refs[0][2].weight, refs[0][2].bias]
+    opt = torch.optim.AdamW(unique, lr=LR, weight_decay=0.0)
+    for step in range(STEPS):
+        opt.zero_grad()
+        sum(loss_fn(refs[r % 2], *batch(step, r)) for r in range(4)).div(4).backward()
+        for s in range(2):
+            refs[s][0].weight.grad.mul_(2)  # the mean over 2 ranks, not a quarter of their sum
+        torch.nn.utils.clip_grad_norm_(unique, CLIP)
+        opt.step()
+    return refs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", default="0,1,2,3")
@@ -135,41 +160,31 @@ def main():
         # dense (reduced over data*sequence). Reference: one torch model per sequence rank sharing
         # every parameter but W_s, on all four ranks' batches; each gradient is the mean over its
         # own reduction group (the dense ones over 4 ranks, W_s over its data pair), clipped by
-        # the norm of every distinct value once.
-        refs = [mlp(0), mlp(0)]
-        for name in ("0.bias", "2.weight", "2.bias"):
-            layer, attr = name.split(".")
-            setattr(refs[1][int(layer)], attr, getattr(refs[0][int(layer)], attr))
-        for s in range(2):
-            torch.manual_seed(20 + s)
-            refs[s][0].weight.data = torch.randn(12, 6) * 0.3
-        unique = [refs[0][0].weight, refs[1][0].weight, refs[0][0].bias, refs[0][2].weight, refs[0][2].bias]
-        opt = torch.optim.AdamW(unique, lr=LR, weight_decay=0.0)
-        for step in range(STEPS):
-            opt.zero_grad()
-            sum(loss_fn(refs[r % 2], *batch(step, r)) for r in range(4)).div(4).backward()
-            for s in range(2):
-                refs[s][0].weight.grad.mul_(2)  # the mean over 2 ranks, not a quarter of their sum
-            torch.nn.utils.clip_grad_norm_(unique, CLIP)
-            opt.step()
-        model = mlp(0)
-        torch.manual_seed(20 + seq)
-        model[0].weight.data = torch.randn(12, 6) * 0.3
-        model[0].weight.zeal_split_axes = ("sequence",)
-        engine = train(model, groups, stage)
-        units = engine._core.units
-        check([(axes, size) for axes, size, _ in units] == [(["data"], 2), (["data", "sequence"], 4)],
-              f"mixed: units {units}")
-        check(units[0][2] == [0] and units[1][2] == [1, 2, 3], f"mixed: unit members {units}")
-        check(engine._core.reduction_axes == ["data", "sequence"], "the batch's group is the dense weights'")
-        # Note [Samples per step]: the sequence ranks hold pieces of the same samples.
-        check(engine.train_batch_size() == MICRO * 2, f"mixed: train batch {engine.train_batch_size()}")
-        for (name, want), got in zip(refs[seq].named_parameters(), full_params(engine)):
-            close(got, want.detach(), f"stage {stage} mixed {name}")
-        if stage < 3:
-            # The live parameters are the published master values (views of each unit's flat buffer).
-            for (name, want), got in zip(refs[seq].named_parameters(), engine.module.parameters()):
-                close(got.detach(), want.detach(), f"stage {stage} mixed live {name}")
+        # the norm of every distinct value once. The same model on a data 2 x expert 2 mesh, W
+        # tagged split over expert (an expert weight): the same units and the same numbers, the
+        # only difference being that expert ranks see different samples (Note [Samples per step]).
+        refs = mixed_reference()
+        for axis, mixed_groups, samples in (("sequence", groups, 2), ("expert", zeal.mesh.build(expert=2), 4)):
+            coord = mixed_groups.mesh.coord(rank, axis)
+            check(coord == seq, f"{axis} coordinate {coord} of rank {rank}")
+            model = mlp(0)
+            torch.manual_seed(20 + coord)
+            model[0].weight.data = torch.randn(12, 6) * 0.3
+            model[0].weight.zeal_split_axes = (axis,)
+            engine = train(model, mixed_groups, stage)
+            units = engine._core.units
+            check([(axes, size) for axes, size, _ in units] == [(["data"], 2), (["data", axis], 4)],
+                  f"mixed over {axis}: units {units}")
+            check(units[0][2] == [0] and units[1][2] == [1, 2, 3], f"mixed over {axis}: unit members {units}")
+            check(engine._core.reduction_axes == ["data", axis], "the batch's group is the dense weights'")
+            check(engine.train_batch_size() == MICRO * samples, f"mixed over {axis}: train batch "
+                  f"{engine.train_batch_size()}")
+            for (name, want), got in zip(refs[coord].named_parameters(), full_params(engine)):
+                close(got, want.detach(), f"stage {stage} mixed over {axis} {name}")
+            if stage < 3:
+                # The live parameters are the published master values (views of each unit's flat buffer).
+                for (name, want), got in zip(refs[coord].named_parameters(), engine.module.parameters()):
+                    close(got.detach(), want.detach(), f"stage {stage} mixed over {axis} live {name}")
 
     # zero.Init partitions over the group it is given: the sequence-split model built under
     # Init(data_parallel_group=data) trains at stage 3 equal to torch; built under Init over the
