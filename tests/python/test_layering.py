@@ -1,7 +1,8 @@
 """Dependencies point down (DESIGN.md "Layers"): a layer's sources and public headers include only
 its own headers and those of the layers its CMake target links (transitively). The links in
-CMakeLists.txt are the one statement of the layering; this test holds every #include to it, so a
-header reached from a layer below fails here instead of compiling by accident. Kernels include no
+CMakeLists.txt are the one statement of the layering; the include roots follow them (Note [Layer
+include roots]: an upward include does not compile) and this test holds every #include to them too,
+naming the file and line without a build. Kernels include no
 Zeal layer and no torch header (DESIGN.md "Kernels are leaves")."""
 import re
 from pathlib import Path
