@@ -55,6 +55,20 @@ void bind_comm(py::module_& m) {
              return c.broadcast(t, {root, to_timeout(timeout_s)});
            },
            py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 0.0)
+      .def("all_to_all",
+           [](comm::Communicator& c, at::Tensor out, const at::Tensor& in, std::vector<int64_t> output_split_sizes,
+              std::vector<int64_t> input_split_sizes, double timeout_s, std::string site) {
+             comm::AllToAllOptions o;
+             o.timeout = to_timeout(timeout_s);
+             o.site = std::move(site);
+             o.output_split_sizes = std::move(output_split_sizes);
+             o.input_split_sizes = std::move(input_split_sizes);
+             return c.all_to_all(out, in, o);
+           },
+           py::arg("output"), py::arg("input"), py::arg("output_split_sizes") = std::vector<int64_t>{},
+           py::arg("input_split_sizes") = std::vector<int64_t>{}, py::arg("timeout_s") = 0.0, py::arg("site") = "",
+           "Chunk j of input (input_split_sizes[j] dim-0 rows, or equal chunks) goes to rank j; chunk r of "
+           "output comes from rank r.")
       .def("barrier", [](comm::Communicator& c, double timeout_s) { return c.barrier({to_timeout(timeout_s)}); },
            py::arg("timeout_s") = 0.0)
       .def("send",

@@ -17,6 +17,8 @@ from ._zeal import CheckpointError, CommError, ConfigError, Error, InternalError
 from .engine import ZealEngine, initialize
 from . import checkpoint, mesh, optim, pipe, tensor_parallel, zero  # noqa: E402  (zeal.checkpoint, ...)
 from . import accelerator, checkpointing, comm, profiling, utils  # noqa: E402
+from . import moe  # noqa: E402
+from .utils import groups as _groups  # noqa: E402,F401  (zeal.utils.groups)
 from .profiling import flops_profiler  # noqa: E402,F401  (zeal.profiling.flops_profiler)
 from . import memory  # noqa: E402
 from .memory import estimate_memory  # noqa: E402

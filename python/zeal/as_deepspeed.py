@@ -44,6 +44,12 @@ MODULES = {
     "deepspeed.accelerator": "zeal.accelerator",
     "deepspeed.zero": "zeal.zero",
     "deepspeed.utils": "zeal.utils",
+    "deepspeed.utils.groups": "zeal.utils.groups",
+    "deepspeed.moe": "zeal.moe",
+    "deepspeed.moe.layer": "zeal.moe.layer",
+    "deepspeed.moe.experts": "zeal.moe.experts",
+    "deepspeed.moe.sharded_moe": "zeal.moe.sharded_moe",
+    "deepspeed.moe.utils": "zeal.moe.utils",
     "deepspeed.pipe": "zeal.pipe",
     "deepspeed.checkpointing": "zeal.checkpointing",
     "deepspeed.runtime": {},
@@ -118,7 +124,7 @@ def bind(name, namespace):
             setattr(owner, leaf, module)
     namespace.update({leaf: made[f"deepspeed.{leaf}"] for leaf in ("comm", "zero", "utils", "ops", "runtime",
                                                                    "accelerator", "checkpoint", "pipe",
-                                                                   "checkpointing", "profiling")})
+                                                                   "checkpointing", "profiling", "moe")})
 
 
 # --- Accelerate on a host with no accelerator ----------------------------------------------------

@@ -216,6 +216,32 @@ def reduce_scatter_tensor(output_tensor, tensor, op=ReduceOp.SUM, group=None, as
 reduce_scatter_fn = reduce_scatter_tensor
 
 
+def all_to_all_single(output, tensor, output_split_sizes=None, input_split_sizes=None, group=None,
+                      async_op=False):
+    """torch's all_to_all_single: chunk j of `tensor` (input_split_sizes[j] rows of dim 0, or equal
+    chunks) goes to rank j of the group, whose chunk r of `output` receives it."""
+    work = _group(group).all_to_all(output, tensor, list(output_split_sizes or []), list(input_split_sizes or []))
+    return _done(work, async_op)
+
+
+def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False):
+    """torch's all_to_all over lists: input_tensor_list[j] goes to rank j, output_tensor_list[r]
+    comes from rank r (one uneven exchange of the flattened tensors)."""
+    g = _group(group)
+    if len(input_tensor_list) != g.size or len(output_tensor_list) != g.size:
+        raise _zeal.CommError(f"all_to_all: {len(input_tensor_list)} inputs and {len(output_tensor_list)} outputs "
+                              f"for a group of {g.size}")
+    flat_in = torch.cat([t.reshape(-1) for t in input_tensor_list])
+    flat_out = torch.empty(sum(t.numel() for t in output_tensor_list), dtype=flat_in.dtype, device=flat_in.device)
+    g.all_to_all(flat_out, flat_in, [t.numel() for t in output_tensor_list],
+                 [t.numel() for t in input_tensor_list]).wait()
+    offset = 0
+    for out in output_tensor_list:
+        out.copy_(flat_out[offset:offset + out.numel()].view_as(out))
+        offset += out.numel()
+    return None
+
+
 def reduce(tensor, dst, op=ReduceOp.SUM, group=None, async_op=False):
     """Every rank ends with the reduction (an all-reduce); dst's value is the one DeepSpeed defines."""
     return all_reduce(tensor, op, group, async_op)

@@ -45,6 +45,23 @@ def _process_groups(model, data_parallel_group, model_parallel_group):
             raise _zeal.ConfigError("initialize: the tensor-parallel group (model_parallel_group=, or the group the "
                                     "model's tensor-parallel layers use) must be the tensor group of the mesh "
                                     "data_parallel_group= came from (zeal.tensor_parallel.make_groups gives both)")
+    # MoE layers built their mesh (zeal.moe.layer: the expert axis); the engine trains on it.
+    moe_meshes = []
+    for m in model.modules():
+        g = getattr(m, "_zeal_groups", None)
+        if g is not None and all(g is not x for x in moe_meshes):
+            moe_meshes.append(g)
+    if len(moe_meshes) > 1:
+        raise _zeal.ConfigError("initialize: the model's MoE layers use different expert-parallel sizes ("
+                                + ", ".join(str(g.mesh.axis_size("expert")) for g in moe_meshes) + "); one mesh "
+                                "holds one expert axis, so every MoE layer of a model needs the same ep_size")
+    if moe_meshes:
+        if groups is None:
+            groups = moe_meshes[0]
+        elif groups is not moe_meshes[0]:
+            raise _zeal.ConfigError("initialize: the model's MoE layers use the mesh of expert axis "
+                                    f"{moe_meshes[0].mesh.axis_size('expert')}, but data_parallel_group= (or the "
+                                    "tensor group) came from another mesh; pass that mesh's data group")
     return groups if groups is not None else mesh.build()
 
 

@@ -46,6 +46,7 @@
 #include <map>
 #include <thread>
 
+#include "all_to_all_plan.h"
 #include "cpu/half_reduce.h"
 #include "rendezvous.h"
 #include "signature.h"
@@ -721,15 +722,35 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     check_tensor(output, "all_to_all", "output");
     check_tensor(input, "all_to_all", "input");
     check_same_dtype(output, input, "all_to_all");
-    ZEAL_CHECK_AS(CommError, input.numel() == output.numel() && input.numel() % size() == 0,
-                  "all_to_all: input and output need the same number of elements, divisible by the group size ",
-                  size(), "; got input ", input.numel(), " and output ", output.numel());
-    auto op = make_op("all_to_all", input, opts.timeout, opts.site);
+    AllToAllPlan plan = plan_all_to_all(output, input, opts, size());
     MPI_Comm comm = group_->comm;
-    int chunk = static_cast<int>(input.numel() / size());
-    op->run = [output, input, chunk, comm] {
+    if (!plan.uneven) {
+      auto op = make_op("all_to_all", input, opts.timeout, opts.site);
+      int chunk = static_cast<int>(input.numel() / size());
+      op->run = [output, input, chunk, comm] {
+        MPI_Datatype dt = mpi_dtype(input.scalar_type());
+        MPI_CHECK(MPI_Alltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm));
+      };
+      return submit(op);
+    }
+    // MPI_Alltoallv counts and displacements are ints.
+    auto to_int = [](const std::vector<int64_t>& v, const char* what) {
+      std::vector<int> out;
+      for (int64_t x : v) {
+        ZEAL_CHECK_AS(CommError, x <= INT_MAX, "all_to_all: ", what, " of ", x,
+                      " elements is beyond MPI_Alltoallv's int counts");
+        out.push_back(static_cast<int>(x));
+      }
+      return out;
+    };
+    auto op = make_op("all_to_all_v", input, opts.timeout, opts.site);
+    op->signature.count = plan.row;
+    op->run = [output, input, comm, sc = to_int(plan.send_counts, "a send count"),
+               sd = to_int(plan.send_offsets, "a send offset"), rc = to_int(plan.recv_counts, "a receive count"),
+               rd = to_int(plan.recv_offsets, "a receive offset")] {
       MPI_Datatype dt = mpi_dtype(input.scalar_type());
-      MPI_CHECK(MPI_Alltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm));
+      MPI_CHECK(MPI_Alltoallv(input.data_ptr(), sc.data(), sd.data(), dt, output.data_ptr(), rc.data(), rd.data(), dt,
+                              comm));
     };
     return submit(op);
   }

@@ -28,6 +28,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include "all_to_all_plan.h"
 #include "signature.h"
 #include "zeal/core/checks.h"
 #include "zeal/core/error.h"
@@ -158,16 +159,22 @@ class NcclCommunicator : public Communicator {
   WorkPtr all_to_all(at::Tensor& out, const at::Tensor& in, const AllToAllOptions& o) override {
     check(out, "all_to_all");
     check(in, "all_to_all");
-    ZEAL_CHECK_AS(CommError, in.numel() == out.numel() && in.numel() % size_ == 0,
-                  "all_to_all: input and output need the same number of elements, divisible by the group size");
-    return enqueue(Signature::of("all_to_all", in, o.site), {out, in}, o.timeout, [&](cudaStream_t s) {
-      size_t chunk = in.numel() / size_, bytes = chunk * in.element_size();
+    ZEAL_CHECK_AS(CommError, in.scalar_type() == out.scalar_type(), "all_to_all: input and output dtypes differ");
+    AllToAllPlan plan = plan_all_to_all(out, in, o, size_);
+    Signature sig = Signature::of(plan.uneven ? "all_to_all_v" : "all_to_all", in, o.site);
+    if (plan.uneven) sig.count = plan.row;
+    return enqueue(sig, {out, in}, o.timeout, [&](cudaStream_t s) {
+      const size_t elem = in.element_size();
       auto* src = static_cast<char*>(in.data_ptr());
       auto* dst = static_cast<char*>(out.data_ptr());
       NCCL_CHECK(ncclGroupStart());
       for (int peer = 0; peer < size_; ++peer) {
-        NCCL_CHECK(ncclSend(src + peer * bytes, chunk, nccl_dtype(in.scalar_type()), peer, comm_, s));
-        NCCL_CHECK(ncclRecv(dst + peer * bytes, chunk, nccl_dtype(in.scalar_type()), peer, comm_, s));
+        if (plan.send_counts[peer] > 0)
+          NCCL_CHECK(ncclSend(src + plan.send_offsets[peer] * elem, plan.send_counts[peer], nccl_dtype(in.scalar_type()),
+                              peer, comm_, s));
+        if (plan.recv_counts[peer] > 0)
+          NCCL_CHECK(ncclRecv(dst + plan.recv_offsets[peer] * elem, plan.recv_counts[peer], nccl_dtype(in.scalar_type()),
+                              peer, comm_, s));
       }
       NCCL_CHECK(ncclGroupEnd());
     });

@@ -6,7 +6,7 @@ namespace zeal::comm {
 namespace {
 
 const char* const kOpNames[] = {"all_reduce", "reduce_scatter", "all_gather", "broadcast",
-                                "reduce",     "all_to_all",     "barrier"};
+                                "reduce",     "all_to_all",     "barrier",    "all_to_all_v"};
 constexpr int kOps = static_cast<int>(sizeof(kOpNames) / sizeof(kOpNames[0]));
 
 }  // namespace
@@ -36,6 +36,7 @@ std::string Signature::describe() const {
   std::string site_text(site, strnlen(site, kSiteChars));
   if (!site_text.empty()) out += site_text + ", ";
   if (count >= 0) {
+    if (op_name() == std::string("all_to_all_v")) out += "rows of ";
     out += std::to_string(count) + " x " +
            (dtype >= 0 ? std::string(c10::toString(static_cast<at::ScalarType>(dtype))) : std::string("?"));
   } else {

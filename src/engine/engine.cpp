@@ -216,7 +216,8 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
   }
   // The reducer creates the gradient accumulators, which record each parameter's shape: so it
   // comes before stage 3 releases the parameters.
-  u.reducer = std::make_unique<GradReducer>(u.params, u.layout, u.flat_grads, u.grad_shard, u.world, config_, hooks);
+  u.reducer = std::make_unique<GradReducer>(u.params, u.layout, u.flat_grads, u.grad_shard, u.world, config_, hooks,
+                                           u.grad_divisor);
   if (store.stages_gradients())
     u.reducer->set_bucket_final([this, unit](int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
       stage_bucket_on_host(*unit, flat_begin, flat_end, shard_begin, shard_end);
@@ -260,6 +261,7 @@ void Engine::make_units(const std::vector<parallel::Placement>& placements) {
       units_.push_back(std::make_unique<Unit>(axes, world, rest->size() > 1 ? rest : nullptr, model_dtype_, device_,
                                               partitioned_));
       if (units_[k]->world->size() > units_[primary_]->world->size()) primary_ = k;
+      units_[k]->grad_divisor = parallel::gradient_divisor(mesh, placements[i]);
     }
     Unit& u = *units_[k];
     unit_of_.push_back(k);

@@ -32,7 +32,8 @@ constexpr int kMaxBucketsInFlight = 2;
 }  // namespace
 
 GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::FlatLayout& layout, at::Tensor flat_grads,
-                         at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config, GradHooks hooks)
+                         at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config, GradHooks hooks,
+                         int divisor)
     : flat_grads_(std::move(flat_grads)),
       grad_shard_(std::move(grad_shard)),
       comm_(std::move(comm)),
@@ -61,7 +62,7 @@ GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::Flat
     case CommDtype::kFp16: comm_dtype_ = at::kHalf; break;
     case CommDtype::kBf16: comm_dtype_ = at::kBFloat16; break;
   }
-  const double world = comm_->size();
+  const double world = divisor > 0 ? divisor : comm_->size();
   if (config.prescale_gradients) {
     pre_factor_ = 1.0 / config.gradient_predivide_factor;
     post_factor_ = config.gradient_predivide_factor / world;
@@ -210,6 +211,9 @@ void GradReducer::retire(GradBucket& b) {
 
 void GradReducer::finish() {
   if (!reducing_) {
+    // One rank: nothing to sum, but an expert's gradient still covers the other expert ranks'
+    // samples (Note [Expert gradients]).
+    if (boundary_ && flat_grads_.defined() && comm_->size() == 1 && post_factor_ != 1.0) flat_grads_.mul_(post_factor_);
     // One rank (stage 2 via all-reduce): its shard is the whole, unreduced gradient buffer.
     if (grad_shard_.defined() && flat_grads_.defined() && comm_->size() == 1) grad_shard_.copy_(flat_grads_);
     return;

@@ -38,6 +38,14 @@ std::vector<std::string> reduction_axes(const Mesh& mesh, const Placement& place
   return out;
 }
 
+int gradient_divisor(const Mesh& mesh, const Placement& placement) {
+  int n = 1;
+  for (const std::string& a : reduction_axes(mesh, placement)) n *= mesh.axis_size(a);
+  for (const std::string& a : placement.split)
+    if (contains(sample_axes(), a)) n *= mesh.axis_size(a);
+  return n;
+}
+
 bool counts_in_norm(const Mesh& mesh, int rank, const Placement& placement) {
   if (!contains(placement.split, "tensor") && mesh.coord(rank, "tensor") != 0) return false;
   if (!placement.tied_stages.empty()) {

@@ -122,6 +122,44 @@ TEST(Comm, AllToAll) {
     }
 }
 
+// Uneven splits (torch's all_to_all_single): rank r sends (r + 2j) % 3 rows of width 4 to rank j,
+// some of them none; row k of that chunk holds 100r + 10j + k.
+TEST(Comm, AllToAllUnevenSplits) {
+  const int n = g_world->size(), r = g_world->rank();
+  auto rows = [](int from, int to) { return int64_t((from + 2 * to) % 3); };
+  for (auto dtype : kDtypes) {
+    std::vector<int64_t> in_splits, out_splits;
+    std::vector<at::Tensor> in_parts, want_parts;
+    for (int j = 0; j < n; ++j) {
+      in_splits.push_back(rows(r, j));
+      out_splits.push_back(rows(j, r));
+      in_parts.push_back((at::arange(rows(r, j), at::kLong) + 100 * r + 10 * j).unsqueeze(1).repeat({1, 4}));
+      want_parts.push_back((at::arange(rows(j, r), at::kLong) + 100 * j + 10 * r).unsqueeze(1).repeat({1, 4}));
+    }
+    at::Tensor input = at::cat(in_parts).to(dtype), want = at::cat(want_parts).to(dtype);
+    at::Tensor output = at::full({want.size(0), 4}, -1, dtype);
+    AllToAllOptions opts;
+    opts.input_split_sizes = in_splits;
+    opts.output_split_sizes = out_splits;
+    opts.site = "uneven test";
+    g_world->all_to_all(output, input, opts)->wait();
+    expect_equal(output, want, std::string("all_to_all uneven ") + c10::toString(dtype));
+  }
+  // A split list that does not add up to the tensor's rows is refused before anything is sent.
+  at::Tensor input = at::zeros({3, 2}), output = at::zeros({3, 2});
+  AllToAllOptions bad;
+  bad.input_split_sizes.assign(n, 1);
+  bad.input_split_sizes[0] = 3 + n;
+  bad.output_split_sizes.assign(n, 0);
+  bad.output_split_sizes[0] = 3;
+  try {
+    g_world->all_to_all(output, input, bad);
+    FAIL() << "inconsistent split sizes were accepted";
+  } catch (const zeal::CommError& e) {
+    EXPECT_NE(std::string(e.what()).find("input_split_sizes"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Comm, SendRecvRing) {
   const int n = g_world->size(), r = g_world->rank();
   if (n == 1) GTEST_SKIP() << "point-to-point needs 2 or more ranks";

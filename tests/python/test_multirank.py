@@ -2,6 +2,8 @@
 import re
 import time
 
+import pytest
+
 from conftest import RANKS, run_launcher, run_mpi
 
 
@@ -133,6 +135,15 @@ def test_engine_backward_names_a_rank_that_skipped_it():
     assert "all_reduce" in rank0[0] and "did not arrive: [1]" in rank0[0]
     assert "finished-unexpectedly" not in text
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("ranks,layouts", [(2, "2:1,2:2,1:1,1:2"), (4, "2:2,4:1,4:2")])
+def test_moe_layer_trains_equal_to_a_dense_torch_reference(run_ranks, ranks, layouts):
+    # zeal.moe's MoE (4 experts, top-1 and top-2) at expert-parallel sizes ep (data = ranks / ep),
+    # ZeRO 0-3: every step's loss and every parameter (each expert by its global id) equal one torch
+    # process computing the same gating with every expert on every token (ranks/moe_engine.py).
+    proc = run_ranks(ranks, "moe_engine.py", "--layouts", layouts, timeout=300)
+    assert proc.stdout.count("MOE-OK") == ranks, proc.stdout + proc.stderr
 
 
 def test_engines_take_their_groups_from_the_mesh_and_their_parameters_placement(run_ranks, tmp_path):

@@ -55,9 +55,17 @@ struct ReduceOptions {
   Timeout timeout{0};
   std::string site;
 };
+// Uneven exchange (torch's all_to_all_single with split sizes): `input_split_sizes[j]` dim-0 rows
+// of the input go to rank j, `output_split_sizes[j]` rows of the output come from rank j, in rank
+// order. Both empty: size() equal chunks. The caller keeps the two sides consistent (rank j's
+// output_split_sizes[r] == rank r's input_split_sizes[j]); ranks usually learn them first with an
+// equal all_to_all of the counts, as zeal.moe does. An uneven exchange's signature is op
+// all_to_all_v with the elements of one row as its count, which every rank shares.
 struct AllToAllOptions {
   Timeout timeout{0};
   std::string site;
+  std::vector<int64_t> input_split_sizes;
+  std::vector<int64_t> output_split_sizes;
 };
 struct SendRecvOptions {
   int tag = 0;

@@ -58,8 +58,11 @@ class GradReducer {
   // In place: flat_grads holds every parameter's gradient at layout.offsets; grad_shard, when
   // defined, receives the reduce-scatter on the boundary. Partitioned (flat_grads undefined):
   // grad_shard (layout.shard_size(true) elements) accumulates this rank's reduced chunks.
+  // The reduced sum is divided by `divisor` ranks (Note [Expert gradients] in parallel/placement.h;
+  // 0: the group's size).
   GradReducer(const std::vector<at::Tensor>& params, const zero::FlatLayout& layout, at::Tensor flat_grads,
-              at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config, GradHooks hooks = {});
+              at::Tensor grad_shard, comm::CommunicatorPtr comm, const Config& config, GradHooks hooks = {},
+              int divisor = 0);
   ~GradReducer();
   GradReducer(const GradReducer&) = delete;
   GradReducer& operator=(const GradReducer&) = delete;

@@ -47,6 +47,7 @@ class Unit {
   std::vector<at::Tensor> params;
   std::vector<std::vector<int64_t>> shapes;
   std::vector<size_t> uncounted;  // unit indices held here but counted in the norm by another rank
+  int grad_divisor = 0;  // the ranks the summed gradient is divided by (Note [Expert gradients]); 0: world's size
 
   zero::FlatLayout layout;
   std::vector<zero::OwnedRange> owned;

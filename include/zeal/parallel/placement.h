@@ -40,6 +40,17 @@ const std::vector<std::string>& batch_axes();
 const std::vector<std::string>& sample_axes();
 int samples_group_size(const Mesh& mesh);
 
+// Note [Expert gradients]: the number of ranks a parameter's summed gradient is divided by. Every
+// rank's loss is the mean over its own samples and the step follows the mean over every sample
+// rank of the mesh. A parameter replicated over the sample axes gets every rank's gradient from
+// its reduction group; one split over a sample axis (an expert, private to its expert rank) gets,
+// through the dispatch all-to-all, the gradient of every expert rank's tokens already summed, so
+// the reduction group (its expert-data ranks) covers all of them only times the split axes' sizes.
+// Dividing by its reduction group alone would make expert gradients `expert`-times too large; the
+// divisor is the same for every parameter, as DeepSpeed divides expert gradients by its whole
+// data-parallel size too. Returns reduction-group size x the sizes of the split sample axes.
+int gradient_divisor(const Mesh& mesh, const Placement& placement);
+
 // The axes its gradient is summed over (mesh order; size-1 axes left out): its replicated batch axes.
 std::vector<std::string> reduction_axes(const Mesh& mesh, const Placement& placement);
 

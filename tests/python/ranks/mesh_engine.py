@@ -86,9 +86,11 @@ def split_reference():
     return refs
 
 
-def mixed_reference():
+def mixed_reference(expert=False):
     """Models 0 and 1 sharing every parameter but the first weight W_s, trained on all four ranks'
-    batches (rank r uses model r % 2); W_s's gradient is the mean over its pair, the others' over all."""
+    batches (rank r uses model r % 2); the others' gradient is the mean over all four. W_s split over
+    sequence: the mean over its pair (sequence ranks share samples). W_s an expert's: the gradient of
+    the mean over all four ranks' losses (Note [Expert gradients])."""
     refs = [mlp(0), mlp(0)]
     for name in ("0.bias", "2.weight", "2.bias"):
         layer, attr = name.split(".")
@@ -101,7 +103,7 @@ def mixed_reference():
     for step in range(STEPS):
         opt.zero_grad()
         sum(loss_fn(refs[r % 2], *batch(step, r)) for r in range(4)).div(4).backward()
-        for s in range(2):
+        for s in range(2 if not expert else 0):
             refs[s][0].weight.grad.mul_(2)  # the mean over 2 ranks, not a quarter of their sum
         torch.nn.utils.clip_grad_norm_(unique, CLIP)
         opt.step()
@@ -163,8 +165,9 @@ def main():
         # the norm of every distinct value once. The same model on a data 2 x expert 2 mesh, W
         # tagged split over expert (an expert weight): the same units and the same numbers, the
         # only difference being that expert ranks see different samples (Note [Samples per step]).
-        refs = mixed_reference()
+        refs_of = {"sequence": mixed_reference(), "expert": mixed_reference(expert=True)}
         for axis, mixed_groups, samples in (("sequence", groups, 2), ("expert", zeal.mesh.build(expert=2), 4)):
+            refs = refs_of[axis]
             coord = mixed_groups.mesh.coord(rank, axis)
             check(coord == seq, f"{axis} coordinate {coord} of rank {rank}")
             model = mlp(0)

@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from . import _zeal
+from .. import _zeal
 
 logger = logging.getLogger("zeal")
 if not logger.handlers:

@@ -1,0 +1,92 @@
+"""DeepSpeed's deepspeed.moe.layer.MoE on Zeal: the same arguments, submodule names and return
+values (docs/moe.md). Its expert-parallel group is the expert axis of the mesh
+`zeal.mesh.build(expert=ep_size)`, created when the layer is built (collective over the world:
+every rank builds its MoE layers in the same order)."""
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import _zeal
+from ..utils import groups, log_dist
+from .experts import Experts
+from .sharded_moe import MOELayer, TopKGate
+
+_NOISE_POLICIES = (None, "None", "Jitter", "RSample")
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts layer.
+
+    hidden_size: the model dimension (input and output); expert: the module every expert copies;
+    num_experts: experts in the layer; ep_size: expert-parallel ranks (num_experts / ep_size experts
+    live on each); k: experts per token; capacity_factor / eval_capacity_factor / min_capacity: the
+    per-expert buffer, ceil(tokens / num_experts x factor x k), at least min_capacity;
+    use_residual: PR-MoE (a dense MLP mixed in by a learned 2-way coefficient); noisy_gate_policy:
+    None, 'Jitter' or 'RSample'; drop_tokens: False gives every expert its whole load; use_rts:
+    Random Token Selection; top2_2nd_expert_sampling: Gumbel-sample the second expert.
+    forward returns (output, l_aux, exp_counts)."""
+
+    def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1, k: int = 1,
+                 capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
+                 use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
+                 use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
+                 top2_2nd_expert_sampling: bool = True) -> None:
+        super().__init__()
+        if num_experts < 1 or ep_size < 1 or num_experts % ep_size:
+            raise _zeal.ConfigError(f"MoE: num_experts ({num_experts}) must be a positive multiple of ep_size "
+                                    f"({ep_size})")
+        if k < 1 or k > num_experts:
+            raise _zeal.ConfigError(f"MoE: k must be between 1 and num_experts ({num_experts}), got {k}")
+        if noisy_gate_policy not in _NOISE_POLICIES:
+            raise _zeal.ConfigError(f"MoE: noisy_gate_policy must be None, 'Jitter' or 'RSample', got "
+                                    f"{noisy_gate_policy!r}")
+        if enable_expert_tensor_parallelism:
+            raise _zeal.ConfigError("MoE: enable_expert_tensor_parallelism (experts split over the tensor axis) "
+                                    "is not supported yet")
+        self.use_residual = use_residual
+        self.enable_expert_tensor_parallelism = enable_expert_tensor_parallelism
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep_size
+        log_dist(f"Creating MoE layer with num_experts: {num_experts} | num_local_experts: "
+                 f"{self.num_local_experts} | expert_parallel_size: {ep_size}", [0])
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        gate = TopKGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
+                        noisy_gate_policy, drop_tokens, use_rts, None, top2_2nd_expert_sampling)
+        self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
+                                      use_tutel=use_tutel)
+        if use_residual:
+            self.mlp = expert
+            self.coefficient = nn.Linear(hidden_size, 2)
+        self.set_deepspeed_parallelism()
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        self._create_process_groups(use_data_before_expert_parallel_)
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        self._zeal_groups = groups._create_expert_and_data_parallel(
+            self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
+
+    @property
+    def expert_parallel_rank(self):
+        return self.deepspeed_moe.ep_group.rank
+
+    def global_expert_ids(self):
+        """The global ids of this rank's experts, in local order (expert rank x local experts + i)."""
+        first = self.expert_parallel_rank * self.num_local_experts
+        return list(range(first, first + self.num_local_experts))
+
+    def forward(self, hidden_states: torch.Tensor,
+                used_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        output = self.deepspeed_moe(hidden_states, used_token)
+        if self.use_residual:
+            dense = self.mlp(hidden_states)
+            if isinstance(dense, tuple):
+                dense = dense[0]
+            coef = F.softmax(self.coefficient(hidden_states), dim=-1)
+            output = output * coef[..., 0:1] + dense * coef[..., 1:]
+        return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts

@@ -1,0 +1,325 @@
+"""DeepSpeed-MoE's gating and dispatch (deepspeed.moe.sharded_moe) on Zeal's communicators.
+
+Gating follows DeepSpeed 0.19's rules exactly (docs/moe.md "Gating"): top-1 (Random Token
+Selection, RSample noise, `used_token`), top-2 (Gumbel sampling of the second expert), top-k
+(drop by probability or by position); capacity = ceil(tokens / experts x factor x k) but at least
+`min_capacity`; with drop_tokens=False the capacity is the largest expert load over the
+expert-parallel group. The random draws are the same calls in the same order as DeepSpeed's, so a
+seeded run routes the same tokens.
+
+Every gating function computes one routing: for each of the k routes of each token, the expert,
+its slot in that expert's capacity buffer, its weight, and whether it was kept. The public
+functions return it either as DeepSpeed's dense tensors (combine_weights [s, e, c], dispatch_mask)
+or, with sparse_routes=True, as DeepSpeed's route tuple. MOELayer moves tokens with index copies
+over the routes (no [s, e, c] tensor is formed) and exchanges the [experts, capacity, model]
+buffer with one all_to_all over the expert-parallel group each way.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Module
+
+from .. import _zeal, zero
+
+# One distribution per device, as DeepSpeed keeps them: the draws go through the same rsample calls.
+_gumbel = {}
+_uniform = {}
+_jitter = {}
+
+
+def _sampler(cache, device, make):
+    sample = cache.get(device)
+    if sample is None:
+        sample = cache[device] = make()
+    return sample
+
+
+def multiplicative_jitter(x, device, epsilon=1e-2):
+    """x times a uniform draw in [1 - epsilon, 1 + epsilon) per element (the 'Jitter' gate policy)."""
+    if epsilon == 0:
+        return x
+    sample = _sampler(_jitter, device, lambda: torch.distributions.uniform.Uniform(
+        low=torch.tensor(1.0 - epsilon, device=device), high=torch.tensor(1.0 + epsilon, device=device)).rsample)
+    return x * sample(x.shape)
+
+
+def gumbel_rsample(shape, device):
+    sample = _sampler(_gumbel, device, lambda: torch.distributions.gumbel.Gumbel(
+        torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)).rsample)
+    return sample(shape)
+
+
+def _uniform_rsample(shape, device):
+    sample = _sampler(_uniform, device, lambda: torch.distributions.uniform.Uniform(
+        low=torch.tensor(0.0, device=device), high=torch.tensor(1.0, device=device)).rsample)
+    return sample(shape)
+
+
+def _capacity(gates, capacity_factor, min_capacity):
+    """ceil(tokens / experts x capacity_factor), at least min_capacity (an int64 0-d tensor)."""
+    tokens, experts = gates.shape
+    factor = capacity_factor if torch.is_tensor(capacity_factor) else torch.tensor(capacity_factor)
+    least = min_capacity if torch.is_tensor(min_capacity) else torch.tensor(min_capacity)
+    capacity = torch.ceil((tokens / experts) * factor).to(torch.int64)
+    return torch.maximum(capacity, least.to(torch.int64))
+
+
+def _largest_load(exp_counts, ep_group):
+    """drop_tokens=False: every expert takes its whole load, so the capacity is the largest load on
+    any rank of the expert-parallel group (the buffers exchanged must be the same size)."""
+    load = exp_counts.max().to(torch.int64).reshape(1).cpu()
+    if ep_group is not None and ep_group.size > 1:
+        ep_group.all_reduce(load, "max").wait()
+    return load[0]
+
+
+class _Routes:
+    """k routes per token: expert [k, s], slot [k, s] (its place in the expert's buffer), weight
+    [k, s] (fp32; 0 where dropped), kept [k, s]; with l_aux, capacity and the loads before dropping."""
+
+    def __init__(self, l_aux, capacity, num_experts, expert, slot, weight, kept, exp_counts):
+        self.l_aux, self.capacity, self.num_experts = l_aux, capacity, num_experts
+        self.expert, self.slot, self.weight, self.kept, self.exp_counts = expert, slot, weight, kept, exp_counts
+
+    def dense(self):
+        """DeepSpeed's (l_aux, combine_weights [s, e, c], dispatch_mask, exp_counts)."""
+        k, s = self.expert.shape
+        combine = self.weight.new_zeros(s, self.num_experts, int(self.capacity))
+        tokens = torch.arange(s, device=self.expert.device).expand(k, s)
+        keep = self.kept
+        combine = combine.index_put((tokens[keep], self.expert[keep], self.slot[keep]), self.weight[keep],
+                                    accumulate=True)
+        return self.l_aux, combine, combine.bool(), self.exp_counts
+
+    def sparse(self):
+        """DeepSpeed's sparse_routes tuple: (l_aux, capacity, num_experts, indices [k, s] int32 with -1
+        for a dropped route, locations [k, s] int32, gates [k, s], exp_counts)."""
+        indices = torch.where(self.kept, self.expert, torch.full_like(self.expert, -1)).to(torch.int32)
+        return (self.l_aux, self.capacity, self.num_experts, indices, (self.slot * self.kept).to(torch.int32),
+                self.weight, self.exp_counts)
+
+
+def _route_top1(logits, capacity_factor, min_capacity, used_token, noisy_gate_policy, drop_tokens, use_rts,
+                ep_group):
+    noisy = logits + gumbel_rsample(logits.shape, logits.device) if noisy_gate_policy == "RSample" else None
+    gates = F.softmax(logits, dim=1)
+    tokens, experts = gates.shape
+    capacity = _capacity(gates, torch.tensor(capacity_factor), torch.tensor(min_capacity))
+    choice = torch.argmax(noisy if noisy is not None else gates, dim=1)
+    mask = F.one_hot(choice, num_classes=experts)
+    if used_token is not None:
+        mask = used_token.reshape(-1, 1) * mask
+    exp_counts = mask.sum(dim=0).detach()
+    if not drop_tokens:
+        capacity = torch.minimum(_largest_load(exp_counts, ep_group), torch.tensor(tokens))
+    l_aux = torch.sum(gates.mean(dim=0) * mask.float().mean(dim=0)) * experts
+    # Which tokens an over-full expert keeps: the top `capacity` by a uniform draw (Random Token
+    # Selection), or torch.topk's choice among equal scores without it.
+    scores = mask * _uniform_rsample(mask.shape, logits.device) if use_rts else mask
+    if tokens < min_capacity:
+        raise _zeal.ConfigError(f"MoE top-1 gating got {tokens} tokens, fewer than min_capacity {min_capacity}: "
+                                "set min_capacity to 0 or feed more tokens")
+    chosen = torch.topk(scores, k=int(min(int(capacity), tokens)), dim=0)[1]
+    mask = mask * torch.zeros_like(mask).scatter_(0, chosen, 1)
+    slot = ((torch.cumsum(mask, dim=0) - 1) * mask).sum(dim=1)
+    weight = (gates * mask.float()).sum(dim=1)
+    kept = mask.sum(dim=1) > 0
+    return _Routes(l_aux, capacity, experts, choice.unsqueeze(0), slot.unsqueeze(0), weight.unsqueeze(0),
+                   kept.unsqueeze(0), exp_counts)
+
+
+def _route_top2(logits, capacity_factor, min_capacity, drop_tokens, ep_group, top2_2nd_expert_sampling):
+    gates = F.softmax(logits, dim=1)
+    experts = gates.shape[1]
+    first = torch.argmax(gates, dim=1)
+    mask1 = F.one_hot(first, num_classes=experts)
+    if top2_2nd_expert_sampling:  # the Gumbel-max trick: the second expert is sampled
+        logits = logits + gumbel_rsample(logits.shape, logits.device)
+    second = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
+    mask2 = F.one_hot(second, num_classes=experts)
+    # Second choices queue behind every first choice of the same expert.
+    where1 = torch.cumsum(mask1, dim=0) - 1
+    where2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
+    l_aux = torch.mean(gates.mean(dim=0) * mask1.float().mean(dim=0)) * experts * experts
+    exp_counts = (mask1 + mask2).sum(dim=0).detach()
+    if drop_tokens:
+        capacity = _capacity(gates, torch.tensor(capacity_factor * 2), torch.tensor(min_capacity))
+        mask1 = mask1 * torch.lt(where1, capacity)
+        mask2 = mask2 * torch.lt(where2, capacity)
+    else:
+        capacity = _largest_load(exp_counts, ep_group)
+    weight1 = (gates * mask1.float()).sum(dim=1)
+    weight2 = (gates * mask2.float()).sum(dim=1)
+    total = torch.clamp(weight1 + weight2, min=torch.finfo(weight1.dtype).eps)
+    return _Routes(l_aux, capacity, experts, torch.stack([first, second]),
+                   torch.stack([(where1 * mask1).sum(dim=1), (where2 * mask2).sum(dim=1)]),
+                   torch.stack([weight1 / total, weight2 / total]),
+                   torch.stack([mask1.sum(dim=1) > 0, mask2.sum(dim=1) > 0]), exp_counts)
+
+
+def _route_topk(logits, k, capacity_factor, min_capacity, drop_tokens, ep_group, drop_policy):
+    gates = F.softmax(logits, dim=1)
+    tokens, experts = gates.shape
+    top_gate, top_idx = torch.topk(gates, k=k, dim=1)
+    mask = torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top_idx, True)
+    exp_counts = mask.sum(dim=0).detach()
+    l_aux = torch.mean(gates.mean(dim=0) * mask.float().mean(dim=0)) * experts * experts / k
+    if drop_tokens:
+        capacity = _capacity(gates, torch.tensor(capacity_factor * k), torch.tensor(min_capacity))
+        if drop_policy == "probs":  # an over-full expert keeps its most probable tokens
+            chosen = torch.zeros_like(gates).scatter(1, top_idx, top_gate)
+            _, keep = torch.topk(chosen, k=int(min(int(capacity), tokens)), dim=0, sorted=False)
+            mask = mask & torch.zeros_like(mask).scatter_(0, keep, True)
+            where = torch.cumsum(mask, dim=0) - 1
+        elif drop_policy == "position":  # an over-full expert keeps its first tokens
+            where = torch.cumsum(mask, dim=0) - 1
+            mask = mask & torch.lt(where, capacity)
+        else:
+            raise _zeal.ConfigError(f"topkgating drop_policy: expected 'probs' or 'position', got {drop_policy!r}")
+    else:
+        capacity = _largest_load(exp_counts, ep_group)
+        where = torch.cumsum(mask, dim=0) - 1
+    masked = gates * mask
+    masked = masked / torch.clamp(masked.sum(dim=-1, keepdim=True), min=torch.finfo(masked.dtype).eps)
+    kept = mask.gather(1, top_idx)
+    return _Routes(l_aux, capacity, experts, top_idx.t().contiguous(), (where.gather(1, top_idx) * kept).t(),
+                   masked.gather(1, top_idx).t(), kept.t(), exp_counts)
+
+
+def top1gating(logits: Tensor, capacity_factor: float, min_capacity: int, used_token: Tensor = None,
+               noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True, use_rts: bool = True,
+               ep_group=None, sparse_routes: bool = False, use_tutel: bool = False):
+    routes = _route_top1(logits, capacity_factor, min_capacity, used_token, noisy_gate_policy, drop_tokens, use_rts,
+                         ep_group)
+    return routes.sparse() if sparse_routes else routes.dense()
+
+
+def top2gating(logits: Tensor, capacity_factor: float, min_capacity: int, drop_tokens: bool = True, ep_group=None,
+               top2_2nd_expert_sampling: bool = True, sparse_routes: bool = False):
+    routes = _route_top2(logits, capacity_factor, min_capacity, drop_tokens, ep_group, top2_2nd_expert_sampling)
+    return routes.sparse() if sparse_routes else routes.dense()
+
+
+def topkgating(logits: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool = True,
+               ep_group=None, drop_policy: str = "probs", sparse_routes: bool = False):
+    routes = _route_topk(logits, k, capacity_factor, min_capacity, drop_tokens, ep_group, drop_policy)
+    return routes.sparse() if sparse_routes else routes.dense()
+
+
+class TopKGate(Module):
+    """The router: a bias-free fp32 linear map to expert logits, then top-1, top-2 or top-k gating
+    with the training or the eval capacity factor."""
+
+    def __init__(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0,
+                 eval_capacity_factor: float = 1.0, min_capacity: int = 8, noisy_gate_policy: Optional[str] = None,
+                 drop_tokens: bool = True, use_rts: bool = True, ep_group=None,
+                 top2_2nd_expert_sampling: bool = True) -> None:
+        super().__init__()
+        self.wg = torch.nn.Linear(model_dim, num_experts, bias=False)
+        # forward reads wg's weight without calling wg (in fp32 whatever the model's dtype): ZeRO-3
+        # gathers it around this module's forward.
+        zero.register_external_parameter(self, self.wg.weight)
+        self.ep_group = ep_group
+        self.k = k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.noisy_gate_policy = noisy_gate_policy
+        self.drop_tokens = drop_tokens
+        self.use_rts = use_rts
+        self.top2_2nd_expert_sampling = top2_2nd_expert_sampling
+        self.wall_clock_breakdown = False
+        self.gate_time = 0.0
+
+    def _set_ep_group(self, ep_group):
+        self.ep_group = ep_group
+
+    def _routes(self, input, used_token=None):
+        x = input.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            x = multiplicative_jitter(x, device=input.device)
+        logits = F.linear(x, weight=self.wg.weight.float(), bias=None)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.k == 1:
+            return _route_top1(logits, factor, self.min_capacity, used_token,
+                               self.noisy_gate_policy if self.training else None, self.drop_tokens, self.use_rts,
+                               self.ep_group)
+        if self.k == 2:
+            return _route_top2(logits, factor, self.min_capacity, self.drop_tokens, self.ep_group,
+                               self.top2_2nd_expert_sampling)
+        return _route_topk(logits, self.k, factor, self.min_capacity, self.drop_tokens, self.ep_group, "probs")
+
+    def forward(self, input: Tensor, used_token: Tensor = None, sparse_routes: bool = False, use_tutel: bool = False):
+        routes = self._routes(input, used_token)
+        return routes.sparse() if sparse_routes else routes.dense()
+
+
+class _AllToAll(torch.autograd.Function):
+    """Chunk j of dim 0 to expert rank j and back; its gradient is the same exchange."""
+
+    @staticmethod
+    def forward(ctx, group, input):
+        ctx.group = group
+        input = input.contiguous()
+        output = torch.empty_like(input)
+        group.all_to_all(output, input, site="moe all_to_all").wait()
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, _AllToAll.apply(ctx.group, grad_output)
+
+
+class MOELayer(Module):
+    """Gate, dispatch to the experts over the expert-parallel group, expert compute, combine."""
+
+    def __init__(self, gate: Module, experts: Module, ep_group_name, ep_size, num_local_experts: int,
+                 use_tutel: bool = False) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.ep_group = None
+        self.ep_size = ep_size
+        self.ep_group_name = ep_group_name
+        self.num_local_experts = num_local_experts
+        self.use_tutel = False  # Zeal's dispatch is its own (docs/compatibility.md)
+        self.wall_clock_breakdown = False
+        self.time_falltoall = self.time_salltoall = self.time_moe = 0.0
+        self.l_aux = None
+        self.exp_counts = None
+
+    def _set_ep_group(self, ep_group):
+        self.ep_group = ep_group
+        self.gate._set_ep_group(ep_group)
+
+    def forward(self, *input: Tensor, **kwargs) -> Tensor:
+        x = input[0]
+        d_model = x.shape[-1]
+        tokens = x.reshape(-1, d_model)
+        # Through the gate module's call, so ZeRO-3's hooks gather its weight.
+        self.l_aux, capacity, experts, indices, locations, weights, self.exp_counts = self.gate(
+            tokens, input[1] if len(input) > 1 else None, True)
+        capacity = int(capacity)
+        k, s = indices.shape
+        keep = indices >= 0
+        slots = (indices.long() * capacity + locations.long())[keep]  # each kept route's row of the [e * c] buffer
+        sources = torch.arange(s, device=x.device).expand(k, s)[keep]
+
+        # Dispatch: each kept route copies its token into its expert's slot; empty slots stay zero.
+        buffer = tokens.new_zeros(experts * capacity, d_model).index_copy(0, slots, tokens.index_select(0, sources))
+        dispatched = buffer.view(experts, capacity, d_model)
+        if self.ep_size > 1:
+            dispatched = _AllToAll.apply(self.ep_group, dispatched)
+        # From each expert rank, this rank's experts' slots: [ep, local experts, capacity, model].
+        out = self.experts(dispatched.reshape(self.ep_size, self.num_local_experts, -1, d_model))
+        out = out.reshape(experts, -1, d_model)
+        if self.ep_size > 1:
+            out = _AllToAll.apply(self.ep_group, out)
+
+        # Combine in fp32: each token's kept routes, weighted by their gates.
+        routed = out.reshape(experts * capacity, d_model).index_select(0, slots).float() * \
+            weights[keep].unsqueeze(1)
+        combined = torch.zeros(s, d_model, dtype=torch.float32, device=x.device).index_add(0, sources, routed)
+        return combined.to(x.dtype).reshape(x.shape)

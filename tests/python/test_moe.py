@@ -1,0 +1,221 @@
+"""zeal.moe in one process: DeepSpeed's gating rules (against loop references written from the
+rules, and against DeepSpeed's own functions where DeepSpeed is installed), the index-based
+dispatch against the dense einsum formulation, names, parameter groups and argument errors.
+Multi-rank training against a dense torch reference: test_multirank.py (ranks/moe_engine.py)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zeal
+from zeal.moe import sharded_moe
+from zeal.moe.layer import MoE
+from zeal.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+HERE = Path(__file__).parent
+
+
+def logits_of(seed, tokens=24, experts=4):
+    return torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def routes_of(combine):
+    """{(token, expert): (slot, weight)} from a dense combine_weights [s, e, c]."""
+    out = {}
+    for s, e, c in combine.nonzero().tolist():
+        out[(s, e)] = (c, combine[s, e, c].item())
+    return out
+
+
+def test_capacity_is_ceil_of_tokens_per_expert_times_factor_at_least_min_capacity():
+    gates = torch.zeros(10, 4)
+    assert sharded_moe._capacity(gates, 1.0, 0).item() == 3  # ceil(2.5)
+    assert sharded_moe._capacity(gates, 0.5, 0).item() == 2  # ceil(1.25)
+    assert sharded_moe._capacity(gates, 0.5, 4).item() == 4
+    assert sharded_moe._capacity(gates, 2.0, 1).item() == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top2_drops_by_position_after_every_first_choice(seed):
+    # The rule: capacity = ceil(s / e x 2 x factor); an expert's slots go to first choices in token
+    # order, then to second choices in token order; a route past the capacity is dropped; each
+    # token's kept gates are renormalised over its two choices (dropped ones count as 0).
+    logits = logits_of(seed)
+    factor = 0.5
+    l_aux, combine, dispatch, counts = sharded_moe.top2gating(logits.clone(), factor, 1, top2_2nd_expert_sampling=False)
+    gates = F.softmax(logits, dim=1)
+    s, e = gates.shape
+    capacity = int(torch.ceil(torch.tensor(s / e * factor * 2)))
+    first = gates.argmax(1).tolist()
+    second = gates.masked_fill(F.one_hot(gates.argmax(1), e).bool(), float("-inf")).argmax(1).tolist()
+    used = [0] * e
+    slot = {}
+    for choice in (first, second):
+        for t in range(s):
+            x = choice[t]
+            if used[x] < capacity:
+                slot[(t, x)] = used[x]
+            used[x] += 1
+    want = {}
+    for t in range(s):
+        g1 = gates[t, first[t]].item() if (t, first[t]) in slot else 0.0
+        g2 = gates[t, second[t]].item() if (t, second[t]) in slot else 0.0
+        denom = max(g1 + g2, torch.finfo(torch.float32).eps)
+        for x, g in ((first[t], g1), (second[t], g2)):
+            if (t, x) in slot and g > 0:
+                want[(t, x)] = (slot[(t, x)], g / denom)
+    got = routes_of(combine)
+    assert got.keys() == want.keys()
+    for key, (c, w) in want.items():
+        assert got[key][0] == c and abs(got[key][1] - w) <= 1e-6, (key, got[key], (c, w))
+    assert len(want) < 2 * s, "the capacity dropped nothing: the case is not exercised"
+    assert torch.equal(dispatch, combine.bool())
+    assert counts.tolist() == [first.count(x) + second.count(x) for x in range(e)]  # before dropping
+    me = gates.mean(0)
+    ce = F.one_hot(torch.tensor(first), e).float().mean(0)
+    assert abs(l_aux.item() - (me * ce).mean().item() * e * e) <= 1e-6
+
+
+def test_top1_random_token_selection_keeps_the_largest_draws():
+    # The rule: an over-full expert keeps the `capacity` tokens with the largest uniform draw (one
+    # draw per token and expert, torch.rand in the generator's order); kept tokens take slots in
+    # token order; the weight is the token's softmax probability (not renormalised).
+    logits = logits_of(5)
+    s, e = logits.shape
+    torch.manual_seed(11)
+    l_aux, combine, _, counts = sharded_moe.top1gating(logits, 0.5, 1)
+    torch.manual_seed(11)
+    draw = torch.rand(s, e)
+    gates = F.softmax(logits, dim=1)
+    capacity = int(torch.ceil(torch.tensor(s / e * 0.5)))
+    choice = gates.argmax(1).tolist()
+    want = {}
+    for x in range(e):
+        mine = [t for t in range(s) if choice[t] == x]
+        kept = sorted(sorted(mine, key=lambda t: -draw[t, x].item())[:capacity])
+        for c, t in enumerate(kept):
+            want[(t, x)] = (c, gates[t, x].item())
+    got = routes_of(combine)
+    assert got.keys() == want.keys()
+    assert all(got[k][0] == want[k][0] and abs(got[k][1] - want[k][1]) <= 1e-6 for k in want)
+    assert len(want) < s
+    assert counts.tolist() == [choice.count(x) for x in range(e)]
+    assert abs(l_aux.item() - (gates.mean(0) * F.one_hot(torch.tensor(choice), e).float().mean(0)).sum().item() * e) < 1e-6
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_topk_drops_by_position_or_by_probability(policy):
+    logits = logits_of(9, tokens=20, experts=5)
+    k, factor = 3, 0.5
+    _, combine, _, _ = sharded_moe.topkgating(logits, k, factor, 1, drop_policy=policy)
+    gates = F.softmax(logits, dim=1)
+    s, e = gates.shape
+    capacity = int(torch.ceil(torch.tensor(s / e * factor * k)))
+    chosen = [set(gates[t].topk(k).indices.tolist()) for t in range(s)]
+    kept = set()
+    for x in range(e):
+        mine = [t for t in range(s) if x in chosen[t]]
+        if policy == "probs":
+            mine = sorted(mine, key=lambda t: -gates[t, x].item())
+        kept |= {(t, x) for t in mine[:capacity]}
+    want = {}
+    for x in range(e):
+        for c, t in enumerate(sorted(t for t in range(s) if (t, x) in kept)):
+            total = sum(gates[t, y].item() for y in range(e) if (t, y) in kept)
+            want[(t, x)] = (c, gates[t, x].item() / total)
+    got = routes_of(combine)
+    assert got.keys() == want.keys()
+    assert all(got[key][0] == want[key][0] and abs(got[key][1] - want[key][1]) <= 1e-6 for key in want)
+    assert len(want) < k * s
+
+
+def test_gating_equals_deepspeeds_own_functions():
+    # Every gating variant, seeded alike, against deepspeed.moe.sharded_moe (the pinned benchmark
+    # peer) in a separate process: the same tensors bit for bit, random draws included.
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            pytest.skip("DeepSpeed is not installed (scripts/install-bench-deps installs the pinned one)")
+    except ValueError:
+        pytest.skip("DeepSpeed is not importable here")
+    proc = subprocess.run([sys.executable, str(HERE / "moe_gating_vs_deepspeed.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "GATING-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_dispatch_by_index_equals_the_dense_einsum_form():
+    # MOELayer moves tokens by index; DeepSpeed's defining form is dispatch = einsum(sec,sm->ecm),
+    # combine = einsum(sec,ecm->sm) over the gating's dense tensors. Same output and gradients, with
+    # tokens dropped (capacity factor 0.5, top-2, residual PR-MoE on).
+    torch.manual_seed(0)
+    expert = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.GELU(), torch.nn.Linear(9, 6))
+    layer = MoE(6, expert, num_experts=4, ep_size=1, k=2, capacity_factor=0.5, min_capacity=1, use_residual=True,
+                top2_2nd_expert_sampling=False)
+    for i, e in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+        for p in e.parameters():
+            p.data.normal_(generator=torch.Generator().manual_seed(i))
+    x = torch.randn(2, 10, 6, requires_grad=True)
+    out, l_aux, counts = layer(x)
+    (out.square().sum() + l_aux).backward()
+    got_grads = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+
+    layer.zero_grad()
+    x.grad = None
+    flat = x.reshape(-1, 6)
+    logits = F.linear(flat, layer.deepspeed_moe.gate.wg.weight)
+    l_aux2, combine, dispatch, _ = sharded_moe.top2gating(logits, 0.5, 1, top2_2nd_expert_sampling=False)
+    dispatched = torch.einsum("sec,sm->ecm", dispatch.float(), flat)
+    expert_out = torch.stack([e(dispatched[i]) for i, e in enumerate(layer.deepspeed_moe.experts.deepspeed_experts)])
+    y = torch.einsum("sec,ecm->sm", combine, expert_out).reshape(x.shape)
+    coef = F.softmax(layer.coefficient(x), dim=-1)
+    y = y * coef[..., 0:1] + layer.mlp(x) * coef[..., 1:]
+    torch.testing.assert_close(out, y, rtol=1e-6, atol=1e-6)
+    (y.square().sum() + l_aux2).backward()
+    want_grads = [p.grad for p in layer.parameters()] + [x.grad]
+    for g, w in zip(got_grads, want_grads):  # relative to each gradient's largest element (sums reorder)
+        assert ((g - w).abs().max() / w.abs().max()).item() <= 1e-5, (g, w)
+    assert int(counts.sum()) == 2 * 20 and int(dispatch.sum()) < 2 * 20  # tokens were dropped
+
+
+def test_names_marks_and_optimizer_groups_are_deepspeeds():
+    expert = torch.nn.Linear(4, 4)
+    layer = MoE(4, expert, num_experts=2, ep_size=1, k=1, use_residual=True, min_capacity=0)
+    names = set(layer.state_dict())
+    assert {"deepspeed_moe.gate.wg.weight", "deepspeed_moe.experts.deepspeed_experts.0.weight",
+            "deepspeed_moe.experts.deepspeed_experts.1.bias", "mlp.weight", "coefficient.weight"} <= names
+    experts = list(layer.deepspeed_moe.experts.parameters())
+    assert all(is_moe_param(p) and p.group_name == "ep_size_1" and p.zeal_split_axes == ("expert",) for p in experts)
+    assert not is_moe_param(layer.deepspeed_moe.gate.wg.weight)
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(layer.parameters()), "name": "dense", "lr": 0.1})
+    assert [g["name"] for g in groups] == ["dense", "ep_size_1"] and groups[1]["moe"] and groups[1]["lr"] == 0.1
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in experts}
+    assert all(not is_moe_param(p) for p in groups[0]["params"])
+    # zeal.initialize takes those groups (a DeepSpeed MoE script passes them as model_parameters).
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.add_module("moe", layer)
+    model.forward = lambda x: layer(model[0](x))[0]
+    engine, *_ = zeal.initialize(model=model, model_parameters=split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "dense", "lr": 0.1}),
+        config={"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.1}}})
+    loss = engine(torch.randn(2, 4)).sum()
+    engine.backward(loss)
+    engine.step()
+
+
+def test_bad_arguments_name_the_argument():
+    expert = torch.nn.Linear(4, 4)
+    with pytest.raises(zeal.ConfigError, match=r"num_experts \(3\) must be a positive multiple of ep_size \(2\)"):
+        MoE(4, expert, num_experts=3, ep_size=2)
+    with pytest.raises(zeal.ConfigError, match="noisy_gate_policy must be None, 'Jitter' or 'RSample', got 'Gumbel'"):
+        MoE(4, expert, num_experts=2, noisy_gate_policy="Gumbel")
+    with pytest.raises(zeal.ConfigError, match="enable_expert_tensor_parallelism"):
+        MoE(4, expert, num_experts=2, enable_expert_tensor_parallelism=True)
+    with pytest.raises(zeal.ConfigError, match="expert parallel size 2 must divide the world size 1"):
+        MoE(4, expert, num_experts=2, ep_size=2)
+    with pytest.raises(zeal.ConfigError, match="drop_policy"):
+        sharded_moe.topkgating(logits_of(0), 3, 1.0, 1, drop_policy="random")
