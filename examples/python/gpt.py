@@ -9,7 +9,7 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, moe=0, ep=1):
         super().__init__()
         self.heads = heads
         self.ln1 = nn.LayerNorm(width)
@@ -17,6 +17,12 @@ class Block(nn.Module):
         self.proj = nn.Linear(width, width)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.l_aux = self.exp_counts = None
+        if moe:  # the MLP becomes `moe` top-2 experts over `ep` expert-parallel ranks (docs/moe.md)
+            from zeal.moe.layer import MoE
+
+            self.moe = MoE(width, self.mlp, num_experts=moe, ep_size=ep, k=2, capacity_factor=1.25, min_capacity=4)
+            del self.mlp
 
     def forward(self, x):
         b, t, c = x.shape
@@ -24,15 +30,22 @@ class Block(nn.Module):
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        if hasattr(self, "moe"):
+            y, self.l_aux, self.exp_counts = self.moe(self.ln2(x))
+            return x + y
         return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab, block=128, width=256, layers=4, heads=4):
+    """moe > 0: every block's MLP is an MoE layer of that many experts (top-2, `ep` expert-parallel
+    ranks); the loss adds aux_weight x the layers' load-balancing losses."""
+
+    def __init__(self, vocab, block=128, width=256, layers=4, heads=4, moe=0, ep=1, aux_weight=0.01):
         super().__init__()
+        self.aux_weight = aux_weight
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(block, width)
-        self.blocks = nn.Sequential(*[Block(width, heads) for _ in range(layers)])
+        self.blocks = nn.Sequential(*[Block(width, heads, moe, ep) for _ in range(layers)])
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
         for name, p in self.named_parameters():
@@ -47,7 +60,18 @@ class GPT(nn.Module):
         logits = self.head(self.ln(self.blocks(x)))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        aux = [b.l_aux for b in self.blocks if b.l_aux is not None]
+        return loss + self.aux_weight * sum(aux) if aux else loss
+
+    def moe_stats(self):
+        """(the mean load-balancing loss, tokens per expert summed over the layers) of the last
+        forward; None without MoE layers."""
+        blocks = [b for b in self.blocks if b.l_aux is not None]
+        if not blocks:
+            return None
+        return (sum(b.l_aux.item() for b in blocks) / len(blocks),
+                sum(b.exp_counts.to(torch.int64) for b in blocks).tolist())
 
 
 class TensorParallelBlock(nn.Module):

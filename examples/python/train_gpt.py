@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--save_every", type=int, default=100)
     ap.add_argument("--tensor", type=int, default=1,
                     help="tensor-parallel size: the model cut over groups of this many ranks (TensorParallelGPT)")
+    ap.add_argument("--moe", type=int, default=0, help="experts per MoE layer (every block's MLP becomes one; top-2)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (ranks the experts are spread over)")
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal / deepspeed launchers")
     args = ap.parse_args()
 
@@ -91,8 +93,14 @@ def main():
         model = TensorParallelGPT(GPT(vocab, block=block), tp_group).to(device)
         groups = {"data_parallel_group": dp_group}
     else:
-        model = GPT(len(dataset.chars), block=block).to(device)
-    engine, _, loader, _ = zeal.initialize(model=model, training_data=dataset, config=config, **groups)
+        model = GPT(len(dataset.chars), block=block, moe=args.moe, ep=args.ep).to(device)
+    params = model.parameters()
+    if args.moe:  # DeepSpeed's MoE recipe: the experts in parameter groups of their own
+        from zeal.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        params = split_params_into_different_moe_groups_for_optimizer({"params": list(params), "name": "dense"})
+    engine, _, loader, _ = zeal.initialize(model=model, model_parameters=params, training_data=dataset, config=config,
+                                           **groups)
     rank = engine.global_rank
     tokens_per_step = engine.train_batch_size() * block
     epoch = 0
@@ -105,6 +113,8 @@ def main():
     if rank == 0:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: partitioned
         layout = f"tensor {args.tensor} x data {engine.dp_world_size}" if args.tensor > 1 else "data parallel"
+        if args.moe:
+            layout += f"; MoE: {args.moe} experts per layer, top-2, expert-parallel {args.ep}"
         print(f"demo: {n_params / 1e6:.2f}M parameters per rank on {device}, {len(dataset.data) / 1e3:.0f}K characters, "
               f"vocab {len(dataset.chars)}, {engine.world_size} ranks ({layout}), global batch {engine.train_batch_size()} x {block} tokens, {steps} steps, "
               f"ZeRO stage {config.get('zero_optimization', {}).get('stage', 0)}", flush=True)
@@ -146,6 +156,11 @@ def main():
                 mfu = f" | MFU {100 * tflops * 1e12 / peak:.1f}%" if peak and tflops else ""
                 print(f"step {step:4d}/{steps} [{bar:<30}] loss {loss.item():.4f} | lr {engine.get_lr()[0]:.2e} | "
                       f"{rate:,.0f} tokens/s | {tflops:.3f} TFLOPS/rank{mfu}", flush=True)
+                stats = model.moe_stats() if hasattr(model, "moe_stats") else None
+                if stats:
+                    rows[-1]["l_aux"] = stats[0]
+                    print(f"          moe: l_aux {stats[0]:.4f} | tokens per expert (rank 0, all layers) {stats[1]}",
+                          flush=True)
             if args.save_dir and (step % args.save_every == 0 or step >= steps):
                 engine.save_checkpoint(args.save_dir, client_state={"epoch": epoch})
             if step >= steps:

@@ -65,6 +65,44 @@ def _process_groups(model, data_parallel_group, model_parallel_group):
     return groups if groups is not None else mesh.build()
 
 
+def _check_expert_counts(model, parts, path):
+    """A checkpoint whose MoE layer holds another number of experts than the model's is refused
+    before anything is read, naming a parameter one side has and the other lacks."""
+    import os
+    import re
+
+    from .moe.layer import MoE
+
+    layers = [(prefix, m.num_experts) for prefix, m in model.named_modules() if isinstance(m, MoE)]
+    if not layers:
+        return
+    saved = []
+    for part in parts:
+        manifest = json.loads(_zeal.read_sealed_json(os.path.join(part, "zeal_checkpoint.json")))
+        saved += [p["name"] for p in manifest.get("parameters", [])]
+    for prefix, count in layers:
+        head = (f"{prefix}." if prefix else "") + "deepspeed_moe.experts.deepspeed_experts."
+        pattern = re.compile(re.escape(head) + r"(\d+)\.")
+        ids = {}
+        for name in saved:
+            found = pattern.match(name)
+            if found:
+                ids.setdefault(int(found.group(1)), name)
+        if not ids:
+            continue
+        extra = [i for i in ids if i >= count]
+        if extra:
+            raise _zeal.CheckpointError(
+                f"checkpoint {path} holds expert parameter '{ids[min(extra)]}' (expert {min(extra)}), but the "
+                f"model's MoE layer '{prefix}' has {count} experts (ids 0-{count - 1}): the checkpoint is of another "
+                "model")
+        missing = [i for i in range(count) if i not in ids]
+        if missing:
+            raise _zeal.CheckpointError(
+                f"checkpoint {path} has no parameter '{head}{missing[0]}.*': the model's MoE layer '{prefix}' has "
+                f"{count} experts, the checkpoint {len(ids)}")
+
+
 def _check_init_groups(param_groups, groups):
     """A parameter zero.Init partitioned must have been cut over the group the engine will reduce and
     partition it over (its placement's reduction group on this mesh): the same ranks, not only as many."""
@@ -104,6 +142,16 @@ def _param_groups(model, model_parameters, dtype):
             aliases.setdefault(id(p), []).append(n)
         else:
             names[id(p)] = n
+    # Expert parameters go by their global expert ids (zeal.moe; Note [Checkpoints of several units]).
+    from .moe.layer import MoE
+
+    rename = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, MoE):
+            rename.update(m.global_names(prefix))
+    if rename:
+        names = {k: rename.get(v, v) for k, v in names.items()}
+        aliases = {k: [rename.get(a, a) for a in v] for k, v in aliases.items()}
     for g in groups:
         g["names"] = [names.get(id(p), "") for p in g["params"]]
         g["aliases"] = [aliases.get(id(p), []) for p in g["params"]]
@@ -928,6 +976,7 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         if tag is None and not os.path.lexists(os.path.join(str(load_dir), "latest")):
             return None, None
         path, parts = checkpoint_location(str(load_dir), None if tag is None else str(tag))  # parts: tensor ranks
+        _check_expert_counts(self.module, parts, path)
         _, client_json = self._core.load_checkpoint_parts(parts, load_optimizer_states, load_lr_scheduler_states,
                                                           load_module_only)
         extra = _zeal.read_checkpoint_extra(parts[0])

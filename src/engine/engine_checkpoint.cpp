@@ -2,8 +2,10 @@
 // format of checkpoint/checkpoint.h. Loading works at any world size, stage and tensor-parallel
 // size: each rank asks for exactly the parameter elements its own fragment table says it owns,
 // of its own slice (Note [Moving between tensor-parallel sizes]).
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <set>
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -15,6 +17,7 @@
 #include "zeal/core/json.h"
 #include "zeal/core/logging.h"
 #include "zeal/engine/engine.h"
+#include "zeal/parallel/placement.h"
 
 namespace zeal::engine {
 namespace fs = std::filesystem;
@@ -22,9 +25,79 @@ using json = nlohmann::json;
 
 using checkpoint::agree_or_throw;
 
+// Note [Checkpoints of several units]: an engine of several units (Note [Sharded-state units]:
+// experts and dense weights, say) saves a checkpoint in parts, one per unit and group: the ranks
+// of each unit's group save that unit's parameters as one complete checkpoint,
+// <tag>/unit<k>_<axes>_<group index>, and parts.json names every part (the first holds world rank
+// 0, the module state and the counters). Parameters are looked up by name on load, so a
+// checkpoint loads under any unit layout (another expert-parallel size, another ZeRO stage) as
+// long as every name is there; expert parameters are saved under their global expert ids
+// (zeal.moe), so each appears in exactly one part.
+std::string Engine::unit_part_name(size_t k, int group_index) const {
+  std::string axes;
+  for (const std::string& a : units_[k]->axes) axes += (axes.empty() ? "" : "-") + a;
+  return "unit" + std::to_string(k) + "_" + (axes.empty() ? "none" : axes) + "_" + std::to_string(group_index);
+}
+
 std::string Engine::save_checkpoint(const std::string& save_dir, const std::string& tag,
                                     const std::string& client_state_json,
                                     const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
+  if (units_.size() == 1) return save_unit(*units_[0], save_dir, tag, client_state_json, extra, save_latest);
+  ZEAL_CHECK(!save_dir.empty(), "save_checkpoint: save_dir is empty; name the directory to save into");
+  ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
+                "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
+  const parallel::Mesh& mesh = mesh_->mesh();
+  std::vector<std::string> parts;
+  json units = json::array();
+  for (size_t k = 0; k < units_.size(); ++k) {
+    const int groups = static_cast<int>(mesh.groups(units_[k]->axes).size());
+    for (int g = 0; g < groups; ++g) parts.push_back(unit_part_name(k, g));
+    units.push_back({{"axes", units_[k]->axes}, {"groups", groups}});
+  }
+  // Parameters split over a batch axis (an expert, a sequence-split weight) hold different values
+  // on that axis's ranks: each needs its own name, or the parts could not be told apart on load.
+  for (const auto& unit : units_) {
+    std::vector<std::string> split;
+    for (const parallel::Mesh::Axis& a : mesh.axes())
+      if (a.size > 1 && std::count(parallel::batch_axes().begin(), parallel::batch_axes().end(), a.name) &&
+          !std::count(unit->axes.begin(), unit->axes.end(), a.name))
+        split.push_back(a.name);
+    std::string names;
+    for (size_t i : unit->members)
+      if (!splits_[i].split()) names += names_[i] + "\n";
+    if (split.empty() || names.empty()) continue;
+    const comm::CommunicatorPtr& group = mesh_->group(split);
+    at::Tensor mine = at::full({1}, static_cast<int64_t>(std::hash<std::string>{}(names)), at::kLong);
+    at::Tensor every = at::empty({group->size()}, at::kLong);
+    group->all_gather(every, mine, {})->wait();
+    const int64_t* h = every.data_ptr<int64_t>();
+    const std::set<int64_t> distinct(h, h + group->size());
+    ZEAL_CHECK_AS(CheckpointError, static_cast<int>(distinct.size()) == group->size(), "save_checkpoint: parameter '",
+                  names_[unit->members.front()], "' is split over ", mesh.key(split),
+                  " (each of its ranks holds its own value) but goes by the same name on each, so a checkpoint could "
+                  "not tell them apart; give each rank's parameter its own name (zeal.moe names experts by global "
+                  "id)");
+  }
+  checkpoint::AtomicSave save(mesh_->group(mesh.other_axes({})), save_dir, tag);
+  save.write("writing units", true, [&] {
+    for (size_t k = 0; k < units_.size(); ++k)
+      save_unit(*units_[k], save.tmp_dir(), unit_part_name(k, mesh.group_index(units_[k]->axes, mesh_->rank())),
+                client_state_json, extra, /*save_latest=*/false);
+  });
+  save.publish(save_latest, [&] {
+    json doc = {{"format", "zeal-checkpoint-parts"}, {"version", 2}, {"parts", parts},
+                {"layout", {{"mesh", mesh.describe()}, {"units", units}}}};
+    checkpoint::write_text_atomically((fs::path(save.tmp_dir()) / checkpoint::kPartsName).string(),
+                                      checkpoint::seal_json(std::move(doc)));
+  });
+  log("engine", LogLevel::kInfo, "saved checkpoint ", save.final_dir(), " in ", parts.size(), " parts (step ",
+      global_steps_, ")");
+  return save.final_dir();
+}
+
+std::string Engine::save_unit(Unit& u, const std::string& save_dir, const std::string& tag,
+                              const std::string& client_state_json,
+                              const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
   ZEAL_CHECK(!save_dir.empty(), "save_checkpoint: save_dir is empty; name the directory to save into");
   ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
                 "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
@@ -32,7 +105,6 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   JsonProblem problem;
   ZEAL_CHECK_AS(CheckpointError, parse_json(client_state_json, client, problem), "client_state cannot be saved: ",
                 problem.describe());
-  Unit& u = only_unit("save_checkpoint");
   // One identity for the whole save, in every shard (Note [Checkpoint integrity]).
   at::Tensor id = at::zeros({32}, at::TensorOptions().dtype(at::kByte));
   if (u.world->rank() == 0) {
@@ -73,8 +145,10 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
     m.model_dtype = c10::toString(model_dtype_);
     m.optimizer = u.optimizer->name();
     m.state_names = u.optimizer->state_names();
-    for (size_t i = 0; i < params_.size(); ++i)
-      m.params.push_back({names_[i], shapes_[i], u.layout.numels[i], splits_[i], aliases_[i]});
+    for (size_t j = 0; j < u.members.size(); ++j) {
+      const size_t i = u.members[j];
+      m.params.push_back({names_[i], shapes_[i], u.layout.numels[j], splits_[i], aliases_[i]});
+    }
     for (int r = 0; r < u.world->size(); ++r) {
       m.fragments.push_back(partitioned_ || r == 0 ? zero::fragments(u.layout, u.layout.owned(r, partitioned_))
                                                    : std::vector<zero::Fragment>{});
@@ -106,7 +180,8 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
   save.publish(save_latest, seal, [this] {
     if (fault_hook_) fault_hook_("before_publish");
   });
-  log("engine", LogLevel::kInfo, "saved checkpoint ", final_dir, " (step ", global_steps_, ")");
+  if (units_.size() == 1)
+    log("engine", LogLevel::kInfo, "saved checkpoint ", final_dir, " (step ", global_steps_, ")");
   return final_dir;
 }
 
@@ -116,6 +191,7 @@ std::string Engine::save_checkpoint_part(const comm::CommunicatorPtr& everyone, 
                                          const std::string& client_state_json,
                                          const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
   ZEAL_CHECK(everyone, "save_checkpoint_part needs the communicator of every part's ranks");
+  only_unit("save_checkpoint_part");  // a part of one unit (pipeline stages and tensor ranks are parts already)
   ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
                 "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
   json layout;
@@ -153,25 +229,28 @@ std::pair<std::string, std::string> Engine::load_parts(const std::function<std::
                                                        bool load_optimizer_states, bool load_lr_scheduler_states,
                                                        bool load_module_only) {
   // Any rank's failure fails every rank at once (no rank is left waiting in a collective).
-  Unit& u = only_unit("load_checkpoint");
   std::string error;
   std::pair<std::string, std::string> result;
   try {
-    if (u.store->swapper()) u.store->materialize(*u.optimizer);  // NVMe offload: loaded into host memory, then swapped out
+    for (auto& u : units_)  // NVMe offload: loaded into host memory, then swapped out
+      if (u->store->swapper()) u->store->materialize(*u->optimizer);
     result = load_checkpoint_local(locate(), load_optimizer_states, load_lr_scheduler_states, load_module_only);
   } catch (const std::exception& e) {
     error = e.what();
   }
-  const bool swapped = u.store->swapper() != nullptr;
-  if (!error.empty() && swapped && u.store->master().defined())
-    u.store->release(*u.optimizer, false);  // the swap files are untouched
-  agree_or_throw(*u.world, error, "checkpoint load");
-  u.publish(u.store->master());
-  if (swapped) u.store->release(*u.optimizer, true);
-  // The compressed optimizers' error buffers are not saved: they start from zero after a load, as
-  // DeepSpeed's do (each rank's differ, and they would tie the checkpoint to its world size).
-  u.onebit_state.reset();
-  if (u.store->master().defined()) u.optimizer->state_loaded(u.store->master());
+  for (auto& u : units_)
+    if (!error.empty() && u->store->swapper() && u->store->master().defined())
+      u->store->release(*u->optimizer, false);  // the swap files are untouched
+  agree_or_throw(units_.size() == 1 ? *units_[0]->world : *mesh_->group(mesh_->mesh().other_axes({})), error,
+                 "checkpoint load");
+  for (auto& u : units_) {
+    u->publish(u->store->master());
+    if (u->store->swapper()) u->store->release(*u->optimizer, true);
+    // The compressed optimizers' error buffers are not saved: they start from zero after a load, as
+    // DeepSpeed's do (each rank's differ, and they would tie the checkpoint to its world size).
+    u->onebit_state.reset();
+    if (u->store->master().defined()) u->optimizer->state_loaded(u->store->master());
+  }
   zero_grad();
   log("engine", LogLevel::kInfo, "loaded checkpoint ", result.first, " (step ", global_steps_, ")");
   return result;
@@ -185,7 +264,6 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
   // engine): every parameter is looked up by name in the parts in order; the first part holds the
   // counters every part shares.
   ZEAL_CHECK_AS(CheckpointError, !dirs.empty(), "load_checkpoint: no checkpoint directory given");
-  Unit& u = only_unit("load_checkpoint");
   std::vector<std::unique_ptr<checkpoint::CheckpointReader>> readers;
   for (const std::string& d : dirs) readers.push_back(std::make_unique<checkpoint::CheckpointReader>(d));
   const std::string dir = dirs.front();
@@ -212,34 +290,38 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
     sources.emplace_back(names_[i], pieces, shapes_[i], splits_[i]);
   }
   const bool optimizer_too = load_optimizer_states && !load_module_only;
-  if (optimizer_too)
-    ZEAL_CHECK_AS(CheckpointError, m.optimizer == u.optimizer->name(), "checkpoint ", dir, " holds ", m.optimizer,
-                  " state but the config's optimizer is ", u.optimizer->name(),
-                  "; pass load_optimizer_states=False to load the weights only");
-
-  // This rank's elements under the current layout, whatever layout wrote them.
-  const std::vector<zero::Fragment> mine = zero::fragments(u.layout, u.owned);
-  auto fill = [&](const std::string& what, at::Tensor& target) {
-    for (const zero::Fragment& f : mine) {
-      at::Tensor piece = target.slice(0, f.local, f.local + (f.end - f.begin));
-      const checkpoint::ParameterSource& source = sources[f.param];
-      if (piece.is_contiguous() && piece.device().is_cpu()) {
-        source.read(what, f.begin, f.end, piece);
-      } else {
-        at::Tensor host = at::empty({f.end - f.begin}, at::TensorOptions().dtype(at::kFloat));
-        source.read(what, f.begin, f.end, host);
-        piece.copy_(host);
-      }
-    }
-  };
-  fill("master", u.store->master());
   json engine = json::parse(m.engine_state);
+  for (auto& unit : units_) {
+    Unit& u = *unit;
+    if (optimizer_too)
+      ZEAL_CHECK_AS(CheckpointError, m.optimizer == u.optimizer->name(), "checkpoint ", dir, " holds ", m.optimizer,
+                    " state but the config's optimizer is ", u.optimizer->name(),
+                    "; pass load_optimizer_states=False to load the weights only");
+    // This rank's elements under the current layout, whatever layout wrote them.
+    const std::vector<zero::Fragment> mine = zero::fragments(u.layout, u.owned);
+    auto fill = [&](const std::string& what, at::Tensor& target) {
+      for (const zero::Fragment& f : mine) {
+        at::Tensor piece = target.slice(0, f.local, f.local + (f.end - f.begin));
+        const checkpoint::ParameterSource& source = sources[u.members[f.param]];
+        if (piece.is_contiguous() && piece.device().is_cpu()) {
+          source.read(what, f.begin, f.end, piece);
+        } else {
+          at::Tensor host = at::empty({f.end - f.begin}, at::TensorOptions().dtype(at::kFloat));
+          source.read(what, f.begin, f.end, host);
+          piece.copy_(host);
+        }
+      }
+    };
+    fill("master", u.store->master());
+    if (optimizer_too) {
+      // The model-dtype weights follow from the master weights (publish_parameters, by the caller).
+      for (const std::string& name : m.state_names) fill(name, u.optimizer->state(name));
+      u.optimizer->set_steps_taken(engine.at("optimizer_steps").get<int64_t>());
+      if (engine.contains("optimizer_scalars"))
+        u.optimizer->restore_scalars(engine.at("optimizer_scalars").get<std::map<std::string, std::vector<double>>>());
+    }
+  }
   if (optimizer_too) {
-    // The model-dtype weights follow from the master weights (publish_parameters, by the caller).
-    for (const std::string& name : m.state_names) fill(name, u.optimizer->state(name));
-    u.optimizer->set_steps_taken(engine.at("optimizer_steps").get<int64_t>());
-    if (engine.contains("optimizer_scalars"))
-      u.optimizer->restore_scalars(engine.at("optimizer_scalars").get<std::map<std::string, std::vector<double>>>());
     const json& s = engine.at("loss_scaler");
     precision_.scaler().restore({s.at("scale").get<double>(), s.at("current_hysteresis").get<int64_t>(),
                      s.at("iteration").get<int64_t>(), s.at("last_overflow_iteration").get<int64_t>()});

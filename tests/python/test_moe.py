@@ -219,3 +219,51 @@ def test_bad_arguments_name_the_argument():
         MoE(4, expert, num_experts=2, ep_size=2)
     with pytest.raises(zeal.ConfigError, match="drop_policy"):
         sharded_moe.topkgating(logits_of(0), 3, 1.0, 1, drop_policy="random")
+
+
+def test_aux_loss_free_bias_balances_the_load_and_leaves_the_weights_alone():
+    # A router that sends nearly every token to expert 0. With expert_bias_update_rate the bias on
+    # the selection scores moves after every training forward (down for the over-loaded expert, up
+    # for the others) until the load spreads; the combine weight stays the token's softmax
+    # probability of the expert it went to (the bias steers selection only).
+    torch.manual_seed(0)
+    layer = MoE(8, torch.nn.Linear(8, 8), num_experts=4, k=1, capacity_factor=4.0, eval_capacity_factor=4.0,
+                min_capacity=0, use_rts=False, expert_bias_update_rate=0.05)
+    gate = layer.deepspeed_moe.gate
+    gate.wg.weight.data = torch.randn(4, 8) * 0.1
+    gate.wg.weight.data[0] += 0.5
+    x = torch.randn(64, 8) + 1.0
+    first = layer(x)[2].tolist()
+    assert first[0] >= 60, first
+    total = torch.zeros(4)
+    for i in range(60):  # the sign rule settles into a cycle: judge the load over its last 30 forwards
+        counts = layer(x)[2]
+        if i >= 30:
+            total += counts
+    share = (total / total.sum()).tolist()
+    assert max(share) <= 0.5 and min(share) >= 0.1, (first, share, gate.expert_bias.tolist())
+    assert gate.expert_bias[0] < 0 < gate.expert_bias[1:].min()
+    layer.eval()  # no update in eval: the same routes twice
+    l_aux, combine, _, _ = gate(x)
+    bias = gate.expert_bias.clone()
+    assert torch.equal(gate(x)[1], combine) and torch.equal(gate.expert_bias, bias)
+    probs = F.softmax(x @ gate.wg.weight.t(), dim=1)
+    chosen = (probs + bias).argmax(dim=1)
+    torch.testing.assert_close(combine.sum(dim=2).gather(1, chosen[:, None]).squeeze(1),
+                               probs.gather(1, chosen[:, None]).squeeze(1))
+    assert "deepspeed_moe.gate.expert_bias" in layer.state_dict()
+    assert "deepspeed_moe.gate.expert_bias" not in MoE(8, torch.nn.Linear(8, 8), 4).state_dict()
+    with pytest.raises(zeal.ConfigError, match="expert_bias_update_rate"):
+        MoE(8, torch.nn.Linear(8, 8), num_experts=4, k=2, expert_bias_update_rate=0.1)
+
+
+def test_router_z_loss_is_added_to_l_aux():
+    torch.manual_seed(0)
+    plain = MoE(8, torch.nn.Linear(8, 8), num_experts=4, k=2, min_capacity=0, top2_2nd_expert_sampling=False)
+    with_z = MoE(8, torch.nn.Linear(8, 8), num_experts=4, k=2, min_capacity=0, top2_2nd_expert_sampling=False,
+                 router_z_loss_coef=0.1)
+    with_z.load_state_dict(plain.state_dict())
+    x = torch.randn(16, 8)
+    logits = x @ plain.deepspeed_moe.gate.wg.weight.t()
+    z = torch.logsumexp(logits, dim=1).square().mean()
+    torch.testing.assert_close(with_z(x)[1] - plain(x)[1], 0.1 * z)

@@ -227,6 +227,11 @@ class Engine {
   std::pair<std::string, std::string> load_checkpoint_local(const std::vector<std::string>& dirs,
                                                             bool load_optimizer_states, bool load_lr_scheduler_states,
                                                             bool load_module_only);
+  // One unit's checkpoint: <save_dir>/<tag> saved by the unit's group (Note [Checkpoints of several units]).
+  std::string save_unit(Unit& u, const std::string& save_dir, const std::string& tag, const std::string& client_json,
+                        const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest);
+  // The part a unit's group saves: "unit<k>_<axes>_<group index>" (the same on every rank of the group).
+  std::string unit_part_name(size_t k, int group_index) const;
   // From the parameters' placements: the units, each with its reduction group, and the parameters in them.
   void make_units(const std::vector<parallel::Placement>& placements);
   // One unit's flat buffers, master weights, optimizer, reducer and partition.

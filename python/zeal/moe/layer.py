@@ -26,13 +26,17 @@ class MoE(nn.Module):
     use_residual: PR-MoE (a dense MLP mixed in by a learned 2-way coefficient); noisy_gate_policy:
     None, 'Jitter' or 'RSample'; drop_tokens: False gives every expert its whole load; use_rts:
     Random Token Selection; top2_2nd_expert_sampling: Gumbel-sample the second expert.
+    Zeal's additions, off by default: expert_bias_update_rate > 0 balances the experts without an
+    auxiliary loss (a per-expert bias on the selection scores, moved by the load after every training
+    forward, as DeepSeek-V3); router_z_loss_coef > 0 adds ST-MoE's router z-loss to l_aux.
     forward returns (output, l_aux, exp_counts)."""
 
     def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1, k: int = 1,
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
                  use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
-                 top2_2nd_expert_sampling: bool = True) -> None:
+                 top2_2nd_expert_sampling: bool = True, expert_bias_update_rate: float = 0.0,
+                 router_z_loss_coef: float = 0.0) -> None:
         super().__init__()
         if num_experts < 1 or ep_size < 1 or num_experts % ep_size:
             raise _zeal.ConfigError(f"MoE: num_experts ({num_experts}) must be a positive multiple of ep_size "
@@ -55,7 +59,8 @@ class MoE(nn.Module):
                  f"{self.num_local_experts} | expert_parallel_size: {ep_size}", [0])
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         gate = TopKGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
-                        noisy_gate_policy, drop_tokens, use_rts, None, top2_2nd_expert_sampling)
+                        noisy_gate_policy, drop_tokens, use_rts, None, top2_2nd_expert_sampling,
+                        expert_bias_update_rate, router_z_loss_coef)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       use_tutel=use_tutel)
         if use_residual:
@@ -70,6 +75,8 @@ class MoE(nn.Module):
         self._zeal_groups = groups._create_expert_and_data_parallel(
             self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
+        # The router is replicated over the ranks dense weights reduce over: its bias moves with their loads.
+        self.deepspeed_moe.gate.bias_group = self._zeal_groups.group(_zeal.reduction_axes(self._zeal_groups.mesh))
 
     @property
     def expert_parallel_rank(self):
@@ -79,6 +86,20 @@ class MoE(nn.Module):
         """The global ids of this rank's experts, in local order (expert rank x local experts + i)."""
         first = self.expert_parallel_rank * self.num_local_experts
         return list(range(first, first + self.num_local_experts))
+
+    def global_names(self, prefix=""):
+        """{local parameter name: its name under the global expert id} for this rank's experts:
+        'deepspeed_moe.experts.deepspeed_experts.<local>.' becomes '...<global>.', as DeepSpeed's
+        expert checkpoints name them. The engine saves experts under these names, so a checkpoint
+        holds each expert once and loads at any expert-parallel size."""
+        base = f"{prefix}." if prefix else ""
+        out = {}
+        for local, gid in zip(range(self.num_local_experts), self.global_expert_ids()):
+            before = f"{base}deepspeed_moe.experts.deepspeed_experts.{local}."
+            after = f"{base}deepspeed_moe.experts.deepspeed_experts.{gid}."
+            for name, _ in self.deepspeed_moe.experts.deepspeed_experts[local].named_parameters(prefix=before[:-1]):
+                out[name] = after + name[len(before):]
+        return out
 
     def forward(self, hidden_states: torch.Tensor,
                 used_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -102,12 +102,12 @@ class _Routes:
 
 
 def _route_top1(logits, capacity_factor, min_capacity, used_token, noisy_gate_policy, drop_tokens, use_rts,
-                ep_group):
+                ep_group, bias=None):
     noisy = logits + gumbel_rsample(logits.shape, logits.device) if noisy_gate_policy == "RSample" else None
     gates = F.softmax(logits, dim=1)
     tokens, experts = gates.shape
     capacity = _capacity(gates, torch.tensor(capacity_factor), torch.tensor(min_capacity))
-    choice = torch.argmax(noisy if noisy is not None else gates, dim=1)
+    choice = torch.argmax(noisy if noisy is not None else gates if bias is None else gates + bias, dim=1)
     mask = F.one_hot(choice, num_classes=experts)
     if used_token is not None:
         mask = used_token.reshape(-1, 1) * mask
@@ -130,14 +130,15 @@ def _route_top1(logits, capacity_factor, min_capacity, used_token, noisy_gate_po
                    kept.unsqueeze(0), exp_counts)
 
 
-def _route_top2(logits, capacity_factor, min_capacity, drop_tokens, ep_group, top2_2nd_expert_sampling):
+def _route_top2(logits, capacity_factor, min_capacity, drop_tokens, ep_group, top2_2nd_expert_sampling, bias=None):
     gates = F.softmax(logits, dim=1)
     experts = gates.shape[1]
-    first = torch.argmax(gates, dim=1)
+    scores = gates if bias is None else gates + bias  # the bias steers selection only (aux-loss-free balancing)
+    first = torch.argmax(scores, dim=1)
     mask1 = F.one_hot(first, num_classes=experts)
     if top2_2nd_expert_sampling:  # the Gumbel-max trick: the second expert is sampled
         logits = logits + gumbel_rsample(logits.shape, logits.device)
-    second = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
+    second = torch.argmax((logits if bias is None else scores).masked_fill(mask1.bool(), float("-inf")), dim=1)
     mask2 = F.one_hot(second, num_classes=experts)
     # Second choices queue behind every first choice of the same expert.
     where1 = torch.cumsum(mask1, dim=0) - 1
@@ -159,10 +160,14 @@ def _route_top2(logits, capacity_factor, min_capacity, drop_tokens, ep_group, to
                    torch.stack([mask1.sum(dim=1) > 0, mask2.sum(dim=1) > 0]), exp_counts)
 
 
-def _route_topk(logits, k, capacity_factor, min_capacity, drop_tokens, ep_group, drop_policy):
+def _route_topk(logits, k, capacity_factor, min_capacity, drop_tokens, ep_group, drop_policy, bias=None):
     gates = F.softmax(logits, dim=1)
     tokens, experts = gates.shape
-    top_gate, top_idx = torch.topk(gates, k=k, dim=1)
+    if bias is None:
+        top_gate, top_idx = torch.topk(gates, k=k, dim=1)
+    else:  # selected by gate + bias, weighted by the gate alone
+        top_idx = torch.topk(gates + bias, k=k, dim=1)[1]
+        top_gate = gates.gather(1, top_idx)
     mask = torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top_idx, True)
     exp_counts = mask.sum(dim=0).detach()
     l_aux = torch.mean(gates.mean(dim=0) * mask.float().mean(dim=0)) * experts * experts / k
@@ -215,9 +220,20 @@ class TopKGate(Module):
     def __init__(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0,
                  eval_capacity_factor: float = 1.0, min_capacity: int = 8, noisy_gate_policy: Optional[str] = None,
                  drop_tokens: bool = True, use_rts: bool = True, ep_group=None,
-                 top2_2nd_expert_sampling: bool = True) -> None:
+                 top2_2nd_expert_sampling: bool = True, expert_bias_update_rate: float = 0.0,
+                 router_z_loss_coef: float = 0.0) -> None:
         super().__init__()
         self.wg = torch.nn.Linear(model_dim, num_experts, bias=False)
+        # Zeal's additions (docs/moe.md "Beyond DeepSpeed"); both off by default.
+        self.expert_bias_update_rate = expert_bias_update_rate
+        self.router_z_loss_coef = router_z_loss_coef
+        self.bias_group = None  # the ranks sharing this router: their loads move the bias alike
+        if expert_bias_update_rate:
+            if k == 1 and noisy_gate_policy == "RSample" or k == 2 and top2_2nd_expert_sampling:
+                raise _zeal.ConfigError("MoE: expert_bias_update_rate (aux-loss-free balancing) selects experts by "
+                                        "gate + bias; it does not combine with sampled selection (noisy_gate_policy="
+                                        "'RSample', top2_2nd_expert_sampling=True)")
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
         # forward reads wg's weight without calling wg (in fp32 whatever the model's dtype): ZeRO-3
         # gathers it around this module's forward.
         zero.register_external_parameter(self, self.wg.weight)
@@ -242,14 +258,34 @@ class TopKGate(Module):
             x = multiplicative_jitter(x, device=input.device)
         logits = F.linear(x, weight=self.wg.weight.float(), bias=None)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        bias = getattr(self, "expert_bias", None)
         if self.k == 1:
-            return _route_top1(logits, factor, self.min_capacity, used_token,
-                               self.noisy_gate_policy if self.training else None, self.drop_tokens, self.use_rts,
-                               self.ep_group)
-        if self.k == 2:
-            return _route_top2(logits, factor, self.min_capacity, self.drop_tokens, self.ep_group,
-                               self.top2_2nd_expert_sampling)
-        return _route_topk(logits, self.k, factor, self.min_capacity, self.drop_tokens, self.ep_group, "probs")
+            routes = _route_top1(logits, factor, self.min_capacity, used_token,
+                                 self.noisy_gate_policy if self.training else None, self.drop_tokens, self.use_rts,
+                                 self.ep_group, bias)
+        elif self.k == 2:
+            routes = _route_top2(logits, factor, self.min_capacity, self.drop_tokens, self.ep_group,
+                                 self.top2_2nd_expert_sampling, bias)
+        else:
+            routes = _route_topk(logits, self.k, factor, self.min_capacity, self.drop_tokens, self.ep_group, "probs",
+                                 bias)
+        if self.router_z_loss_coef:  # ST-MoE's router z-loss: keeps the logits small
+            routes.l_aux = routes.l_aux + self.router_z_loss_coef * torch.logsumexp(logits, dim=1).square().mean()
+        if bias is not None and self.training:
+            self._update_bias(routes.exp_counts)
+        return routes
+
+    @torch.no_grad()
+    def _update_bias(self, exp_counts):
+        """Aux-loss-free balancing (DeepSeek-V3): after each training forward every expert's bias
+        moves by the rate towards balance, up when the expert got fewer routes than the mean over
+        the router's ranks, down when more. The counts are summed over those ranks first, so every
+        replica of the router keeps the same bias."""
+        load = exp_counts.to(torch.float32).cpu()
+        if self.bias_group is not None and self.bias_group.size > 1:
+            self.bias_group.all_reduce(load, "sum").wait()
+        self.expert_bias.add_(torch.sign(load.mean() - load).to(self.expert_bias.device),
+                              alpha=self.expert_bias_update_rate)
 
     def forward(self, input: Tensor, used_token: Tensor = None, sparse_routes: bool = False, use_tutel: bool = False):
         routes = self._routes(input, used_token)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import zeal  # noqa: E402
+import zeal.checkpoint  # noqa: E402
 import zeal.comm  # noqa: E402
 from zeal.moe.layer import MoE  # noqa: E402
 from zeal.utils import groups as ds_groups  # noqa: E402
@@ -160,13 +161,81 @@ def check_uneven_all_to_all(rank, world):
     check(torch.equal(out, want.unsqueeze(1).repeat(1, 2)), f"uneven all_to_all_single: {out.tolist()}")
 
 
+def full_values(model):
+    """{name under global expert ids: full fp32 master value} of every parameter (collective)."""
+    rename = model.moe.global_names("moe")
+    return {rename.get(n, n): zeal.utils.safe_get_full_fp32_param(p) for n, p in model.named_parameters()}
+
+
+def check_against_reference(model, ref, what):
+    got = full_values(model)
+    close(got["inp.weight"], ref.inp.weight.detach(), what + " inp.weight")
+    close(got["out.bias"], ref.out.bias.detach(), what + " out.bias")
+    close(got["moe.deepspeed_moe.gate.wg.weight"], ref.wg.detach(), what + " gate")
+    for gid in model.moe.global_expert_ids():
+        for name in ("0.weight", "2.bias"):
+            close(got[f"moe.deepspeed_moe.experts.deepspeed_experts.{gid}.{name}"],
+                  ref.experts[gid].state_dict()[name], f"{what} expert {gid} {name}")
+
+
+def check_checkpoints(tmp, rank, world):
+    """Experts are saved under their global ids, one part per unit and group (Note [Checkpoints of
+    several units]); the checkpoint resumes at another expert-parallel size and ZeRO stage on the
+    reference's trajectory, converts to fp32 under global names, and a model of another expert
+    count is refused by parameter name."""
+    global E
+    k, half = 2, STEPS // 2
+    ref, _ = reference_run(k, world)
+    ck = Path(tmp) / "moe-ck"
+    model = Net(2, k)
+    engine, *_ = zeal.initialize(model=model, config=config(1))
+    for step in range(half):
+        x, y = batch(step, rank)
+        out, l_aux, _ = engine(x)
+        engine.backward(F.mse_loss(out, y) + AUX * l_aux)
+        engine.step()
+    engine.save_checkpoint(str(ck), tag="half")
+    parts = sorted(p.name for p in (ck / "half").iterdir() if p.is_dir())
+    check(len(parts) == 3, f"parts {parts}: the dense unit's, and one per expert rank (its expert-data group's)")
+    for ep, stage in ((4, 2), (1, 0), (2, 3)):
+        model = Net(ep, k)
+        engine, *_ = zeal.initialize(model=model, config=config(stage))
+        engine.load_checkpoint(str(ck), tag="half")
+        check(engine.global_steps == half, f"steps after load: {engine.global_steps}")
+        for step in range(half, STEPS):
+            x, y = batch(step, rank)
+            out, l_aux, _ = engine(x)
+            engine.backward(F.mse_loss(out, y) + AUX * l_aux)
+            engine.step()
+        check_against_reference(model, ref, f"saved at ep 2 stage 1, resumed at ep {ep} stage {stage}")
+    if rank == 0:
+        flat = zeal.checkpoint.to_fp32_state_dict(str(ck), tag="half")
+        experts = sorted(n for n in flat if ".deepspeed_experts." in n and n.endswith("0.weight"))
+        check(experts == [f"moe.deepspeed_moe.experts.deepspeed_experts.{g}.0.weight" for g in range(E)],
+              f"fp32 export expert names {experts}")
+    for count, needle in ((2, "holds expert parameter 'moe.deepspeed_moe.experts.deepspeed_experts.2."),
+                          (8, "has no parameter 'moe.deepspeed_moe.experts.deepspeed_experts.4.")):
+        saved_e, E = E, count
+        try:
+            engine, *_ = zeal.initialize(model=Net(2, k), config=config(0))
+            engine.load_checkpoint(str(ck), tag="half")
+            check(False, f"a {count}-expert model loaded a {saved_e}-expert checkpoint")
+        except zeal.CheckpointError as e:
+            check(needle in str(e), f"message: {e}")
+        finally:
+            E = saved_e
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", required=True, help="comma-separated ep:k")
     ap.add_argument("--stages", default="0,1,2,3")
+    ap.add_argument("--tmp", help="a directory every rank sees: also save and resume checkpoints")
     args = ap.parse_args()
     world = zeal.world()
     rank = world.rank
+    if args.tmp:
+        check_checkpoints(args.tmp, rank, world.size)
     check_uneven_all_to_all(rank, world.size)
     saw_empty_expert = False
     refs = {}
