@@ -267,3 +267,25 @@ def test_router_z_loss_is_added_to_l_aux():
     logits = x @ plain.deepspeed_moe.gate.wg.weight.t()
     z = torch.logsumexp(logits, dim=1).square().mean()
     torch.testing.assert_close(with_z(x)[1] - plain(x)[1], 0.1 * z)
+
+
+def test_demo_gpt_with_moe_blocks_adds_the_aux_losses():
+    # The demo's --moe: every block's MLP an MoE layer; the loss is the cross-entropy plus 0.01 x
+    # the layers' l_aux, and moe_stats reports their mean and the tokens per expert.
+    sys.path.insert(0, str(HERE.parents[1] / "examples" / "python"))
+    from gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(20, block=16, width=32, layers=2, heads=2, moe=4, ep=1)
+    idx = torch.randint(0, 20, (3, 16))
+    torch.manual_seed(1)  # the same draws (Gumbel-sampled second experts) in both forwards
+    loss = model(idx, idx)
+    torch.manual_seed(1)
+    logits = model(idx)
+    aux = [b.l_aux for b in model.blocks]
+    ce = F.cross_entropy(logits.reshape(-1, 20), idx.reshape(-1))
+    torch.testing.assert_close(loss, ce + 0.01 * sum(aux))
+    mean_aux, per_expert = model.moe_stats()
+    assert abs(mean_aux - sum(a.item() for a in aux) / 2) < 1e-6
+    assert sum(per_expert) == 2 * 2 * 3 * 16  # top-2 routes of every token in each of 2 layers
+    assert not hasattr(model.blocks[0], "mlp") and len(list(model.blocks[0].moe.deepspeed_moe.experts.deepspeed_experts)) == 4

@@ -354,8 +354,10 @@ class MOELayer(Module):
         if self.ep_size > 1:
             out = _AllToAll.apply(self.ep_group, out)
 
-        # Combine in fp32: each token's kept routes, weighted by their gates.
-        routed = out.reshape(experts * capacity, d_model).index_select(0, slots).float() * \
-            weights[keep].unsqueeze(1)
-        combined = torch.zeros(s, d_model, dtype=torch.float32, device=x.device).index_add(0, sources, routed)
+        # Combine in fp32: each token's routes read their slots (a dropped route reads slot 0 and is
+        # masked to zero, so nothing of another token's can leak in), weighted by their gates, summed.
+        every = torch.where(keep, indices.long() * capacity + locations.long(), 0).reshape(-1)
+        routed = out.reshape(experts * capacity, d_model).index_select(0, every).view(k, s, d_model).float()
+        routed = torch.where(keep.unsqueeze(2), routed * weights.unsqueeze(2), 0.0)
+        combined = routed[0] if k == 1 else routed.sum(dim=0)
         return combined.to(x.dtype).reshape(x.shape)
