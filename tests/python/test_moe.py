@@ -289,3 +289,27 @@ def test_demo_gpt_with_moe_blocks_adds_the_aux_losses():
     assert abs(mean_aux - sum(a.item() for a in aux) / 2) < 1e-6
     assert sum(per_expert) == 2 * 2 * 3 * 16  # top-2 routes of every token in each of 2 layers
     assert not hasattr(model.blocks[0], "mlp") and len(list(model.blocks[0].moe.deepspeed_moe.experts.deepspeed_experts)) == 4
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dropless_dispatch_equals_the_capacity_dispatch_when_nothing_drops(k):
+    # One process, ep 1: the dropless path (routes sorted by expert, each expert run once on its
+    # rows) against the capacity path with drop_tokens=False (the same routes and weights, padded
+    # buffers): the same output and gradients; and a token masked out by used_token adds nothing.
+    torch.manual_seed(0)
+    expert = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.GELU(), torch.nn.Linear(9, 6))
+    args = dict(num_experts=4, k=k, min_capacity=0, drop_tokens=False, top2_2nd_expert_sampling=False, use_rts=False)
+    padded = MoE(6, expert, **args)
+    dropless = MoE(6, expert, dropless=True, **args)
+    for i, e in enumerate(padded.deepspeed_moe.experts.deepspeed_experts):
+        for p in e.parameters():
+            p.data.normal_(generator=torch.Generator().manual_seed(i))
+    dropless.load_state_dict(padded.state_dict())
+    x = torch.randn(2, 9, 6)
+    got, want = dropless(x), padded(x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[2], want[2])
+    got[0].square().sum().backward()
+    want[0].square().sum().backward()
+    for (name, a), b in zip(dropless.named_parameters(), padded.parameters()):
+        assert ((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12)).item() <= 1e-5, name

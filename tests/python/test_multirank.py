@@ -137,11 +137,12 @@ def test_engine_backward_names_a_rank_that_skipped_it():
     assert time.monotonic() - start < 60
 
 
-@pytest.mark.parametrize("ranks,layouts", [(2, "2:1,2:2,1:1,1:2"), (4, "2:2,4:1,4:2")])
+@pytest.mark.parametrize("ranks,layouts", [(2, "2:1,2:2,1:1,1:2,2:2:d"), (4, "2:2,4:1,4:2,2:1:d,4:2:d")])
 def test_moe_layer_trains_equal_to_a_dense_torch_reference(run_ranks, tmp_path, ranks, layouts):
     # zeal.moe's MoE (4 experts, top-1 and top-2) at expert-parallel sizes ep (data = ranks / ep),
     # ZeRO 0-3: every step's loss and every parameter (each expert by its global id) equal one torch
-    # process computing the same gating with every expert on every token (ranks/moe_engine.py).
+    # process computing the same gating with every expert on every token (ranks/moe_engine.py);
+    # ":d" layouts use the dropless dispatch (uneven all-to-all of only the routed rows).
     # At 4 ranks also: a checkpoint saved at ep 2 / ZeRO 1 resumes at ep 4 / ZeRO 2, ep 1 / ZeRO 0
     # and ep 2 / ZeRO 3 on the reference's trajectory; its fp32 export names every expert globally;
     # models of 2 or 8 experts are refused by parameter name.

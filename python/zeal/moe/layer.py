@@ -28,7 +28,9 @@ class MoE(nn.Module):
     Random Token Selection; top2_2nd_expert_sampling: Gumbel-sample the second expert.
     Zeal's additions, off by default: expert_bias_update_rate > 0 balances the experts without an
     auxiliary loss (a per-expert bias on the selection scores, moved by the load after every training
-    forward, as DeepSeek-V3); router_z_loss_coef > 0 adds ST-MoE's router z-loss to l_aux.
+    forward, as DeepSeek-V3); router_z_loss_coef > 0 adds ST-MoE's router z-loss to l_aux;
+    dropless=True computes every route with no capacity (only the routed rows travel, in an uneven
+    all-to-all), the routes and weights being drop_tokens=False's.
     forward returns (output, l_aux, exp_counts)."""
 
     def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1, k: int = 1,
@@ -36,7 +38,7 @@ class MoE(nn.Module):
                  use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
                  use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: bool = True, expert_bias_update_rate: float = 0.0,
-                 router_z_loss_coef: float = 0.0) -> None:
+                 router_z_loss_coef: float = 0.0, dropless: bool = False) -> None:
         super().__init__()
         if num_experts < 1 or ep_size < 1 or num_experts % ep_size:
             raise _zeal.ConfigError(f"MoE: num_experts ({num_experts}) must be a positive multiple of ep_size "
@@ -63,6 +65,9 @@ class MoE(nn.Module):
                         expert_bias_update_rate, router_z_loss_coef)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts,
                                       use_tutel=use_tutel)
+        if dropless:
+            gate.drop_tokens = False  # the same routes and weights as DeepSpeed's drop_tokens=False
+            self.deepspeed_moe.dropless = True
         if use_residual:
             self.mlp = expert
             self.coefficient = nn.Linear(hidden_size, 2)

@@ -308,6 +308,23 @@ class _AllToAll(torch.autograd.Function):
         return None, _AllToAll.apply(ctx.group, grad_output)
 
 
+class _AllToAllV(torch.autograd.Function):
+    """Rows of dim 0 in uneven chunks: input_splits[j] rows to expert rank j, output_splits[r] rows
+    from rank r; its gradient is the exchange the other way."""
+
+    @staticmethod
+    def forward(ctx, group, input, output_splits, input_splits):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        input = input.contiguous()
+        output = input.new_empty((sum(output_splits),) + tuple(input.shape[1:]))
+        group.all_to_all(output, input, output_splits, input_splits, site="moe dropless all_to_all").wait()
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, _AllToAllV.apply(ctx.group, grad_output, ctx.input_splits, ctx.output_splits), None, None
+
+
 class MOELayer(Module):
     """Gate, dispatch to the experts over the expert-parallel group, expert compute, combine."""
 
@@ -325,12 +342,15 @@ class MOELayer(Module):
         self.time_falltoall = self.time_salltoall = self.time_moe = 0.0
         self.l_aux = None
         self.exp_counts = None
+        self.dropless = False  # Zeal's dropless dispatch (MoE(dropless=True)); see _forward_dropless
 
     def _set_ep_group(self, ep_group):
         self.ep_group = ep_group
         self.gate._set_ep_group(ep_group)
 
     def forward(self, *input: Tensor, **kwargs) -> Tensor:
+        if self.dropless:
+            return self._forward_dropless(*input)
         x = input[0]
         d_model = x.shape[-1]
         tokens = x.reshape(-1, d_model)
@@ -360,4 +380,53 @@ class MOELayer(Module):
         routed = out.reshape(experts * capacity, d_model).index_select(0, every).view(k, s, d_model).float()
         routed = torch.where(keep.unsqueeze(2), routed * weights.unsqueeze(2), 0.0)
         combined = routed[0] if k == 1 else routed.sum(dim=0)
+        return combined.to(x.dtype).reshape(x.shape)
+
+    def _forward_dropless(self, *input: Tensor) -> Tensor:
+        """Every route computed, nothing padded: routes sorted by expert, one uneven all_to_all of
+        just those rows to the expert ranks (the counts exchanged first), each local expert run once
+        on its rows (every local expert is called, with 0 rows if need be, so ZeRO-3's gathers pair
+        up on every rank), and the uneven exchange back. The gating is the configured top-k with no
+        capacity: the same routes and weights as drop_tokens=False."""
+        x = input[0]
+        d_model = x.shape[-1]
+        tokens = x.reshape(-1, d_model)
+        self.l_aux, _, experts, indices, _, weights, self.exp_counts = self.gate(
+            tokens, input[1] if len(input) > 1 else None, True)
+        k, s = indices.shape
+        keep = indices >= 0  # all kept, unless used_token masked a token out
+        expert_of = torch.where(keep, indices.long(), experts).reshape(-1)  # masked routes sort last
+        order = torch.argsort(expert_of, stable=True)
+        counts = torch.bincount(expert_of, minlength=experts + 1)[:experts]
+        routed = int(counts.sum())
+        order = order[:routed]
+        rows = tokens.index_select(0, order % s)  # route r = j * s + token
+        local = self.num_local_experts
+        if self.ep_size > 1:
+            # Rows this rank sends each expert rank, and (exchanged) rows it receives per (source, local expert).
+            received = torch.empty_like(counts.cpu())
+            self.ep_group.all_to_all(received, counts.cpu().contiguous(), site="moe dropless counts").wait()
+            send = counts.view(self.ep_size, local).sum(dim=1).tolist()
+            recv_grid = received.view(self.ep_size, local)
+            rows = _AllToAllV.apply(self.ep_group, rows, recv_grid.sum(dim=1).tolist(), send)
+        else:
+            recv_grid = counts.cpu().view(1, local)
+        # Received rows are ordered by source rank, then local expert: group them by local expert.
+        starts = torch.cumsum(recv_grid.reshape(-1), 0) - recv_grid.reshape(-1)
+        pieces = [torch.arange(int(starts[src * local + e]), int(starts[src * local + e] + recv_grid[src, e]))
+                  for e in range(local) for src in range(recv_grid.shape[0])]
+        by_expert = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        per_expert = recv_grid.sum(dim=0).tolist()
+        grouped = rows.index_select(0, by_expert.to(rows.device))
+        outs = []
+        for chunk, expert in zip(grouped.split(per_expert), self.experts.deepspeed_experts):
+            out = expert(chunk)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        out = torch.cat(outs) if outs else grouped
+        out = out.new_zeros(out.shape).index_copy(0, by_expert.to(out.device), out)  # back to received order
+        if self.ep_size > 1:
+            out = _AllToAllV.apply(self.ep_group, out, send, recv_grid.sum(dim=1).tolist())
+        # Back to route order; each token sums its routes times their gates, in fp32.
+        by_route = out.new_zeros(k * s, d_model).index_copy(0, order, out).view(k, s, d_model).float()
+        combined = (by_route * torch.where(keep, weights, 0.0).unsqueeze(2)).sum(dim=0)
         return combined.to(x.dtype).reshape(x.shape)

@@ -53,12 +53,12 @@ def seeded_expert(gid):
 
 
 class Net(torch.nn.Module):
-    def __init__(self, ep, k):
+    def __init__(self, ep, k, dropless=False):
         super().__init__()
         torch.manual_seed(7)
         self.inp = torch.nn.Linear(6, D)
         self.moe = MoE(D, expert_mlp(), num_experts=E, ep_size=ep, k=k, capacity_factor=float(E), min_capacity=0,
-                       top2_2nd_expert_sampling=False)
+                       top2_2nd_expert_sampling=False, dropless=dropless)
         torch.manual_seed(8)
         self.moe.deepspeed_moe.gate.wg.weight.data = torch.randn(E, D)
         self.out = torch.nn.Linear(D, 3)
@@ -228,7 +228,7 @@ def check_checkpoints(tmp, rank, world):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layouts", required=True, help="comma-separated ep:k")
+    ap.add_argument("--layouts", required=True, help="comma-separated ep:k, or ep:k:d for the dropless dispatch")
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--tmp", help="a directory every rank sees: also save and resume checkpoints")
     args = ap.parse_args()
@@ -240,12 +240,13 @@ def main():
     saw_empty_expert = False
     refs = {}
     for layout in args.layouts.split(","):
-        ep, k = (int(v) for v in layout.split(":"))
+        ep, k, *mode = layout.split(":")
+        ep, k, dropless = int(ep), int(k), mode == ["d"]
         if k not in refs:
             refs[k] = reference_run(k, world.size)
         ref, ref_losses = refs[k]
         for stage in (int(s) for s in args.stages.split(",")):
-            model = Net(ep, k)
+            model = Net(ep, k, dropless)
             check_groups(ep, rank, world.size)
             engine, *_ = zeal.initialize(model=model, config=config(stage))
             units = engine._core.units
@@ -259,12 +260,13 @@ def main():
                 x, y = batch(step, rank)
                 out, l_aux, counts = engine(x)
                 loss = F.mse_loss(out, y) + AUX * l_aux
-                close(loss.detach(), torch.tensor(ref_losses[step][rank]), f"ep {ep} k {k} stage {stage} step {step} loss")
+                close(loss.detach(), torch.tensor(ref_losses[step][rank]),
+                      f"ep {ep} k {k} stage {stage} step {step} loss" + (" dropless" if dropless else ""))
                 check(int(counts.sum()) == MICRO * k, f"exp_counts {counts.tolist()} for {MICRO} tokens, k {k}")
                 saw_empty_expert |= bool((counts == 0).any())
                 engine.backward(loss)
                 engine.step()
-            what = f"ep {ep} k {k} stage {stage}"
+            what = f"ep {ep} k {k} stage {stage}" + (" dropless" if dropless else "")
             got = dict(zip([n for n, _ in model.named_parameters()],
                            [zeal.utils.safe_get_full_fp32_param(p) for p in model.parameters()]))
             close(got["inp.weight"], ref.inp.weight.detach(), what + " inp.weight")
