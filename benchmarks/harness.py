@@ -78,3 +78,12 @@ def zeal_step_and_sync(engine):
     def sync():
         zeal.world().barrier().wait()
     return step, sync
+
+
+def rss_bytes():
+    """This process's resident set size now (VmRSS), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -24,16 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from harness import rss_bytes  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOKENS = 256, 1024, 8, 2048
-
-
-def rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def rank_main(impl, ep, k, steps):

@@ -33,16 +33,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples" / "python"))
+sys.path.insert(0, str(HERE))
+from harness import rss_bytes  # noqa: E402
 
 VOCAB, BLOCK = 96, 128
-
-
-def rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def torch_dist_init(rank, world):
