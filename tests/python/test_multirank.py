@@ -142,7 +142,8 @@ def test_moe_layer_trains_equal_to_a_dense_torch_reference(run_ranks, tmp_path, 
     # zeal.moe's MoE (4 experts, top-1 and top-2) at expert-parallel sizes ep (data = ranks / ep),
     # ZeRO 0-3: every step's loss and every parameter (each expert by its global id) equal one torch
     # process computing the same gating with every expert on every token (ranks/moe_engine.py);
-    # ":d" layouts use the dropless dispatch (uneven all-to-all of only the routed rows).
+    # ":d" layouts use the dropless dispatch (uneven all-to-all of only the routed rows). Also a
+    # fixed router sending all of rank 0's tokens to the last rank (no hang, equal to torch).
     # At 4 ranks also: a checkpoint saved at ep 2 / ZeRO 1 resumes at ep 4 / ZeRO 2, ep 1 / ZeRO 0
     # and ep 2 / ZeRO 3 on the reference's trajectory; its fp32 export names every expert globally;
     # models of 2 or 8 experts are refused by parameter name.

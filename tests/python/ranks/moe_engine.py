@@ -14,7 +14,8 @@ Each layout (--layouts "ep:k", data = world / ep) at ZeRO 0-3, STEPS AdamW steps
 relative for the loss of every step and for every parameter (the dense ones and this rank's
 experts against the reference's experts of the same global ids). Also: DeepSpeed's group
 accessors (zeal.utils.groups) name the mesh's groups; the Python all_to_all_single with uneven
-splits; an expert with no token on some rank in some step (checked that it happened).
+splits; an expert with no token on some rank in some step (checked that it happened); a fixed router
+that sends every token of rank 0 to the last rank's experts, at ZeRO 0-3 with both dispatches.
 Prints MOE-OK from every rank that checked everything."""
 import argparse
 import sys
@@ -226,6 +227,65 @@ def check_checkpoints(tmp, rank, world):
             E = saved_e
 
 
+def check_tokens_sent_elsewhere(rank, world):
+    """A fixed router that sends every token of rank 0 to the last rank's experts and every other
+    rank's tokens to the other experts: rank 0 keeps nothing, the last rank computes only rank 0's
+    tokens, some experts get no token at all. At ep = world, ZeRO 0-3, capacity and dropless
+    dispatch, top-1: no hang, and every loss and expert weight equal to a dense reference."""
+    u = torch.ones(D) / D ** 0.5
+    last = list(range(E - E // world, E))
+    wg = torch.stack([5 * u if e in last else -5 * u for e in range(E)]) + 0.1 * torch.randn(
+        E, D, generator=torch.Generator().manual_seed(3))
+
+    def data(step, r):
+        g = torch.Generator().manual_seed(50 * step + r)
+        sign = 1.0 if r == 0 else -1.0
+        return sign * u + 0.05 * torch.randn(MICRO, D, generator=g), torch.randn(MICRO, D, generator=g)
+
+    experts = [seeded_expert(g) for g in range(E)]
+    opt = torch.optim.AdamW([p for e in experts for p in e.parameters()], lr=LR, weight_decay=0.0)
+    losses = []
+    for step in range(3):
+        opt.zero_grad()
+        per_rank = []
+        for r in range(world):
+            x, y = data(step, r)
+            gates = F.softmax(x @ wg.t(), dim=1)
+            choice = gates.argmax(dim=1)
+            out = torch.stack([gates[t, choice[t]] * experts[int(choice[t])](x[t]) for t in range(MICRO)])
+            per_rank.append(F.mse_loss(out, y))
+        (sum(per_rank) / world).backward()
+        torch.nn.utils.clip_grad_norm_([p for e in experts for p in e.parameters()], CLIP)
+        opt.step()
+        losses.append([v.item() for v in per_rank])
+    for dropless in (False, True):
+        for stage in (0, 1, 2, 3):
+            moe = MoE(D, expert_mlp(), num_experts=E, ep_size=world, k=1, capacity_factor=float(E), min_capacity=0,
+                      use_rts=False, dropless=dropless)
+            moe.deepspeed_moe.gate.wg.weight.data.copy_(wg)
+            moe.deepspeed_moe.gate.wg.weight.requires_grad_(False)
+            for local, gid in zip(moe.deepspeed_moe.experts.deepspeed_experts, moe.global_expert_ids()):
+                for p, q in zip(local.parameters(), seeded_expert(gid).parameters()):
+                    p.data.copy_(q.data)
+            model = torch.nn.ModuleDict({"moe": moe})
+            model.forward = lambda x: moe(x)
+            engine, *_ = zeal.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                         config=config(stage))
+            what = f"tokens sent elsewhere, stage {stage}" + (" dropless" if dropless else "")
+            for step in range(3):
+                x, y = data(step, rank)
+                out, _, counts = engine(x)
+                if rank == 0:
+                    check(counts[last].sum().item() == MICRO, f"{what}: rank 0 routed {counts.tolist()}")
+                loss = F.mse_loss(out, y)
+                close(loss.detach(), torch.tensor(losses[step][rank]), f"{what} step {step} loss")
+                engine.backward(loss)
+                engine.step()
+            for local, gid in enumerate(moe.global_expert_ids()):
+                got = zeal.utils.safe_get_full_fp32_param(moe.deepspeed_moe.experts.deepspeed_experts[local][0].weight)
+                close(got, experts[gid][0].weight.detach(), f"{what}: expert {gid}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", required=True, help="comma-separated ep:k, or ep:k:d for the dropless dispatch")
@@ -237,6 +297,7 @@ def main():
     if args.tmp:
         check_checkpoints(args.tmp, rank, world.size)
     check_uneven_all_to_all(rank, world.size)
+    check_tokens_sent_elsewhere(rank, world.size)
     saw_empty_expert = False
     refs = {}
     for layout in args.layouts.split(","):
