@@ -147,7 +147,9 @@ def test_moe_layer_trains_equal_to_a_dense_torch_reference(run_ranks, tmp_path, 
     # At 4 ranks also: a checkpoint saved at ep 2 / ZeRO 1 resumes at ep 4 / ZeRO 2, ep 1 / ZeRO 0
     # and ep 2 / ZeRO 3 on the reference's trajectory; its fp32 export names every expert globally;
     # models of 2 or 8 experts are refused by parameter name.
-    extra = ["--tmp", str(tmp_path)] if ranks == 4 else []
+    # At 4 ranks also DeepSpeed-TED: expert 2 x tensor 2 with Duplicate Token Dropping (half the
+    # all-to-all bytes), experts whole or tensor-parallel, ZeRO 0-3.
+    extra = ["--tmp", str(tmp_path), "--ted"] if ranks == 4 else []
     proc = run_ranks(ranks, "moe_engine.py", "--layouts", layouts, *extra, timeout=300)
     assert proc.stdout.count("MOE-OK") == ranks, proc.stdout + proc.stderr
 

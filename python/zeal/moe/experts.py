@@ -5,6 +5,9 @@ import torch
 from torch import nn
 
 
+_PLACEMENT_ATTRS = ("tensor_parallel", "partition_dim", "partition_offset", "full_shape", "zeal_split_axes")
+
+
 class Experts(nn.Module):
     """`num_local_experts` copies of `expert` (deep copies: they start equal, as DeepSpeed's do).
 
@@ -15,7 +18,16 @@ class Experts(nn.Module):
 
     def __init__(self, expert: nn.Module, num_local_experts: int = 1, expert_group_name=None) -> None:
         super().__init__()
-        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
+        # A tensor-parallel expert's layers hold their communicator: the copies share it.
+        shared = {id(m.group): m.group for m in expert.modules() if getattr(m, "tensor_parallel_layer", False)}
+        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert, dict(shared)) for _ in range(num_local_experts)])
+        # torch's deepcopy of a Parameter drops its attributes: carry over where it sits (a
+        # tensor-parallel slice's dim, offset and full shape).
+        for local in self.deepspeed_experts:
+            for src, dst in zip(expert.parameters(), local.parameters()):
+                for attr in _PLACEMENT_ATTRS:
+                    if hasattr(src, attr):
+                        setattr(dst, attr, getattr(src, attr))
         self.num_local_experts = num_local_experts
         for local in self.deepspeed_experts:
             for param in local.parameters():

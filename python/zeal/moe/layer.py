@@ -48,9 +48,6 @@ class MoE(nn.Module):
         if noisy_gate_policy not in _NOISE_POLICIES:
             raise _zeal.ConfigError(f"MoE: noisy_gate_policy must be None, 'Jitter' or 'RSample', got "
                                     f"{noisy_gate_policy!r}")
-        if enable_expert_tensor_parallelism:
-            raise _zeal.ConfigError("MoE: enable_expert_tensor_parallelism (experts split over the tensor axis) "
-                                    "is not supported yet")
         self.use_residual = use_residual
         self.enable_expert_tensor_parallelism = enable_expert_tensor_parallelism
         self.ep_size = ep_size
@@ -80,6 +77,28 @@ class MoE(nn.Module):
         self._zeal_groups = groups._create_expert_and_data_parallel(
             self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
+        mesh = self._zeal_groups.mesh
+        if mesh.axis_size("tensor") > 1:  # tensor-expert-data parallelism (DeepSpeed-TED)
+            tensor = self._zeal_groups.group("tensor")
+            if self.deepspeed_moe.dropless:
+                raise _zeal.ConfigError("MoE: dropless=True does not combine with a tensor axis yet (tensor-expert-"
+                                        "data parallelism uses the capacity dispatch)")
+            self.deepspeed_moe.tensor_group = tensor
+            self.deepspeed_moe.expert_tensor = self.enable_expert_tensor_parallelism
+            experts = [p for p in self.deepspeed_moe.experts.parameters()]
+            if self.enable_expert_tensor_parallelism:
+                # Each tensor rank computes every slot, with its slice of a tensor-parallel expert.
+                for m in self.deepspeed_moe.experts.modules():
+                    if getattr(m, "tensor_parallel_layer", False) and m.group != tensor:
+                        raise _zeal.ConfigError("MoE: with enable_expert_tensor_parallelism the expert's "
+                                                "zeal.tensor_parallel layers must use the mesh's tensor group")
+            else:
+                # Experts whole on every tensor rank, each rank computing its 1/t of the slots:
+                # their gradients are summed over the tensor group.
+                from ..tensor_parallel import _sum_gradient_over
+
+                for p in experts:
+                    _sum_gradient_over(p, tensor)
         # The router is replicated over the ranks dense weights reduce over: its bias moves with their loads.
         self.deepspeed_moe.gate.bias_group = self._zeal_groups.group(_zeal.reduction_axes(self._zeal_groups.mesh))
 

@@ -308,6 +308,38 @@ class _AllToAll(torch.autograd.Function):
         return None, _AllToAll.apply(ctx.group, grad_output)
 
 
+class _DropTokens(torch.autograd.Function):
+    """Duplicate Token Dropping (DeepSpeed-TED): the tensor-parallel ranks hold the same tokens, so
+    each keeps only its 1/t of `dim` before the all-to-all; the gradient is gathered back."""
+
+    @staticmethod
+    def forward(ctx, input, group, dim):
+        ctx.group, ctx.dim = group, dim
+        size = input.shape[dim] // group.size
+        return input.narrow(dim, group.rank * size, size).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherTokens.apply(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """The inverse: every tensor-parallel rank's slice of `dim`, in rank order; each rank's gradient
+    is its own slice (the gathered tokens are used alike on every rank)."""
+
+    @staticmethod
+    def forward(ctx, input, group, dim):
+        ctx.group, ctx.dim = group, dim
+        moved = input.movedim(dim, 0).contiguous()
+        out = moved.new_empty((group.size,) + tuple(moved.shape))
+        group.all_gather(out, moved).wait()
+        return out.reshape((group.size * moved.shape[0],) + tuple(moved.shape[1:])).movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _DropTokens.apply(grad, ctx.group, ctx.dim), None, None
+
+
 class _AllToAllV(torch.autograd.Function):
     """Rows of dim 0 in uneven chunks: input_splits[j] rows to expert rank j, output_splits[r] rows
     from rank r; its gradient is the exchange the other way."""
@@ -343,6 +375,12 @@ class MOELayer(Module):
         self.l_aux = None
         self.exp_counts = None
         self.dropless = False  # Zeal's dropless dispatch (MoE(dropless=True)); see _forward_dropless
+        # The tensor-parallel group when the mesh has a tensor axis (DeepSpeed-TED): its ranks hold
+        # the same tokens; each sends 1/t of the slots (Duplicate Token Dropping). expert_tensor:
+        # the experts themselves are split over it, so the slots are gathered again around them.
+        self.tensor_group = None
+        self.expert_tensor = False
+        self.all_to_all_bytes = 0  # what the last forward's two all-to-alls sent from this rank
 
     def _set_ep_group(self, ep_group):
         self.ep_group = ep_group
@@ -360,19 +398,32 @@ class MOELayer(Module):
         capacity = int(capacity)
         k, s = indices.shape
         keep = indices >= 0
-        slots = (indices.long() * capacity + locations.long())[keep]  # each kept route's row of the [e * c] buffer
         sources = torch.arange(s, device=x.device).expand(k, s)[keep]
+        # With a tensor axis the slots are padded to a multiple of its size (never filled: the
+        # capacity that decides what drops is unchanged).
+        tp = self.tensor_group.size if self.tensor_group is not None else 1
+        capacity = -(-capacity // tp) * tp
+        slots = (indices.long() * capacity + locations.long())[keep]  # each kept route's row of the [e * c] buffer
 
         # Dispatch: each kept route copies its token into its expert's slot; empty slots stay zero.
         buffer = tokens.new_zeros(experts * capacity, d_model).index_copy(0, slots, tokens.index_select(0, sources))
         dispatched = buffer.view(experts, capacity, d_model)
+        if tp > 1:
+            dispatched = _DropTokens.apply(dispatched, self.tensor_group, 1)
+        self.all_to_all_bytes = 2 * dispatched.numel() * dispatched.element_size() if self.ep_size > 1 else 0
         if self.ep_size > 1:
             dispatched = _AllToAll.apply(self.ep_group, dispatched)
+        if tp > 1 and self.expert_tensor:
+            dispatched = _GatherTokens.apply(dispatched, self.tensor_group, 1)
         # From each expert rank, this rank's experts' slots: [ep, local experts, capacity, model].
         out = self.experts(dispatched.reshape(self.ep_size, self.num_local_experts, -1, d_model))
         out = out.reshape(experts, -1, d_model)
+        if tp > 1 and self.expert_tensor:
+            out = _DropTokens.apply(out, self.tensor_group, 1)
         if self.ep_size > 1:
             out = _AllToAll.apply(self.ep_group, out)
+        if tp > 1:
+            out = _GatherTokens.apply(out, self.tensor_group, 1)
 
         # Combine in fp32: each token's routes read their slots (a dropped route reads slot 0 and is
         # masked to zero, so nothing of another token's can leak in), weighted by their gates, summed.

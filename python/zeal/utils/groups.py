@@ -1,5 +1,7 @@
 """DeepSpeed's deepspeed.utils.groups for Zeal: the expert-parallel and data-parallel accessors,
-answered from the mesh (zeal.mesh, docs/architecture.md "One mesh").
+answered from the mesh (zeal.mesh, docs/architecture.md "One mesh"). For tensor-expert-data
+parallelism build the mesh first (zeal.mesh.build(expert=E, tensor=T)) and cut the tensor-parallel
+layers from its tensor group: MoE layers of ep_size E then use that mesh.
 
 DeepSpeed keeps module-level dicts of process groups keyed "ep_size_<n>". Here a name is only a
 handle on the mesh `zeal.mesh.build(expert=n)` cut: the expert-parallel group is that mesh's
@@ -41,8 +43,10 @@ def _create_expert_and_data_parallel(expert_parallel_size_, mp_size=None, pp_siz
     if n < 1 or world % n:
         raise _zeal.ConfigError(f"expert parallel size {n} must divide the world size {world}")
     name = f"ep_size_{n}"
-    if name not in _named:
-        _named[name] = mesh.build(expert=n)
+    # The newest mesh built with this expert axis (zeal.mesh.build(expert=, tensor=) for
+    # tensor-expert-data parallelism) is the one; else expert x data over the world.
+    built = [g for g in mesh._built if g.mesh.axis_size("expert") == n and n > 1]
+    _named[name] = built[-1] if built else _named.get(name) or mesh.build(expert=n)
     return _named[name]
 
 

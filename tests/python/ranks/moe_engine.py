@@ -31,7 +31,7 @@ import zeal.comm  # noqa: E402
 from zeal.moe.layer import MoE  # noqa: E402
 from zeal.utils import groups as ds_groups  # noqa: E402
 
-LR, STEPS, MICRO, CLIP, AUX, D, H, E = 1e-2, 8, 3, 0.5, 0.05, 8, 10, 4
+LR, STEPS, MICRO, CLIP, AUX, D, H, E = 1e-2, 20, 3, 0.5, 0.05, 8, 10, 4
 
 
 def check(cond, message):
@@ -53,19 +53,37 @@ def seeded_expert(gid):
     return expert_mlp()
 
 
+def tensor_parallel_mlp(group):
+    """expert_mlp() cut over `group` (the same random draws): column- then row-parallel."""
+    from zeal.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return torch.nn.Sequential(ColumnParallelLinear(D, H, gather_output=False, group=group), torch.nn.Tanh(),
+                               RowParallelLinear(H, D, input_is_parallel=True, group=group))
+
+
+def slice_of(full, param, shape=None):
+    """This rank's slice (of `shape`, the parameter's own by default) of a full tensor for a
+    tensor-parallel parameter; the tensor itself else."""
+    if not getattr(param, "tensor_parallel", False):
+        return full
+    dim = param.partition_dim
+    return full.narrow(dim, param.partition_offset, (shape or param.shape)[dim])
+
+
 class Net(torch.nn.Module):
-    def __init__(self, ep, k, dropless=False):
+    def __init__(self, ep, k, dropless=False, tensor=None, expert_tp=False):
         super().__init__()
         torch.manual_seed(7)
         self.inp = torch.nn.Linear(6, D)
-        self.moe = MoE(D, expert_mlp(), num_experts=E, ep_size=ep, k=k, capacity_factor=float(E), min_capacity=0,
-                       top2_2nd_expert_sampling=False, dropless=dropless)
+        template = tensor_parallel_mlp(tensor) if expert_tp else expert_mlp()
+        self.moe = MoE(D, template, num_experts=E, ep_size=ep, k=k, capacity_factor=float(E), min_capacity=0,
+                       top2_2nd_expert_sampling=False, dropless=dropless, enable_expert_tensor_parallelism=expert_tp)
         torch.manual_seed(8)
         self.moe.deepspeed_moe.gate.wg.weight.data = torch.randn(E, D)
         self.out = torch.nn.Linear(D, 3)
         for local, gid in zip(self.moe.deepspeed_moe.experts.deepspeed_experts, self.moe.global_expert_ids()):
             for p, q in zip(local.parameters(), seeded_expert(gid).parameters()):
-                p.data.copy_(q.data)
+                p.data.copy_(slice_of(q.data, p))
 
     def forward(self, x):
         y, l_aux, counts = self.moe(self.inp(x))
@@ -286,11 +304,53 @@ def check_tokens_sent_elsewhere(rank, world):
                 close(got, experts[gid][0].weight.detach(), f"{what}: expert {gid}")
 
 
+def check_tensor_expert_data(rank, world, stages):
+    """DeepSpeed-TED on 4 ranks, expert 2 x tensor 2 (data 1): the tensor ranks hold the same tokens,
+    each sends half the slots (Duplicate Token Dropping: half the all-to-all bytes) and gathers the
+    rest back; experts whole on every tensor rank (each computes its half of the slots, gradients
+    summed over tensor) or split over it (enable_expert_tensor_parallelism: zeal.tensor_parallel
+    experts). Every loss and parameter equal to the dense reference on the 2 expert ranks' batches."""
+    groups = zeal.mesh.build(expert=2, tensor=2)
+    tensor = groups.group("tensor")
+    sample = groups.mesh.coord(rank, "expert")
+    for k in (1, 2):
+        ref, ref_losses = reference_run(k, 2)
+        for expert_tp in (False, True):
+            for stage in stages:
+                model = Net(2, k, tensor=tensor, expert_tp=expert_tp)
+                check(model.moe._zeal_groups is groups, "the MoE layer must take the mesh with the tensor axis")
+                engine, *_ = zeal.initialize(model=model, config=config(stage))
+                what = f"TED top-{k} stage {stage}" + (" tensor-parallel experts" if expert_tp else "")
+                check(engine.train_batch_size() == MICRO * 2, f"{what}: train batch {engine.train_batch_size()}")
+                for step in range(STEPS):
+                    x, y = batch(step, sample)
+                    out, l_aux, _ = engine(x)
+                    loss = F.mse_loss(out, y) + AUX * l_aux
+                    close(loss.detach(), torch.tensor(ref_losses[step][sample]), f"{what} step {step} loss")
+                    engine.backward(loss)
+                    engine.step()
+                slots = -(-3 * k // 2) * 2  # capacity ceil(3 / 4 x 4 x k), padded to the tensor size
+                want = 2 * E * (slots // 2) * D * 4
+                check(model.moe.deepspeed_moe.all_to_all_bytes == want,
+                      f"{what}: all-to-all bytes {model.moe.deepspeed_moe.all_to_all_bytes}, want {want} (half)")
+                for name, p in model.named_parameters():
+                    full = dict(ref.named_parameters()).get(name)
+                    if name.startswith("moe.deepspeed_moe.experts."):
+                        local, rest = name.split(".")[4], name.split(".", 5)[5]
+                        gid = model.moe.global_expert_ids()[int(local)]
+                        full = ref.experts[gid].state_dict()[rest]
+                    elif name == "moe.deepspeed_moe.gate.wg.weight":
+                        full = ref.wg
+                    got = zeal.utils.safe_get_full_fp32_param(p)
+                    close(got, slice_of(full.detach(), p, got.shape), f"{what} {name}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", required=True, help="comma-separated ep:k, or ep:k:d for the dropless dispatch")
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--tmp", help="a directory every rank sees: also save and resume checkpoints")
+    ap.add_argument("--ted", action="store_true", help="4 ranks: also tensor-expert-data parallelism")
     args = ap.parse_args()
     world = zeal.world()
     rank = world.rank
@@ -338,6 +398,8 @@ def main():
                     key = f"moe.deepspeed_moe.experts.deepspeed_experts.{local}.{name}"
                     close(got[key], ref.experts[gid].state_dict()[name], f"{what} expert {gid} {name}")
     check(saw_empty_expert, "no step routed zero tokens to some expert: the empty-expert case was not exercised")
+    if args.ted:  # last: its mesh is then the newest of expert size 2
+        check_tensor_expert_data(rank, world.size, [int(s) for s in args.stages.split(",")])
     print(f"MOE-OK rank {rank}", flush=True)
 
 
