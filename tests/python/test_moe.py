@@ -213,8 +213,6 @@ def test_bad_arguments_name_the_argument():
         MoE(4, expert, num_experts=3, ep_size=2)
     with pytest.raises(zeal.ConfigError, match="noisy_gate_policy must be None, 'Jitter' or 'RSample', got 'Gumbel'"):
         MoE(4, expert, num_experts=2, noisy_gate_policy="Gumbel")
-    with pytest.raises(zeal.ConfigError, match="enable_expert_tensor_parallelism"):
-        MoE(4, expert, num_experts=2, enable_expert_tensor_parallelism=True)
     with pytest.raises(zeal.ConfigError, match="expert parallel size 2 must divide the world size 1"):
         MoE(4, expert, num_experts=2, ep_size=2)
     with pytest.raises(zeal.ConfigError, match="drop_policy"):
