@@ -200,8 +200,8 @@ def check_against_reference(model, ref, what):
 def check_checkpoints(tmp, rank, world):
     """Experts are saved under their global ids, one part per unit and group (Note [Checkpoints of
     several units]); the checkpoint resumes at another expert-parallel size and ZeRO stage on the
-    reference's trajectory, converts to fp32 under global names, and a model of another expert
-    count is refused by parameter name."""
+    reference's trajectory (ep 2 -> 4, 1 and 2; then ep 4 -> 1 value for value), converts to fp32
+    under global names, and a model of another expert count is refused by parameter name."""
     global E
     k, half = 2, STEPS // 2
     ref, _ = reference_run(k, world)
@@ -227,6 +227,16 @@ def check_checkpoints(tmp, rank, world):
             engine.backward(F.mse_loss(out, y) + AUX * l_aux)
             engine.step()
         check_against_reference(model, ref, f"saved at ep 2 stage 1, resumed at ep {ep} stage {stage}")
+        if ep == 4:  # and from ep 4 (one expert per rank) to ep 1 (every expert on every rank)
+            engine.save_checkpoint(str(ck), tag="ep4")
+            saved = full_values(model)
+    model = Net(1, k)
+    engine, *_ = zeal.initialize(model=model, config=config(1))
+    engine.load_checkpoint(str(ck), tag="ep4")
+    loaded = full_values(model)
+    check(len(loaded) == 5 + 4 * E, f"names {sorted(loaded)}")
+    for name, value in saved.items():  # each rank checks the expert it held at ep 4, and the dense weights
+        check(torch.equal(loaded[name], value), f"ep 4 -> ep 1: {name} differs")
     if rank == 0:
         flat = zeal.checkpoint.to_fp32_state_dict(str(ck), tag="half")
         experts = sorted(n for n in flat if ".deepspeed_experts." in n and n.endswith("0.weight"))
