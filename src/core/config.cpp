@@ -777,7 +777,8 @@ Config Config::from_json(const json& root) {
   r.only_value("sparse_gradients", false, "sparse gradients are not supported yet");
   r.accept_bool({"disable_allgather"});  // parsed and unused by DeepSpeed too
   r.only_value("graph_harvesting", false, "CUDA graph harvesting is not supported yet");
-  r.only_value("use_data_before_expert_parallelism", false, "expert parallelism is not supported yet");
+  r.only_value("use_data_before_expert_parallelism", false,
+               "Zeal's mesh puts the expert ranks consecutive (DeepSpeed's default layout; docs/moe.md)");
   r.only_value("gradient_allreduce_op", "mean", "Zeal averages gradients over the data-parallel ranks");
   r.only_value("sequence_parallel_size", 1, "sequence parallelism is not supported yet");
   if (r.has("data_types")) {  // gradients accumulate in the model's dtype, as DeepSpeed's default
