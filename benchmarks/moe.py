@@ -5,6 +5,9 @@ growth per rank (peak RSS while stepping minus RSS before the layer is built, ma
 
     Zeal        zeal.moe.layer.MoE, all_to_all over Zeal's MPI communicator
     DeepSpeed   deepspeed.moe.layer.MoE (DS_ACCELERATOR=cpu), all_to_all over torch's gloo
+    Zeal dropless (dropless=True: only the routed rows travel, uneven all_to_all; the experts as
+    two grouped GEMMs) against DeepSpeed's drop_tokens=False (every expert's buffer padded to the
+    largest load), and Zeal dropless with the experts called one after another (zeal-loop)
 
 Both layers get the same weights (DeepSpeed's state dict loaded into Zeal's, the names being the
 same) and the same batches, so they route the same tokens.
@@ -32,12 +35,18 @@ HIDDEN, FFN, EXPERTS, TOKENS = 256, 1024, 8, 2048
 def rank_main(impl, ep, k, steps):
     import torch
 
+    impl, _, variant = impl.partition("-")
+
     rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
     world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     g = torch.Generator().manual_seed(rank)
     batches = [torch.randn(TOKENS, HIDDEN, generator=g) for _ in range(4)]
     kwargs = dict(num_experts=EXPERTS, ep_size=ep, k=k, capacity_factor=1.25, min_capacity=4)
+    if variant:  # no token dropped: Zeal's dropless dispatch, DeepSpeed's padded drop_tokens=False
+        kwargs["drop_tokens"] = False
+        if impl == "zeal":
+            kwargs["dropless"] = True
     if impl == "zeal":
         import zeal
         from zeal.moe.layer import MoE
@@ -47,6 +56,7 @@ def rank_main(impl, ep, k, steps):
         torch.manual_seed(0)
         expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(), torch.nn.Linear(FFN, HIDDEN))
         layer = MoE(HIDDEN, expert, **kwargs)
+        layer.deepspeed_moe.grouped_gemm = variant != "loop"
 
         def sync():
             world_comm.barrier().wait()
@@ -93,7 +103,8 @@ def rank_main(impl, ep, k, steps):
         times.append(time.perf_counter() - t)
     sync()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"impl": impl, "ep": ep, "k": k, "rank": rank, "times_s": times, "peak_growth": peak - base}),
+    name = impl + ("-" + variant if variant else "")
+    print(json.dumps({"impl": name, "ep": ep, "k": k, "rank": rank, "times_s": times, "peak_growth": peak - base}),
           flush=True)
     if impl == "deepspeed":
         import torch.distributed as dist
@@ -116,10 +127,10 @@ def main():
 
     from harness import mpirun, print_table, write_json
 
-    impls = ["zeal", "deepspeed"]
+    impls = ["zeal", "deepspeed", "zeal-dropless", "deepspeed-nodrop", "zeal-loop"]
     if importlib.util.find_spec("deepspeed") is None:
         print("DeepSpeed is not installed (scripts/install-bench-deps): its rows are skipped")
-        impls = ["zeal"]
+        impls = ["zeal", "zeal-dropless", "zeal-loop"]
     os.environ["DS_ACCELERATOR"] = "cpu"
     plan = [(impl, ep, k) for k in (1, 2) for ep in (1, args.ranks) for impl in impls]
     times = {p: [] for p in plan}
@@ -140,8 +151,9 @@ def main():
     for impl, ep, k in plan:
         ms = statistics.median(times[(impl, ep, k)]) * 1e3
         mb = max(peaks[(impl, ep, k)]) / 2**20
-        base_ms = statistics.median(times[("zeal", ep, k)]) * 1e3
-        base_mb = max(peaks[("zeal", ep, k)]) / 2**20
+        base = "zeal-dropless" if "-" in impl else "zeal"  # each pair against Zeal's row of its kind
+        base_ms = statistics.median(times[(base, ep, k)]) * 1e3
+        base_mb = max(peaks[(base, ep, k)]) / 2**20
         summary[f"{impl}/ep{ep}/top{k}"] = {"median_step_ms": ms, "tokens_per_s_per_rank": TOKENS / ms * 1e3,
                                              "peak_rss_growth_mib": mb}
         rows.append([f"top-{k}", ep, impl, f"{ms:.1f}", f"{TOKENS / ms * 1e3:,.0f}", f"{ms / base_ms:.2f}",

@@ -308,6 +308,67 @@ class _AllToAll(torch.autograd.Function):
         return None, _AllToAll.apply(ctx.group, grad_output)
 
 
+def _grouped_layout(*tensors):
+    """Whether torch's grouped GEMM takes these operands: fp32 or bf16, each last dim a multiple of
+    16 bytes (its row strides must be)."""
+    return hasattr(torch, "_grouped_mm") and all(
+        t.dtype in (torch.float32, torch.bfloat16) and (t.shape[-1] * t.element_size()) % 16 == 0 and
+        (t.shape[-2] * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _group_mm(x, w, counts, ends):
+    """Rows counts[i] of x (grouped in order) times w[i]: one grouped GEMM where the layout allows, a
+    loop of matmuls otherwise."""
+    if _grouped_layout(x, w):
+        return torch._grouped_mm(x, w, offs=ends)
+    return torch.cat([piece @ w[i] for i, piece in enumerate(x.split(counts))])
+
+
+def _group_outer(x, g, counts, ends):
+    """[groups, K, N]: x's rows of group i, transposed, times g's rows of group i."""
+    if _grouped_layout(x, g):
+        return torch._grouped_mm(x.t(), g, offs=ends)
+    return torch.stack([a.t() @ b for a, b in zip(x.split(counts), g.split(counts))])
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of group i] = x[rows of group i] @ w[i], for groups of `counts` consecutive rows."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        ends = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+        ctx.save_for_backward(x, w, ends)
+        ctx.counts = counts
+        return _group_mm(x, w, counts, ends)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, ends = ctx.saved_tensors
+        grad = grad.contiguous()
+        return (_group_mm(grad, w.transpose(1, 2).contiguous(), ctx.counts, ends),
+                _group_outer(x, grad, ctx.counts, ends), None)
+
+
+def _mlp_experts(experts):
+    """(first linears, activation, second linears) when every local expert is Sequential(Linear,
+    a parameter-free activation, Linear) of one shape and holds its weights (not partitioned by
+    ZeRO-3, whose hooks gather around each expert's own call); None otherwise."""
+    parts = []
+    for e in experts:
+        if not (isinstance(e, torch.nn.Sequential) and len(e) == 3 and type(e[0]) is torch.nn.Linear and
+                type(e[2]) is torch.nn.Linear and not list(e[1].parameters())):
+            return None
+        if any(hasattr(p, "ds_numel") for p in e.parameters()):
+            return None
+        parts.append(e)
+    first = parts[0]
+    if any(p[0].weight.shape != first[0].weight.shape or p[2].weight.shape != first[2].weight.shape or
+           (p[0].bias is None) != (first[0].bias is None) or (p[2].bias is None) != (first[2].bias is None)
+           for p in parts):
+        return None
+    return [p[0] for p in parts], first[1], [p[2] for p in parts]
+
+
 class _DropTokens(torch.autograd.Function):
     """Duplicate Token Dropping (DeepSpeed-TED): the tensor-parallel ranks hold the same tokens, so
     each keeps only its 1/t of `dim` before the all-to-all; the gradient is gathered back."""
@@ -381,6 +442,9 @@ class MOELayer(Module):
         self.tensor_group = None
         self.expert_tensor = False
         self.all_to_all_bytes = 0  # what the last forward's two all-to-alls sent from this rank
+        # Dropless: experts of the Sequential(Linear, activation, Linear) shape run as two grouped
+        # GEMMs over all their rows (torch._grouped_mm) instead of one after another.
+        self.grouped_gemm = True
 
     def _set_ep_group(self, ep_group):
         self.ep_group = ep_group
@@ -437,7 +501,8 @@ class MOELayer(Module):
         """Every route computed, nothing padded: routes sorted by expert, one uneven all_to_all of
         just those rows to the expert ranks (the counts exchanged first), each local expert run once
         on its rows (every local expert is called, with 0 rows if need be, so ZeRO-3's gathers pair
-        up on every rank), and the uneven exchange back. The gating is the configured top-k with no
+        up on every rank; experts of the Linear-activation-Linear shape run instead as two grouped
+        GEMMs over all their rows), and the uneven exchange back. The gating is the configured top-k with no
         capacity: the same routes and weights as drop_tokens=False."""
         x = input[0]
         d_model = x.shape[-1]
@@ -469,11 +534,24 @@ class MOELayer(Module):
         by_expert = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
         per_expert = recv_grid.sum(dim=0).tolist()
         grouped = rows.index_select(0, by_expert.to(rows.device))
-        outs = []
-        for chunk, expert in zip(grouped.split(per_expert), self.experts.deepspeed_experts):
-            out = expert(chunk)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-        out = torch.cat(outs) if outs else grouped
+        mlp = _mlp_experts(self.experts.deepspeed_experts) if self.grouped_gemm else None
+        if mlp is not None:
+            first, act, second = mlp
+            which = torch.repeat_interleave(torch.arange(local), torch.tensor(per_expert)).to(rows.device)
+            h = _GroupedMM.apply(grouped, torch.stack([l.weight for l in first]).transpose(1, 2).contiguous(),
+                                 per_expert)
+            if first[0].bias is not None:
+                h = h + torch.stack([l.bias for l in first]).index_select(0, which)
+            out = _GroupedMM.apply(act(h), torch.stack([l.weight for l in second]).transpose(1, 2).contiguous(),
+                                   per_expert)
+            if second[0].bias is not None:
+                out = out + torch.stack([l.bias for l in second]).index_select(0, which)
+        else:
+            outs = []
+            for chunk, expert in zip(grouped.split(per_expert), self.experts.deepspeed_experts):
+                y = expert(chunk)
+                outs.append(y[0] if isinstance(y, tuple) else y)
+            out = torch.cat(outs) if outs else grouped
         out = out.new_zeros(out.shape).index_copy(0, by_expert.to(out.device), out)  # back to received order
         if self.ep_size > 1:
             out = _AllToAllV.apply(self.ep_group, out, send, recv_grid.sum(dim=1).tolist())
