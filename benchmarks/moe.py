@@ -5,9 +5,9 @@ growth per rank (peak RSS while stepping minus RSS before the layer is built, ma
 
     Zeal        zeal.moe.layer.MoE, all_to_all over Zeal's MPI communicator
     DeepSpeed   deepspeed.moe.layer.MoE (DS_ACCELERATOR=cpu), all_to_all over torch's gloo
-    Zeal dropless (dropless=True: only the routed rows travel, uneven all_to_all; the experts as
-    two grouped GEMMs) against DeepSpeed's drop_tokens=False (every expert's buffer padded to the
-    largest load), and Zeal dropless with the experts called one after another (zeal-loop)
+    Zeal dropless (dropless=True: only the routed rows travel, uneven all_to_all; the experts one
+    after another) against DeepSpeed's drop_tokens=False (every expert's buffer padded to the
+    largest load), and Zeal dropless with the experts as two grouped GEMMs (zeal-grouped)
 
 Both layers get the same weights (DeepSpeed's state dict loaded into Zeal's, the names being the
 same) and the same batches, so they route the same tokens.
@@ -56,7 +56,7 @@ def rank_main(impl, ep, k, steps):
         torch.manual_seed(0)
         expert = torch.nn.Sequential(torch.nn.Linear(HIDDEN, FFN), torch.nn.GELU(), torch.nn.Linear(FFN, HIDDEN))
         layer = MoE(HIDDEN, expert, **kwargs)
-        layer.deepspeed_moe.grouped_gemm = variant != "loop"
+        layer.deepspeed_moe.grouped_gemm = variant == "grouped"
 
         def sync():
             world_comm.barrier().wait()
@@ -127,10 +127,10 @@ def main():
 
     from harness import mpirun, print_table, write_json
 
-    impls = ["zeal", "deepspeed", "zeal-dropless", "deepspeed-nodrop", "zeal-loop"]
+    impls = ["zeal", "deepspeed", "zeal-dropless", "deepspeed-nodrop", "zeal-grouped"]
     if importlib.util.find_spec("deepspeed") is None:
         print("DeepSpeed is not installed (scripts/install-bench-deps): its rows are skipped")
-        impls = ["zeal", "zeal-dropless", "zeal-loop"]
+        impls = ["zeal", "zeal-dropless", "zeal-grouped"]
     os.environ["DS_ACCELERATOR"] = "cpu"
     plan = [(impl, ep, k) for k in (1, 2) for ep in (1, args.ranks) for impl in impls]
     times = {p: [] for p in plan}

@@ -331,6 +331,7 @@ def test_dropless_grouped_gemm_equals_the_per_expert_loop(hidden):
             p.data.normal_(generator=torch.Generator().manual_seed(i))
     layers[0].deepspeed_moe.gate.wg.weight.data[3] = -50.0  # expert 3: no token
     layers[1].load_state_dict(layers[0].state_dict())
+    layers[0].deepspeed_moe.grouped_gemm = True  # (the default on host tensors is the loop)
     layers[1].deepspeed_moe.grouped_gemm = False
     assert _mlp_experts(layers[0].deepspeed_moe.experts.deepspeed_experts) is not None
     x = torch.randn(30, 8).abs()

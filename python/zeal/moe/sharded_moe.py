@@ -442,9 +442,11 @@ class MOELayer(Module):
         self.tensor_group = None
         self.expert_tensor = False
         self.all_to_all_bytes = 0  # what the last forward's two all-to-alls sent from this rank
-        # Dropless: experts of the Sequential(Linear, activation, Linear) shape run as two grouped
-        # GEMMs over all their rows (torch._grouped_mm) instead of one after another.
-        self.grouped_gemm = True
+        # Dropless: experts of the Sequential(Linear, activation, Linear) shape as two grouped GEMMs
+        # over all their rows (torch._grouped_mm) instead of one after another. None: on device
+        # tensors only; on the CPU the loop measured faster and leaner (docs/benchmarks.md "The MoE
+        # layer"). True / False force either.
+        self.grouped_gemm = None
 
     def _set_ep_group(self, ep_group):
         self.ep_group = ep_group
@@ -534,7 +536,8 @@ class MOELayer(Module):
         by_expert = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
         per_expert = recv_grid.sum(dim=0).tolist()
         grouped = rows.index_select(0, by_expert.to(rows.device))
-        mlp = _mlp_experts(self.experts.deepspeed_experts) if self.grouped_gemm else None
+        grouped_gemm = rows.is_cuda if self.grouped_gemm is None else self.grouped_gemm
+        mlp = _mlp_experts(self.experts.deepspeed_experts) if grouped_gemm else None
         if mlp is not None:
             first, act, second = mlp
             which = torch.repeat_interleave(torch.arange(local), torch.tensor(per_expert)).to(rows.device)
