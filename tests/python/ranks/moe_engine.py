@@ -10,12 +10,15 @@ token (dense) and DeepSpeed's gate formulas written out (top-1: the softmax prob
 the two probabilities renormalised; l_aux per rank). The reference loss is the mean over every
 rank's loss; gradient clipping (active) uses the norm of every distinct value once.
 
-Each layout (--layouts "ep:k", data = world / ep) at ZeRO 0-3, STEPS AdamW steps, fp32, 1e-5
+Each layout (--layouts "ep:k", "ep:k:d" for the dropless dispatch; data = world / ep) at ZeRO 0-3,
+STEPS AdamW steps, fp32, 1e-5
 relative for the loss of every step and for every parameter (the dense ones and this rank's
 experts against the reference's experts of the same global ids). Also: DeepSpeed's group
 accessors (zeal.utils.groups) name the mesh's groups; the Python all_to_all_single with uneven
 splits; an expert with no token on some rank in some step (checked that it happened); a fixed router
-that sends every token of rank 0 to the last rank's experts, at ZeRO 0-3 with both dispatches.
+that sends every token of rank 0 to the last rank's experts, at ZeRO 0-3 with both dispatches;
+with --tmp, checkpoints across expert-parallel sizes and stages (check_checkpoints); with --ted,
+tensor-expert-data parallelism (check_tensor_expert_data).
 Prints MOE-OK from every rank that checked everything."""
 import argparse
 import sys
