@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from harness import rss_bytes  # noqa: E402
+from harness import rss_bytes, time_steps  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOKENS = 256, 1024, 8, 2048
 
@@ -91,17 +91,7 @@ def rank_main(impl, ep, k, steps):
         (out.square().mean() + 0.01 * l_aux).backward()
         layer.zero_grad(set_to_none=True)
 
-    import time
-
-    for i in range(3):
-        step(batches[i % len(batches)])
-    times = []
-    for i in range(steps):
-        sync()
-        t = time.perf_counter()
-        step(batches[i % len(batches)])
-        times.append(time.perf_counter() - t)
-    sync()
+    times = time_steps(step, [(x,) for x in batches], steps, sync)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     name = impl + ("-" + variant if variant else "")
     print(json.dumps({"impl": name, "ep": ep, "k": k, "rank": rank, "times_s": times, "peak_growth": peak - base}),

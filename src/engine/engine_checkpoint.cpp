@@ -25,6 +25,22 @@ using json = nlohmann::json;
 
 using checkpoint::agree_or_throw;
 
+namespace {
+
+void check_tag(const std::string& tag) {
+  ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
+                "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
+}
+
+// <dir>/parts.json (sealed): the parts of a checkpoint in parts, in order, and their layout.
+void write_parts_file(const std::string& dir, const std::vector<std::string>& parts, json layout) {
+  json doc = {{"format", "zeal-checkpoint-parts"}, {"version", 2}, {"parts", parts}, {"layout", std::move(layout)}};
+  checkpoint::write_text_atomically((fs::path(dir) / checkpoint::kPartsName).string(),
+                                    checkpoint::seal_json(std::move(doc)));
+}
+
+}  // namespace
+
 // Note [Checkpoints of several units]: an engine of several units (Note [Sharded-state units]:
 // experts and dense weights, say) saves a checkpoint in parts, one per unit and group: the ranks
 // of each unit's group save that unit's parameters as one complete checkpoint,
@@ -44,8 +60,7 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
                                     const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
   if (units_.size() == 1) return save_unit(*units_[0], save_dir, tag, client_state_json, extra, save_latest);
   ZEAL_CHECK(!save_dir.empty(), "save_checkpoint: save_dir is empty; name the directory to save into");
-  ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
-                "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
+  check_tag(tag);
   const parallel::Mesh& mesh = mesh_->mesh();
   std::vector<std::string> parts;
   json units = json::array();
@@ -85,10 +100,7 @@ std::string Engine::save_checkpoint(const std::string& save_dir, const std::stri
                 client_state_json, extra, /*save_latest=*/false);
   });
   save.publish(save_latest, [&] {
-    json doc = {{"format", "zeal-checkpoint-parts"}, {"version", 2}, {"parts", parts},
-                {"layout", {{"mesh", mesh.describe()}, {"units", units}}}};
-    checkpoint::write_text_atomically((fs::path(save.tmp_dir()) / checkpoint::kPartsName).string(),
-                                      checkpoint::seal_json(std::move(doc)));
+    write_parts_file(save.tmp_dir(), parts, {{"mesh", mesh.describe()}, {"units", units}});
   });
   log("engine", LogLevel::kInfo, "saved checkpoint ", save.final_dir(), " in ", parts.size(), " parts (step ",
       global_steps_, ")");
@@ -99,8 +111,7 @@ std::string Engine::save_unit(Unit& u, const std::string& save_dir, const std::s
                               const std::string& client_state_json,
                               const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
   ZEAL_CHECK(!save_dir.empty(), "save_checkpoint: save_dir is empty; name the directory to save into");
-  ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
-                "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
+  check_tag(tag);
   json client;
   JsonProblem problem;
   ZEAL_CHECK_AS(CheckpointError, parse_json(client_state_json, client, problem), "client_state cannot be saved: ",
@@ -192,8 +203,7 @@ std::string Engine::save_checkpoint_part(const comm::CommunicatorPtr& everyone, 
                                          const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
   ZEAL_CHECK(everyone, "save_checkpoint_part needs the communicator of every part's ranks");
   only_unit("save_checkpoint_part");  // a part of one unit (pipeline stages and tensor ranks are parts already)
-  ZEAL_CHECK_AS(CheckpointError, !tag.empty() && tag.find('/') == std::string::npos && tag[0] != '.',
-                "checkpoint tag '", tag, "' must be a plain, non-hidden directory name");
+  check_tag(tag);
   json layout;
   JsonProblem problem;
   ZEAL_CHECK(parse_json(layout_json, layout, problem), "save_checkpoint_part: layout: ", problem.describe());
@@ -203,11 +213,7 @@ std::string Engine::save_checkpoint_part(const comm::CommunicatorPtr& everyone, 
   save.write("writing part " + part, true, [&] {
     save_checkpoint(save.tmp_dir(), part, client_state_json, extra, /*save_latest=*/false);
   });
-  save.publish(save_latest, [&] {
-    json doc = {{"format", "zeal-checkpoint-parts"}, {"version", 2}, {"parts", parts}, {"layout", layout}};
-    checkpoint::write_text_atomically((fs::path(save.tmp_dir()) / checkpoint::kPartsName).string(),
-                                      checkpoint::seal_json(std::move(doc)));
-  });
+  save.publish(save_latest, [&] { write_parts_file(save.tmp_dir(), parts, std::move(layout)); });
   return save.final_dir();
 }
 

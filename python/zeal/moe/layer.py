@@ -64,6 +64,7 @@ class MoE(nn.Module):
                                       use_tutel=use_tutel)
         if dropless:
             gate.drop_tokens = False  # the same routes and weights as DeepSpeed's drop_tokens=False
+            gate.dropless = True
             self.deepspeed_moe.dropless = True
         if use_residual:
             self.mlp = expert

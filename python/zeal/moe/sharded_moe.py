@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from .. import _zeal, zero
+from ..tensor_parallel import _gather_seq, _split_seq  # a dim's slice per tensor rank, and its gather
 
 # One distribution per device, as DeepSpeed keeps them: the draws go through the same rsample calls.
 _gumbel = {}
@@ -228,6 +229,7 @@ class TopKGate(Module):
         self.expert_bias_update_rate = expert_bias_update_rate
         self.router_z_loss_coef = router_z_loss_coef
         self.bias_group = None  # the ranks sharing this router: their loads move the bias alike
+        self.dropless = False  # MoE(dropless=True): no capacity, so no all-reduce of the largest load
         if expert_bias_update_rate:
             if k == 1 and noisy_gate_policy == "RSample" or k == 2 and top2_2nd_expert_sampling:
                 raise _zeal.ConfigError("MoE: expert_bias_update_rate (aux-loss-free balancing) selects experts by "
@@ -259,15 +261,16 @@ class TopKGate(Module):
         logits = F.linear(x, weight=self.wg.weight.float(), bias=None)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         bias = getattr(self, "expert_bias", None)
+        ep_group = None if self.dropless else self.ep_group  # the capacity's all-reduce (unused dropless)
         if self.k == 1:
             routes = _route_top1(logits, factor, self.min_capacity, used_token,
                                  self.noisy_gate_policy if self.training else None, self.drop_tokens, self.use_rts,
-                                 self.ep_group, bias)
+                                 ep_group, bias)
         elif self.k == 2:
-            routes = _route_top2(logits, factor, self.min_capacity, self.drop_tokens, self.ep_group,
+            routes = _route_top2(logits, factor, self.min_capacity, self.drop_tokens, ep_group,
                                  self.top2_2nd_expert_sampling, bias)
         else:
-            routes = _route_topk(logits, self.k, factor, self.min_capacity, self.drop_tokens, self.ep_group, "probs",
+            routes = _route_topk(logits, self.k, factor, self.min_capacity, self.drop_tokens, ep_group, "probs",
                                  bias)
         if self.router_z_loss_coef:  # ST-MoE's router z-loss: keeps the logits small
             routes.l_aux = routes.l_aux + self.router_z_loss_coef * torch.logsumexp(logits, dim=1).square().mean()
@@ -376,8 +379,7 @@ class _DropTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, group, dim):
         ctx.group, ctx.dim = group, dim
-        size = input.shape[dim] // group.size
-        return input.narrow(dim, group.rank * size, size).contiguous()
+        return _split_seq(input, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -391,10 +393,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, group, dim):
         ctx.group, ctx.dim = group, dim
-        moved = input.movedim(dim, 0).contiguous()
-        out = moved.new_empty((group.size,) + tuple(moved.shape))
-        group.all_gather(out, moved).wait()
-        return out.reshape((group.size * moved.shape[0],) + tuple(moved.shape[1:])).movedim(0, dim)
+        return _gather_seq(input, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
