@@ -30,6 +30,23 @@
 //     CommError, and shutdown skips MPI_Finalize (which could wait on the lost op forever).
 //  6. fp16 and bf16 travel as 16-bit words with user-defined MPI reductions that widen to fp32
 //     (kernels/cpu/half_reduce.h), so sums are rounded once per step, not truncated.
+//  7. Note [Caller-run collectives]: handing an op to the progress thread and its Work back costs
+//     two thread wake-ups, 20-40 us on a busy core, which is most of a small collective's time
+//     (raw MPI: under 10 us up to 64 KiB). So a small collective (at most kCallerRunBytes) that
+//     finds the runtime idle - nothing queued, no op in progress - runs on the calling thread:
+//     it becomes the op in progress (so FIFO order holds and the watchdog watches it as any
+//     other), announces itself, and then waits, polling, until every peer has announced the same
+//     signature, before it enters the blocking MPI call. The wait keeps every guarantee: a peer
+//     that never arrives fails it with the TimeoutError naming the missing ranks (the watchdog
+//     settles it; the caller, polling, sees that and returns), and a peer at another op fails it
+//     with the mismatch before anything enters MPI. Once every peer has entered, the blocking call
+//     can only stall if a peer dies inside it; then the watchdog, which cannot return the error
+//     to a caller blocked in MPI, logs it and ends the process (exit code 75), as a dead rank
+//     does. Only ops whose completion needs every rank to have entered run this way (all_reduce,
+//     reduce_scatter, all_gather, all_to_all, barrier), so the wait adds no ordering the op did
+//     not already have; a broadcast or a reduce can complete early on some ranks and stays on the
+//     progress thread, as do point-to-point ops and every larger op, which the caller may want to
+//     overlap with compute.
 #include "zeal/comm/mpi_backend.h"
 
 // The C API only: Open MPI's deprecated C++ bindings would need libmpi_cxx.
@@ -59,6 +76,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr int kArrivalTag = 7001;
+// Note [Caller-run collectives]: the largest op (bytes of its larger buffer) the caller runs itself.
+constexpr size_t kCallerRunBytes = size_t{1} << 20;
+constexpr int kCallerStuckExitCode = 75;  // EX_TEMPFAIL: a peer died inside a caller-run op
 
 // State shared by a communicator and its ops.
 struct GroupState {
@@ -75,6 +95,9 @@ struct GroupState {
   std::vector<uint64_t> last_arrived;  // highest sequence number announced by each group rank
   std::vector<std::map<uint64_t, Signature>> announced;  // each group rank's recent signatures
   std::map<uint64_t, Signature> unverified;  // own signatures of completed ops not every peer confirmed yet
+  // One receive per peer posted ahead for its next announcement (drain_arrivals).
+  std::vector<MPI_Request> arrival_requests;
+  std::vector<Signature> arrival_buffers;
   uint64_t next_seq = 0;               // assigned under the runtime's queue lock
 
   std::string broken_message() {
@@ -96,7 +119,10 @@ struct Op {
   std::function<void()> on_success;
   WorkPtr work;
   Clock::time_point deadline;
-  Clock::time_point started;  // when the progress thread took it
+  Clock::time_point started;  // when the progress thread (or its caller) took it
+  bool caller_may_run = false;  // Note [Caller-run collectives]: small, and its kind allows it
+  bool caller_run = false;      // runs on the calling thread
+  std::atomic<bool> in_mpi{false};  // a caller-run op is inside its blocking MPI call
   MPI_Request request = MPI_REQUEST_NULL;
   std::atomic<bool> settled{false};
 
@@ -133,6 +159,12 @@ std::atomic<bool>& signatures_checked() {
   return on;
 }
 
+// Note [Caller-run collectives]: on unless a benchmark turns it off to measure the hand-off.
+std::atomic<bool>& caller_runs_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
 // Whether this op is the one to drop (counts it down otherwise).
 bool drop_injected(const GroupState& g) {
   InjectedFault& f = injected_fault();
@@ -162,6 +194,18 @@ class MpiRuntime {
     op->seq = ++op->group->next_seq;
     op->signature.seq = op->seq;
     op->description = op->op_name + " #" + std::to_string(op->seq) + " on group " + op->group->name + op->description;
+    if (op->caller_may_run && queue_.empty() && !current_ && caller_runs_enabled().load(std::memory_order_relaxed)) {
+      // Note [Caller-run collectives]
+      op->caller_run = true;
+      op->started = Clock::now();
+      current_ = op;
+      lock.unlock();
+      execute(op);
+      lock.lock();
+      current_.reset();
+      if (!queue_.empty()) cv_.notify_all();  // ops other threads queued meanwhile
+      return;
+    }
     queue_.push_back(std::move(op));
     cv_.notify_all();
   }
@@ -200,6 +244,11 @@ class MpiRuntime {
   }
 
   void set_world_rank(int rank) { world_rank_ = rank; }
+
+  size_t sends_pending() {
+    std::lock_guard<std::mutex> lock(sends_mutex_);
+    return sends_.size();
+  }
 
   MPI_Op reduce_op(at::ScalarType dtype, ReduceOp op) const {
     bool half = dtype == at::kHalf, bf16 = dtype == at::kBFloat16;
@@ -250,22 +299,74 @@ class MpiRuntime {
     MPI_Op_create(&half_op<K::kBf16, R::kMin>, 1, &half_ops_[1][2]);
   }
 
-  void announce(const Op& op) {
+  // Sends op's signature to every peer; the sends go to `sends`, whose owner completes them.
+  void announce(const Op& op, std::vector<PendingSend>& sends) {
     GroupState& g = *op.group;
     auto value = std::make_shared<Signature>(op.signature);
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) continue;
       PendingSend send{MPI_REQUEST_NULL, value};
       MPI_CHECK(MPI_Isend(value.get(), sizeof(Signature), MPI_BYTE, peer, kArrivalTag, g.arrival_comm, &send.request));
-      sends_.push_back(std::move(send));
+      sends.push_back(std::move(send));
+    }
+  }
+
+  // Hands announcements still in flight to the progress thread, which polls them (poll_background).
+  void hand_over_sends(std::vector<PendingSend>& sends) {
+    for (size_t i = 0; i < sends.size();) {
+      int flag = 0;
+      MPI_Test(&sends[i].request, &flag, MPI_STATUS_IGNORE);
+      if (flag) {
+        sends[i] = std::move(sends.back());
+        sends.pop_back();
+      } else {
+        ++i;
+      }
+    }
+    if (sends.empty()) return;
+    {
+      std::lock_guard<std::mutex> lock(sends_mutex_);
+      for (auto& send : sends) sends_.push_back(std::move(send));
+    }
+    sends.clear();
+    { std::lock_guard<std::mutex> lock(mutex_); }  // the progress thread is waiting or sees sends_
+    cv_.notify_all();
+  }
+
+  // Note [Caller-run collectives]: polls until every peer announced op.seq (and, with signature
+  // checks on, announced the same signature). False if the watchdog settled the op meanwhile
+  // (a peer missed the deadline). A mismatch throws CommError.
+  bool await_peers(Op& op) {
+    GroupState& g = *op.group;
+    const bool compare = signatures_checked().load(std::memory_order_relaxed);
+    for (int spins = 0;; ++spins) {
+      bool all = true;
+      if (compare) {
+        std::string mismatch = compare_signatures(op, &all, /*one_each=*/true);
+        if (!mismatch.empty()) throw CommError(mismatch);
+      } else {
+        drain_arrivals(g, /*one_each=*/true);
+        std::lock_guard<std::mutex> lock(g.arrival_mutex);
+        for (int peer = 0; peer < g.size; ++peer)
+          if (peer != g.rank && g.last_arrived[peer] < op.seq) all = false;
+      }
+      if (all) return true;
+      if (op.settled.load()) return false;
+      // Spin while the peers are likely just behind, then give the core away to the compute
+      // threads this rank shares it with (as MPI does with mpi_yield_when_idle, set below).
+      if (spins > 20000) {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      } else if (spins > 200) {
+        std::this_thread::yield();
+      }
     }
   }
 
   // Compares the peers' signatures for op.seq with the op's own. Returns the mismatch message,
   // or "" when every peer that announced op.seq agrees; *all_arrived says whether every one did.
-  std::string compare_signatures(Op& op, bool* all_arrived) {
+  std::string compare_signatures(Op& op, bool* all_arrived, bool one_each = false) {
     GroupState& g = *op.group;
-    drain_arrivals(g);
+    drain_arrivals(g, one_each);
     std::lock_guard<std::mutex> lock(g.arrival_mutex);
     bool disagree = false, complete = true;
     for (int peer = 0; peer < g.size; ++peer) {
@@ -331,30 +432,62 @@ class MpiRuntime {
     if (op.settle(std::make_exception_ptr(CommError(message)))) log("comm", LogLevel::kError, message);
   }
 
-  // Reads every arrival announcement waiting for this group (either thread).
-  void drain_arrivals(GroupState& g) {
+  // Reads the arrival announcements this group received (any thread). Each peer has one receive
+  // posted ahead. Testing a completed receive makes no MPI progress call, and a progress call that
+  // finds nothing costs a sched_yield (mpi_yield_when_idle, set below), about 1 us: so `one_each`
+  // takes at most one announcement per peer and does not test the receive it posts again (the
+  // caller-run wait polls again anyway); otherwise every announcement waiting is read.
+  void drain_arrivals(GroupState& g, bool one_each = false) {
     if (g.size <= 1) return;
     std::lock_guard<std::mutex> lock(g.arrival_mutex);
-    while (true) {
-      int flag = 0;
-      MPI_Status status;
-      MPI_Iprobe(MPI_ANY_SOURCE, kArrivalTag, g.arrival_comm, &flag, &status);
-      if (!flag) return;
-      Signature value;
-      MPI_Recv(&value, sizeof(Signature), MPI_BYTE, status.MPI_SOURCE, kArrivalTag, g.arrival_comm, MPI_STATUS_IGNORE);
-      const int peer = status.MPI_SOURCE;
-      g.last_arrived[peer] = std::max(g.last_arrived[peer], value.seq);
-      auto& recent = g.announced[peer];
-      recent[value.seq] = value;
-      while (recent.size() > 1024) recent.erase(recent.begin());  // a peer far ahead: keep the newest
-      // A late signature of an op this rank completed without waiting for it (see verify_signatures).
-      auto own = g.unverified.find(value.seq);
-      if (own != g.unverified.end() && !own->second.same_as(value)) {
-        std::string message = mismatch_message(g, own->second);
-        g.unverified.erase(own);
-        mark_broken(g, message);
-        log("comm", LogLevel::kError, message);
+    for (int peer = 0; peer < g.size; ++peer) {
+      if (peer == g.rank) continue;
+      while (true) {
+        int flag = 0;
+        MPI_Test(&g.arrival_requests[peer], &flag, MPI_STATUS_IGNORE);
+        if (!flag) break;
+        record_arrival(g, peer, g.arrival_buffers[peer]);
+        post_arrival_receive(g, peer);
+        if (one_each) break;
       }
+    }
+  }
+
+ public:
+  // Posts the receive for peer's next announcement (at group creation and after each one read).
+  static void post_arrival_receive(GroupState& g, int peer) {
+    MPI_CHECK(MPI_Irecv(&g.arrival_buffers[peer], sizeof(Signature), MPI_BYTE, peer, kArrivalTag, g.arrival_comm,
+                        &g.arrival_requests[peer]));
+  }
+
+  // Keeps a new group alive to the end (its receives stay posted) and posts its receives.
+  void register_group(const std::shared_ptr<GroupState>& g) {
+    g->last_arrived.assign(g->size, 0);
+    g->announced.assign(g->size, {});
+    g->arrival_requests.assign(g->size, MPI_REQUEST_NULL);
+    g->arrival_buffers.assign(g->size, Signature{});
+    run_sync([&] {
+      for (int peer = 0; peer < g->size; ++peer)
+        if (peer != g->rank) post_arrival_receive(*g, peer);
+    });
+    std::lock_guard<std::mutex> lock(mutex_);
+    groups_.push_back(g);
+  }
+
+ private:
+  // Called with g.arrival_mutex held.
+  void record_arrival(GroupState& g, int peer, const Signature& value) {
+    g.last_arrived[peer] = std::max(g.last_arrived[peer], value.seq);
+    auto& recent = g.announced[peer];
+    recent[value.seq] = value;
+    while (recent.size() > 1024) recent.erase(recent.begin());  // a peer far ahead: keep the newest
+    // A late signature of an op this rank completed without waiting for it (see verify_signatures).
+    auto own = g.unverified.find(value.seq);
+    if (own != g.unverified.end() && !own->second.same_as(value)) {
+      std::string message = mismatch_message(g, own->second);
+      g.unverified.erase(own);
+      mark_broken(g, message);
+      log("comm", LogLevel::kError, message);
     }
   }
 
@@ -436,9 +569,26 @@ class MpiRuntime {
         p2p_.push_back(op);
         return;
       }
-      if (g && g->size > 1) announce(*op);
-      op->run();
-      if (g && g->size > 1 && signatures_checked().load(std::memory_order_relaxed)) verify_signatures(*op);
+      std::vector<PendingSend> sends;
+      if (g && g->size > 1) announce(*op, sends);
+      // The caller-run path completes its own announcements; the progress thread polls the rest.
+      struct HandOver {
+        MpiRuntime* runtime;
+        std::vector<PendingSend>& sends;
+        ~HandOver() { runtime->hand_over_sends(sends); }
+      } hand_over{this, sends};
+      if (op->caller_run) {
+        if (g && g->size > 1 && !await_peers(*op)) {  // timed out: the watchdog settled it
+          release_tensors(*op);
+          return;
+        }
+        op->in_mpi.store(true);
+        op->run();
+        op->in_mpi.store(false);
+      } else {
+        op->run();
+        if (g && g->size > 1 && signatures_checked().load(std::memory_order_relaxed)) verify_signatures(*op);
+      }
     } catch (const CommError& e) {
       // An MPI error inside a mismatched collective (truncation, say) is reported as the mismatch.
       std::string message = e.what();
@@ -464,7 +614,7 @@ class MpiRuntime {
       return;
     }
     complete(*op);
-    if (g) drain_arrivals(*g);
+    if (g && !op->caller_run) drain_arrivals(*g);  // caller-run: the next op's wait drains
   }
 
   void poll_background() {
@@ -484,6 +634,7 @@ class MpiRuntime {
       }
     }
     for (auto& op : done) complete(*op);
+    std::lock_guard<std::mutex> lock(sends_mutex_);
     for (size_t i = 0; i < sends_.size();) {
       int flag = 0;
       MPI_Test(&sends_[i].request, &flag, MPI_STATUS_IGNORE);
@@ -501,10 +652,12 @@ class MpiRuntime {
       std::shared_ptr<Op> op;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        if (queue_.empty() && p2p_.empty() && sends_.empty())
-          cv_.wait(lock, [&] { return !running_ || !queue_.empty(); });
+        // A caller-run op in progress (Note [Caller-run collectives]) holds the queue back.
+        auto runnable = [&] { return !queue_.empty() && !current_; };
+        if (!runnable() && p2p_.empty() && sends_pending() == 0)
+          cv_.wait(lock, [&] { return !running_ || runnable() || sends_pending() > 0; });
         if (!running_ && queue_.empty()) break;
-        if (!queue_.empty()) {
+        if (runnable()) {
           op = queue_.front();
           queue_.pop_front();
           op->started = Clock::now();
@@ -524,10 +677,28 @@ class MpiRuntime {
       for (auto& op : p2p_) op->settle(std::make_exception_ptr(CommError(op->description + " abandoned at shutdown")));
       p2p_.clear();
     }
+    if (owns_mpi_ && !any_broken_) cancel_arrival_receives();
     if (owns_mpi_ && !any_broken_ && disconnect_dynamic_groups()) {
       for (auto& ops : half_ops_)
         for (auto& op : ops) MPI_Op_free(&op);
       MPI_Finalize();
+    }
+  }
+
+  // The receives posted for announcements that will never come (before MPI_Finalize).
+  void cancel_arrival_receives() {
+    std::vector<std::shared_ptr<GroupState>> groups;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      groups.swap(groups_);
+    }
+    for (auto& g : groups) {
+      std::lock_guard<std::mutex> lock(g->arrival_mutex);
+      for (MPI_Request& request : g->arrival_requests) {
+        if (request == MPI_REQUEST_NULL) continue;
+        MPI_Cancel(&request);
+        MPI_Wait(&request, MPI_STATUS_IGNORE);
+      }
     }
   }
 
@@ -590,8 +761,16 @@ class MpiRuntime {
         std::string mismatch = compare_signatures(*running, nullptr);
         if (!mismatch.empty()) fail_mismatch(*running, mismatch);
       }
-      for (auto& op : expired)
+      for (auto& op : expired) {
         if (!op->settled.load()) time_out(*op, missing_ranks(*op));
+        if (op->caller_run && op->in_mpi.load()) {
+          // Note [Caller-run collectives]: every peer entered, then one stopped inside the op.
+          log("comm", LogLevel::kError, op->description,
+              " ran on the calling thread, which is blocked inside MPI and cannot be given the error; "
+              "ending this process (exit code ", kCallerStuckExitCode, ")");
+          std::_Exit(kCallerStuckExitCode);
+        }
+      }
       for (auto& op : queued_expired) {
         std::string why = blocker ? "it was queued behind " + blocker->description + ", which has not completed"
                                   : "it was still queued";
@@ -606,9 +785,11 @@ class MpiRuntime {
   std::deque<std::shared_ptr<Op>> queue_;
   std::shared_ptr<Op> current_;
   std::vector<std::shared_ptr<Op>> p2p_;
+  std::vector<std::shared_ptr<GroupState>> groups_;  // every group, for its posted receives
   bool running_ = false;
   std::thread progress_, watchdog_;
-  std::vector<PendingSend> sends_;  // progress thread only
+  std::mutex sends_mutex_;
+  std::vector<PendingSend> sends_;  // announcements in flight; under sends_mutex_
   std::atomic<bool> any_broken_{false};
   bool owns_mpi_ = false;
   std::atomic<bool> dynamic_{false};
@@ -661,6 +842,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
                               comm));
     };
     if (opts.op == ReduceOp::kAvg) op->on_success = [tensor, n = size()]() mutable { tensor.div_(n); };
+    op->caller_may_run = tensor.nbytes() <= kCallerRunBytes;
     return submit(op);
   }
 
@@ -675,6 +857,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
                                          mpi_dtype(input.scalar_type()), mpi_op, comm));
     };
     if (opts.op == ReduceOp::kAvg) op->on_success = [output, n = size()]() mutable { output.div_(n); };
+    op->caller_may_run = input.nbytes() <= kCallerRunBytes;
     return submit(op);
   }
 
@@ -686,6 +869,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
       MPI_Datatype dt = mpi_dtype(input.scalar_type());
       MPI_CHECK(MPI_Allgather(input.data_ptr(), count(input), dt, output.data_ptr(), count(input), dt, comm));
     };
+    op->caller_may_run = output.nbytes() <= kCallerRunBytes;
     return submit(op);
   }
 
@@ -731,6 +915,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
         MPI_Datatype dt = mpi_dtype(input.scalar_type());
         MPI_CHECK(MPI_Alltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm));
       };
+      op->caller_may_run = input.nbytes() <= kCallerRunBytes;
       return submit(op);
     }
     // MPI_Alltoallv counts and displacements are ints.
@@ -752,6 +937,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
       MPI_CHECK(MPI_Alltoallv(input.data_ptr(), sc.data(), sd.data(), dt, output.data_ptr(), rc.data(), rd.data(), dt,
                               comm));
     };
+    op->caller_may_run = std::max(input.nbytes(), output.nbytes()) <= kCallerRunBytes;
     return submit(op);
   }
 
@@ -785,6 +971,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     auto op = make_op("barrier", at::Tensor(), opts.timeout, opts.site);
     MPI_Comm comm = group_->comm;
     op->run = [comm] { MPI_CHECK(MPI_Barrier(comm)); };
+    op->caller_may_run = true;
     return submit(op);
   }
 
@@ -813,8 +1000,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     ZEAL_INTERNAL_ASSERT(child->size == static_cast<int>(ranks.size()), "split gave a group of ", child->size,
                          " ranks, expected ", ranks.size(), " (did every rank pass a consistent group?)");
     for (int r : ranks) child->world_ranks.push_back(parent->world_ranks[r]);
-    child->last_arrived.assign(child->size, 0);
-    child->announced.assign(child->size, {});
+    MpiRuntime::instance().register_group(child);
     if (MpiRuntime::instance().dynamic()) MpiRuntime::instance().register_dynamic(child);
     return std::make_shared<MpiCommunicator>(child, default_timeout_);
   }
@@ -906,8 +1092,7 @@ CommunicatorPtr make_world(MPI_Comm base, Timeout default_timeout, bool dynamic)
   });
   runtime.set_world_rank(group->rank);
   for (int r = 0; r < group->size; ++r) group->world_ranks.push_back(r);
-  group->last_arrived.assign(group->size, 0);
-  group->announced.assign(group->size, {});
+  runtime.register_group(group);
   if (dynamic) {
     runtime.register_dynamic(group);
   }
@@ -938,6 +1123,8 @@ void inject_dropped_collective(const std::string& group_prefix, int64_t after) {
 }
 
 void set_signature_checks(bool on) { signatures_checked().store(on); }
+
+void set_caller_runs(bool on) { caller_runs_enabled().store(on); }
 
 void mpi_shutdown() {
   MpiRuntime::instance().shutdown();

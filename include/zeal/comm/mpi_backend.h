@@ -22,4 +22,8 @@ void inject_dropped_collective(const std::string& group_prefix, int64_t after);
 // what the check costs, never for training (Note [Collective signatures]).
 void set_signature_checks(bool on);
 
+// Turns caller-run collectives off (every op goes through the progress thread): for benchmarks that
+// measure the hand-off (Note [Caller-run collectives]).
+void set_caller_runs(bool on);
+
 }  // namespace zeal::comm
