@@ -27,6 +27,8 @@ void bind_comm(py::module_& m) {
       .def("wait", [](comm::Work& w) { w.wait(); }, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("description", &comm::Work::description);
 
+  // The ops release the GIL: a small collective runs on the calling thread and waits there for its
+  // peers (Note [Caller-run collectives] in mpi_backend.cpp).
   py::class_<comm::Communicator, comm::CommunicatorPtr>(m, "Communicator")
       .def_property_readonly("rank", &comm::Communicator::rank)
       .def_property_readonly("size", &comm::Communicator::size)
@@ -39,22 +41,22 @@ void bind_comm(py::module_& m) {
            [](comm::Communicator& c, at::Tensor t, const std::string& op, double timeout_s) {
              return c.all_reduce(t, {to_reduce_op(op), to_timeout(timeout_s)});
            },
-           py::arg("tensor"), py::arg("op") = "sum", py::arg("timeout_s") = 0.0)
+           py::arg("tensor"), py::arg("op") = "sum", py::arg("timeout_s") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("reduce_scatter",
            [](comm::Communicator& c, at::Tensor out, const at::Tensor& in, const std::string& op, double timeout_s) {
              return c.reduce_scatter(out, in, {to_reduce_op(op), to_timeout(timeout_s)});
            },
-           py::arg("output"), py::arg("input"), py::arg("op") = "sum", py::arg("timeout_s") = 0.0)
+           py::arg("output"), py::arg("input"), py::arg("op") = "sum", py::arg("timeout_s") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("all_gather",
            [](comm::Communicator& c, at::Tensor out, const at::Tensor& in, double timeout_s) {
              return c.all_gather(out, in, {to_timeout(timeout_s)});
            },
-           py::arg("output"), py::arg("input"), py::arg("timeout_s") = 0.0)
+           py::arg("output"), py::arg("input"), py::arg("timeout_s") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("broadcast",
            [](comm::Communicator& c, at::Tensor t, int root, double timeout_s) {
              return c.broadcast(t, {root, to_timeout(timeout_s)});
            },
-           py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 0.0)
+           py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("all_to_all",
            [](comm::Communicator& c, at::Tensor out, const at::Tensor& in, std::vector<int64_t> output_split_sizes,
               std::vector<int64_t> input_split_sizes, double timeout_s, std::string site) {
@@ -67,20 +69,21 @@ void bind_comm(py::module_& m) {
            },
            py::arg("output"), py::arg("input"), py::arg("output_split_sizes") = std::vector<int64_t>{},
            py::arg("input_split_sizes") = std::vector<int64_t>{}, py::arg("timeout_s") = 0.0, py::arg("site") = "",
+           py::call_guard<py::gil_scoped_release>(),
            "Chunk j of input (input_split_sizes[j] dim-0 rows, or equal chunks) goes to rank j; chunk r of "
            "output comes from rank r.")
       .def("barrier", [](comm::Communicator& c, double timeout_s) { return c.barrier({to_timeout(timeout_s)}); },
-           py::arg("timeout_s") = 0.0)
+           py::arg("timeout_s") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("send",
            [](comm::Communicator& c, const at::Tensor& t, int dst, int tag, double timeout_s) {
              return c.send(t, dst, {tag, to_timeout(timeout_s)});
            },
-           py::arg("tensor"), py::arg("dst"), py::arg("tag") = 0, py::arg("timeout_s") = 0.0)
+           py::arg("tensor"), py::arg("dst"), py::arg("tag") = 0, py::arg("timeout_s") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("recv",
            [](comm::Communicator& c, at::Tensor t, int src, int tag, double timeout_s) {
              return c.recv(t, src, {tag, to_timeout(timeout_s)});
            },
-           py::arg("tensor"), py::arg("src"), py::arg("tag") = 0, py::arg("timeout_s") = 0.0)
+           py::arg("tensor"), py::arg("src"), py::arg("tag") = 0, py::arg("timeout_s") = 0.0, py::call_guard<py::gil_scoped_release>())
       .def("__eq__", [](const comm::CommunicatorPtr& a, const py::object& b) {
         return py::isinstance<comm::Communicator>(b) && a.get() == b.cast<comm::CommunicatorPtr>().get();
       })

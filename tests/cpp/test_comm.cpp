@@ -190,6 +190,24 @@ TEST(Comm, AsyncWorkOverlapsAndCompletes) {
   g_world->barrier({})->wait();
 }
 
+// Note [Caller-run collectives]: a small op runs on its caller only when nothing is queued or in
+// progress. Submitted behind a large op, it must wait its turn: FIFO order is what keeps the
+// ranks' collectives in step, and MPI allows one collective at a time on a communicator.
+TEST(Comm, SmallOpWaitsBehindALargeOne) {
+  const int n = g_world->size();
+  const int64_t big_n = 1 << 20;  // 4 MiB, above the caller-run limit: the progress thread's
+  for (int round = 0; round < 3; ++round) {
+    at::Tensor big = at::ones({big_n}, at::kFloat), small = at::full({4}, 2.0f);
+    WorkPtr big_work = g_world->all_reduce(big, {ReduceOp::kSum});
+    g_world->all_reduce(small, {ReduceOp::kSum})->wait();
+    EXPECT_TRUE(big_work->is_completed()) << "round " << round << ": the small op finished before the large one";
+    big_work->wait();
+    EXPECT_EQ(big[big_n - 1].item<float>(), static_cast<float>(n));
+    EXPECT_EQ(small[3].item<float>(), 2.0f * n);
+  }
+  g_world->barrier({})->wait();
+}
+
 TEST(Comm, SubgroupsFromMesh) {
   const int n = g_world->size();
   if (n % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
