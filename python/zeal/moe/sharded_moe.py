@@ -490,12 +490,14 @@ class MOELayer(Module):
         if tp > 1:
             out = _GatherTokens.apply(out, self.tensor_group, 1)
 
-        # Combine in fp32: each token's routes read their slots (a dropped route reads slot 0 and is
-        # masked to zero, so nothing of another token's can leak in), weighted by their gates, summed.
+        # Combine in fp32: each token's routes read their slots, weighted by their gates, summed one
+        # route at a time (no [k, s, model] product). A dropped route reads slot 0 with weight 0.
         every = torch.where(keep, indices.long() * capacity + locations.long(), 0).reshape(-1)
         routed = out.reshape(experts * capacity, d_model).index_select(0, every).view(k, s, d_model).float()
-        routed = torch.where(keep.unsqueeze(2), routed * weights.unsqueeze(2), 0.0)
-        combined = routed[0] if k == 1 else routed.sum(dim=0)
+        gate = torch.where(keep, weights, 0.0).unsqueeze(2)
+        combined = routed[0] * gate[0]
+        for j in range(1, k):
+            combined = torch.addcmul(combined, routed[j], gate[j])
         return combined.to(x.dtype).reshape(x.shape)
 
     def _forward_dropless(self, *input: Tensor) -> Tensor:
@@ -528,13 +530,18 @@ class MOELayer(Module):
             rows = _AllToAllV.apply(self.ep_group, rows, recv_grid.sum(dim=1).tolist(), send)
         else:
             recv_grid = counts.cpu().view(1, local)
-        # Received rows are ordered by source rank, then local expert: group them by local expert.
-        starts = torch.cumsum(recv_grid.reshape(-1), 0) - recv_grid.reshape(-1)
-        pieces = [torch.arange(int(starts[src * local + e]), int(starts[src * local + e] + recv_grid[src, e]))
-                  for e in range(local) for src in range(recv_grid.shape[0])]
-        by_expert = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        # Received rows are ordered by source rank, then local expert: group them by local expert
+        # (already so with one source rank or one local expert).
         per_expert = recv_grid.sum(dim=0).tolist()
-        grouped = rows.index_select(0, by_expert.to(rows.device))
+        regroup = recv_grid.shape[0] > 1 and local > 1
+        if regroup:
+            starts = torch.cumsum(recv_grid.reshape(-1), 0) - recv_grid.reshape(-1)
+            pieces = [torch.arange(int(starts[src * local + e]), int(starts[src * local + e] + recv_grid[src, e]))
+                      for e in range(local) for src in range(recv_grid.shape[0])]
+            by_expert = torch.cat(pieces).to(rows.device)
+            grouped = rows.index_select(0, by_expert)
+        else:
+            grouped = rows
         grouped_gemm = rows.is_cuda if self.grouped_gemm is None else self.grouped_gemm
         mlp = _mlp_experts(self.experts.deepspeed_experts) if grouped_gemm else None
         if mlp is not None:
@@ -554,10 +561,13 @@ class MOELayer(Module):
                 y = expert(chunk)
                 outs.append(y[0] if isinstance(y, tuple) else y)
             out = torch.cat(outs) if outs else grouped
-        out = out.new_zeros(out.shape).index_copy(0, by_expert.to(out.device), out)  # back to received order
+        if regroup:
+            out = out.new_zeros(out.shape).index_copy(0, by_expert, out)  # back to received order
         if self.ep_size > 1:
             out = _AllToAllV.apply(self.ep_group, out, send, recv_grid.sum(dim=1).tolist())
-        # Back to route order; each token sums its routes times their gates, in fp32.
-        by_route = out.new_zeros(k * s, d_model).index_copy(0, order, out).view(k, s, d_model).float()
-        combined = (by_route * torch.where(keep, weights, 0.0).unsqueeze(2)).sum(dim=0)
+        # Each token sums its routes times their gates, in fp32, added straight from the sorted
+        # rows (no [k * s, model] copy in route order).
+        gate_of_row = torch.where(keep, weights, 0.0).reshape(-1).index_select(0, order)
+        combined = torch.zeros(s, d_model, dtype=torch.float32, device=out.device).index_add(
+            0, order % s, out.float() * gate_of_row.unsqueeze(1))
         return combined.to(x.dtype).reshape(x.shape)
