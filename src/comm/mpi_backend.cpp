@@ -453,13 +453,13 @@ class MpiRuntime {
     }
   }
 
- public:
   // Posts the receive for peer's next announcement (at group creation and after each one read).
   static void post_arrival_receive(GroupState& g, int peer) {
     MPI_CHECK(MPI_Irecv(&g.arrival_buffers[peer], sizeof(Signature), MPI_BYTE, peer, kArrivalTag, g.arrival_comm,
                         &g.arrival_requests[peer]));
   }
 
+ public:
   // Keeps a new group alive to the end (its receives stay posted) and posts its receives.
   void register_group(const std::shared_ptr<GroupState>& g) {
     g->last_arrived.assign(g->size, 0);

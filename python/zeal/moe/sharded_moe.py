@@ -491,13 +491,14 @@ class MOELayer(Module):
             out = _GatherTokens.apply(out, self.tensor_group, 1)
 
         # Combine in fp32: each token's routes read their slots, weighted by their gates, summed one
-        # route at a time (no [k, s, model] product). A dropped route reads slot 0 with weight 0.
+        # route at a time (no [k, s, model] product). A dropped route reads slot 0 and is masked to
+        # zero, so nothing of another token's can leak in (not even an inf times a zero weight).
         every = torch.where(keep, indices.long() * capacity + locations.long(), 0).reshape(-1)
         routed = out.reshape(experts * capacity, d_model).index_select(0, every).view(k, s, d_model).float()
-        gate = torch.where(keep, weights, 0.0).unsqueeze(2)
-        combined = routed[0] * gate[0]
+        kept_rows, gate = keep.unsqueeze(2), weights.unsqueeze(2)
+        combined = torch.where(kept_rows[0], routed[0] * gate[0], 0.0)
         for j in range(1, k):
-            combined = torch.addcmul(combined, routed[j], gate[j])
+            combined = combined + torch.where(kept_rows[j], routed[j] * gate[j], 0.0)
         return combined.to(x.dtype).reshape(x.shape)
 
     def _forward_dropless(self, *input: Tensor) -> Tensor:
