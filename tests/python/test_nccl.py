@@ -14,12 +14,18 @@ def test_nccl_entry_point_exists_in_cuda_builds():
     assert hasattr(zeal._zeal, "nccl_world") == zeal._zeal.with_cuda
 
 
+@pytest.fixture(scope="module")
+def nccl():
+    # One communicator for every case (each new one costs seconds of NCCL setup).
+    return zeal._zeal.nccl_world(0, 60.0)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32,
                                    torch.int64, torch.uint8])
 @pytest.mark.parametrize("n", [0, 1, 7, (1 << 18) + 3])
-def test_nccl_single_rank_collectives(dtype, n):
-    comm = zeal._zeal.nccl_world(0, 60.0)
+def test_nccl_single_rank_collectives(nccl, dtype, n):
+    comm = nccl
     assert comm.backend == "nccl" and comm.size == 1
     t = (torch.arange(n) % 5).to(dtype).cuda()
     want = t.clone()
