@@ -125,6 +125,25 @@ def probe_unaligned():
     return result
 
 
+PROFILE = False
+
+
+def profile(step, title):
+    """Where one layer's step goes: torch.profiler over 3 steps, the top operators by device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    print(f"--- profile: {title} (3 steps)\n" + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=50),
+          flush=True)
+
+
 def layer_rows(dtype, k, tokens, hidden, ffn, experts, steps):
     from zeal.moe.layer import MoE
 
@@ -175,6 +194,8 @@ def layer_rows(dtype, k, tokens, hidden, ffn, experts, steps):
 
             ms = cuda_time(step, steps)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if DEVICE == "cuda" else 0.0
+            if PROFILE and dtype == torch.bfloat16 and k == 2:
+                profile(step, f"{impl} bf16 top-{k}")
             results[impl] = {"ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peak}
             del layer
         except Exception as e:  # noqa: BLE001 - the failure is the result, printed
@@ -189,9 +210,10 @@ def main():
     ap.add_argument("--out", default="out/bench/moe_gpu.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
+    ap.add_argument("--profile", action="store_true", help="print where the bf16 top-2 layer steps go")
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, PROFILE
+    DEVICE, PROFILE = args.device, args.profile
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows as a GPU user runs them
     t0 = time.time()
     probe = probe_unaligned() if DEVICE == "cuda" else {}

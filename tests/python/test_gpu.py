@@ -100,4 +100,5 @@ def test_fp16_overflow_on_device_follows_deepspeeds_loss_scale(tmp_path, stage):
     out = tmp_path / "trajectory.json"
     run_mpi(1, "fp16_overflow.py", "--out", out, "--stage", stage, "--inject_rank", 0, "--device", DEVICE)
     got = [(t["scale"], t["skipped"], t["changed"]) for t in json.loads(out.read_text())]
-    assert got == expected_trajectory({3, 4, 5, 9}, 12, 256.0, 3, 2)
+    # (hysteresis only under ZeRO: DeepSpeed's stage-0 fp16 optimizer halves at every overflow)
+    assert got == expected_trajectory({3, 4, 5, 9}, 12, 256.0, 3, 2 if stage > 0 else 1)

@@ -462,13 +462,14 @@ class MOELayer(Module):
             tokens, input[1] if len(input) > 1 else None, True)
         capacity = int(capacity)
         k, s = indices.shape
-        keep = indices >= 0
-        sources = torch.arange(s, device=x.device).expand(k, s)[keep]
+        # The kept routes (route r = j * s + token), found once: every later step reads only them.
+        kept = (indices >= 0).reshape(-1).nonzero().squeeze(1)
+        sources = kept % s
         # With a tensor axis the slots are padded to a multiple of its size (never filled: the
         # capacity that decides what drops is unchanged).
         tp = self.tensor_group.size if self.tensor_group is not None else 1
         capacity = -(-capacity // tp) * tp
-        slots = (indices.long() * capacity + locations.long())[keep]  # each kept route's row of the [e * c] buffer
+        slots = (indices.long() * capacity + locations.long()).reshape(-1).index_select(0, kept)  # rows of [e * c]
 
         # Dispatch: each kept route copies its token into its expert's slot; empty slots stay zero.
         buffer = tokens.new_zeros(experts * capacity, d_model).index_copy(0, slots, tokens.index_select(0, sources))
@@ -490,15 +491,14 @@ class MOELayer(Module):
         if tp > 1:
             out = _GatherTokens.apply(out, self.tensor_group, 1)
 
-        # Combine in fp32: each token's routes read their slots, weighted by their gates, summed one
-        # route at a time (no [k, s, model] product). A dropped route reads slot 0 and is masked to
-        # zero, so nothing of another token's can leak in (not even an inf times a zero weight).
-        every = torch.where(keep, indices.long() * capacity + locations.long(), 0).reshape(-1)
-        routed = out.reshape(experts * capacity, d_model).index_select(0, every).view(k, s, d_model).float()
-        kept_rows, gate = keep.unsqueeze(2), weights.unsqueeze(2)
-        combined = torch.where(kept_rows[0], routed[0] * gate[0], 0.0)
-        for j in range(1, k):
-            combined = combined + torch.where(kept_rows[j], routed[j] * gate[j], 0.0)
+        # Combine in fp32: each kept route reads its own slot, weighted by its gate, and is added into
+        # its token (in route order: a token's first route, then its second). A dropped route reads
+        # nothing, so nothing of another token's can leak in. Every slot is read at most once, so the
+        # gradient goes back to the slots without two routes adding into one row (on a GPU, atomic
+        # adds that contend; docs/benchmarks.md "The MoE layer on a GPU").
+        gate = weights.reshape(-1).index_select(0, kept).unsqueeze(1)
+        routed = out.reshape(experts * capacity, d_model).index_select(0, slots).float()
+        combined = torch.zeros(s, d_model, dtype=torch.float32, device=out.device).index_add(0, sources, routed * gate)
         return combined.to(x.dtype).reshape(x.shape)
 
     def _forward_dropless(self, *input: Tensor) -> Tensor:
@@ -547,15 +547,19 @@ class MOELayer(Module):
         mlp = _mlp_experts(self.experts.deepspeed_experts) if grouped_gemm else None
         if mlp is not None:
             first, act, second = mlp
+            # Each row's expert as a one-hot [rows, local experts]: the biases are added as
+            # one_hot @ bias, whose gradient is one_hot^T @ grad, a GEMM (an index_select's would be
+            # an index_add of every row into local-experts rows: atomic adds that contend on a GPU).
             which = torch.repeat_interleave(torch.arange(local), torch.tensor(per_expert)).to(rows.device)
+            one_hot = torch.nn.functional.one_hot(which, local).to(grouped.dtype)
             h = _GroupedMM.apply(grouped, torch.stack([l.weight for l in first]).transpose(1, 2).contiguous(),
                                  per_expert)
             if first[0].bias is not None:
-                h = h + torch.stack([l.bias for l in first]).index_select(0, which)
+                h = torch.addmm(h, one_hot, torch.stack([l.bias for l in first]))
             out = _GroupedMM.apply(act(h), torch.stack([l.weight for l in second]).transpose(1, 2).contiguous(),
                                    per_expert)
             if second[0].bias is not None:
-                out = out + torch.stack([l.bias for l in second]).index_select(0, which)
+                out = torch.addmm(out, one_hot, torch.stack([l.bias for l in second]))
         else:
             outs = []
             for chunk, expert in zip(grouped.split(per_expert), self.experts.deepspeed_experts):

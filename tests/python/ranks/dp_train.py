@@ -145,7 +145,7 @@ def main():
         gathered = zeal.zero.GatheredParameters(list(model.parameters()))
         gathered.__enter__()
     # Every replica must hold the same weights: compare against rank 0's with a max/min reduce.
-    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()]).cpu()  # (the MPI world takes host tensors)
     hi, lo = flat.clone(), flat.clone()
     comm = zeal.world()
     comm.all_reduce(hi, "max").wait()
