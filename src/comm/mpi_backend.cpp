@@ -78,9 +78,22 @@ using Clock = std::chrono::steady_clock;
 constexpr int kArrivalTag = 7001;
 // Note [Caller-run collectives]: the largest op (bytes of its larger buffer) the caller runs itself.
 constexpr size_t kCallerRunBytes = size_t{1} << 20;
+// Note [Caller-run collectives]: the tags of a caller-run all_to_all(v)'s messages on a group's
+// announcement communicator: the op's sequence number modulo kExchangeTags, from kExchangeTagBase
+// (MPI guarantees tags up to 32767; kArrivalTag lies below the range).
+constexpr int kExchangeTagBase = 8192;
+constexpr int kExchangeTags = 16384;
 constexpr int kCallerStuckExitCode = 75;  // EX_TEMPFAIL: a peer died inside a caller-run op
 
 // State shared by a communicator and its ops.
+// A caller-run all_to_all(v) as point-to-point messages (Note [Caller-run collectives]): its
+// buffers and, in elements, each peer's chunk.
+struct Exchange {
+  at::Tensor send, recv;  // held while a message may still read or write them
+  std::vector<int> send_counts, send_offsets, recv_counts, recv_offsets;
+  MPI_Datatype dtype = MPI_BYTE;
+};
+
 struct GroupState {
   MPI_Comm comm = MPI_COMM_NULL;
   MPI_Comm arrival_comm = MPI_COMM_NULL;
@@ -99,6 +112,9 @@ struct GroupState {
   std::vector<MPI_Request> arrival_requests;
   std::vector<Signature> arrival_buffers;
   uint64_t next_seq = 0;               // assigned under the runtime's queue lock
+  // Exchanges abandoned with messages still open (the group is broken): their buffers are never
+  // freed, so a message that completes late cannot touch reused memory. Guarded by broken_mutex.
+  std::vector<std::shared_ptr<Exchange>> abandoned;
 
   std::string broken_message() {
     std::lock_guard<std::mutex> lock(broken_mutex);
@@ -117,6 +133,7 @@ struct Op {
   std::function<void()> run;                        // collectives and setup calls: blocking
   std::function<void(MPI_Request*)> start;           // point-to-point: non-blocking
   std::function<void()> on_success;
+  std::shared_ptr<Exchange> exchange;  // all_to_all(v): how the caller runs it (run_exchange)
   WorkPtr work;
   Clock::time_point deadline;
   Clock::time_point started;  // when the progress thread (or its caller) took it
@@ -333,33 +350,164 @@ class MpiRuntime {
     cv_.notify_all();
   }
 
+  // One look at the peers' announcements of op.seq: true when every peer announced it (with the
+  // same signature, when signatures are checked); a different signature throws the mismatch.
+  bool peers_arrived(Op& op) {
+    GroupState& g = *op.group;
+    if (signatures_checked().load(std::memory_order_relaxed)) {
+      bool all = true;
+      std::string mismatch = compare_signatures(op, &all, /*one_each=*/true);
+      if (!mismatch.empty()) throw CommError(mismatch);
+      return all;
+    }
+    drain_arrivals(g, /*one_each=*/true);
+    std::lock_guard<std::mutex> lock(g.arrival_mutex);
+    for (int peer = 0; peer < g.size; ++peer)
+      if (peer != g.rank && g.last_arrived[peer] < op.seq) return false;
+    return true;
+  }
+
+  // Spin while the peers are likely just behind, then give the core away to the compute threads
+  // this rank shares it with (as MPI does with mpi_yield_when_idle, set below).
+  static void back_off(int spins) {
+    if (spins > 20000) {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    } else if (spins > 200) {
+      std::this_thread::yield();
+    }
+  }
+
   // Note [Caller-run collectives]: polls until every peer announced op.seq (and, with signature
   // checks on, announced the same signature). False if the watchdog settled the op meanwhile
   // (a peer missed the deadline). A mismatch throws CommError.
   bool await_peers(Op& op) {
-    GroupState& g = *op.group;
-    const bool compare = signatures_checked().load(std::memory_order_relaxed);
     for (int spins = 0;; ++spins) {
-      bool all = true;
-      if (compare) {
-        std::string mismatch = compare_signatures(op, &all, /*one_each=*/true);
-        if (!mismatch.empty()) throw CommError(mismatch);
-      } else {
-        drain_arrivals(g, /*one_each=*/true);
-        std::lock_guard<std::mutex> lock(g.arrival_mutex);
-        for (int peer = 0; peer < g.size; ++peer)
-          if (peer != g.rank && g.last_arrived[peer] < op.seq) all = false;
-      }
-      if (all) return true;
+      if (peers_arrived(op)) return true;
       if (op.settled.load()) return false;
-      // Spin while the peers are likely just behind, then give the core away to the compute
-      // threads this rank shares it with (as MPI does with mpi_yield_when_idle, set below).
-      if (spins > 20000) {
-        std::this_thread::sleep_for(std::chrono::microseconds(50));
-      } else if (spins > 200) {
-        std::this_thread::yield();
-      }
+      back_off(spins);
     }
+  }
+
+  // Note [Caller-run collectives]: an all_to_all(v) on the calling thread as point-to-point
+  // messages, posted right after the announcement rather than after every peer's (raw
+  // MPI_Alltoallv is itself pairwise messages at these sizes, so this saves the announcement's
+  // message round). The messages go on the announcement communicator with the op's sequence
+  // number in their tag, so they can only pair with the same op on the peer. The op returns when
+  // every message completed with the element counts this rank expects and every peer announced the
+  // same signature; a mismatch, a count that differs or a peer past the deadline abandons the open
+  // messages (their buffers kept for good) and breaks the group. False: the watchdog settled it.
+  bool run_exchange(Op& op) {
+    GroupState& g = *op.group;
+    Exchange& x = *op.exchange;
+    const int tag = kExchangeTagBase + static_cast<int>(op.seq % kExchangeTags);
+    const size_t elem = x.send.element_size();
+    char* send = static_cast<char*>(x.send.data_ptr());
+    char* recv = static_cast<char*>(x.recv.data_ptr());
+    std::vector<MPI_Request> requests;
+    std::vector<int> from;  // the peer of each receive: requests [0, from.size())
+    requests.reserve(2 * g.size);
+    for (int peer = 0; peer < g.size; ++peer) {
+      if (peer == g.rank) continue;
+      requests.push_back(MPI_REQUEST_NULL);
+      from.push_back(peer);
+      MPI_CHECK(MPI_Irecv(recv + x.recv_offsets[peer] * elem, x.recv_counts[peer], x.dtype, peer, tag,
+                          g.arrival_comm, &requests.back()));
+    }
+    for (int peer = 0; peer < g.size; ++peer) {
+      if (peer == g.rank) continue;
+      requests.push_back(MPI_REQUEST_NULL);
+      MPI_CHECK(MPI_Isend(send + x.send_offsets[peer] * elem, x.send_counts[peer], x.dtype, peer, tag,
+                          g.arrival_comm, &requests.back()));
+    }
+    // A count that differs breaks the group, but the peers are in this op: their messages still
+    // end, and a group left with none open does not stop MPI_Finalize.
+    auto fail = [&](const std::string& message) {
+      const bool ended = end_open(op, requests);
+      if (!ended) abandon(op, requests);
+      mark_broken(g, message, /*mpi_in_flight=*/!ended);
+      return CommError(message);
+    };
+    if (x.send_counts[g.rank] != x.recv_counts[g.rank])
+      throw fail(op.description + ": rank " + std::to_string(g.rank) + " sends itself " +
+                 std::to_string(x.send_counts[g.rank]) + " elements but expects " +
+                 std::to_string(x.recv_counts[g.rank]) + " (input_split_sizes and output_split_sizes disagree)");
+    std::memcpy(recv + x.recv_offsets[g.rank] * elem, send + x.send_offsets[g.rank] * elem,
+                static_cast<size_t>(x.send_counts[g.rank]) * elem);
+    std::vector<MPI_Status> statuses(requests.size());
+    bool data = false, peers = false;
+    for (int spins = 0;; ++spins) {
+      if (!data) {
+        int flag = 0;
+        if (MPI_Testall(static_cast<int>(requests.size()), requests.data(), &flag, statuses.data()) != MPI_SUCCESS) {
+          std::string why = "a message failed";
+          for (size_t i = 0; i < from.size(); ++i)
+            if (statuses[i].MPI_ERROR == MPI_ERR_TRUNCATE)
+              why = "rank " + std::to_string(from[i]) + " sent more than the " + std::to_string(x.recv_counts[from[i]]) +
+                    " elements this rank expects from it";
+          throw fail(op.description + ": " + why + " (the ranks' split sizes disagree)");
+        }
+        data = flag != 0;
+        for (size_t i = 0; data && i < from.size(); ++i) {
+          int got = 0;
+          MPI_Get_count(&statuses[i], x.dtype, &got);
+          if (got != x.recv_counts[from[i]])
+            throw fail(op.description + ": rank " + std::to_string(from[i]) + " sent " + std::to_string(got) +
+                       " elements, this rank expects " + std::to_string(x.recv_counts[from[i]]) +
+                       " (the ranks' split sizes disagree)");
+        }
+      }
+      // The peers' announcements were sent before their data: look at them with the data in, or
+      // now and then while it is not (a peer at another op sends none).
+      if (!peers && (data || spins % 16 == 15)) {
+        try {
+          peers = peers_arrived(op);
+        } catch (...) {
+          abandon(op, requests);
+          throw;
+        }
+      }
+      if (data && peers) return true;
+      if (op.settled.load()) {
+        abandon(op, requests);
+        return false;
+      }
+      back_off(spins);
+    }
+  }
+
+  // Waits, within the op's deadline, for an exchange's messages still open; whether they all ended.
+  bool end_open(Op& op, std::vector<MPI_Request>& requests) {
+    for (int spins = 0; Clock::now() < op.deadline && !op.settled.load(); ++spins) {
+      int flag = 0;
+      MPI_Testall(static_cast<int>(requests.size()), requests.data(), &flag, MPI_STATUSES_IGNORE);
+      if (flag) return true;
+      back_off(spins);
+    }
+    return false;
+  }
+
+  // Whether a peer announced op.seq as an eager exchange (every peer announced it: await_peers).
+  bool any_peer_eager(Op& op) {
+    GroupState& g = *op.group;
+    std::lock_guard<std::mutex> lock(g.arrival_mutex);
+    for (int peer = 0; peer < g.size; ++peer) {
+      if (peer == g.rank) continue;
+      auto it = g.announced[peer].find(op.seq);
+      if (it != g.announced[peer].end() && (it->second.flags & Signature::kEagerExchange)) return true;
+    }
+    return false;
+  }
+
+  // Leaves an exchange's open messages behind for good (its group is or will be marked broken).
+  void abandon(Op& op, std::vector<MPI_Request>& requests) {
+    for (MPI_Request& r : requests) {
+      if (r == MPI_REQUEST_NULL) continue;
+      MPI_Cancel(&r);
+      MPI_Request_free(&r);
+    }
+    GroupState& g = *op.group;
+    std::lock_guard<std::mutex> lock(g.broken_mutex);
+    g.abandoned.push_back(op.exchange);
   }
 
   // Compares the peers' signatures for op.seq with the op's own. Returns the mismatch message,
@@ -518,10 +666,12 @@ class MpiRuntime {
     return "ranks that did not arrive: [" + group_ranks + "] (world ranks [" + world_ranks + "])";
   }
 
-  void mark_broken(GroupState& g, const std::string& reason) {
+  // mpi_in_flight: an MPI operation of the group may never end (a timed-out or mismatched op), so
+  // shutdown must skip MPI_Finalize (Note [Broken communicators]).
+  void mark_broken(GroupState& g, const std::string& reason, bool mpi_in_flight = true) {
     std::lock_guard<std::mutex> lock(g.broken_mutex);
     if (!g.broken.exchange(true)) g.broken_reason = reason;
-    any_broken_ = true;
+    if (mpi_in_flight) any_broken_ = true;
   }
 
   void time_out(Op& op, const std::string& why) {
@@ -553,6 +703,7 @@ class MpiRuntime {
     op.run = nullptr;
     op.start = nullptr;
     op.on_success = nullptr;
+    op.exchange = nullptr;
   }
 
   void execute(const std::shared_ptr<Op>& op) {
@@ -577,7 +728,25 @@ class MpiRuntime {
         std::vector<PendingSend>& sends;
         ~HandOver() { runtime->hand_over_sends(sends); }
       } hand_over{this, sends};
-      if (op->caller_run) {
+      if (op->exchange && g && g->size > 1) {
+        // Note [Caller-run collectives]: an all_to_all(v) travels as messages if any rank holds it
+        // small (that rank sent them at once); only when none does is it one MPI_Alltoallv, entered
+        // after every peer announced the same signature.
+        bool settled = false;
+        if (op->signature.flags & Signature::kEagerExchange) {
+          settled = !run_exchange(*op);
+        } else if (!await_peers(*op)) {
+          settled = true;
+        } else if (any_peer_eager(*op)) {
+          settled = !run_exchange(*op);
+        } else {
+          op->run();
+        }
+        if (settled) {  // timed out, or a mismatch the watchdog saw: it settled the op
+          release_tensors(*op);
+          return;
+        }
+      } else if (op->caller_run) {
         if (g && g->size > 1 && !await_peers(*op)) {  // timed out: the watchdog settled it
           release_tensors(*op);
           return;
@@ -916,6 +1085,20 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
         MPI_CHECK(MPI_Alltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm));
       };
       op->caller_may_run = input.nbytes() <= kCallerRunBytes;
+      if (size() > 1) {  // how it travels: see execute
+        auto x = std::make_shared<Exchange>();
+        x->send = input;
+        x->recv = output;
+        x->dtype = mpi_dtype(input.scalar_type());
+        for (int r = 0; r < size(); ++r) {
+          x->send_counts.push_back(chunk);
+          x->recv_counts.push_back(chunk);
+          x->send_offsets.push_back(r * chunk);
+          x->recv_offsets.push_back(r * chunk);
+        }
+        op->exchange = std::move(x);
+        if (op->caller_may_run) op->signature.flags |= Signature::kEagerExchange;
+      }
       return submit(op);
     }
     // MPI_Alltoallv counts and displacements are ints.
@@ -930,14 +1113,21 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     };
     auto op = make_op("all_to_all_v", input, opts.timeout, opts.site);
     op->signature.count = plan.row;
-    op->run = [output, input, comm, sc = to_int(plan.send_counts, "a send count"),
-               sd = to_int(plan.send_offsets, "a send offset"), rc = to_int(plan.recv_counts, "a receive count"),
-               rd = to_int(plan.recv_offsets, "a receive offset")] {
-      MPI_Datatype dt = mpi_dtype(input.scalar_type());
-      MPI_CHECK(MPI_Alltoallv(input.data_ptr(), sc.data(), sd.data(), dt, output.data_ptr(), rc.data(), rd.data(), dt,
-                              comm));
+    auto x = std::make_shared<Exchange>();
+    x->send = input;
+    x->recv = output;
+    x->dtype = mpi_dtype(input.scalar_type());
+    x->send_counts = to_int(plan.send_counts, "a send count");
+    x->send_offsets = to_int(plan.send_offsets, "a send offset");
+    x->recv_counts = to_int(plan.recv_counts, "a receive count");
+    x->recv_offsets = to_int(plan.recv_offsets, "a receive offset");
+    op->run = [x, comm] {
+      MPI_CHECK(MPI_Alltoallv(x->send.data_ptr(), x->send_counts.data(), x->send_offsets.data(), x->dtype,
+                              x->recv.data_ptr(), x->recv_counts.data(), x->recv_offsets.data(), x->dtype, comm));
     };
     op->caller_may_run = std::max(input.nbytes(), output.nbytes()) <= kCallerRunBytes;
+    if (size() > 1) op->exchange = std::move(x);  // how it travels: see execute
+    if (op->caller_may_run) op->signature.flags |= Signature::kEagerExchange;
     return submit(op);
   }
 
@@ -994,6 +1184,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
       MPI_CHECK(MPI_Comm_split(parent->comm, ranks.front(), my_index, &child->comm));
       MPI_CHECK(MPI_Comm_dup(child->comm, &child->arrival_comm));
       MPI_Comm_set_errhandler(child->comm, MPI_ERRORS_RETURN);
+      MPI_Comm_set_errhandler(child->arrival_comm, MPI_ERRORS_RETURN);
       MPI_Comm_rank(child->comm, &child->rank);
       MPI_Comm_size(child->comm, &child->size);
     });
@@ -1087,6 +1278,7 @@ CommunicatorPtr make_world(MPI_Comm base, Timeout default_timeout, bool dynamic)
     MPI_CHECK(MPI_Comm_dup(base, &group->comm));
     MPI_CHECK(MPI_Comm_dup(base, &group->arrival_comm));
     MPI_Comm_set_errhandler(group->comm, MPI_ERRORS_RETURN);
+    MPI_Comm_set_errhandler(group->arrival_comm, MPI_ERRORS_RETURN);
     MPI_Comm_rank(group->comm, &group->rank);
     MPI_Comm_size(group->comm, &group->size);
   });

@@ -23,6 +23,11 @@ struct Signature {
   int32_t reduce = -1;  // ReduceOp, or -1
   int32_t dtype = -1;   // at::ScalarType, or -1
   int32_t root = -1;
+  // How this rank runs the op; not compared (ranks of one op may differ). kEagerExchange: an
+  // all_to_all(v) small enough here that it sends its messages without waiting for the peers'
+  // announcements (Note [Caller-run collectives]).
+  int32_t flags = 0;
+  static constexpr int32_t kEagerExchange = 1;
   char site[kSiteChars] = {};
 
   // seq 0: not yet numbered (the backend numbers it when it is queued).

@@ -160,6 +160,65 @@ TEST(Comm, AllToAllUnevenSplits) {
   }
 }
 
+// Note [Caller-run collectives]: an all_to_all(v) small on one rank and large on another still
+// pairs up. The rank holding it small sends its messages at once; the ranks holding it large learn
+// that from its announcement and exchange messages too, instead of entering MPI_Alltoallv.
+TEST(Comm, AllToAllSmallHereLargeThere) {
+  const int n = g_world->size(), r = g_world->rank();
+  if (n < 3) GTEST_SKIP() << "needs 3 ranks: two exchanging a large chunk, a third holding only small ones";
+  const int64_t big = (int64_t(1) << 20) / 16 + 7;  // rows of 4 floats: over 1 MiB
+  auto rows = [&](int from, int to) { return from == 0 && to == 1 ? big : int64_t(1); };
+  std::vector<int64_t> in_splits, out_splits;
+  std::vector<at::Tensor> in_parts, want_parts;
+  for (int j = 0; j < n; ++j) {
+    in_splits.push_back(rows(r, j));
+    out_splits.push_back(rows(j, r));
+    in_parts.push_back((at::arange(rows(r, j), at::kFloat) + 1000 * r + 100 * j).unsqueeze(1).repeat({1, 4}));
+    want_parts.push_back((at::arange(rows(j, r), at::kFloat) + 1000 * j + 100 * r).unsqueeze(1).repeat({1, 4}));
+  }
+  at::Tensor input = at::cat(in_parts), want = at::cat(want_parts);
+  at::Tensor output = at::full({want.size(0), 4}, -1.0f);
+  AllToAllOptions opts;
+  opts.input_split_sizes = in_splits;
+  opts.output_split_sizes = out_splits;
+  g_world->all_to_all(output, input, opts)->wait();
+  expect_equal(output, want, "all_to_all small here, large there");
+}
+
+// Split sizes that disagree between two ranks (rank 1 sends rank 0 fewer rows, then more, than
+// rank 0 expects) fail on rank 0 with an error naming rank 1 and both counts: never stale rows left
+// in the output. Each round on a group of its own, which the failure breaks.
+TEST(Comm, AllToAllSplitsThatDisagreeAcrossRanksRaise) {
+  const int n = g_world->size(), r = g_world->rank();
+  if (n < 2) GTEST_SKIP() << "needs 2 ranks";
+  std::vector<int> everyone(n);
+  for (int i = 0; i < n; ++i) everyone[i] = i;
+  for (int64_t sent : {int64_t(2), int64_t(4)}) {
+    auto group = g_world->split(everyone, "disagree" + std::to_string(sent));
+    std::vector<int64_t> in_splits(n, 1), out_splits(n, 1);
+    if (r == 1) in_splits[0] = sent;  // what rank 1 sends rank 0
+    if (r == 0) out_splits[1] = 3;    // what rank 0 expects from rank 1
+    int64_t in_rows = 0, out_rows = 0;
+    for (int j = 0; j < n; ++j) in_rows += in_splits[j], out_rows += out_splits[j];
+    at::Tensor input = at::zeros({in_rows, 4}), output = at::zeros({out_rows, 4});
+    AllToAllOptions opts;
+    opts.input_split_sizes = in_splits;
+    opts.output_split_sizes = out_splits;
+    std::string error;
+    try {
+      group->all_to_all(output, input, opts)->wait();
+    } catch (const CommError& e) {
+      error = e.what();
+    }
+    if (r == 0) {
+      const std::string want = sent == 2 ? "rank 1 sent 8 elements, this rank expects 12" : "rank 1 sent more than the 12";
+      EXPECT_NE(error.find(want), std::string::npos) << "sent " << sent << ": " << (error.empty() ? "no error" : error);
+      EXPECT_NE(error.find("split sizes disagree"), std::string::npos) << error;
+    }
+    g_world->barrier({})->wait();  // the world is untouched
+  }
+}
+
 TEST(Comm, SendRecvRing) {
   const int n = g_world->size(), r = g_world->rank();
   if (n == 1) GTEST_SKIP() << "point-to-point needs 2 or more ranks";
