@@ -46,7 +46,14 @@
 //     reduce_scatter, all_gather, all_to_all, barrier), so the wait adds no ordering the op did
 //     not already have; a broadcast or a reduce can complete early on some ranks and stays on the
 //     progress thread, as do point-to-point ops and every larger op, which the caller may want to
-//     overlap with compute.
+//     overlap with compute. An all_to_all(v) that a rank holds small (kCallerRunBytes each way)
+//     goes further: that rank sends its data as point-to-point messages right after announcing,
+//     without waiting for the peers (run_exchange; one message round less), tagged with the op's
+//     number so they pair only with the same op, and returns only when every message arrived with
+//     the count it expects and every peer announced the same signature. The announcement says so
+//     (Signature::kEagerExchange); a rank holding the op large waits for the announcements and
+//     exchanges messages too if any peer went ahead, else enters MPI_Alltoallv (faster for large
+//     chunks), so the ranks always agree on how the op travels, on either thread.
 #include "zeal/comm/mpi_backend.h"
 
 // The C API only: Open MPI's deprecated C++ bindings would need libmpi_cxx.
