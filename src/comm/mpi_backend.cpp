@@ -130,7 +130,9 @@ struct GroupState {
 };
 
 struct Op {
-  std::string description;  // "all_reduce #12 on group world (8 x Float)"
+  std::string fixed_description;  // an op that is no collective ("mpi setup call")
+  int64_t numel = -1;             // of the op's tensor, for description(); -1: none
+  at::ScalarType dtype = at::kFloat;
   std::string op_name;
   std::shared_ptr<GroupState> group;
   uint64_t seq = 0;
@@ -149,6 +151,18 @@ struct Op {
   std::atomic<bool> in_mpi{false};  // a caller-run op is inside its blocking MPI call
   MPI_Request request = MPI_REQUEST_NULL;
   std::atomic<bool> settled{false};
+
+  // "all_reduce #12 on group world (grad bucket 0, 8 x Float)": built when a message needs it.
+  std::string description() const {
+    if (!fixed_description.empty()) return fixed_description;
+    std::string out = op_name + " #" + std::to_string(seq) + " on group " + (group ? group->name : std::string("?"));
+    if (numel >= 0) {
+      const std::string site(signature.site, strnlen(signature.site, Signature::kSiteChars));
+      out += " (" + (site.empty() ? std::string() : site + ", ") + std::to_string(numel) + " x " +
+             c10::toString(dtype) + ")";
+    }
+    return out;
+  }
 
   // Completes the Work once; later calls (the other thread) do nothing.
   bool settle(std::exception_ptr error) {
@@ -217,7 +231,6 @@ class MpiRuntime {
     }
     op->seq = ++op->group->next_seq;
     op->signature.seq = op->seq;
-    op->description = op->op_name + " #" + std::to_string(op->seq) + " on group " + op->group->name + op->description;
     if (op->caller_may_run && queue_.empty() && !current_ && caller_runs_enabled().load(std::memory_order_relaxed)) {
       // Note [Caller-run collectives]
       op->caller_run = true;
@@ -238,7 +251,7 @@ class MpiRuntime {
   void run_sync(std::function<void()> fn) {
     auto op = std::make_shared<Op>();
     op->op_name = "setup";
-    op->description = "mpi setup call";
+    op->fixed_description = "mpi setup call";
     op->work = std::make_shared<Work>("mpi setup call");
     op->run = std::move(fn);
     op->deadline = Clock::time_point::max();
@@ -410,9 +423,12 @@ class MpiRuntime {
     const size_t elem = x.send.element_size();
     char* send = static_cast<char*>(x.send.data_ptr());
     char* recv = static_cast<char*>(x.recv.data_ptr());
-    std::vector<MPI_Request> requests;
-    std::vector<int> from;  // the peer of each receive: requests [0, from.size())
-    requests.reserve(2 * g.size);
+    // Reused by every exchange on this thread (an op's allocations are most of a small one's cost).
+    thread_local std::vector<MPI_Request> requests;
+    thread_local std::vector<int> from;  // the peer of each receive: requests [0, from.size())
+    thread_local std::vector<MPI_Status> statuses;
+    requests.clear();
+    from.clear();
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) continue;
       requests.push_back(MPI_REQUEST_NULL);
@@ -435,12 +451,12 @@ class MpiRuntime {
       return CommError(message);
     };
     if (x.send_counts[g.rank] != x.recv_counts[g.rank])
-      throw fail(op.description + ": rank " + std::to_string(g.rank) + " sends itself " +
+      throw fail(op.description() + ": rank " + std::to_string(g.rank) + " sends itself " +
                  std::to_string(x.send_counts[g.rank]) + " elements but expects " +
                  std::to_string(x.recv_counts[g.rank]) + " (input_split_sizes and output_split_sizes disagree)");
     std::memcpy(recv + x.recv_offsets[g.rank] * elem, send + x.send_offsets[g.rank] * elem,
                 static_cast<size_t>(x.send_counts[g.rank]) * elem);
-    std::vector<MPI_Status> statuses(requests.size());
+    statuses.resize(requests.size());
     bool data = false, peers = false;
     for (int spins = 0;; ++spins) {
       if (!data) {
@@ -451,14 +467,14 @@ class MpiRuntime {
             if (statuses[i].MPI_ERROR == MPI_ERR_TRUNCATE)
               why = "rank " + std::to_string(from[i]) + " sent more than the " + std::to_string(x.recv_counts[from[i]]) +
                     " elements this rank expects from it";
-          throw fail(op.description + ": " + why + " (the ranks' split sizes disagree)");
+          throw fail(op.description() + ": " + why + " (the ranks' split sizes disagree)");
         }
         data = flag != 0;
         for (size_t i = 0; data && i < from.size(); ++i) {
           int got = 0;
           MPI_Get_count(&statuses[i], x.dtype, &got);
           if (got != x.recv_counts[from[i]])
-            throw fail(op.description + ": rank " + std::to_string(from[i]) + " sent " + std::to_string(got) +
+            throw fail(op.description() + ": rank " + std::to_string(from[i]) + " sent " + std::to_string(got) +
                        " elements, this rank expects " + std::to_string(x.recv_counts[from[i]]) +
                        " (the ranks' split sizes disagree)");
         }
@@ -683,7 +699,7 @@ class MpiRuntime {
 
   void time_out(Op& op, const std::string& why) {
     if (op.settled.load()) return;
-    std::string message = op.description + " timed out on rank " + std::to_string(op.group->rank) + " of group " +
+    std::string message = op.description() + " timed out on rank " + std::to_string(op.group->rank) + " of group " +
                           op.group->name + " (world rank " + std::to_string(world_rank_) + "); " + why;
     // Broken first, then settle: a caller woken by the error must find the communicator broken.
     // (If the op completes in this instant, the communicator stays marked broken: conservative.)
@@ -717,7 +733,7 @@ class MpiRuntime {
     GroupState* g = op->group.get();
     if (g && g->broken.load()) {
       release_tensors(*op);
-      op->settle(std::make_exception_ptr(CommError(op->description + " cannot run: " + g->broken_message())));
+      op->settle(std::make_exception_ptr(CommError(op->description() + " cannot run: " + g->broken_message())));
       return;
     }
     try {
@@ -850,7 +866,7 @@ class MpiRuntime {
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto& op : p2p_) op->settle(std::make_exception_ptr(CommError(op->description + " abandoned at shutdown")));
+      for (auto& op : p2p_) op->settle(std::make_exception_ptr(CommError(op->description() + " abandoned at shutdown")));
       p2p_.clear();
     }
     if (owns_mpi_ && !any_broken_) cancel_arrival_receives();
@@ -941,14 +957,14 @@ class MpiRuntime {
         if (!op->settled.load()) time_out(*op, missing_ranks(*op));
         if (op->caller_run && op->in_mpi.load()) {
           // Note [Caller-run collectives]: every peer entered, then one stopped inside the op.
-          log("comm", LogLevel::kError, op->description,
+          log("comm", LogLevel::kError, op->description(),
               " ran on the calling thread, which is blocked inside MPI and cannot be given the error; "
               "ending this process (exit code ", kCallerStuckExitCode, ")");
           std::_Exit(kCallerStuckExitCode);
         }
       }
       for (auto& op : queued_expired) {
-        std::string why = blocker ? "it was queued behind " + blocker->description + ", which has not completed"
+        std::string why = blocker ? "it was queued behind " + blocker->description() + ", which has not completed"
                                   : "it was still queued";
         time_out(*op, why);
       }
@@ -1211,9 +1227,10 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     auto op = std::make_shared<Op>();
     op->op_name = name;
     op->group = group_;
-    if (t.defined())
-      op->description = " (" + std::string(site.empty() ? "" : site + ", ") + std::to_string(t.numel()) + " x " +
-                        std::string(c10::toString(t.scalar_type())) + ")";
+    if (t.defined()) {  // description() spells them out only when an error needs them
+      op->numel = t.numel();
+      op->dtype = t.scalar_type();
+    }
     op->deadline = Clock::now() + (timeout.count() > 0 ? timeout : default_timeout());
     op->signature = Signature::of(name, t, site, reduce, root);
     return op;
