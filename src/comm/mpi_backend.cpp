@@ -93,6 +93,28 @@ constexpr int kExchangeTags = 16384;
 constexpr int kCallerStuckExitCode = 75;  // EX_TEMPFAIL: a peer died inside a caller-run op
 
 // State shared by a communicator and its ops.
+// A peer's signatures of its last kSlots ops on a group, by sequence number (a ring: each op's
+// announcement costs a copy, not a tree insertion and erasure).
+class RecentSignatures {
+ public:
+  static constexpr size_t kSlots = 512;
+  void put(const Signature& s) {
+    if (slots_.empty()) slots_.resize(kSlots);
+    slots_[s.seq % kSlots] = s;
+    newest_ = std::max(newest_, s.seq);
+  }
+  const Signature* find(uint64_t seq) const {
+    if (slots_.empty() || seq == 0) return nullptr;
+    const Signature& s = slots_[seq % kSlots];
+    return s.seq == seq ? &s : nullptr;
+  }
+  const Signature* newest() const { return find(newest_); }
+
+ private:
+  std::vector<Signature> slots_;
+  uint64_t newest_ = 0;
+};
+
 // A caller-run all_to_all(v) as point-to-point messages (Note [Caller-run collectives]): its
 // buffers and, in elements, each peer's chunk.
 struct Exchange {
@@ -113,7 +135,7 @@ struct GroupState {
   std::string broken_reason;
   std::mutex arrival_mutex;            // guards the probe-and-receive of announcements
   std::vector<uint64_t> last_arrived;  // highest sequence number announced by each group rank
-  std::vector<std::map<uint64_t, Signature>> announced;  // each group rank's recent signatures
+  std::vector<RecentSignatures> announced;  // each group rank's recent signatures
   std::map<uint64_t, Signature> unverified;  // own signatures of completed ops not every peer confirmed yet
   // One receive per peer posted ahead for its next announcement (drain_arrivals).
   std::vector<MPI_Request> arrival_requests;
@@ -337,9 +359,11 @@ class MpiRuntime {
   }
 
   // Sends op's signature to every peer; the sends go to `sends`, whose owner completes them.
-  void announce(const Op& op, std::vector<PendingSend>& sends) {
+  void announce(const std::shared_ptr<Op>& op_ptr, std::vector<PendingSend>& sends) {
+    const Op& op = *op_ptr;
     GroupState& g = *op.group;
-    auto value = std::make_shared<Signature>(op.signature);
+    // The op's own signature is the buffer: the pointer shares the op's ownership (no copy made).
+    std::shared_ptr<Signature> value(op_ptr, &op_ptr->signature);
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) continue;
       PendingSend send{MPI_REQUEST_NULL, value};
@@ -515,8 +539,8 @@ class MpiRuntime {
     std::lock_guard<std::mutex> lock(g.arrival_mutex);
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) continue;
-      auto it = g.announced[peer].find(op.seq);
-      if (it != g.announced[peer].end() && (it->second.flags & Signature::kEagerExchange)) return true;
+      const Signature* s = g.announced[peer].find(op.seq);
+      if (s && (s->flags & Signature::kEagerExchange)) return true;
     }
     return false;
   }
@@ -542,10 +566,10 @@ class MpiRuntime {
     bool disagree = false, complete = true;
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) continue;
-      auto it = g.announced[peer].find(op.seq);
-      if (it == g.announced[peer].end()) {
+      const Signature* s = g.announced[peer].find(op.seq);
+      if (!s) {
         complete = false;
-      } else if (!it->second.same_as(op.signature)) {
+      } else if (!s->same_as(op.signature)) {
         disagree = true;
       }
     }
@@ -561,8 +585,8 @@ class MpiRuntime {
     for (int peer = 0; peer < g.size; ++peer) {
       if (peer == g.rank) {
         known[peer] = &own;
-      } else if (auto it = g.announced[peer].find(own.seq); it != g.announced[peer].end()) {
-        known[peer] = &it->second;
+      } else if (const Signature* s = g.announced[peer].find(own.seq)) {
+        known[peer] = s;
       }
     }
     return describe_mismatch(g.name, own.seq, g.rank, known, g.world_ranks);
@@ -649,9 +673,7 @@ class MpiRuntime {
   // Called with g.arrival_mutex held.
   void record_arrival(GroupState& g, int peer, const Signature& value) {
     g.last_arrived[peer] = std::max(g.last_arrived[peer], value.seq);
-    auto& recent = g.announced[peer];
-    recent[value.seq] = value;
-    while (recent.size() > 1024) recent.erase(recent.begin());  // a peer far ahead: keep the newest
+    g.announced[peer].put(value);  // a peer far ahead: the newest kSlots kept
     // A late signature of an op this rank completed without waiting for it (see verify_signatures).
     auto own = g.unverified.find(value.seq);
     if (own != g.unverified.end() && !own->second.same_as(value)) {
@@ -674,9 +696,9 @@ class MpiRuntime {
         group_ranks += (group_ranks.empty() ? "" : ", ") + std::to_string(peer);
         world_ranks += (world_ranks.empty() ? "" : ", ") + std::to_string(g.world_ranks[peer]);
         // Where it was last seen on this group, beside this rank's own signature.
-        const auto& recent = g.announced[peer];
+        const Signature* newest = g.announced[peer].newest();
         last_seen += "; rank " + std::to_string(peer) + " was last at " +
-                     (recent.empty() ? std::string("no op of this group") : recent.rbegin()->second.describe());
+                     (newest ? newest->describe() : std::string("no op of this group"));
       }
       if (group_ranks.empty())
         return "every rank of the group arrived but the op did not complete (mismatched collectives, or a rank failed inside the op)";
@@ -743,8 +765,9 @@ class MpiRuntime {
         p2p_.push_back(op);
         return;
       }
-      std::vector<PendingSend> sends;
-      if (g && g->size > 1) announce(*op, sends);
+      thread_local std::vector<PendingSend> sends;  // reused: handed over (moved out) or empty at the end
+      sends.clear();
+      if (g && g->size > 1) announce(op, sends);
       // The caller-run path completes its own announcements; the progress thread polls the rest.
       struct HandOver {
         MpiRuntime* runtime;
