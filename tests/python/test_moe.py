@@ -340,6 +340,8 @@ def test_dropless_mlp_experts_equal_the_per_expert_loop(hidden, bias, grouped):
     x = torch.randn(30, 8).abs()
     outs = [layer(x) for layer in layers]
     assert outs[0][2][3] == 0
+    if grouped is None:  # the same products as the modules' (addmm), in the same order
+        assert torch.equal(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     for out, layer in zip(outs, layers):
         (out[0].square().sum() + out[1]).backward()
