@@ -360,54 +360,6 @@ class _GroupedMM(torch.autograd.Function):
                 _group_outer(x, grad, ctx.counts, ends), None)
 
 
-class _ExpertLinear(torch.autograd.Function):
-    """y[rows of expert i] = x[rows of expert i] @ w_i^T + b_i, for groups of `counts` consecutive
-    rows: each expert's product written into its rows of one output, and back the same way. No
-    per-expert pieces are allocated and none concatenated, so a step's buffers have the sizes of
-    the last step's and the host allocator reuses them instead of fragmenting its heap on
-    per-expert sizes that change every step (docs/benchmarks.md, "Where the dropless memory goes").
-    params: the experts' weights, then their biases (if any)."""
-
-    @staticmethod
-    def forward(ctx, x, counts, *params):
-        experts = len(counts)
-        weights, biases = params[:experts], params[experts:]
-        out = x.new_empty(x.shape[0], weights[0].shape[0])
-        start = 0
-        for i, n in enumerate(counts):
-            if n:
-                if biases:
-                    torch.addmm(biases[i], x[start:start + n], weights[i].t(), out=out[start:start + n])
-                else:
-                    torch.mm(x[start:start + n], weights[i].t(), out=out[start:start + n])
-            start += n
-        ctx.save_for_backward(x, *weights)
-        ctx.counts, ctx.has_bias = counts, bool(biases)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, *weights = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w, grad_b = [], []
-        start = 0
-        for i, n in enumerate(ctx.counts):
-            g = grad[start:start + n]
-            if grad_x is not None and n:
-                torch.mm(g, weights[i], out=grad_x[start:start + n])
-            grad_w.append(g.t() @ x[start:start + n])  # zeros for an expert with no row
-            if ctx.has_bias:
-                grad_b.append(g.sum(dim=0))
-            start += n
-        return (grad_x, None, *grad_w, *grad_b)
-
-
-def _expert_linear(x, counts, linears):
-    params = [l.weight for l in linears] + ([l.bias for l in linears] if linears[0].bias is not None else [])
-    return _ExpertLinear.apply(x, counts, *params)
-
-
 def _mlp_experts(experts):
     """(first linears, activation, second linears) when every local expert is Sequential(Linear,
     a parameter-free activation, Linear) of one shape and holds its weights (not partitioned by
@@ -497,11 +449,10 @@ class MOELayer(Module):
         self.tensor_group = None
         self.expert_tensor = False
         self.all_to_all_bytes = 0  # what the last forward's two all-to-alls sent from this rank
-        # Dropless, experts of the Sequential(Linear, activation, Linear) shape. None: on device
-        # tensors two grouped GEMMs over all their rows (torch._grouped_mm); on host tensors each
-        # expert's products written into one buffer (_ExpertLinear: torch's grouped GEMM on the CPU
-        # measured slower, and per-expert buffers fragment the heap; docs/benchmarks.md "The MoE
-        # layer"). True: grouped GEMMs; False: each expert module called, one after another.
+        # Dropless: experts of the Sequential(Linear, activation, Linear) shape as two grouped GEMMs
+        # over all their rows (torch._grouped_mm) instead of one after another. None: on device
+        # tensors only; on the CPU the loop measured faster and leaner (docs/benchmarks.md "The MoE
+        # layer"). True / False force either.
         self.grouped_gemm = None
 
     def _set_ep_group(self, ep_group):
@@ -600,15 +551,9 @@ class MOELayer(Module):
             grouped = rows.index_select(0, by_expert)
         else:
             grouped = rows
-        # grouped_gemm None: grouped GEMMs on a device, on the host each expert's products written into
-        # one buffer (_ExpertLinear); True: grouped GEMMs; False: each expert module called (any
-        # expert shape goes that way).
         grouped_gemm = rows.is_cuda if self.grouped_gemm is None else self.grouped_gemm
-        mlp = _mlp_experts(self.experts.deepspeed_experts) if self.grouped_gemm is not False else None
-        if mlp is not None and not grouped_gemm:
-            first, act, second = mlp
-            out = _expert_linear(act(_expert_linear(grouped, per_expert, first)), per_expert, second)
-        elif mlp is not None:
+        mlp = _mlp_experts(self.experts.deepspeed_experts) if grouped_gemm else None
+        if mlp is not None:
             first, act, second = mlp
             # Each row's expert as a one-hot [rows, local experts]: the biases are added as
             # one_hot @ bias, whose gradient is one_hot^T @ grad, a GEMM (an index_select's would be
