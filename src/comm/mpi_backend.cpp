@@ -1123,31 +1123,7 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     check_same_dtype(output, input, "all_to_all");
     AllToAllPlan plan = plan_all_to_all(output, input, opts, size());
     MPI_Comm comm = group_->comm;
-    if (!plan.uneven) {
-      auto op = make_op("all_to_all", input, opts.timeout, opts.site);
-      int chunk = static_cast<int>(input.numel() / size());
-      op->run = [output, input, chunk, comm] {
-        MPI_Datatype dt = mpi_dtype(input.scalar_type());
-        MPI_CHECK(MPI_Alltoall(input.data_ptr(), chunk, dt, output.data_ptr(), chunk, dt, comm));
-      };
-      op->caller_may_run = input.nbytes() <= kCallerRunBytes;
-      if (size() > 1) {  // how it travels: see execute
-        auto x = std::make_shared<Exchange>();
-        x->send = input;
-        x->recv = output;
-        x->dtype = mpi_dtype(input.scalar_type());
-        for (int r = 0; r < size(); ++r) {
-          x->send_counts.push_back(chunk);
-          x->recv_counts.push_back(chunk);
-          x->send_offsets.push_back(r * chunk);
-          x->recv_offsets.push_back(r * chunk);
-        }
-        op->exchange = std::move(x);
-        if (op->caller_may_run) op->signature.flags |= Signature::kEagerExchange;
-      }
-      return submit(op);
-    }
-    // MPI_Alltoallv counts and displacements are ints.
+    // MPI's counts and displacements are ints.
     auto to_int = [](const std::vector<int64_t>& v, const char* what) {
       std::vector<int> out;
       for (int64_t x : v) {
@@ -1157,8 +1133,8 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
       }
       return out;
     };
-    auto op = make_op("all_to_all_v", input, opts.timeout, opts.site);
-    op->signature.count = plan.row;
+    // Every rank's chunk, equal or not: MPI_Alltoall(v) reads it, and so does the exchange of
+    // messages (run_exchange).
     auto x = std::make_shared<Exchange>();
     x->send = input;
     x->recv = output;
@@ -1167,13 +1143,24 @@ class MpiCommunicator : public Communicator, public std::enable_shared_from_this
     x->send_offsets = to_int(plan.send_offsets, "a send offset");
     x->recv_counts = to_int(plan.recv_counts, "a receive count");
     x->recv_offsets = to_int(plan.recv_offsets, "a receive offset");
-    op->run = [x, comm] {
-      MPI_CHECK(MPI_Alltoallv(x->send.data_ptr(), x->send_counts.data(), x->send_offsets.data(), x->dtype,
-                              x->recv.data_ptr(), x->recv_counts.data(), x->recv_offsets.data(), x->dtype, comm));
-    };
+    auto op = make_op(plan.uneven ? "all_to_all_v" : "all_to_all", input, opts.timeout, opts.site);
+    if (plan.uneven) {
+      op->signature.count = plan.row;
+      op->run = [x, comm] {
+        MPI_CHECK(MPI_Alltoallv(x->send.data_ptr(), x->send_counts.data(), x->send_offsets.data(), x->dtype,
+                                x->recv.data_ptr(), x->recv_counts.data(), x->recv_offsets.data(), x->dtype, comm));
+      };
+    } else {
+      op->run = [x, comm] {
+        MPI_CHECK(MPI_Alltoall(x->send.data_ptr(), x->send_counts[0], x->dtype, x->recv.data_ptr(), x->recv_counts[0],
+                               x->dtype, comm));
+      };
+    }
     op->caller_may_run = std::max(input.nbytes(), output.nbytes()) <= kCallerRunBytes;
-    if (size() > 1) op->exchange = std::move(x);  // how it travels: see execute
-    if (op->caller_may_run) op->signature.flags |= Signature::kEagerExchange;
+    if (size() > 1) {  // how it travels: see execute
+      op->exchange = std::move(x);
+      if (op->caller_may_run) op->signature.flags |= Signature::kEagerExchange;
+    }
     return submit(op);
   }
 

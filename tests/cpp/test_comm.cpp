@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <thread>
 
 #include <ATen/ATen.h>
@@ -122,29 +123,35 @@ TEST(Comm, AllToAll) {
     }
 }
 
-// Uneven splits (torch's all_to_all_single): rank r sends (r + 2j) % 3 rows of width 4 to rank j,
-// some of them none; row k of that chunk holds 100r + 10j + k.
-TEST(Comm, AllToAllUnevenSplits) {
+// An uneven exchange (torch's all_to_all_single) where rank `from` sends rows(from, to) rows of
+// width 4 to rank `to`; row k of that chunk holds 100 from + 10 to + k.
+static void expect_uneven_exchange(const std::function<int64_t(int, int)>& rows, at::ScalarType dtype,
+                            const std::string& what) {
   const int n = g_world->size(), r = g_world->rank();
-  auto rows = [](int from, int to) { return int64_t((from + 2 * to) % 3); };
-  for (auto dtype : kDtypes) {
-    std::vector<int64_t> in_splits, out_splits;
-    std::vector<at::Tensor> in_parts, want_parts;
-    for (int j = 0; j < n; ++j) {
-      in_splits.push_back(rows(r, j));
-      out_splits.push_back(rows(j, r));
-      in_parts.push_back((at::arange(rows(r, j), at::kLong) + 100 * r + 10 * j).unsqueeze(1).repeat({1, 4}));
-      want_parts.push_back((at::arange(rows(j, r), at::kLong) + 100 * j + 10 * r).unsqueeze(1).repeat({1, 4}));
-    }
-    at::Tensor input = at::cat(in_parts).to(dtype), want = at::cat(want_parts).to(dtype);
-    at::Tensor output = at::full({want.size(0), 4}, -1, dtype);
-    AllToAllOptions opts;
-    opts.input_split_sizes = in_splits;
-    opts.output_split_sizes = out_splits;
-    opts.site = "uneven test";
-    g_world->all_to_all(output, input, opts)->wait();
-    expect_equal(output, want, std::string("all_to_all uneven ") + c10::toString(dtype));
+  std::vector<int64_t> in_splits, out_splits;
+  std::vector<at::Tensor> in_parts, want_parts;
+  for (int j = 0; j < n; ++j) {
+    in_splits.push_back(rows(r, j));
+    out_splits.push_back(rows(j, r));
+    in_parts.push_back((at::arange(rows(r, j), at::kLong) + 100 * r + 10 * j).unsqueeze(1).repeat({1, 4}));
+    want_parts.push_back((at::arange(rows(j, r), at::kLong) + 100 * j + 10 * r).unsqueeze(1).repeat({1, 4}));
   }
+  at::Tensor input = at::cat(in_parts).to(dtype), want = at::cat(want_parts).to(dtype);
+  at::Tensor output = at::full({want.size(0), 4}, -1, dtype);
+  AllToAllOptions opts;
+  opts.input_split_sizes = in_splits;
+  opts.output_split_sizes = out_splits;
+  opts.site = "uneven test";
+  g_world->all_to_all(output, input, opts)->wait();
+  expect_equal(output, want, what);
+}
+
+// Rank r sends (r + 2j) % 3 rows to rank j, some of them none.
+TEST(Comm, AllToAllUnevenSplits) {
+  const int n = g_world->size();
+  for (auto dtype : kDtypes)
+    expect_uneven_exchange([](int from, int to) { return int64_t((from + 2 * to) % 3); }, dtype,
+                           std::string("all_to_all uneven ") + c10::toString(dtype));
   // A split list that does not add up to the tensor's rows is refused before anything is sent.
   at::Tensor input = at::zeros({3, 2}), output = at::zeros({3, 2});
   AllToAllOptions bad;
@@ -164,25 +171,11 @@ TEST(Comm, AllToAllUnevenSplits) {
 // pairs up. The rank holding it small sends its messages at once; the ranks holding it large learn
 // that from its announcement and exchange messages too, instead of entering MPI_Alltoallv.
 TEST(Comm, AllToAllSmallHereLargeThere) {
-  const int n = g_world->size(), r = g_world->rank();
+  const int n = g_world->size();
   if (n < 3) GTEST_SKIP() << "needs 3 ranks: two exchanging a large chunk, a third holding only small ones";
   const int64_t big = (int64_t(1) << 20) / 16 + 7;  // rows of 4 floats: over 1 MiB
-  auto rows = [&](int from, int to) { return from == 0 && to == 1 ? big : int64_t(1); };
-  std::vector<int64_t> in_splits, out_splits;
-  std::vector<at::Tensor> in_parts, want_parts;
-  for (int j = 0; j < n; ++j) {
-    in_splits.push_back(rows(r, j));
-    out_splits.push_back(rows(j, r));
-    in_parts.push_back((at::arange(rows(r, j), at::kFloat) + 1000 * r + 100 * j).unsqueeze(1).repeat({1, 4}));
-    want_parts.push_back((at::arange(rows(j, r), at::kFloat) + 1000 * j + 100 * r).unsqueeze(1).repeat({1, 4}));
-  }
-  at::Tensor input = at::cat(in_parts), want = at::cat(want_parts);
-  at::Tensor output = at::full({want.size(0), 4}, -1.0f);
-  AllToAllOptions opts;
-  opts.input_split_sizes = in_splits;
-  opts.output_split_sizes = out_splits;
-  g_world->all_to_all(output, input, opts)->wait();
-  expect_equal(output, want, "all_to_all small here, large there");
+  expect_uneven_exchange([&](int from, int to) { return from == 0 && to == 1 ? big : int64_t(1); }, at::kFloat,
+                         "all_to_all small here, large there");
 }
 
 // Split sizes that disagree between two ranks (rank 1 sends rank 0 fewer rows, then more, than
