@@ -61,6 +61,7 @@ void bind_core(py::module_& m) {
       });
   py::class_<Config>(m, "Config", "A parsed, validated config (zeal/core/config.h).")
       .def_readonly("comms_timeout_s", &Config::comms_timeout_s)
+      .def_readonly("sequence_parallel_size", &Config::sequence_parallel_size)
       .def_readonly("steps_per_print", &Config::steps_per_print)
       .def_readonly("gradient_clipping", &Config::gradient_clipping)
       .def_readonly("gradient_predivide_factor", &Config::gradient_predivide_factor)

@@ -23,7 +23,8 @@ void bind_parallel(py::module_& m) {
            }),
            py::arg("axes"))
       .def_static("with_sizes", &parallel::Mesh::with_sizes, py::arg("pipe") = 1, py::arg("data") = 1,
-                  py::arg("expert") = 1, py::arg("sequence") = 1, py::arg("tensor") = 1, py::arg("data_inner") = 1)
+                  py::arg("expert") = 1, py::arg("sequence") = 1, py::arg("tensor") = 1, py::arg("data_inner") = 1,
+                  py::arg("ring") = 1)
       .def_property_readonly("world_size", &parallel::Mesh::world_size)
       .def_property_readonly("axes",
                              [](const parallel::Mesh& m) {

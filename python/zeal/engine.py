@@ -19,9 +19,23 @@ def _model_dtype(parsed):
     return torch.float16 if parsed.fp16_enabled else torch.bfloat16 if parsed.bf16_enabled else torch.float32
 
 
-def _process_groups(model, data_parallel_group, model_parallel_group):
+def _process_groups(model, data_parallel_group, model_parallel_group, sequence_parallel_size=1, mpu=None):
     """The mesh the engine trains on: the one the given groups (or the model's tensor-parallel
-    layers' group) were cut from, else data parallelism over the world."""
+    layers' group, or the mesh its MoE or sequence layers use, or the mpu's) were cut from, else
+    data parallelism over the world with the config's sequence_parallel_size as its sequence axis."""
+    groups = _mesh_of(model, data_parallel_group, model_parallel_group, mpu)
+    if groups is None:
+        from . import mesh
+
+        groups = mesh.build(sequence=sequence_parallel_size)
+    if sequence_parallel_size > 1 and groups.mesh.axis_size("sequence") != sequence_parallel_size:
+        raise _zeal.ConfigError(f"config key 'sequence_parallel_size': {sequence_parallel_size}, but the model's "
+                                f"sequence layers (or mpu=) use the mesh {groups.mesh!r}, whose sequence axis "
+                                f"is {groups.mesh.axis_size('sequence')}")
+    return groups
+
+
+def _mesh_of(model, data_parallel_group, model_parallel_group, mpu):
     from . import mesh
 
     world = _zeal.world()
@@ -45,24 +59,27 @@ def _process_groups(model, data_parallel_group, model_parallel_group):
             raise _zeal.ConfigError("initialize: the tensor-parallel group (model_parallel_group=, or the group the "
                                     "model's tensor-parallel layers use) must be the tensor group of the mesh "
                                     "data_parallel_group= came from (zeal.tensor_parallel.make_groups gives both)")
-    # MoE layers built their mesh (zeal.moe.layer: the expert axis); the engine trains on it.
-    moe_meshes = []
+    # MoE and sequence layers hold the mesh their groups came from (zeal.moe.layer: the expert axis;
+    # zeal.sequence: the sequence axis); the engine trains on it.
+    layer_meshes = []
     for m in model.modules():
         g = getattr(m, "_zeal_groups", None)
-        if g is not None and all(g is not x for x in moe_meshes):
-            moe_meshes.append(g)
-    if len(moe_meshes) > 1:
-        raise _zeal.ConfigError("initialize: the model's MoE layers use different expert-parallel sizes ("
-                                + ", ".join(str(g.mesh.axis_size("expert")) for g in moe_meshes) + "); one mesh "
-                                "holds one expert axis, so every MoE layer of a model needs the same ep_size")
-    if moe_meshes:
+        if g is not None and all(g is not x for x in layer_meshes):
+            layer_meshes.append(g)
+    if mpu is not None and all(mpu is not x for x in layer_meshes):
+        layer_meshes.append(mpu)
+    if len(layer_meshes) > 1:
+        raise _zeal.ConfigError("initialize: the model's MoE or sequence layers (or mpu=) use different meshes ("
+                                + ", ".join(repr(g.mesh) for g in layer_meshes) + "); one job trains on one "
+                                "mesh, so every such layer needs the same ep_size and sequence group")
+    if layer_meshes:
         if groups is None:
-            groups = moe_meshes[0]
-        elif groups is not moe_meshes[0]:
-            raise _zeal.ConfigError("initialize: the model's MoE layers use the mesh of expert axis "
-                                    f"{moe_meshes[0].mesh.axis_size('expert')}, but data_parallel_group= (or the "
-                                    "tensor group) came from another mesh; pass that mesh's data group")
-    return groups if groups is not None else mesh.build()
+            groups = layer_meshes[0]
+        elif groups is not layer_meshes[0]:
+            raise _zeal.ConfigError(f"initialize: the model's MoE or sequence layers use the mesh "
+                                    f"{layer_meshes[0].mesh!r}, but data_parallel_group= (or the tensor "
+                                    "group) came from another mesh; pass that mesh's data group")
+    return groups
 
 
 def _check_expert_counts(model, parts, path):
@@ -1078,10 +1095,15 @@ def initialize(
         raise _zeal.ConfigError("initialize needs model=")
     if mesh_param is not None:
         raise _zeal.ConfigError("initialize: mesh_param= (a data x sequence parallel mesh) is not supported yet")
+    mpu_groups = None
     if mpu is not None:
-        raise _zeal.ConfigError("initialize: mpu= (a Megatron-style model-parallel unit over torch.distributed groups) "
-                                "is not supported; pass data_parallel_group= and model_parallel_group= "
-                                "(zeal.tensor_parallel.make_groups), or use a zeal.pipe.PipelineModule")
+        if not hasattr(mpu, "_zeal_mesh_groups"):
+            raise _zeal.ConfigError("initialize: mpu= (a Megatron-style model-parallel unit over torch.distributed "
+                                    "groups) is not supported; pass data_parallel_group= and model_parallel_group= "
+                                    "(zeal.tensor_parallel.make_groups), use a zeal.pipe.PipelineModule, or for "
+                                    "sequence parallelism the mpu UlyssesSPAttentionHF.register_with_transformers "
+                                    "returns")
+        mpu_groups = mpu._zeal_mesh_groups()
     cfg = load_config(config, args, config_params)
     from .pipe import PipelineEngine, PipelineModule
 
@@ -1124,7 +1146,8 @@ def initialize(
         client = client_optim.ClientAdapter(torch_optimizer)
     if dtype != torch.float32:
         model.to(dtype)
-    groups = _process_groups(model, data_parallel_group, model_parallel_group)
+    groups = _process_groups(model, data_parallel_group, model_parallel_group, parsed.sequence_parallel_size,
+                             mpu_groups)
     param_groups = _param_groups(model, model_parameters, dtype)
     _check_init_groups(param_groups, groups)
     core = _zeal.Engine(param_groups, parsed, groups, client)

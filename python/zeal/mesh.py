@@ -1,4 +1,4 @@
-"""The mesh of a job: every parallel axis (pipe, data, data_inner, expert, sequence, tensor) on one
+"""The mesh of a job: every parallel axis (pipe, data, data_inner, expert, ring, sequence, tensor) on one
 grid of ranks, and the communicators cut from it once (C++ zeal/parallel/mesh.h and
 process_groups.h; docs/architecture.md "One mesh").
 
@@ -16,21 +16,22 @@ gradient and the ranks that count it in the global norm.
 """
 from . import _zeal
 
-_built = []  # every ProcessGroups this process cut, oldest first (few: one per distinct shape)
+_built = []  # every ProcessGroups this process cut, the one asked for most recently last (few: one per shape)
 
 
-def build(pipe=1, data=None, expert=1, sequence=1, tensor=1, data_inner=1, world=None):
+def build(pipe=1, data=None, expert=1, sequence=1, tensor=1, data_inner=1, ring=1, world=None):
     """The ProcessGroups of the default-ordered mesh of these sizes over `world` (the process's
     world by default); `data` defaults to what the other axes leave of the world."""
     world = world or _zeal.world()
-    others = pipe * expert * sequence * tensor * data_inner
+    others = pipe * expert * ring * sequence * tensor * data_inner
     if data is None:
         if others < 1 or world.size % others:
-            raise ValueError(f"the mesh's axes (pipe {pipe} x data_inner {data_inner} x expert {expert} x sequence "
-                             f"{sequence} x tensor {tensor} = {others} ranks) must divide the world size {world.size}")
+            raise ValueError(f"the mesh's axes (pipe {pipe} x data_inner {data_inner} x expert {expert} x ring {ring} x "
+                             f"sequence {sequence} x tensor {tensor} = {others} ranks) must divide the world size "
+                             f"{world.size}")
         data = world.size // others
     return of(_zeal.Mesh.with_sizes(pipe=pipe, data=data, expert=expert, sequence=sequence, tensor=tensor,
-                                    data_inner=data_inner), world)
+                                    data_inner=data_inner, ring=ring), world)
 
 
 def of(mesh, world=None):
@@ -40,6 +41,8 @@ def of(mesh, world=None):
         raise ValueError(f"{mesh!r} holds {mesh.world_size} ranks, but the world has {world.size}")
     for groups in _built:
         if groups.mesh == mesh and groups.world == world:
+            _built.remove(groups)  # newest first asked last: DeepSpeed's accessors answer from it
+            _built.append(groups)
             return groups
     groups = _zeal.ProcessGroups(mesh, world)
     _built.append(groups)

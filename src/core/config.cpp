@@ -780,7 +780,7 @@ Config Config::from_json(const json& root) {
   r.only_value("use_data_before_expert_parallelism", false,
                "Zeal's mesh puts the expert ranks consecutive (DeepSpeed's default layout; docs/moe.md)");
   r.only_value("gradient_allreduce_op", "mean", "Zeal averages gradients over the data-parallel ranks");
-  r.only_value("sequence_parallel_size", 1, "sequence parallelism is not supported yet");
+  r.read_int("sequence_parallel_size", c.sequence_parallel_size, 1);
   if (r.has("data_types")) {  // gradients accumulate in the model's dtype, as DeepSpeed's default
     Reader d(r.raw("data_types"), "data_types");
     const std::string model = c.fp16.enabled ? "fp16" : c.bf16 ? "bf16" : "fp32";

@@ -7,7 +7,7 @@
 namespace zeal::parallel {
 
 const std::vector<std::string>& axis_names() {
-  static const std::vector<std::string> names{"pipe", "data", "data_inner", "expert", "sequence", "tensor"};
+  static const std::vector<std::string> names{"pipe", "data", "data_inner", "expert", "ring", "sequence", "tensor"};
   return names;
 }
 
@@ -36,10 +36,11 @@ Mesh::Mesh(std::vector<Axis> axes) : axes_(std::move(axes)) {
   }
 }
 
-Mesh Mesh::with_sizes(int pipe, int data, int expert, int sequence, int tensor, int data_inner) {
+Mesh Mesh::with_sizes(int pipe, int data, int expert, int sequence, int tensor, int data_inner, int ring) {
   std::vector<Axis> axes;
   for (const Axis& a : std::vector<Axis>{{"pipe", pipe}, {"data", data}, {"data_inner", data_inner},
-                                         {"expert", expert}, {"sequence", sequence}, {"tensor", tensor}}) {
+                                         {"expert", expert}, {"ring", ring}, {"sequence", sequence},
+                                         {"tensor", tensor}}) {
     ZEAL_CHECK(a.size >= 1, "mesh axis '", a.name, "' has size ", a.size, "; sizes must be >= 1");
     if (a.size > 1) axes.push_back(a);
   }

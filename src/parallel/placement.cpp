@@ -14,7 +14,7 @@ bool contains(const std::vector<std::string>& v, const std::string& s) {
 }  // namespace
 
 const std::vector<std::string>& batch_axes() {
-  static const std::vector<std::string> axes{"data", "data_inner", "expert", "sequence"};
+  static const std::vector<std::string> axes{"data", "data_inner", "expert", "ring", "sequence"};
   return axes;
 }
 

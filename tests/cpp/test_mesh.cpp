@@ -131,6 +131,14 @@ TEST(Mesh, DefaultOrderFollowsDeepSpeed) {
   EXPECT_EQ(e.group_of({"data"}, 5), (std::vector<int>{1, 5}));         // expert-data group
   EXPECT_EQ(Mesh::with_sizes(1, 1).world_size(), 1);
   EXPECT_TRUE(Mesh::with_sizes(1, 4) == Mesh({{"data", 4}}));
+  // Hierarchical sequence parallelism: all-to-all inside consecutive pairs, the ring across them.
+  Mesh h = Mesh::with_sizes(1, 2, 1, /*sequence=*/2, 1, 1, /*ring=*/2);
+  EXPECT_EQ(h.describe(), "data 2 x ring 2 x sequence 2");
+  EXPECT_EQ(h.group_of({"sequence"}, 5), (std::vector<int>{4, 5}));
+  EXPECT_EQ(h.group_of({"ring"}, 5), (std::vector<int>{5, 7}));
+  EXPECT_EQ(h.group_of({"ring", "sequence"}, 5), (std::vector<int>{4, 5, 6, 7}));
+  EXPECT_EQ(zeal::parallel::reduction_axes(h, {}), (std::vector<std::string>{"data", "ring", "sequence"}));
+  EXPECT_EQ(zeal::parallel::samples_group_size(h), 2);  // ring and sequence ranks share samples
 }
 
 TEST(Mesh, RejectsBadInput) {

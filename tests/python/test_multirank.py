@@ -154,6 +154,18 @@ def test_moe_layer_trains_equal_to_a_dense_torch_reference(run_ranks, tmp_path, 
     assert proc.stdout.count("MOE-OK") == ranks, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("ranks,layouts", [(2, "2:4,2:3,2:4:vocab"), (4, "2:4,4:4,2:3,4:4:vocab")])
+def test_sequence_parallel_training_equals_the_whole_sequence(run_ranks, ranks, layouts):
+    # A tiny causal transformer with its sequence split over Ulysses degree 2 or 4 (data = ranks /
+    # degree), ZeRO 0-3, 4 heads or 3 (uneven), zeal's sharded cross-entropy or DeepSpeed's
+    # vocab_sequence_parallel_cross_entropy, samples padded to different lengths: every step's loss,
+    # the first step's gradients and the final parameters equal one torch process holding the whole
+    # sequence (ranks/seq_engine.py); the exchange's layouts, DeepSpeed's group accessors, the
+    # config's sequence_parallel_size.
+    proc = run_ranks(ranks, "seq_engine.py", "--layouts", layouts, timeout=300)
+    assert proc.stdout.count("SEQ-OK") == ranks, proc.stdout + proc.stderr
+
+
 def test_engines_take_their_groups_from_the_mesh_and_their_parameters_placement(run_ranks, tmp_path):
     # 4 ranks as data 2 x sequence 2: dense weights reduce over all four, weights split over
     # sequence over their data pair with the norm summed across the halves, and one model with both

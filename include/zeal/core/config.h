@@ -218,6 +218,9 @@ struct Config {
   CommDtype communication_data_type = CommDtype::kDefault;
   bool prescale_gradients = false;
   double gradient_predivide_factor = 1.0;
+  // DeepSpeed's Ulysses degree: the mesh's sequence axis (zeal.sequence; ranks of one sequence group
+  // are consecutive). The engine trains on a mesh with this axis; its sample ranks exclude it.
+  int64_t sequence_parallel_size = 1;
   double comms_timeout_s = kDefaultCommsTimeoutS;  // Zeal's own key: every blocking collective wait is bounded by it
 
   static Config from_json(const nlohmann::json& json);

@@ -7,15 +7,18 @@
 //   data        data-parallel replicas (with MoE: the expert-data replicas of one expert)
 //   data_inner  the inner part of the data axis: ZeRO++'s secondary (hpZ) partition, within a node
 //   expert      expert parallelism: ranks holding different experts, splitting the data among them
+//   ring        the ring axis of sequence parallelism: groups of sequence ranks that pass keys and
+//               values around a ring (ring attention), each group all-to-all inside (hierarchical)
 //   sequence    sequence parallelism (Ulysses): ranks holding parts of one sequence
 //   tensor      tensor (Megatron) parallelism: ranks holding slices of the same weights
 // An axis the mesh does not hold has size 1: asking for its group gives the rank alone, so callers
-// need not ask first. A group can span several axes: the product data x expert x sequence is the
+// need not ask first. A group can span several axes: the product data x expert x ring x sequence is the
 // set of ranks that see different tokens of the same dense weights (their gradients are summed).
 //
 // Note [Mesh order]: DeepSpeed's layouts, which the defaults follow so that a rank means the same
 // thing in both systems: tensor ranks are consecutive (they talk the most), then sequence ranks
-// (DeepSpeed's sequence groups are consecutive ranks), then expert ranks (DeepSpeed cuts an expert
+// (DeepSpeed's sequence groups are consecutive ranks), then the ring across those groups, then
+// expert ranks (DeepSpeed cuts an expert
 // group from consecutive ranks of a data group), then data, with pipeline stages outermost
 // (DeepSpeed's PipeDataParallelTopology / PipeModelDataParallelTopology).
 #pragma once
@@ -38,7 +41,8 @@ class Mesh {
   // axes: outermost first; names from axis_names(), each at most once, sizes >= 1.
   explicit Mesh(std::vector<Axis> axes);
   // The default order (Note [Mesh order]) with these sizes; axes of size 1 are left out.
-  static Mesh with_sizes(int pipe, int data, int expert = 1, int sequence = 1, int tensor = 1, int data_inner = 1);
+  static Mesh with_sizes(int pipe, int data, int expert = 1, int sequence = 1, int tensor = 1, int data_inner = 1,
+                         int ring = 1);
 
   int world_size() const { return world_size_; }
   const std::vector<Axis>& axes() const { return axes_; }

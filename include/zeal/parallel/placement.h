@@ -4,7 +4,7 @@
 // Note [Parameter placement]: a parameter is held by every rank of the mesh, and on each axis it is
 // either replicated (the same value on every rank of the axis) or split (ranks hold different
 // values: tensor-parallel slices, different experts). Two kinds of axes:
-//   batch axes (data, data_inner, expert, sequence): the ranks see different tokens, so a weight
+//   batch axes (data, data_inner, expert, ring, sequence): the ranks see different tokens, so a weight
 //     replicated over them gets different gradients there, which are summed (and ZeRO partitions
 //     its state over the same ranks): the reduction group is the product of its replicated batch axes;
 //   model axes (tensor, pipe): the ranks hold different parts of the model. A weight replicated over
@@ -30,11 +30,11 @@ struct Placement {
   std::vector<int> tied_stages;    // pipe coordinates holding a tied copy; empty: this stage's own
 };
 
-// data, data_inner, expert, sequence.
+// data, data_inner, expert, ring, sequence.
 const std::vector<std::string>& batch_axes();
 
 // Note [Samples per step]: the batch axes whose ranks see different samples: data, data_inner,
-// expert (the sequence ranks hold pieces of the same samples). Their product is the data-parallel
+// expert (the ring and sequence ranks hold pieces of the same samples). Their product is the data-parallel
 // size of the batch arithmetic (train_batch_size = micro x accumulation x this), as DeepSpeed's
 // dp_world_size counts it when sequence parallelism is on.
 const std::vector<std::string>& sample_axes();

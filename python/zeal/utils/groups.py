@@ -155,3 +155,49 @@ def _get_model_parallel_world_size():
 
 def _clone_world_group():
     return _world()
+
+
+# Sequence parallelism (zeal.sequence; docs/long_sequences.md). The sequence-parallel group is the
+# ranks holding one sample's sequence: the mesh's ring x sequence axes (sequence alone without a
+# ring), consecutive ranks as DeepSpeed's. The mesh is the newest one built with such an axis
+# (zeal.mesh.build(sequence=S), or parallel_state_sp.initialize_sequence_parallel(S)).
+
+_SEQUENCE_AXES = ["ring", "sequence"]
+
+
+def _sequence_mesh():
+    from .. import mesh
+
+    built = [g for g in mesh._built if g.mesh.size_of(_SEQUENCE_AXES) > 1]
+    return built[-1] if built else None
+
+
+def _get_sequence_parallel_group():
+    g = _sequence_mesh()
+    if g is None:
+        raise KeyError("No sequence parallel group found")
+    return g.group(_SEQUENCE_AXES)
+
+
+def _get_sequence_parallel_world_size():
+    g = _sequence_mesh()
+    return 1 if g is None else g.mesh.size_of(_SEQUENCE_AXES)
+
+
+def _get_sequence_parallel_rank():
+    g = _sequence_mesh()
+    return 0 if g is None else g.group(_SEQUENCE_AXES).rank
+
+
+def _get_sequence_data_parallel_group():
+    """The ranks a dense gradient reduces over and ZeRO partitions over: data x ring x sequence."""
+    g = _sequence_mesh()
+    return _get_data_parallel_group() if g is None else g.group(_zeal.reduction_axes(g.mesh, []))
+
+
+def _get_sequence_data_parallel_world_size():
+    return _get_sequence_data_parallel_group().size
+
+
+def _get_sequence_data_parallel_rank():
+    return _get_sequence_data_parallel_group().rank
