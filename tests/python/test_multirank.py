@@ -154,14 +154,16 @@ def test_moe_layer_trains_equal_to_a_dense_torch_reference(run_ranks, tmp_path, 
     assert proc.stdout.count("MOE-OK") == ranks, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("ranks,layouts", [(2, "2:4,2:3,2:4:vocab"), (4, "2:4,4:4,2:3,4:4:vocab")])
+@pytest.mark.parametrize("ranks,layouts", [(2, "2:4,2:3,2:4:vocab,1x2:1"),
+                                            (4, "2:4,4:4,2:3,4:4:vocab,1x4:2,2x2:2,2x2:3")])
 def test_sequence_parallel_training_equals_the_whole_sequence(run_ranks, ranks, layouts):
     # A tiny causal transformer with its sequence split over Ulysses degree 2 or 4 (data = ranks /
-    # degree), ZeRO 0-3, 4 heads or 3 (uneven), zeal's sharded cross-entropy or DeepSpeed's
-    # vocab_sequence_parallel_cross_entropy, samples padded to different lengths: every step's loss,
-    # the first step's gradients and the final parameters equal one torch process holding the whole
-    # sequence (ranks/seq_engine.py); the exchange's layouts, DeepSpeed's group accessors, the
-    # config's sequence_parallel_size.
+    # degree), ring attention at degree 2 and 4 (above the head count: 1 or 2 heads), hierarchical
+    # (Ulysses 2 inside, ring 2 across), ZeRO 0-3, 4 heads or 3 (uneven), zeal's sharded
+    # cross-entropy or DeepSpeed's vocab_sequence_parallel_cross_entropy, samples padded to
+    # different lengths: every step's loss, the first step's gradients and the final parameters
+    # equal one torch process holding the whole sequence (ranks/seq_engine.py); the exchange's
+    # layouts, DeepSpeed's group accessors, the config's sequence_parallel_size.
     proc = run_ranks(ranks, "seq_engine.py", "--layouts", layouts, timeout=300)
     assert proc.stdout.count("SEQ-OK") == ranks, proc.stdout + proc.stderr
 

@@ -3,9 +3,11 @@ ranks of a sequence group equals one torch process holding the whole sequence (s
 batches), fp32 to 1e-5 for every step's loss, the first step's gradients and every parameter after
 STEPS AdamW steps.
 
-Each layout "S:H[:loss]" is Ulysses degree S (zeal.sequence.layer.DistributedAttention over the
-mesh's sequence axis, data = world / S) with H attention heads (3 heads at degree 2: uneven, rank 0
-holds two); loss "ce" is zeal.sequence.cross_entropy.sequence_parallel_cross_entropy, "vocab"
+Each layout "A[xR]:H[:loss]" is Ulysses degree A (zeal.sequence.layer.DistributedAttention over the
+mesh's sequence axis) and ring degree R (zeal.sequence.ring: RingAttention when A is 1, else
+HierarchicalAttention, all-to-all inside and the ring across; causal, the load-balanced layout),
+data = world / (A x R), with H attention heads (3 heads at degree 2: uneven, rank 0 holds two; a ring
+degree above H shows the head count no longer caps it); loss "ce" is zeal.sequence.cross_entropy.sequence_parallel_cross_entropy, "vocab"
 DeepSpeed's vocab_sequence_parallel_cross_entropy (seq-first logits) with a masked mean. Every
 layout at the ZeRO stages of --stages. Samples are padded to different lengths (labels -100 past
 the end), so the shards hold different numbers of counted tokens: a loss averaged per shard, or
@@ -26,6 +28,7 @@ import zeal  # noqa: E402
 import zeal.mesh  # noqa: E402
 from zeal.sequence import cross_entropy as seq_ce  # noqa: E402
 from zeal.sequence.layer import DistributedAttention, _SeqAllToAll, head_counts  # noqa: E402
+from zeal.sequence.ring import HierarchicalAttention, RingAttention, positions  # noqa: E402
 from zeal.utils import groups as ds_groups  # noqa: E402
 
 LR, STEPS, B, SEQ, V, D, HD = 1e-2, 5, 2, 16, 19, 12, 4
@@ -63,7 +66,12 @@ class Block(torch.nn.Module):
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, HD).unbind(2)
-        ctx = self.attention(q, k, v, 0) if self.attention is not None else causal_attention(q, k, v)
+        if self.attention is None:
+            ctx = causal_attention(q, k, v)
+        elif isinstance(self.attention, DistributedAttention):
+            ctx = self.attention(q, k, v, 0)  # batch_dim_idx 0: [b, s, heads, d]
+        else:
+            ctx = self.attention(q, k, v)
         x = x + self.proj(ctx.reshape(b, s, -1))
         return x + self.mlp(self.ln2(x))
 
@@ -148,36 +156,47 @@ def check_layouts(group):
             check(torch.equal(x.grad, x.detach()), f"gradient through both exchanges, heads {heads}, bdi {bdi}")
 
 
-def check_groups(groups, sp, rank, world):
-    seq = groups.group("sequence")
+def check_groups(groups, rank, world):
+    whole = groups.group(["ring", "sequence"])
+    sp = whole.size
     check(ds_groups._get_sequence_parallel_world_size() == sp, "sequence parallel world size")
     check(ds_groups._get_sequence_parallel_rank() == rank % sp, "sequence parallel rank")
-    check(ds_groups._get_sequence_parallel_group() == seq, "sequence parallel group is the mesh's")
-    check(list(groups.mesh.group_of(["sequence"], rank)) == [rank - rank % sp + i for i in range(sp)],
+    check(ds_groups._get_sequence_parallel_group() == whole, "sequence parallel group is the mesh's")
+    check(list(groups.mesh.group_of(["sequence"], rank)) == [rank - rank % groups.mesh.axis_size("sequence") + i
+                                                               for i in range(groups.mesh.axis_size("sequence"))],
           "sequence groups are consecutive ranks (DeepSpeed's layout)")
     check(ds_groups._get_sequence_data_parallel_world_size() == world, "sequence x data group spans the world")
 
 
+def parse(layout):
+    """"A[xR]:heads[:ce|vocab]" -> (Ulysses degree A, ring degree R, heads, loss)."""
+    degrees, heads, *loss = layout.split(":")
+    a, _, r = degrees.partition("x")
+    return int(a), int(r or 1), int(heads), (loss[0] if loss else "ce")
+
+
 def train(layout, stage, ref, ref_losses, ref_grads, rank, world):
-    sp, heads, *loss_kind = layout.split(":")
-    sp, heads = int(sp), int(heads)
-    loss_kind = loss_kind[0] if loss_kind else "ce"
-    groups = zeal.mesh.build(sequence=sp)
-    seq = groups.group("sequence")
-    data_rank, r = rank // sp, seq.rank
-    model = Net(heads, DistributedAttention(lambda q, k, v: causal_attention(q, k, v), seq))
+    sp, ring_size, heads, loss_kind = parse(layout)
+    groups = zeal.mesh.build(sequence=sp, ring=ring_size)
+    seq, ring, whole = groups.group("sequence"), groups.group("ring"), groups.group(["ring", "sequence"])
+    data_rank = rank // whole.size
+    if ring_size == 1:  # Ulysses: contiguous shards
+        attention = DistributedAttention(lambda q, k, v: causal_attention(q, k, v), seq)
+        mine = torch.arange(seq.rank * SEQ // sp, (seq.rank + 1) * SEQ // sp)
+    else:  # Note [Ring layout]: two chunks per ring rank (split over the sequence group)
+        attention = RingAttention(ring) if sp == 1 else HierarchicalAttention(seq, ring)
+        mine = positions(SEQ, ring_size, ring.rank, sp, seq.rank)
+    model = Net(heads, attention)
     engine, *_ = zeal.initialize(model=model, config=config(stage, sp if stage % 2 else None))
-    want = ["data", "sequence"] if world > sp else ["sequence"]
+    want = [a for a, n in (("data", world // whole.size), ("ring", ring_size), ("sequence", sp)) if n > 1]
     check(engine._core.reduction_axes == want, f"dense weights reduce over {engine._core.reduction_axes}")
-    check(engine.train_batch_size() == B * (world // sp), f"train batch {engine.train_batch_size()}")
-    s_l = SEQ // sp
+    check(engine.train_batch_size() == B * (world // whole.size), f"train batch {engine.train_batch_size()}")
     what = f"layout {layout} stage {stage}"
     for step in range(STEPS):
         tokens, labels = sample(step, data_rank)
-        mine = slice(r * s_l, (r + 1) * s_l)
-        logits = engine(tokens[:, mine], torch.arange(SEQ)[mine].expand(B, s_l))
+        logits = engine(tokens[:, mine], mine.expand(B, -1))
         if loss_kind == "ce":
-            loss = seq_ce.sequence_parallel_cross_entropy(logits, labels[:, mine], seq)
+            loss = seq_ce.sequence_parallel_cross_entropy(logits, labels[:, mine], whole)
         else:  # DeepSpeed's: seq-first logits, per-token losses of the whole sequence, a masked mean
             per_token = seq_ce.vocab_sequence_parallel_cross_entropy(logits.transpose(0, 1).contiguous(),
                                                                      labels[:, mine].t().contiguous(), seq)
@@ -202,17 +221,18 @@ def main():
     rank = world.rank
     refs = {}
     for layout in args.layouts.split(","):
-        sp, heads = (int(x) for x in layout.split(":")[:2])
-        groups = zeal.mesh.build(sequence=sp)
-        check_groups(groups, sp, rank, world.size)
-        check_layouts(groups.group("sequence"))
-        key = (heads, world.size // sp)
+        sp, ring_size, heads, _ = parse(layout)
+        groups = zeal.mesh.build(sequence=sp, ring=ring_size)
+        check_groups(groups, rank, world.size)
+        if sp > 1:
+            check_layouts(groups.group("sequence"))
+        key = (heads, world.size // (sp * ring_size))
         if key not in refs:
             refs[key] = reference_run(*key)
         for stage in (int(s) for s in args.stages.split(",")):
             train(layout, stage, *refs[key], rank, world.size)
     # A config whose sequence_parallel_size is not the model's sequence group's is refused by name.
-    sp = int(args.layouts.split(",")[0].split(":")[0])
+    sp = parse(args.layouts.split(",")[0])[0]
     seq = zeal.mesh.build(sequence=sp).group("sequence")
     try:
         zeal.initialize(model=Net(sp, DistributedAttention(causal_attention, seq)), config=config(0, 2 * sp))
