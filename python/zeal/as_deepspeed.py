@@ -56,6 +56,7 @@ MODULES = {
     "deepspeed.sequence.cross_entropy": "zeal.sequence.cross_entropy",
     "deepspeed.runtime.sequence_parallel": {},
     "deepspeed.runtime.sequence_parallel.parallel_state_sp": "zeal.sequence.parallel_state_sp",
+    "deepspeed.runtime.sequence_parallel.ulysses_sp": "zeal.sequence.ulysses_sp",
     "deepspeed.checkpointing": "zeal.checkpointing",
     "deepspeed.runtime": {},
     "deepspeed.runtime.engine": {"DeepSpeedEngine": "zeal.engine:ZealEngine"},

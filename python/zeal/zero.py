@@ -12,6 +12,8 @@ keeps ranks in step (Note [Stage 3 agreement]); this module only decides *when* 
             again. The engine releases each parameter once its gradient has been consumed.
 """
 
+import weakref
+
 import torch
 
 from . import _zeal
@@ -20,6 +22,14 @@ from . import _zeal
 
 def _chunk(numel, world):
     return (numel + world - 1) // world
+
+
+_stage3_of = weakref.WeakKeyDictionary()  # module -> the Stage3Hooks of the engine that holds it
+
+
+def stage3_of(module):
+    """The ZeRO-3 hooks of the engine training `module`, or None (not ZeRO-3, not an engine's)."""
+    return _stage3_of.get(module)
 
 
 class Stage3Hooks:
@@ -56,10 +66,25 @@ class Stage3Hooks:
             self.module_params[m] = tuple(sorted(set(own)))
             self.handles.append(m.register_forward_pre_hook(self._pre))
             self.handles.append(m.register_forward_hook(self._post))
+            _stage3_of[m] = self
 
     def remove(self):
         for h in self.handles:
             h.remove()
+
+    def gather(self, params):
+        """Gathers these of the engine's parameters (whole until released): a computation that takes
+        parameters as autograd inputs outside their module's forward (zeal.sequence.ulysses_sp's tiles)
+        must see their whole shapes. Returns what release() takes."""
+        held = [self.index[id(p)] for p in params if id(p) in self.index]
+        if held:
+            self.core.fetch_params(held)
+        return held
+
+    def release(self, held):
+        held = [i for i in held if not self.core.is_persistent(i)]
+        if held:
+            self.core.release_params(held)
 
     def release_all(self):
         """Releases every gathered parameter but the persistent ones (engine.empty_partition_cache)."""
