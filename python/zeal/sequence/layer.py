@@ -152,6 +152,7 @@ class DistributedAttention(torch.nn.Module):
         self.scatter_idx = scatter_idx
         self.gather_idx = gather_idx
         self.sp_stream = sp_stream
+        self.all_to_all_bytes = 0  # what the last forward's four exchanges sent to other ranks (backward: the same)
         from .. import mesh
 
         owner, _ = mesh.owner(sequence_process_group)
@@ -163,13 +164,18 @@ class DistributedAttention(torch.nn.Module):
             raise _zeal.ConfigError("DistributedAttention: rotary_pos_emb= is not supported yet; apply the rotary "
                                     "embedding (with global positions) to q and k before the call")
         spg, s, g = self.spg, self.scatter_idx, self.gather_idx
+        heads = query.shape[_head_dim(batch_dim_idx)]
+        p, me = spg.size, spg.rank
+        kept = {n: head_counts(n, p)[me] / n for n in (heads, key.shape[2])}  # the share each rank keeps
+        self.all_to_all_bytes = sum(int(t.numel() * t.element_size() * (1 - kept[t.shape[2]]))
+                                    for t in (query, key, value)) + \
+            int(query.numel() * p * kept[heads] * query.element_size() * (1 - 1 / p))  # the context, back
         q = _SeqAllToAll.apply(spg, query, s, g, batch_dim_idx)
         k = _SeqAllToAll.apply(spg, key, s, g, batch_dim_idx)
         v = _SeqAllToAll.apply(spg, value, s, g, batch_dim_idx)
         context = self.local_attn(q, k, v, *args, **kwargs)
         if isinstance(context, tuple):
             context = context[0]
-        heads = query.shape[_head_dim(batch_dim_idx)]
         if context.dim() == 3:  # [.., .., heads*d] from a local attention that merged its heads
             context = context.unflatten(2, (q.shape[2], -1))
         return _SeqAllToAll.apply(spg, context, g, s, batch_dim_idx, None, None, None, True, heads)

@@ -203,6 +203,10 @@ def train(layout, stage, ref, ref_losses, ref_grads, rank, world):
             counted = (labels.t() != -100)
             loss = (per_token * counted).sum() / counted.sum()
         close(loss.detach(), torch.tensor(ref_losses[step][data_rank]), f"{what} step {step} loss")
+        if ring_size == 1 and heads % sp == 0:  # q, k, v and the context: 4 x (1 - 1/P) of a local [b, s/P, h, d]
+            sent = 4 * B * (SEQ // sp) * heads * HD * 4 * (sp - 1) // sp
+            check(attention.all_to_all_bytes == sent, f"{what}: all-to-all bytes {attention.all_to_all_bytes}, "
+                  f"want {sent}")
         engine.backward(loss)
         if step == 0:  # Adam hides a gradient's scale; the first step's gradients must equal too
             for (name, p), g in zip(model.named_parameters(), ref_grads):
