@@ -8,10 +8,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _causal(q, k, v):
+    """[b, s, heads, d] each, the whole sequence: causal attention (torch's SDPA on [b, heads, s, d])."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return y.transpose(1, 2)
+
+
 class Block(nn.Module):
-    def __init__(self, width, heads, moe=0, ep=1):
+    def __init__(self, width, heads, moe=0, ep=1, seq_group=None):
         super().__init__()
         self.heads = heads
+        self.attention = None
+        if seq_group is not None:  # Ulysses: this rank holds 1/S of the sequence (docs/long_sequences.md)
+            from zeal.sequence.layer import DistributedAttention
+
+            self.attention = DistributedAttention(_causal, seq_group)
         self.ln1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -26,10 +37,9 @@ class Block(nn.Module):
 
     def forward(self, x):
         b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        q, k, v = (z.view(b, t, self.heads, c // self.heads) for z in self.qkv(self.ln1(x)).split(c, dim=2))
+        y = self.attention(q, k, v, 0) if self.attention is not None else _causal(q, k, v)
+        x = x + self.proj(y.reshape(b, t, c))
         if hasattr(self, "moe"):
             y, self.l_aux, self.exp_counts = self.moe(self.ln2(x))
             return x + y
@@ -38,14 +48,17 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """moe > 0: every block's MLP is an MoE layer of that many experts (top-2, `ep` expert-parallel
-    ranks); the loss adds aux_weight x the layers' load-balancing losses."""
+    ranks); the loss adds aux_weight x the layers' load-balancing losses. seq_group: the sequence is
+    split over this group (Ulysses): forward takes this rank's contiguous 1/S of each sequence, and
+    the loss is the mean over the whole sequence (zeal.sequence.cross_entropy)."""
 
-    def __init__(self, vocab, block=128, width=256, layers=4, heads=4, moe=0, ep=1, aux_weight=0.01):
+    def __init__(self, vocab, block=128, width=256, layers=4, heads=4, moe=0, ep=1, aux_weight=0.01, seq_group=None):
         super().__init__()
         self.aux_weight = aux_weight
+        self.seq_group = seq_group
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(block, width)
-        self.blocks = nn.Sequential(*[Block(width, heads, moe, ep) for _ in range(layers)])
+        self.blocks = nn.Sequential(*[Block(width, heads, moe, ep, seq_group) for _ in range(layers)])
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
         for name, p in self.named_parameters():
@@ -56,11 +69,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         t = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        first = 0 if self.seq_group is None else self.seq_group.rank * t  # global positions of this shard
+        x = self.tok(idx) + self.pos(torch.arange(first, first + t, device=idx.device))
         logits = self.head(self.ln(self.blocks(x)))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if self.seq_group is not None:
+            from zeal.sequence.cross_entropy import sequence_parallel_cross_entropy
+
+            loss = sequence_parallel_cross_entropy(logits, targets, self.seq_group)
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         aux = [b.l_aux for b in self.blocks if b.l_aux is not None]
         return loss + self.aux_weight * sum(aux) if aux else loss
 

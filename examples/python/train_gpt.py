@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt import GPT, CharDataset, TensorParallelGPT, corpus_text  # noqa: E402
 
 import zeal  # noqa: E402
+import zeal.mesh  # noqa: E402
 
 
 def plot(rows, path):
@@ -70,6 +71,9 @@ def main():
                     help="tensor-parallel size: the model cut over groups of this many ranks (TensorParallelGPT)")
     ap.add_argument("--moe", type=int, default=0, help="experts per MoE layer (every block's MLP becomes one; top-2)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (ranks the experts are spread over)")
+    ap.add_argument("--seq_parallel", type=int, default=1,
+                    help="Ulysses degree: each sequence split over this many ranks (docs/long_sequences.md)")
+    ap.add_argument("--block", type=int, default=128, help="sequence length (a long-context run: --block 2048)")
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal / deepspeed launchers")
     args = ap.parse_args()
 
@@ -77,7 +81,7 @@ def main():
     torch.manual_seed(0)
     config = json.loads(Path(args.config).read_text())
     steps = args.steps or config.get("scheduler", {}).get("params", {}).get("total_num_steps", 200)
-    block = 128
+    block = args.block
     dataset = CharDataset(corpus_text(), block)
     # One GPU per rank when GPUs are present (LOCAL_RANK picks it); the CPU otherwise.
     device = torch.device("cpu")
@@ -92,8 +96,12 @@ def main():
         vocab = -(-len(dataset.chars) // args.tensor) * args.tensor
         model = TensorParallelGPT(GPT(vocab, block=block), tp_group).to(device)
         groups = {"data_parallel_group": dp_group}
+    elif args.seq_parallel > 1:  # the mesh's sequence axis; the engine trains on it
+        seq_group = zeal.mesh.build(sequence=args.seq_parallel).group("sequence")
+        model = GPT(len(dataset.chars), block=block, seq_group=seq_group).to(device)
     else:
         model = GPT(len(dataset.chars), block=block, moe=args.moe, ep=args.ep).to(device)
+    shard = _sequence_shard(args.seq_parallel)
     params = model.parameters()
     if args.moe:  # DeepSpeed's MoE recipe: the experts in parameter groups of their own
         from zeal.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -115,6 +123,9 @@ def main():
         layout = f"tensor {args.tensor} x data {engine.dp_world_size}" if args.tensor > 1 else "data parallel"
         if args.moe:
             layout += f"; MoE: {args.moe} experts per layer, top-2, expert-parallel {args.ep}"
+        if args.seq_parallel > 1:
+            layout = (f"sequence parallel {args.seq_parallel} x data {engine.world_size // args.seq_parallel}: "
+                      f"{block // args.seq_parallel} of each {block}-token sequence per rank")
         print(f"demo: {n_params / 1e6:.2f}M parameters per rank on {device}, {len(dataset.data) / 1e3:.0f}K characters, "
               f"vocab {len(dataset.chars)}, {engine.world_size} ranks ({layout}), global batch {engine.train_batch_size()} x {block} tokens, {steps} steps, "
               f"ZeRO stage {config.get('zero_optimization', {}).get('stage', 0)}", flush=True)
@@ -126,7 +137,7 @@ def main():
     profiler = FlopsProfiler(engine.module)
     profiler.start_profile()
     with torch.no_grad():
-        engine(x0.to(device), y0.to(device))
+        engine(shard(x0).to(device), shard(y0).to(device))
     profiler.stop_profile()
     flops_per_step = 3 * profiler.get_total_flops() * engine.gradient_accumulation_steps()  # per rank
     profiler.end_profile()
@@ -139,7 +150,7 @@ def main():
     while step < steps:
         loader.sampler.set_epoch(epoch)
         for x, y in loader:
-            loss = engine(x.to(device), y.to(device))
+            loss = engine(shard(x).to(device), shard(y).to(device))
             engine.backward(loss)
             engine.step()
             if engine.micro_steps % engine.gradient_accumulation_steps() != 0:
@@ -171,8 +182,9 @@ def main():
         if rank == 0:
             print(f"demo: nothing to do, the checkpoint is already at step {engine.global_steps}", flush=True)
         return
-    # Every rank samples: at ZeRO stage 3 a forward gathers parameters with collectives.
-    text = sample(engine, dataset)
+    # Every rank samples: at ZeRO stage 3 a forward gathers parameters with collectives. (Not with
+    # the sequence split: sampling grows one sequence a token at a time.)
+    text = sample(engine, dataset) if args.seq_parallel == 1 else "(no sample with --seq_parallel)"
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +200,19 @@ def main():
               f"{len(rows) * tokens_per_step / elapsed:,.0f} tokens/s overall", flush=True)
         print(f"demo: wrote {out / 'loss.csv'}, {out / 'loss.png'}, {out / 'sample.txt'}", flush=True)
         print("demo: sample: " + text.replace("\n", " ")[:160], flush=True)
+
+
+def _sequence_shard(degree):
+    """Cuts a [batch, block] tensor to this rank's contiguous 1/degree of each sequence (its rank in
+    the mesh's sequence group: consecutive ranks)."""
+    if degree == 1:
+        return lambda t: t
+    r = zeal.world().rank % degree
+
+    def cut(t):
+        n = t.shape[1] // degree
+        return t[:, r * n:(r + 1) * n]
+    return cut
 
 
 def _peak_flops(device, config):

@@ -67,6 +67,8 @@ void bind_parallel(py::module_& m) {
            })
       .def("custom", &parallel::ProcessGroups::custom, py::arg("key"), py::arg("ranks"),
            py::call_guard<py::gil_scoped_release>());
+  m.def("sample_axes", &parallel::sample_axes,
+        "The axes whose ranks see different samples (Note [Samples per step]): a loader shards over these.");
   m.def("reduction_axes", [](const parallel::Mesh& mesh, const Axes& split) {
     return parallel::reduction_axes(mesh, parallel::Placement{split, {}});
   }, py::arg("mesh"), py::arg("split") = Axes{}, "The axes a parameter split over `split` reduces its gradient over.");

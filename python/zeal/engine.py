@@ -82,6 +82,14 @@ def _mesh_of(model, data_parallel_group, model_parallel_group, mpu):
     return groups
 
 
+def _sample_shard(groups):
+    """(this rank's share, the number of shares) of a dataset: one per rank of the sample axes
+    (Note [Samples per step]); tensor, ring and sequence ranks of one share read the same samples."""
+    axes = [a for a in _zeal.sample_axes() if groups.mesh.axis_size(a) > 1]
+    ranks = list(groups.mesh.group_of(axes, groups.rank)) if axes else [groups.rank]
+    return ranks.index(groups.rank), len(ranks)
+
+
 def _check_expert_counts(model, parts, path):
     """A checkpoint whose MoE layer holds another number of experts than the model's is refused
     before anything is read, naming a parameter one side has and the other lacks."""
@@ -556,8 +564,8 @@ class EngineAPI:
         if data_sampler is not None:
             return torch.utils.data.DataLoader(dataset, batch_size=batch_size or self.train_micro_batch_size_per_gpu(),
                                                sampler=data_sampler, collate_fn=collate_fn)
-        return distributed_loader(dataset, batch_size or self.train_micro_batch_size_per_gpu(), self._core.rank,
-                                  self._core.world_size, collate_fn)
+        return distributed_loader(dataset, batch_size or self.train_micro_batch_size_per_gpu(), *self._sample_shard,
+                                  collate_fn)
 
     # --- ranks and device ---
     @property
@@ -568,6 +576,11 @@ class EngineAPI:
     @property
     def world_size(self):
         return _zeal.world().size
+
+    def get_sequence_parallel_group(self):
+        """The ranks holding one sample's sequence (the mesh's ring x sequence axes); None without
+        sequence parallelism (DeepSpeed's engine has no such attribute then)."""
+        return self._sequence_group
 
     @property
     def dp_world_size(self):
@@ -751,6 +764,9 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         self._auto_cast = bool(fp16.get("enabled", False) and fp16.get("auto_cast", False))
         self._stage3 = None
         self._tensor_group = None  # the tensor-parallel group, when the model has sharded layers
+        self._sample_shard = (core.rank, core.world_size)  # (share, shares) of a dataset: initialize sets it
+        self._sequence_group = None  # the ranks holding one sample's sequence (ring x sequence axes)
+        self.mpu = None
         if core.zero_stage == 3:
             from .zero import Stage3Hooks
 
@@ -1161,9 +1177,13 @@ def initialize(
     if training_data is not None:
         from .data import distributed_loader
 
-        loader = distributed_loader(training_data, core.train_micro_batch_size_per_gpu, core.rank,
-                                    core.world_size, collate_fn)
+        loader = distributed_loader(training_data, core.train_micro_batch_size_per_gpu, *_sample_shard(groups),
+                                    collate_fn)
     engine = ZealEngine(model, core, cfg, zeal_optimizer, scheduler, torch_optimizer, client_scheduler, loader)
+    engine._sample_shard = _sample_shard(groups)
+    engine.mpu = mpu
+    if groups.mesh.size_of(["ring", "sequence"]) > 1:
+        engine._sequence_group = groups.group(["ring", "sequence"])
     if groups.mesh.axis_size("tensor") > 1:
         engine._tensor_group = groups.group("tensor")
     return engine, zeal_optimizer, loader, scheduler
