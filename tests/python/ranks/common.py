@@ -9,6 +9,18 @@ import torch
 IN, HIDDEN, OUT = 12, 48, 3
 
 
+def check(cond, message):
+    """A rank script's assertion: raises whatever python -O does with `assert`."""
+    if not cond:
+        raise AssertionError(message)
+
+
+def close(a, b, what, tol=1e-5):
+    """`a` equals the reference `b` to `tol` relative to b's largest magnitude."""
+    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    check(err <= tol, f"{what}: relative error {err:.3e}")
+
+
 def make_model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(

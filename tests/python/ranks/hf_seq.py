@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import check, close  # noqa: E402
 import zeal  # noqa: E402
 from zeal.sequence.cross_entropy import sequence_mean, sequence_parallel_cross_entropy  # noqa: E402
 from zeal.sequence.ulysses_sp import (TiledFusedLogitsLoss, TiledMLP, UlyssesSPAttentionHF,  # noqa: E402
@@ -25,16 +26,6 @@ from zeal.sequence.ulysses_sp import (TiledFusedLogitsLoss, TiledMLP, UlyssesSPA
 from zeal.utils import groups as ds_groups  # noqa: E402
 
 LR, STEPS, B, SEQ, V = 1e-2, 4, 1, 24, 32
-
-
-def check(cond, message):
-    if not cond:
-        raise AssertionError(message)
-
-
-def close(a, b, what, tol=1e-5):
-    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-    check(err <= tol, f"{what}: relative error {err:.3e}")
 
 
 def tiny_llama():

@@ -22,19 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import check, close  # noqa: E402
 import zeal  # noqa: E402
 
 LR, STEPS, MICRO, CLIP = 1e-2, 3, 2, 0.05
-
-
-def check(cond, message):
-    if not cond:
-        raise AssertionError(message)
-
-
-def close(a, b, what):
-    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-    check(err <= 1e-5, f"{what}: relative error {err:.3e}")
 
 
 def mlp(seed):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import check, close  # noqa: E402
 import zeal  # noqa: E402
 import zeal.checkpoint  # noqa: E402
 import zeal.comm  # noqa: E402
@@ -35,16 +36,6 @@ from zeal.moe.layer import MoE  # noqa: E402
 from zeal.utils import groups as ds_groups  # noqa: E402
 
 LR, STEPS, MICRO, CLIP, AUX, D, H, E = 1e-2, 20, 3, 0.5, 0.05, 8, 10, 4
-
-
-def check(cond, message):
-    if not cond:
-        raise AssertionError(message)
-
-
-def close(a, b, what):
-    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-    check(err <= 1e-5, f"{what}: relative error {err:.3e}")
 
 
 def expert_mlp():

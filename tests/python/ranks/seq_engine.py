@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import check, close  # noqa: E402
 import zeal  # noqa: E402
 import zeal.mesh  # noqa: E402
 from zeal.sequence import cross_entropy as seq_ce  # noqa: E402
@@ -32,16 +33,6 @@ from zeal.sequence.ring import HierarchicalAttention, RingAttention, positions  
 from zeal.utils import groups as ds_groups  # noqa: E402
 
 LR, STEPS, B, SEQ, V, D, HD = 1e-2, 5, 2, 16, 19, 12, 4
-
-
-def check(cond, message):
-    if not cond:
-        raise AssertionError(message)
-
-
-def close(a, b, what, tol=1e-5):
-    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-    check(err <= tol, f"{what}: relative error {err:.3e}")
 
 
 def causal_attention(q, k, v, positions=None):
