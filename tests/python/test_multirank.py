@@ -168,13 +168,14 @@ def test_sequence_parallel_training_equals_the_whole_sequence(run_ranks, ranks, 
     assert proc.stdout.count("SEQ-OK") == ranks, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("ranks,args", [(2, ["--sp", "2"]), (2, ["--sp", "2", "--tiled"]), (4, ["--sp", "4"]),
-                                         (4, ["--sp", "2", "--tiled"])])
+@pytest.mark.parametrize("ranks,args", [(2, ["--sp", "2"]), (2, ["--sp", "2", "--tiled", "--checkpoint"]),
+                                         (4, ["--sp", "4", "--checkpoint"]), (4, ["--sp", "2", "--tiled"])])
 def test_huggingface_llama_with_ulysses_equals_the_whole_sequence(run_ranks, ranks, args):
     # ALST on a tiny transformers Llama (4 heads, 2 key/value heads; built from a config): the
     # attention adapter registered with transformers, the data-loader adapter's shards, the mpu
     # into zeal.initialize; at degree 4 the key/value heads are repeated; --tiled: TiledMLP and
-    # TiledFusedLogitsLoss. ZeRO 0-3, every step's loss, the first gradients and the final weights
+    # TiledFusedLogitsLoss; --checkpoint: transformers' activation checkpointing (the all-to-alls
+    # rerun in backward; with a GPU the hidden states offloaded to host memory). ZeRO 0-3, every step's loss, the first gradients and the final weights
     # equal one torch process on the whole sequence (ranks/hf_seq.py).
     pytest.importorskip("transformers")
     proc = run_ranks(ranks, "hf_seq.py", *args, timeout=300)

@@ -7,7 +7,10 @@ the 2 key/value heads are repeated to split), UlyssesSPDataLoaderAdapter shards 
 shard for shard: tokens, global position ids, labels shifted before the cut), zeal.initialize takes
 the returned mpu, the loss is zeal's sequence_parallel_cross_entropy. With --tiled the decoder MLPs
 run as TiledMLP (3 tiles) and the logits and loss as TiledFusedLogitsLoss (3 tiles, "sum", then the
-sequence mean). Samples are padded to different lengths. ZeRO stages of --stages.
+sequence mean). With --checkpoint, transformers' activation checkpointing (non-reentrant; with a
+device, the checkpointed hidden states offloaded to host memory), so every layer's all-to-alls run
+again in the backward's recomputation. Samples are padded to different lengths. ZeRO stages of
+--stages.
 Prints HF-SEQ-OK from every rank that checked everything."""
 import argparse
 import copy
@@ -94,6 +97,8 @@ def main():
     ap.add_argument("--sp", type=int, required=True)
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--tiled", action="store_true")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="transformers' activation checkpointing with its hidden states offloaded to host memory")
     args = ap.parse_args()
     world = zeal.world()
     rank, sp = world.rank, args.sp
@@ -106,6 +111,10 @@ def main():
     group = ds_groups._get_sequence_parallel_group()
     for stage in (int(s) for s in args.stages.split(",")):
         model = copy.deepcopy(initial)
+        if args.checkpoint:  # the backward recomputes each layer: its all-to-alls run again there
+            # offload to host memory needs a device (transformers pins the copies; a CPU-only torch
+            # has no pinned allocator, and host activations have nowhere to go)
+            model.activation_checkpointing_enable(offload=torch.cuda.is_available())
         if args.tiled:
             model = Tiled(model, 3)
         cfg = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
