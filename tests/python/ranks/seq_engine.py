@@ -13,7 +13,8 @@ layout at the ZeRO stages of --stages. Samples are padded to different lengths (
 the end), so the shards hold different numbers of counted tokens: a loss averaged per shard, or
 scaled by the sequence degree the wrong way (Note [Sequence loss scale]), fails the comparison.
 Also: the all-to-all's layouts against a hand-built expectation (both batch_dim_idx, even and uneven
-heads), DeepSpeed's group accessors, sequence_parallel_size from the config, a mismatched one refused.
+heads), DeepSpeed's group accessors, sequence_parallel_size from the config, a mismatched one refused,
+shards of different lengths refused by every rank.
 Prints SEQ-OK from every rank that checked everything."""
 import argparse
 import math
@@ -234,6 +235,14 @@ def main():
         check(False, "a sequence_parallel_size the mesh does not have was accepted")
     except zeal.ConfigError as e:
         check("sequence_parallel_size" in str(e), f"the error names the key: {e}")
+    # Shards of different lengths on the ranks of a group are refused by every rank, naming the
+    # counts, not joined into a shifted sequence (last: the group is broken after it).
+    s_l = SEQ // seq.size + (1 if seq.rank == 0 else 0)
+    try:
+        _SeqAllToAll.apply(seq, torch.zeros(B, s_l, seq.size, HD), 2, 0, 0)
+        check(False, "shards of different lengths were exchanged")
+    except zeal.CommError as e:
+        check("expects" in str(e) and "disagree" in str(e), f"the error names the counts: {e}")
     print(f"SEQ-OK rank {rank}", flush=True)
 
 
