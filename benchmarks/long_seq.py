@@ -2,10 +2,10 @@
 and 4, with and without ALST's tiling, and Zeal's DistributedAttention against DeepSpeed's on the
 same model in the same run.
 
-Model: a causal GPT (vocab 512, hidden 64, 4 heads of 16, 2 layers, MLP 4x), torch's
-scaled_dot_product_attention as the local attention (memory linear in the sequence), the sequence
-split over P ranks (data 1). One step is forward + sharded cross-entropy + backward (the optimizer
-step on its 0.1M parameters is left out; it does not depend on the sequence).
+Model: the demo's causal GPT (--shape demo: width 256, 4 layers, 4 heads, vocab 96; or --shape
+narrow: width 64, 2 layers, 4 heads, vocab 512), MLP 4x, torch's scaled_dot_product_attention as
+the local attention (memory linear in the sequence), the sequence split over P ranks (data 1). One step is forward + sharded cross-entropy + backward (the optimizer
+step is left out; it does not depend on the sequence).
 
     Zeal       zeal.sequence.layer.DistributedAttention over Zeal's MPI communicator, the loss
                zeal.sequence.cross_entropy.sequence_parallel_cross_entropy; "tiled": the MLPs as
@@ -20,7 +20,7 @@ x (P-1)/P elements per layer each way (the paper's 4Nh/P per link, less the shar
 CPU activation offload is not in the table: on a host without a device the activations are already
 in host memory.
 
-    python benchmarks/long_seq.py --out out/bench/long_seq.json
+    python benchmarks/long_seq.py --cap_mib 512 --out out/bench/long_seq.json
 """
 import argparse
 import importlib.util
@@ -36,7 +36,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from harness import mpirun, print_table, rss_bytes, time_steps, write_json  # noqa: E402
 
-V, D, HEADS, LAYERS, TILE = 512, 64, 4, 2, 1024
+TILE = 1024
+# The demo's GPT (examples/python/gpt.py: width 256, 4 layers, 4 heads, its 96-character vocabulary)
+# and a narrow one that reaches longer sequences in the same time on 2 cores.
+SHAPES = {"demo": (96, 256, 4, 4), "narrow": (512, 64, 4, 2)}
+V, D, HEADS, LAYERS = SHAPES["demo"]
+
+
+def set_shape(name):
+    global V, D, HEADS, LAYERS
+    V, D, HEADS, LAYERS = SHAPES[name]
 
 
 def build(attention_factory, tiled):
@@ -173,12 +182,12 @@ def rank_main(impl, seq, steps):
 _port = [29900]
 
 
-def run(impl, ranks, seq, steps):
+def run(impl, ranks, seq, steps, shape):
     _port[0] += 1
     os.environ["BENCH_PORT"] = str(_port[0])
     print(f"long_seq: {impl} degree {ranks} sequence {seq} ...", flush=True)
     out = mpirun(ranks, sys.executable, __file__, "--rank_impl", impl, "--rank_seq", seq, "--steps", steps,
-                 timeout=1800)
+                 "--shape", shape, timeout=1800)
     records = [json.loads(m) for m in re.findall(r'\{"impl"[^{}]*\}', out)]
     assert len(records) == ranks, out
     return {"step_s": statistics.median(next(r["times_s"] for r in records if r["rank"] == 0)),
@@ -188,15 +197,17 @@ def run(impl, ranks, seq, steps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cap_mib", type=int, default=256)
-    ap.add_argument("--max_seq", type=int, default=65536)
-    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--cap_mib", type=int, default=512)
+    ap.add_argument("--max_seq", type=int, default=32768)
+    ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--degrees", default="1,2,4")
     ap.add_argument("--out", default="out/bench/long_seq.json")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="demo")
     ap.add_argument("--rank_impl")
     ap.add_argument("--rank_seq", type=int)
     args = ap.parse_args()
+    set_shape(args.shape)
     if args.rank_impl:
         return rank_main(args.rank_impl, args.rank_seq, args.steps)
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -207,7 +218,7 @@ def main():
         for p in degrees:
             best, seq = None, 2048
             while seq <= args.max_seq:
-                r = run("zeal" + tiled, p, seq, 1)
+                r = run("zeal" + tiled, p, seq, 1, args.shape)
                 if r["peak_mib"] > args.cap_mib:
                     break
                 best, seq = (seq, r), seq * 2
@@ -229,7 +240,7 @@ def main():
         impls = ["zeal"]
     compare, rows = {}, []
     for p in [d for d in degrees if d > 1]:
-        results = {impl: run(impl, p, args.seq, args.steps) for impl in impls}
+        results = {impl: run(impl, p, args.seq, args.steps, args.shape) for impl in impls}
         elements = 4 * (args.seq // p) * D * (p - 1) / p
         for impl, r in results.items():
             compare[f"{impl}/degree{p}"] = r
@@ -240,7 +251,8 @@ def main():
     print_table(f"Sequence {args.seq}, one step (forward + loss + backward), median of {args.steps}",
                 ["degree", "impl", "step ms", "zeal time / this", "peak MiB", "a2a bytes/layer fwd",
                  "4(N/P)h(P-1)/P x 4 B"], rows)
-    write_json(args.out, {"benchmark": "long_seq", "cap_mib": args.cap_mib, "model": {"vocab": V, "hidden": D,
+    write_json(args.out, {"benchmark": "long_seq", "cap_mib": args.cap_mib, "shape": args.shape,
+                          "model": {"vocab": V, "hidden": D,
                           "heads": HEADS, "layers": LAYERS}, "longest": longest, "seq": args.seq, "compare": compare})
 
 
