@@ -1109,9 +1109,19 @@ def initialize(
     engine takes the mesh they were cut from and derives every group from it."""
     if model is None:
         raise _zeal.ConfigError("initialize needs model=")
-    if mesh_param is not None:
-        raise _zeal.ConfigError("initialize: mesh_param= (a data x sequence parallel mesh) is not supported yet")
     mpu_groups = None
+    if mesh_param is not None:  # DeepSpeed's (data, sequence) device mesh: the mesh's two axes
+        from . import mesh
+
+        try:
+            dp, sp = (int(x) for x in mesh_param)
+        except (TypeError, ValueError):
+            raise _zeal.ConfigError(f"initialize: mesh_param= is (data parallel size, sequence parallel size), got "
+                                    f"{mesh_param!r}") from None
+        if dp * sp != _zeal.world().size:
+            raise _zeal.ConfigError(f"initialize: mesh_param={tuple(mesh_param)} holds {dp * sp} ranks, but the world "
+                                    f"has {_zeal.world().size}")
+        mpu_groups = mesh.build(data=dp, sequence=sp)
     if mpu is not None:
         if not hasattr(mpu, "_zeal_mesh_groups"):
             raise _zeal.ConfigError("initialize: mpu= (a Megatron-style model-parallel unit over torch.distributed "
@@ -1119,6 +1129,8 @@ def initialize(
                                     "(zeal.tensor_parallel.make_groups), use a zeal.pipe.PipelineModule, or for "
                                     "sequence parallelism the mpu UlyssesSPAttentionHF.register_with_transformers "
                                     "returns")
+        if mpu_groups is not None and mpu._zeal_mesh_groups() is not mpu_groups:
+            raise _zeal.ConfigError("initialize: mesh_param= and mpu= name different meshes; pass one")
         mpu_groups = mpu._zeal_mesh_groups()
     cfg = load_config(config, args, config_params)
     from .pipe import PipelineEngine, PipelineModule
@@ -1127,6 +1139,9 @@ def initialize(
         if optimizer is not None or lr_scheduler is not None:
             raise _zeal.ConfigError("initialize: optimizer= and lr_scheduler= with a PipelineModule are not supported "
                                     "yet; configure config keys 'optimizer' and 'scheduler'")
+        if cfg.get("sequence_parallel_size", 1) != 1 or mpu_groups is not None:
+            raise _zeal.ConfigError("config key 'sequence_parallel_size': sequence parallelism with a PipelineModule "
+                                    "is not supported yet")
         stage_cfg = {k: v for k, v in cfg.items() if k != "pipeline"}
         parsed = _zeal.validate_config(to_json(stage_cfg))  # serialised once, parsed once: the engine takes it
         if cfg.get("zero_optimization", {}).get("stage", 0) > 2:

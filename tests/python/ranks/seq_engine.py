@@ -179,7 +179,9 @@ def train(layout, stage, ref, ref_losses, ref_grads, rank, world):
         attention = RingAttention(ring) if sp == 1 else HierarchicalAttention(seq, ring)
         mine = positions(SEQ, ring_size, ring.rank, sp, seq.rank)
     model = Net(heads, attention)
-    engine, *_ = zeal.initialize(model=model, config=config(stage, sp if stage % 2 else None))
+    # the mesh by DeepSpeed's mesh_param=(data, sequence) at ZeRO-2, by the config key at ZeRO 1 and 3
+    mesh_param = (world // sp, sp) if ring_size == 1 and stage == 2 else None
+    engine, *_ = zeal.initialize(model=model, config=config(stage, sp if stage % 2 else None), mesh_param=mesh_param)
     want = [a for a, n in (("data", world // whole.size), ("ring", ring_size), ("sequence", sp)) if n > 1]
     check(engine._core.reduction_axes == want, f"dense weights reduce over {engine._core.reduction_axes}")
     check(engine.train_batch_size() == B * (world // whole.size), f"train batch {engine.train_batch_size()}")
@@ -235,6 +237,12 @@ def main():
         check(False, "a sequence_parallel_size the mesh does not have was accepted")
     except zeal.ConfigError as e:
         check("sequence_parallel_size" in str(e), f"the error names the key: {e}")
+    try:
+        zeal.initialize(model=Net(sp, DistributedAttention(causal_attention, seq)), config=config(0),
+                        mesh_param=(world.size, 2))
+        check(False, "a mesh_param holding more ranks than the world was accepted")
+    except zeal.ConfigError as e:
+        check("mesh_param" in str(e), f"the error names mesh_param: {e}")
     # Shards of different lengths on the ranks of a group are refused by every rank, naming the
     # counts, not joined into a shifted sequence (last: the group is broken after it).
     s_l = SEQ // seq.size + (1 if seq.rank == 0 else 0)
