@@ -42,6 +42,16 @@ def _exchange(group, x, scatter_dim, gather_dim, scatter_sizes, gather_sizes, si
     return torch.cat([chunk.view(s) for chunk, s in zip(out.split(recv_counts), recv_shapes)], dim=gather_dim)
 
 
+def hold_mesh(module, group):
+    """Tags `module` with the mesh `group` was cut from, so the engine trains on that mesh (as the
+    MoE layer's _zeal_groups); a group no Zeal mesh cut leaves it untagged."""
+    from .. import mesh
+
+    owner, _ = mesh.owner(group)
+    if owner is not None:
+        module._zeal_groups = owner
+
+
 def _head_dim(batch_dim_idx):
     if batch_dim_idx not in (0, 1):
         raise _zeal.ConfigError(f"DistributedAttention: batch_dim_idx must be 0 ([b, s, heads, d]) or 1 "
@@ -153,11 +163,7 @@ class DistributedAttention(torch.nn.Module):
         self.gather_idx = gather_idx
         self.sp_stream = sp_stream
         self.all_to_all_bytes = 0  # what the last forward's four exchanges sent to other ranks (backward: the same)
-        from .. import mesh
-
-        owner, _ = mesh.owner(sequence_process_group)
-        if owner is not None:  # the engine trains on the mesh this group was cut from
-            self._zeal_groups = owner
+        hold_mesh(self, sequence_process_group)
 
     def forward(self, query, key, value, batch_dim_idx, rotary_pos_emb=None, *args, **kwargs):
         if rotary_pos_emb is not None:

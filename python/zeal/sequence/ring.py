@@ -24,7 +24,7 @@ import math
 import torch
 
 from .. import _zeal
-from .layer import _SeqAllToAll
+from .layer import _SeqAllToAll, hold_mesh
 
 
 def positions(seq_len, ring, ring_rank, sequence=1, sequence_rank=0):
@@ -56,11 +56,17 @@ def _pass(group, tensors):
     return [x.view_as(t) for x, t in zip(pieces, tensors)]
 
 
-def _block(q, k, v, scale, causal):
-    """[b, h, lq, d] x [b, h, lk, d] -> (out [b, h, lq, d], lse [b, h, lq]), fp32."""
+def _scores(q, k, scale, causal):
+    """scale q k^T, [b, h, lq, lk]; causal: the upper triangle masked (a block on the diagonal)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return s
+
+
+def _block(q, k, v, scale, causal):
+    """[b, h, lq, d] x [b, h, lk, d] -> (out [b, h, lq, d], lse [b, h, lq]), fp32."""
+    s = _scores(q, k, scale, causal)
     lse = torch.logsumexp(s, dim=-1)
     return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v), lse
 
@@ -74,10 +80,7 @@ def _merge(out, lse, rows, block_out, block_lse):
 
 def _block_grad(q, k, v, out, lse, dout, scale, causal):
     """One block's (dq, dk, dv) given the merged out and lse of its query rows."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-    prob = torch.exp(s - lse.unsqueeze(-1))
+    prob = torch.exp(_scores(q, k, scale, causal) - lse.unsqueeze(-1))
     dv = torch.matmul(prob.transpose(-1, -2), dout)
     dprob = torch.matmul(dout, v.transpose(-1, -2))
     ds = prob * (dprob - (dout * out).sum(-1, keepdim=True))
@@ -173,11 +176,7 @@ class RingAttention(torch.nn.Module):
     def __init__(self, ring_group, scale=None):
         super().__init__()
         self.group, self.scale = ring_group, scale
-        from .. import mesh
-
-        owner, _ = mesh.owner(ring_group)
-        if owner is not None:
-            self._zeal_groups = owner
+        hold_mesh(self, ring_group)
 
     def forward(self, query, key, value):
         return ring_attention(query, key, value, self.group, self.scale)
@@ -190,11 +189,7 @@ class HierarchicalAttention(torch.nn.Module):
     def __init__(self, sequence_group, ring_group, scale=None):
         super().__init__()
         self.seq, self.ring, self.scale = sequence_group, ring_group, scale
-        from .. import mesh
-
-        owner, _ = mesh.owner(sequence_group)
-        if owner is not None:
-            self._zeal_groups = owner
+        hold_mesh(self, sequence_group)
 
     def forward(self, query, key, value):
         heads = query.shape[2]
