@@ -11,7 +11,11 @@ of memory, for ALST's memory savers one by one:
                  (tiles of 4096 positions): neither the MLP intermediate nor the logits is whole
 
 Each trial runs in its own process (an out-of-memory error leaves the allocator fragmented); the
-table gives the longest sequence that trained, its step time, tokens/s and peak device memory.
+table gives the longest sequence that trained, its step time, tokens/s and peak device memory. Each
+variant saves more memory than the one before, so its search starts at the previous variant's
+longest. A trial times its second step, unless its first took over --slow_s (then that one); with
+--budget_s no trial starts after that many seconds, and a variant cut short says so ("budget").
+The JSON is rewritten after every trial, so a run stopped from outside keeps what it measured.
 
     python3 benchmarks/long_seq_gpu.py --out out/bench/long_seq_gpu.json
     python3 benchmarks/long_seq_gpu.py --device cpu --small     # a smoke run without a GPU
@@ -124,14 +128,15 @@ class _null:
         return False
 
 
-def trial(variant, seq, device, small):
+def trial(variant, seq, device, small, slow_s):
     import torch
 
     import zeal
 
     shape = SMALL if small else BIG
     torch.manual_seed(0)
-    model = build(shape, "tiled" in variant)
+    with torch.device(device):  # built in place: a 1.1B model initialised on the host takes a while
+        model = build(shape, "tiled" in variant)
     model.checkpoint = "ckpt" in variant
     model.offload = "offload" in variant
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -144,7 +149,7 @@ def trial(variant, seq, device, small):
     x, y = tokens[:, :-1], tokens[:, 1:]
     times = []
     try:
-        for _ in range(3):  # the first step warms up
+        for _ in range(2):  # the first step warms up; a slow one is timed alone
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -154,10 +159,12 @@ def trial(variant, seq, device, small):
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            if times[0] > slow_s:
+                break
     except torch.OutOfMemoryError:
         return {"ok": False}
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    return {"ok": True, "step_s": min(times[1:]), "peak_gib": peak / 2**30, "loss": loss.item()}
+    return {"ok": True, "step_s": times[-1], "steps_timed": len(times), "peak_gib": peak / 2**30, "loss": loss.item()}
 
 
 def main():
@@ -166,43 +173,72 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--start", type=int, default=4096)
     ap.add_argument("--max_seq", type=int, default=1 << 20)
+    ap.add_argument("--budget_s", type=float, default=float("inf"), help="start no trial after this many seconds")
+    ap.add_argument("--grace_s", type=float, default=60.0, help="a trial may run this long past the budget")
+    ap.add_argument("--slow_s", type=float, default=10.0, help="a first step slower than this is the one timed")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="out/bench/long_seq_gpu.json")
     ap.add_argument("--trial")
     ap.add_argument("--seq", type=int)
     args = ap.parse_args()
     if args.trial:
-        print("RESULT " + json.dumps(trial(args.trial, args.seq, args.device, args.small)), flush=True)
+        print("RESULT " + json.dumps(trial(args.trial, args.seq, args.device, args.small, args.slow_s)), flush=True)
         return
-    start = 256 if args.small else args.start
-    longest, rows = {}, []
-    for variant in VARIANTS:
-        best, seq = None, start
-        while seq <= args.max_seq:
+    import torch
+
+    shape = SMALL if args.small else BIG
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    began = time.perf_counter()
+    seq, longest, trials = (256 if args.small else args.start), {}, []
+    for variant in args.variants.split(","):
+        best, stop = None, "out of memory"
+        while True:
+            if seq > args.max_seq:
+                stop = f"cap {args.max_seq}"
+                break
+            if time.perf_counter() - began > args.budget_s:
+                stop = "budget"
+                break
             print(f"long_seq_gpu: {variant} sequence {seq} ...", flush=True)
-            cmd = [sys.executable, __file__, "--trial", variant, "--seq", str(seq), "--device", args.device]
-            proc = subprocess.run(cmd + (["--small"] if args.small else []), capture_output=True, text=True,
-                                  env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+            cmd = [sys.executable, __file__, "--trial", variant, "--seq", str(seq), "--device", args.device,
+                   "--slow_s", str(args.slow_s)]
+            left = args.budget_s - (time.perf_counter() - began) + args.grace_s
+            try:
+                proc = subprocess.run(cmd + (["--small"] if args.small else []), capture_output=True, text=True,
+                                      timeout=None if math.isinf(left) else left,
+                                      env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+            except subprocess.TimeoutExpired:  # too slow to finish inside the budget: not a measurement
+                print(f"long_seq_gpu: {variant} sequence {seq}: stopped after {left:.0f} s", flush=True)
+                stop = f"time ({seq} not finished)"
+                break
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:  # a crash other than a caught OOM: say so and stop this variant
                 print(proc.stdout[-2000:] + proc.stderr[-4000:], flush=True)
+                stop = "crashed"
                 break
             result = json.loads(line[len("RESULT "):])
+            trials.append({"variant": variant, "seq": seq, **result})
+            print(f"long_seq_gpu: {variant} sequence {seq}: {result}", flush=True)
+            write_json(args.out, {"benchmark": "long_seq_gpu", "device": name, "shape": shape, "trials": trials,
+                                  "longest": longest})
             if not result["ok"]:
                 break
             best, seq = (seq, result), seq * 2
-        longest[variant] = None if best is None else {"seq": best[0], **best[1]}
-        if best:
-            s, r = best
-            rows.append([variant, s, f"{r['peak_gib']:.1f}", f"{r['step_s']:.2f}", f"{s / r['step_s']:,.0f}"])
+        longest[variant] = {"stopped_by": stop, **({} if best is None else {"seq": best[0], **best[1]})}
+        if best is not None:
+            seq = best[0]  # the next variant saves more memory: it starts where this one ended
+    rows = []
+    for variant, r in longest.items():
+        if "seq" in r:
+            more = "" if r["stopped_by"] == "out of memory" else f" (>=, {r['stopped_by']})"
+            rows.append([variant, f"{r['seq']}{more}", f"{r['peak_gib']:.1f}", f"{r['step_s']:.2f}",
+                         f"{r['seq'] / r['step_s']:,.0f}"])
         else:
-            rows.append([variant, f"< {start}", "-", "-", "-"])
-    shape = SMALL if args.small else BIG
-    import torch
-
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+            rows.append([variant, f"none ({r['stopped_by']})", "-", "-", "-"])
     print_table(f"Longest sequence, one {name}, Llama-shaped {shape}, batch 1, Zeal engine + AdamW",
                 ["variant", "longest seq", "peak GiB", "step s", "tokens/s"], rows)
-    write_json(args.out, {"benchmark": "long_seq_gpu", "device": name, "shape": shape, "longest": longest})
+    write_json(args.out, {"benchmark": "long_seq_gpu", "device": name, "shape": shape, "trials": trials,
+                          "longest": longest})
 
 
 if __name__ == "__main__":

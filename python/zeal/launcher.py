@@ -39,6 +39,7 @@ from ._rank import FAILURE_MARKER
 DEEPSPEED_ENVIRONMENT_NAME = os.getenv("DS_ENV_FILE", ".deepspeed_env")
 
 _MARKER = re.compile(re.escape(FAILURE_MARKER) + r" rank (\d+) exit code (-?\d+)(?: culprit (.+))?")
+
 _MPI_RANK = re.compile(r"Process name: \[\[\d+,\d+\],(\d+)\]|process rank (\d+) with PID")
 _MPI_RULE = re.compile(r"^-{20,}\s*$")
 _MPI_AFTERMATH = re.compile(r"^\[[^\]]+:\d+\] \d+ more process(es)? ha(s|ve) sent help message|"
@@ -48,6 +49,13 @@ FORWARD_PREFIXES = ("NCCL", "PYTHON", "UCX", "OMPI", "ZEAL")
 DEFAULT_HOSTFILE = "/job/hostfile"  # DeepSpeed's default location
 LAUNCHERS = ("local", "openmpi", "ssh", "pdsh", "slurm")
 STOP_GRACE_S = 5.0  # each stage of stopping: ask, SIGTERM, SIGKILL
+
+
+def _definite(blame):
+    """A culprit that names its ranks ("world rank 3 diverged ..."), not a pair only one of which
+    can be ("world ranks 2 or 3 diverged ...")."""
+    return bool(blame) and " or " not in blame.split(" diverged")[0]
+
 
 
 def local_mpi_env(base=None):
@@ -302,7 +310,15 @@ class Job:
             with self.lock:
                 failure = self.markers[0] if self.markers else None
             if failure:
-                time.sleep(0.3)  # the other ranks' reports of the same fault, one may name its culprit
+                # The other ranks' reports of the same fault: one may name its culprit, where the
+                # first to arrive could only say "ranks 2 or 3" (it compared with the culprit alone).
+                deadline = time.monotonic() + 1.0
+                time.sleep(0.3)
+                while time.monotonic() < deadline:
+                    with self.lock:
+                        if any(_definite(m[2]) for m in self.markers):
+                            break
+                    time.sleep(0.05)
                 break
             codes = [p.poll() for p in self.procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
@@ -330,7 +346,8 @@ class Job:
             print(f"zeal: {who} failed (exit code {code}); every rank was stopped", file=sys.stderr, flush=True)
             return code if code > 0 else 1
         with self.lock:
-            blamed = next((m for m in self.markers if m[2]), None)
+            blames = [m for m in self.markers if m[2]]
+            blamed = next((m for m in blames if _definite(m[2])), blames[0] if blames else None)
         if blamed:
             # A collective's error names whose fault it was: say that, not which rank noticed first.
             rank, code, blame = blamed

@@ -102,3 +102,12 @@ def test_fp16_overflow_on_device_follows_deepspeeds_loss_scale(tmp_path, stage):
     got = [(t["scale"], t["skipped"], t["changed"]) for t in json.loads(out.read_text())]
     # (hysteresis only under ZeRO: DeepSpeed's stage-0 fp16 optimizer halves at every overflow)
     assert got == expected_trajectory({3, 4, 5, 9}, 12, 256.0, 3, 2 if stage > 0 else 1)
+
+
+def test_hf_activation_checkpointing_offloaded_to_host_matches_torch():
+    # transformers' activation_checkpointing_enable(offload=True) on a device Llama: the checkpointed
+    # hidden states go to pinned host memory (counted) and come back for the recomputation; the
+    # engine's run at ZeRO 0 and 3 equals plain torch without checkpointing (ranks/hf_offload.py).
+    pytest.importorskip("transformers")
+    proc = run_mpi(1, "hf_offload.py", "--device", DEVICE, "--stages", "0,3")
+    assert "HF-OFFLOAD-OK" in proc.stdout, proc.stdout + proc.stderr
