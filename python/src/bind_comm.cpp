@@ -1,7 +1,10 @@
 // Layer comm: communicators, work handles, the world, timeouts, fault injection.
 #include "bindings.h"
 
+#include <ATen/ops/empty.h>
+
 #include "zeal/comm/compressed.h"
+#include "zeal/comm/quantized.h"
 #include "zeal/comm/world.h"
 #include "zeal/core/error.h"
 #include "zeal/features.h"
@@ -105,6 +108,28 @@ void bind_comm(py::module_& m) {
         py::call_guard<py::gil_scoped_release>(),
         "In place: the error-compensated 1-bit average of `tensor` over the ranks (zeal/comm/compressed.h).");
   m.def("compressed_all_reduce_bytes", &comm::compressed_all_reduce_bytes, py::arg("numel"), py::arg("world"));
+
+  m.def("quantize_blocks",
+        [](const at::Tensor& x, int bits, int64_t block, std::optional<at::Tensor> error) {
+          comm::Quantized q = comm::quantize(x, bits, block, error ? &*error : nullptr);
+          return std::make_tuple(q.q, q.scales);  // converted after the GIL is back
+        },
+        py::arg("x"), py::arg("bits"), py::arg("block"), py::arg("error") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        "(levels uint8, scales fp32): ZeRO++'s block-wise symmetric quantization of x (zeal/comm/quantized.h); "
+        "with error, the blocks carry error feedback and error is updated in place.");
+  m.def("dequantize_blocks",
+        [](const at::Tensor& q, const at::Tensor& scales, int64_t numel, int bits, int64_t block,
+           std::optional<at::Tensor> out) {
+          comm::Quantized in{q, scales, numel, block, bits};
+          at::Tensor result = out ? *out : at::empty({numel}, scales.options().dtype(at::kFloat));
+          comm::dequantize(in, result, out.has_value());
+          return result;
+        },
+        py::arg("q"), py::arg("scales"), py::arg("numel"), py::arg("bits"), py::arg("block"),
+        py::arg("accumulate_into") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        "The fp32 values of quantize_blocks' output; with accumulate_into, added to that tensor (returned).");
+  m.def("quantized_wire_bytes", &comm::quantized_wire_bytes, py::arg("numel"), py::arg("bits"), py::arg("block"));
 
   m.def("world", [](double timeout_s) { return comm::world(to_timeout(timeout_s)); }, py::arg("timeout_s") = 0.0,
         "The process's world communicator (created on first call); a timeout_s > 0 sets the process's "

@@ -1,9 +1,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
 
 #include "cpu/half_reduce.h"
 #include "cpu/onebit.h"
+#include "cpu/quantize.h"
 
 using namespace zeal::kernels;
 
@@ -65,4 +69,133 @@ TEST(OneBit, PacksSignsLeastSignificantFirstAndKeepsTheLossAsError) {
   zeal::kernels::onebit_unpack(bits, 1.0f, out, 10, true);
   for (int i = 0; i < 10; ++i) EXPECT_EQ(out[i], 1.5f * want[i]) << i;
   EXPECT_EQ(zeal::kernels::onebit_scale(x, error, 0), 0.0);
+}
+
+// Block quantization (kernels/cpu/quantize.h) against a float64 reference: every size and block
+// boundary (1, 7, 8, 9, 4099 elements; blocks that cut the tensor anywhere), 8 and 4 bits, with
+// and without error feedback.
+namespace {
+
+int level_of(const std::vector<uint8_t>& q, int bits, int64_t i) {
+  if (bits == 8) return static_cast<int8_t>(q[i]);
+  const int nib = (i % 2 ? q[i / 2] >> 4 : q[i / 2]) & 0xF;
+  return nib >= 8 ? nib - 16 : nib;
+}
+
+std::vector<float> values(int64_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(n);
+  for (auto& v : x) v = normal(gen) * (seed % 3 == 0 ? 1e-3f : 4.0f);
+  return x;
+}
+
+// Checks one quantize_blocks call's output against the float64 definition: each block's scale is
+// amax / qmax, each level the nearest integer of c / scale (either neighbour where c / scale is
+// within 1e-4 of a half, since the kernel rounds c * (qmax / amax) in fp32), |level| <= qmax, the
+// value sent within half a step of c, and the error c - level * scale.
+void check_against_reference(const std::vector<float>& x, const std::vector<float>& error_before,
+                             const std::vector<float>* error_after, int64_t block, int bits,
+                             const std::vector<uint8_t>& q, const std::vector<float>& scales) {
+  const int64_t n = static_cast<int64_t>(x.size());
+  const double qmax = bits == 8 ? 127.0 : 7.0;
+  for (int64_t start = 0, b = 0; start < n; start += block, ++b) {
+    const int64_t end = std::min(n, start + block);
+    double amax = 0.0;
+    for (int64_t i = start; i < end; ++i)
+      amax = std::max(amax, std::fabs(static_cast<double>(x[i]) + static_cast<double>(error_before[i])));
+    const double scale = amax / qmax;
+    ASSERT_NEAR(scales[b], scale, scale * 1e-6) << "block " << b << " of " << n << " in blocks of " << block;
+    for (int64_t i = start; i < end; ++i) {
+      // c as the kernel forms it: x + error rounded to fp32
+      const double c = static_cast<double>(static_cast<float>(x[i] + error_before[i]));
+      const int level = level_of(q, bits, i);
+      ASSERT_LE(std::abs(level), qmax);
+      if (scale == 0.0) {
+        ASSERT_EQ(level, 0);
+        continue;
+      }
+      const double exact = c / scale;
+      const double nearest = std::nearbyint(exact);
+      if (std::fabs(std::fabs(exact - std::trunc(exact)) - 0.5) > 1e-4)
+        ASSERT_EQ(level, nearest) << "element " << i << " of " << n << ": " << exact;
+      else
+        ASSERT_LE(std::fabs(level - exact), 0.5 + 1e-4) << "element " << i;
+      ASSERT_LE(std::fabs(c - level * static_cast<double>(scales[b])), 0.5 * scale * (1 + 1e-5) + 1e-30);
+      if (error_after)
+        ASSERT_NEAR((*error_after)[i], c - level * static_cast<double>(scales[b]), 1e-6 * amax)  // fp32 rounding of c
+            << "error of element " << i;
+    }
+  }
+}
+
+}  // namespace
+
+TEST(Quantize, BlocksOfEverySizeMatchTheFloat64Reference) {
+  for (int bits : {8, 4}) {
+    for (int64_t n : {1, 7, 8, 9, 64, 4099}) {
+      for (int64_t block : {2, 8, 64, 128, 2048}) {
+        for (bool feedback : {false, true}) {
+          const std::vector<float> x = values(n, static_cast<uint32_t>(n * 31 + block + bits));
+          std::vector<float> error(n, 0.0f);
+          if (feedback) error = values(n, static_cast<uint32_t>(n + 7));
+          for (auto& e : error) e *= 0.01f;
+          const std::vector<float> before = error;
+          std::vector<uint8_t> q(quantized_bytes(n, bits), 0xAA);
+          std::vector<float> scales(quantized_blocks(n, block), -1.0f);
+          quantize_blocks(x.data(), feedback ? error.data() : nullptr, n, block, bits, q.data(), scales.data());
+          check_against_reference(x, before, feedback ? &error : nullptr, block, bits, q, scales);
+          if (bits == 4 && n % 2) EXPECT_EQ(q.back() >> 4, 0) << "the unused high nibble";
+          // dequantize: level * scale, written or added
+          std::vector<float> out(n, 1.0f);
+          dequantize_blocks(q.data(), scales.data(), n, block, bits, out.data(), false);
+          std::vector<float> acc(n, 1.0f);
+          dequantize_blocks(q.data(), scales.data(), n, block, bits, acc.data(), true);
+          for (int64_t i = 0; i < n; ++i) {
+            const float want = static_cast<float>(level_of(q, bits, i)) * scales[i / block];
+            ASSERT_EQ(out[i], want) << "dequantized element " << i;
+            ASSERT_EQ(acc[i], 1.0f + want) << "accumulated element " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Quantize, ErrorFeedbackCarriesWhatWasLost) {
+  // A constant signal far below one step of its block: without feedback it is sent as 0 forever;
+  // with feedback the sum of what was sent tracks the sum of the signal within one step.
+  const int64_t n = 4;
+  const float x[n] = {100.0f, 0.3f, 0.3f, 0.3f};  // scale 100 / 7: 0.3 rounds to 0
+  std::vector<float> error(n, 0.0f), sent(n, 0.0f);
+  uint8_t q[2];
+  float scale;
+  for (int step = 0; step < 200; ++step) {
+    quantize_blocks(x, error.data(), n, n, 4, q, &scale);
+    dequantize_blocks(q, &scale, n, n, 4, sent.data(), true);
+  }
+  for (int64_t i = 1; i < n; ++i) {
+    EXPECT_NEAR(sent[i], 200 * 0.3, 100.0 / 7.0) << "element " << i;
+    EXPECT_GT(sent[i], 0.0f);
+  }
+}
+
+TEST(Quantize, ZeroBlocksSendZerosAndNonFiniteBlocksArriveAsNaN) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float x[12] = {0, 0, 0, 0, 1, nan, 2, 3, -inf, 1, 2, 3};
+  for (int bits : {8, 4}) {
+    std::vector<float> error(12, 0.5f);
+    error[0] = error[1] = error[2] = error[3] = 0.0f;
+    std::vector<uint8_t> q(quantized_bytes(12, bits));
+    float scales[3];
+    quantize_blocks(x, error.data(), 12, 4, bits, q.data(), scales);
+    EXPECT_EQ(scales[0], 0.0f);
+    EXPECT_TRUE(std::isnan(scales[1]));
+    EXPECT_TRUE(std::isnan(scales[2]));
+    for (int i = 4; i < 12; ++i) EXPECT_EQ(error[i], 0.5f) << "a non-finite block keeps its error";
+    std::vector<float> out(12);
+    dequantize_blocks(q.data(), scales, 12, 4, bits, out.data(), false);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(out[i], 0.0f);
+    for (int i = 4; i < 12; ++i) EXPECT_TRUE(std::isnan(out[i])) << "element " << i;
+  }
 }

@@ -1,0 +1,32 @@
+// ZeRO++'s quantized wire format over tensors: the adapter between at::Tensor and the block
+// quantization kernels (kernels/cpu/quantize.h, kernels/cuda/quantize.h, where the format is
+// defined). qwZ sends weights as 8-bit blocks before the stage-3 all-gather; qgZ sends gradients as
+// 4-bit blocks with error feedback in its all-to-all reduction.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace zeal::comm {
+
+struct Quantized {
+  at::Tensor q;       // uint8: quantized_bytes(numel, bits)
+  at::Tensor scales;  // fp32: one per block
+  int64_t numel = 0;
+  int64_t block = 0;
+  int bits = 0;
+};
+
+// x (any floating dtype, contiguous; computed in fp32) quantized in blocks of `block` elements. With
+// error (fp32, x's size and device), the blocks carry error feedback and error is updated in place.
+// bits must be 8 or 4, block positive (and even for 4 bits); the check names what was given.
+Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* error = nullptr);
+
+// The fp32 values q stands for, written into out (fp32, contiguous, numel elements) or added to it.
+void dequantize(const Quantized& q, at::Tensor& out, bool accumulate = false);
+
+// Bytes on the wire for numel elements: the levels and the scales.
+int64_t quantized_wire_bytes(int64_t numel, int bits, int64_t block);
+
+}  // namespace zeal::comm
