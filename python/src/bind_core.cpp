@@ -56,6 +56,7 @@ void bind_core(py::module_& m) {
       .def_readonly("round_robin_gradients", &ZeroConfig::round_robin_gradients)
       .def_readonly("elastic_checkpoint", &ZeroConfig::elastic_checkpoint)
       .def_readonly("load_from_fp32_weights", &ZeroConfig::load_from_fp32_weights)
+      .def_readonly("quantized_weights", &ZeroConfig::quantized_weights)
       .def_property_readonly("offload_optimizer_device", [](const ZeroConfig& z) {
         return z.offload_optimizer.device == OffloadDevice::kCpu ? "cpu" : z.offload_optimizer.device == OffloadDevice::kNvme ? "nvme" : "none";
       });

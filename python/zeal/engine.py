@@ -607,6 +607,7 @@ _ZERO_QUERIES = {
     "zero_max_reuse_distance": "max_reuse_distance", "zero_prefetch_bucket_size": "prefetch_bucket_size",
     "zero_param_persistence_threshold": "param_persistence_threshold",
     "zero_model_persistence_threshold": "model_persistence_threshold",
+    "zero_quantized_weights": "quantized_weights",
 }
 
 # The queries over keys of features Zeal does not implement (so no parsed field holds them): name ->
@@ -615,7 +616,6 @@ _CONFIG_QUERIES = {
     "zero_module_granularity_threshold": (["zero_optimization.module_granularity_threshold",
                                            "zero_optimization.stage3_module_granularity_threshold"], 0),
     "zero_hpz_partition_size": (["zero_optimization.zero_hpz_partition_size"], 1),
-    "zero_quantized_weights": (["zero_optimization.zero_quantized_weights"], False),
     "zero_quantized_nontrainable_weights": (["zero_optimization.zero_quantized_nontrainable_weights"], False),
     "zero_quantized_gradients": (["zero_optimization.zero_quantized_gradients"], False),
     "zeropp_loco_param": (["zero_optimization.zeropp_loco_param"], None),

@@ -584,7 +584,10 @@ void parse_zero(const json& given, ZeroConfig& out) {
   }
   // ZeRO++, MiCS and ZenFlow: accepted switched off (DeepSpeed's defaults), refused when on.
   r.only_value("zero_hpz_partition_size", 1, "ZeRO++ hierarchical partitioning is not supported yet");
-  r.only_value("zero_quantized_weights", false, "ZeRO++ quantized weights are not supported yet");
+  r.read_bool("zero_quantized_weights", out.quantized_weights);
+  if (out.quantized_weights && out.stage != 3)
+    throw ConfigError("config key '" + r.path("zero_quantized_weights") + "': ZeRO++ quantized weights need ZeRO "
+                      "stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
   r.only_value("zero_quantized_nontrainable_weights", false, "ZeRO++ quantized weights are not supported yet");
   r.only_value("zero_quantized_gradients", false, "ZeRO++ quantized gradients are not supported yet");
   r.only_value("zeropp_loco_param", nullptr, "ZeRO++ LoCo is not supported yet");

@@ -229,6 +229,7 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
     param_offload.host_shard = op.device == OffloadDevice::kCpu;
     if (op.device == OffloadDevice::kNvme) param_offload.nvme_path = op.nvme_path;
     param_offload.aio = config_.aio;
+    param_offload.quantized_weights = config_.zero_optimization.quantized_weights;
     u.partition = std::make_unique<zero::ParamPartition>(u.params, u.shapes, u.layout, u.stage3_shard, u.world,
                                                          config_.zero_optimization.param_persistence_threshold,
                                                          param_offload);

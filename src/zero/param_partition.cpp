@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 
+#include "zeal/comm/quantized.h"
 #include "zeal/core/error.h"
 #include "zeal/core/logging.h"
 
@@ -14,7 +15,11 @@ namespace zeal::zero {
 ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::vector<int64_t>> shapes,
                                const FlatLayout& layout, at::Tensor shard, comm::CommunicatorPtr comm,
                                int64_t persistence_threshold, const ParamOffload& offload)
-    : params_(std::move(params)), shapes_(std::move(shapes)), shard_(std::move(shard)), comm_(std::move(comm)) {
+    : params_(std::move(params)),
+      shapes_(std::move(shapes)),
+      shard_(std::move(shard)),
+      quantized_(offload.quantized_weights),
+      comm_(std::move(comm)) {
   options_ = shard_.options();
   if (offload.host_shard && !shard_.device().is_cpu()) shard_ = shard_.to(at::kCPU);
   const size_t n = params_.size();
@@ -27,6 +32,7 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   full_.resize(n);
   work_.resize(n);
   staging_.resize(n);
+  wire_.resize(n);
   read_handle_.resize(n);
   empty_ = at::empty({0}, options_);
   int64_t local = 0;
@@ -171,10 +177,24 @@ void ParamPartition::issue_front() {
   if (comm_->size() == 1) {
     full_[i].copy_(mine);
     staging_[i].reset();
+  } else if (quantized_ && !persistent_[i]) {  // Note [Quantized gathers]
+    const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4;
+    comm::Quantized q = comm::quantize(mine, 8, comm::kWeightBlock);
+    at::Tensor message = at::empty({wire_bytes(i)}, q.q.options());
+    message.slice(0, 0, c).copy_(q.q);
+    message.slice(0, levels).copy_(q.scales.view(at::kByte));
+    staging_[i] = message;
+    wire_[i] = at::empty({wire_bytes(i) * comm_->size()}, q.q.options());
+    work_[i] = comm_->all_gather(wire_[i], message, {});
   } else {
     staging_[i] = mine;
     work_[i] = comm_->all_gather(full_[i], mine, {});
   }
+}
+
+int64_t ParamPartition::wire_bytes(size_t i) const {
+  const int64_t c = chunk_size_[i];
+  return (c + 3) / 4 * 4 + (c + comm::kWeightBlock - 1) / comm::kWeightBlock * static_cast<int64_t>(sizeof(float));
 }
 
 void ParamPartition::issue_queued(size_t until) {
@@ -198,6 +218,19 @@ void ParamPartition::make_live(size_t i) {
   if (work_[i]) work_[i]->wait();
   work_[i].reset();
   staging_[i].reset();
+  if (wire_[i].defined()) {  // Note [Quantized gathers]: each rank's chunk from its message
+    const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4, bytes = wire_bytes(i);
+    const bool fp32 = options_.dtype() == at::kFloat;
+    at::Tensor values = fp32 ? full_[i] : at::empty({full_[i].numel()}, options_.dtype(at::kFloat));
+    for (int r = 0; r < comm_->size(); ++r) {
+      at::Tensor message = wire_[i].slice(0, r * bytes, (r + 1) * bytes);
+      comm::Quantized q{message.slice(0, 0, c), message.slice(0, levels).view(at::kFloat), c, comm::kWeightBlock, 8};
+      at::Tensor out = values.slice(0, r * c, (r + 1) * c);
+      comm::dequantize(q, out);
+    }
+    if (!fp32) full_[i].copy_(values);
+    wire_[i].reset();
+  }
   params_[i].set_data(full_[i].slice(0, 0, numel_[i]).view(shapes_[i]));
   live_storage_[full_[i].storage().data()] = i;
   state_[i] = State::kLive;
@@ -209,6 +242,7 @@ void ParamPartition::release(size_t i) {
   if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();  // never free a buffer MPI is writing
   work_[i].reset();
   staging_[i].reset();
+  wire_[i].reset();
   if (state_[i] == State::kLive) live_storage_.erase(full_[i].storage().data());
   if (state_[i] != State::kShapeOnly) live_elements_ -= full_[i].numel();
   params_[i].set_data(empty_);

@@ -98,3 +98,27 @@ def test_cuda_kernels_equal_the_cpu_kernels_bit_for_bit(bits):
     bad = torch.tensor([1.0, float("nan"), 2.0, 3.0], device="cuda")
     q, s = _zeal.quantize_blocks(bad, bits, 2)
     assert s.cpu()[0].isnan() and s.cpu()[1] == 3.0 / (127 if bits == 8 else 7)
+
+
+@pytest.mark.parametrize("zero,words", [
+    ({"stage": 3, "zero_quantized_weights": True}, None),
+    ({"stage": 2, "zero_quantized_weights": True},
+     ["zero_optimization.zero_quantized_weights", "need ZeRO stage 3", "stage is 2"]),
+    ({"stage": 3, "zero_quantized_weights": "yes"}, ["zero_optimization.zero_quantized_weights", "boolean"]),
+    ({"stage": 3, "zero_quantized_gradients": True}, ["zero_optimization.zero_quantized_gradients", "not supported yet"]),
+    ({"stage": 3, "zero_hpz_partition_size": 2}, ["zero_optimization.zero_hpz_partition_size", "not supported yet"]),
+])
+def test_zeropp_config_keys(zero, words):
+    import json
+
+    from zeal.config import to_json
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
+    if words is None:
+        parsed = _zeal.validate_config(to_json(cfg))
+        assert parsed.zero_optimization.quantized_weights is True
+        return
+    with pytest.raises(zeal.ConfigError) as e:
+        _zeal.validate_config(to_json(json.loads(json.dumps(cfg))))
+    for w in words:
+        assert w in str(e.value)

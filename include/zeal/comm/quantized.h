@@ -10,6 +10,10 @@
 
 namespace zeal::comm {
 
+// Elements per block: qwZ's 8-bit weights (DeepSpeed groups a parameter into blocks of about
+// 4-8K elements; smaller blocks are at least as accurate).
+constexpr int64_t kWeightBlock = 2048;
+
 struct Quantized {
   at::Tensor q;       // uint8: quantized_bytes(numel, bits)
   at::Tensor scales;  // fp32: one per block

@@ -149,6 +149,8 @@ struct ZeroConfig {
   bool round_robin_gradients = false;            // accepted; no effect without offload
   bool elastic_checkpoint = false;               // accepted; every Zeal checkpoint reshards
   bool load_from_fp32_weights = true;
+  // ZeRO++ (docs/zeropp.md). qwZ: stage 3 gathers parameters as 8-bit blocks.
+  bool quantized_weights = false;
 };
 
 // tensorboard and csv_monitor: the training events (DeepSpeed's names) rank 0 writes under

@@ -46,6 +46,9 @@ struct ParamOffload {
   bool host_shard = false;
   std::string nvme_path;  // empty: no swap
   offload::AioConfig aio;
+  // ZeRO++ qwZ (zero_quantized_weights): non-persistent parameters travel as 8-bit blocks
+  // (Note [Quantized gathers]).
+  bool quantized_weights = false;
 };
 
 class ParamPartition {
@@ -130,6 +133,16 @@ class ParamPartition {
   at::TensorOptions options_;  // the full parameters' dtype and device
   std::unique_ptr<offload::ParamSwapper> swap_;
   std::vector<at::Tensor> staging_;  // a gather's input chunk, alive until the gather completes
+  // Note [Quantized gathers]: with qwZ each rank quantizes its chunk of a non-persistent parameter
+  // in blocks of comm::kWeightBlock (the chunk's last block may be shorter, so a partition may cut
+  // a block anywhere) and sends one message: the levels, padded to 4 bytes, then the block scales.
+  // The gather receives every rank's message into wire_[i]; make_live dequantizes each chunk,
+  // this rank's own too, so every rank computes with the same values. The shard and the fp32
+  // master are never quantized: checkpoints do not depend on qwZ. Persistent parameters, gathered
+  // once per step, stay exact.
+  bool quantized_ = false;
+  std::vector<at::Tensor> wire_;
+  int64_t wire_bytes(size_t i) const;
   // Note [Swapped chunk read-ahead]: with an NVMe swap, fetch(i) only starts reading chunk i and
   // queues it; the all_gather of a queued chunk is issued, in queue order, once more than
   // kReadAhead reads are queued, or when the chunk is needed (make_live, release). Which gathers

@@ -1,0 +1,133 @@
+"""One rank of a 2-, 3- or 4-rank job: ZeRO-3 with ZeRO++'s quantized weights (qwZ,
+zero_quantized_weights) equals a plain-torch process whose forward and backward see the weights
+exactly as qwZ delivers them, fp32 to 1e-5: every step's loss, the first step's gradients and the
+final fp32 weights. The reference pads each parameter to a multiple of the rank count, cuts it into
+one chunk per rank, and quantizes each chunk in 8-bit blocks of 2048 elements (kernels/cpu/quantize.h,
+rounded as the kernel rounds), then AdamW updates the exact weights with those gradients. The model's
+parameters have 1, 7, 8, 9, 72 and 4099 elements, so chunks end inside blocks and blocks are cut by
+partitions. A control run checks that the quantized reference differs from the exact one (the test
+can fail), and qwZ off equals the exact reference. Prints ZEROPP-OK."""
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import check, close  # noqa: E402
+import zeal  # noqa: E402
+
+B, STEPS, LR, BLOCK = 8, 6, 1e-2, 2048
+
+
+class Odd(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scale9 = torch.nn.Parameter(1 + 0.1 * torch.randn(9))
+        self.lin1 = torch.nn.Linear(9, 8)                         # 72 and 8
+        self.table = torch.nn.Parameter(0.5 * torch.randn(4099))  # 4099
+        self.lin2 = torch.nn.Linear(8, 1)                         # 8 and 1
+        self.shift7 = torch.nn.Parameter(0.1 * torch.randn(7))    # 7
+        self.gain = torch.nn.Parameter(torch.tensor([1.5]))       # 1
+
+    def forward(self, x, idx, y):
+        h = torch.tanh(self.lin1(x * self.scale9) + self.table[idx].unsqueeze(1))
+        out = self.lin2(h).squeeze(-1) * self.gain + self.shift7.sum()
+        return F.mse_loss(out, y)
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(B, 9, generator=g), torch.randint(0, 4099, (B,), generator=g), torch.randn(B, generator=g)
+
+
+def qwz(w, world):
+    """What every rank computes with: w padded to world chunks, each chunk 8-bit block-quantized."""
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    c = -(-n // world)
+    padded = torch.cat([flat, flat.new_zeros(c * world - n)])
+    out = []
+    for chunk in padded.split(c):
+        for block in chunk.split(BLOCK):
+            amax = block.abs().max()
+            if amax == 0:
+                out.append(torch.zeros_like(block))
+                continue
+            scale, inv = amax / 127.0, 127.0 / amax
+            out.append(torch.round(block * inv).clamp(-127, 127) * scale)
+    return torch.cat(out)[:n].view_as(w)
+
+
+def reference(world, quantized):
+    model = Odd()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    losses = []
+    for step in range(STEPS):
+        exact = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if quantized:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(qwz(p, world))
+        opt.zero_grad()
+        # each rank's share of the batch, averaged as the engine averages over data ranks
+        loss = sum(model(*[t[r::world] for t in batch(step)]) for r in range(world)) / world
+        loss.backward()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(exact[n])
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        losses.append(loss.item())
+    return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def run(world, rank, quantized):
+    model = Odd()
+    cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                 "zero_quantized_weights": quantized}, "comms_timeout_s": 60}
+    engine, *_ = zeal.initialize(model=model, config=cfg)
+    losses = []
+    for step in range(STEPS):
+        mine = [t[rank::world] for t in batch(step)]
+        loss = engine(*mine)
+        engine.backward(loss)
+        if step == 0:
+            grads = {n: zeal.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        engine.step()
+        total = torch.tensor([loss.item()])
+        zeal.world().all_reduce(total, "sum").wait()
+        losses.append(total.item() / world)
+    final = {n: zeal.utils.safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    return losses, grads, final
+
+
+def compare(got, want, what):
+    g_losses, g_grads, g_final = got
+    w_losses, w_grads, w_final = want
+    for step, (a, b) in enumerate(zip(g_losses, w_losses)):
+        close(torch.tensor(a), torch.tensor(b), f"{what}: loss of step {step}")
+    for n in w_grads:
+        close(g_grads[n].reshape(-1), w_grads[n].reshape(-1), f"{what}: first gradient of {n}")
+        close(g_final[n].reshape(-1), w_final[n].reshape(-1), f"{what}: final {n}")
+
+
+def main():
+    argparse.ArgumentParser().parse_args()
+    world = zeal.world()
+    exact, quantized = reference(world.size, False), reference(world.size, True)
+    differ = max((quantized[2][n] - exact[2][n]).abs().max().item() for n in exact[2])
+    check(differ > 1e-4, f"the quantized reference should move away from the exact one (max {differ:.2e})")
+    compare(run(world.size, world.rank, True), quantized, f"qwZ at {world.size} ranks")
+    compare(run(world.size, world.rank, False), exact, f"ZeRO-3 without qwZ at {world.size} ranks")
+    print(f"ZEROPP-OK rank {world.rank}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
