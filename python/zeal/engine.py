@@ -19,15 +19,20 @@ def _model_dtype(parsed):
     return torch.float16 if parsed.fp16_enabled else torch.bfloat16 if parsed.bf16_enabled else torch.float32
 
 
-def _process_groups(model, data_parallel_group, model_parallel_group, sequence_parallel_size=1, mpu=None):
+def _process_groups(model, data_parallel_group, model_parallel_group, sequence_parallel_size=1, mpu=None, hpz=1):
     """The mesh the engine trains on: the one the given groups (or the model's tensor-parallel
     layers' group, or the mesh its MoE or sequence layers use, or the mpu's) were cut from, else
-    data parallelism over the world with the config's sequence_parallel_size as its sequence axis."""
+    data parallelism over the world with the config's sequence_parallel_size as its sequence axis
+    and its zero_hpz_partition_size as the data_inner axis (ZeRO++ hpZ's node groups)."""
     groups = _mesh_of(model, data_parallel_group, model_parallel_group, mpu)
     if groups is None:
         from . import mesh
 
-        groups = mesh.build(sequence=sequence_parallel_size)
+        world = _zeal.world()
+        if hpz > 1 and world.size % (hpz * sequence_parallel_size):
+            raise _zeal.ConfigError(f"config key 'zero_optimization.zero_hpz_partition_size': {hpz} must divide the "
+                                    f"data-parallel ranks ({world.size} ranks / sequence {sequence_parallel_size})")
+        groups = mesh.build(sequence=sequence_parallel_size, data_inner=hpz)
     if sequence_parallel_size > 1 and groups.mesh.axis_size("sequence") != sequence_parallel_size:
         raise _zeal.ConfigError(f"config key 'sequence_parallel_size': {sequence_parallel_size}, but the model's "
                                 f"sequence layers (or mpu=) use the mesh {groups.mesh!r}, whose sequence axis "
@@ -608,6 +613,7 @@ _ZERO_QUERIES = {
     "zero_param_persistence_threshold": "param_persistence_threshold",
     "zero_model_persistence_threshold": "model_persistence_threshold",
     "zero_quantized_weights": "quantized_weights",
+    "zero_hpz_partition_size": "hpz_partition_size",
 }
 
 # The queries over keys of features Zeal does not implement (so no parsed field holds them): name ->
@@ -615,7 +621,6 @@ _ZERO_QUERIES = {
 _CONFIG_QUERIES = {
     "zero_module_granularity_threshold": (["zero_optimization.module_granularity_threshold",
                                            "zero_optimization.stage3_module_granularity_threshold"], 0),
-    "zero_hpz_partition_size": (["zero_optimization.zero_hpz_partition_size"], 1),
     "zero_quantized_nontrainable_weights": (["zero_optimization.zero_quantized_nontrainable_weights"], False),
     "zero_quantized_gradients": (["zero_optimization.zero_quantized_gradients"], False),
     "zeropp_loco_param": (["zero_optimization.zeropp_loco_param"], None),
@@ -1178,7 +1183,7 @@ def initialize(
     if dtype != torch.float32:
         model.to(dtype)
     groups = _process_groups(model, data_parallel_group, model_parallel_group, parsed.sequence_parallel_size,
-                             mpu_groups)
+                             mpu_groups, parsed.zero_optimization.hpz_partition_size)
     param_groups = _param_groups(model, model_parameters, dtype)
     _check_init_groups(param_groups, groups)
     core = _zeal.Engine(param_groups, parsed, groups, client)

@@ -583,7 +583,10 @@ void parse_zero(const json& given, ZeroConfig& out) {
                         "(zero_optimization.stage is " + std::to_string(out.stage) + ")");
   }
   // ZeRO++, MiCS and ZenFlow: accepted switched off (DeepSpeed's defaults), refused when on.
-  r.only_value("zero_hpz_partition_size", 1, "ZeRO++ hierarchical partitioning is not supported yet");
+  r.read_int("zero_hpz_partition_size", out.hpz_partition_size, 1);
+  if (out.hpz_partition_size > 1 && out.stage != 3)
+    throw ConfigError("config key '" + r.path("zero_hpz_partition_size") + "': ZeRO++ hierarchical partitioning "
+                      "needs ZeRO stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
   r.read_bool("zero_quantized_weights", out.quantized_weights);
   if (out.quantized_weights && out.stage != 3)
     throw ConfigError("config key '" + r.path("zero_quantized_weights") + "': ZeRO++ quantized weights need ZeRO "

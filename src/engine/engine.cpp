@@ -230,6 +230,19 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
     if (op.device == OffloadDevice::kNvme) param_offload.nvme_path = op.nvme_path;
     param_offload.aio = config_.aio;
     param_offload.quantized_weights = config_.zero_optimization.quantized_weights;
+    const int64_t hpz = config_.zero_optimization.hpz_partition_size;
+    if (hpz > 1 && u.world->size() > 1) {  // Note [Secondary partition] (zero/param_partition.h)
+      ZEAL_CHECK_AS(ConfigError, mesh_->mesh().axis_size("data_inner") == hpz &&
+                                     std::find(u.axes.begin(), u.axes.end(), "data_inner") != u.axes.end(),
+                    "config key 'zero_optimization.zero_hpz_partition_size' is ", hpz, ", but the engine's mesh ",
+                    mesh_->mesh().key(u.axes), " has data_inner ", mesh_->mesh().axis_size("data_inner"),
+                    " (zeal.initialize builds the mesh with data_inner = zero_hpz_partition_size)");
+      std::vector<std::string> across;
+      for (const auto& a : u.axes)
+        if (a != "data_inner") across.push_back(a);
+      param_offload.hpz_intra = mesh_->group_on({"data_inner"}, device_);
+      param_offload.hpz_inter = mesh_->group_on(across, device_);
+    }
     u.partition = std::make_unique<zero::ParamPartition>(u.params, u.shapes, u.layout, u.stage3_shard, u.world,
                                                          config_.zero_optimization.param_persistence_threshold,
                                                          param_offload);

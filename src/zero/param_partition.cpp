@@ -19,6 +19,8 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
       shapes_(std::move(shapes)),
       shard_(std::move(shard)),
       quantized_(offload.quantized_weights),
+      hpz_intra_(offload.hpz_intra),
+      hpz_inter_(offload.hpz_inter),
       comm_(std::move(comm)) {
   options_ = shard_.options();
   if (offload.host_shard && !shard_.device().is_cpu()) shard_ = shard_.to(at::kCPU);
@@ -33,7 +35,15 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   work_.resize(n);
   staging_.resize(n);
   wire_.resize(n);
+  hpz_gathered_.resize(n);
   read_handle_.resize(n);
+  if (hpz_intra_) {
+    ZEAL_CHECK(!offload.host_shard && offload.nvme_path.empty(),
+               "ZeRO++ hpZ (zero_hpz_partition_size) with offload_param is not supported yet");
+    ZEAL_CHECK(!quantized_, "ZeRO++ hpZ together with zero_quantized_weights is not supported yet");
+    ZEAL_INTERNAL_ASSERT(hpz_inter_ && hpz_intra_->size() * hpz_inter_->size() == comm_->size(),
+                         "hpZ groups of ", hpz_intra_->size(), " x ", hpz_inter_->size(), " for ", comm_->size(), " ranks");
+  }
   empty_ = at::empty({0}, options_);
   int64_t local = 0;
   for (const Bucket& b : layout.buckets) {
@@ -159,6 +169,14 @@ void ParamPartition::fetch(size_t i) {
     while (read_queue_.size() > kReadAhead) issue_front();
     return;
   }
+  if (hpz_intra_ && !persistent_[i]) {  // Note [Secondary partition]
+    if (secondary_stale_) build_secondary();
+    const int64_t begin = chunk_begin_[i];
+    staging_[i] = secondary_.slice(1, begin, begin + c).contiguous();
+    hpz_gathered_[i] = at::empty({c * comm_->size()}, options_);
+    work_[i] = hpz_intra_->all_gather(hpz_gathered_[i], staging_[i], {});
+    return;
+  }
   // This rank's chunk, from host memory to the device or in place.
   staging_[i] = shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
   read_queue_.push_back(i);
@@ -192,6 +210,12 @@ void ParamPartition::issue_front() {
   }
 }
 
+void ParamPartition::build_secondary() {
+  secondary_ = at::empty({hpz_inter_->size(), shard_numel_}, options_);
+  hpz_inter_->all_gather(secondary_, shard_, {})->wait();
+  secondary_stale_ = false;
+}
+
 int64_t ParamPartition::wire_bytes(size_t i) const {
   const int64_t c = chunk_size_[i];
   return (c + 3) / 4 * 4 + (c + comm::kWeightBlock - 1) / comm::kWeightBlock * static_cast<int64_t>(sizeof(float));
@@ -218,6 +242,11 @@ void ParamPartition::make_live(size_t i) {
   if (work_[i]) work_[i]->wait();
   work_[i].reset();
   staging_[i].reset();
+  if (hpz_gathered_[i].defined()) {  // Note [Secondary partition]: [H][D][c] -> [D][H][c]
+    const int64_t c = chunk_size_[i], h = hpz_intra_->size(), d = hpz_inter_->size();
+    full_[i].view({d, h, c}).copy_(hpz_gathered_[i].view({h, d, c}).transpose(0, 1));
+    hpz_gathered_[i].reset();
+  }
   if (wire_[i].defined()) {  // Note [Quantized gathers]: each rank's chunk from its message
     const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4, bytes = wire_bytes(i);
     const bool fp32 = options_.dtype() == at::kFloat;
@@ -243,6 +272,7 @@ void ParamPartition::release(size_t i) {
   work_[i].reset();
   staging_[i].reset();
   wire_[i].reset();
+  hpz_gathered_[i].reset();
   if (state_[i] == State::kLive) live_storage_.erase(full_[i].storage().data());
   if (state_[i] != State::kShapeOnly) live_elements_ -= full_[i].numel();
   params_[i].set_data(empty_);
@@ -272,6 +302,7 @@ void ParamPartition::publish(const at::Tensor& master) {
 
 void ParamPartition::write_shard(int64_t begin, const at::Tensor& values) {
   const int64_t end = begin + values.numel();
+  secondary_stale_ = true;
   if (!swap_) {
     shard_.slice(0, begin, end).copy_(values);
     return;
@@ -301,6 +332,7 @@ at::Tensor ParamPartition::read_shard(int64_t begin, int64_t end) {
 }
 
 void ParamPartition::refresh() {
+  secondary_stale_ = true;  // the caller changed the shard
   // Persistent parameters (and any the caller holds gathered) take the new values.
   std::vector<size_t> refresh;
   for (size_t i = 0; i < params_.size(); ++i) {

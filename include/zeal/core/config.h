@@ -151,6 +151,8 @@ struct ZeroConfig {
   bool load_from_fp32_weights = true;
   // ZeRO++ (docs/zeropp.md). qwZ: stage 3 gathers parameters as 8-bit blocks.
   bool quantized_weights = false;
+  // hpZ: a secondary partition of the parameters within groups of this many ranks (a node).
+  int64_t hpz_partition_size = 1;
 };
 
 // tensorboard and csv_monitor: the training events (DeepSpeed's names) rank 0 writes under

@@ -49,6 +49,9 @@ struct ParamOffload {
   // ZeRO++ qwZ (zero_quantized_weights): non-persistent parameters travel as 8-bit blocks
   // (Note [Quantized gathers]).
   bool quantized_weights = false;
+  // ZeRO++ hpZ (zero_hpz_partition_size > 1): the groups of Note [Secondary partition]; null without hpZ.
+  comm::CommunicatorPtr hpz_intra;  // the mesh's data_inner group: the ranks of one node
+  comm::CommunicatorPtr hpz_inter;  // the other reduction axes: one rank of each node, same data_inner coordinate
 };
 
 class ParamPartition {
@@ -143,6 +146,20 @@ class ParamPartition {
   bool quantized_ = false;
   std::vector<at::Tensor> wire_;
   int64_t wire_bytes(size_t i) const;
+  // Note [Secondary partition]: hpZ's copy, within a node, of the parameters. The reduction group
+  // of W ranks is D nodes x H ranks (data_inner fastest), so rank d*H + j owns primary chunk
+  // P_(d*H+j) of every parameter. Rank (d, j) also holds S_j = [P_j, P_(H+j), ..., P_((D-1)H+j)]
+  // of every parameter, D/W of it: the one all_gather of the whole shard over hpz_inter (the only
+  // traffic between nodes, once per optimizer step), made at the first fetch after the shard
+  // changed (every rank fetches in the same order: Note [Stage 3 agreement]). A fetch then
+  // all-gathers S_0..S_(H-1) over hpz_intra into hpz_gathered_[i], and make_live reorders them
+  // into the full parameter (element for element what the primary gather gives: hpZ is exact).
+  // Persistent parameters still gather over the whole group.
+  comm::CommunicatorPtr hpz_intra_, hpz_inter_;
+  at::Tensor secondary_;  // D shards of this node-column, [D, shard_numel]
+  bool secondary_stale_ = true;
+  std::vector<at::Tensor> hpz_gathered_;
+  void build_secondary();
   // Note [Swapped chunk read-ahead]: with an NVMe swap, fetch(i) only starts reading chunk i and
   // queues it; the all_gather of a queued chunk is issued, in queue order, once more than
   // kReadAhead reads are queued, or when the chunk is needed (make_live, release). Which gathers

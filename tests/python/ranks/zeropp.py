@@ -6,7 +6,8 @@ one chunk per rank, and quantizes each chunk in 8-bit blocks of 2048 elements (k
 rounded as the kernel rounds), then AdamW updates the exact weights with those gradients. The model's
 parameters have 1, 7, 8, 9, 72 and 4099 elements, so chunks end inside blocks and blocks are cut by
 partitions. A control run checks that the quantized reference differs from the exact one (the test
-can fail), and qwZ off equals the exact reference. Prints ZEROPP-OK."""
+can fail), and qwZ off equals the exact reference; with --hpz H, ZeRO++'s hierarchical partition
+(secondary copies within groups of H ranks, zero_hpz_partition_size) equals it too. Prints ZEROPP-OK."""
 import argparse
 import copy
 import sys
@@ -86,13 +87,15 @@ def reference(world, quantized):
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run(world, rank, quantized):
+def run(world, rank, quantized, hpz=1):
     model = Odd()
     cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                 "zero_quantized_weights": quantized}, "comms_timeout_s": 60}
+                                 "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz},
+           "comms_timeout_s": 60}
     engine, *_ = zeal.initialize(model=model, config=cfg)
+    check(engine._core.mesh.mesh.axis_size("data_inner") == hpz, f"data_inner axis for hpZ {hpz}")
     losses = []
     for step in range(STEPS):
         mine = [t[rank::world] for t in batch(step)]
@@ -119,13 +122,17 @@ def compare(got, want, what):
 
 
 def main():
-    argparse.ArgumentParser().parse_args()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hpz", type=int, default=1, help="also run hpZ with this secondary partition size")
+    args = ap.parse_args()
     world = zeal.world()
     exact, quantized = reference(world.size, False), reference(world.size, True)
     differ = max((quantized[2][n] - exact[2][n]).abs().max().item() for n in exact[2])
     check(differ > 1e-4, f"the quantized reference should move away from the exact one (max {differ:.2e})")
     compare(run(world.size, world.rank, True), quantized, f"qwZ at {world.size} ranks")
     compare(run(world.size, world.rank, False), exact, f"ZeRO-3 without qwZ at {world.size} ranks")
+    if args.hpz > 1:  # hpZ alone is exact
+        compare(run(world.size, world.rank, False, args.hpz), exact, f"hpZ {args.hpz} at {world.size} ranks")
     print(f"ZEROPP-OK rank {world.rank}", flush=True)
 
 
