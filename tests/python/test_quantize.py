@@ -106,7 +106,9 @@ def test_cuda_kernels_equal_the_cpu_kernels_bit_for_bit(bits):
      ["zero_optimization.zero_quantized_weights", "need ZeRO stage 3", "stage is 2"]),
     ({"stage": 3, "zero_quantized_weights": "yes"}, ["zero_optimization.zero_quantized_weights", "boolean"]),
     ({"stage": 3, "zero_quantized_gradients": True}, ["zero_optimization.zero_quantized_gradients", "not supported yet"]),
-    ({"stage": 3, "zero_hpz_partition_size": 2}, ["zero_optimization.zero_hpz_partition_size", "not supported yet"]),
+    ({"stage": 2, "zero_hpz_partition_size": 2}, ["zero_optimization.zero_hpz_partition_size", "needs ZeRO stage 3"]),
+    ({"stage": 3, "zero_hpz_partition_size": 0}, ["zero_optimization.zero_hpz_partition_size"]),
+    ({"stage": 3, "mics_shard_size": 2}, ["zero_optimization.mics_shard_size", "not supported yet"]),
 ])
 def test_zeropp_config_keys(zero, words):
     import json
@@ -122,3 +124,11 @@ def test_zeropp_config_keys(zero, words):
         _zeal.validate_config(to_json(json.loads(json.dumps(cfg))))
     for w in words:
         assert w in str(e.value)
+
+
+def test_hpz_that_does_not_divide_the_ranks_is_refused_naming_the_key():
+    model = torch.nn.Linear(4, 4)
+    cfg = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+           "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}
+    with pytest.raises(zeal.ConfigError, match="zero_hpz_partition_size': 2 must divide the data-parallel ranks"):
+        zeal.initialize(model=model, config=cfg)
