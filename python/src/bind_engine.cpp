@@ -216,6 +216,8 @@ void bind_engine(py::module_& m) {
           py::dict entry;
           entry["calls"] = c.calls;
           entry["bytes"] = c.bytes;
+          entry["intra_node_bytes"] = c.intra_node_bytes;
+          entry["inter_node_bytes"] = c.inter_node_bytes;
           d[py::str(op)] = entry;
         }
         return d;

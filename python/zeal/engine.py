@@ -764,6 +764,7 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         self.monitor = MonitorMaster(self._parsed.monitors, core.rank)
         profiler = self._parsed.flops_profiler
         self._flops = profiler if core.rank == 0 and profiler["enabled"] else None
+        self._comms_step_bytes = self._comms_at_step = None  # comms_step_bytes()
         self.flops_profiler = None
         fp16 = self._config.get("fp16") or {}
         self._auto_cast = bool(fp16.get("enabled", False) and fp16.get("auto_cast", False))
@@ -852,6 +853,8 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         optimizer's param_groups), then the LR schedule; between boundaries it only counts."""
         boundary = self._core.is_gradient_accumulation_boundary()
         self._optimizer_step(self._core.step, boundary)
+        if boundary:
+            self._count_step_bytes()
         if boundary and self.flops_profiler is not None and self._flops is not None:
             record, f = self._core.last_step_record, self._flops
             self.flops_profiler.print_model_profile(
@@ -1067,18 +1070,34 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         return out
 
     def comms_log_summary(self, show=True):
-        """comms_logger: {op: {"calls": n, "bytes": b}} for this rank since initialize (message
-        bytes: each call's input tensor). With show, rank 0 also prints a table. Empty when the
-        config's comms_logger is off."""
+        """comms_logger: {op: {"calls", "bytes", "intra_node_bytes", "inter_node_bytes"}} for this
+        rank since initialize (bytes: each call's input tensor; intra/inter: what this rank sends to
+        peers on its node and on others, Note [Bytes within and across nodes]). With show, rank 0
+        also prints a table. Empty when the config's comms_logger is off."""
         counts = self._core.comms_counts
         if show and counts and self.global_rank == 0:
-            print(f"{'op':<16}{'calls':>10}{'bytes':>16}")
+            print(f"{'op':<16}{'calls':>10}{'bytes':>16}{'to this node':>16}{'to other nodes':>16}")
             for op, c in sorted(counts.items()):
-                print(f"{op:<16}{c['calls']:>10}{c['bytes']:>16}")
+                print(f"{op:<16}{c['calls']:>10}{c['bytes']:>16}{c['intra_node_bytes']:>16}{c['inter_node_bytes']:>16}")
             skipped = self._core.skipped_comm_rounds
             if skipped:
                 print(f"{'(skipped rounds)':<16}{skipped:>10}{0:>16}")
         return counts
+
+    def comms_step_bytes(self):
+        """comms_logger: the bytes this rank sent during the last optimizer step's forward, backward
+        and step (from the previous step() to the last), as {"intra_node": b, "inter_node": b};
+        None before the first step or when comms_logger is off."""
+        return self._comms_step_bytes
+
+    def _count_step_bytes(self):
+        counts = self._core.comms_counts
+        if not counts:
+            return
+        now = (sum(c["intra_node_bytes"] for c in counts.values()), sum(c["inter_node_bytes"] for c in counts.values()))
+        before = self._comms_at_step or (0, 0)
+        self._comms_step_bytes = {"intra_node": now[0] - before[0], "inter_node": now[1] - before[1]}
+        self._comms_at_step = now
 
     @property
     def skipped_comm_rounds(self):

@@ -240,8 +240,9 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
       std::vector<std::string> across;
       for (const auto& a : u.axes)
         if (a != "data_inner") across.push_back(a);
-      param_offload.hpz_intra = mesh_->group_on({"data_inner"}, device_);
-      param_offload.hpz_inter = mesh_->group_on(across, device_);
+      param_offload.hpz_intra = counted(mesh_->group_on({"data_inner"}, device_), {"data_inner"});
+      param_offload.hpz_inter = counted(mesh_->group_on(across, device_), across);
+      u.counted_groups = {param_offload.hpz_intra, param_offload.hpz_inter};
     }
     u.partition = std::make_unique<zero::ParamPartition>(u.params, u.shapes, u.layout, u.stage3_shard, u.world,
                                                          config_.zero_optimization.param_persistence_threshold,
@@ -251,6 +252,16 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
 }
 
 Engine::~Engine() = default;
+
+comm::CommunicatorPtr Engine::counted(comm::CommunicatorPtr group, const std::vector<std::string>& axes) const {
+  if (!config_.comms_logger.enabled) return group;
+  const CommsLoggerConfig& c = config_.comms_logger;
+  std::set<std::string> ops;
+  if (!c.prof_all) ops.insert(c.prof_ops.begin(), c.prof_ops.end());
+  return std::make_shared<comm::CountingCommunicator>(group, ops, c.verbose,
+                                                      mesh_->mesh().group_of(axes, mesh_->rank()),
+                                                      comm::ranks_per_node());
+}
 
 void Engine::make_units(const std::vector<parallel::Placement>& placements) {
   // Note [Parameter placement]: each parameter's reduction group and whether this rank counts it in
@@ -264,13 +275,7 @@ void Engine::make_units(const std::vector<parallel::Placement>& placements) {
     while (k < units_.size() && units_[k]->axes != axes) ++k;
     if (k == units_.size()) {
       // Host parameters reduce over MPI, device ones over NCCL (Note [Backend by device]).
-      comm::CommunicatorPtr world = mesh_->group_on(axes, device_);
-      if (config_.comms_logger.enabled) {
-        const CommsLoggerConfig& c = config_.comms_logger;
-        std::set<std::string> ops;
-        if (!c.prof_all) ops.insert(c.prof_ops.begin(), c.prof_ops.end());
-        world = std::make_shared<comm::CountingCommunicator>(world, ops, c.verbose);
-      }
+      comm::CommunicatorPtr world = counted(mesh_->group_on(axes, device_), axes);
       const comm::CommunicatorPtr& rest = mesh_->group(mesh.other_axes(axes));
       units_.push_back(std::make_unique<Unit>(axes, world, rest->size() > 1 ? rest : nullptr, model_dtype_, device_,
                                               partitioned_));
@@ -324,11 +329,17 @@ int64_t Engine::grad_shard_numel() const {
 std::map<std::string, comm::OpCount> Engine::comms_counts() const {
   std::map<std::string, comm::OpCount> out;
   for (const auto& u : units_) {
-    auto* counting = dynamic_cast<comm::CountingCommunicator*>(u->world.get());
-    if (!counting) continue;
-    for (const auto& [op, count] : counting->counts()) {
-      out[op].calls += count.calls;
-      out[op].bytes += count.bytes;
+    std::vector<comm::CommunicatorPtr> groups = u->counted_groups;
+    groups.push_back(u->world);
+    for (const auto& g : groups) {
+      auto* counting = dynamic_cast<comm::CountingCommunicator*>(g.get());
+      if (!counting) continue;
+      for (const auto& [op, count] : counting->counts()) {
+        out[op].calls += count.calls;
+        out[op].bytes += count.bytes;
+        out[op].intra_node_bytes += count.intra_node_bytes;
+        out[op].inter_node_bytes += count.inter_node_bytes;
+      }
     }
   }
   return out;

@@ -234,6 +234,8 @@ class Engine {
   std::string unit_part_name(size_t k, int group_index) const;
   // From the parameters' placements: the units, each with its reduction group, and the parameters in them.
   void make_units(const std::vector<parallel::Placement>& placements);
+  // group, wrapped to count its ops when comms_logger is on (axes: the mesh axes it spans).
+  comm::CommunicatorPtr counted(comm::CommunicatorPtr group, const std::vector<std::string>& axes) const;
   // One unit's flat buffers, master weights, optimizer, reducer and partition.
   void build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, const std::vector<size_t>& group_of_param,
                   std::unique_ptr<optim::Optimizer> client_optimizer);

@@ -37,6 +37,7 @@ class Unit {
   const std::vector<std::string> axes;         // the mesh axes the gradients reduce over
   const comm::CommunicatorPtr world;           // that group, on the parameters' device
   const comm::CommunicatorPtr model_parallel;  // the complement: the ranks holding the rest of one replica (null if none)
+  std::vector<comm::CommunicatorPtr> counted_groups;  // further groups the comms_logger counts (hpZ's)
   const at::ScalarType model_dtype;
   const at::Device device;
   const bool partitioned;  // ZeRO stage >= 1: master weights and optimizer state cover owned chunks

@@ -87,13 +87,14 @@ def reference(world, quantized):
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run(world, rank, quantized, hpz=1):
+def run(world, rank, quantized, hpz=1, counts=None):
     model = Odd()
     cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+           # parameters released after use and gathered again in backward: the gather hpZ keeps on the node
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
                                  "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz},
-           "comms_timeout_s": 60}
+           "comms_timeout_s": 60, "comms_logger": {"enabled": counts is not None}}
     engine, *_ = zeal.initialize(model=model, config=cfg)
     check(engine._core.mesh.mesh.axis_size("data_inner") == hpz, f"data_inner axis for hpZ {hpz}")
     losses = []
@@ -108,6 +109,8 @@ def run(world, rank, quantized, hpz=1):
         zeal.world().all_reduce(total, "sum").wait()
         losses.append(total.item() / world)
     final = {n: zeal.utils.safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    if counts is not None:
+        counts.update(engine.comms_log_summary(show=False), step=engine.comms_step_bytes())
     return losses, grads, final
 
 
@@ -119,6 +122,32 @@ def compare(got, want, what):
     for n in w_grads:
         close(g_grads[n].reshape(-1), w_grads[n].reshape(-1), f"{what}: first gradient of {n}")
         close(g_final[n].reshape(-1), w_final[n].reshape(-1), f"{what}: final {n}")
+
+
+def check_bytes(world, hpz):
+    """With nodes of hpz ranks (ZEAL_RANKS_PER_NODE), the comms_logger's split of each rank's bytes:
+    plain ZeRO-3's all_gathers send twice as much off the node as on it at 2 nodes of 2 (the
+    accounting itself). This model's parameters are gathered once a step; plain ZeRO-3 sends each
+    chunk to the 2 ranks of the other node, hpZ's secondary build to 1 and its node-local gathers to
+    none, so hpZ's all_gathers send at most 0.6 of plain ZeRO-3's bytes off the node (the rest: the
+    agreement tokens, which still go to every rank); the gradient
+    reduce_scatter is the same."""
+    import os
+
+    os.environ["ZEAL_RANKS_PER_NODE"] = str(hpz)
+    plain, hier = {}, {}
+    run(world.size, world.rank, False, 1, plain)
+    run(world.size, world.rank, False, hpz, hier)
+    ag, hag = plain["all_gather"], hier["all_gather"]
+    check(ag["inter_node_bytes"] == 2 * ag["intra_node_bytes"] > 0,
+          f"plain ZeRO-3 all_gather bytes: {ag['intra_node_bytes']} on the node, {ag['inter_node_bytes']} off it")
+    check(hag["inter_node_bytes"] <= 0.6 * ag["inter_node_bytes"],
+          f"hpZ all_gather bytes off the node {hag['inter_node_bytes']}, plain {ag['inter_node_bytes']}")
+    check(hier["reduce_scatter"] == plain["reduce_scatter"], f"reduce_scatter {hier['reduce_scatter']} / {plain['reduce_scatter']}")
+    check(hier["step"]["inter_node"] < plain["step"]["inter_node"], f"per step {hier['step']} / {plain['step']}")
+    if world.rank == 0:
+        print(f"all_gather calls: plain {ag['calls']}, hpZ {hag['calls']}; bytes off the node: plain {ag['inter_node_bytes']}, hpZ {hag['inter_node_bytes']}; "
+              f"last step: plain {plain['step']}, hpZ {hier['step']}", flush=True)
 
 
 def main():
@@ -133,6 +162,8 @@ def main():
     compare(run(world.size, world.rank, False), exact, f"ZeRO-3 without qwZ at {world.size} ranks")
     if args.hpz > 1:  # hpZ alone is exact
         compare(run(world.size, world.rank, False, args.hpz), exact, f"hpZ {args.hpz} at {world.size} ranks")
+    if args.hpz > 1 and world.size > args.hpz:
+        check_bytes(world, args.hpz)
     print(f"ZEROPP-OK rank {world.rank}", flush=True)
 
 
