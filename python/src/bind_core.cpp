@@ -58,6 +58,7 @@ void bind_core(py::module_& m) {
       .def_readonly("load_from_fp32_weights", &ZeroConfig::load_from_fp32_weights)
       .def_readonly("quantized_weights", &ZeroConfig::quantized_weights)
       .def_readonly("hpz_partition_size", &ZeroConfig::hpz_partition_size)
+      .def_readonly("quantized_gradients", &ZeroConfig::quantized_gradients)
       .def_property_readonly("offload_optimizer_device", [](const ZeroConfig& z) {
         return z.offload_optimizer.device == OffloadDevice::kCpu ? "cpu" : z.offload_optimizer.device == OffloadDevice::kNvme ? "nvme" : "none";
       });

@@ -614,6 +614,7 @@ _ZERO_QUERIES = {
     "zero_model_persistence_threshold": "model_persistence_threshold",
     "zero_quantized_weights": "quantized_weights",
     "zero_hpz_partition_size": "hpz_partition_size",
+    "zero_quantized_gradients": "quantized_gradients",
 }
 
 # The queries over keys of features Zeal does not implement (so no parsed field holds them): name ->
@@ -622,7 +623,6 @@ _CONFIG_QUERIES = {
     "zero_module_granularity_threshold": (["zero_optimization.module_granularity_threshold",
                                            "zero_optimization.stage3_module_granularity_threshold"], 0),
     "zero_quantized_nontrainable_weights": (["zero_optimization.zero_quantized_nontrainable_weights"], False),
-    "zero_quantized_gradients": (["zero_optimization.zero_quantized_gradients"], False),
     "zeropp_loco_param": (["zero_optimization.zeropp_loco_param"], None),
     "mics_shard_size": (["zero_optimization.mics_shard_size"], -1),
     "zero_multi_rank_bucket_allreduce": (["zero_optimization.use_multi_rank_bucket_allreduce"], True),

@@ -592,7 +592,10 @@ void parse_zero(const json& given, ZeroConfig& out) {
     throw ConfigError("config key '" + r.path("zero_quantized_weights") + "': ZeRO++ quantized weights need ZeRO "
                       "stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
   r.only_value("zero_quantized_nontrainable_weights", false, "ZeRO++ quantized weights are not supported yet");
-  r.only_value("zero_quantized_gradients", false, "ZeRO++ quantized gradients are not supported yet");
+  r.read_bool("zero_quantized_gradients", out.quantized_gradients);
+  if (out.quantized_gradients && out.stage != 3)
+    throw ConfigError("config key '" + r.path("zero_quantized_gradients") + "': ZeRO++ quantized gradients need "
+                      "ZeRO stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
   r.only_value("zeropp_loco_param", nullptr, "ZeRO++ LoCo is not supported yet");
   r.only_value("mics_shard_size", -1, "MiCS is not supported yet");
   r.only_value("mics_hierarchical_params_gather", false, "MiCS is not supported yet");

@@ -13,6 +13,8 @@ namespace zeal::comm {
 // Elements per block: qwZ's 8-bit weights (DeepSpeed groups a parameter into blocks of about
 // 4-8K elements; smaller blocks are at least as accurate).
 constexpr int64_t kWeightBlock = 2048;
+// Elements per block: qgZ's 4-bit gradients (seven levels a side: small blocks keep the error down).
+constexpr int64_t kGradientBlock = 256;
 
 struct Quantized {
   at::Tensor q;       // uint8: quantized_bytes(numel, bits)

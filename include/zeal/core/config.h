@@ -153,6 +153,8 @@ struct ZeroConfig {
   bool quantized_weights = false;
   // hpZ: a secondary partition of the parameters within groups of this many ranks (a node).
   int64_t hpz_partition_size = 1;
+  // qgZ: stage 3's gradient reduce-scatter as a hierarchical all-to-all of 4-bit blocks.
+  bool quantized_gradients = false;
 };
 
 // tensorboard and csv_monitor: the training events (DeepSpeed's names) rank 0 writes under

@@ -83,12 +83,22 @@ class GradReducer {
 
   size_t num_buckets() const { return buckets_.size(); }
 
+  // ZeRO++ qgZ (zero_quantized_gradients), partitioned mode: each bucket's reduce-scatter becomes
+  // Note [Quantized gradient reduction] over intra (the node: the mesh's data_inner group, possibly
+  // one rank) and inter (the rest of the reduction group).
+  void set_quantized_gradients(comm::CommunicatorPtr intra, comm::CommunicatorPtr inter) {
+    qgz_intra_ = std::move(intra);
+    qgz_inter_ = std::move(inter);
+  }
+
  private:
   void on_grad_ready(size_t param_index);
   void launch_ready_buckets();
   void launch(GradBucket& bucket);
   void retire(GradBucket& bucket);  // partitioned: wait, add the chunk to the shard, free staging
   void stage_gradient(size_t param_index);
+  at::Tensor quantized_reduce_scatter(const at::Tensor& input, int64_t chunk);
+  comm::CommunicatorPtr qgz_intra_, qgz_inter_;
 
   at::Tensor flat_grads_;
   at::Tensor grad_shard_;

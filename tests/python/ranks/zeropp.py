@@ -63,7 +63,83 @@ def qwz(w, world):
     return torch.cat(out)[:n].view_as(w)
 
 
-def reference(world, quantized):
+def q4(row, block=256):
+    """4-bit blocks of a row, as kernels/cpu/quantize.h computes them."""
+    out = []
+    for b in row.split(block):
+        amax = b.abs().max()
+        if amax == 0:
+            out.append(torch.zeros_like(b))
+            continue
+        scale, inv = amax / 7.0, 7.0 / amax
+        out.append(torch.round(b * inv).clamp(-7, 7) * scale)
+    return torch.cat(out)
+
+
+def qgz_reduce(local, world, hpz):
+    """The sum over ranks of the local gradients `local[r]` (flat, padded to world chunks) as
+    Note [Quantized gradient reduction] computes it: {rank: its reduced chunk}."""
+    h, d = hpz, world // hpz
+    c = local[0].numel() // world
+    rows = [g.view(d, h, c) for g in local]
+    partial = {}
+    for node in range(d):
+        for j in range(h):
+            if h == 1:
+                partial[node * h + j] = rows[node * h + j].reshape(-1)
+                continue
+            acc = torch.zeros(d * c)
+            for sender in range(h):
+                acc = acc + q4(rows[node * h + sender][:, j, :].reshape(-1))
+            partial[node * h + j] = acc
+    out = {}
+    for node in range(d):
+        for j in range(h):
+            if d == 1:
+                out[node * h + j] = partial[node * h + j].view(-1).clone()
+                continue
+            acc = torch.zeros(c)
+            for src in range(d):
+                acc = acc + q4(partial[src * h + j].view(d, c)[node])
+            out[node * h + j] = acc
+    return out
+
+
+def reference(world, quantized, qgz_hpz=0):
+    """torch's run; with qgz_hpz (> 0: the node size), each rank's gradient reduced as qgZ does."""
+    if qgz_hpz:
+        return reference_qgz(world, qgz_hpz)
+    return reference_plain(world, quantized)
+
+
+def reference_qgz(world, hpz):
+    model = Odd()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    params = dict(model.named_parameters())
+    losses = []
+    for step in range(STEPS):
+        local, step_loss = [], 0.0
+        for r in range(world):
+            model.zero_grad()
+            loss = model(*[t[r::world] for t in batch(step)])
+            loss.backward()
+            step_loss += loss.item()
+            local.append({n: p.grad.detach().reshape(-1).clone() for n, p in params.items()})
+        for n, p in params.items():
+            numel = p.numel()
+            c = -(-numel // world)
+            padded = [torch.cat([g[n], g[n].new_zeros(c * world - numel)]) for g in local]
+            chunks = qgz_reduce(padded, world, hpz)
+            whole = torch.cat([chunks[r] for r in range(world)])[:numel]
+            p.grad = (whole * (1.0 / world)).view_as(p)
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in params.items()}
+        opt.step()
+        losses.append(step_loss / world)
+    return losses, grads, {n: p.detach().clone() for n, p in params.items()}
+
+
+def reference_plain(world, quantized):
     model = Odd()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses = []
@@ -87,13 +163,14 @@ def reference(world, quantized):
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run(world, rank, quantized, hpz=1, counts=None):
+def run(world, rank, quantized, hpz=1, counts=None, qgz=False):
     model = Odd()
     cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
            # parameters released after use and gathered again in backward: the gather hpZ keeps on the node
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
-                                 "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz},
+                                 "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz,
+                                 "zero_quantized_gradients": qgz},
            "comms_timeout_s": 60, "comms_logger": {"enabled": counts is not None}}
     engine, *_ = zeal.initialize(model=model, config=cfg)
     check(engine._core.mesh.mesh.axis_size("data_inner") == hpz, f"data_inner axis for hpZ {hpz}")
@@ -164,6 +241,12 @@ def main():
         compare(run(world.size, world.rank, False, args.hpz), exact, f"hpZ {args.hpz} at {world.size} ranks")
     if args.hpz > 1 and world.size > args.hpz:
         check_bytes(world, args.hpz)
+    # qgZ: one level over every rank, and hierarchical over nodes of --hpz ranks
+    for hpz in sorted({1, args.hpz}):
+        want = reference(world.size, False, qgz_hpz=hpz)
+        differ = max((want[2][n] - exact[2][n]).abs().max().item() for n in exact[2])
+        check(differ > 1e-4, f"the qgZ reference should move away from the exact one (max {differ:.2e})")
+        compare(run(world.size, world.rank, False, hpz, qgz=True), want, f"qgZ over nodes of {hpz} at {world.size} ranks")
     print(f"ZEROPP-OK rank {world.rank}", flush=True)
 
 
