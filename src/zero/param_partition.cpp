@@ -40,7 +40,6 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   if (hpz_intra_) {
     ZEAL_CHECK(!offload.host_shard && offload.nvme_path.empty(),
                "ZeRO++ hpZ (zero_hpz_partition_size) with offload_param is not supported yet");
-    ZEAL_CHECK(!quantized_, "ZeRO++ hpZ together with zero_quantized_weights is not supported yet");
     ZEAL_INTERNAL_ASSERT(hpz_inter_ && hpz_intra_->size() * hpz_inter_->size() == comm_->size(),
                          "hpZ groups of ", hpz_intra_->size(), " x ", hpz_inter_->size(), " for ", comm_->size(), " ranks");
   }
@@ -212,7 +211,40 @@ void ParamPartition::issue_front() {
 
 void ParamPartition::build_secondary() {
   secondary_ = at::empty({hpz_inter_->size(), shard_numel_}, options_);
-  hpz_inter_->all_gather(secondary_, shard_, {})->wait();
+  if (!quantized_) {
+    hpz_inter_->all_gather(secondary_, shard_, {})->wait();
+    secondary_stale_ = false;
+    return;
+  }
+  // With qwZ the copy crosses nodes as Note [Quantized gathers]' messages, one per parameter chunk,
+  // back to back: every rank then computes with the values qwZ alone would give it.
+  std::vector<int64_t> offset(params_.size() + 1, 0);
+  for (size_t i = 0; i < params_.size(); ++i) offset[i + 1] = offset[i] + (chunk_size_[i] > 0 ? wire_bytes(i) : 0);
+  at::Tensor message = at::empty({offset.back()}, options_.dtype(at::kByte));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4;
+    if (c == 0) continue;
+    comm::Quantized q = comm::quantize(shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c), 8, comm::kWeightBlock);
+    at::Tensor part = message.slice(0, offset[i], offset[i + 1]);
+    part.slice(0, 0, c).copy_(q.q);
+    part.slice(0, levels).copy_(q.scales.view(at::kByte));
+  }
+  const int d = hpz_inter_->size();
+  at::Tensor all = at::empty({d * offset.back()}, message.options());
+  hpz_inter_->all_gather(all, message, {})->wait();
+  at::Tensor values = at::empty({shard_numel_}, options_.dtype(at::kFloat));
+  for (int r = 0; r < d; ++r) {
+    at::Tensor from = all.slice(0, r * offset.back(), (r + 1) * offset.back());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4;
+      if (c == 0) continue;
+      at::Tensor part = from.slice(0, offset[i], offset[i + 1]);
+      comm::Quantized q{part.slice(0, 0, c), part.slice(0, levels).view(at::kFloat), c, comm::kWeightBlock, 8};
+      at::Tensor out = values.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
+      comm::dequantize(q, out);
+    }
+    secondary_[r].copy_(values);
+  }
   secondary_stale_ = false;
 }
 

@@ -154,7 +154,9 @@ class ParamPartition {
   // changed (every rank fetches in the same order: Note [Stage 3 agreement]). A fetch then
   // all-gathers S_0..S_(H-1) over hpz_intra into hpz_gathered_[i], and make_live reorders them
   // into the full parameter (element for element what the primary gather gives: hpZ is exact).
-  // Persistent parameters still gather over the whole group.
+  // With qwZ, the copy crosses nodes quantized (each chunk as qwZ alone sends it) and the gathers
+  // inside the node carry the dequantized values. Persistent parameters still gather over the
+  // whole group.
   comm::CommunicatorPtr hpz_intra_, hpz_inter_;
   at::Tensor secondary_;  // D shards of this node-column, [D, shard_numel]
   bool secondary_stale_ = true;

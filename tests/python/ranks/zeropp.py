@@ -201,6 +201,42 @@ def compare(got, want, what):
         close(g_final[n].reshape(-1), w_final[n].reshape(-1), f"{what}: final {n}")
 
 
+def check_checkpoints(world, hpz, where):
+    """A checkpoint saved with qwZ + qgZ (+ hpZ) loads into plain ZeRO-3 and the reverse, value for
+    value: the master weights and the optimizer state are never quantized."""
+    def engine_of(zeropp):
+        z = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        if zeropp:
+            z.update(zero_quantized_weights=True, zero_quantized_gradients=True, zero_hpz_partition_size=hpz)
+        cfg = {"train_micro_batch_size_per_gpu": B // world.size, "steps_per_print": 1000,
+               "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}}, "zero_optimization": z}
+        engine, *_ = zeal.initialize(model=Odd(), config=cfg)
+        return engine
+
+    for saved_with, loaded_with in ((True, False), (False, True)):
+        src = engine_of(saved_with)
+        for step in range(2):
+            src.backward(src(*[t[world.rank::world.size] for t in batch(step)]))
+            src.step()
+        tag = f"zeropp{int(saved_with)}"
+        src.save_checkpoint(where, tag=tag)
+        want = {n: zeal.utils.safe_get_full_fp32_param(p).clone() for n, p in src.module.named_parameters()}
+        dst = engine_of(loaded_with)
+        dst.load_checkpoint(where, tag=tag)
+        for n, p in dst.module.named_parameters():
+            got = zeal.utils.safe_get_full_fp32_param(p)
+            check(torch.equal(got, want[n]), f"{n} after loading a ZeRO++={saved_with} checkpoint with ZeRO++={loaded_with}")
+        # and both go on alike: one more step each on the same batch
+        for e in (src, dst):
+            e.backward(e(*[t[world.rank::world.size] for t in batch(9)]))
+            e.step()
+        if not (saved_with or loaded_with):
+            continue
+        for (n, a), (_, b) in zip(src.module.named_parameters(), dst.module.named_parameters()):
+            a, b = zeal.utils.safe_get_full_fp32_param(a), zeal.utils.safe_get_full_fp32_param(b)
+            check(torch.isfinite(b).all() and (a - b).abs().max() < 0.1, f"{n} after a step from the loaded checkpoint")
+
+
 def check_bytes(world, hpz):
     """With nodes of hpz ranks (ZEAL_RANKS_PER_NODE), the comms_logger's split of each rank's bytes:
     plain ZeRO-3's all_gathers send twice as much off the node as on it at 2 nodes of 2 (the
@@ -230,6 +266,7 @@ def check_bytes(world, hpz):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hpz", type=int, default=1, help="also run hpZ with this secondary partition size")
+    ap.add_argument("--checkpoints", help="a directory every rank sees: check ZeRO++ checkpoints load without it")
     args = ap.parse_args()
     world = zeal.world()
     exact, quantized = reference(world.size, False), reference(world.size, True)
@@ -239,8 +276,11 @@ def main():
     compare(run(world.size, world.rank, False), exact, f"ZeRO-3 without qwZ at {world.size} ranks")
     if args.hpz > 1:  # hpZ alone is exact
         compare(run(world.size, world.rank, False, args.hpz), exact, f"hpZ {args.hpz} at {world.size} ranks")
+        compare(run(world.size, world.rank, True, args.hpz), quantized, f"qwZ + hpZ {args.hpz} at {world.size} ranks")
     if args.hpz > 1 and world.size > args.hpz:
         check_bytes(world, args.hpz)
+    if args.checkpoints:
+        check_checkpoints(world, args.hpz, args.checkpoints)
     # qgZ: one level over every rank, and hierarchical over nodes of --hpz ranks
     for hpz in sorted({1, args.hpz}):
         want = reference(world.size, False, qgz_hpz=hpz)
