@@ -198,6 +198,10 @@ def main():
         (out / "sample.txt").write_text(text)
         print(f"demo: loss {first:.3f} -> {final:.3f} (mean of first and last 10 steps) in {elapsed:.0f}s, "
               f"{len(rows) * tokens_per_step / elapsed:,.0f} tokens/s overall", flush=True)
+        step_bytes = engine.comms_step_bytes()
+        if step_bytes:  # comms_logger on: what the last step sent on this rank's node and off it
+            print(f"demo: rank 0's last step sent {step_bytes['intra_node']:,} bytes to its node and "
+                  f"{step_bytes['inter_node']:,} to other nodes", flush=True)
         print(f"demo: wrote {out / 'loss.csv'}, {out / 'loss.png'}, {out / 'sample.txt'}", flush=True)
         print("demo: sample: " + text.replace("\n", " ")[:160], flush=True)
 

@@ -1,0 +1,90 @@
+"""ZeRO++ against plain ZeRO-3 on the demo GPT: the same 300 steps, the same data and seed, 4 ranks
+as 2 "nodes" of 2 (ZEAL_RANKS_PER_NODE=2, so the comms_logger splits each rank's bytes by node), once
+with configs/gpt_zero3.json and once with configs/gpt_zeropp.json (qwZ + qgZ + hpZ 2). Prints the
+two loss curves' gap (the mean over windows of 10 steps, and over the last 50 steps), the bytes rank
+0 sent off its node in the last step, writes JSON and draws both curves into one PNG.
+
+    python3 benchmarks/zeropp_convergence.py --steps 300 --out out/bench/zeropp_convergence.json
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from harness import print_table, write_json  # noqa: E402
+
+RUNS = {"ZeRO-3": "configs/gpt_zero3.json", "ZeRO++ (qwZ+qgZ+hpZ 2)": "configs/gpt_zeropp.json"}
+
+
+def run(name, config, steps, ranks, out):
+    print(f"zeropp_convergence: {name}: {ranks} ranks, {steps} steps ...", flush=True)
+    env = {**os.environ, "ZEAL_RANKS_PER_NODE": "2"}
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((ROOT / config).read_text())
+    cfg["comms_logger"] = {"enabled": True}  # both runs count their bytes by node
+    config = out / "config.json"
+    config.write_text(json.dumps(cfg))
+    proc = subprocess.run(["zeal", "--num_procs", str(ranks), "examples/python/train_gpt.py", "--config", config,
+                           "--steps", str(steps), "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    with open(out / "loss.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    m = re.search(r"last step sent ([\d,]+) bytes to its node and ([\d,]+) to other nodes", proc.stdout)
+    sent = {"intra_node": int(m.group(1).replace(",", "")), "inter_node": int(m.group(2).replace(",", ""))} if m else None
+    m = re.search(r"([\d,]+) tokens/s overall", proc.stdout)
+    return {"losses": losses, "last_step_bytes": sent, "tokens_per_s": int(m.group(1).replace(",", "")) if m else None}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--out", default="out/bench/zeropp_convergence.json")
+    args = ap.parse_args()
+    work = Path(args.out).resolve().parent / "zeropp_convergence"
+    results = {name: run(name, cfg, args.steps, args.ranks, work / str(i)) for i, (name, cfg) in enumerate(RUNS.items())}
+    (base, a), (zpp, b) = results.items()
+    la, lb = a["losses"], b["losses"]
+    window = [abs(sum(lb[i:i + 10]) / 10 - sum(la[i:i + 10]) / 10) for i in range(0, len(la) - 9, 10)]
+    tail = abs(sum(lb[-50:]) / 50 - sum(la[-50:]) / 50)
+    rows = [[name, f"{r['losses'][0]:.3f}", f"{sum(r['losses'][-50:]) / 50:.4f}",
+             "-" if not r["last_step_bytes"] else f"{r['last_step_bytes']['inter_node']:,}",
+             "-" if not r["last_step_bytes"] else f"{r['last_step_bytes']['intra_node']:,}", f"{r['tokens_per_s']:,}"]
+            for name, r in results.items()]
+    print_table(f"Demo GPT, {args.ranks} ranks as 2 nodes, {args.steps} steps",
+                ["run", "first loss", "mean loss, last 50", "bytes off node (last step, rank 0)",
+                 "bytes on node", "tokens/s"], rows)
+    print(f"largest gap of 10-step means: {max(window):.4f}; gap of the last-50 means: {tail:.4f}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, r in results.items():
+            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=name, linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("Demo GPT: ZeRO-3 and ZeRO++")
+        ax.legend()
+        png = Path(args.out).with_suffix(".png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=100, bbox_inches="tight")
+        print(f"wrote {png}")
+    except ImportError:
+        print("matplotlib missing: no plot")
+    write_json(args.out, {"benchmark": "zeropp_convergence", "steps": args.steps, "ranks": args.ranks,
+                          "runs": results, "max_window_gap": max(window), "last50_gap": tail})
+
+
+if __name__ == "__main__":
+    main()
