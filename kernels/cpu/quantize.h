@@ -1,19 +1,19 @@
 // Block-wise symmetric quantization: ZeRO++'s wire format for weights (qwZ, 8 bits) and gradients
-// (qgZ, 4 bits, with error feedback). A leaf: pointers and sizes only, no torch headers.
+// (qgZ, 4 bits). A leaf: pointers and sizes only, no torch headers.
 //
 // x[0, n) is cut into blocks of `block` elements, the last one possibly shorter. Block b has one
 // fp32 scale s_b = amax_b / qmax, amax_b the largest |x| in the block and qmax = 2^(bits-1) - 1
 // (127 or 7), and each element is sent as q = clamp(round_half_even(x * (qmax / amax_b)), -qmax,
 // qmax); the value received is q * s_b. A block of zeros has scale 0 and sends zeros; a block
 // holding a NaN or an infinity has scale NaN (it arrives as NaNs, so an overflow check downstream
-// still sees it), zero levels, and keeps its error unchanged. 8 bits: one
-// int8 per element. 4 bits: two per byte, element 2j in the low nibble of byte j and 2j+1 in the
-// high one, each a two's-complement nibble; an odd n leaves the last high nibble 0. With 4 bits the
-// block is even, so no byte straddles two blocks.
+// still sees it), zero levels, and keeps its error unchanged. 8 bits: one int8 per element.
+// 4 bits: two per byte, element 2j in the low nibble of byte j and 2j+1 in the high one, each a
+// two's-complement nibble; an odd n leaves the last high nibble 0. With 4 bits the block is even,
+// so no byte straddles two blocks.
 //
 // With error feedback (`error` not null) the block quantizes c = x + error instead, and error
-// becomes what the quantization lost, c - q * s_b, to be added next time (the LoCo-style residual
-// that qgZ keeps across steps). Every operation is rounded as written (no fused multiply-add), so
+// becomes what the quantization lost, c - q * s_b, to be added next time (the residual an
+// error-feedback scheme such as LoCo carries across steps; qgZ does not use it yet). Every operation is rounded as written (no fused multiply-add), so
 // the CUDA kernels (cuda/quantize.h) give bitwise the same bytes, scales and errors.
 #pragma once
 

@@ -20,10 +20,30 @@ void check_format(int bits, int64_t block) {
 
 }  // namespace
 
+namespace {
+int64_t padded_levels(int64_t numel, int bits) { return (kernels::quantized_bytes(numel, bits) + 3) / 4 * 4; }
+}  // namespace
+
 int64_t quantized_wire_bytes(int64_t numel, int bits, int64_t block) {
   check_format(bits, block);
-  return kernels::quantized_bytes(numel, bits) +
-         kernels::quantized_blocks(numel, block) * static_cast<int64_t>(sizeof(float));
+  return padded_levels(numel, bits) + kernels::quantized_blocks(numel, block) * static_cast<int64_t>(sizeof(float));
+}
+
+void pack_message(const Quantized& q, at::Tensor message) {
+  ZEAL_INTERNAL_ASSERT(message.numel() == quantized_wire_bytes(q.numel, q.bits, q.block), "message of ",
+                       message.numel(), " bytes");
+  const int64_t levels = padded_levels(q.numel, q.bits);
+  message.slice(0, 0, q.q.numel()).copy_(q.q);
+  if (levels > q.q.numel()) message.slice(0, q.q.numel(), levels).zero_();
+  message.slice(0, levels).copy_(q.scales.view(at::kByte));
+}
+
+Quantized view_message(const at::Tensor& message, int64_t numel, int bits, int64_t block) {
+  ZEAL_INTERNAL_ASSERT(message.numel() == quantized_wire_bytes(numel, bits, block), "message of ", message.numel(),
+                       " bytes");
+  const int64_t levels = padded_levels(numel, bits);
+  return Quantized{message.slice(0, 0, kernels::quantized_bytes(numel, bits)), message.slice(0, levels).view(at::kFloat),
+                   numel, block, bits};
 }
 
 Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* error) {

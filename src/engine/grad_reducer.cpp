@@ -14,9 +14,6 @@
 
 namespace zeal::engine {
 namespace {
-int64_t kernels_bytes4(int64_t n) { return (n + 1) / 2; }  // 4-bit levels of n elements
-}  // namespace
-namespace {
 
 // Runs a callback before autograd accumulates into a parameter (stage 3 gives a released
 // parameter its shape there).
@@ -220,25 +217,18 @@ at::Tensor GradReducer::quantized_reduce_scatter(const at::Tensor& input, int64_
   // summed in rank order.
   auto exchange = [](const comm::CommunicatorPtr& group, const at::Tensor& rows2d) {
     const int64_t n = rows2d.size(0), len = rows2d.size(1);
-    const int64_t levels = (kernels_bytes4(len) + 3) / 4 * 4;
-    const int64_t blocks = (len + comm::kGradientBlock - 1) / comm::kGradientBlock;
-    const int64_t row_bytes = levels + blocks * static_cast<int64_t>(sizeof(float));
-    at::Tensor send = at::zeros({n * row_bytes}, rows2d.options().dtype(at::kByte));
-    for (int64_t k = 0; k < n; ++k) {
-      comm::Quantized q = comm::quantize(rows2d[k], 4, comm::kGradientBlock);
-      at::Tensor row = send.slice(0, k * row_bytes, (k + 1) * row_bytes);
-      row.slice(0, 0, q.q.numel()).copy_(q.q);
-      row.slice(0, levels).copy_(q.scales.view(at::kByte));
-    }
+    const int64_t row_bytes = comm::quantized_wire_bytes(len, 4, comm::kGradientBlock);
+    at::Tensor send = at::empty({n * row_bytes}, rows2d.options().dtype(at::kByte));
+    for (int64_t k = 0; k < n; ++k)
+      comm::pack_message(comm::quantize(rows2d[k], 4, comm::kGradientBlock),
+                         send.slice(0, k * row_bytes, (k + 1) * row_bytes));
     at::Tensor recv = at::empty_like(send);
     group->all_to_all(recv, send, {})->wait();
     at::Tensor sum = at::zeros({len}, rows2d.options());
-    for (int64_t k = 0; k < n; ++k) {
-      at::Tensor row = recv.slice(0, k * row_bytes, (k + 1) * row_bytes);
-      comm::Quantized q{row.slice(0, 0, kernels_bytes4(len)), row.slice(0, levels).view(at::kFloat), len,
-                        comm::kGradientBlock, 4};
-      comm::dequantize(q, sum, /*accumulate=*/true);
-    }
+    for (int64_t k = 0; k < n; ++k)
+      comm::dequantize(comm::view_message(recv.slice(0, k * row_bytes, (k + 1) * row_bytes), len, 4,
+                                          comm::kGradientBlock),
+                       sum, /*accumulate=*/true);
     return sum;
   };
   // (1) within the node: row j' holds the chunks of column j', [D * chunk]

@@ -195,11 +195,9 @@ void ParamPartition::issue_front() {
     full_[i].copy_(mine);
     staging_[i].reset();
   } else if (quantized_ && !persistent_[i]) {  // Note [Quantized gathers]
-    const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4;
     comm::Quantized q = comm::quantize(mine, 8, comm::kWeightBlock);
     at::Tensor message = at::empty({wire_bytes(i)}, q.q.options());
-    message.slice(0, 0, c).copy_(q.q);
-    message.slice(0, levels).copy_(q.scales.view(at::kByte));
+    comm::pack_message(q, message);
     staging_[i] = message;
     wire_[i] = at::empty({wire_bytes(i) * comm_->size()}, q.q.options());
     work_[i] = comm_->all_gather(wire_[i], message, {});
@@ -222,12 +220,10 @@ void ParamPartition::build_secondary() {
   for (size_t i = 0; i < params_.size(); ++i) offset[i + 1] = offset[i] + (chunk_size_[i] > 0 ? wire_bytes(i) : 0);
   at::Tensor message = at::empty({offset.back()}, options_.dtype(at::kByte));
   for (size_t i = 0; i < params_.size(); ++i) {
-    const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4;
+    const int64_t c = chunk_size_[i];
     if (c == 0) continue;
-    comm::Quantized q = comm::quantize(shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c), 8, comm::kWeightBlock);
-    at::Tensor part = message.slice(0, offset[i], offset[i + 1]);
-    part.slice(0, 0, c).copy_(q.q);
-    part.slice(0, levels).copy_(q.scales.view(at::kByte));
+    comm::pack_message(comm::quantize(shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c), 8, comm::kWeightBlock),
+                       message.slice(0, offset[i], offset[i + 1]));
   }
   const int d = hpz_inter_->size();
   at::Tensor all = at::empty({d * offset.back()}, message.options());
@@ -236,12 +232,10 @@ void ParamPartition::build_secondary() {
   for (int r = 0; r < d; ++r) {
     at::Tensor from = all.slice(0, r * offset.back(), (r + 1) * offset.back());
     for (size_t i = 0; i < params_.size(); ++i) {
-      const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4;
+      const int64_t c = chunk_size_[i];
       if (c == 0) continue;
-      at::Tensor part = from.slice(0, offset[i], offset[i + 1]);
-      comm::Quantized q{part.slice(0, 0, c), part.slice(0, levels).view(at::kFloat), c, comm::kWeightBlock, 8};
       at::Tensor out = values.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
-      comm::dequantize(q, out);
+      comm::dequantize(comm::view_message(from.slice(0, offset[i], offset[i + 1]), c, 8, comm::kWeightBlock), out);
     }
     secondary_[r].copy_(values);
   }
@@ -249,8 +243,7 @@ void ParamPartition::build_secondary() {
 }
 
 int64_t ParamPartition::wire_bytes(size_t i) const {
-  const int64_t c = chunk_size_[i];
-  return (c + 3) / 4 * 4 + (c + comm::kWeightBlock - 1) / comm::kWeightBlock * static_cast<int64_t>(sizeof(float));
+  return comm::quantized_wire_bytes(chunk_size_[i], 8, comm::kWeightBlock);
 }
 
 void ParamPartition::issue_queued(size_t until) {
@@ -280,14 +273,12 @@ void ParamPartition::make_live(size_t i) {
     hpz_gathered_[i].reset();
   }
   if (wire_[i].defined()) {  // Note [Quantized gathers]: each rank's chunk from its message
-    const int64_t c = chunk_size_[i], levels = (c + 3) / 4 * 4, bytes = wire_bytes(i);
+    const int64_t c = chunk_size_[i], bytes = wire_bytes(i);
     const bool fp32 = options_.dtype() == at::kFloat;
     at::Tensor values = fp32 ? full_[i] : at::empty({full_[i].numel()}, options_.dtype(at::kFloat));
     for (int r = 0; r < comm_->size(); ++r) {
-      at::Tensor message = wire_[i].slice(0, r * bytes, (r + 1) * bytes);
-      comm::Quantized q{message.slice(0, 0, c), message.slice(0, levels).view(at::kFloat), c, comm::kWeightBlock, 8};
       at::Tensor out = values.slice(0, r * c, (r + 1) * c);
-      comm::dequantize(q, out);
+      comm::dequantize(comm::view_message(wire_[i].slice(0, r * bytes, (r + 1) * bytes), c, 8, comm::kWeightBlock), out);
     }
     if (!fp32) full_[i].copy_(values);
     wire_[i].reset();

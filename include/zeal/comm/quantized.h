@@ -32,7 +32,13 @@ Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* err
 // The fp32 values q stands for, written into out (fp32, contiguous, numel elements) or added to it.
 void dequantize(const Quantized& q, at::Tensor& out, bool accumulate = false);
 
-// Bytes on the wire for numel elements: the levels and the scales.
+// One quantized tensor as one message on the wire: its levels, padded to a multiple of 4 bytes,
+// then its block scales (fp32, so aligned). Messages of one size can be concatenated and exchanged
+// with one collective (qwZ's gathers, qgZ's all-to-alls).
 int64_t quantized_wire_bytes(int64_t numel, int bits, int64_t block);
+// message (uint8, quantized_wire_bytes(q.numel, q.bits, q.block)) <- q.
+void pack_message(const Quantized& q, at::Tensor message);
+// The Quantized a message holds, as views into it.
+Quantized view_message(const at::Tensor& message, int64_t numel, int bits, int64_t block);
 
 }  // namespace zeal::comm
