@@ -87,3 +87,37 @@ def rss_bytes():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+class LinkedNamespaces:
+    """Two network namespaces ("nodes") joined by a veth pair whose bandwidth tc can limit (token
+    bucket): inside a namespace processes talk through its own stack, between them every byte crosses
+    the link. Needs root (ip netns, tc). setup(rate) (re)creates them, "unlimited" for no limit;
+    teardown() removes them. Address i is f"{subnet}.{i + 1}" on dev[i] in ns[i]."""
+
+    def __init__(self, prefix, subnet):
+        self.ns = [f"{prefix}{i}" for i in range(2)]
+        self.dev = [f"{prefix}v{i}" for i in range(2)]
+        self.subnet = subnet
+
+    @staticmethod
+    def sh(*cmd, check=True):
+        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=check)
+
+    def teardown(self):
+        for ns in self.ns:
+            self.sh("ip", "netns", "del", ns, check=False)
+
+    def setup(self, rate):
+        self.teardown()
+        for ns in self.ns:
+            self.sh("ip", "netns", "add", ns)
+        self.sh("ip", "link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
+        for i, (ns, dev) in enumerate(zip(self.ns, self.dev)):
+            self.sh("ip", "link", "set", dev, "netns", ns)
+            self.sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.subnet}.{i + 1}/24", "dev", dev)
+            self.sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
+            self.sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            if rate != "unlimited":
+                self.sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                        "burst", "256kb", "latency", "100ms")

@@ -21,35 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from harness import ROOT, print_table, write_json
+from harness import ROOT, LinkedNamespaces, print_table, write_json
 
-SUBNET = "10.213.9"
-NS = ["zeal1b0", "zeal1b1"]
-DEV = ["zeal1bv0", "zeal1bv1"]
-
-
-def sh(*cmd, check=True):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=check)
-
-
-def teardown():
-    for ns in NS:
-        sh("ip", "netns", "del", ns, check=False)
-
-
-def setup(rate):
-    teardown()
-    for ns in NS:
-        sh("ip", "netns", "add", ns)
-    sh("ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1])
-    for i, (ns, dev) in enumerate(zip(NS, DEV)):
-        sh("ip", "link", "set", dev, "netns", ns)
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", dev)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        if rate != "unlimited":
-            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-               "burst", "256kb", "latency", "100ms")
+LINK = LinkedNamespaces("zeal1b", "10.213.9")
 
 
 RANK_SCRIPT = r"""
@@ -91,9 +65,9 @@ def run(optimizer, steps, freeze, scaler, port):
     script = Path("/tmp/zeal_onebit_rank.py")
     script.write_text(RANK_SCRIPT)
     procs = []
-    for i, (ns, dev) in enumerate(zip(NS, DEV)):
+    for i, (ns, dev) in enumerate(zip(LINK.ns, LINK.dev)):
         env = {**os.environ, "RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(port), "OMPI_MCA_btl": "self,tcp",
+               "MASTER_ADDR": f"{LINK.subnet}.1", "MASTER_PORT": str(port), "OMPI_MCA_btl": "self,tcp",
                "OMPI_MCA_btl_tcp_if_include": dev, "OMPI_MCA_oob_tcp_if_include": dev,
                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         cmd = ["ip", "netns", "exec", ns, sys.executable, str(script), str(ROOT / "examples" / "python"), optimizer,
@@ -141,7 +115,7 @@ def main():
     deepspeed = deepspeed_onebit()
     try:
         for rate in args.rates:
-            setup(rate)
+            LINK.setup(rate)
             mean, skipped = {}, {}
             for optimizer in ("adam", "onebit", "zeroone"):
                 port += 1
@@ -157,7 +131,7 @@ def main():
                          f"{mean['adam'] / mean['onebit']:.2f}", f"{mean['zeroone'] * 1e3:.1f}",
                          f"{mean['adam'] / mean['zeroone']:.2f}", str(skipped["zeroone"]), deepspeed])
     finally:
-        teardown()
+        LINK.teardown()
     print_table("Compressed Adam over a tc-limited veth, demo GPT (3.2M params), 2 ranks in 2 namespaces, step ms "
                 f"(mean after freeze step {args.freeze_step})",
                 ["link", "Adam", "1-bit Adam", "speedup", "0/1 Adam", "speedup", "0/1 skipped rounds",

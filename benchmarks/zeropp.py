@@ -18,11 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import ROOT, print_table, write_json
+from harness import ROOT, LinkedNamespaces, print_table, write_json
 
-SUBNET = "10.213.10"
-NS = ["zealzpp0", "zealzpp1"]
-DEV = ["zealzppv0", "zealzppv1"]
+LINK = LinkedNamespaces("zealzpp", "10.213.10")
 VARIANTS = {
     "ZeRO-3": {},
     "+qwZ": {"zero_quantized_weights": True},
@@ -31,30 +29,6 @@ VARIANTS = {
     "+all three": {"zero_quantized_weights": True, "zero_hpz_partition_size": 2, "zero_quantized_gradients": True},
 }
 WARMUP = 2
-
-
-def sh(*cmd, check=True):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=check)
-
-
-def teardown():
-    for ns in NS:
-        sh("ip", "netns", "del", ns, check=False)
-
-
-def setup(rate):
-    teardown()
-    for ns in NS:
-        sh("ip", "netns", "add", ns)
-    sh("ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1])
-    for i, (ns, dev) in enumerate(zip(NS, DEV)):
-        sh("ip", "link", "set", dev, "netns", ns)
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", dev)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        if rate != "unlimited":
-            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-               "burst", "256kb", "latency", "100ms")
 
 
 RANK_SCRIPT = r"""
@@ -98,9 +72,9 @@ def run(zeropp, steps, port):
     script.write_text(RANK_SCRIPT)
     procs = []
     for rank in range(4):
-        ns, dev = NS[rank // 2], DEV[rank // 2]
+        ns, dev = LINK.ns[rank // 2], LINK.dev[rank // 2]
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank % 2), "LOCAL_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "ZEAL_RANKS_PER_NODE": "2", "MASTER_ADDR": f"{SUBNET}.1",
+               "LOCAL_WORLD_SIZE": "2", "ZEAL_RANKS_PER_NODE": "2", "MASTER_ADDR": f"{LINK.subnet}.1",
                "MASTER_PORT": str(port), "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": dev,
                "OMPI_MCA_oob_tcp_if_include": dev, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         cmd = ["ip", "netns", "exec", ns, sys.executable, str(script), str(ROOT / "examples" / "python"),
@@ -161,7 +135,7 @@ def main():
     results, rows, port = [], [], 29910
     try:
         for rate in args.rates:
-            setup(rate)
+            LINK.setup(rate)
             base = None
             for name, zeropp in VARIANTS.items():
                 port += 1
@@ -177,7 +151,7 @@ def main():
                 rows.append([rate, name, f"{inter:,.0f}", f"{inter / base['inter']:.2f}", f"{intra:,.0f}",
                              f"{step_s * 1e3:.0f}", f"{base['step'] / step_s:.2f}", f"{r['loss']:.4f}"])
     finally:
-        teardown()
+        LINK.teardown()
     print_table(f"ZeRO++ over a tc-limited veth: demo GPT (3.2M params), 4 ranks as 2 nodes of 2, {args.steps} steps "
                 f"(means after {WARMUP}); bytes are rank 0's per step",
                 ["link", "variant", "bytes off node", "/ ZeRO-3", "bytes on node", "step ms", "speedup", "loss"], rows)

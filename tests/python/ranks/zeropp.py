@@ -45,35 +45,32 @@ def batch(step):
     return torch.randn(B, 9, generator=g), torch.randint(0, 4099, (B,), generator=g), torch.randn(B, generator=g)
 
 
+def blocks(x, bits, block):
+    """The values x's blocks arrive as, computed as kernels/cpu/quantize.h computes them (fp32)."""
+    qmax = 127.0 if bits == 8 else 7.0
+    out = []
+    for b in x.split(block):
+        amax = b.abs().max()
+        if amax == 0:
+            out.append(torch.zeros_like(b))
+            continue
+        scale, inv = amax / qmax, qmax / amax
+        out.append(torch.round(b * inv).clamp(-qmax, qmax) * scale)
+    return torch.cat(out)
+
+
 def qwz(w, world):
     """What every rank computes with: w padded to world chunks, each chunk 8-bit block-quantized."""
     flat = w.detach().reshape(-1)
     n = flat.numel()
     c = -(-n // world)
     padded = torch.cat([flat, flat.new_zeros(c * world - n)])
-    out = []
-    for chunk in padded.split(c):
-        for block in chunk.split(BLOCK):
-            amax = block.abs().max()
-            if amax == 0:
-                out.append(torch.zeros_like(block))
-                continue
-            scale, inv = amax / 127.0, 127.0 / amax
-            out.append(torch.round(block * inv).clamp(-127, 127) * scale)
-    return torch.cat(out)[:n].view_as(w)
+    return torch.cat([blocks(chunk, 8, BLOCK) for chunk in padded.split(c)])[:n].view_as(w)
 
 
-def q4(row, block=256):
-    """4-bit blocks of a row, as kernels/cpu/quantize.h computes them."""
-    out = []
-    for b in row.split(block):
-        amax = b.abs().max()
-        if amax == 0:
-            out.append(torch.zeros_like(b))
-            continue
-        scale, inv = amax / 7.0, 7.0 / amax
-        out.append(torch.round(b * inv).clamp(-7, 7) * scale)
-    return torch.cat(out)
+def q4(row):
+    """4-bit blocks of 256, qgZ's messages."""
+    return blocks(row, 4, 256)
 
 
 def qgz_reduce(local, world, hpz):
