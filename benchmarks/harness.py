@@ -121,3 +121,34 @@ class LinkedNamespaces:
             if rate != "unlimited":
                 self.sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
                         "burst", "256kb", "latency", "100ms")
+
+    def run_ranks(self, script, args, world, port, label, timeout):
+        """Starts `world` ranks of python `script` with `args`, the first half in namespace 0 and the
+        rest in namespace 1 (each half one "node"), joined by Zeal's rendezvous at address 1 with Open
+        MPI's TCP transport pinned to the veth; returns each rank's output. A rank that fails or a job
+        past `timeout` s stops them all and exits naming `label`."""
+        per_ns = world // 2
+        procs = []
+        for rank in range(world):
+            ns, dev = self.ns[rank // per_ns], self.dev[rank // per_ns]
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % per_ns),
+                   "LOCAL_SIZE": str(per_ns), "LOCAL_WORLD_SIZE": str(per_ns), "ZEAL_RANKS_PER_NODE": str(per_ns),
+                   "MASTER_ADDR": f"{self.subnet}.1", "MASTER_PORT": str(port), "OMPI_MCA_btl": "self,tcp",
+                   "OMPI_MCA_btl_tcp_if_include": dev, "OMPI_MCA_oob_tcp_if_include": dev,
+                   "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+            cmd = ["ip", "netns", "exec", ns, sys.executable, str(script), *map(str, args)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs = []
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                sys.exit(f"{label}: ranks did not finish")
+            outs.append(out)
+            if p.returncode != 0:
+                for q in procs:
+                    q.kill()
+                sys.exit(f"{label}: a rank failed ({p.returncode}):\n{out[-4000:]}")
+        return outs

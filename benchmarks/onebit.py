@@ -64,26 +64,8 @@ if rank == 0:
 def run(optimizer, steps, freeze, scaler, port):
     script = Path("/tmp/zeal_onebit_rank.py")
     script.write_text(RANK_SCRIPT)
-    procs = []
-    for i, (ns, dev) in enumerate(zip(LINK.ns, LINK.dev)):
-        env = {**os.environ, "RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": f"{LINK.subnet}.1", "MASTER_PORT": str(port), "OMPI_MCA_btl": "self,tcp",
-               "OMPI_MCA_btl_tcp_if_include": dev, "OMPI_MCA_oob_tcp_if_include": dev,
-               "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-        cmd = ["ip", "netns", "exec", ns, sys.executable, str(script), str(ROOT / "examples" / "python"), optimizer,
-               str(steps), str(freeze), str(scaler)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=1200)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            sys.exit(f"{optimizer}: ranks did not finish")
-        outs.append(out)
-        if p.returncode != 0:
-            sys.exit(f"{optimizer}: a rank failed ({p.returncode}):\n{out[-4000:]}")
+    outs = LINK.run_ranks(script, [ROOT / "examples" / "python", optimizer, steps, freeze, scaler], 2, port, optimizer,
+                          1200)
     line = next(l for l in outs[0].splitlines() if l.startswith("TIMES "))
     return json.loads(line[len("TIMES "):])
 

@@ -70,29 +70,7 @@ if rank == 0:
 def run(zeropp, steps, port):
     script = Path("/tmp/zeal_zeropp_rank.py")
     script.write_text(RANK_SCRIPT)
-    procs = []
-    for rank in range(4):
-        ns, dev = LINK.ns[rank // 2], LINK.dev[rank // 2]
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank % 2), "LOCAL_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "ZEAL_RANKS_PER_NODE": "2", "MASTER_ADDR": f"{LINK.subnet}.1",
-               "MASTER_PORT": str(port), "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": dev,
-               "OMPI_MCA_oob_tcp_if_include": dev, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-        cmd = ["ip", "netns", "exec", ns, sys.executable, str(script), str(ROOT / "examples" / "python"),
-               json.dumps(zeropp), str(steps)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=1800)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            sys.exit(f"{zeropp}: ranks did not finish")
-        outs.append(out)
-        if p.returncode != 0:
-            for q in procs:
-                q.kill()
-            sys.exit(f"{zeropp}: a rank failed ({p.returncode}):\n{out[-4000:]}")
+    outs = LINK.run_ranks(script, [ROOT / "examples" / "python", json.dumps(zeropp), steps], 4, port, str(zeropp), 1800)
     line = next(x for x in outs[0].splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
