@@ -13,8 +13,9 @@
 //
 // With error feedback (`error` not null) the block quantizes c = x + error instead, and error
 // becomes what the quantization lost, c - q * s_b, to be added next time (the residual an
-// error-feedback scheme such as LoCo carries across steps; qgZ does not use it yet). Every operation is rounded as written (no fused multiply-add), so
-// the CUDA kernels (cuda/quantize.h) give bitwise the same bytes, scales and errors.
+// error-feedback scheme such as LoCo carries across steps; qgZ does not use it yet). Every
+// operation is rounded as written (no fused multiply-add), so the CUDA kernels (cuda/quantize.h)
+// give bitwise the same bytes, scales and errors.
 #pragma once
 
 #include <cstdint>

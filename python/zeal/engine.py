@@ -28,11 +28,13 @@ def _process_groups(model, data_parallel_group, model_parallel_group, sequence_p
     if groups is None:
         from . import mesh
 
-        world = _zeal.world()
-        if hpz > 1 and world.size % (hpz * sequence_parallel_size):
+        try:
+            groups = mesh.build(sequence=sequence_parallel_size, data_inner=hpz)
+        except ValueError as e:  # the axes do not divide the world: name the key that asked for data_inner
+            if hpz == 1:
+                raise
             raise _zeal.ConfigError(f"config key 'zero_optimization.zero_hpz_partition_size': {hpz} must divide the "
-                                    f"data-parallel ranks ({world.size} ranks / sequence {sequence_parallel_size})")
-        groups = mesh.build(sequence=sequence_parallel_size, data_inner=hpz)
+                                    f"data-parallel ranks ({e})") from None
     if sequence_parallel_size > 1 and groups.mesh.axis_size("sequence") != sequence_parallel_size:
         raise _zeal.ConfigError(f"config key 'sequence_parallel_size': {sequence_parallel_size}, but the model's "
                                 f"sequence layers (or mpu=) use the mesh {groups.mesh!r}, whose sequence axis "

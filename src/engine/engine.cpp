@@ -231,18 +231,8 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
     param_offload.aio = config_.aio;
     param_offload.quantized_weights = config_.zero_optimization.quantized_weights;
     const int64_t hpz = config_.zero_optimization.hpz_partition_size;
-    if (config_.zero_optimization.quantized_gradients && u.world->size() > 1) {
-      // Note [Quantized gradient reduction] (engine/grad_reducer.cpp): nodes are hpZ's groups
-      std::vector<std::string> across;
-      for (const auto& a : u.axes)
-        if (a != "data_inner") across.push_back(a);
-      const bool nodes = hpz > 1 && std::find(u.axes.begin(), u.axes.end(), "data_inner") != u.axes.end();
-      comm::CommunicatorPtr intra = nodes ? counted(mesh_->group_on({"data_inner"}, device_), {"data_inner"}) : nullptr;
-      comm::CommunicatorPtr inter = nodes ? counted(mesh_->group_on(across, device_), across) : u.world;
-      u.reducer->set_quantized_gradients(intra, inter);
-      if (nodes) u.counted_groups.insert(u.counted_groups.end(), {intra, inter});
-    }
-    if (hpz > 1 && u.world->size() > 1) {  // Note [Secondary partition] (zero/param_partition.h)
+    comm::CommunicatorPtr node, across_nodes;  // hpZ's groups (Note [Secondary partition], zero/param_partition.h)
+    if (hpz > 1 && u.world->size() > 1) {
       ZEAL_CHECK_AS(ConfigError, mesh_->mesh().axis_size("data_inner") == hpz &&
                                      std::find(u.axes.begin(), u.axes.end(), "data_inner") != u.axes.end(),
                     "config key 'zero_optimization.zero_hpz_partition_size' is ", hpz, ", but the engine's mesh ",
@@ -251,10 +241,16 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
       std::vector<std::string> across;
       for (const auto& a : u.axes)
         if (a != "data_inner") across.push_back(a);
-      param_offload.hpz_intra = counted(mesh_->group_on({"data_inner"}, device_), {"data_inner"});
-      param_offload.hpz_inter = counted(mesh_->group_on(across, device_), across);
-      u.counted_groups.insert(u.counted_groups.end(), {param_offload.hpz_intra, param_offload.hpz_inter});
+      node = counted(mesh_->group_on({"data_inner"}, device_), {"data_inner"});
+      across_nodes = counted(mesh_->group_on(across, device_), across);
+      u.counted_groups = {node, across_nodes};
+      param_offload.hpz_intra = node;
+      param_offload.hpz_inter = across_nodes;
     }
+    // Note [Quantized gradient reduction] (engine/grad_reducer.cpp): within hpZ's node groups, then
+    // across them; without hpZ, one level over the unit's group.
+    if (config_.zero_optimization.quantized_gradients && u.world->size() > 1)
+      u.reducer->set_quantized_gradients(node, node ? across_nodes : u.world);
     u.partition = std::make_unique<zero::ParamPartition>(u.params, u.shapes, u.layout, u.stage3_shard, u.world,
                                                          config_.zero_optimization.param_persistence_threshold,
                                                          param_offload);
