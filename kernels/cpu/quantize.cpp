@@ -7,10 +7,21 @@ namespace zeal::kernels {
 namespace {
 
 // The block's scale and the factor that maps it onto [-qmax, qmax]; both 0 for a block of zeros.
+// beta and keep = 1 - beta: the error feedback's moving average (beta 0: the residual alone).
 struct BlockScale {
   float scale;
   float inv;
+  float beta = 0.0f;
+  float keep = 1.0f;
 };
+
+// The error carried to the next quantization: the residual r, or its moving average with LoCo.
+inline float feedback(float old_error, float r, BlockScale s) {
+  if (s.beta == 0.0f) return r;
+  const float kept = s.beta * old_error;
+  const float added = s.keep * r;
+  return kept + added;
+}
 
 BlockScale block_scale(float amax, float qmax) {
   if (!(amax > 0.0f)) return {0.0f, 0.0f};
@@ -51,7 +62,7 @@ void quantize8(const float* x, float* error, int64_t n, BlockScale s, int8_t* q)
       const float c = x[i] + error[i];
       const float v = level(c, s, qmax);
       q[i] = static_cast<int8_t>(v);
-      error[i] = c - v * s.scale;
+      error[i] = feedback(error[i], c - v * s.scale, s);
     }
   } else {
 #pragma omp simd
@@ -71,15 +82,15 @@ void quantize4(const float* x, float* error, int64_t n, BlockScale s, uint8_t* q
     const float v0 = level(c0, s, qmax), v1 = level(c1, s, qmax);
     q[j] = static_cast<uint8_t>(nibble(v0) | (nibble(v1) << 4));
     if (error) {
-      error[2 * j] = c0 - v0 * s.scale;
-      error[2 * j + 1] = c1 - v1 * s.scale;
+      error[2 * j] = feedback(error[2 * j], c0 - v0 * s.scale, s);
+      error[2 * j + 1] = feedback(error[2 * j + 1], c1 - v1 * s.scale, s);
     }
   }
   if (n % 2) {  // the last element of an odd block (only the tensor's last block can be odd)
     const float c = error ? x[n - 1] + error[n - 1] : x[n - 1];
     const float v = level(c, s, qmax);
     q[pairs] = nibble(v);
-    if (error) error[n - 1] = c - v * s.scale;
+    if (error) error[n - 1] = feedback(error[n - 1], c - v * s.scale, s);
   }
 }
 
@@ -87,8 +98,10 @@ inline float from_nibble(uint8_t b) { return static_cast<float>(static_cast<int8
 
 }  // namespace
 
-void quantize_blocks(const float* x, float* error, int64_t n, int64_t block, int bits, uint8_t* q, float* scales) {
+void quantize_blocks(const float* x, float* error, int64_t n, int64_t block, int bits, uint8_t* q, float* scales,
+                     float error_beta) {
   const float qmax = bits == 8 ? 127.0f : 7.0f;
+  const float keep = 1.0f - error_beta;
   for (int64_t b = 0, start = 0; start < n; ++b, start += block) {
     const int64_t len = std::min(block, n - start);
     const float amax = max_abs(x + start, error ? error + start : nullptr, len);
@@ -97,7 +110,9 @@ void quantize_blocks(const float* x, float* error, int64_t n, int64_t block, int
       std::fill(q + (bits == 8 ? start : start / 2), q + (bits == 8 ? start + len : (start + len + 1) / 2), uint8_t{0});
       continue;
     }
-    const BlockScale s = block_scale(amax, qmax);
+    BlockScale s = block_scale(amax, qmax);
+    s.beta = error_beta;
+    s.keep = keep;
     scales[b] = s.scale;
     if (bits == 8)
       quantize8(x + start, error ? error + start : nullptr, len, s, reinterpret_cast<int8_t*>(q) + start);

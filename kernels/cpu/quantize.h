@@ -12,8 +12,9 @@
 // so no byte straddles two blocks.
 //
 // With error feedback (`error` not null) the block quantizes c = x + error instead, and error
-// becomes what the quantization lost, c - q * s_b, to be added next time (the residual an
-// error-feedback scheme such as LoCo carries across steps; qgZ does not use it yet). Every
+// becomes what the quantization lost, r = c - q * s_b, to be added next time. With error_beta
+// beta > 0 it becomes the moving average (beta * error) + ((1 - beta) * r) instead (LoCo, qgZ's
+// zeropp_loco_param; 1 - beta rounded to fp32 first); beta 0 is plain error feedback. Every
 // operation is rounded as written (no fused multiply-add), so the CUDA kernels (cuda/quantize.h)
 // give bitwise the same bytes, scales and errors.
 #pragma once
@@ -26,8 +27,9 @@ inline int64_t quantized_blocks(int64_t n, int64_t block) { return (n + block - 
 inline int64_t quantized_bytes(int64_t n, int bits) { return bits == 8 ? n : (n + 1) / 2; }
 
 // q (quantized_bytes(n, bits) bytes) and scales (quantized_blocks(n, block) floats) <- x[0, n).
-// bits is 8 or 4; block > 0, and even for 4 bits. error (n floats) may be null.
-void quantize_blocks(const float* x, float* error, int64_t n, int64_t block, int bits, uint8_t* q, float* scales);
+// bits is 8 or 4; block > 0, and even for 4 bits. error (n floats) may be null; error_beta in [0, 1).
+void quantize_blocks(const float* x, float* error, int64_t n, int64_t block, int bits, uint8_t* q, float* scales,
+                     float error_beta = 0.0f);
 
 // out[i] = q_i * s_(i / block) for i < n, or out[i] += that with accumulate.
 void dequantize_blocks(const uint8_t* q, const float* scales, int64_t n, int64_t block, int bits, float* out,

@@ -23,13 +23,21 @@ __device__ __forceinline__ float level(float c, float inv, float qmax) {
   return fminf(qmax, fmaxf(-qmax, rintf(__fmul_rn(c, inv))));
 }
 
+// The error carried on: the residual r, or with LoCo (beta > 0) (beta * old) + (keep * r), as the CPU
+// kernel rounds it.
+__device__ __forceinline__ float feedback(float old_error, float r, float beta, float keep) {
+  return beta == 0.0f ? r : __fadd_rn(__fmul_rn(beta, old_error), __fmul_rn(keep, r));
+}
+
 __device__ __forceinline__ unsigned nibble(float v) { return static_cast<unsigned>(static_cast<int>(v)) & 0xFu; }
 
 // Grid-stride over quantization blocks; the threads of a CUDA block share one quantization block.
 __global__ void quantize_kernel(const float* __restrict__ x, float* __restrict__ error, int64_t n, int64_t block,
-                                int bits, uint8_t* __restrict__ q, float* __restrict__ scales, int64_t blocks) {
+                                int bits, uint8_t* __restrict__ q, float* __restrict__ scales, int64_t blocks,
+                                float beta) {
   __shared__ float shared[kThreads / 32];
   const float qmax = bits == 8 ? 127.0f : 7.0f;
+  const float keep = __fsub_rn(1.0f, beta);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     const int64_t start = b * block, len = min(block, n - start);
     float amax = 0.0f;
@@ -54,7 +62,7 @@ __global__ void quantize_kernel(const float* __restrict__ x, float* __restrict__
         const float c = error ? __fadd_rn(x[start + i], error[start + i]) : x[start + i];
         const float v = level(c, inv, qmax);
         out[i] = static_cast<int8_t>(v);
-        if (error) error[start + i] = __fsub_rn(c, __fmul_rn(v, scale));
+        if (error) error[start + i] = feedback(error[start + i], __fsub_rn(c, __fmul_rn(v, scale)), beta, keep);
       }
     } else {
       uint8_t* out = q + start / 2;
@@ -69,7 +77,7 @@ __global__ void quantize_kernel(const float* __restrict__ x, float* __restrict__
           const float c = error ? __fadd_rn(x[i], error[i]) : x[i];
           const float v = level(c, inv, qmax);
           byte |= nibble(v) << (4 * k);
-          if (error) error[i] = __fsub_rn(c, __fmul_rn(v, scale));
+          if (error) error[i] = feedback(error[i], __fsub_rn(c, __fmul_rn(v, scale)), beta, keep);
         }
         out[j] = static_cast<uint8_t>(byte);
       }
@@ -100,10 +108,10 @@ int grid_for(int64_t work) { return static_cast<int>(work < 1 ? 1 : (work > 6553
 }  // namespace
 
 cudaError_t quantize_blocks_cuda(const float* x, float* error, int64_t n, int64_t block, int bits, uint8_t* q,
-                                 float* scales, cudaStream_t stream) {
+                                 float* scales, cudaStream_t stream, float error_beta) {
   if (n <= 0) return cudaSuccess;
   const int64_t blocks = (n + block - 1) / block;
-  quantize_kernel<<<grid_for(blocks), kThreads, 0, stream>>>(x, error, n, block, bits, q, scales, blocks);
+  quantize_kernel<<<grid_for(blocks), kThreads, 0, stream>>>(x, error, n, block, bits, q, scales, blocks, error_beta);
   return cudaGetLastError();
 }
 

@@ -10,7 +10,7 @@
 namespace zeal::kernels {
 
 cudaError_t quantize_blocks_cuda(const float* x, float* error, int64_t n, int64_t block, int bits, uint8_t* q,
-                                 float* scales, cudaStream_t stream);
+                                 float* scales, cudaStream_t stream, float error_beta = 0.0f);
 
 cudaError_t dequantize_blocks_cuda(const uint8_t* q, const float* scales, int64_t n, int64_t block, int bits,
                                    float* out, bool accumulate, cudaStream_t stream);

@@ -110,14 +110,15 @@ void bind_comm(py::module_& m) {
   m.def("compressed_all_reduce_bytes", &comm::compressed_all_reduce_bytes, py::arg("numel"), py::arg("world"));
 
   m.def("quantize_blocks",
-        [](const at::Tensor& x, int bits, int64_t block, std::optional<at::Tensor> error) {
-          comm::Quantized q = comm::quantize(x, bits, block, error ? &*error : nullptr);
+        [](const at::Tensor& x, int bits, int64_t block, std::optional<at::Tensor> error, float error_beta) {
+          comm::Quantized q = comm::quantize(x, bits, block, error ? &*error : nullptr, error_beta);
           return std::make_tuple(q.q, q.scales);  // converted after the GIL is back
         },
         py::arg("x"), py::arg("bits"), py::arg("block"), py::arg("error") = py::none(),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("error_beta") = 0.0f, py::call_guard<py::gil_scoped_release>(),
         "(levels uint8, scales fp32): ZeRO++'s block-wise symmetric quantization of x (zeal/comm/quantized.h); "
-        "with error, the blocks carry error feedback and error is updated in place.");
+        "with error, the blocks carry error feedback and error is updated in place (with error_beta > 0, as "
+        "LoCo's moving average).");
   m.def("dequantize_blocks",
         [](const at::Tensor& q, const at::Tensor& scales, int64_t numel, int bits, int64_t block,
            std::optional<at::Tensor> out) {

@@ -59,6 +59,13 @@ void bind_core(py::module_& m) {
       .def_readonly("quantized_weights", &ZeroConfig::quantized_weights)
       .def_readonly("hpz_partition_size", &ZeroConfig::hpz_partition_size)
       .def_readonly("quantized_gradients", &ZeroConfig::quantized_gradients)
+      .def_property_readonly("loco", [](const ZeroConfig& z) -> py::object {  // None when LoCo is off
+        if (!z.loco.enabled) return py::none();
+        py::dict d;
+        d["err_beta"] = z.loco.err_beta;
+        d["reset_T"] = z.loco.reset_T;
+        return d;
+      })
       .def_property_readonly("offload_optimizer_device", [](const ZeroConfig& z) {
         return z.offload_optimizer.device == OffloadDevice::kCpu ? "cpu" : z.offload_optimizer.device == OffloadDevice::kNvme ? "nvme" : "none";
       });

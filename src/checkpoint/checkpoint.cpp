@@ -350,6 +350,14 @@ int64_t CheckpointReader::find_param(const std::string& name) const {
   return it == name_index_.end() ? -1 : it->second;
 }
 
+at::Tensor CheckpointReader::read_rank_tensor(size_t rank, const std::string& name) {
+  if (rank >= shards_.size()) return at::Tensor();
+  SafetensorsReader& reader = shard(rank);
+  if (!reader.has(name)) return at::Tensor();
+  reader.verify(name);
+  return reader.read_all(name);
+}
+
 SafetensorsReader& CheckpointReader::shard(size_t rank) {
   if (!shards_[rank]) {
     const std::string path = (fs::path(dir_) / shard_file_name(static_cast<int>(rank))).string();

@@ -46,8 +46,9 @@ Quantized view_message(const at::Tensor& message, int64_t numel, int bits, int64
                    numel, block, bits};
 }
 
-Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* error) {
+Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* error, float error_beta) {
   check_format(bits, block);
+  ZEAL_CHECK(error_beta >= 0.0f && error_beta < 1.0f, "quantize: error_beta must be in [0, 1), got ", error_beta);
   ZEAL_CHECK(x.is_floating_point(), "quantize: a floating-point tensor is needed, got ", x.scalar_type());
   at::Tensor values = x.contiguous().to(at::kFloat).view({-1});
   const int64_t n = values.numel();
@@ -66,13 +67,14 @@ Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* err
   float* err = error ? error->data_ptr<float>() : nullptr;
   if (x.device().is_cpu()) {
     kernels::quantize_blocks(values.data_ptr<float>(), err, n, block, bits, out.q.data_ptr<uint8_t>(),
-                             out.scales.data_ptr<float>());
+                             out.scales.data_ptr<float>(), error_beta);
     return out;
   }
 #if ZEAL_WITH_CUDA
   ZEAL_CHECK(x.is_cuda(), "quantize: a CPU or CUDA tensor is needed, got one on ", x.device());
   cudaError_t status = kernels::quantize_blocks_cuda(values.data_ptr<float>(), err, n, block, bits,
-                                                     out.q.data_ptr<uint8_t>(), out.scales.data_ptr<float>(), nullptr);
+                                                     out.q.data_ptr<uint8_t>(), out.scales.data_ptr<float>(), nullptr,
+                                                     error_beta);
   ZEAL_CHECK(status == cudaSuccess, "quantize: kernel failed: ", cudaGetErrorString(status));
   return out;
 #else

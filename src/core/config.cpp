@@ -596,7 +596,19 @@ void parse_zero(const json& given, ZeroConfig& out) {
   if (out.quantized_gradients && out.stage != 3)
     throw ConfigError("config key '" + r.path("zero_quantized_gradients") + "': ZeRO++ quantized gradients need "
                       "ZeRO stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
-  r.only_value("zeropp_loco_param", nullptr, "ZeRO++ LoCo is not supported yet");
+  if (r.has("zeropp_loco_param")) {  // LoCo: DeepSpeed's {"err_beta": 0.8, "reset_T": 1024}
+    Reader o(r.raw("zeropp_loco_param"), r.path("zeropp_loco_param"));
+    out.loco.enabled = true;
+    o.read_number("err_beta", out.loco.err_beta, 0.0);
+    if (out.loco.err_beta >= 1.0)
+      throw ConfigError("config key '" + o.path("err_beta") + "': expected a number in [0, 1) (the share of the old "
+                        "error kept each step), got " + std::to_string(out.loco.err_beta));
+    o.read_int("reset_T", out.loco.reset_T, 1);
+    o.finish();
+    if (out.stage != 3)
+      throw ConfigError("config key '" + r.path("zeropp_loco_param") + "': ZeRO++ LoCo needs ZeRO stage 3 "
+                        "(zero_optimization.stage is " + std::to_string(out.stage) + ")");
+  }
   r.only_value("mics_shard_size", -1, "MiCS is not supported yet");
   r.only_value("mics_hierarchical_params_gather", false, "MiCS is not supported yet");
   r.only_value("legacy_stage1", false, "DeepSpeed removed it too");

@@ -249,8 +249,15 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
     }
     // Note [Quantized gradient reduction] (engine/grad_reducer.cpp): within hpZ's node groups, then
     // across them; without hpZ, one level over the unit's group.
-    if (config_.zero_optimization.quantized_gradients && u.world->size() > 1)
+    if (config_.zero_optimization.quantized_gradients && u.world->size() > 1) {
       u.reducer->set_quantized_gradients(node, node ? across_nodes : u.world);
+      const ZeroConfig::Loco& loco = config_.zero_optimization.loco;
+      if (loco.enabled) u.reducer->set_loco(static_cast<float>(loco.err_beta), loco.reset_T);
+    } else if (config_.zero_optimization.loco.enabled && u.world->rank() == 0) {
+      log("engine", LogLevel::kWarn, "zero_optimization.zeropp_loco_param is set but has no effect: LoCo is "
+          "error feedback for quantized gradients, and ", u.world->size() > 1 ? "zero_quantized_gradients is off"
+          : "there is one data-parallel rank (nothing is reduced)");
+    }
     u.partition = std::make_unique<zero::ParamPartition>(u.params, u.shapes, u.layout, u.stage3_shard, u.world,
                                                          config_.zero_optimization.param_persistence_threshold,
                                                          param_offload);

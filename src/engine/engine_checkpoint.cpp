@@ -39,6 +39,37 @@ void write_parts_file(const std::string& dir, const std::vector<std::string>& pa
                                     checkpoint::seal_json(std::move(doc)));
 }
 
+constexpr const char* kLocoLevels = "loco_error_levels";
+constexpr const char* kLocoScales = "loco_error_scales";
+
+// Note [LoCo error feedback]: the errors come back when the checkpoint was saved by the same
+// layout with LoCo (one unit, the same ranks, the same error sizes); otherwise LoCo starts from zero.
+// `whole`: the load reads one checkpoint directory into an engine of one unit.
+void restore_loco(Unit& u, checkpoint::CheckpointReader& reader, bool whole, const json& engine, bool optimizer_too) {
+  if (!u.reducer || !u.reducer->loco()) return;
+  const checkpoint::Manifest& m = reader.manifest();
+  std::string why;
+  if (!optimizer_too) why = "the optimizer state is not loaded";
+  else if (!engine.contains("loco")) why = "it was saved without LoCo";
+  else if (!whole || m.world_size != u.world->size())
+    why = whole ? "it was saved on " + std::to_string(m.world_size) + " ranks, this run has " +
+                      std::to_string(u.world->size())
+                : "it is read in parts or into several units";
+  GradReducer::LocoState state;
+  if (why.empty()) {
+    state.levels = reader.read_rank_tensor(u.world->rank(), kLocoLevels);
+    state.scales = reader.read_rank_tensor(u.world->rank(), kLocoScales);
+    state.reductions = engine.at("loco").at("reductions").get<int64_t>();
+    if (!state.levels.defined() || !state.scales.defined()) why = "its shard holds no LoCo errors";
+  }
+  if (why.empty() && !u.reducer->restore_loco(state)) why = "its LoCo errors were saved for another layout";
+  if (why.empty()) return;
+  u.reducer->clear_loco();
+  if (u.world->rank() == 0)
+    log("engine", LogLevel::kInfo, "LoCo's error feedback starts from zero after loading checkpoint ", reader.dir(),
+        ": ", why);
+}
+
 }  // namespace
 
 // Note [Checkpoints of several units]: an engine of several units (Note [Sharded-state units]:
@@ -140,6 +171,11 @@ std::string Engine::save_unit(Unit& u, const std::string& save_dir, const std::s
     if (u.store->swapper()) u.store->materialize(*u.optimizer);
     std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", u.store->master()}};
     for (const std::string& name : u.optimizer->state_names()) tensors.push_back({name, u.optimizer->state(name)});
+    if (u.reducer && u.reducer->loco()) {  // Note [LoCo error feedback]: this rank's own errors
+      GradReducer::LocoState loco = u.reducer->loco_state();
+      tensors.push_back({kLocoLevels, loco.levels});
+      tensors.push_back({kLocoScales, loco.scales});
+    }
     auto progress = [this](const std::string& point) {
       if (fault_hook_ && point == "half") fault_hook_("shard_half");
     };
@@ -181,6 +217,11 @@ std::string Engine::save_unit(Unit& u, const std::string& save_dir, const std::s
                      {"current_hysteresis", s.current_hysteresis},
                      {"iteration", s.iteration},
                      {"last_overflow_iteration", s.last_overflow_iteration}}}};
+    if (u.reducer && u.reducer->loco()) {
+      GradReducer::LocoState loco = u.reducer->loco_state();
+      engine["loco"] = {{"reductions", loco.reductions}, {"levels", loco.levels.numel()},
+                        {"scales", loco.scales.numel()}};
+    }
     m.engine_state = engine.dump();
     m.client_state = client.dump();
     const std::string extra_path = (fs::path(tmp_dir) / checkpoint::kExtraName).string();
@@ -327,6 +368,8 @@ std::pair<std::string, std::string> Engine::load_checkpoint_local(const std::vec
         u.optimizer->restore_scalars(engine.at("optimizer_scalars").get<std::map<std::string, std::vector<double>>>());
     }
   }
+  for (auto& unit : units_)
+    restore_loco(*unit, *readers.front(), dirs.size() == 1 && units_.size() == 1, engine, optimizer_too);
   if (optimizer_too) {
     const json& s = engine.at("loss_scaler");
     precision_.scaler().restore({s.at("scale").get<double>(), s.at("current_hysteresis").get<int64_t>(),

@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -108,6 +109,7 @@ void GradReducer::prepare(bool reduce) {
   boundary_ = reduce;
   reducing_ = partitioned_ || (reduce && comm_->size() > 1);
   if (!reducing_) return;
+  if (loco() && loco_reductions_++ % loco_reset_T_ == 0) clear_loco();  // Note [LoCo error feedback]
   next_to_launch_ = 0;
   std::fill(param_ready_.begin(), param_ready_.end(), 0);
   for (auto& b : buckets_) {
@@ -172,7 +174,8 @@ void GradReducer::launch(GradBucket& bucket) {
     if (comm_->size() == 1) return;  // the staging buffer is the whole (only) chunk
     int64_t chunk = (bucket.end - bucket.begin) / comm_->size();
     if (qgz_inter_) {  // synchronous: the bucket is retired with its chunk already reduced
-      bucket.comm_output = quantized_reduce_scatter(bucket.comm_buffer, chunk).to(bucket.comm_buffer.scalar_type());
+      bucket.comm_output = quantized_reduce_scatter(bucket.comm_buffer, chunk, &bucket - buckets_.data())
+                               .to(bucket.comm_buffer.scalar_type());
       return;
     }
     bucket.comm_output = at::empty({chunk}, bucket.comm_buffer.options());
@@ -208,20 +211,38 @@ void GradReducer::launch(GradBucket& bucket) {
 // 4-bit blocks, and sums the D partials of its own chunk. Each message is quantized once per hop,
 // so what crosses nodes is an eighth of fp32's bytes (plus one scale per block); received messages
 // are summed in rank order, so the result is the same on every run. With H = 1 (no data_inner
-// axis) step 1 is skipped and step 2 is the whole reduction; with D = 1, step 2. No error feedback
-// (DeepSpeed's qgZ has none without LoCo). Synchronous: it runs on the caller's thread.
-at::Tensor GradReducer::quantized_reduce_scatter(const at::Tensor& input, int64_t chunk) {
+// axis) step 1 is skipped and step 2 is the whole reduction; with D = 1, step 2. Without LoCo there
+// is no error feedback (as DeepSpeed's qgZ). Synchronous: it runs on the caller's thread.
+//
+// Note [LoCo error feedback]: with zeropp_loco_param each hop's messages carry error feedback
+// (kernels/cpu/quantize.h): a message quantizes c = x + e, and e becomes
+// err_beta * e + (1 - err_beta) * (c - what was sent), e being this rank's error for that message
+// from the bucket's previous reduction. Each rank keeps, per bucket, one error per hop (the D * H
+// chunks it sends within the node, the D partials it sends across), stored between reductions as
+// 8-bit blocks of comm::kGradientBlock (a quarter of fp32's memory, as DeepSpeed stores them); every
+// reset_T-th reduction (counting every backward, from the first) starts from zero. The errors and
+// the count go into checkpoints (Engine::save_unit) and come back when the checkpoint is loaded on
+// the same layout; on any other, LoCo starts from zero, as after a reset.
+at::Tensor GradReducer::quantized_reduce_scatter(const at::Tensor& input, int64_t chunk, size_t bucket) {
   const int64_t h = qgz_intra_ ? qgz_intra_->size() : 1, d = qgz_inter_->size();
   at::Tensor rows = input.to(at::kFloat).view({d, h, chunk});
-  // Rows of `rows2d` quantized one by one, exchanged over `group` (row k to rank k), dequantized and
-  // summed in rank order.
-  auto exchange = [](const comm::CommunicatorPtr& group, const at::Tensor& rows2d) {
+  // Rows of `rows2d` quantized one by one (with LoCo, carrying the errors in `stored`), exchanged
+  // over `group` (row k to rank k), dequantized and summed in rank order.
+  auto exchange = [this](const comm::CommunicatorPtr& group, const at::Tensor& rows2d, comm::Quantized& stored) {
     const int64_t n = rows2d.size(0), len = rows2d.size(1);
     const int64_t row_bytes = comm::quantized_wire_bytes(len, 4, comm::kGradientBlock);
+    at::Tensor error;
+    if (loco()) {
+      error = at::zeros({n * len}, rows2d.options());
+      if (stored.q.defined()) comm::dequantize(stored, error);
+    }
     at::Tensor send = at::empty({n * row_bytes}, rows2d.options().dtype(at::kByte));
-    for (int64_t k = 0; k < n; ++k)
-      comm::pack_message(comm::quantize(rows2d[k], 4, comm::kGradientBlock),
+    for (int64_t k = 0; k < n; ++k) {
+      at::Tensor row_error = loco() ? error.slice(0, k * len, (k + 1) * len) : at::Tensor();
+      comm::pack_message(comm::quantize(rows2d[k], 4, comm::kGradientBlock, loco() ? &row_error : nullptr, loco_beta_),
                          send.slice(0, k * row_bytes, (k + 1) * row_bytes));
+    }
+    if (loco()) stored = comm::quantize(error, 8, comm::kGradientBlock);
     at::Tensor recv = at::empty_like(send);
     group->all_to_all(recv, send, {})->wait();
     at::Tensor sum = at::zeros({len}, rows2d.options());
@@ -231,11 +252,86 @@ at::Tensor GradReducer::quantized_reduce_scatter(const at::Tensor& input, int64_
                        sum, /*accumulate=*/true);
     return sum;
   };
+  LocoErrors& errors = loco_errors_[bucket];
   // (1) within the node: row j' holds the chunks of column j', [D * chunk]
-  at::Tensor partial = h > 1 ? exchange(qgz_intra_, rows.transpose(0, 1).reshape({h, d * chunk}))
+  at::Tensor partial = h > 1 ? exchange(qgz_intra_, rows.transpose(0, 1).reshape({h, d * chunk}), errors.intra)
                              : rows.reshape({d * chunk});
   // (2) across nodes: row d' is the partial of P_(d'*H+j)
-  return d > 1 ? exchange(qgz_inter_, partial.view({d, chunk})) : partial.view({chunk}).clone();
+  return d > 1 ? exchange(qgz_inter_, partial.view({d, chunk}), errors.inter) : partial.view({chunk}).clone();
+}
+
+void GradReducer::set_loco(float err_beta, int64_t reset_T) {
+  ZEAL_INTERNAL_ASSERT(qgz_inter_ && reset_T > 0, "LoCo needs qgZ and reset_T > 0");
+  loco_beta_ = err_beta;
+  loco_reset_T_ = reset_T;
+  loco_errors_.assign(buckets_.size(), {});
+}
+
+void GradReducer::clear_loco() {
+  for (LocoErrors& e : loco_errors_) e = {};
+}
+
+std::pair<int64_t, int64_t> GradReducer::loco_sizes(const GradBucket& b) const {
+  const int64_t h = qgz_intra_ ? qgz_intra_->size() : 1, d = qgz_inter_ ? qgz_inter_->size() : 1;
+  const int64_t len = b.end - b.begin;  // D * H chunks
+  return {h > 1 ? len : 0, d > 1 ? len / h : 0};
+}
+
+GradReducer::LocoState GradReducer::loco_state() const {
+  std::vector<at::Tensor> levels, scales;
+  auto add = [&](const comm::Quantized& q, int64_t n) {
+    if (n == 0) return;
+    if (q.q.defined()) {
+      levels.push_back(q.q.cpu());
+      scales.push_back(q.scales.cpu());
+    } else {
+      levels.push_back(at::zeros({n}, at::kByte));
+      scales.push_back(at::zeros({(n + comm::kGradientBlock - 1) / comm::kGradientBlock}, at::kFloat));
+    }
+  };
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    auto [intra, inter] = loco_sizes(buckets_[k]);
+    add(loco_errors_[k].intra, intra);
+    add(loco_errors_[k].inter, inter);
+  }
+  LocoState out;
+  out.levels = levels.empty() ? at::zeros({0}, at::kByte) : at::cat(levels);
+  out.scales = scales.empty() ? at::zeros({0}, at::kFloat) : at::cat(scales);
+  out.reductions = loco_reductions_;
+  return out;
+}
+
+bool GradReducer::restore_loco(const LocoState& state) {
+  clear_loco();
+  int64_t levels = 0, scales = 0;
+  for (const GradBucket& b : buckets_) {
+    auto [intra, inter] = loco_sizes(b);
+    for (int64_t n : {intra, inter}) {
+      levels += n;
+      scales += (n + comm::kGradientBlock - 1) / comm::kGradientBlock;
+    }
+  }
+  if (!state.levels.defined() || state.levels.numel() != levels || state.scales.numel() != scales ||
+      state.levels.scalar_type() != at::kByte || state.scales.scalar_type() != at::kFloat)
+    return false;
+  const at::Device device = grad_shard_.defined() ? grad_shard_.device() : at::Device(at::kCPU);
+  int64_t at_level = 0, at_scale = 0;
+  auto take = [&](comm::Quantized& q, int64_t n) {
+    if (n == 0) return;
+    const int64_t blocks = (n + comm::kGradientBlock - 1) / comm::kGradientBlock;
+    q = comm::Quantized{state.levels.slice(0, at_level, at_level + n).to(device).clone(),
+                        state.scales.slice(0, at_scale, at_scale + blocks).to(device).clone(), n,
+                        comm::kGradientBlock, 8};
+    at_level += n;
+    at_scale += blocks;
+  };
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    auto [intra, inter] = loco_sizes(buckets_[k]);
+    take(loco_errors_[k].intra, intra);
+    take(loco_errors_[k].inter, inter);
+  }
+  loco_reductions_ = state.reductions;
+  return true;
 }
 
 void GradReducer::retire(GradBucket& b) {

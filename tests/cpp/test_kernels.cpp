@@ -93,10 +93,11 @@ std::vector<float> values(int64_t n, uint32_t seed) {
 // Checks one quantize_blocks call's output against the float64 definition: each block's scale is
 // amax / qmax, each level the nearest integer of c / scale (either neighbour where c / scale is
 // within 1e-4 of a half, since the kernel rounds c * (qmax / amax) in fp32), |level| <= qmax, the
-// value sent within half a step of c, and the error c - level * scale.
+// value sent within half a step of c, and the error c - level * scale (LoCo, beta > 0: its moving
+// average beta * error_before + (1 - beta) * (c - level * scale)).
 void check_against_reference(const std::vector<float>& x, const std::vector<float>& error_before,
                              const std::vector<float>* error_after, int64_t block, int bits,
-                             const std::vector<uint8_t>& q, const std::vector<float>& scales) {
+                             const std::vector<uint8_t>& q, const std::vector<float>& scales, double beta = 0.0) {
   const int64_t n = static_cast<int64_t>(x.size());
   const double qmax = bits == 8 ? 127.0 : 7.0;
   for (int64_t start = 0, b = 0; start < n; start += block, ++b) {
@@ -122,9 +123,10 @@ void check_against_reference(const std::vector<float>& x, const std::vector<floa
       else
         ASSERT_LE(std::fabs(level - exact), 0.5 + 1e-4) << "element " << i;
       ASSERT_LE(std::fabs(c - level * static_cast<double>(scales[b])), 0.5 * scale * (1 + 1e-5) + 1e-30);
+      const double residual = c - level * static_cast<double>(scales[b]);
       if (error_after)
-        ASSERT_NEAR((*error_after)[i], c - level * static_cast<double>(scales[b]), 1e-6 * amax)  // fp32 rounding of c
-            << "error of element " << i;
+        ASSERT_NEAR((*error_after)[i], beta * error_before[i] + (1.0 - beta) * residual, 1e-6 * amax)  // fp32 rounding
+            << "error of element " << i << " (beta " << beta << ")";
     }
   }
 }
@@ -135,7 +137,8 @@ TEST(Quantize, BlocksOfEverySizeMatchTheFloat64Reference) {
   for (int bits : {8, 4}) {
     for (int64_t n : {1, 7, 8, 9, 64, 4099}) {
       for (int64_t block : {2, 8, 64, 128, 2048}) {
-        for (bool feedback : {false, true}) {
+        for (float beta : {-1.0f, 0.0f, 0.8f}) {  // -1: no error feedback; 0.8: LoCo's moving average
+          const bool feedback = beta >= 0.0f;
           const std::vector<float> x = values(n, static_cast<uint32_t>(n * 31 + block + bits));
           std::vector<float> error(n, 0.0f);
           if (feedback) error = values(n, static_cast<uint32_t>(n + 7));
@@ -143,8 +146,9 @@ TEST(Quantize, BlocksOfEverySizeMatchTheFloat64Reference) {
           const std::vector<float> before = error;
           std::vector<uint8_t> q(quantized_bytes(n, bits), 0xAA);
           std::vector<float> scales(quantized_blocks(n, block), -1.0f);
-          quantize_blocks(x.data(), feedback ? error.data() : nullptr, n, block, bits, q.data(), scales.data());
-          check_against_reference(x, before, feedback ? &error : nullptr, block, bits, q, scales);
+          quantize_blocks(x.data(), feedback ? error.data() : nullptr, n, block, bits, q.data(), scales.data(),
+                          feedback ? beta : 0.0f);
+          check_against_reference(x, before, feedback ? &error : nullptr, block, bits, q, scales, feedback ? beta : 0.0);
           if (bits == 4 && n % 2) EXPECT_EQ(q.back() >> 4, 0) << "the unused high nibble";
           // dequantize: level * scale, written or added
           std::vector<float> out(n, 1.0f);

@@ -58,6 +58,8 @@ def test_bad_arguments_are_refused_by_name():
         _zeal.quantize_blocks(x, 4, 3)
     with pytest.raises(zeal.Error, match="error buffer must be a contiguous fp32 tensor of 10 elements"):
         _zeal.quantize_blocks(x, 8, 4, torch.zeros(9))
+    with pytest.raises(zeal.Error, match=r"error_beta must be in \[0, 1\), got 1"):
+        _zeal.quantize_blocks(x, 8, 4, torch.zeros(10), error_beta=1.0)
     q, s = _zeal.quantize_blocks(x, 8, 4)
     with pytest.raises(zeal.Error, match="do not describe 11 elements"):
         _zeal.dequantize_blocks(q, s, 11, 8, 4)
@@ -82,14 +84,15 @@ def test_cuda_kernels_equal_the_cpu_kernels_bit_for_bit(bits):
             g = torch.Generator().manual_seed(n * 7 + block)
             x = torch.randn(n, generator=g) * 5
             x[n // 2] = 0.0
-            err = torch.randn(n, generator=g) * 0.01
-            err_gpu = err.cuda()
-            q, s = _zeal.quantize_blocks(x, bits, block, err)
-            qg, sg = _zeal.quantize_blocks(x.cuda(), bits, block, err_gpu)
-            what = f"{n} elements, blocks of {block}, {bits} bits"
-            assert torch.equal(q, qg.cpu()), what
-            assert torch.equal(s, sg.cpu()), what
-            assert torch.equal(err, err_gpu.cpu()), what
+            for beta in (0.0, 0.8):  # plain error feedback, LoCo's moving average
+                err = torch.randn(n, generator=g) * 0.01
+                err_gpu = err.cuda()
+                q, s = _zeal.quantize_blocks(x, bits, block, err, error_beta=beta)
+                qg, sg = _zeal.quantize_blocks(x.cuda(), bits, block, err_gpu, error_beta=beta)
+                what = f"{n} elements, blocks of {block}, {bits} bits, error_beta {beta}"
+                assert torch.equal(q, qg.cpu()), what
+                assert torch.equal(s, sg.cpu()), what
+                assert torch.equal(err, err_gpu.cpu()), what
             out = torch.ones(n)
             out_gpu = out.cuda()
             _zeal.dequantize_blocks(q, s, n, bits, block, out)
@@ -106,7 +109,10 @@ def test_cuda_kernels_equal_the_cpu_kernels_bit_for_bit(bits):
      ["zero_optimization.zero_quantized_weights", "need ZeRO stage 3", "stage is 2"]),
     ({"stage": 3, "zero_quantized_weights": "yes"}, ["zero_optimization.zero_quantized_weights", "boolean"]),
     ({"stage": 1, "zero_quantized_gradients": True}, ["zero_optimization.zero_quantized_gradients", "need ZeRO stage 3"]),
-    ({"stage": 3, "zeropp_loco_param": {"err_beta": 0.8}}, ["zero_optimization.zeropp_loco_param", "not supported yet"]),
+    ({"stage": 2, "zeropp_loco_param": {"err_beta": 0.8}}, ["zero_optimization.zeropp_loco_param", "needs ZeRO stage 3"]),
+    ({"stage": 3, "zeropp_loco_param": {"err_beta": 1.0}}, ["zero_optimization.zeropp_loco_param.err_beta", "[0, 1)"]),
+    ({"stage": 3, "zeropp_loco_param": {"reset_T": 0}}, ["zero_optimization.zeropp_loco_param.reset_T"]),
+    ({"stage": 3, "zeropp_loco_param": {"err_beta": 0.8, "reset": 5}}, ["zero_optimization.zeropp_loco_param.reset"]),
     ({"stage": 2, "zero_hpz_partition_size": 2}, ["zero_optimization.zero_hpz_partition_size", "needs ZeRO stage 3"]),
     ({"stage": 3, "zero_hpz_partition_size": 0}, ["zero_optimization.zero_hpz_partition_size"]),
     ({"stage": 3, "mics_shard_size": 2}, ["zero_optimization.mics_shard_size", "not supported yet"]),
@@ -125,6 +131,20 @@ def test_zeropp_config_keys(zero, words):
         _zeal.validate_config(to_json(json.loads(json.dumps(cfg))))
     for w in words:
         assert w in str(e.value)
+
+
+def test_loco_keys_parse_with_deepspeeds_defaults():
+    from zeal.config import to_json
+
+    def loco(value):
+        cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "zero_quantized_gradients": True}}
+        if value is not ...:
+            cfg["zero_optimization"]["zeropp_loco_param"] = value
+        return _zeal.validate_config(to_json(cfg)).zero_optimization.loco
+
+    assert loco(...) is None and loco(None) is None
+    assert loco({}) == {"err_beta": 0.8, "reset_T": 1024}
+    assert loco({"err_beta": 0.5, "reset_T": 7}) == {"err_beta": 0.5, "reset_T": 7}
 
 
 def test_hpz_that_does_not_divide_the_ranks_is_refused_naming_the_key():

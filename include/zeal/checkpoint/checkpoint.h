@@ -116,6 +116,9 @@ class CheckpointReader {
   // into out (fp32, contiguous CPU, end - begin elements). Checks CRCs of the tensors it touches.
   void read(const std::string& what, int64_t param, int64_t begin, int64_t end, at::Tensor& out);
   int64_t find_param(const std::string& name) const;  // -1 if absent
+  // The whole tensor `name` of rank `rank`'s shard (its CRC checked), or undefined if the shard
+  // has none: a rank's own state that is not a parameter's (LoCo's errors).
+  at::Tensor read_rank_tensor(size_t rank, const std::string& name);
 
  private:
   SafetensorsReader& shard(size_t rank);

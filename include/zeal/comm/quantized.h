@@ -1,7 +1,7 @@
 // ZeRO++'s quantized wire format over tensors: the adapter between at::Tensor and the block
 // quantization kernels (kernels/cpu/quantize.h, kernels/cuda/quantize.h, where the format is
 // defined). qwZ sends weights as 8-bit blocks before the stage-3 all-gather; qgZ sends gradients as
-// 4-bit blocks with error feedback in its all-to-all reduction.
+// 4-bit blocks in its all-to-all reduction (with LoCo's error feedback when zeropp_loco_param is set).
 #pragma once
 
 #include <cstdint>
@@ -25,9 +25,10 @@ struct Quantized {
 };
 
 // x (any floating dtype, contiguous; computed in fp32) quantized in blocks of `block` elements. With
-// error (fp32, x's size and device), the blocks carry error feedback and error is updated in place.
-// bits must be 8 or 4, block positive (and even for 4 bits); the check names what was given.
-Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* error = nullptr);
+// error (fp32, x's size and device), the blocks carry error feedback and error is updated in place;
+// error_beta > 0 makes it LoCo's moving average (kernels/cpu/quantize.h). bits must be 8 or 4, block
+// positive (and even for 4 bits), error_beta in [0, 1); the check names what was given.
+Quantized quantize(const at::Tensor& x, int bits, int64_t block, at::Tensor* error = nullptr, float error_beta = 0.0f);
 
 // The fp32 values q stands for, written into out (fp32, contiguous, numel elements) or added to it.
 void dequantize(const Quantized& q, at::Tensor& out, bool accumulate = false);

@@ -155,6 +155,14 @@ struct ZeroConfig {
   int64_t hpz_partition_size = 1;
   // qgZ: stage 3's gradient reduce-scatter as a hierarchical all-to-all of 4-bit blocks.
   bool quantized_gradients = false;
+  // LoCo (zeropp_loco_param): each of qgZ's quantizations carries its error to the next reduction
+  // as a moving average, error = err_beta * error + (1 - err_beta) * (what was lost), cleared every
+  // reset_T reductions (Note [LoCo error feedback], engine/grad_reducer.cpp).
+  struct Loco {
+    bool enabled = false;
+    double err_beta = 0.8;
+    int64_t reset_T = 1024;
+  } loco;
 };
 
 // tensorboard and csv_monitor: the training events (DeepSpeed's names) rank 0 writes under

@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/function_hook.h>
 
 #include "zeal/comm/communicator.h"
+#include "zeal/comm/quantized.h"
 #include "zeal/core/config.h"
 #include "zeal/zero/layout.h"
 
@@ -90,6 +91,21 @@ class GradReducer {
     qgz_intra_ = std::move(intra);
     qgz_inter_ = std::move(inter);
   }
+  // LoCo (zeropp_loco_param) on qgZ's quantizations: Note [LoCo error feedback].
+  void set_loco(float err_beta, int64_t reset_T);
+  bool loco() const { return loco_reset_T_ > 0; }
+  // LoCo's state for a checkpoint: every bucket's errors (within the node, then across nodes, each
+  // present only where that hop runs) as 8-bit levels and scales concatenated in bucket order, zeros
+  // where a bucket has none yet, and the reductions done. Same sizes on every rank of one layout.
+  struct LocoState {
+    at::Tensor levels;  // uint8
+    at::Tensor scales;  // fp32
+    int64_t reductions = 0;
+  };
+  LocoState loco_state() const;
+  // Restores a saved state; false (and the errors cleared) when its sizes do not fit this layout.
+  bool restore_loco(const LocoState& state);
+  void clear_loco();
 
  private:
   void on_grad_ready(size_t param_index);
@@ -97,8 +113,19 @@ class GradReducer {
   void launch(GradBucket& bucket);
   void retire(GradBucket& bucket);  // partitioned: wait, add the chunk to the shard, free staging
   void stage_gradient(size_t param_index);
-  at::Tensor quantized_reduce_scatter(const at::Tensor& input, int64_t chunk);
+  at::Tensor quantized_reduce_scatter(const at::Tensor& input, int64_t chunk, size_t bucket);
   comm::CommunicatorPtr qgz_intra_, qgz_inter_;
+  // Note [LoCo error feedback]: per bucket, the error of the hop within the node and of the hop
+  // across nodes, kept as 8-bit blocks between reductions (undefined: zero).
+  struct LocoErrors {
+    comm::Quantized intra, inter;
+  };
+  std::vector<LocoErrors> loco_errors_;
+  float loco_beta_ = 0.0f;
+  int64_t loco_reset_T_ = 0;  // 0: LoCo off
+  int64_t loco_reductions_ = 0;
+  // Elements of each hop's error in bucket b (0 where the hop does not run).
+  std::pair<int64_t, int64_t> loco_sizes(const GradBucket& b) const;
 
   at::Tensor flat_grads_;
   at::Tensor grad_shard_;

@@ -73,7 +73,29 @@ def q4(row):
     return blocks(row, 4, 256)
 
 
-def qgz_reduce(local, world, hpz):
+def sent(msgs, loco, key):
+    """What arrives of the messages one rank sends in one hop of qgZ (msgs[k] to peer k): 4-bit
+    blocks; with LoCo (loco: {"beta", "errors"}) each message quantizes itself plus this rank's error
+    for it, the error becomes beta * error + (1 - beta) * (what was lost), and the hop's errors are
+    kept as 8-bit blocks of 256 until the next reduction (Note [LoCo error feedback])."""
+    if loco is None:
+        return [q4(m) for m in msgs]
+    n = len(msgs[0])
+    errors = loco["errors"].get(key, torch.zeros(n * len(msgs)))
+    beta = torch.tensor(loco["beta"], dtype=torch.float32)
+    keep = torch.tensor(1.0, dtype=torch.float32) - beta  # rounded to fp32 as the kernel does
+    out, new = [], []
+    for k, m in enumerate(msgs):
+        e = errors[k * n:(k + 1) * n]
+        c = m + e
+        d = q4(c)
+        out.append(d)
+        new.append(beta * e + keep * (c - d))
+    loco["errors"][key] = blocks(torch.cat(new), 8, 256)
+    return out
+
+
+def qgz_reduce(local, world, hpz, loco=None, name=""):
     """The sum over ranks of the local gradients `local[r]` (flat, padded to world chunks) as
     Note [Quantized gradient reduction] computes it: {rank: its reduced chunk}."""
     h, d = hpz, world // hpz
@@ -81,40 +103,47 @@ def qgz_reduce(local, world, hpz):
     rows = [g.view(d, h, c) for g in local]
     partial = {}
     for node in range(d):
+        if h == 1:
+            partial[node] = rows[node].reshape(-1)
+            continue
+        arrived = [sent([rows[node * h + s][:, j, :].reshape(-1) for j in range(h)], loco, (name, node * h + s, "intra"))
+                   for s in range(h)]
         for j in range(h):
-            if h == 1:
-                partial[node * h + j] = rows[node * h + j].reshape(-1)
-                continue
             acc = torch.zeros(d * c)
-            for sender in range(h):
-                acc = acc + q4(rows[node * h + sender][:, j, :].reshape(-1))
+            for s in range(h):
+                acc = acc + arrived[s][j]
             partial[node * h + j] = acc
     out = {}
-    for node in range(d):
-        for j in range(h):
-            if d == 1:
-                out[node * h + j] = partial[node * h + j].view(-1).clone()
-                continue
+    for j in range(h):
+        if d == 1:
+            out[j] = partial[j].view(-1).clone()
+            continue
+        arrived = [sent(list(partial[src * h + j].view(d, c)), loco, (name, src * h + j, "inter")) for src in range(d)]
+        for node in range(d):
             acc = torch.zeros(c)
             for src in range(d):
-                acc = acc + q4(partial[src * h + j].view(d, c)[node])
+                acc = acc + arrived[src][node]
             out[node * h + j] = acc
     return out
 
 
-def reference(world, quantized, qgz_hpz=0):
-    """torch's run; with qgz_hpz (> 0: the node size), each rank's gradient reduced as qgZ does."""
+def reference(world, quantized, qgz_hpz=0, loco=None):
+    """torch's run; with qgz_hpz (> 0: the node size), each rank's gradient reduced as qgZ does
+    (with loco = (err_beta, reset_T), with LoCo's error feedback)."""
     if qgz_hpz:
-        return reference_qgz(world, qgz_hpz)
+        return reference_qgz(world, qgz_hpz, loco)
     return reference_plain(world, quantized)
 
 
-def reference_qgz(world, hpz):
+def reference_qgz(world, hpz, loco=None):
     model = Odd()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     params = dict(model.named_parameters())
     losses = []
+    state = {"beta": loco[0], "errors": {}} if loco else None
     for step in range(STEPS):
+        if loco and step % loco[1] == 0:  # every reset_T-th reduction starts from zero
+            state["errors"] = {}
         local, step_loss = [], 0.0
         for r in range(world):
             model.zero_grad()
@@ -126,7 +155,7 @@ def reference_qgz(world, hpz):
             numel = p.numel()
             c = -(-numel // world)
             padded = [torch.cat([g[n], g[n].new_zeros(c * world - numel)]) for g in local]
-            chunks = qgz_reduce(padded, world, hpz)
+            chunks = qgz_reduce(padded, world, hpz, state, n)
             whole = torch.cat([chunks[r] for r in range(world)])[:numel]
             p.grad = (whole * (1.0 / world)).view_as(p)
         if step == 0:
@@ -160,19 +189,29 @@ def reference_plain(world, quantized):
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run(world, rank, quantized, hpz=1, counts=None, qgz=False):
-    model = Odd()
-    cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
-           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
-           # parameters released after use and gathered again in backward: the gather hpZ keeps on the node
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
-                                 "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz,
-                                 "zero_quantized_gradients": qgz},
-           "comms_timeout_s": 60, "comms_logger": {"enabled": counts is not None}}
-    engine, *_ = zeal.initialize(model=model, config=cfg)
+def run(world, rank, quantized, hpz=1, counts=None, qgz=False, loco=None, resume_at=None, where=None):
+    """The engine's run; with loco = (err_beta, reset_T), qgZ with LoCo; with resume_at, a checkpoint
+    saved after that many steps (in `where`) is loaded into a fresh engine, which runs the rest."""
+    def engine_of():
+        z = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+             "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz, "zero_quantized_gradients": qgz}
+        if loco:
+            z["zeropp_loco_param"] = {"err_beta": loco[0], "reset_T": loco[1]}
+        cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
+               "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
+               # parameters released after use and gathered again in backward: the gather hpZ keeps on the node
+               "zero_optimization": z, "comms_timeout_s": 60, "comms_logger": {"enabled": counts is not None}}
+        engine, *_ = zeal.initialize(model=Odd(), config=cfg)
+        return engine
+
+    engine = engine_of()
     check(engine._core.mesh.mesh.axis_size("data_inner") == hpz, f"data_inner axis for hpZ {hpz}")
     losses = []
     for step in range(STEPS):
+        if step == resume_at:
+            engine.save_checkpoint(where, tag="resume")
+            engine = engine_of()
+            engine.load_checkpoint(where, tag="resume")
         mine = [t[rank::world] for t in batch(step)]
         loss = engine(*mine)
         engine.backward(loss)
@@ -284,7 +323,29 @@ def main():
         differ = max((want[2][n] - exact[2][n]).abs().max().item() for n in exact[2])
         check(differ > 1e-4, f"the qgZ reference should move away from the exact one (max {differ:.2e})")
         compare(run(world.size, world.rank, False, hpz, qgz=True), want, f"qgZ over nodes of {hpz} at {world.size} ranks")
+        check_loco(world, hpz, want, args.checkpoints)
     print(f"ZEROPP-OK rank {world.rank}", flush=True)
+
+
+def spread(a, b):
+    return max((a[2][n] - b[2][n]).abs().max().item() for n in a[2])
+
+
+def check_loco(world, hpz, qgz, where):
+    """qgZ with LoCo equals the reference that carries each rank's errors from step to step; every
+    reset_T-th step starts from zero; a checkpoint brings the errors back. Controls: LoCo's reference
+    differs from plain qgZ's, and one reset midway differs from none (so the resumed run, which
+    equals the uninterrupted one, could not equal it had the errors been lost in the checkpoint)."""
+    what = f"over nodes of {hpz} at {world.size} ranks"
+    loco = reference(world.size, False, qgz_hpz=hpz, loco=(0.8, 1024))
+    check(spread(loco, qgz) > 1e-6, f"LoCo's reference should differ from plain qgZ's {what} ({spread(loco, qgz):.2e})")
+    compare(run(world.size, world.rank, False, hpz, qgz=True, loco=(0.8, 1024)), loco, f"qgZ + LoCo {what}")
+    reset = reference(world.size, False, qgz_hpz=hpz, loco=(0.8, 3))
+    check(spread(reset, loco) > 1e-6, f"a LoCo reset at step 3 should change the reference {what}")
+    compare(run(world.size, world.rank, False, hpz, qgz=True, loco=(0.8, 3)), reset, f"qgZ + LoCo reset every 3 {what}")
+    if where:
+        compare(run(world.size, world.rank, False, hpz, qgz=True, loco=(0.8, 1024), resume_at=3, where=where), loco,
+                f"qgZ + LoCo resumed from a checkpoint after 3 steps {what}")
 
 
 if __name__ == "__main__":
