@@ -59,6 +59,7 @@ void bind_core(py::module_& m) {
       .def_readonly("quantized_weights", &ZeroConfig::quantized_weights)
       .def_readonly("hpz_partition_size", &ZeroConfig::hpz_partition_size)
       .def_readonly("quantized_gradients", &ZeroConfig::quantized_gradients)
+      .def_readonly("mics_shard_size", &ZeroConfig::mics_shard_size)
       .def_property_readonly("loco", [](const ZeroConfig& z) -> py::object {  // None when LoCo is off
         if (!z.loco.enabled) return py::none();
         py::dict d;

@@ -19,21 +19,24 @@ def _model_dtype(parsed):
     return torch.float16 if parsed.fp16_enabled else torch.bfloat16 if parsed.bf16_enabled else torch.float32
 
 
-def _process_groups(model, data_parallel_group, model_parallel_group, sequence_parallel_size=1, mpu=None, hpz=1):
+def _process_groups(model, data_parallel_group, model_parallel_group, sequence_parallel_size=1, mpu=None, hpz=1,
+                    mics=-1):
     """The mesh the engine trains on: the one the given groups (or the model's tensor-parallel
     layers' group, or the mesh its MoE or sequence layers use, or the mpu's) were cut from, else
     data parallelism over the world with the config's sequence_parallel_size as its sequence axis
-    and its zero_hpz_partition_size as the data_inner axis (ZeRO++ hpZ's node groups)."""
+    and its zero_hpz_partition_size (ZeRO++ hpZ's node groups) or mics_shard_size (MiCS's shard
+    groups) as the data_inner axis."""
     groups = _mesh_of(model, data_parallel_group, model_parallel_group, mpu)
     if groups is None:
         from . import mesh
 
+        inner, key = (mics, "mics_shard_size") if mics > 0 else (hpz, "zero_hpz_partition_size")
         try:
-            groups = mesh.build(sequence=sequence_parallel_size, data_inner=hpz)
+            groups = mesh.build(sequence=sequence_parallel_size, data_inner=inner)
         except ValueError as e:  # the axes do not divide the world: name the key that asked for data_inner
-            if hpz == 1:
+            if inner == 1:
                 raise
-            raise _zeal.ConfigError(f"config key 'zero_optimization.zero_hpz_partition_size': {hpz} must divide the "
+            raise _zeal.ConfigError(f"config key 'zero_optimization.{key}': {inner} must divide the "
                                     f"data-parallel ranks ({e})") from None
     if sequence_parallel_size > 1 and groups.mesh.axis_size("sequence") != sequence_parallel_size:
         raise _zeal.ConfigError(f"config key 'sequence_parallel_size': {sequence_parallel_size}, but the model's "
@@ -617,6 +620,7 @@ _ZERO_QUERIES = {
     "zero_quantized_weights": "quantized_weights",
     "zero_hpz_partition_size": "hpz_partition_size",
     "zero_quantized_gradients": "quantized_gradients",
+    "mics_shard_size": "mics_shard_size",
 }
 
 # The queries over keys of features Zeal does not implement (so no parsed field holds them): name ->
@@ -626,7 +630,6 @@ _CONFIG_QUERIES = {
                                            "zero_optimization.stage3_module_granularity_threshold"], 0),
     "zero_quantized_nontrainable_weights": (["zero_optimization.zero_quantized_nontrainable_weights"], False),
     "zeropp_loco_param": (["zero_optimization.zeropp_loco_param"], None),
-    "mics_shard_size": (["zero_optimization.mics_shard_size"], -1),
     "zero_multi_rank_bucket_allreduce": (["zero_optimization.use_multi_rank_bucket_allreduce"], True),
     "zero_allgather_sequential": (["zero_optimization.allgather_sequential",
                                    "zero_optimization.stage3_allgather_sequential"], False),
@@ -1204,7 +1207,8 @@ def initialize(
     if dtype != torch.float32:
         model.to(dtype)
     groups = _process_groups(model, data_parallel_group, model_parallel_group, parsed.sequence_parallel_size,
-                             mpu_groups, parsed.zero_optimization.hpz_partition_size)
+                             mpu_groups, parsed.zero_optimization.hpz_partition_size,
+                             parsed.zero_optimization.mics_shard_size)
     param_groups = _param_groups(model, model_parameters, dtype)
     _check_init_groups(param_groups, groups)
     core = _zeal.Engine(param_groups, parsed, groups, client)

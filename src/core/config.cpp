@@ -609,8 +609,22 @@ void parse_zero(const json& given, ZeroConfig& out) {
       throw ConfigError("config key '" + r.path("zeropp_loco_param") + "': ZeRO++ LoCo needs ZeRO stage 3 "
                         "(zero_optimization.stage is " + std::to_string(out.stage) + ")");
   }
-  r.only_value("mics_shard_size", -1, "MiCS is not supported yet");
-  r.only_value("mics_hierarchical_params_gather", false, "MiCS is not supported yet");
+  // MiCS: ZeRO-3 within groups of mics_shard_size ranks, replicated across them (Note [MiCS],
+  // engine/engine.cpp). -1 is off; the hierarchical gather is accepted (a shard group's gather is one
+  // all-gather, whose algorithm the backend picks).
+  r.read_int("mics_shard_size", out.mics_shard_size, -1);
+  if (out.mics_shard_size == 0)
+    throw ConfigError("config key '" + r.path("mics_shard_size") + "': expected -1 (off) or a positive number of "
+                      "ranks per shard group, got 0");
+  r.read_bool("mics_hierarchical_params_gather", out.mics_hierarchical_params_gather);
+  if (out.mics_shard_size > 0 && out.stage != 3)
+    throw ConfigError("config key '" + r.path("mics_shard_size") + "': MiCS needs ZeRO stage 3 "
+                      "(zero_optimization.stage is " + std::to_string(out.stage) + ")");
+  if (out.mics_shard_size > 0 && out.hpz_partition_size > 1)
+    throw ConfigError("config key '" + r.path("mics_shard_size") + "' is " + std::to_string(out.mics_shard_size) +
+                      " and '" + r.path("zero_hpz_partition_size") + "' is " +
+                      std::to_string(out.hpz_partition_size) + ": MiCS and hpZ are two kinds of secondary group; "
+                      "set one of them");
   r.only_value("legacy_stage1", false, "DeepSpeed removed it too");
   r.feature_off("zenflow", /*on_when_present=*/true);
   // Tuning knobs of DeepSpeed's own implementation, accepted: Zeal's ZeRO does not need them.

@@ -218,6 +218,7 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
   // comes before stage 3 releases the parameters.
   u.reducer = std::make_unique<GradReducer>(u.params, u.layout, u.flat_grads, u.grad_shard, u.world, config_, hooks,
                                            u.grad_divisor);
+  if (u.replicas) u.reducer->set_replicas(u.replicas);  // Note [MiCS]
   if (store.stages_gradients())
     u.reducer->set_bucket_final([this, unit](int64_t flat_begin, int64_t flat_end, int64_t shard_begin, int64_t shard_end) {
       stage_bucket_on_host(*unit, flat_begin, flat_end, shard_begin, shard_end);
@@ -283,18 +284,37 @@ void Engine::make_units(const std::vector<parallel::Placement>& placements) {
   // group share a unit. Every rank sees the same parameters in the same order with the same tags, so
   // every rank makes the same units in the same order (their collectives pair up).
   const parallel::Mesh& mesh = mesh_->mesh();
+  const int64_t mics_size = config_.zero_optimization.mics_shard_size;
+  const bool mics = mics_size > 0;
+  ZEAL_CHECK_AS(ConfigError, !mics || mesh.axis_size("data_inner") == mics_size,
+                "config key 'zero_optimization.mics_shard_size' is ", mics_size, ", but the engine's mesh has "
+                "data_inner ", mesh.axis_size("data_inner"), " (zeal.initialize builds the mesh with data_inner = "
+                "mics_shard_size)");
   for (size_t i = 0; i < params_.size(); ++i) {
     std::vector<std::string> axes = parallel::reduction_axes(mesh, placements[i]);
+    // Note [MiCS]: ZeRO-3 over the shard group (data_inner, of mics_shard_size ranks, and any other
+    // axis the gradients reduce over but data), with the data axis's ranks holding identical
+    // replicas: the unit's group is the shard group; the gradients are summed over the replicas too
+    // (GradReducer::set_replicas), and a checkpoint is written by the first replica (save_checkpoint).
+    std::vector<std::string> replica_axes;
+    if (mics && std::count(axes.begin(), axes.end(), "data")) {
+      axes.erase(std::find(axes.begin(), axes.end(), "data"));
+      replica_axes = {"data"};
+    }
     size_t k = 0;
     while (k < units_.size() && units_[k]->axes != axes) ++k;
     if (k == units_.size()) {
       // Host parameters reduce over MPI, device ones over NCCL (Note [Backend by device]).
       comm::CommunicatorPtr world = counted(mesh_->group_on(axes, device_), axes);
-      const comm::CommunicatorPtr& rest = mesh_->group(mesh.other_axes(axes));
+      std::vector<std::string> replica_and_shard = axes;
+      replica_and_shard.insert(replica_and_shard.end(), replica_axes.begin(), replica_axes.end());
+      const comm::CommunicatorPtr& rest = mesh_->group(mesh.other_axes(replica_and_shard));
       units_.push_back(std::make_unique<Unit>(axes, world, rest->size() > 1 ? rest : nullptr, model_dtype_, device_,
                                               partitioned_));
       if (units_[k]->world->size() > units_[primary_]->world->size()) primary_ = k;
       units_[k]->grad_divisor = parallel::gradient_divisor(mesh, placements[i]);
+      if (!replica_axes.empty() && mesh.axis_size("data") > 1)
+        units_[k]->replicas = counted(mesh_->group_on(replica_axes, device_), replica_axes);
     }
     Unit& u = *units_[k];
     unit_of_.push_back(k);

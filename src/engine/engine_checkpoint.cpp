@@ -89,6 +89,21 @@ std::string Engine::unit_part_name(size_t k, int group_index) const {
 std::string Engine::save_checkpoint(const std::string& save_dir, const std::string& tag,
                                     const std::string& client_state_json,
                                     const std::vector<std::pair<std::string, at::Tensor>>& extra, bool save_latest) {
+  if (units_.size() == 1 && units_[0]->replicas) {
+    // Note [MiCS]: the replicas hold the same shards; the first shard group writes the checkpoint
+    // and every rank waits for it (and learns whether it failed).
+    Unit& u = *units_[0];
+    std::string dir, error;
+    if (u.replicas->rank() == 0) {
+      try {
+        dir = save_unit(u, save_dir, tag, client_state_json, extra, save_latest);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    agree_or_throw(*mesh_->group(mesh_->mesh().other_axes({})), error, "checkpoint save");
+    return dir.empty() ? (fs::path(save_dir) / tag).string() : dir;
+  }
   if (units_.size() == 1) return save_unit(*units_[0], save_dir, tag, client_state_json, extra, save_latest);
   ZEAL_CHECK(!save_dir.empty(), "save_checkpoint: save_dir is empty; name the directory to save into");
   check_tag(tag);
@@ -288,8 +303,9 @@ std::pair<std::string, std::string> Engine::load_parts(const std::function<std::
   for (auto& u : units_)
     if (!error.empty() && u->store->swapper() && u->store->master().defined())
       u->store->release(*u->optimizer, false);  // the swap files are untouched
-  agree_or_throw(units_.size() == 1 ? *units_[0]->world : *mesh_->group(mesh_->mesh().other_axes({})), error,
-                 "checkpoint load");
+  agree_or_throw(units_.size() == 1 && !units_[0]->replicas ? *units_[0]->world
+                                                             : *mesh_->group(mesh_->mesh().other_axes({})),
+                 error, "checkpoint load");
   for (auto& u : units_) {
     u->publish(u->store->master());
     if (u->store->swapper()) u->store->release(*u->optimizer, true);

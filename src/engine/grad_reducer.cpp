@@ -171,15 +171,25 @@ void GradReducer::launch(GradBucket& bucket) {
     if (!bucket.comm_buffer.defined())  // no parameter of this bucket got a gradient
       bucket.comm_buffer = at::zeros({bucket.end - bucket.begin}, grad_shard_.options().dtype(comm_dtype_));
     if (pre_factor_ != 1.0) bucket.comm_buffer.mul_(pre_factor_);
-    if (comm_->size() == 1) return;  // the staging buffer is the whole (only) chunk
-    int64_t chunk = (bucket.end - bucket.begin) / comm_->size();
-    if (qgz_inter_) {  // synchronous: the bucket is retired with its chunk already reduced
-      bucket.comm_output = quantized_reduce_scatter(bucket.comm_buffer, chunk, &bucket - buckets_.data())
-                               .to(bucket.comm_buffer.scalar_type());
-      return;
+    if (comm_->size() > 1) {
+      int64_t chunk = (bucket.end - bucket.begin) / comm_->size();
+      if (qgz_inter_) {  // synchronous: the bucket is retired with its chunk already reduced
+        bucket.comm_output = quantized_reduce_scatter(bucket.comm_buffer, chunk, &bucket - buckets_.data())
+                                 .to(bucket.comm_buffer.scalar_type());
+      } else {
+        bucket.comm_output = at::empty({chunk}, bucket.comm_buffer.options());
+        bucket.work = comm_->reduce_scatter(bucket.comm_output, bucket.comm_buffer, {comm::ReduceOp::kSum, {}, site});
+      }
+    }  // else the staging buffer is the whole (only) chunk
+    if (replicas_ && replicas_->size() > 1) {
+      // Note [MiCS]: the reduced chunk summed over the replicas, issued here, in bucket order, after
+      // the shard group's reduction has finished: every rank then issues its collectives on the two
+      // groups in the same order (an all-reduce issued at retirement, whose timing varies by rank,
+      // could pass a shard-group gather on one rank and not on another, and both would wait).
+      if (bucket.work) bucket.work->wait();
+      at::Tensor& reduced = comm_->size() == 1 ? bucket.comm_buffer : bucket.comm_output;
+      bucket.work = replicas_->all_reduce(reduced, {comm::ReduceOp::kSum, {}, site + " replicas"});
     }
-    bucket.comm_output = at::empty({chunk}, bucket.comm_buffer.options());
-    bucket.work = comm_->reduce_scatter(bucket.comm_output, bucket.comm_buffer, {comm::ReduceOp::kSum, {}, site});
     return;
   }
   at::Tensor grads = flat_grads_.slice(0, bucket.begin, bucket.end);

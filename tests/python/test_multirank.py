@@ -190,14 +190,18 @@ def test_engines_take_their_groups_from_the_mesh_and_their_parameters_placement(
     assert proc.stdout.count("MESH-OK") == 4, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("ranks,hpz", [(2, 2), (3, 1), (4, 2)])
-def test_zeropp_equals_torch_on_what_it_delivers(run_ranks, tmp_path, ranks, hpz):
+@pytest.mark.parametrize("ranks,hpz,mics", [(2, 2, 1), (3, 1, -1), (4, 2, 2)])
+def test_zeropp_equals_torch_on_what_it_delivers(run_ranks, tmp_path, ranks, hpz, mics):
     # ZeRO++ qwZ (zero_quantized_weights): each rank's chunk travels as 8-bit blocks; the run equals
     # torch computing with exactly those weights (chunks padded per rank count, blocks cut by
     # partitions, parameters of 1, 7, 8, 9, 72 and 4099 elements), and qwZ off equals exact torch.
     # hpZ (zero_hpz_partition_size) alone equals exact torch (2 "nodes" of 2 ranks, and 1 of 2), and
     # with qwZ the quantized reference; qgZ (zero_quantized_gradients) equals torch whose reduction
     # is simulated hop for hop (one level, and over the nodes); the comms_logger's bytes off the node;
-    # checkpoints saved with ZeRO++ load without it and the reverse (ranks/zeropp.py).
-    proc = run_ranks(ranks, "zeropp.py", "--hpz", hpz, "--checkpoints", tmp_path, timeout=300)
+    # checkpoints saved with ZeRO++ load without it and the reverse; LoCo (zeropp_loco_param) equals
+    # the reference carrying every rank's errors, resets every reset_T steps and resumes from a
+    # checkpoint; MiCS (mics_shard_size: shard groups of 1 and 2, replicated) is exact, with qwZ
+    # equals the reference quantizing per shard group, and its checkpoints load without it and the
+    # reverse (ranks/zeropp.py).
+    proc = run_ranks(ranks, "zeropp.py", "--hpz", hpz, "--mics", mics, "--checkpoints", tmp_path, timeout=300)
     assert proc.stdout.count("ZEROPP-OK") == ranks, proc.stdout + proc.stderr

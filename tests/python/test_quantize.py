@@ -115,7 +115,10 @@ def test_cuda_kernels_equal_the_cpu_kernels_bit_for_bit(bits):
     ({"stage": 3, "zeropp_loco_param": {"err_beta": 0.8, "reset": 5}}, ["zero_optimization.zeropp_loco_param.reset"]),
     ({"stage": 2, "zero_hpz_partition_size": 2}, ["zero_optimization.zero_hpz_partition_size", "needs ZeRO stage 3"]),
     ({"stage": 3, "zero_hpz_partition_size": 0}, ["zero_optimization.zero_hpz_partition_size"]),
-    ({"stage": 3, "mics_shard_size": 2}, ["zero_optimization.mics_shard_size", "not supported yet"]),
+    ({"stage": 2, "mics_shard_size": 2}, ["zero_optimization.mics_shard_size", "needs ZeRO stage 3"]),
+    ({"stage": 3, "mics_shard_size": 0}, ["zero_optimization.mics_shard_size", "-1 (off) or a positive", "got 0"]),
+    ({"stage": 3, "mics_shard_size": 2, "zero_hpz_partition_size": 2},
+     ["zero_optimization.mics_shard_size", "zero_optimization.zero_hpz_partition_size", "set one of them"]),
 ])
 def test_zeropp_config_keys(zero, words):
     import json
@@ -145,6 +148,14 @@ def test_loco_keys_parse_with_deepspeeds_defaults():
     assert loco(...) is None and loco(None) is None
     assert loco({}) == {"err_beta": 0.8, "reset_T": 1024}
     assert loco({"err_beta": 0.5, "reset_T": 7}) == {"err_beta": 0.5, "reset_T": 7}
+
+
+def test_mics_that_does_not_divide_the_ranks_is_refused_naming_the_key():
+    model = torch.nn.Linear(4, 4)
+    cfg = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+           "zero_optimization": {"stage": 3, "mics_shard_size": 2, "mics_hierarchical_params_gather": True}}
+    with pytest.raises(zeal.ConfigError, match="mics_shard_size': 2 must divide the data-parallel ranks"):
+        zeal.initialize(model=model, config=cfg)
 
 
 def test_hpz_that_does_not_divide_the_ranks_is_refused_naming_the_key():

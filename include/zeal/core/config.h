@@ -158,6 +158,10 @@ struct ZeroConfig {
   // LoCo (zeropp_loco_param): each of qgZ's quantizations carries its error to the next reduction
   // as a moving average, error = err_beta * error + (1 - err_beta) * (what was lost), cleared every
   // reset_T reductions (Note [LoCo error feedback], engine/grad_reducer.cpp).
+  // MiCS: parameters, gradients and optimizer state sharded within groups of this many ranks (the
+  // mesh's data_inner axis) and replicated across the groups; -1 is off.
+  int64_t mics_shard_size = -1;
+  bool mics_hierarchical_params_gather = false;  // accepted: one all-gather per shard group
   struct Loco {
     bool enabled = false;
     double err_beta = 0.8;

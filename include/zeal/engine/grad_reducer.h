@@ -91,6 +91,9 @@ class GradReducer {
     qgz_intra_ = std::move(intra);
     qgz_inter_ = std::move(inter);
   }
+  // Note [MiCS]: partitioned mode, each reduced chunk is also summed over these ranks (the replicas
+  // of this rank's shard) before it is added to the shard.
+  void set_replicas(comm::CommunicatorPtr replicas) { replicas_ = std::move(replicas); }
   // LoCo (zeropp_loco_param) on qgZ's quantizations: Note [LoCo error feedback].
   void set_loco(float err_beta, int64_t reset_T);
   bool loco() const { return loco_reset_T_ > 0; }
@@ -115,6 +118,7 @@ class GradReducer {
   void stage_gradient(size_t param_index);
   at::Tensor quantized_reduce_scatter(const at::Tensor& input, int64_t chunk, size_t bucket);
   comm::CommunicatorPtr qgz_intra_, qgz_inter_;
+  comm::CommunicatorPtr replicas_;
   // Note [LoCo error feedback]: per bucket, the error of the hop within the node and of the hop
   // across nodes, kept as 8-bit blocks between reductions (undefined: zero).
   struct LocoErrors {

@@ -38,6 +38,8 @@ class Unit {
   const comm::CommunicatorPtr world;           // that group, on the parameters' device
   const comm::CommunicatorPtr model_parallel;  // the complement: the ranks holding the rest of one replica (null if none)
   std::vector<comm::CommunicatorPtr> counted_groups;  // further groups the comms_logger counts (hpZ's)
+  // Note [MiCS]: the ranks holding the same shards as this one (world is then the shard group), or null.
+  comm::CommunicatorPtr replicas;
   const at::ScalarType model_dtype;
   const at::Device device;
   const bool partitioned;  // ZeRO stage >= 1: master weights and optimizer state cover owned chunks

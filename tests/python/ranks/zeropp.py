@@ -127,12 +127,13 @@ def qgz_reduce(local, world, hpz, loco=None, name=""):
     return out
 
 
-def reference(world, quantized, qgz_hpz=0, loco=None):
+def reference(world, quantized, qgz_hpz=0, loco=None, shard_group=None):
     """torch's run; with qgz_hpz (> 0: the node size), each rank's gradient reduced as qgZ does
-    (with loco = (err_beta, reset_T), with LoCo's error feedback)."""
+    (with loco = (err_beta, reset_T), with LoCo's error feedback); quantized weights are cut into
+    chunks for shard_group ranks (default: all)."""
     if qgz_hpz:
         return reference_qgz(world, qgz_hpz, loco)
-    return reference_plain(world, quantized)
+    return reference_plain(world, quantized, shard_group or world)
 
 
 def reference_qgz(world, hpz, loco=None):
@@ -165,7 +166,7 @@ def reference_qgz(world, hpz, loco=None):
     return losses, grads, {n: p.detach().clone() for n, p in params.items()}
 
 
-def reference_plain(world, quantized):
+def reference_plain(world, quantized, shard_group):
     model = Odd()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses = []
@@ -174,7 +175,7 @@ def reference_plain(world, quantized):
         if quantized:
             with torch.no_grad():
                 for p in model.parameters():
-                    p.copy_(qwz(p, world))
+                    p.copy_(qwz(p, shard_group))
         opt.zero_grad()
         # each rank's share of the batch, averaged as the engine averages over data ranks
         loss = sum(model(*[t[r::world] for t in batch(step)]) for r in range(world)) / world
@@ -189,12 +190,14 @@ def reference_plain(world, quantized):
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run(world, rank, quantized, hpz=1, counts=None, qgz=False, loco=None, resume_at=None, where=None):
+def run(world, rank, quantized, hpz=1, counts=None, qgz=False, loco=None, resume_at=None, where=None, mics=-1):
     """The engine's run; with loco = (err_beta, reset_T), qgZ with LoCo; with resume_at, a checkpoint
-    saved after that many steps (in `where`) is loaded into a fresh engine, which runs the rest."""
+    saved after that many steps (in `where`) is loaded into a fresh engine, which runs the rest; with
+    mics > 0, MiCS with shard groups of that many ranks."""
     def engine_of():
         z = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
-             "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz, "zero_quantized_gradients": qgz}
+             "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz, "zero_quantized_gradients": qgz,
+             "mics_shard_size": mics}
         if loco:
             z["zeropp_loco_param"] = {"err_beta": loco[0], "reset_T": loco[1]}
         cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
@@ -205,7 +208,13 @@ def run(world, rank, quantized, hpz=1, counts=None, qgz=False, loco=None, resume
         return engine
 
     engine = engine_of()
-    check(engine._core.mesh.mesh.axis_size("data_inner") == hpz, f"data_inner axis for hpZ {hpz}")
+    inner = mics if mics > 0 else hpz
+    check(engine._core.mesh.mesh.axis_size("data_inner") == inner, f"data_inner axis {inner} (hpZ {hpz}, MiCS {mics})")
+    # each rank keeps 1/(shard group) of every parameter (padded): MiCS's shard groups, else every rank
+    group = mics if mics > 0 else world
+    want = sum(-(-p.numel() // group) for p in Odd().parameters())
+    check(engine._core.master_numel == want, f"master elements {engine._core.master_numel}, want {want} "
+          f"(parameters sharded over {group} ranks)")
     losses = []
     for step in range(STEPS):
         if step == resume_at:
@@ -237,12 +246,15 @@ def compare(got, want, what):
         close(g_final[n].reshape(-1), w_final[n].reshape(-1), f"{what}: final {n}")
 
 
-def check_checkpoints(world, hpz, where):
+def check_checkpoints(world, hpz, where, mics=-1):
     """A checkpoint saved with qwZ + qgZ (+ hpZ) loads into plain ZeRO-3 and the reverse, value for
-    value: the master weights and the optimizer state are never quantized."""
+    value: the master weights and the optimizer state are never quantized. With mics > 0, the same
+    between MiCS (shard groups of mics ranks, the first of which writes) and plain ZeRO-3."""
     def engine_of(zeropp):
         z = {"stage": 3, "stage3_param_persistence_threshold": 0}
-        if zeropp:
+        if zeropp and mics > 0:
+            z.update(mics_shard_size=mics)
+        elif zeropp:
             z.update(zero_quantized_weights=True, zero_quantized_gradients=True, zero_hpz_partition_size=hpz)
         cfg = {"train_micro_batch_size_per_gpu": B // world.size, "steps_per_print": 1000,
                "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}}, "zero_optimization": z}
@@ -254,7 +266,7 @@ def check_checkpoints(world, hpz, where):
         for step in range(2):
             src.backward(src(*[t[world.rank::world.size] for t in batch(step)]))
             src.step()
-        tag = f"zeropp{int(saved_with)}"
+        tag = f"{'mics' if mics > 0 else 'zeropp'}{int(saved_with)}"
         src.save_checkpoint(where, tag=tag)
         want = {n: zeal.utils.safe_get_full_fp32_param(p).clone() for n, p in src.module.named_parameters()}
         dst = engine_of(loaded_with)
@@ -303,6 +315,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hpz", type=int, default=1, help="also run hpZ with this secondary partition size")
     ap.add_argument("--checkpoints", help="a directory every rank sees: check ZeRO++ checkpoints load without it")
+    ap.add_argument("--mics", type=int, default=-1, help="also run MiCS with shard groups of this many ranks")
     args = ap.parse_args()
     world = zeal.world()
     exact, quantized = reference(world.size, False), reference(world.size, True)
@@ -317,6 +330,13 @@ def main():
         check_bytes(world, args.hpz)
     if args.checkpoints:
         check_checkpoints(world, args.hpz, args.checkpoints)
+    if args.mics > 0:  # MiCS is exact too, alone and with qwZ within its shard groups
+        compare(run(world.size, world.rank, False, mics=args.mics), exact, f"MiCS {args.mics} at {world.size} ranks")
+        # (a shard group of one rank gathers nothing, so nothing is quantized)
+        compare(run(world.size, world.rank, True, mics=args.mics),
+                reference(world.size, args.mics > 1, shard_group=args.mics), f"MiCS {args.mics} + qwZ at {world.size} ranks")
+        if args.checkpoints:
+            check_checkpoints(world, args.hpz, args.checkpoints, mics=args.mics)
     # qgZ: one level over every rank, and hierarchical over nodes of --hpz ranks
     for hpz in sorted({1, args.hpz}):
         want = reference(world.size, False, qgz_hpz=hpz)
