@@ -1,7 +1,8 @@
 """ZeRO++ over a slow link between two "nodes": 4 ranks in two network namespaces (2 ranks each)
 joined by a veth pair whose bandwidth `tc` limits (token bucket); inside a namespace ranks talk over
 its own stack, between them every byte crosses the limited link. The demo GPT (3.2M parameters)
-under ZeRO-3, then ZeRO-3 with each of qwZ, hpZ (nodes of 2), qgZ, and all three: the bytes rank 0
+under ZeRO-3, then ZeRO-3 with each of qwZ, hpZ (nodes of 2), qgZ, all three, all three with LoCo
+(zeropp_loco_param), and MiCS with shard groups of 2 (one per node): the bytes rank 0
 sends off its node per step (the comms logger, Note [Bytes within and across nodes]), the mean step
 time and the loss after the steps, at each link rate. DeepSpeed's ZeRO++ is probed on its CPU
 accelerator and reported as run or not run, with the reason.
@@ -27,6 +28,9 @@ VARIANTS = {
     "+hpZ": {"zero_hpz_partition_size": 2},
     "+qgZ": {"zero_quantized_gradients": True},
     "+all three": {"zero_quantized_weights": True, "zero_hpz_partition_size": 2, "zero_quantized_gradients": True},
+    "+all three +LoCo": {"zero_quantized_weights": True, "zero_hpz_partition_size": 2, "zero_quantized_gradients": True,
+                         "zeropp_loco_param": {"err_beta": 0.8, "reset_T": 1024}},
+    "MiCS 2 (shard within the node)": {"mics_shard_size": 2},
 }
 WARMUP = 2
 

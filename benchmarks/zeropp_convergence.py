@@ -27,7 +27,7 @@ RUNS = {"ZeRO-3": ("configs/gpt_zero3.json", {}),
         "ZeRO++ + LoCo": ("configs/gpt_zeropp.json", {"zeropp_loco_param": {"err_beta": 0.8, "reset_T": 1024}})}
 
 
-def run(name, config, zero, steps, ranks, out):
+def run(name, config, zero, steps, ranks, out, seed=0):
     print(f"zeropp_convergence: {name}: {ranks} ranks, {steps} steps ...", flush=True)
     env = {**os.environ, "ZEAL_RANKS_PER_NODE": "2"}
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,7 @@ def run(name, config, zero, steps, ranks, out):
     config = out / "config.json"
     config.write_text(json.dumps(cfg))
     proc = subprocess.run(["zeal", "--num_procs", str(ranks), "examples/python/train_gpt.py", "--config", config,
-                           "--steps", str(steps), "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+                           "--steps", str(steps), "--out", str(out), "--seed", str(seed)], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(out / "loss.csv") as f:
@@ -53,9 +53,10 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--out", default="out/bench/zeropp_convergence.json")
+    ap.add_argument("--seed", type=int, default=0, help="the demo's --seed (the model's initialization)")
     args = ap.parse_args()
     work = Path(args.out).resolve().parent / "zeropp_convergence"
-    results = {name: run(name, cfg, zero, args.steps, args.ranks, work / str(i))
+    results = {name: run(name, cfg, zero, args.steps, args.ranks, work / str(i), args.seed)
                for i, (name, (cfg, zero)) in enumerate(RUNS.items())}
     base = next(iter(results.values()))["losses"]
     gaps = {}
@@ -92,7 +93,7 @@ def main():
         print(f"wrote {png}")
     except ImportError:
         print("matplotlib missing: no plot")
-    write_json(args.out, {"benchmark": "zeropp_convergence", "steps": args.steps, "ranks": args.ranks,
+    write_json(args.out, {"benchmark": "zeropp_convergence", "steps": args.steps, "ranks": args.ranks, "seed": args.seed,
                           "runs": results, "gaps": gaps})
 
 

@@ -74,11 +74,12 @@ def main():
     ap.add_argument("--seq_parallel", type=int, default=1,
                     help="Ulysses degree: each sequence split over this many ranks (docs/long_sequences.md)")
     ap.add_argument("--block", type=int, default=128, help="sequence length (a long-context run: --block 2048)")
+    ap.add_argument("--seed", type=int, default=0, help="the model's initialization")
     ap.add_argument("--local_rank", type=int, default=-1, help="passed by the zeal / deepspeed launchers")
     args = ap.parse_args()
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     config = json.loads(Path(args.config).read_text())
     steps = args.steps or config.get("scheduler", {}).get("params", {}).get("total_num_steps", 200)
     block = args.block

@@ -51,6 +51,8 @@ void restore_loco(Unit& u, checkpoint::CheckpointReader& reader, bool whole, con
   std::string why;
   if (!optimizer_too) why = "the optimizer state is not loaded";
   else if (!engine.contains("loco")) why = "it was saved without LoCo";
+  else if (u.replicas && u.replicas->rank() != 0)
+    why = "with MiCS only the first shard group's errors are saved (each replica's differ)";
   else if (!whole || m.world_size != u.world->size())
     why = whole ? "it was saved on " + std::to_string(m.world_size) + " ranks, this run has " +
                       std::to_string(u.world->size())
@@ -175,6 +177,8 @@ std::string Engine::save_unit(Unit& u, const std::string& save_dir, const std::s
   const std::string& tmp_dir = save.tmp_dir();
   const std::string& final_dir = save.final_dir();
 
+  GradReducer::LocoState loco;
+  if (u.reducer && u.reducer->loco()) loco = u.reducer->loco_state();
   // Each rank writes its own shard; below stage 1 every rank holds everything, so rank 0 alone does.
   save.write("writing shards", partitioned_ || rank == 0, [&] {
     struct Release {  // NVMe offload: the swapped state in host memory only while it is written
@@ -186,8 +190,7 @@ std::string Engine::save_unit(Unit& u, const std::string& save_dir, const std::s
     if (u.store->swapper()) u.store->materialize(*u.optimizer);
     std::vector<std::pair<std::string, at::Tensor>> tensors{{"master", u.store->master()}};
     for (const std::string& name : u.optimizer->state_names()) tensors.push_back({name, u.optimizer->state(name)});
-    if (u.reducer && u.reducer->loco()) {  // Note [LoCo error feedback]: this rank's own errors
-      GradReducer::LocoState loco = u.reducer->loco_state();
+    if (loco.levels.defined()) {  // Note [LoCo error feedback]: this rank's own errors
       tensors.push_back({kLocoLevels, loco.levels});
       tensors.push_back({kLocoScales, loco.scales});
     }
@@ -232,11 +235,9 @@ std::string Engine::save_unit(Unit& u, const std::string& save_dir, const std::s
                      {"current_hysteresis", s.current_hysteresis},
                      {"iteration", s.iteration},
                      {"last_overflow_iteration", s.last_overflow_iteration}}}};
-    if (u.reducer && u.reducer->loco()) {
-      GradReducer::LocoState loco = u.reducer->loco_state();
+    if (loco.levels.defined())
       engine["loco"] = {{"reductions", loco.reductions}, {"levels", loco.levels.numel()},
                         {"scales", loco.scales.numel()}};
-    }
     m.engine_state = engine.dump();
     m.client_state = client.dump();
     const std::string extra_path = (fs::path(tmp_dir) / checkpoint::kExtraName).string();

@@ -232,7 +232,8 @@ void GradReducer::launch(GradBucket& bucket) {
 // 8-bit blocks of comm::kGradientBlock (a quarter of fp32's memory, as DeepSpeed stores them); every
 // reset_T-th reduction (counting every backward, from the first) starts from zero. The errors and
 // the count go into checkpoints (Engine::save_unit) and come back when the checkpoint is loaded on
-// the same layout; on any other, LoCo starts from zero, as after a reset.
+// the same layout; on any other, LoCo starts from zero, as after a reset. With MiCS only the first
+// replica's errors are saved (each replica's differ); the other replicas restart theirs from zero.
 at::Tensor GradReducer::quantized_reduce_scatter(const at::Tensor& input, int64_t chunk, size_t bucket) {
   const int64_t h = qgz_intra_ ? qgz_intra_->size() : 1, d = qgz_inter_->size();
   at::Tensor rows = input.to(at::kFloat).view({d, h, chunk});
