@@ -108,6 +108,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", nargs="+", default=["unlimited", "10gbit", "1gbit"])
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="the variants to run (the first is the baseline of the ratios)")
     ap.add_argument("--out", default="out/bench/zeropp.json")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -119,7 +121,8 @@ def main():
         for rate in args.rates:
             LINK.setup(rate)
             base = None
-            for name, zeropp in VARIANTS.items():
+            for name in args.variants:
+                zeropp = VARIANTS[name]
                 port += 1
                 print(f"zeropp: {rate}, {name}, {args.steps} steps ...", flush=True)
                 r = run(zeropp, args.steps, port)

@@ -244,7 +244,7 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
         if (a != "data_inner") across.push_back(a);
       node = counted(mesh_->group_on({"data_inner"}, device_), {"data_inner"});
       across_nodes = counted(mesh_->group_on(across, device_), across);
-      u.counted_groups = {node, across_nodes};
+      u.counted_groups.insert(u.counted_groups.end(), {node, across_nodes});
       param_offload.hpz_intra = node;
       param_offload.hpz_inter = across_nodes;
     }
@@ -313,8 +313,10 @@ void Engine::make_units(const std::vector<parallel::Placement>& placements) {
                                               partitioned_));
       if (units_[k]->world->size() > units_[primary_]->world->size()) primary_ = k;
       units_[k]->grad_divisor = parallel::gradient_divisor(mesh, placements[i]);
-      if (!replica_axes.empty() && mesh.axis_size("data") > 1)
+      if (!replica_axes.empty() && mesh.axis_size("data") > 1) {
         units_[k]->replicas = counted(mesh_->group_on(replica_axes, device_), replica_axes);
+        units_[k]->counted_groups.push_back(units_[k]->replicas);
+      }
     }
     Unit& u = *units_[k];
     unit_of_.push_back(k);

@@ -37,7 +37,7 @@ class Unit {
   const std::vector<std::string> axes;         // the mesh axes the gradients reduce over
   const comm::CommunicatorPtr world;           // that group, on the parameters' device
   const comm::CommunicatorPtr model_parallel;  // the complement: the ranks holding the rest of one replica (null if none)
-  std::vector<comm::CommunicatorPtr> counted_groups;  // further groups the comms_logger counts (hpZ's)
+  std::vector<comm::CommunicatorPtr> counted_groups;  // further groups the comms_logger counts (hpZ's, MiCS's)
   // Note [MiCS]: the ranks holding the same shards as this one (world is then the shard group), or null.
   comm::CommunicatorPtr replicas;
   const at::ScalarType model_dtype;

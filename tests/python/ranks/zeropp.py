@@ -311,6 +311,22 @@ def check_bytes(world, hpz):
               f"last step: plain {plain['step']}, hpZ {hier['step']}", flush=True)
 
 
+def check_mics_bytes(world, mics):
+    """With nodes of `mics` ranks (ZEAL_RANKS_PER_NODE) and MiCS shard groups of the same size, the
+    parameters' all-gathers never leave the node, and the replicas' gradient all-reduce is what
+    crosses (the comms logger counts every group the engine uses)."""
+    import os
+
+    os.environ["ZEAL_RANKS_PER_NODE"] = str(mics)
+    counts = {}
+    run(world.size, world.rank, False, counts=counts, mics=mics)
+    ag, ar = counts["all_gather"], counts.get("all_reduce", {"inter_node_bytes": 0})
+    check(ag["inter_node_bytes"] == 0 < ag["intra_node_bytes"],
+          f"MiCS all_gather bytes: {ag['intra_node_bytes']} on the node, {ag['inter_node_bytes']} off it")
+    check(ar["inter_node_bytes"] > 0 and counts["step"]["inter_node"] > 0,
+          f"MiCS: the replicas' all_reduce must cross nodes ({ar}, last step {counts['step']})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hpz", type=int, default=1, help="also run hpZ with this secondary partition size")
@@ -337,6 +353,8 @@ def main():
                 reference(world.size, args.mics > 1, shard_group=args.mics), f"MiCS {args.mics} + qwZ at {world.size} ranks")
         if args.checkpoints:
             check_checkpoints(world, args.hpz, args.checkpoints, mics=args.mics)
+        if world.size > args.mics > 1:
+            check_mics_bytes(world, args.mics)
     # qgZ: one level over every rank, and hierarchical over nodes of --hpz ranks
     for hpz in sorted({1, args.hpz}):
         want = reference(world.size, False, qgz_hpz=hpz)
