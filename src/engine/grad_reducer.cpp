@@ -263,7 +263,8 @@ at::Tensor GradReducer::quantized_reduce_scatter(const at::Tensor& input, int64_
                        sum, /*accumulate=*/true);
     return sum;
   };
-  LocoErrors& errors = loco_errors_[bucket];
+  LocoErrors unused;  // LoCo off: exchange never touches it
+  LocoErrors& errors = loco() ? loco_errors_.at(bucket) : unused;
   // (1) within the node: row j' holds the chunks of column j', [D * chunk]
   at::Tensor partial = h > 1 ? exchange(qgz_intra_, rows.transpose(0, 1).reshape({h, d * chunk}), errors.intra)
                              : rows.reshape({d * chunk});
