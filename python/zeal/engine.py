@@ -623,8 +623,9 @@ _ZERO_QUERIES = {
     "mics_shard_size": "mics_shard_size",
 }
 
-# The queries over keys of features Zeal does not implement (so no parsed field holds them): name ->
-# (key paths, first found wins; DeepSpeed's default). They report the off value Zeal runs with.
+# The queries answered from the raw config: keys of features Zeal does not implement (so no parsed
+# field holds them; they report the off value Zeal runs with), and zeropp_loco_param, whose
+# DeepSpeed answer is the section as given: name -> (key paths, first found wins; DeepSpeed's default).
 _CONFIG_QUERIES = {
     "zero_module_granularity_threshold": (["zero_optimization.module_granularity_threshold",
                                            "zero_optimization.stage3_module_granularity_threshold"], 0),
