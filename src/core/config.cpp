@@ -591,7 +591,9 @@ void parse_zero(const json& given, ZeroConfig& out) {
   if (out.quantized_weights && out.stage != 3)
     throw ConfigError("config key '" + r.path("zero_quantized_weights") + "': ZeRO++ quantized weights need ZeRO "
                       "stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
-  r.only_value("zero_quantized_nontrainable_weights", false, "ZeRO++ quantized weights are not supported yet");
+  r.only_value("zero_quantized_nontrainable_weights", false,
+               "ZeRO++ quantized frozen (non-trainable) weights are not supported yet: frozen parameters are not "
+               "partitioned");
   r.read_bool("zero_quantized_gradients", out.quantized_gradients);
   if (out.quantized_gradients && out.stage != 3)
     throw ConfigError("config key '" + r.path("zero_quantized_gradients") + "': ZeRO++ quantized gradients need "

@@ -115,6 +115,8 @@ def test_cuda_kernels_equal_the_cpu_kernels_bit_for_bit(bits):
     ({"stage": 3, "zeropp_loco_param": {"err_beta": 0.8, "reset": 5}}, ["zero_optimization.zeropp_loco_param.reset"]),
     ({"stage": 2, "zero_hpz_partition_size": 2}, ["zero_optimization.zero_hpz_partition_size", "needs ZeRO stage 3"]),
     ({"stage": 3, "zero_hpz_partition_size": 0}, ["zero_optimization.zero_hpz_partition_size"]),
+    ({"stage": 3, "zero_quantized_nontrainable_weights": True},
+     ["zero_optimization.zero_quantized_nontrainable_weights", "frozen (non-trainable) weights are not supported yet"]),
     ({"stage": 2, "mics_shard_size": 2}, ["zero_optimization.mics_shard_size", "needs ZeRO stage 3"]),
     ({"stage": 3, "mics_shard_size": 0}, ["zero_optimization.mics_shard_size", "-1 (off) or a positive", "got 0"]),
     ({"stage": 3, "mics_shard_size": 2, "zero_hpz_partition_size": 2},
