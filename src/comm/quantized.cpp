@@ -24,6 +24,8 @@ namespace {
 int64_t padded_levels(int64_t numel, int bits) { return (kernels::quantized_bytes(numel, bits) + 3) / 4 * 4; }
 }  // namespace
 
+int64_t quantized_scales(int64_t numel, int64_t block) { return kernels::quantized_blocks(numel, block); }
+
 int64_t quantized_wire_bytes(int64_t numel, int bits, int64_t block) {
   check_format(bits, block);
   return padded_levels(numel, bits) + kernels::quantized_blocks(numel, block) * static_cast<int64_t>(sizeof(float));

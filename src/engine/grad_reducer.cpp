@@ -298,7 +298,7 @@ GradReducer::LocoState GradReducer::loco_state() const {
       scales.push_back(q.scales.cpu());
     } else {
       levels.push_back(at::zeros({n}, at::kByte));
-      scales.push_back(at::zeros({(n + comm::kGradientBlock - 1) / comm::kGradientBlock}, at::kFloat));
+      scales.push_back(at::zeros({comm::quantized_scales(n, comm::kGradientBlock)}, at::kFloat));
     }
   };
   for (size_t k = 0; k < buckets_.size(); ++k) {
@@ -315,22 +315,19 @@ GradReducer::LocoState GradReducer::loco_state() const {
 
 bool GradReducer::restore_loco(const LocoState& state) {
   clear_loco();
-  int64_t levels = 0, scales = 0;
-  for (const GradBucket& b : buckets_) {
-    auto [intra, inter] = loco_sizes(b);
-    for (int64_t n : {intra, inter}) {
-      levels += n;
-      scales += (n + comm::kGradientBlock - 1) / comm::kGradientBlock;
-    }
-  }
-  if (!state.levels.defined() || state.levels.numel() != levels || state.scales.numel() != scales ||
-      state.levels.scalar_type() != at::kByte || state.scales.scalar_type() != at::kFloat)
+  if (!state.levels.defined() || !state.scales.defined() || state.levels.scalar_type() != at::kByte ||
+      state.scales.scalar_type() != at::kFloat)
     return false;
   const at::Device device = grad_shard_.defined() ? grad_shard_.device() : at::Device(at::kCPU);
   int64_t at_level = 0, at_scale = 0;
+  bool fits = true;  // every error's levels and scales lie within the saved tensors
   auto take = [&](comm::Quantized& q, int64_t n) {
-    if (n == 0) return;
-    const int64_t blocks = (n + comm::kGradientBlock - 1) / comm::kGradientBlock;
+    if (n == 0 || !fits) return;
+    const int64_t blocks = comm::quantized_scales(n, comm::kGradientBlock);
+    if (at_level + n > state.levels.numel() || at_scale + blocks > state.scales.numel()) {
+      fits = false;
+      return;
+    }
     q = comm::Quantized{state.levels.slice(0, at_level, at_level + n).to(device).clone(),
                         state.scales.slice(0, at_scale, at_scale + blocks).to(device).clone(), n,
                         comm::kGradientBlock, 8};
@@ -341,6 +338,10 @@ bool GradReducer::restore_loco(const LocoState& state) {
     auto [intra, inter] = loco_sizes(buckets_[k]);
     take(loco_errors_[k].intra, intra);
     take(loco_errors_[k].inter, inter);
+  }
+  if (!fits || at_level != state.levels.numel() || at_scale != state.scales.numel()) {  // saved for another layout
+    clear_loco();
+    return false;
   }
   loco_reductions_ = state.reductions;
   return true;

@@ -37,6 +37,8 @@ void dequantize(const Quantized& q, at::Tensor& out, bool accumulate = false);
 // then its block scales (fp32, so aligned). Messages of one size can be concatenated and exchanged
 // with one collective (qwZ's gathers, qgZ's all-to-alls).
 int64_t quantized_wire_bytes(int64_t numel, int bits, int64_t block);
+// Scales (blocks) of numel elements quantized in blocks of `block`.
+int64_t quantized_scales(int64_t numel, int64_t block);
 // message (uint8, quantized_wire_bytes(q.numel, q.bits, q.block)) <- q.
 void pack_message(const Quantized& q, at::Tensor message);
 // The Quantized a message holds, as views into it.
