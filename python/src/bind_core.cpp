@@ -57,6 +57,7 @@ void bind_core(py::module_& m) {
       .def_readonly("elastic_checkpoint", &ZeroConfig::elastic_checkpoint)
       .def_readonly("load_from_fp32_weights", &ZeroConfig::load_from_fp32_weights)
       .def_readonly("quantized_weights", &ZeroConfig::quantized_weights)
+      .def_readonly("quantized_nontrainable_weights", &ZeroConfig::quantized_nontrainable_weights)
       .def_readonly("hpz_partition_size", &ZeroConfig::hpz_partition_size)
       .def_readonly("quantized_gradients", &ZeroConfig::quantized_gradients)
       .def_readonly("mics_shard_size", &ZeroConfig::mics_shard_size)

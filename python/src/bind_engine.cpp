@@ -68,13 +68,7 @@ zero::ParamPartition* stage3(engine::Engine& e) {
 }
 
 // Stage 3, parameter i (an engine index): its unit's partition and its index there (Note [Sharded-state units]).
-std::pair<zero::ParamPartition*, size_t> stage3_param(engine::Engine& e, size_t i) {
-  need_stage3(e);
-  if (i >= e.parameters().size())
-    throw Error("parameter index " + std::to_string(i) + " out of range (" + std::to_string(e.parameters().size()) +
-                " parameters)");
-  return {e.unit_of(i).partition.get(), e.index_in_unit(i)};
-}
+std::pair<zero::ParamPartition*, size_t> stage3_param(engine::Engine& e, size_t i) { return e.stage3_slot(i); }
 
 // Engine indices split by unit, each list in the given order, in unit order.
 std::vector<std::pair<zero::ParamPartition*, std::vector<size_t>>> stage3_by_unit(engine::Engine& e,
@@ -238,6 +232,11 @@ void bind_engine(py::module_& m) {
       })
       .def_property_readonly("parameters", &engine::Engine::parameters)
       .def_property_readonly("parameter_names", &engine::Engine::parameter_names)
+      // Stage 3: the frozen parameters it partitions, engine indices len(parameters) and up.
+      .def_property_readonly("frozen_parameters", &engine::Engine::frozen_parameters)
+      .def_property_readonly("frozen_parameter_names", &engine::Engine::frozen_parameter_names)
+      .def_property_readonly("frozen_parameter_shapes", &engine::Engine::frozen_parameter_shapes)
+      .def("is_frozen", [](engine::Engine& e, size_t i) { return i >= e.parameters().size(); })
       .def_property_readonly("parameter_shapes", &engine::Engine::parameter_shapes)
       .def_property_readonly("zero3_settings", [](const engine::Engine& e) {
         const ZeroConfig& z = e.config().zero_optimization;
@@ -248,7 +247,6 @@ void bind_engine(py::module_& m) {
         d["param_persistence_threshold"] = z.param_persistence_threshold;
         return d;
       })
-      // Stage 3: gather / release parameters by engine index (python/zeal/zero.py drives these).
       // Stage 3: gather / release parameters by engine index (python/zeal/zero.py drives these); each
       // unit's partition gathers its own parameters over its own group.
       .def("fetch_params",
@@ -318,7 +316,7 @@ void bind_engine(py::module_& m) {
                int64_t j = u->partition->index_of_storage(t.storage().data());
                if (j < 0) continue;
                if (u->partition->full(j).scalar_type() != t.scalar_type()) return -1;
-               return static_cast<int64_t>(u->members[j]);
+               return static_cast<int64_t>(e.engine_index(*u, j));
              }
              return -1;
            })
@@ -335,8 +333,10 @@ void bind_engine(py::module_& m) {
       // The (host) group parameter i is reduced and partitioned over: its unit's.
       .def("param_group",
            [](engine::Engine& e, size_t i) {
-             if (i >= e.parameters().size()) throw Error("parameter index " + std::to_string(i) + " out of range");
-             return e.mesh()->group(e.unit_of(i).axes);
+             if (i >= e.parameters().size() + e.frozen_parameters().size())
+               throw Error("parameter index " + std::to_string(i) + " out of range");
+             // a frozen parameter is partitioned with the one unit's (Note [Frozen parameters])
+             return e.mesh()->group(i < e.parameters().size() ? e.unit_of(i).axes : e.units().front()->axes);
            })
       .def("save_checkpoint",
            [](engine::Engine& e, const std::string& dir, const std::string& tag, const std::string& client_json,

@@ -158,7 +158,7 @@ def _check_init_groups(param_groups, groups):
                     "group as zero.Init(data_parallel_group=...)")
 
 
-def _param_groups(model, model_parameters, dtype):
+def _param_groups(model, model_parameters, dtype, stage3=False):
     params = list(model.parameters() if model_parameters is None else model_parameters)
     if params and isinstance(params[0], dict):
         groups = []
@@ -168,6 +168,12 @@ def _param_groups(model, model_parameters, dtype):
             groups.append(group)
     else:
         groups = [{"params": params}]
+    if stage3:
+        # Stage 3 partitions the module's frozen parameters too (Note [Frozen parameters]), also
+        # those model_parameters leaves out (a LoRA script passes only the trainable ones); the
+        # engine takes no optimizer group's settings from them.
+        listed = {id(p) for g in groups for p in g["params"]}
+        groups[0]["params"] += [p for p in model.parameters() if not p.requires_grad and id(p) not in listed]
     from . import mesh
     from .tensor_parallel import split_of
 
@@ -242,6 +248,20 @@ class ZealOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none=True):
         self._core.zero_grad()
+
+    def quantize_nontrainable_params(self):
+        """DeepSpeed's step in ZeRO++'s LoRA recipe: store the stage-3 shards of parameters frozen
+        since initialize as 8-bit blocks. Zeal partitions frozen parameters, and with
+        zero_quantized_nontrainable_weights quantizes them, at initialize (Note [Frozen parameters]),
+        so this has nothing to do; a parameter frozen after initialize is still one the engine
+        trains, and is refused here rather than left as it is."""
+        late = [n for n, p in zip(self._core.parameter_names, self._core.parameters) if not p.requires_grad]
+        if late:
+            raise _zeal.ConfigError(
+                f"quantize_nontrainable_params: {len(late)} parameters were frozen after initialize ({late[:3]}"
+                f"{' ...' if len(late) > 3 else ''}); the engine partitions them as trained ones. Freeze before "
+                "zeal.initialize (as peft's get_peft_model does) and frozen weights are partitioned, and with "
+                "zero_optimization.zero_quantized_nontrainable_weights stored quantized, from the start")
 
     # fp16 loss scaling, with DeepSpeed's names.
     @property
@@ -782,9 +802,10 @@ class ZealEngine(EngineAPI, torch.nn.Module):
         if core.zero_stage == 3:
             from .zero import Stage3Hooks
 
-            for i, (p, shape) in enumerate(zip(core.parameters, core.parameter_shapes)):
-                p._zeal_engine, p._zeal_index = core, i
-                p.ds_shape, p.ds_numel = tuple(shape), core.param_numel(i)
+            shapes = list(core.parameter_shapes) + list(core.frozen_parameter_shapes)
+            for i, p in enumerate(list(core.parameters) + list(core.frozen_parameters)):
+                p._zeal_engine, p._zeal_index = core, i  # frozen ones follow the trainable ones
+                p.ds_shape, p.ds_numel = tuple(shapes[i]), core.param_numel(i)
                 for attr in ("_zeal_chunk", "_zeal_full_shape", "_zeal_group"):
                     if hasattr(p, attr):
                         delattr(p, attr)
@@ -938,6 +959,8 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             owner = getattr(t, "_zeal_owner", None)
             if owner is not None and self.zero_optimization_stage() == 3:
                 state[name] = self._core.full_value(owner[1], "fp32").to(t.dtype).cpu()
+            elif self._partitioned_frozen(t):
+                state[name] = self._frozen_value(t).cpu()
             else:
                 state[name] = t.detach().to("cpu", copy=True)
         return state
@@ -969,8 +992,33 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             self._stage3.release_all()
 
     # --- checkpoints (DeepSpeed's signatures) ---------------------------------------------------
-    def _extra_state(self, exclude_frozen_parameters=False):
-        """Module state the engine does not train: buffers and frozen parameters, by state_dict name."""
+    def _partitioned_frozen(self, t):
+        """Whether t is a frozen parameter stage 3 partitions (Note [Frozen parameters])."""
+        return getattr(t, "_zeal_engine", None) is self._core and t._zeal_index >= len(self._core.parameters)
+
+    def _frozen_value(self, t):
+        """A partitioned frozen parameter's whole value, a copy (collective: every rank calls it)."""
+        i, core = t._zeal_index, self._core
+        was_live = core.is_live(i)
+        value = core.full_param(i)[:core.param_numel(i)].view(t.ds_shape).detach().clone()
+        if not was_live:
+            core.release_params([i])
+        return value
+
+    def _set_frozen(self, t, value):
+        """A partitioned frozen parameter takes this whole value, every rank alike (collective)."""
+        i, core = t._zeal_index, self._core
+        was_live = core.is_live(i)
+        with torch.no_grad():
+            core.full_param(i)[:core.param_numel(i)].copy_(value.reshape(-1))
+        core.absorb_parameter(i)
+        if not was_live:
+            core.release_params([i])
+
+    def _extra_state(self, exclude_frozen_parameters=False, gather=True):
+        """Module state the engine does not train: buffers and frozen parameters, by state_dict name.
+        Frozen parameters stage 3 partitions are gathered whole (collective) or, without gather,
+        given as the parameters themselves."""
         managed = {id(p) for p in self._core.parameters}
         extra = {}
         for name, t in self.module.state_dict(keep_vars=True).items():
@@ -978,7 +1026,10 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                 continue
             if exclude_frozen_parameters and isinstance(t, torch.nn.Parameter):
                 continue
-            extra[name] = t.detach()
+            if self._partitioned_frozen(t):
+                extra[name] = self._frozen_value(t) if gather else t
+            else:
+                extra[name] = t.detach()
         return extra
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
@@ -997,7 +1048,11 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             raise _zeal.CheckpointError("client_state is nested too deeply to save") from None
         except (TypeError, ValueError) as e:
             raise _zeal.CheckpointError(f"client_state must be JSON-serialisable (Zeal checkpoints never pickle): {e}")
-        extra = [] if self._core.rank != 0 else sorted(self._extra_state(exclude_frozen_parameters).items())
+        # every rank gathers the partitioned frozen parameters; rank 0 writes them
+        gathers = self._core.zero_stage == 3 and len(self._core.frozen_parameters) > 0
+        extra = [] if self._core.rank != 0 and not gathers else sorted(self._extra_state(exclude_frozen_parameters).items())
+        if self._core.rank != 0:
+            extra = []
         tensor = self._tensor_group
         if tensor is None:
             self._core.save_checkpoint(str(save_dir), str(tag), client_json, extra, save_latest)
@@ -1028,13 +1083,17 @@ class ZealEngine(EngineAPI, torch.nn.Module):
                                                           load_module_only)
         extra = _zeal.read_checkpoint_extra(parts[0])
         if extra:
-            own = self._extra_state()
+            own = self._extra_state(gather=False)
             missing = sorted(n for n in set(own) - set(extra) if not isinstance(own[n], torch.nn.Parameter))
             if missing and load_module_strict:
                 raise _zeal.CheckpointError(f"checkpoint {path} lacks module state {missing}")
             with torch.no_grad():
                 for name, value in extra.items():
-                    if name in own:
+                    if name not in own:
+                        continue
+                    if self._partitioned_frozen(own[name]):  # every rank reads the same extra, in order
+                        self._set_frozen(own[name], value)
+                    else:
                         own[name].copy_(value)
         client_state = json.loads(client_json)
         saved = client_state.pop(_CLIENT_KEY, None)
@@ -1210,7 +1269,7 @@ def initialize(
     groups = _process_groups(model, data_parallel_group, model_parallel_group, parsed.sequence_parallel_size,
                              mpu_groups, parsed.zero_optimization.hpz_partition_size,
                              parsed.zero_optimization.mics_shard_size)
-    param_groups = _param_groups(model, model_parameters, dtype)
+    param_groups = _param_groups(model, model_parameters, dtype, parsed.zero_optimization.stage == 3)
     _check_init_groups(param_groups, groups)
     core = _zeal.Engine(param_groups, parsed, groups, client)
     if client is not None:

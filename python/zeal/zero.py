@@ -9,7 +9,8 @@ keeps ranks in step (Note [Stage 3 agreement]); this module only decides *when* 
             releases them unless the trace says they are reused soon (max_reuse_distance).
   backward  autograd's saved tensors that are views of a gathered parameter are stored as
             (parameter, view geometry) instead of the tensor; unpacking gathers the parameter
-            again. The engine releases each parameter once its gradient has been consumed.
+            again. The engine releases each parameter once its gradient has been consumed; a frozen
+            one (Note [Frozen parameters]) is released as soon as it is unpacked.
 """
 
 import weakref
@@ -37,7 +38,9 @@ class Stage3Hooks:
 
     def __init__(self, module, core):
         self.core = core
-        self.index = {id(p): i for i, p in enumerate(core.parameters)}
+        # trainable parameters, then the frozen ones stage 3 partitions (Note [Frozen parameters])
+        self.index = {id(p): i for i, p in enumerate(list(core.parameters) + list(core.frozen_parameters))}
+        self.trainable = len(core.parameters)
         settings = core.zero3_settings
         self.prefetch_bucket_size = settings["prefetch_bucket_size"]
         self.max_live = settings["max_live_parameters"]
@@ -183,7 +186,12 @@ class Stage3Hooks:
                     self.bw_trusted = False
             self.bw_recording.append((i,))
             self.bw_position += 1
-        return full.as_strided(size, stride, offset)
+        view = full.as_strided(size, stride, offset)
+        if i >= self.trainable and not was_live and not self.core.is_persistent(i):
+            # A frozen parameter has no gradient whose accumulation would release it: released now,
+            # its storage lives on in this view until autograd has used it.
+            self.core.release_params([i])
+        return view
 
     def begin_backward(self):
         self.bw_trusted = bool(self.bw_trace) and self.trusted

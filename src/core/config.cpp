@@ -587,13 +587,23 @@ void parse_zero(const json& given, ZeroConfig& out) {
   if (out.hpz_partition_size > 1 && out.stage != 3)
     throw ConfigError("config key '" + r.path("zero_hpz_partition_size") + "': ZeRO++ hierarchical partitioning "
                       "needs ZeRO stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
+  if (out.hpz_partition_size > 1 && out.offload_param.device == OffloadDevice::kNvme)
+    throw ConfigError("config key '" + r.path("zero_hpz_partition_size") + "' is " +
+                      std::to_string(out.hpz_partition_size) + " and 'zero_optimization.offload_param.device' is "
+                      "\"nvme\": hpZ's secondary copy with parameters swapped to files is not supported yet; use "
+                      "offload_param device \"cpu\" with it");
   r.read_bool("zero_quantized_weights", out.quantized_weights);
   if (out.quantized_weights && out.stage != 3)
     throw ConfigError("config key '" + r.path("zero_quantized_weights") + "': ZeRO++ quantized weights need ZeRO "
                       "stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
-  r.only_value("zero_quantized_nontrainable_weights", false,
-               "ZeRO++ quantized frozen (non-trainable) weights are not supported yet: frozen parameters are not "
-               "partitioned");
+  r.read_bool("zero_quantized_nontrainable_weights", out.quantized_nontrainable_weights);
+  if (out.quantized_nontrainable_weights && out.stage != 3)
+    throw ConfigError("config key '" + r.path("zero_quantized_nontrainable_weights") + "': ZeRO++ quantized frozen "
+                      "weights need ZeRO stage 3 (zero_optimization.stage is " + std::to_string(out.stage) + ")");
+  if (out.quantized_nontrainable_weights && out.offload_param.device == OffloadDevice::kNvme)
+    throw ConfigError("config key '" + r.path("zero_quantized_nontrainable_weights") + "': quantized frozen weights "
+                      "are kept in memory, and offload_param.device \"nvme\" swaps every parameter chunk to files; "
+                      "use offload_param device \"cpu\" or \"none\" with it");
   r.read_bool("zero_quantized_gradients", out.quantized_gradients);
   if (out.quantized_gradients && out.stage != 3)
     throw ConfigError("config key '" + r.path("zero_quantized_gradients") + "': ZeRO++ quantized gradients need "

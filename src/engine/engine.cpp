@@ -61,8 +61,12 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
                 "config 'optimizer' section");
   model_dtype_ = dtype_for(config_.precision());
 
-  // Collect the trainable parameters group by group, skipping repeats (tied weights) and frozen ones.
+  // Collect the trainable parameters group by group, skipping repeats (tied weights); frozen ones
+  // aside (Note [Frozen parameters]).
   std::unordered_set<c10::TensorImpl*> seen;
+  std::vector<at::Tensor> frozen, frozen_chunks;
+  std::vector<std::string> frozen_names;
+  std::vector<std::vector<int64_t>> frozen_shapes;
   std::vector<size_t> group_of_param;
   std::vector<at::Tensor> given_chunks;  // zero::Init's chunks, parallel to params_
   std::vector<parallel::Placement> placements;  // parallel to params_
@@ -71,15 +75,24 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
     for (size_t k = 0; k < spec.params.size(); ++k) {
       const at::Tensor& p = spec.params[k];
       ZEAL_CHECK(p.defined(), "parameter group ", g, " holds an undefined tensor");
-      if (!p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) continue;
+      if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
       std::string name = k < spec.names.size() ? spec.names[k] : "group" + std::to_string(g) + "." + std::to_string(k);
+      const bool pre_partitioned = k < spec.chunks.size() && spec.chunks[k].defined();
+      if (!p.requires_grad()) {
+        if (config_.zero_optimization.stage == 3 && p.is_leaf() && at::isFloatingType(p.scalar_type())) {
+          frozen.push_back(p);
+          frozen_names.push_back(std::move(name));
+          frozen_shapes.push_back(pre_partitioned ? spec.full_shapes[k] : p.sizes().vec());
+          frozen_chunks.push_back(pre_partitioned ? spec.chunks[k] : at::Tensor());
+        }
+        continue;
+      }
       ZEAL_CHECK(p.is_leaf(), "parameter '", name, "' is not a leaf tensor; pass the model's parameters");
       if (params_.empty()) device_ = p.device();
       ZEAL_CHECK(p.device() == device_, "parameters on ", device_.str(), " and ", p.device().str(),
                  ": one engine trains the parameters of one device");
       ZEAL_CHECK(at::isFloatingType(p.scalar_type()), "parameter '", name, "' of dtype ",
                  c10::toString(p.scalar_type()), " cannot be trained");
-      bool pre_partitioned = k < spec.chunks.size() && spec.chunks[k].defined();
       ZEAL_CHECK(!pre_partitioned || config_.zero_optimization.stage == 3, "parameter '", name,
                  "' was partitioned by zeal.zero.Init, which needs zero_optimization.stage 3 (config has stage ",
                  config_.zero_optimization.stage, ")");
@@ -111,7 +124,49 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
                 "the optimizer passed to initialize (optimizer=) steps one flat buffer, and this model's parameters "
                 "reduce over ", units_.size(), " groups (", mesh_->mesh().key(units_[0]->axes), ", ",
                 mesh_->mesh().key(units_[1]->axes), "); use a config 'optimizer' section");
-  for (auto& u : units_) build_unit(*u, given_chunks, group_of_param, std::move(client_optimizer));
+  zero::FrozenParams frozen_spec;  // Note [Frozen parameters]: partitioned with a one-unit engine's
+  frozen_spec.quantized = config_.zero_optimization.quantized_nontrainable_weights;
+  if (!frozen.empty() && units_.size() == 1) {
+    Unit& u = *units_.front();
+    const int size = u.world->size(), rank = u.world->rank();
+    auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
+    for (size_t k = 0; k < frozen.size(); ++k) {
+      ZEAL_CHECK(frozen[k].device() == device_, "frozen parameter '", frozen_names[k], "' is on ",
+                 frozen[k].device().str(), " and the trained ones on ", device_.str());
+      const int64_t numel = c10::multiply_integers(frozen_shapes[k]), c = (numel + size - 1) / size;
+      at::Tensor chunk;
+      if (frozen_chunks[k].defined()) {  // zero::Init's chunk, as init_stage3 takes a trainable one's
+        ZEAL_CHECK(frozen_chunks[k].numel() == c, "frozen parameter '", frozen_names[k], "' arrived with a chunk of ",
+                   frozen_chunks[k].numel(), " elements; a data-parallel size of ", size, " needs ", c,
+                   " (was zeal.zero.Init run over another group?)");
+        chunk = frozen_chunks[k].reshape({-1}).to(options);
+      } else {  // cut from the group's first rank's value
+        at::Tensor full = at::zeros({c * size}, options);
+        full.slice(0, 0, numel).copy_(frozen[k].detach().reshape({-1}));
+        if (size > 1) u.world->broadcast(full, {0})->wait();
+        chunk = full.slice(0, rank * c, (rank + 1) * c).clone();
+      }
+      frozen_params_.push_back(frozen[k]);
+      frozen_names_.push_back(frozen_names[k]);
+      frozen_shapes_.push_back(frozen_shapes[k]);
+      frozen_spec.params.push_back(frozen[k]);
+      frozen_spec.shapes.push_back(frozen_shapes[k]);
+      frozen_spec.chunks.push_back(chunk);
+    }
+  } else if (!frozen.empty()) {
+    for (size_t k = 0; k < frozen.size(); ++k)
+      ZEAL_CHECK(!frozen_chunks[k].defined(), "frozen parameter '", frozen_names[k], "' was partitioned by "
+                 "zeal.zero.Init, but this engine's parameters reduce over ", units_.size(), " groups and it "
+                 "partitions frozen parameters only with one; build the model outside zero.Init");
+    ZEAL_CHECK_AS(ConfigError, !frozen_spec.quantized, "config key 'zero_optimization."
+                  "zero_quantized_nontrainable_weights': frozen parameters are partitioned (and so quantized) only "
+                  "when every parameter reduces over one group; this engine's reduce over ", units_.size());
+    log("engine", LogLevel::kInfo, frozen.size(), " frozen parameters stay whole on every rank: the engine's "
+        "parameters reduce over ", units_.size(), " groups");
+  }
+  for (auto& u : units_)
+    build_unit(*u, given_chunks, group_of_param, std::move(client_optimizer),
+               u.get() == units_.front().get() ? std::move(frozen_spec) : zero::FrozenParams());
   if (config_.scheduler.present) schedule_ = optim::make_lr_schedule(config_.scheduler);
   precision_ = PrecisionPolicy(config_, stage_ >= 1);
   apply_lr(-1);
@@ -126,12 +181,14 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
       " buckets; ZeRO stage ", stage_, "; precision ", c10::toString(model_dtype_), "; optimizer ", optimizer().name(),
       "; batch ", batch_.train_batch_size, " = micro ", batch_.micro_batch_size, " x accumulation ",
       batch_.gradient_accumulation_steps, " x data-parallel ", parallel::samples_group_size(mesh_->mesh()),
-      units_.size() > 1 ? "; parameters reduce in " + std::to_string(units_.size()) + " units: " + layout : "");
+      units_.size() > 1 ? "; parameters reduce in " + std::to_string(units_.size()) + " units: " + layout : "",
+      frozen_params_.empty() ? "" : "; " + std::to_string(frozen_params_.size()) + " frozen parameters partitioned" +
+          (config_.zero_optimization.quantized_nontrainable_weights ? ", stored as 8-bit blocks" : ""));
   last_log_time_ = Clock::now();
 }
 
 void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, const std::vector<size_t>& group_of_param,
-                        std::unique_ptr<optim::Optimizer> client_optimizer) {
+                        std::unique_ptr<optim::Optimizer> client_optimizer, zero::FrozenParams frozen) {
   // The flat layout (zero/layout.h): reduction order, buckets padded to the group's size.
   // Stage 3 gives every parameter a bucket of its own: the unit it is gathered and released in.
   std::vector<int64_t> numels;
@@ -261,7 +318,7 @@ void Engine::build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, co
     }
     u.partition = std::make_unique<zero::ParamPartition>(u.params, u.shapes, u.layout, u.stage3_shard, u.world,
                                                          config_.zero_optimization.param_persistence_threshold,
-                                                         param_offload);
+                                                         param_offload, std::move(frozen));
   }
   u.stage3_shard.reset();
 }
@@ -415,8 +472,25 @@ void Engine::init_stage3(Unit& u, const std::vector<at::Tensor>& given_chunks, c
     if (u.params[i].numel() != u.layout.numels[i]) u.params[i].set_data(at::empty(u.shapes[i], options));
 }
 
+std::pair<zero::ParamPartition*, size_t> Engine::stage3_slot(size_t i) {
+  ZEAL_CHECK(stage_ == 3, "this operation needs ZeRO stage 3; the engine runs stage ", stage_);
+  ZEAL_CHECK(i < params_.size() + frozen_params_.size(), "parameter index ", i, " out of range (",
+             params_.size(), " trainable and ", frozen_params_.size(), " frozen parameters)");
+  if (i < params_.size()) return {unit_of(i).partition.get(), index_in_unit(i)};
+  Unit& u = *units_.front();  // frozen parameters are partitioned with one unit only
+  return {u.partition.get(), u.members.size() + (i - params_.size())};
+}
+
+size_t Engine::engine_index(const Unit& u, size_t j) const {
+  return j < u.members.size() ? u.members[j] : params_.size() + (j - u.members.size());
+}
+
 void Engine::absorb_parameter(size_t i) {
-  ZEAL_CHECK(i < params_.size(), "parameter index ", i, " out of range");
+  if (i >= params_.size()) {  // frozen: its own chunk only (Note [Frozen parameters])
+    auto [p, j] = stage3_slot(i);
+    p->absorb(j, nullptr);
+    return;
+  }
   Unit& u = unit_of(i);
   const size_t j = index_in_unit(i);
   ZEAL_CHECK(u.partition, "absorb_parameter is for ZeRO stage 3");
@@ -438,8 +512,8 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
     grads += bytes(u.flat_grads) + bytes(u.grad_shard) + u.store->grad_bytes();
     params += u.store->model_copy_bytes();
     if (u.partition) {
-      params += bytes(u.partition->shard());
-      for (size_t i = 0; i < u.params.size(); ++i)
+      params += bytes(u.partition->shard()) + u.partition->frozen_bytes();
+      for (size_t i = 0; i < u.partition->size(); ++i)
         if (u.partition->live(i)) params += bytes(u.partition->full(i));
     } else {
       params += bytes(u.flat_params);

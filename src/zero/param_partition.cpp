@@ -14,7 +14,7 @@ namespace zeal::zero {
 
 ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::vector<int64_t>> shapes,
                                const FlatLayout& layout, at::Tensor shard, comm::CommunicatorPtr comm,
-                               int64_t persistence_threshold, const ParamOffload& offload)
+                               int64_t persistence_threshold, const ParamOffload& offload, FrozenParams frozen)
     : params_(std::move(params)),
       shapes_(std::move(shapes)),
       shard_(std::move(shard)),
@@ -24,11 +24,23 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
       comm_(std::move(comm)) {
   options_ = shard_.options();
   if (offload.host_shard && !shard_.device().is_cpu()) shard_ = shard_.to(at::kCPU);
-  const size_t n = params_.size();
-  ZEAL_INTERNAL_ASSERT(shapes_.size() == n && layout.numels.size() == n, "one shape per parameter");
+  trainable_ = params_.size();
+  ZEAL_INTERNAL_ASSERT(shapes_.size() == trainable_ && layout.numels.size() == trainable_, "one shape per parameter");
+  ZEAL_INTERNAL_ASSERT(frozen.shapes.size() == frozen.params.size() && frozen.chunks.size() == frozen.params.size(),
+                       "one shape and chunk per frozen parameter");
   numel_ = layout.numels;
-  chunk_begin_.assign(n, 0);
-  chunk_size_.assign(n, 0);
+  chunk_begin_.assign(trainable_, 0);
+  chunk_size_.assign(trainable_, 0);
+  for (size_t k = 0; k < frozen.params.size(); ++k) {  // Note [Frozen parameters]
+    params_.push_back(frozen.params[k]);
+    shapes_.push_back(frozen.shapes[k]);
+    numel_.push_back(c10::multiply_integers(frozen.shapes[k]));
+    chunk_begin_.push_back(0);
+    chunk_size_.push_back(frozen.chunks[k].numel());
+    ZEAL_INTERNAL_ASSERT(chunk_size_.back() * comm_->size() >= numel_.back(), "frozen chunk of ", chunk_size_.back(),
+                         " elements for ", numel_.back());
+  }
+  const size_t n = params_.size();
   persistent_.assign(n, 0);
   state_.assign(n, State::kReleased);
   full_.resize(n);
@@ -38,8 +50,8 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   hpz_gathered_.resize(n);
   read_handle_.resize(n);
   if (hpz_intra_) {
-    ZEAL_CHECK(!offload.host_shard && offload.nvme_path.empty(),
-               "ZeRO++ hpZ (zero_hpz_partition_size) with offload_param is not supported yet");
+    ZEAL_CHECK(offload.nvme_path.empty(),
+               "ZeRO++ hpZ (zero_hpz_partition_size) with offload_param device nvme is not supported yet");
     ZEAL_INTERNAL_ASSERT(hpz_inter_ && hpz_intra_->size() * hpz_inter_->size() == comm_->size(),
                          "hpZ groups of ", hpz_intra_->size(), " x ", hpz_inter_->size(), " for ", comm_->size(), " ranks");
   }
@@ -58,15 +70,32 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   }
   ZEAL_INTERNAL_ASSERT(local == shard_.numel(), "shard of ", shard_.numel(), " elements for a layout of ", local);
   shard_numel_ = local;
+  for (size_t i = 0; i < n; ++i) persistent_[i] = numel_[i] <= persistence_threshold;
+  own_chunk_.resize(n);
+  stored_.resize(n);
+  frozen_secondary_.resize(n);
+  ZEAL_CHECK(!frozen.quantized || offload.nvme_path.empty(),
+             "ZeRO++ quantized frozen weights (zero_quantized_nontrainable_weights) with offload_param device nvme "
+             "are not supported");
+  for (size_t i = trainable_; i < n; ++i) {
+    at::Tensor chunk = frozen.chunks[i - trainable_].reshape({-1}).to(options_);
+    if (frozen.quantized && !persistent_[i] && chunk_size_[i] > 0) {
+      stored_[i] = at::empty({wire_bytes(i)}, chunk.options().dtype(at::kByte));
+      comm::pack_message(comm::quantize(chunk, 8, comm::kWeightBlock), stored_[i]);
+      if (offload.host_shard) stored_[i] = stored_[i].to(at::kCPU);
+    } else {
+      own_chunk_[i] = offload.host_shard ? chunk.to(at::kCPU) : chunk;
+    }
+  }
   if (!offload.nvme_path.empty()) {
     // Every chunk goes to the swap file once; the in-memory shard is dropped.
     swap_ = std::make_unique<offload::ParamSwapper>(offload.nvme_path, offload.aio, shard_.scalar_type(), chunk_size_);
     for (size_t i = 0; i < n; ++i)
-      if (chunk_size_[i] > 0) swap_->write(i, shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + chunk_size_[i]));
+      if (chunk_size_[i] > 0) swap_->write(i, chunk_values(i));
     shard_ = at::empty({0}, shard_.options());
+    for (auto& c : own_chunk_) c.reset();
   }
   for (size_t i = 0; i < n; ++i) {
-    persistent_[i] = numel_[i] <= persistence_threshold;
     if (persistent_[i]) {
       fetch(i);
     } else {
@@ -169,15 +198,21 @@ void ParamPartition::fetch(size_t i) {
     return;
   }
   if (hpz_intra_ && !persistent_[i]) {  // Note [Secondary partition]
-    if (secondary_stale_) build_secondary();
-    const int64_t begin = chunk_begin_[i];
-    staging_[i] = secondary_.slice(1, begin, begin + c).contiguous();
+    if (frozen(i)) {
+      if (frozen_secondary_stale_) build_frozen_secondary();
+      staging_[i] = frozen_secondary_[i].to(options_.device());
+    } else {
+      if (secondary_stale_) build_secondary();
+      const int64_t begin = chunk_begin_[i];
+      staging_[i] = secondary_.slice(1, begin, begin + c).to(options_.device(), /*non_blocking=*/false,
+                                                              /*copy=*/false).contiguous();
+    }
     hpz_gathered_[i] = at::empty({c * comm_->size()}, options_);
     work_[i] = hpz_intra_->all_gather(hpz_gathered_[i], staging_[i], {});
     return;
   }
-  // This rank's chunk, from host memory to the device or in place.
-  staging_[i] = shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
+  // This rank's chunk (or its stored message), from host memory to the device or in place.
+  staging_[i] = stored_[i].defined() ? stored_[i] : chunk_values(i);
   read_queue_.push_back(i);
   issue_front();
 }
@@ -191,7 +226,11 @@ void ParamPartition::issue_front() {
   }
   at::Tensor mine = staging_[i];
   if (mine.device() != full_[i].device()) mine = mine.to(full_[i].device());
-  if (comm_->size() == 1) {
+  if (stored_[i].defined()) {  // Note [Frozen parameters]: the stored message goes as it is
+    staging_[i] = mine;
+    wire_[i] = comm_->size() == 1 ? mine : at::empty({wire_bytes(i) * comm_->size()}, mine.options());
+    if (comm_->size() > 1) work_[i] = comm_->all_gather(wire_[i], mine, {});
+  } else if (comm_->size() == 1) {
     full_[i].copy_(mine);
     staging_[i].reset();
   } else if (quantized_ && !persistent_[i]) {  // Note [Quantized gathers]
@@ -208,18 +247,24 @@ void ParamPartition::issue_front() {
 }
 
 void ParamPartition::build_secondary() {
-  secondary_ = at::empty({hpz_inter_->size(), shard_numel_}, options_);
+  // The copy lives where the shard does: in host memory with offload_param device cpu (the
+  // gathers move each chunk to the device, as they move the shard's).
+  secondary_ = at::empty({hpz_inter_->size(), shard_numel_}, shard_.options());
   if (!quantized_) {
-    hpz_inter_->all_gather(secondary_, shard_, {})->wait();
+    const at::Device device = options_.device();
+    at::Tensor from = shard_.to(device);
+    at::Tensor into = secondary_.device() == device ? secondary_ : at::empty(secondary_.sizes(), options_);
+    hpz_inter_->all_gather(into, from, {})->wait();
+    if (!into.is_same(secondary_)) secondary_.copy_(into);
     secondary_stale_ = false;
     return;
   }
   // With qwZ the copy crosses nodes as Note [Quantized gathers]' messages, one per parameter chunk,
   // back to back: every rank then computes with the values qwZ alone would give it.
-  std::vector<int64_t> offset(params_.size() + 1, 0);
-  for (size_t i = 0; i < params_.size(); ++i) offset[i + 1] = offset[i] + (chunk_size_[i] > 0 ? wire_bytes(i) : 0);
+  std::vector<int64_t> offset(trainable_ + 1, 0);
+  for (size_t i = 0; i < trainable_; ++i) offset[i + 1] = offset[i] + (chunk_size_[i] > 0 ? wire_bytes(i) : 0);
   at::Tensor message = at::empty({offset.back()}, options_.dtype(at::kByte));
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i = 0; i < trainable_; ++i) {
     const int64_t c = chunk_size_[i];
     if (c == 0) continue;
     comm::pack_message(comm::quantize(shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + c), 8, comm::kWeightBlock),
@@ -231,7 +276,7 @@ void ParamPartition::build_secondary() {
   at::Tensor values = at::empty({shard_numel_}, options_.dtype(at::kFloat));
   for (int r = 0; r < d; ++r) {
     at::Tensor from = all.slice(0, r * offset.back(), (r + 1) * offset.back());
-    for (size_t i = 0; i < params_.size(); ++i) {
+    for (size_t i = 0; i < trainable_; ++i) {
       const int64_t c = chunk_size_[i];
       if (c == 0) continue;
       at::Tensor out = values.slice(0, chunk_begin_[i], chunk_begin_[i] + c);
@@ -240,6 +285,66 @@ void ParamPartition::build_secondary() {
     secondary_[r].copy_(values);
   }
   secondary_stale_ = false;
+}
+
+void ParamPartition::build_frozen_secondary() {
+  // Note [Frozen parameters]: one all_gather over hpz_inter of every non-persistent frozen chunk,
+  // back to back; as messages when they are stored quantized or qwZ is on (what their gathers
+  // would carry), else as values.
+  const bool messages = quantized_ || std::any_of(stored_.begin(), stored_.end(), [](const at::Tensor& t) {
+                          return t.defined();
+                        });
+  std::vector<size_t> ids;
+  for (size_t i = trainable_; i < params_.size(); ++i)
+    if (chunk_size_[i] > 0 && !persistent_[i]) ids.push_back(i);
+  std::vector<int64_t> offset(ids.size() + 1, 0);
+  for (size_t k = 0; k < ids.size(); ++k) offset[k + 1] = offset[k] + (messages ? wire_bytes(ids[k]) : chunk_size_[ids[k]]);
+  at::Tensor mine = at::empty({offset.back()}, messages ? options_.dtype(at::kByte) : options_);
+  for (size_t k = 0; k < ids.size(); ++k) {
+    const size_t i = ids[k];
+    at::Tensor out = mine.slice(0, offset[k], offset[k + 1]);
+    if (stored_[i].defined())
+      out.copy_(stored_[i]);
+    else if (messages)
+      comm::pack_message(comm::quantize(own_chunk_[i], 8, comm::kWeightBlock), out);
+    else
+      out.copy_(own_chunk_[i]);
+  }
+  const int d = hpz_inter_->size();
+  const int64_t total = offset.back();
+  at::Tensor all = at::empty({d * total}, mine.options());
+  hpz_inter_->all_gather(all, mine, {})->wait();
+  for (size_t k = 0; k < ids.size(); ++k) {
+    const size_t i = ids[k];
+    const int64_t c = chunk_size_[i];
+    frozen_secondary_[i] = at::empty({d, c}, options_.device(shard_.device()));  // where the shard lives
+    at::Tensor values = at::empty({c}, options_.dtype(at::kFloat));
+    for (int r = 0; r < d; ++r) {
+      at::Tensor from = all.slice(0, r * total + offset[k], r * total + offset[k + 1]);
+      if (!messages) {
+        frozen_secondary_[i][r].copy_(from);
+        continue;
+      }
+      comm::dequantize(comm::view_message(from, c, 8, comm::kWeightBlock), values);
+      frozen_secondary_[i][r].copy_(values);
+    }
+  }
+  frozen_secondary_stale_ = false;
+}
+
+at::Tensor ParamPartition::chunk_values(size_t i) const {
+  if (frozen(i)) return own_chunk_[i];
+  return shard_.slice(0, chunk_begin_[i], chunk_begin_[i] + chunk_size_[i]);
+}
+
+int64_t ParamPartition::frozen_bytes() const {
+  int64_t bytes = 0;
+  for (size_t i = trainable_; i < params_.size(); ++i) {
+    if (stored_[i].defined()) bytes += stored_[i].nbytes();
+    if (own_chunk_[i].defined()) bytes += own_chunk_[i].nbytes();
+    if (frozen_secondary_[i].defined()) bytes += frozen_secondary_[i].nbytes();
+  }
+  return bytes;
 }
 
 int64_t ParamPartition::wire_bytes(size_t i) const {
@@ -332,7 +437,7 @@ void ParamPartition::write_shard(int64_t begin, const at::Tensor& values) {
   }
   // Whole chunks are written as they are; a chunk the range covers only in part is read, patched
   // and written (the ends of an optimizer sub-group).
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i = 0; i < trainable_; ++i) {
     const int64_t lo = std::max(begin, chunk_begin_[i]), hi = std::min(end, chunk_begin_[i] + chunk_size_[i]);
     if (lo >= hi) continue;
     at::Tensor part = values.slice(0, lo - begin, hi - begin);
@@ -346,7 +451,7 @@ void ParamPartition::write_shard(int64_t begin, const at::Tensor& values) {
 at::Tensor ParamPartition::read_shard(int64_t begin, int64_t end) {
   if (!swap_) return shard_.slice(0, begin, end).to(at::kFloat);
   at::Tensor out = at::empty({end - begin}, at::TensorOptions().dtype(at::kFloat));
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i = 0; i < trainable_; ++i) {
     const int64_t lo = std::max(begin, chunk_begin_[i]), hi = std::min(end, chunk_begin_[i] + chunk_size_[i]);
     if (lo >= hi) continue;
     out.slice(0, lo - begin, hi - begin).copy_(swap_->read(i).slice(0, lo - chunk_begin_[i], hi - chunk_begin_[i]));
@@ -356,9 +461,10 @@ at::Tensor ParamPartition::read_shard(int64_t begin, int64_t end) {
 
 void ParamPartition::refresh() {
   secondary_stale_ = true;  // the caller changed the shard
-  // Persistent parameters (and any the caller holds gathered) take the new values.
+  // Persistent parameters (and any the caller holds gathered) take the new values; frozen ones
+  // have none.
   std::vector<size_t> refresh;
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i = 0; i < trainable_; ++i) {
     if (state_[i] == State::kLive || state_[i] == State::kGathering) {
       if (state_[i] == State::kGathering) issue_queued(i);
       if (state_[i] == State::kGathering && work_[i]) work_[i]->wait();
@@ -376,6 +482,20 @@ void ParamPartition::absorb(size_t i, at::Tensor* master) {  // master may be nu
   ZEAL_CHECK(state_[i] == State::kLive, "parameter ", i, " is not gathered");
   const int64_t c = chunk_size_[i], begin = comm_->rank() * c;
   at::Tensor mine = full_[i].slice(0, begin, begin + c);
+  if (frozen(i)) {  // Note [Frozen parameters]
+    ZEAL_INTERNAL_ASSERT(!master, "a frozen parameter has no master weights");
+    frozen_secondary_stale_ = true;
+    if (stored_[i].defined()) {
+      at::Tensor message = at::empty({wire_bytes(i)}, mine.options().dtype(at::kByte));
+      comm::pack_message(comm::quantize(mine.contiguous(), 8, comm::kWeightBlock), message);
+      stored_[i].copy_(message);
+    } else if (swap_) {
+      swap_->write(i, mine);
+    } else {
+      own_chunk_[i].copy_(mine);
+    }
+    return;
+  }
   write_shard(chunk_begin_[i], mine);
   if (master) master->slice(0, chunk_begin_[i], chunk_begin_[i] + c).copy_(mine);
 }

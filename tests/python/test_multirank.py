@@ -190,6 +190,19 @@ def test_engines_take_their_groups_from_the_mesh_and_their_parameters_placement(
     assert proc.stdout.count("MESH-OK") == 4, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("ranks,hpz", [(2, 2), (3, 1), (4, 2)])
+def test_frozen_parameters_partitioned_and_stored_quantized(run_ranks, tmp_path, ranks, hpz):
+    # Stage 3 partitions frozen parameters (this rank's bytes measured), released between uses, and
+    # the run equals torch whether initialize gets only the trainable parameters (as a LoRA script
+    # passes them) or all; zero_quantized_nontrainable_weights stores their chunks as 8-bit blocks
+    # (the bytes are the wire size) and equals torch computing with them quantized once per chunk,
+    # with qwZ and hpZ too; checkpoints carry the frozen values both ways, the 16-bit state dict
+    # has them whole, a GatheredParameters modifier lasts, and a zero.Init-built model frozen
+    # afterwards trains exactly (ranks/zeropp_frozen.py).
+    proc = run_ranks(ranks, "zeropp_frozen.py", "--hpz", hpz, "--checkpoints", tmp_path, timeout=300)
+    assert proc.stdout.count("FROZEN-OK") == ranks, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("ranks,hpz,mics", [(2, 2, 1), (3, 1, -1), (4, 2, 2)])
 def test_zeropp_equals_torch_on_what_it_delivers(run_ranks, tmp_path, ranks, hpz, mics):
     # ZeRO++ qwZ (zero_quantized_weights): each rank's chunk travels as 8-bit blocks; the run equals

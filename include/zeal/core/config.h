@@ -151,6 +151,7 @@ struct ZeroConfig {
   bool load_from_fp32_weights = true;
   // ZeRO++ (docs/zeropp.md). qwZ: stage 3 gathers parameters as 8-bit blocks.
   bool quantized_weights = false;
+  bool quantized_nontrainable_weights = false;  // zero_quantized_nontrainable_weights: frozen chunks stored int8
   // hpZ: a secondary partition of the parameters within groups of this many ranks (a node).
   int64_t hpz_partition_size = 1;
   // qgZ: stage 3's gradient reduce-scatter as a hierarchical all-to-all of 4-bit blocks.

@@ -159,6 +159,16 @@ class Engine {
   const std::vector<at::Tensor>& parameters() const { return params_; }
   const std::vector<std::string>& parameter_names() const { return names_; }
   const std::vector<std::vector<int64_t>>& parameter_shapes() const { return shapes_; }
+  // Stage 3 with one unit: the frozen parameters (requires_grad false) it partitions too (Note
+  // [Frozen parameters], zero/param_partition.h), engine indices parameters().size() and up; none
+  // below stage 3 or with several units (they stay whole on every rank).
+  const std::vector<at::Tensor>& frozen_parameters() const { return frozen_params_; }
+  const std::vector<std::string>& frozen_parameter_names() const { return frozen_names_; }
+  const std::vector<std::vector<int64_t>>& frozen_parameter_shapes() const { return frozen_shapes_; }
+  // Stage 3: the partition holding engine index i (trainable or frozen) and i's index there.
+  std::pair<zero::ParamPartition*, size_t> stage3_slot(size_t i);
+  // The inverse: the engine index of a unit partition's index j.
+  size_t engine_index(const Unit& u, size_t j) const;
   // Stage 3 (else null): the partition of a one-unit engine; with several units, each unit's
   // (unit_of / index_in_unit route a parameter to it).
   zero::ParamPartition* partition() { return units_.size() == 1 ? units_.front()->partition.get() : nullptr; }
@@ -238,7 +248,7 @@ class Engine {
   comm::CommunicatorPtr counted(comm::CommunicatorPtr group, const std::vector<std::string>& axes) const;
   // One unit's flat buffers, master weights, optimizer, reducer and partition.
   void build_unit(Unit& u, const std::vector<at::Tensor>& given_chunks, const std::vector<size_t>& group_of_param,
-                  std::unique_ptr<optim::Optimizer> client_optimizer);
+                  std::unique_ptr<optim::Optimizer> client_optimizer, zero::FrozenParams frozen);
   void init_stage3(Unit& u, const std::vector<at::Tensor>& given_chunks, const at::TensorOptions& options,
                    bool with_master);
   const Unit& primary() const { return *units_[primary_]; }
@@ -265,6 +275,9 @@ class Engine {
   at::Device device_{at::kCPU};
   std::vector<at::Tensor> params_;
   std::vector<std::string> names_;
+  std::vector<at::Tensor> frozen_params_;  // Note [Frozen parameters]
+  std::vector<std::string> frozen_names_;
+  std::vector<std::vector<int64_t>> frozen_shapes_;
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<checkpoint::TensorSplit> splits_;  // parallel to names_
   std::vector<std::vector<std::string>> aliases_;  // parallel to names_ (ParamGroupSpec::aliases)

@@ -54,14 +54,33 @@ struct ParamOffload {
   comm::CommunicatorPtr hpz_inter;  // the other reduction axes: one rank of each node, same data_inner coordinate
 };
 
+// Note [Frozen parameters]: parameters that do not require grad have no gradient, fp32 master or
+// optimizer state, but at stage 3 they are partitioned and gathered like the others: they follow the
+// trainable ones in the partition's indices (trainable_count() and up). Each rank keeps chunk r of
+// each (ceil(numel / N) elements, padded with zeros) in a tensor of its own, outside the flat shard
+// the optimizer writes, and nothing ever rewrites it but a GatheredParameters modifier (absorb).
+// With `quantized` (ZeRO++'s zero_quantized_nontrainable_weights) the chunk of every
+// non-persistent frozen parameter is stored as Note [Quantized gathers]' 8-bit message instead,
+// quantized once here: the memory it takes is about a quarter of fp32's, gathers send the stored
+// message as it is, and every rank computes with the values it stands for. Persistent frozen
+// parameters stay exact (they are held whole anyway). With hpZ the frozen copies cross nodes once
+// (Note [Secondary partition]), not after every optimizer step as the trainable ones do.
+struct FrozenParams {
+  std::vector<at::Tensor> params;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<at::Tensor> chunks;  // this rank's chunk of each, in the model's dtype
+  bool quantized = false;
+};
+
 class ParamPartition {
  public:
   // params[i] has full shape shapes[i]; shard holds this rank's chunks (layout.owned order) and
   // already has its values. Non-persistent parameters are released here, persistent ones gathered.
+  // Frozen parameters (Note [Frozen parameters]) follow with indices params.size() and up.
   using Offload = ParamOffload;
   ParamPartition(std::vector<at::Tensor> params, std::vector<std::vector<int64_t>> shapes, const FlatLayout& layout,
                  at::Tensor shard, comm::CommunicatorPtr comm, int64_t persistence_threshold,
-                 const ParamOffload& offload = ParamOffload());
+                 const ParamOffload& offload = ParamOffload(), FrozenParams frozen = FrozenParams());
   ~ParamPartition();
 
   // Agreement-checked gather of the parameters one module (or one backward step) needs.
@@ -86,21 +105,27 @@ class ParamPartition {
   // autograd's gradient accumulation reads only the parameter's metadata.
   void shape_only(size_t i);
 
+  size_t size() const { return params_.size(); }              // trainable, then frozen
+  size_t trainable_count() const { return trainable_; }
+  bool frozen(size_t i) const { return i >= trainable_; }
+  int64_t frozen_bytes() const;  // what the frozen chunks take here (quantized, or in the model's dtype)
   bool live(size_t i) const { return state_[i] == State::kLive; }
   bool persistent(size_t i) const { return persistent_[i]; }
   const at::Tensor& full(size_t i) const { return full_[i]; }  // padded full buffer while live
   int64_t index_of_storage(const void* data) const;           // live parameter owning it, or -1
 
   // After the optimizer step: the shard takes the new values of the owned chunks (cast from the
-  // fp32 master); persistent parameters are gathered again.
+  // fp32 master); persistent trainable parameters are gathered again.
   void publish(const at::Tensor& master);
   // The same when the caller already wrote the new values into shard(): the regathering half.
   void refresh();
   // A live parameter's full value was changed on every rank alike: copy this rank's chunk of it
-  // into the shard (and into master, fp32, when given).
+  // into the shard (and into master, fp32, when given); a frozen one's into its own chunk
+  // (quantized again when stored quantized).
   void absorb(size_t i, at::Tensor* master);
 
-  // This rank's chunks, in memory (empty with an NVMe swap: use read_shard / write_shard).
+  // This rank's chunks of the trainable parameters, in memory (empty with an NVMe swap: use
+  // read_shard / write_shard). Shard coordinates cover the trainable parameters only.
   at::Tensor& shard() { return shard_; }
   const at::Tensor& shard() const { return shard_; }
   bool swapped() const { return swap_ != nullptr; }
@@ -122,6 +147,7 @@ class ParamPartition {
   void make_live(size_t i);
   bool agree(int64_t token);  // all ranks sent the same token
   void gather_everything();
+  at::Tensor chunk_values(size_t i) const;  // this rank's chunk of parameter i, in memory
 
   std::vector<at::Tensor> params_;
   std::vector<std::vector<int64_t>> shapes_;
@@ -133,6 +159,12 @@ class ParamPartition {
   std::unordered_map<const void*, size_t> live_storage_;
   at::Tensor shard_;
   int64_t shard_numel_ = 0;
+  size_t trainable_ = 0;
+  // Note [Frozen parameters]: per frozen parameter, its chunk (model dtype; undefined when stored
+  // quantized or swapped), its stored message, and hpZ's copy within the node, [D, chunk].
+  std::vector<at::Tensor> own_chunk_, stored_, frozen_secondary_;
+  bool frozen_secondary_stale_ = true;
+  void build_frozen_secondary();
   at::TensorOptions options_;  // the full parameters' dtype and device
   std::unique_ptr<offload::ParamSwapper> swap_;
   std::vector<at::Tensor> staging_;  // a gather's input chunk, alive until the gather completes

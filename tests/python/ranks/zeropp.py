@@ -190,16 +190,20 @@ def reference_plain(world, quantized, shard_group):
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run(world, rank, quantized, hpz=1, counts=None, qgz=False, loco=None, resume_at=None, where=None, mics=-1):
+def run(world, rank, quantized, hpz=1, counts=None, qgz=False, loco=None, resume_at=None, where=None, mics=-1,
+        offload=False):
     """The engine's run; with loco = (err_beta, reset_T), qgZ with LoCo; with resume_at, a checkpoint
     saved after that many steps (in `where`) is loaded into a fresh engine, which runs the rest; with
-    mics > 0, MiCS with shard groups of that many ranks."""
+    mics > 0, MiCS with shard groups of that many ranks; with offload, the shard (and hpZ's copy) in
+    host memory (offload_param device cpu)."""
     def engine_of():
         z = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
              "zero_quantized_weights": quantized, "zero_hpz_partition_size": hpz, "zero_quantized_gradients": qgz,
              "mics_shard_size": mics}
         if loco:
             z["zeropp_loco_param"] = {"err_beta": loco[0], "reset_T": loco[1]}
+        if offload:
+            z["offload_param"] = {"device": "cpu"}
         cfg = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
                "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
                # parameters released after use and gathered again in backward: the gather hpZ keeps on the node
@@ -342,6 +346,10 @@ def main():
     if args.hpz > 1:  # hpZ alone is exact
         compare(run(world.size, world.rank, False, args.hpz), exact, f"hpZ {args.hpz} at {world.size} ranks")
         compare(run(world.size, world.rank, True, args.hpz), quantized, f"qwZ + hpZ {args.hpz} at {world.size} ranks")
+        compare(run(world.size, world.rank, False, args.hpz, offload=True), exact,
+                f"hpZ {args.hpz} + offload_param cpu at {world.size} ranks")
+        compare(run(world.size, world.rank, True, args.hpz, offload=True), quantized,
+                f"qwZ + hpZ {args.hpz} + offload_param cpu at {world.size} ranks")
     if args.hpz > 1 and world.size > args.hpz:
         check_bytes(world, args.hpz)
     if args.checkpoints:
