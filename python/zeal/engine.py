@@ -1048,9 +1048,10 @@ class ZealEngine(EngineAPI, torch.nn.Module):
             raise _zeal.CheckpointError("client_state is nested too deeply to save") from None
         except (TypeError, ValueError) as e:
             raise _zeal.CheckpointError(f"client_state must be JSON-serialisable (Zeal checkpoints never pickle): {e}")
-        # every rank gathers the partitioned frozen parameters; rank 0 writes them
-        gathers = self._core.zero_stage == 3 and len(self._core.frozen_parameters) > 0
-        extra = [] if self._core.rank != 0 and not gathers else sorted(self._extra_state(exclude_frozen_parameters).items())
+        # Rank 0 writes the extra state; gathering partitioned frozen parameters takes every rank.
+        extra = []
+        if self._core.rank == 0 or len(self._core.frozen_parameters) > 0:
+            extra = sorted(self._extra_state(exclude_frozen_parameters).items())
         if self._core.rank != 0:
             extra = []
         tensor = self._tensor_group

@@ -28,15 +28,29 @@ _STATE = {"adam": 8, "adamw": 8, "sgd": 4}
 
 
 def _numels(model_or_count):
+    """The trainable parameters' sizes and their sum, and the frozen ones' sizes (none for a count)."""
     if isinstance(model_or_count, (int, float)):
-        return None, int(model_or_count)
+        return None, int(model_or_count), []
     params = list(model_or_count.parameters())  # held, so ids stay unique while we dedupe
-    seen, numels = set(), []
+    seen, numels, frozen = set(), [], []
     for p in params:
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            numels.append(int(getattr(p, "ds_numel", p.numel())))
-    return numels, sum(numels)
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (numels if p.requires_grad else frozen).append(int(getattr(p, "ds_numel", p.numel())))
+    return numels, sum(numels), frozen
+
+
+def _frozen_bytes(frozen, n, b, threshold, quantized):
+    """Stage 3: what a rank keeps of the frozen parameters (Note [Frozen parameters]): its chunk of
+    each, as 8-bit blocks with zero_quantized_nontrainable_weights unless persistent."""
+    from . import _zeal
+
+    total = 0
+    for x in frozen:
+        c = (x + n - 1) // n
+        total += _zeal.quantized_wire_bytes(c, 8, 2048) if quantized and x > threshold and c > 0 else b * c
+    return total
 
 
 def _precision(config):
@@ -58,7 +72,7 @@ def estimate_memory(model_or_param_count, config=None, world_size=1, stages=(0, 
     from .config import load_config
 
     config = load_config(config or {"train_batch_size": world_size}, None, None)
-    numels, psi = _numels(model_or_param_count)
+    numels, psi, frozen = _numels(model_or_param_count)
     n = int(world_size)
     precision = _precision(config)
     b = _BYTES[precision]
@@ -89,6 +103,8 @@ def estimate_memory(model_or_param_count, config=None, world_size=1, stages=(0, 
         else:
             shard = per_param_padded / n
             s = {"params": b * shard, "grads": b * shard, "master": 4 * shard, "optimizer": per_elem * shard}
+            # stage 3 partitions frozen parameters too (below it they stay the model's, whole)
+            s["params"] += _frozen_bytes(frozen, n, b, threshold, bool(zero.get("zero_quantized_nontrainable_weights")))
         s = {k: int(v) for k, v in s.items()}
         s["total"] = sum(s.values())
         transient = 0
@@ -96,6 +112,7 @@ def estimate_memory(model_or_param_count, config=None, world_size=1, stages=(0, 
             transient += 3 * b * min(bucket if stage == 2 else max(numels or [psi]), flat)
         if stage == 3:
             transient += b * (persistent + min(prefetch, per_param_padded) + max(numels or [psi]))
+            transient += b * sum((x + n - 1) // n * n for x in frozen if x <= threshold)  # persistent frozen, whole
         s["transient"] = int(transient)
         s["paper"] = int(paper_formula(psi, n, stage))
         out[stage] = s

@@ -512,7 +512,7 @@ std::vector<std::pair<std::string, int64_t>> Engine::state_bytes() const {
     grads += bytes(u.flat_grads) + bytes(u.grad_shard) + u.store->grad_bytes();
     params += u.store->model_copy_bytes();
     if (u.partition) {
-      params += bytes(u.partition->shard()) + u.partition->frozen_bytes();
+      params += bytes(u.partition->shard()) + u.partition->frozen_bytes() + u.partition->secondary_bytes();
       for (size_t i = 0; i < u.partition->size(); ++i)
         if (u.partition->live(i)) params += bytes(u.partition->full(i));
     } else {

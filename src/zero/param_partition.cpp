@@ -207,7 +207,9 @@ void ParamPartition::fetch(size_t i) {
       staging_[i] = secondary_.slice(1, begin, begin + c).to(options_.device(), /*non_blocking=*/false,
                                                               /*copy=*/false).contiguous();
     }
-    hpz_gathered_[i] = at::empty({c * comm_->size()}, options_);
+    // A stored-quantized frozen copy holds messages (Note [Frozen parameters]): bytes, D per rank.
+    hpz_gathered_[i] = stored_[i].defined() ? at::empty({staging_[i].numel() * hpz_intra_->size()}, staging_[i].options())
+                                            : at::empty({c * comm_->size()}, options_);
     work_[i] = hpz_intra_->all_gather(hpz_gathered_[i], staging_[i], {});
     return;
   }
@@ -317,6 +319,12 @@ void ParamPartition::build_frozen_secondary() {
   for (size_t k = 0; k < ids.size(); ++k) {
     const size_t i = ids[k];
     const int64_t c = chunk_size_[i];
+    if (stored_[i].defined()) {  // kept as the D ranks' stored messages, where the shard lives
+      frozen_secondary_[i] = at::empty({d, offset[k + 1] - offset[k]}, stored_[i].options());
+      for (int r = 0; r < d; ++r)
+        frozen_secondary_[i][r].copy_(all.slice(0, r * total + offset[k], r * total + offset[k + 1]));
+      continue;
+    }
     frozen_secondary_[i] = at::empty({d, c}, options_.device(shard_.device()));  // where the shard lives
     at::Tensor values = at::empty({c}, options_.dtype(at::kFloat));
     for (int r = 0; r < d; ++r) {
@@ -372,7 +380,19 @@ void ParamPartition::make_live(size_t i) {
   if (work_[i]) work_[i]->wait();
   work_[i].reset();
   staging_[i].reset();
-  if (hpz_gathered_[i].defined()) {  // Note [Secondary partition]: [H][D][c] -> [D][H][c]
+  if (hpz_gathered_[i].defined() && stored_[i].defined()) {  // messages: [H][D][bytes], chunk d*H + h
+    const int64_t c = chunk_size_[i], h = hpz_intra_->size(), d = hpz_inter_->size(), bytes = wire_bytes(i);
+    at::Tensor values = at::empty({c}, options_.dtype(at::kFloat));
+    for (int64_t a = 0; a < h; ++a) {
+      for (int64_t b = 0; b < d; ++b) {
+        const int64_t at_ = (a * d + b) * bytes;
+        comm::dequantize(comm::view_message(hpz_gathered_[i].slice(0, at_, at_ + bytes), c, 8, comm::kWeightBlock),
+                         values);
+        full_[i].slice(0, (b * h + a) * c, (b * h + a + 1) * c).copy_(values);
+      }
+    }
+    hpz_gathered_[i].reset();
+  } else if (hpz_gathered_[i].defined()) {  // Note [Secondary partition]: [H][D][c] -> [D][H][c]
     const int64_t c = chunk_size_[i], h = hpz_intra_->size(), d = hpz_inter_->size();
     full_[i].view({d, h, c}).copy_(hpz_gathered_[i].view({h, d, c}).transpose(0, 1));
     hpz_gathered_[i].reset();

@@ -45,3 +45,30 @@ def test_estimate_memory_cli():
     # chunks are a copy, so stage 3 holds (4 + 4 + 4 + 8) / 8 bytes per parameter.
     assert est[0]["total"] == 16 * 10**9
     assert est[3]["total"] == 2.5 * 10**9
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_estimate_counts_the_frozen_parameters_stage_3_partitions(quantized):
+    # One in-process rank, the first layer frozen: stage 3 keeps it (Note [Frozen parameters]) in
+    # bf16, or as 8-bit blocks with zero_quantized_nontrainable_weights; the estimate says exactly
+    # what the engine holds, and the quantized copy takes about a half of bf16's bytes.
+    import torch
+
+    def frozen_model():
+        model = memory_probe.make_model()
+        model[0].requires_grad_(False)
+        return model
+
+    cfg = memory_probe.config(3)
+    cfg["zero_optimization"]["zero_quantized_nontrainable_weights"] = quantized
+    est = zeal.estimate_memory(frozen_model(), cfg, 1)[3]
+    engine, *_ = zeal.initialize(model=frozen_model(), config=cfg)
+    engine.backward(engine(torch.randn(2, 512, dtype=torch.bfloat16)).float().pow(2).mean())
+    engine.step()
+    held = dict(engine._core.state_bytes)
+    assert held["params"] == est["params"], (held, est)
+    trainable = 2 * sum(p.numel() for p in memory_probe.make_model()[2].parameters())
+    frozen = held["params"] - trainable
+    bf16 = 2 * 512 * 1024 + 2 * 1024
+    # quantized: a level per element and an fp32 scale per block of 2048 (the bias's one block too)
+    assert frozen == (bf16 if not quantized else (512 * 1024 + 4 * 256) + (1024 + 4)), frozen

@@ -64,7 +64,8 @@ struct ParamOffload {
 // quantized once here: the memory it takes is about a quarter of fp32's, gathers send the stored
 // message as it is, and every rank computes with the values it stands for. Persistent frozen
 // parameters stay exact (they are held whole anyway). With hpZ the frozen copies cross nodes once
-// (Note [Secondary partition]), not after every optimizer step as the trainable ones do.
+// (Note [Secondary partition]), not after every optimizer step as the trainable ones do; stored
+// quantized, the copy is the D ranks' messages, and the gathers within the node carry them too.
 struct FrozenParams {
   std::vector<at::Tensor> params;
   std::vector<std::vector<int64_t>> shapes;
@@ -109,6 +110,7 @@ class ParamPartition {
   size_t trainable_count() const { return trainable_; }
   bool frozen(size_t i) const { return i >= trainable_; }
   int64_t frozen_bytes() const;  // what the frozen chunks take here (quantized, or in the model's dtype)
+  int64_t secondary_bytes() const { return secondary_.defined() ? secondary_.nbytes() : 0; }  // hpZ's trainable copy
   bool live(size_t i) const { return state_[i] == State::kLive; }
   bool persistent(size_t i) const { return persistent_[i]; }
   const at::Tensor& full(size_t i) const { return full_[i]; }  // padded full buffer while live
@@ -161,7 +163,8 @@ class ParamPartition {
   int64_t shard_numel_ = 0;
   size_t trainable_ = 0;
   // Note [Frozen parameters]: per frozen parameter, its chunk (model dtype; undefined when stored
-  // quantized or swapped), its stored message, and hpZ's copy within the node, [D, chunk].
+  // quantized or swapped), its stored message, and hpZ's copy within the node, [D, chunk] (or
+  // [D, message bytes] when stored quantized).
   std::vector<at::Tensor> own_chunk_, stored_, frozen_secondary_;
   bool frozen_secondary_stale_ = true;
   void build_frozen_secondary();

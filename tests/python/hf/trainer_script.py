@@ -51,6 +51,7 @@ def main():
 
     out, resume = take("out"), take("resume")
     init_from = take("init_from")  # a saved model to start from (from_pretrained: under ZeRO-3, inside zero.Init)
+    keep = take("freeze_all_but")  # freeze every parameter whose name lacks this (after from_pretrained)
     # the benchmark (benchmarks/hf_trainer.py) asks for a larger model
     size = {key: int(take(key, default)) for key, default in (("n_embd", 32), ("n_layer", 2), ("seq", 16))}
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
@@ -58,6 +59,9 @@ def main():
     config = GPT2Config(vocab_size=96, n_positions=size["seq"], n_embd=size["n_embd"], n_layer=size["n_layer"],
                         n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel.from_pretrained(init_from) if init_from else GPT2LMHeadModel(config)
+    if keep is not None:  # adapter-style fine-tuning: the rest of the model frozen
+        for name, p in model.named_parameters():
+            p.requires_grad_(keep in name)
     log = LossLog()
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64, size["seq"], config.vocab_size),
                       callbacks=[log])

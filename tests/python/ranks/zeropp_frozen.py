@@ -118,15 +118,17 @@ def compare(got, want, what):
         close(got[2][n].reshape(-1), want[2][n].reshape(-1), f"{what}: final {n}")
 
 
-def frozen_bytes(world, quantized):
-    """What this rank's frozen chunks take: fp32, or 8-bit blocks with their scales."""
+def frozen_bytes(world, quantized, hpz=1):
+    """What this rank's frozen chunks take: fp32, or 8-bit blocks with their scales; with hpZ, also
+    the copy of the world / hpz chunks of its column, in the same form."""
     sizes = [-(-p.numel() // world) for n, p in Odd().named_parameters() if n in FROZEN]
+    copies = 1 + (world // hpz if hpz > 1 else 0)
     if quantized:
-        return sum(zeal._zeal.quantized_wire_bytes(c, 8, 2048) for c in sizes)
-    return sum(4 * c for c in sizes)
+        return copies * sum(zeal._zeal.quantized_wire_bytes(c, 8, 2048) for c in sizes)
+    return copies * sum(4 * c for c in sizes)
 
 
-def check_partitioned(engine, world, quantized):
+def check_partitioned(engine, world, quantized, hpz=1):
     core = engine._core
     names = sorted(core.frozen_parameter_names)
     check(names == sorted(FROZEN), f"frozen parameters partitioned: {names}")
@@ -135,10 +137,11 @@ def check_partitioned(engine, world, quantized):
             check(p.numel() == 0 and tuple(p.ds_shape) == tuple(dict(Odd().named_parameters())[n].shape),
                   f"frozen {n} should be released between uses (numel {p.numel()}, ds_shape {p.ds_shape})")
     # nothing is live after a step with threshold 0: the trainable shard (fp32) and the frozen chunks
-    want = 4 * core.master_numel + frozen_bytes(world, quantized)
+    # with hpZ, its copy of the trainable shards too: world / hpz of them, fp32
+    want = 4 * core.master_numel * (1 + (world // hpz if hpz > 1 else 0)) + frozen_bytes(world, quantized, hpz)
     got = core.state_bytes["params"]
     check(got == want, f"parameter bytes on this rank {got}, want {want} (frozen chunks "
-          f"{'quantized' if quantized else 'fp32'}: {frozen_bytes(world, quantized)})")
+          f"{'quantized' if quantized else 'fp32'}, hpZ {hpz}: {frozen_bytes(world, quantized, hpz)})")
 
 
 def check_checkpoints(world, rank, where, hpz):
@@ -211,9 +214,10 @@ def main():
     compare(train(engine_of(n, True, qwz_on=True), n, rank), reference(n, True, qwz_trainable=True),
             f"quantized frozen + qwZ at {n} ranks")
     if args.hpz > 1:
-        compare(train(engine_of(n, False, hpz=args.hpz), n, rank), exact, f"frozen + hpZ {args.hpz} at {n} ranks")
-        compare(train(engine_of(n, True, hpz=args.hpz), n, rank), quantized,
-                f"quantized frozen + hpZ {args.hpz} at {n} ranks")
+        for q, want in ((False, exact), (True, quantized)):
+            e = engine_of(n, q, hpz=args.hpz)
+            compare(train(e, n, rank), want, f"{'quantized ' if q else ''}frozen + hpZ {args.hpz} at {n} ranks")
+            check_partitioned(e, n, q, args.hpz)
     if args.checkpoints:
         check_checkpoints(n, rank, args.checkpoints, args.hpz)
     check_zero_init(n, rank)
