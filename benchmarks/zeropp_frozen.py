@@ -181,7 +181,7 @@ def main():
         summary[impl] = {"median_step_ms": ms, "frozen_bytes_per_rank": frozen, "peak_rss_growth_mib": peak,
                          "loss": loss}
         rows.append([impl, f"{frozen / 2**20:.2f}", f"{frozen / (4 * frozen_params):.3f}", f"{ms:.1f}",
-                     f"{base_ms / ms:.2f}", f"{peak:.0f}", f"{loss:.6f}"])
+                     f"{base_ms / ms:.2f}", f"{peak:.0f}", f"{loss:.8f}"])
     print_table(f"Frozen weights at ZeRO-3, LoRA-style: {frozen_params / 1e6:.1f}M frozen, "
                 f"{LAYERS * 2 * WIDTH * RANK / 1e3:.0f}K trainable, {args.ranks} ranks, micro batch {args.micro}, fp32, CPU",
                 ["impl", "frozen MiB/rank", "of whole fp32", "median step ms", "zeal/this time",
