@@ -54,7 +54,10 @@ GradReducer::GradReducer(const std::vector<at::Tensor>& params, const zero::Flat
     bucket.shard_begin = shard_offset;
     bucket.num_params = static_cast<int>(b.params.size());
     shard_offset += b.chunk(layout.world);
-    for (size_t p : b.params) bucket_of_param_[p] = buckets_.size();
+    for (size_t p : b.params) {
+      bucket_of_param_[p] = buckets_.size();
+      bucket.matrix = bucket.matrix || params[p].dim() >= 2;
+    }
     buckets_.push_back(bucket);
   }
   at::ScalarType grad_dtype = partitioned_ ? grad_shard_.scalar_type() : flat_grads_.scalar_type();
@@ -173,7 +176,7 @@ void GradReducer::launch(GradBucket& bucket) {
     if (pre_factor_ != 1.0) bucket.comm_buffer.mul_(pre_factor_);
     if (comm_->size() > 1) {
       int64_t chunk = (bucket.end - bucket.begin) / comm_->size();
-      if (qgz_inter_) {  // synchronous: the bucket is retired with its chunk already reduced
+      if (qgz_inter_ && bucket.matrix) {  // synchronous: the bucket is retired with its chunk already reduced
         bucket.comm_output = quantized_reduce_scatter(bucket.comm_buffer, chunk, &bucket - buckets_.data())
                                  .to(bucket.comm_buffer.scalar_type());
       } else {
@@ -222,7 +225,9 @@ void GradReducer::launch(GradBucket& bucket) {
 // so what crosses nodes is an eighth of fp32's bytes (plus one scale per block); received messages
 // are summed in rank order, so the result is the same on every run. With H = 1 (no data_inner
 // axis) step 1 is skipped and step 2 is the whole reduction; with D = 1, step 2. Without LoCo there
-// is no error feedback (as DeepSpeed's qgZ). Synchronous: it runs on the caller's thread.
+// is no error feedback (as DeepSpeed's qgZ). Synchronous: it runs on the caller's thread. As
+// DeepSpeed's, only gradients of two or more dimensions are quantized: a bucket of 1-D parameters
+// (biases, norms' gains: few elements, and sensitive) is reduce-scattered exactly.
 //
 // Note [LoCo error feedback]: with zeropp_loco_param each hop's messages carry error feedback
 // (kernels/cpu/quantize.h): a message quantizes c = x + e, and e becomes
@@ -286,6 +291,7 @@ void GradReducer::clear_loco() {
 std::pair<int64_t, int64_t> GradReducer::loco_sizes(const GradBucket& b) const {
   const int64_t h = qgz_intra_ ? qgz_intra_->size() : 1, d = qgz_inter_ ? qgz_inter_->size() : 1;
   const int64_t len = b.end - b.begin;  // D * H chunks
+  if (!b.matrix) return {0, 0};          // reduced exactly: no errors
   return {h > 1 ? len : 0, d > 1 ? len / h : 0};
 }
 

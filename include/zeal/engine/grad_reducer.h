@@ -42,6 +42,7 @@ struct GradBucket {
   int64_t shard_begin = 0;  // where this rank's chunk goes in the gradient shard (reduce_scatter)
   int pending = 0;          // parameters not yet ready in this backward
   int num_params = 0;
+  bool matrix = false;      // holds a parameter of two or more dimensions (qgZ quantizes only these)
   comm::WorkPtr work;
   at::Tensor comm_buffer;  // the bucket in communication_data_type, when that differs; partitioned: staging
   at::Tensor comm_output;  // reduce_scatter's output in communication_data_type, when that differs
@@ -84,9 +85,10 @@ class GradReducer {
 
   size_t num_buckets() const { return buckets_.size(); }
 
-  // ZeRO++ qgZ (zero_quantized_gradients), partitioned mode: each bucket's reduce-scatter becomes
-  // Note [Quantized gradient reduction] over intra (the node: the mesh's data_inner group, possibly
-  // one rank) and inter (the rest of the reduction group).
+  // ZeRO++ qgZ (zero_quantized_gradients), partitioned mode: the reduce-scatter of each bucket
+  // holding a parameter of two or more dimensions becomes Note [Quantized gradient reduction] over
+  // intra (the node: the mesh's data_inner group, possibly one rank) and inter (the rest of the
+  // reduction group).
   void set_quantized_gradients(comm::CommunicatorPtr intra, comm::CommunicatorPtr inter) {
     qgz_intra_ = std::move(intra);
     qgz_inter_ = std::move(inter);

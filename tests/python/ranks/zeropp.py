@@ -29,13 +29,13 @@ class Odd(torch.nn.Module):
         torch.manual_seed(0)
         self.scale9 = torch.nn.Parameter(1 + 0.1 * torch.randn(9))
         self.lin1 = torch.nn.Linear(9, 8)                         # 72 and 8
-        self.table = torch.nn.Parameter(0.5 * torch.randn(4099))  # 4099
+        self.table = torch.nn.Parameter(0.5 * torch.randn(4099, 1))  # 4099 (2-D: qgZ quantizes it)
         self.lin2 = torch.nn.Linear(8, 1)                         # 8 and 1
         self.shift7 = torch.nn.Parameter(0.1 * torch.randn(7))    # 7
         self.gain = torch.nn.Parameter(torch.tensor([1.5]))       # 1
 
     def forward(self, x, idx, y):
-        h = torch.tanh(self.lin1(x * self.scale9) + self.table[idx].unsqueeze(1))
+        h = torch.tanh(self.lin1(x * self.scale9) + self.table[idx])
         out = self.lin2(h).squeeze(-1) * self.gain + self.shift7.sum()
         return F.mse_loss(out, y)
 
@@ -156,8 +156,11 @@ def reference_qgz(world, hpz, loco=None):
             numel = p.numel()
             c = -(-numel // world)
             padded = [torch.cat([g[n], g[n].new_zeros(c * world - numel)]) for g in local]
-            chunks = qgz_reduce(padded, world, hpz, state, n)
-            whole = torch.cat([chunks[r] for r in range(world)])[:numel]
+            if p.dim() >= 2:
+                chunks = qgz_reduce(padded, world, hpz, state, n)
+                whole = torch.cat([chunks[r] for r in range(world)])[:numel]
+            else:  # 1-D gradients (biases, gains) are reduce-scattered exactly, as DeepSpeed's
+                whole = sum(padded)[:numel]
             p.grad = (whole * (1.0 / world)).view_as(p)
         if step == 0:
             grads = {n: p.grad.clone() for n, p in params.items()}

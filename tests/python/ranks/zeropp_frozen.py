@@ -171,8 +171,9 @@ def check_checkpoints(world, rank, where, hpz):
     with zeal.zero.GatheredParameters([table], modifier_rank=0):
         if rank == 0:
             with torch.no_grad():
-                table.copy_(torch.linspace(-1, 1, 4099))
-    close(frozen_values(plain)["table"], torch.linspace(-1, 1, 4099), "GatheredParameters modifier on a frozen table")
+                table.copy_(torch.linspace(-1, 1, 4099).view_as(table))
+    close(frozen_values(plain)["table"].reshape(-1), torch.linspace(-1, 1, 4099),
+          "GatheredParameters modifier on a frozen table")
 
 
 def check_zero_init(world, rank):
