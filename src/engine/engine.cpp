@@ -33,6 +33,22 @@ at::ScalarType dtype_for(Precision p) {
   return at::kFloat;
 }
 
+// This rank's chunk (c elements, model dtype) of a stage-3 parameter of numel elements: zero::Init's
+// (`given`, checked against the group's size) or cut from the group's first rank's whole value.
+at::Tensor stage3_chunk(const std::string& name, const at::Tensor& given, const at::Tensor& whole, int64_t numel,
+                        int64_t c, comm::Communicator& group, const at::TensorOptions& options) {
+  const int size = group.size(), rank = group.rank();
+  if (given.defined()) {
+    ZEAL_CHECK(given.numel() == c, "parameter '", name, "' arrived with a chunk of ", given.numel(),
+               " elements; a data-parallel size of ", size, " needs ", c, " (was zeal.zero.Init run over another group?)");
+    return given.reshape({-1}).to(options);
+  }
+  at::Tensor full = at::zeros({c * size}, options);
+  full.slice(0, 0, numel).copy_(whole.detach().reshape({-1}));
+  if (size > 1) group.broadcast(full, {0})->wait();
+  return full.slice(0, rank * c, (rank + 1) * c).clone();
+}
+
 }  // namespace
 
 Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, comm::CommunicatorPtr world,
@@ -128,24 +144,13 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
   frozen_spec.quantized = config_.zero_optimization.quantized_nontrainable_weights;
   if (!frozen.empty() && units_.size() == 1) {
     Unit& u = *units_.front();
-    const int size = u.world->size(), rank = u.world->rank();
+    const int size = u.world->size();
     auto options = at::TensorOptions().dtype(model_dtype_).device(device_);
     for (size_t k = 0; k < frozen.size(); ++k) {
       ZEAL_CHECK(frozen[k].device() == device_, "frozen parameter '", frozen_names[k], "' is on ",
                  frozen[k].device().str(), " and the trained ones on ", device_.str());
       const int64_t numel = c10::multiply_integers(frozen_shapes[k]), c = (numel + size - 1) / size;
-      at::Tensor chunk;
-      if (frozen_chunks[k].defined()) {  // zero::Init's chunk, as init_stage3 takes a trainable one's
-        ZEAL_CHECK(frozen_chunks[k].numel() == c, "frozen parameter '", frozen_names[k], "' arrived with a chunk of ",
-                   frozen_chunks[k].numel(), " elements; a data-parallel size of ", size, " needs ", c,
-                   " (was zeal.zero.Init run over another group?)");
-        chunk = frozen_chunks[k].reshape({-1}).to(options);
-      } else {  // cut from the group's first rank's value
-        at::Tensor full = at::zeros({c * size}, options);
-        full.slice(0, 0, numel).copy_(frozen[k].detach().reshape({-1}));
-        if (size > 1) u.world->broadcast(full, {0})->wait();
-        chunk = full.slice(0, rank * c, (rank + 1) * c).clone();
-      }
+      at::Tensor chunk = stage3_chunk(frozen_names[k], frozen_chunks[k], frozen[k], numel, c, *u.world, options);
       frozen_params_.push_back(frozen[k]);
       frozen_names_.push_back(frozen_names[k]);
       frozen_shapes_.push_back(frozen_shapes[k]);
@@ -444,24 +449,15 @@ void Engine::init_stage3(Unit& u, const std::vector<at::Tensor>& given_chunks, c
                          bool with_master) {
   // This rank's chunk of every parameter, from zero::Init or cut from the group's first rank's value.
   at::Tensor shard = at::zeros({u.layout.shard_size(true)}, options);
-  const int rank = u.world->rank(), size = u.world->size();
+  const int size = u.world->size();
   int64_t local = 0;
   for (const zero::Bucket& b : u.layout.buckets) {
     const int64_t c = b.chunk(size);
     for (size_t i : b.params) {
       if (u.layout.numels[i] == 0) continue;
-      at::Tensor mine = shard.slice(0, local, local + c);
-      if (given_chunks[i].defined()) {
-        ZEAL_CHECK(given_chunks[i].numel() == c, "parameter '", names_[u.members[i]], "' arrived with a chunk of ",
-                   given_chunks[i].numel(), " elements; a data-parallel size of ", size, " needs ", c,
-                   " (was zeal.zero.Init run over another group?)");
-        mine.copy_(given_chunks[i].reshape({-1}));
-        continue;
-      }
-      at::Tensor full = at::zeros({c * size}, options);
-      full.slice(0, 0, u.layout.numels[i]).copy_(u.params[i].detach().reshape({-1}));
-      if (size > 1) u.world->broadcast(full, {0})->wait();
-      mine.copy_(full.slice(0, rank * c, (rank + 1) * c));
+      shard.slice(0, local, local + c)
+          .copy_(stage3_chunk(names_[u.members[i]], given_chunks[i], u.params[i], u.layout.numels[i], c, *u.world,
+                              options));
     }
     local += c;
   }

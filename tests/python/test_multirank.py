@@ -210,7 +210,8 @@ def test_zeropp_equals_torch_on_what_it_delivers(run_ranks, tmp_path, ranks, hpz
     # partitions, parameters of 1, 7, 8, 9, 72 and 4099 elements), and qwZ off equals exact torch.
     # hpZ (zero_hpz_partition_size) alone equals exact torch (2 "nodes" of 2 ranks, and 1 of 2), and
     # with qwZ the quantized reference; qgZ (zero_quantized_gradients) equals torch whose reduction
-    # is simulated hop for hop (one level, and over the nodes); the comms_logger's bytes off the node;
+    # is simulated hop for hop (one level, and over the nodes; 1-D gradients exact, as DeepSpeed's);
+    # hpZ with offload_param cpu is exact; the comms_logger's bytes off the node;
     # checkpoints saved with ZeRO++ load without it and the reverse; LoCo (zeropp_loco_param) equals
     # the reference carrying every rank's errors, resets every reset_T steps and resumes from a
     # checkpoint; MiCS (mics_shard_size: shard groups of 1 and 2, replicated) is exact, with qwZ
