@@ -76,6 +76,27 @@ def test_cpu_offload_of_device_parameters_matches_torch(tmp_path, stage, offload
     assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
 
 
+@pytest.mark.parametrize("offload_param", [None, "cpu"])
+def test_frozen_parameters_stored_quantized_on_device_match_the_cpu(tmp_path, offload_param):
+    # Stage 3 with the first layer frozen and zero_quantized_nontrainable_weights (Note [Frozen
+    # parameters]): on the device its chunks are quantized by the CUDA kernel (bit for bit the CPU's)
+    # and dequantized after each gather; with offload_param cpu the stored messages live in host
+    # memory and move to the device per gather. The run equals the same run on the CPU (the CPU path
+    # is checked against torch in ranks/zeropp_frozen.py), to 1e-5.
+    args = ["--stage", 3, "--freeze_first", "--quantized_frozen"] + (["--offload_param", offload_param] if offload_param else [])
+    got = train(tmp_path, *args)
+    out = tmp_path / "cpu.pt"
+    run_mpi(1, "dp_train.py", "--steps", STEPS, "--micro", BATCH, "--bucket", 100, "--device", "cpu", "--out", out, *args)
+    want = torch.load(out)
+    assert got["param_device"].startswith(DEVICE)
+    diff = max_rel_diff(got["params"], want["params"])
+    assert diff <= 1e-5, f"max relative parameter difference {diff:.3e}"
+    # the frozen layer holds its quantized values, not the model's (8-bit blocks moved it)
+    first = common.make_model()[0].weight.detach()
+    moved = (got["params"][0] - first).abs().max().item()
+    assert 0 < moved <= first.abs().max().item() / 254 + 1e-7, moved
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("stage", [0, 2])
 def test_16bit_on_device_within_torch_drift(tmp_path, precision, stage):

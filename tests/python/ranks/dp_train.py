@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--local_step_clipper", type=int, default=4, help="ZeroOneAdam's local_step_clipper")
     ap.add_argument("--teacher", action="store_true", help="learnable targets (common.teacher_batch)")
     ap.add_argument("--device", default="cpu", help="where the model and batches live (cuda: one GPU per rank)")
+    ap.add_argument("--freeze_first", action="store_true", help="freeze the first layer (stage 3 partitions it too)")
+    ap.add_argument("--quantized_frozen", action="store_true", help="zero_quantized_nontrainable_weights")
     args = ap.parse_args()
 
     config = {
@@ -105,6 +107,8 @@ def main():
         config["gradient_predivide_factor"] = args.predivide
     if args.comm_dtype:
         config["communication_data_type"] = args.comm_dtype
+    if args.quantized_frozen:
+        config["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif args.precision == "fp16":
@@ -115,6 +119,8 @@ def main():
         assert all(p.numel() == 0 for p in model.parameters()), "zero.Init left a parameter whole"
     else:
         model = common.make_model()
+    if args.freeze_first:
+        model[0].requires_grad_(False)
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", engine_local_rank() % torch.cuda.device_count())
