@@ -174,6 +174,15 @@ def check_checkpoints(world, rank, where, hpz):
                 table.copy_(torch.linspace(-1, 1, 4099).view_as(table))
     close(frozen_values(plain)["table"].reshape(-1), torch.linspace(-1, 1, 4099),
           "GatheredParameters modifier on a frozen table")
+    # on the quantized engine (with hpZ: its copy within the node must follow) the new values are
+    # stored quantized again: within half a level of 1/127 of the largest
+    table = dict(q.module.named_parameters())["table"]
+    with zeal.zero.GatheredParameters([table], modifier_rank=0):
+        if rank == 0:
+            with torch.no_grad():
+                table.copy_(torch.linspace(-1, 1, 4099).view_as(table))
+    close(frozen_values(q)["table"].reshape(-1), torch.linspace(-1, 1, 4099),
+          f"GatheredParameters modifier on a quantized frozen table (hpZ {hpz})", tol=1 / 254 + 1e-6)
 
 
 def check_zero_init(world, rank):
