@@ -89,7 +89,8 @@ def rank_main(impl, steps, micro):
         base = rss_bytes()
         model = make_model()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        engine, *_ = zeal.initialize(model=model, model_parameters=trainable, config=config(micro, impl.endswith("quantized")))
+        engine, *_ = zeal.initialize(model=model, model_parameters=trainable,
+                                     config=config(micro, impl.endswith("quantized")))
         core = engine._core
         frozen = core.state_bytes["params"] - 4 * core.master_numel  # after initialize nothing is live
         from harness import zeal_step_and_sync
@@ -183,7 +184,8 @@ def main():
         rows.append([impl, f"{frozen / 2**20:.2f}", f"{frozen / (4 * frozen_params):.3f}", f"{ms:.1f}",
                      f"{base_ms / ms:.2f}", f"{peak:.0f}", f"{loss:.8f}"])
     print_table(f"Frozen weights at ZeRO-3, LoRA-style: {frozen_params / 1e6:.1f}M frozen, "
-                f"{LAYERS * 2 * WIDTH * RANK / 1e3:.0f}K trainable, {args.ranks} ranks, micro batch {args.micro}, fp32, CPU",
+                f"{LAYERS * 2 * WIDTH * RANK / 1e3:.0f}K trainable, {args.ranks} ranks, "
+                f"micro batch {args.micro}, fp32, CPU",
                 ["impl", "frozen MiB/rank", "of whole fp32", "median step ms", "zeal/this time",
                  "peak RSS growth MiB", "loss after"], rows)
     write_json(args.out, {"benchmark": "zeropp_frozen", "ranks": args.ranks, "micro": args.micro, "steps": args.steps,

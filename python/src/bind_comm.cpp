@@ -131,6 +131,8 @@ void bind_comm(py::module_& m) {
         py::arg("accumulate_into") = py::none(), py::call_guard<py::gil_scoped_release>(),
         "The fp32 values of quantize_blocks' output; with accumulate_into, added to that tensor (returned).");
   m.def("quantized_wire_bytes", &comm::quantized_wire_bytes, py::arg("numel"), py::arg("bits"), py::arg("block"));
+  // qwZ's block (and that of frozen weights stored quantized), for what Python computes about it.
+  m.attr("WEIGHT_BLOCK") = comm::kWeightBlock;
 
   m.def("world", [](double timeout_s) { return comm::world(to_timeout(timeout_s)); }, py::arg("timeout_s") = 0.0,
         "The process's world communicator (created on first call); a timeout_s > 0 sets the process's "

@@ -49,7 +49,8 @@ def _frozen_bytes(frozen, n, b, threshold, quantized):
     total = 0
     for x in frozen:
         c = (x + n - 1) // n
-        total += _zeal.quantized_wire_bytes(c, 8, 2048) if quantized and x > threshold and c > 0 else b * c
+        stored = quantized and x > threshold and c > 0
+        total += _zeal.quantized_wire_bytes(c, 8, _zeal.WEIGHT_BLOCK) if stored else b * c
     return total
 
 
