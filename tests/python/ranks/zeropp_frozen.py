@@ -166,23 +166,17 @@ def check_checkpoints(world, rank, where, hpz):
     got = frozen_values(again)
     for n in FROZEN:
         close(got[n].reshape(-1), want[n].reshape(-1), f"quantized checkpoint into quantized: frozen {n}", tol=1e-6)
-    # a modifier's values replace the frozen chunks on every rank
-    table = dict(plain.module.named_parameters())["table"]
-    with zeal.zero.GatheredParameters([table], modifier_rank=0):
-        if rank == 0:
-            with torch.no_grad():
-                table.copy_(torch.linspace(-1, 1, 4099).view_as(table))
-    close(frozen_values(plain)["table"].reshape(-1), torch.linspace(-1, 1, 4099),
-          "GatheredParameters modifier on a frozen table")
-    # on the quantized engine (with hpZ: its copy within the node must follow) the new values are
-    # stored quantized again: within half a level of 1/127 of the largest
-    table = dict(q.module.named_parameters())["table"]
-    with zeal.zero.GatheredParameters([table], modifier_rank=0):
-        if rank == 0:
-            with torch.no_grad():
-                table.copy_(torch.linspace(-1, 1, 4099).view_as(table))
-    close(frozen_values(q)["table"].reshape(-1), torch.linspace(-1, 1, 4099),
-          f"GatheredParameters modifier on a quantized frozen table (hpZ {hpz})", tol=1 / 254 + 1e-6)
+    # A modifier's values replace the frozen chunks on every rank. On the quantized engine (with
+    # hpZ its copy within the node must follow) they are stored quantized again: within half a
+    # level, 1/254 of the largest.
+    for engine, tol, what in ((plain, 1e-5, ""), (q, 1 / 254 + 1e-6, f"quantized (hpZ {hpz}) ")):
+        table = dict(engine.module.named_parameters())["table"]
+        with zeal.zero.GatheredParameters([table], modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    table.copy_(torch.linspace(-1, 1, 4099).view_as(table))
+        close(frozen_values(engine)["table"].reshape(-1), torch.linspace(-1, 1, 4099),
+              f"GatheredParameters modifier on a {what}frozen table", tol=tol)
 
 
 def check_zero_init(world, rank):
