@@ -150,14 +150,12 @@ Engine::Engine(std::vector<ParamGroupSpec> specs, Config config, std::shared_ptr
       ZEAL_CHECK(frozen[k].device() == device_, "frozen parameter '", frozen_names[k], "' is on ",
                  frozen[k].device().str(), " and the trained ones on ", device_.str());
       const int64_t numel = c10::multiply_integers(frozen_shapes[k]), c = (numel + size - 1) / size;
-      at::Tensor chunk = stage3_chunk(frozen_names[k], frozen_chunks[k], frozen[k], numel, c, *u.world, options);
-      frozen_params_.push_back(frozen[k]);
-      frozen_names_.push_back(frozen_names[k]);
-      frozen_shapes_.push_back(frozen_shapes[k]);
-      frozen_spec.params.push_back(frozen[k]);
-      frozen_spec.shapes.push_back(frozen_shapes[k]);
-      frozen_spec.chunks.push_back(chunk);
+      frozen_spec.chunks.push_back(
+          stage3_chunk(frozen_names[k], frozen_chunks[k], frozen[k], numel, c, *u.world, options));
     }
+    frozen_spec.params = frozen_params_ = frozen;
+    frozen_spec.shapes = frozen_shapes_ = frozen_shapes;
+    frozen_names_ = std::move(frozen_names);
   } else if (!frozen.empty()) {
     for (size_t k = 0; k < frozen.size(); ++k)
       ZEAL_CHECK(!frozen_chunks[k].defined(), "frozen parameter '", frozen_names[k], "' was partitioned by "

@@ -50,8 +50,7 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   hpz_gathered_.resize(n);
   read_handle_.resize(n);
   if (hpz_intra_) {
-    ZEAL_CHECK(offload.nvme_path.empty(),
-               "ZeRO++ hpZ (zero_hpz_partition_size) with offload_param device nvme is not supported yet");
+    ZEAL_INTERNAL_ASSERT(offload.nvme_path.empty(), "hpZ with an NVMe swap (the config refuses it)");
     ZEAL_INTERNAL_ASSERT(hpz_inter_ && hpz_intra_->size() * hpz_inter_->size() == comm_->size(),
                          "hpZ groups of ", hpz_intra_->size(), " x ", hpz_inter_->size(), " for ", comm_->size(), " ranks");
   }
@@ -74,14 +73,12 @@ ParamPartition::ParamPartition(std::vector<at::Tensor> params, std::vector<std::
   own_chunk_.resize(n);
   stored_.resize(n);
   frozen_secondary_.resize(n);
-  ZEAL_CHECK(!frozen.quantized || offload.nvme_path.empty(),
-             "ZeRO++ quantized frozen weights (zero_quantized_nontrainable_weights) with offload_param device nvme "
-             "are not supported");
+  ZEAL_INTERNAL_ASSERT(!frozen.quantized || offload.nvme_path.empty(),
+                       "quantized frozen weights with an NVMe swap (the config refuses it)");
   for (size_t i = trainable_; i < n; ++i) {
     at::Tensor chunk = frozen.chunks[i - trainable_].reshape({-1}).to(options_);
     if (frozen.quantized && !persistent_[i] && chunk_size_[i] > 0) {
-      stored_[i] = at::empty({wire_bytes(i)}, chunk.options().dtype(at::kByte));
-      comm::pack_message(comm::quantize(chunk, 8, comm::kWeightBlock), stored_[i]);
+      stored_[i] = weight_message(i, chunk);
       if (offload.host_shard) stored_[i] = stored_[i].to(at::kCPU);
     } else {
       own_chunk_[i] = offload.host_shard ? chunk.to(at::kCPU) : chunk;
@@ -236,11 +233,9 @@ void ParamPartition::issue_front() {
     full_[i].copy_(mine);
     staging_[i].reset();
   } else if (quantized_ && !persistent_[i]) {  // Note [Quantized gathers]
-    comm::Quantized q = comm::quantize(mine, 8, comm::kWeightBlock);
-    at::Tensor message = at::empty({wire_bytes(i)}, q.q.options());
-    comm::pack_message(q, message);
+    at::Tensor message = weight_message(i, mine);
     staging_[i] = message;
-    wire_[i] = at::empty({wire_bytes(i) * comm_->size()}, q.q.options());
+    wire_[i] = at::empty({wire_bytes(i) * comm_->size()}, message.options());
     work_[i] = comm_->all_gather(wire_[i], message, {});
   } else {
     staging_[i] = mine;
@@ -355,6 +350,12 @@ int64_t ParamPartition::frozen_bytes() const {
   return bytes;
 }
 
+at::Tensor ParamPartition::weight_message(size_t i, const at::Tensor& chunk) const {
+  at::Tensor message = at::empty({wire_bytes(i)}, chunk.options().dtype(at::kByte));
+  comm::pack_message(comm::quantize(chunk, 8, comm::kWeightBlock), message);
+  return message;
+}
+
 int64_t ParamPartition::wire_bytes(size_t i) const {
   return comm::quantized_wire_bytes(chunk_size_[i], 8, comm::kWeightBlock);
 }
@@ -380,21 +381,14 @@ void ParamPartition::make_live(size_t i) {
   if (work_[i]) work_[i]->wait();
   work_[i].reset();
   staging_[i].reset();
-  if (hpz_gathered_[i].defined() && stored_[i].defined()) {  // messages: [H][D][bytes], chunk d*H + h
-    const int64_t c = chunk_size_[i], h = hpz_intra_->size(), d = hpz_inter_->size(), bytes = wire_bytes(i);
-    at::Tensor values = at::empty({c}, options_.dtype(at::kFloat));
-    for (int64_t a = 0; a < h; ++a) {
-      for (int64_t b = 0; b < d; ++b) {
-        const int64_t at_ = (a * d + b) * bytes;
-        comm::dequantize(comm::view_message(hpz_gathered_[i].slice(0, at_, at_ + bytes), c, 8, comm::kWeightBlock),
-                         values);
-        full_[i].slice(0, (b * h + a) * c, (b * h + a + 1) * c).copy_(values);
-      }
+  if (hpz_gathered_[i].defined()) {  // Note [Secondary partition]: [H][D][c] -> [D][H][c]
+    const int64_t h = hpz_intra_->size(), d = hpz_inter_->size();
+    if (stored_[i].defined()) {  // messages, [H][D][bytes]: in rank order they are the gather's wire_
+      wire_[i] = hpz_gathered_[i].view({h, d, wire_bytes(i)}).transpose(0, 1).contiguous().view({-1});
+    } else {
+      const int64_t c = chunk_size_[i];
+      full_[i].view({d, h, c}).copy_(hpz_gathered_[i].view({h, d, c}).transpose(0, 1));
     }
-    hpz_gathered_[i].reset();
-  } else if (hpz_gathered_[i].defined()) {  // Note [Secondary partition]: [H][D][c] -> [D][H][c]
-    const int64_t c = chunk_size_[i], h = hpz_intra_->size(), d = hpz_inter_->size();
-    full_[i].view({d, h, c}).copy_(hpz_gathered_[i].view({h, d, c}).transpose(0, 1));
     hpz_gathered_[i].reset();
   }
   if (wire_[i].defined()) {  // Note [Quantized gathers]: each rank's chunk from its message
@@ -506,9 +500,7 @@ void ParamPartition::absorb(size_t i, at::Tensor* master) {  // master may be nu
     ZEAL_INTERNAL_ASSERT(!master, "a frozen parameter has no master weights");
     frozen_secondary_stale_ = true;
     if (stored_[i].defined()) {
-      at::Tensor message = at::empty({wire_bytes(i)}, mine.options().dtype(at::kByte));
-      comm::pack_message(comm::quantize(mine.contiguous(), 8, comm::kWeightBlock), message);
-      stored_[i].copy_(message);
+      stored_[i].copy_(weight_message(i, mine.contiguous()));
     } else if (swap_) {
       swap_->write(i, mine);
     } else {

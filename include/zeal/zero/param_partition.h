@@ -181,6 +181,7 @@ class ParamPartition {
   bool quantized_ = false;
   std::vector<at::Tensor> wire_;
   int64_t wire_bytes(size_t i) const;
+  at::Tensor weight_message(size_t i, const at::Tensor& chunk) const;  // chunk i (its values) as one message
   // Note [Secondary partition]: hpZ's copy, within a node, of the parameters. The reduction group
   // of W ranks is D nodes x H ranks (data_inner fastest), so rank d*H + j owns primary chunk
   // P_(d*H+j) of every parameter. Rank (d, j) also holds S_j = [P_j, P_(H+j), ..., P_((D-1)H+j)]
